@@ -1,0 +1,91 @@
+"""``nn.Module`` front ends of the ops; each calls the op's public function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ssltm_kernels.window_attention_3d import (
+    _triple,
+    relative_position_index,
+    window_attention_3d,
+    window_attention_3d_windows,
+)
+
+__all__ = ["WindowAttention3D"]
+
+
+class WindowAttention3D(nn.Module):
+    """Drop-in for Video Swin's ``WindowAttention3D`` (same constructor, defaults, ``state_dict``).
+
+    ``forward(x, mask=None)`` takes Video Swin's window batches ``(B*nW, N, C)`` with an optional
+    additive ``(nW, N, N)`` mask, or whole volumes ``(B, T, H, W, C)`` (``shift_size=`` keyword), for
+    which padding, shift, window partition and reverse happen inside the fused kernel. Padded tokens
+    of a volume are zero vectors before ``qkv``, exactly as in Video Swin's block, so they attend as
+    the qkv bias. ``rel_pos_mode`` and ``backend`` are passed to :func:`window_attention_3d`.
+    """
+
+    def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, *, rel_pos_mode: str = "swin",
+                 backend: str | None = None) -> None:
+        super().__init__()
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = dim
+        self.window_size = _triple(tuple(window_size), "window_size")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim**-0.5
+        self.rel_pos_mode = rel_pos_mode
+        self.backend = backend
+        table_size = math.prod(2 * w - 1 for w in self.window_size)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # torchvision's Swin3D stores the index flattened; the kernels compute it from coordinates,
+        # so a checkpoint whose index differs would silently attend with other biases: refuse it.
+        key = prefix + "relative_position_index"
+        if key in state_dict:
+            loaded = state_dict[key]
+            expected = self.relative_position_index
+            if loaded.numel() != expected.numel() or not torch.equal(loaded.reshape(expected.shape).cpu(),
+                                                                     expected.cpu()):
+                raise ValueError(f"{key} in the checkpoint does not match the relative position index of window "
+                                 f"{self.window_size} (shape {tuple(loaded.shape)})")
+            state_dict[key] = loaded.reshape(expected.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_size=(0, 0, 0)) -> torch.Tensor:
+        """``(B*nW, N, C) -> (B*nW, N, C)`` or ``(B, T, H, W, C) -> (B, T, H, W, C)``."""
+        if x.dim() not in (3, 5) or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B*nW, N, {self.dim}) window batches or (B, T, H, W, {self.dim}) volumes, "
+                             f"got shape {tuple(x.shape)}")
+        heads, head_dim = self.num_heads, self.dim // self.num_heads
+        qkv = self.qkv(x).unflatten(-1, (3, heads, head_dim))
+        q, k, v = qkv.unbind(-3)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if x.dim() == 3:
+            if any(shift_size):
+                raise ValueError("shift_size applies to volumes; window batches take the shift mask as `mask`")
+            out = window_attention_3d_windows(
+                q, k, v, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
+                scale=self.scale, attn_mask=mask, dropout_p=dropout_p, backend=self.backend)
+        else:
+            if mask is not None:
+                raise ValueError("mask applies to window batches; volumes build the shift mask from shift_size")
+            pad_k = pad_v = None
+            if self.qkv.bias is not None:
+                pad_k, pad_v = self.qkv.bias.view(3, heads, head_dim)[1:].unbind(0)
+            out = window_attention_3d(
+                q, k, v, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
+                shift_size=shift_size, scale=self.scale, pad_k=pad_k, pad_v=pad_v, rel_pos_mode=self.rel_pos_mode,
+                dropout_p=dropout_p, backend=self.backend)
+        return self.proj_drop(self.proj(out.flatten(-2)))
