@@ -40,7 +40,7 @@ class WindowAttention3D(nn.Module):
         self.scale = qk_scale or head_dim**-0.5
         self.rel_pos_mode = rel_pos_mode
         self.backend = backend
-        table_size = math.prod(2 * w - 1 for w in self.window_size)
+        table_size = math.prod([2 * w - 1 for w in self.window_size])
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(self.window_size))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)

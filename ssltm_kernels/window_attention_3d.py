@@ -95,7 +95,7 @@ class WindowGeometry:
 
     @property
     def table_size(self) -> int:
-        return math.prod(2 * w - 1 for w in self.table_window)
+        return math.prod([2 * w - 1 for w in self.table_window])
 
     @property
     def shifted(self) -> bool:
@@ -556,7 +556,7 @@ def _next_pow2(x: int, minimum: int = 16) -> int:
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Block sizes of the three kernels for one window size / head dim."""
+    """Block sizes and launch options of the three kernels for one window size / head dim / dtype."""
 
     block_n: int  # all keys of a window (forward and dq kernels)
     block_d: int
@@ -565,13 +565,14 @@ class TritonConfig:
     dkdv_block_m: int
     dkdv_block_n: int
     num_warps: int
+    dq_num_stages: int  # the dq kernel's window loop: fp32 tiles double-buffered overflow shared memory
 
 
-def triton_config(tokens_per_window: int, head_dim: int, interpreting: bool) -> TritonConfig:
+def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, interpreting: bool) -> TritonConfig:
     block_n = _next_pow2(tokens_per_window)
     block_d = _next_pow2(head_dim)
     if interpreting:  # the interpreter pays per block step, not per element: use whole windows
-        return TritonConfig(block_n, block_d, block_n, block_n, block_n, block_n, 4)
+        return TritonConfig(block_n, block_d, block_n, block_n, block_n, block_n, 4, 1)
     wide = block_n * block_d > 256 * 64
     return TritonConfig(
         block_n=block_n,
@@ -581,20 +582,25 @@ def triton_config(tokens_per_window: int, head_dim: int, interpreting: bool) -> 
         dkdv_block_m=min(block_n, 32 if wide else 64),
         dkdv_block_n=min(block_n, 64),
         num_warps=8 if block_n >= 256 else 4,
+        dq_num_stages=1 if dtype == torch.float32 else 2,
     )
 
 
-def _kernel_constants(geom: WindowGeometry, q, table, pad_k, pad_v, attn_mask) -> dict:
+def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, pad_k: bool, pad_v: bool,
+                      mask: bool) -> dict:
     return dict(
         N=geom.tokens_per_window,
         WT=geom.window[0], WH=geom.window[1], WW=geom.window[2],
         ST=geom.shift[0], SH=geom.shift[1], SW=geom.shift[2],
         BT=geom.bias_window[0], BH=geom.bias_window[1], BW=geom.bias_window[2],
         FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2],
-        HAS_BIAS=table is not None, HAS_PAD_K=pad_k is not None, HAS_PAD_V=pad_v is not None,
-        HAS_MASK=attn_mask is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias, HAS_PAD_K=pad_k, HAS_PAD_V=pad_v, HAS_MASK=mask,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
+
+
+def _present(table, pad_k, pad_v, attn_mask) -> dict:
+    return dict(bias=table is not None, pad_k=pad_k is not None, pad_v=pad_v is not None, mask=attn_mask is not None)
 
 
 def _strides(x: torch.Tensor) -> tuple[int, ...]:
@@ -605,7 +611,7 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
     batch, t, h, w, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)
-    cfg = triton_config(geom.tokens_per_window, head_dim, triton_interpreting())
+    cfg = triton_config(geom.tokens_per_window, head_dim, q.dtype, triton_interpreting())
     dummy = q.new_empty(0)
     grid = (batch * geom.num_windows * triton.cdiv(geom.tokens_per_window, cfg.fwd_block_m), heads)
     _window_attn_fwd_kernel[grid](
@@ -614,7 +620,7 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
         dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask,
         *_strides(q), *_strides(k), *_strides(v),
         t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], scale,
-        **_kernel_constants(geom, q, table, pad_k, pad_v, attn_mask),
+        **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
         BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )
     return out, lse
@@ -634,7 +640,7 @@ def _bias_gather_plan(n: int, bias_window: tuple, table_window: tuple, device: t
     ``n*n`` (which reads a zero): ``(table_size, max_pairs)`` int64. Reducing through a gather in a
     fixed order keeps the bias-table gradient deterministic."""
     index = relative_position_index(table_window, n, bias_window).reshape(-1)
-    table_size = math.prod(2 * w - 1 for w in table_window)
+    table_size = math.prod([2 * w - 1 for w in table_window])
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=table_size)
     starts = torch.cumsum(counts, 0) - counts
@@ -649,7 +655,7 @@ def _reduce_bias_grad(dbias_pairs: torch.Tensor, geom: WindowGeometry) -> torch.
     heads, n = dbias_pairs.shape[0], geom.tokens_per_window
     plan = _bias_gather_plan(n, geom.bias_window, geom.table_window, dbias_pairs.device)
     flat = torch.cat((dbias_pairs.reshape(heads, n * n), dbias_pairs.new_zeros(heads, 1)), dim=1)
-    return flat[:, plan].sum(-1).t()
+    return flat[:, plan].sum(-1).t().contiguous()
 
 
 def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom: WindowGeometry,
@@ -660,7 +666,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     grad_out = grad_out.contiguous()
     delta = (grad_out.float() * out.float()).sum(-1)
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    cfg = triton_config(n, head_dim, triton_interpreting())
+    cfg = triton_config(n, head_dim, q.dtype, triton_interpreting())
     need_table_grad = need_table_grad and table is not None
     need_pad_grad = need_pad_grad and (pad_k is not None or pad_v is not None)
     dummy = q.new_empty(0)
@@ -669,7 +675,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
         dummy if attn_mask is None else attn_mask, *_strides(q), *_strides(k), *_strides(v),
         t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0],
     )
-    constants = _kernel_constants(geom, q, table, pad_k, pad_v, attn_mask)
+    constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
 
     blocks_m = triton.cdiv(n, cfg.dq_block_m)
     groups = _dbias_groups(num_windows, blocks_m, heads, q.device) if need_table_grad else 1
@@ -677,7 +683,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     _window_attn_bwd_dq_kernel[(blocks_m, heads, groups)](
         q, k, v, grad_out, lse, delta, dq, dbias, *common, num_windows, scale, **constants,
         NEED_DBIAS=need_table_grad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.dq_num_stages,
     )
     blocks_n = triton.cdiv(n, cfg.dkdv_block_n)
     dpad = (torch.empty((num_windows * blocks_n, 2, heads, head_dim), dtype=torch.float32, device=q.device)
@@ -690,6 +696,38 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     dtable = _reduce_bias_grad(dbias.sum(0), geom) if need_table_grad else None
     dpad_k, dpad_v = (dpad[:, 0].sum(0), dpad[:, 1].sum(0)) if need_pad_grad else (None, None)
     return dq, dk, dv, dtable, dpad_k, dpad_v
+
+
+_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE"}
+_TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
+_TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
+                         pad: bool = True, mask: bool = False):
+    """The three kernels as the GPU launcher would specialise them for one configuration, as
+    ``(name, kernel, signature, constexprs, options)`` for ``triton.compile`` ahead of time."""
+    window, shift = _triple(tuple(window), "window"), _triple(tuple(shift), "shift")
+    geom = WindowGeometry(window, window, shift, window, window)
+    cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False)
+    constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask)
+    kernels = (
+        (_window_attn_fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n), {}),
+        (_window_attn_bwd_dq_kernel, dict(NEED_DBIAS=bias, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n),
+         {"num_stages": cfg.dq_num_stages}),
+        (_window_attn_bwd_dkdv_kernel, dict(NEED_DPAD=pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n), {}),
+    )
+    for kernel, blocks, options in kernels:
+        constexprs = {**constants, **blocks, "BLOCK_D": cfg.block_d}
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in _TRITON_POINTERS:
+                signature[name] = "*" + ("fp32" if name in _TRITON_FP32_POINTERS else _TRITON_TYPE_NAMES[dtype])
+            else:
+                signature[name] = "fp32" if name == "scale" else "i32"
+        yield kernel.__name__, kernel, signature, constexprs, {"num_warps": cfg.num_warps, **options}
 
 
 # --------------------------------------------------------------------------------------------------

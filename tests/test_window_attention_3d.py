@@ -1,0 +1,405 @@
+"""window_attention_3d / WindowAttention3D: reference semantics, Triton kernels (interpreter on CPU),
+custom-op registration, module compatibility and input errors. GPU tests run only with a GPU."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from video_swin_oracle import (
+    video_swin_block_attention,
+    video_swin_relative_position_index,
+    video_swin_window_attention,
+)
+
+from ssltm_kernels import BackendUnavailableError, WindowAttention3D, window_attention_3d, window_attention_3d_reference
+from ssltm_kernels.window_attention_3d import relative_position_index, window_attention_3d_windows, window_geometry
+
+
+def table_size(window):
+    return math.prod(2 * w - 1 for w in window)
+
+
+def make_inputs(batch, sizes, heads, head_dim, window, dtype=torch.float32, device="cpu", seed=0, pads=True):
+    """q, k, v as strided views of one (B, T, H, W, 3, heads, hd) projection, a bias table, pad rows."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(batch, *sizes, 3, heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+    table = (0.5 * torch.randn(table_size(window), heads, generator=gen)).to(device).requires_grad_()
+    pad_k = pad_v = None
+    if pads:
+        pad_k = torch.randn(heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+        pad_v = torch.randn(heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+    return qkv, table, pad_k, pad_v
+
+
+def run(fn, qkv, table, pad_k, pad_v, grad_seed=1, **kwargs):
+    """Forward + backward; returns the output and the gradients of every input that has one."""
+    q, k, v = qkv.unbind(-3)
+    out = fn(q, k, v, rel_pos_bias_table=table, pad_k=pad_k, pad_v=pad_v, **kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
+    leaves = [x for x in (qkv, table, pad_k, pad_v) if x is not None]
+    return out, torch.autograd.grad(out, leaves, grad)
+
+
+def upcast(inputs):
+    return tuple(None if x is None else x.detach().double().requires_grad_() for x in inputs)
+
+
+def assert_close(actual, expected, atol, what):
+    err = (actual.double() - expected.double()).abs()
+    worst = err.argmax().item()
+    assert err.max().item() <= atol, (
+        f"{what}: max abs error {err.max().item():.3e} > {atol:.1e} at flat index {worst} "
+        f"(got {actual.flatten()[worst].item():.6f}, expected {expected.flatten()[worst].item():.6f})")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reference semantics
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 1, 2)])
+def test_reference_gradcheck_float64(shift):
+    qkv, table, pad_k, pad_v = upcast(make_inputs(1, (3, 4, 5), 2, 3, (2, 3, 3)))
+
+    def f(qkv, table, pad_k, pad_v):
+        q, k, v = qkv.unbind(-3)
+        return window_attention_3d_reference(q, k, v, window_size=(2, 3, 3), shift_size=shift,
+                                             rel_pos_bias_table=table, pad_k=pad_k, pad_v=pad_v)
+
+    assert torch.autograd.gradcheck(f, (qkv, table, pad_k, pad_v))
+
+
+def test_relative_position_index_matches_video_swin_buffer():
+    for window in [(4, 7, 7), (2, 3, 5), (1, 1, 1)]:
+        assert torch.equal(relative_position_index(window), video_swin_relative_position_index(window))
+
+
+@pytest.mark.parametrize(
+    "sizes, window, shift",
+    [
+        ((5, 13, 9), (2, 3, 3), (0, 0, 0)),  # padding on every axis
+        ((5, 13, 9), (2, 3, 3), (1, 1, 2)),  # padding + shift
+        ((4, 7, 10), (4, 7, 7), (2, 3, 3)),  # axes equal to the window: their shift is dropped
+        ((2, 5, 9), (4, 7, 7), (2, 3, 3)),  # axes smaller than the window: shrink + index[:N, :N]
+    ],
+)
+def test_module_volume_path_matches_video_swin_block(sizes, window, shift):
+    torch.manual_seed(0)
+    module = WindowAttention3D(16, window, num_heads=2, qkv_bias=True).double()
+    with torch.no_grad():
+        module.relative_position_bias_table.normal_(std=0.5)
+        module.qkv.bias.normal_()
+    x = torch.randn(2, *sizes, 16, dtype=torch.float64)
+    expected = video_swin_block_attention(x, module, window, shift)
+    module.backend = "reference"
+    assert_close(module(x, shift_size=shift), expected, 1e-9, "reference backend vs Video Swin")
+    fused = copy.deepcopy(module).float()
+    fused.backend = "triton"
+    assert_close(fused(x.float(), shift_size=shift), expected, 2e-5, "triton backend vs Video Swin")
+
+
+def test_module_window_batch_path_is_video_swin_window_attention():
+    torch.manual_seed(0)
+    window = (2, 3, 3)
+    module = WindowAttention3D(12, window, num_heads=3, qkv_bias=True).double()
+    index = video_swin_relative_position_index(window)
+    for n in (18, 12):  # a full window and a temporally shrunk one
+        x = torch.randn(8, n, 12, dtype=torch.float64)
+        mask = torch.where(torch.rand(4, n, n) > 0.7, -100.0, 0.0).double()
+        expected = video_swin_window_attention(x, module.qkv, module.proj, module.relative_position_bias_table, index,
+                                               3, module.scale, mask)
+        assert_close(module(x, mask), expected, 1e-9, f"window batch N={n}")
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 1, 1)])
+def test_window_batch_path_equals_volume_path_triton(shift):
+    from video_swin_oracle import compute_mask, window_partition, window_reverse
+
+    torch.manual_seed(0)
+    window = (2, 3, 3)
+    module = WindowAttention3D(8, window, num_heads=2, backend="triton")
+    x = torch.randn(2, 4, 6, 6, 8)
+    volume = module(x, shift_size=shift)
+    shifted = torch.roll(x, tuple(-s for s in shift), (1, 2, 3))
+    mask = compute_mask(4, 6, 6, window, shift, x.device) if any(shift) else None
+    windows = module(window_partition(shifted, window), mask)
+    from_windows = torch.roll(window_reverse(windows.view(-1, *window, 8), window, 2, 4, 6, 6), shift, (1, 2, 3))
+    assert_close(volume, from_windows, 1e-5, "volume vs window batches")
+
+
+def test_rel_pos_mode_exact_uses_true_coordinates():
+    """exact mode with a shrunk window equals swin mode on a table re-indexed for the shrunk window;
+    swin mode differs from it when a spatial axis shrinks (Video Swin's slicing quirk)."""
+    heads, window, sizes = 2, (2, 3, 3), (2, 2, 3)  # H shrinks 3 -> 2
+    qkv, table, _, _ = upcast(make_inputs(1, sizes, heads, 4, window, pads=False))
+    q, k, v = qkv.unbind(-3)
+    shrunk = window_geometry(sizes, window).window
+    deltas = torch.stack(torch.meshgrid(*[torch.arange(-w + 1, w) for w in shrunk], indexing="ij")).reshape(3, -1)
+    full_idx = ((deltas[0] + window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+                + (deltas[1] + window[1] - 1) * (2 * window[2] - 1) + deltas[2] + window[2] - 1)
+    shrunk_table = table[full_idx]
+    exact = window_attention_3d_reference(q, k, v, window_size=window, rel_pos_bias_table=table, rel_pos_mode="exact")
+    expected = window_attention_3d_reference(q, k, v, window_size=shrunk, rel_pos_bias_table=shrunk_table)
+    swin = window_attention_3d_reference(q, k, v, window_size=window, rel_pos_bias_table=table)
+    assert_close(exact, expected, 1e-12, "exact mode")
+    assert (swin - exact).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on CPU) against the reference: forward and every gradient
+# ------------------------------------------------------------------------------------------------------
+TRITON_CASES = [
+    # batch, (T, H, W), heads, head_dim, window, shift, rel_pos_mode
+    pytest.param(1, (5, 13, 9), 2, 32, (4, 7, 7), (0, 0, 0), "swin", id="ssltm-window-pad-all-axes"),
+    pytest.param(1, (5, 13, 9), 2, 32, (4, 7, 7), (2, 3, 3), "swin", id="ssltm-window-pad-all-axes-shift"),
+    pytest.param(2, (3, 7, 5), 2, 8, (2, 3, 3), (1, 1, 2), "swin", id="small-window-many-windows-shift"),
+    pytest.param(1, (4, 7, 9), 1, 16, (4, 7, 7), (2, 3, 3), "swin", id="window-equal-axes-shift"),
+    pytest.param(2, (2, 5, 9), 2, 16, (4, 7, 7), (2, 3, 3), "swin", id="window-smaller-axes-swin"),
+    pytest.param(2, (2, 5, 9), 2, 16, (4, 7, 7), (2, 3, 3), "exact", id="window-smaller-axes-exact"),
+    pytest.param(1, (3, 4, 5), 3, 12, (2, 3, 3), (1, 2, 1), "swin", id="head-dim-not-power-of-two"),
+]
+
+
+@pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode", TRITON_CASES)
+def test_triton_matches_reference_fp32(batch, sizes, heads, head_dim, window, shift, mode):
+    inputs = make_inputs(batch, sizes, heads, head_dim, window)
+    kw = dict(window_size=window, shift_size=shift, rel_pos_mode=mode)
+    out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+    ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs), **kw)
+    assert out.dtype == torch.float32 and out.shape == (batch, *sizes, heads, head_dim)
+    assert_close(out, ref_out, 2e-5, "out")
+    for name, g, r in zip(("dqkv", "dtable", "dpad_k", "dpad_v"), grads, ref_grads, strict=True):
+        assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
+
+
+@pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode",
+                         [TRITON_CASES[1], TRITON_CASES[2], TRITON_CASES[4]])
+def test_triton_matches_reference_fp16(batch, sizes, heads, head_dim, window, shift, mode):
+    """Kernel error vs the fp32 reference is at most 2x the fp16 reference's own error."""
+    inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=torch.float16)
+    kw = dict(window_size=window, shift_size=shift, rel_pos_mode=mode)
+    out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    fp32 = tuple(None if x is None else x.detach().float().requires_grad_() for x in inputs)
+    ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
+    assert out.dtype == torch.float16
+    for name, g, low, r in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads), (low_out, *low_grads),
+                               (ref_out, *ref_grads), strict=True):
+        low_err = (low.float() - r).abs().max().item()
+        assert_close(g.float(), r, 2 * low_err + 1e-6 * r.abs().max().item(), f"{name} (fp16 ref err {low_err:.2e})")
+
+
+def test_triton_backward_is_deterministic_and_skips_unneeded_grads():
+    inputs = make_inputs(1, (3, 5, 4), 2, 8, (2, 3, 3))
+    kw = dict(window_size=(2, 3, 3), shift_size=(1, 1, 1), backend="triton")
+    first = run(window_attention_3d, *inputs, **kw)[1]
+    second = run(window_attention_3d, *inputs, **kw)[1]
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    qkv, table, _, _ = inputs
+    q, k, v = qkv.unbind(-3)
+    out = window_attention_3d(q, k, v, rel_pos_bias_table=table.detach(), window_size=(2, 3, 3), backend="triton")
+    (dqkv,) = torch.autograd.grad(out.sum(), qkv)
+    ref = window_attention_3d_reference(q, k, v, rel_pos_bias_table=table.detach(), window_size=(2, 3, 3))
+    assert_close(dqkv, torch.autograd.grad(ref.sum(), qkv)[0], 5e-5, "dqkv without table grad")
+
+
+def test_triton_additive_attn_mask_window_batches():
+    torch.manual_seed(0)
+    window, heads, hd = (2, 2, 3), 2, 8
+    qkv = torch.randn(6, 12, 3, heads, hd, requires_grad=True)
+    table = torch.randn(table_size(window), heads, requires_grad=True)
+    mask = torch.where(torch.rand(3, 12, 12) > 0.6, -100.0, 0.0)
+    q, k, v = qkv.unbind(2)
+    out = window_attention_3d_windows(q, k, v, window_size=window, rel_pos_bias_table=table, attn_mask=mask,
+                                      backend="triton")
+    ref = window_attention_3d_windows(q, k, v, window_size=window, rel_pos_bias_table=table, attn_mask=mask,
+                                      backend="reference")
+    assert_close(out, ref, 2e-5, "out")
+    grads = torch.autograd.grad(out.square().sum(), (qkv, table))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (qkv, table))
+    for name, g, r in zip(("dqkv", "dtable"), grads, ref_grads, strict=True):
+        assert_close(g, r, 1e-4, name)
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library registration and torch.compile
+# ------------------------------------------------------------------------------------------------------
+def test_opcheck_forward_and_backward_ops():
+    qkv, table, pad_k, pad_v = make_inputs(1, (3, 4, 4), 2, 16, (2, 3, 3))
+    q, k, v = (x.detach().clone().requires_grad_() for x in qkv.unbind(-3))
+    params = ([2, 3, 3], [1, 1, 1], [2, 3, 3], [2, 3, 3], 0.25, "triton")
+    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_fwd.default,
+                          (q, k, v, table, pad_k, pad_v, None, *params))
+    out, lse = torch.ops.ssltm.window_attention_3d_fwd(q, k, v, table, pad_k, pad_v, None, *params)
+    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, table.detach(),
+                           pad_k.detach(), pad_v.detach(), None, *params, True, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_traces_module():
+    torch.manual_seed(0)
+    module = WindowAttention3D(16, (2, 3, 3), num_heads=2, qkv_bias=True, backend="triton")
+    x = torch.randn(1, 3, 5, 4, 16, requires_grad=True)
+    eager = module(x, shift_size=(1, 1, 1))
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x, shift_size=(1, 1, 1))
+    assert_close(out, eager, 1e-6, "compiled vs eager")
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    (gx_eager,) = torch.autograd.grad(eager.sum(), x)
+    assert_close(gx, gx_eager, 1e-6, "compiled grad")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Module compatibility
+# ------------------------------------------------------------------------------------------------------
+def test_state_dict_loads_video_swin_and_torchvision_keys():
+    window, dim, heads = (2, 7, 7), 32, 4
+    n = math.prod(window)
+    video_swin = {
+        "qkv.weight": torch.randn(3 * dim, dim), "qkv.bias": torch.randn(3 * dim),
+        "proj.weight": torch.randn(dim, dim), "proj.bias": torch.randn(dim),
+        "relative_position_bias_table": torch.randn(table_size(window), heads),
+        "relative_position_index": video_swin_relative_position_index(window),
+    }
+    module = WindowAttention3D(dim, window, heads, qkv_bias=True)
+    assert set(module.state_dict()) == set(video_swin)
+    module.load_state_dict(video_swin, strict=True)
+    assert torch.equal(module.relative_position_bias_table, video_swin["relative_position_bias_table"])
+    torchvision_layout = dict(video_swin, relative_position_index=video_swin["relative_position_index"].flatten())
+    module.load_state_dict(torchvision_layout, strict=True)
+    assert module.relative_position_index.shape == (n, n)
+    wrong = dict(video_swin, relative_position_index=video_swin["relative_position_index"].flip(0))
+    with pytest.raises(ValueError, match="relative_position_index"):
+        module.load_state_dict(wrong)
+
+
+def test_module_defaults_match_video_swin():
+    module = WindowAttention3D(64, (4, 7, 7), 2)
+    assert module.qkv.bias is None and module.proj.bias is not None
+    assert module.scale == 32**-0.5
+    assert module.attn_drop.p == 0.0 and module.proj_drop.p == 0.0
+    assert module.relative_position_bias_table.shape == (7 * 13 * 13, 2)
+    assert WindowAttention3D(64, (4, 7, 7), 2, qk_scale=0.5).scale == 0.5
+
+
+def test_attention_dropout_in_training_uses_reference_and_eval_is_deterministic():
+    torch.manual_seed(0)
+    module = WindowAttention3D(8, (2, 2, 2), 2, attn_drop=0.5)
+    x = torch.randn(1, 2, 3, 3, 8)
+    module.train()
+    assert not torch.equal(module(x), module(x))
+    module.eval()
+    assert torch.equal(module(x), module(x))
+    module.train()
+    module.backend = "triton"
+    with pytest.raises(BackendUnavailableError, match="dropout"):
+        module(x)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------------
+def _qkv(shape=(1, 2, 3, 3, 2, 4), dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: a.update(q=a["q"][0]), ValueError, r"q must be 6-D .*\(2, 3, 3, 2, 4\)"),
+        (lambda a: a.update(k=a["k"][..., :3]), ValueError, r"k must have q's shape"),
+        (lambda a: a.update(v=a["v"].double()), TypeError, r"v must have q's dtype"),
+        (lambda a: a.update(k=a["k"].to("meta")), ValueError, r"k must be on q's device"),
+        (lambda a: a.update(q=torch.zeros(0, 2, 3, 3, 2, 4)), ValueError, r"k must have q's shape"),
+        (lambda a: a.update(rel_pos_bias_table=torch.zeros(10, 2)), ValueError,
+         r"rel_pos_bias_table must have shape \(405, 2\).*got \(10, 2\)"),
+        (lambda a: a.update(pad_k=torch.zeros(4, 2)), ValueError, r"pad_k must have shape .*\(2, 4\)"),
+        (lambda a: a.update(shift_size=(0, 5, 0)), ValueError, r"shift_size must satisfy"),
+        (lambda a: a.update(window_size=(2, 3)), ValueError, r"window_size must be"),
+        (lambda a: a.update(rel_pos_mode="approx"), ValueError, r"rel_pos_mode"),
+        (lambda a: a.update(attn_mask=torch.zeros(5, 18, 18)), ValueError, r"attn_mask's first dimension 5"),
+        (lambda a: a.update(backend="cudnn"), ValueError, r"backend must be one of"),
+        (lambda a: a.update(backend="cuda"), BackendUnavailableError, r"backend 'cuda' cannot run: .*"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(mutate, error, match):
+    q, k, v = _qkv()
+    args = dict(q=q, k=k, v=v, window_size=(3, 5, 5))
+    mutate(args)
+    with pytest.raises(error, match=match):
+        window_attention_3d(**args)
+
+
+def test_empty_and_integer_inputs_raise():
+    q = torch.zeros(0, 2, 3, 3, 2, 4)
+    with pytest.raises(ValueError, match="must not be empty"):
+        window_attention_3d(q, q, q, window_size=(2, 2, 2))
+    qi = torch.zeros(1, 2, 3, 3, 2, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="floating-point"):
+        window_attention_3d(qi, qi, qi, window_size=(2, 2, 2))
+
+
+def test_module_bad_inputs():
+    with pytest.raises(ValueError, match=r"dim \(30\) must be divisible by num_heads \(4\)"):
+        WindowAttention3D(30, (2, 7, 7), 4)
+    module = WindowAttention3D(8, (2, 2, 2), 2)
+    with pytest.raises(ValueError, match=r"x must be .* got shape \(2, 8\)"):
+        module(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="more than window_size"):
+        module(torch.randn(3, 9, 8))
+    with pytest.raises(ValueError, match="mask applies to window batches"):
+        module(torch.randn(1, 2, 2, 2, 8), torch.zeros(1, 8, 8))
+
+
+def test_env_backend_variable_forces_backend(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("SSLTM_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        window_attention_3d(q, k, v, window_size=(2, 2, 2))
+    monkeypatch.setenv("SSLTM_BACKEND", "reference")
+    ref = window_attention_3d(q, k, v, window_size=(2, 2, 2))
+    assert_close(ref, window_attention_3d_reference(q, k, v, window_size=(2, 2, 2)), 0.0, "forced reference")
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU: CUDA and Triton backends in low precision (skipped without a GPU)
+# ------------------------------------------------------------------------------------------------------
+GPU_CASES = [
+    pytest.param(2, (4, 30, 30), 4, 32, (4, 7, 7), (0, 0, 0), id="ssltm-stride16"),
+    pytest.param(2, (5, 13, 9), 2, 32, (4, 7, 7), (2, 3, 3), id="pad-all-axes-shift"),
+    pytest.param(1, (2, 20, 17), 3, 64, (4, 7, 7), (2, 3, 3), id="shrunk-time-hd64"),
+    pytest.param(1, (8, 14, 14), 2, 32, (8, 7, 7), (4, 3, 3), id="window-392"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift", GPU_CASES)
+def test_gpu_backend_matches_fp32_reference(backend, dtype, batch, sizes, heads, head_dim, window, shift):
+    inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=dtype, device="cuda")
+    kw = dict(window_size=window, shift_size=shift)
+    out, grads = run(window_attention_3d, *inputs, backend=backend, **kw)
+    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    fp32 = tuple(None if x is None else x.detach().float().requires_grad_() for x in inputs)
+    ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
+    for name, g, low, r in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads), (low_out, *low_grads),
+                               (ref_out, *ref_grads), strict=True):
+        low_err = (low.float() - r).abs().max().item()
+        floor = 1e-4 * r.abs().max().item() if dtype == torch.float32 else 1e-6 * r.abs().max().item()
+        assert_close(g.float(), r, 2 * low_err + floor, f"{backend} {name} (same-precision ref err {low_err:.2e})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cuda_equals_triton(dtype):
+    inputs = make_inputs(2, (5, 13, 9), 2, 32, (4, 7, 7), dtype=dtype, device="cuda")
+    kw = dict(window_size=(4, 7, 7), shift_size=(2, 3, 3))
+    cuda_out, cuda_grads = run(window_attention_3d, *inputs, backend="cuda", **kw)
+    triton_out, triton_grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+    for name, a, b in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads),
+                          (triton_out, *triton_grads), strict=True):
+        assert_close(a.float(), b.float(), 2e-2 * max(1.0, b.abs().max().item()), f"cuda vs triton {name}")
