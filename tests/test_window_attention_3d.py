@@ -244,7 +244,7 @@ def test_torch_compile_fullgraph_traces_module():
     module = WindowAttention3D(16, (2, 3, 3), num_heads=2, qkv_bias=True, backend="triton")
     x = torch.randn(1, 3, 5, 4, 16, requires_grad=True)
     eager = module(x, shift_size=(1, 1, 1))
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(module, fullgraph=True)
     out = compiled(x, shift_size=(1, 1, 1))
     assert_close(out, eager, 1e-6, "compiled vs eager")
     (gx,) = torch.autograd.grad(out.sum(), x)
