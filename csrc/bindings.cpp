@@ -1,0 +1,351 @@
+// Entry points of the compiled extension ssltm_kernels._C: input checks, output/workspace
+// allocation, and dispatch to the CUDA launchers (CUDA tensors) or to their CPU emulation (CPU
+// tensors, used to test the kernels' code without a GPU).
+//
+// Built with -DSSLTM_WITH_CUDA when the CUDA sources are compiled in. With -DSSLTM_NO_PYTHON (the
+// CMake library for C++ users) only the C++ functions ssltm::window_attention_3d_forward/backward
+// are compiled, without pybind11.
+#ifdef SSLTM_NO_PYTHON
+#include <ATen/ATen.h>
+#else
+#include <torch/extension.h>
+#endif
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "window_attention_3d_core.cuh"
+
+namespace ssltm {
+namespace wa3d {
+void forward_cpu(const Problem& p);
+void backward_cpu(const Problem& p);
+#ifdef SSLTM_WITH_CUDA
+void forward_cuda(const Problem& p);
+void backward_cuda(const Problem& p);
+#endif
+}  // namespace wa3d
+
+namespace {
+
+using wa3d::Geometry;
+using wa3d::Problem;
+using wa3d::Strides5;
+
+// Largest window (tokens) accepted: bounds the (groups, heads, N, N) workspace of the bias-table
+// gradient and keeps every per-window index well inside int32.
+constexpr int64_t kMaxWindowTokens = 4096;
+
+#ifdef SSLTM_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
+
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_list(const std::vector<int64_t>& v, const char* name) {
+  TORCH_CHECK(v.size() == 3, "window_attention_3d: ", name, " must have 3 entries (t, h, w), got ",
+              v.size(), " entries: ", c10::IntArrayRef(v));
+}
+
+void check_qkv_like(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.sizes() == q.sizes(), "window_attention_3d: ", name, " must have the shape of q ", q.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "window_attention_3d: ", name, " must have the dtype of q (",
+              q.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), "window_attention_3d: ", name, " must be on the device of q (",
+              q.device(), "), got ", t.device());
+}
+
+void check_last_stride(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, "window_attention_3d: ", name,
+              " must have stride 1 in its last dimension (head_dim), got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
+Strides5 strides5(const at::Tensor& t) {
+  return Strides5{t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+// A float tensor in the accumulation dtype, contiguous (small parameter tensors only).
+at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
+
+struct Checked {
+  Geometry g;
+  at::ScalarType acc;
+  at::Tensor table, pad_k, pad_v, amask;  // converted copies (undefined when absent)
+};
+
+Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& pad_k,
+                     const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& attn_mask,
+                     const std::vector<int64_t>& window, const std::vector<int64_t>& shift,
+                     const std::vector<int64_t>& bias_window, const std::vector<int64_t>& table_window,
+                     double scale) {
+  TORCH_CHECK(q.dim() == 6, "window_attention_3d: q must be 6-D (B, T, H, W, heads, head_dim), got shape ",
+              q.sizes());
+  check_qkv_like(k, q, "k");
+  check_qkv_like(v, q, "v");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(q.is_cpu() || q.is_cuda(), "window_attention_3d: q must be a CPU or CUDA tensor, got ",
+              q.device());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  (dtype == at::kDouble && q.is_cpu()),
+              "window_attention_3d: q/k/v must be float32, float16 or bfloat16 (float64 on CPU only), got ",
+              dtype, " on ", q.device());
+  TORCH_CHECK(!q.is_cuda() || kWithCuda,
+              "window_attention_3d: ssltm_kernels._C was built without CUDA kernels; rebuild with a CUDA "
+              "build of torch and nvcc (SSLTM_CUDA=on pip install -e . --no-build-isolation)");
+  check_last_stride(q, "q");
+  check_last_stride(k, "k");
+  check_last_stride(v, "v");
+  TORCH_CHECK(q.numel() > 0, "window_attention_3d: q must not be empty, got shape ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), W = q.size(3), nh = q.size(4), hd = q.size(5);
+  TORCH_CHECK(hd <= wa3d::kMaxHeadDim, "window_attention_3d: head_dim ", hd, " exceeds the maximum ",
+              wa3d::kMaxHeadDim, " supported by the CUDA kernels (q shape ", q.sizes(), ")");
+  check_list(window, "window");
+  check_list(shift, "shift");
+  check_list(bias_window, "bias_window");
+  check_list(table_window, "table_window");
+  const char* axes[3] = {"t", "h", "w"};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(window[i] >= 1, "window_attention_3d: window must be positive, got ", c10::IntArrayRef(window));
+    TORCH_CHECK(shift[i] >= 0 && shift[i] < window[i], "window_attention_3d: shift must satisfy "
+                "0 <= shift < window on every axis, got shift ", c10::IntArrayRef(shift), " for window ",
+                c10::IntArrayRef(window), " (axis ", axes[i], ")");
+    TORCH_CHECK(table_window[i] >= 1 && bias_window[i] >= 1 && bias_window[i] <= table_window[i],
+                "window_attention_3d: need 1 <= bias_window <= table_window on every axis, got bias_window ",
+                c10::IntArrayRef(bias_window), " and table_window ", c10::IntArrayRef(table_window));
+  }
+  const int64_t N = window[0] * window[1] * window[2];
+  TORCH_CHECK(N <= kMaxWindowTokens, "window_attention_3d: window ", c10::IntArrayRef(window), " has ", N,
+              " tokens, more than the ", kMaxWindowTokens, " supported");
+  TORCH_CHECK(N <= bias_window[0] * bias_window[1] * bias_window[2],
+              "window_attention_3d: the window's ", N, " tokens do not fit the bias_window ",
+              c10::IntArrayRef(bias_window), " used to decode their bias coordinates");
+  const int64_t nWin = B * ((T + window[0] - 1) / window[0]) * ((H + window[1] - 1) / window[1]) *
+                       ((W + window[2] - 1) / window[2]);
+  TORCH_CHECK(nWin <= std::numeric_limits<int32_t>::max() && T + window[0] < (int64_t(1) << 30) &&
+                  H + window[1] < (int64_t(1) << 30) && W + window[2] < (int64_t(1) << 30),
+              "window_attention_3d: volume too large (q shape ", q.sizes(), ", window ",
+              c10::IntArrayRef(window), ")");
+  TORCH_CHECK(std::isfinite(scale), "window_attention_3d: scale must be finite, got ", scale);
+
+  Checked c;
+  c.acc = acc_dtype(dtype);
+  int64_t nMask = 0;
+  if (bias_table.has_value()) {
+    const at::Tensor& t = *bias_table;
+    const int64_t ntab = (2 * table_window[0] - 1) * (2 * table_window[1] - 1) * (2 * table_window[2] - 1);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == ntab && t.size(1) == nh,
+                "window_attention_3d: bias_table must have shape (", ntab, ", ", nh,
+                ") = ((2*ft-1)*(2*fh-1)*(2*fw-1), heads) for table_window ", c10::IntArrayRef(table_window),
+                ", got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "window_attention_3d: bias_table must be a floating "
+                "tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), "window_attention_3d: bias_table must be on the device of q (",
+                q.device(), "), got ", t.device());
+    c.table = as_acc(t, c.acc);
+  }
+  const std::optional<at::Tensor>* pads[2] = {&pad_k, &pad_v};
+  const char* pad_names[2] = {"pad_k", "pad_v"};
+  for (int i = 0; i < 2; ++i) {
+    if (!pads[i]->has_value()) continue;
+    const at::Tensor& t = **pads[i];
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == nh && t.size(1) == hd, "window_attention_3d: ", pad_names[i],
+                " must have shape (heads, head_dim) = (", nh, ", ", hd, "), got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "window_attention_3d: ", pad_names[i],
+                " must be a floating tensor, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), "window_attention_3d: ", pad_names[i],
+                " must be on the device of q (", q.device(), "), got ", t.device());
+    (i == 0 ? c.pad_k : c.pad_v) = as_acc(t, c.acc);
+  }
+  if (attn_mask.has_value()) {
+    const at::Tensor& t = *attn_mask;
+    TORCH_CHECK(t.dim() == 3 && t.size(0) >= 1 && t.size(1) == N && t.size(2) == N,
+                "window_attention_3d: attn_mask must have shape (nMask, N, N) with N = ", N,
+                " tokens per window, got ", t.sizes());
+    TORCH_CHECK(nWin % t.size(0) == 0, "window_attention_3d: attn_mask's first dimension ", t.size(0),
+                " must divide the number of windows B*nW = ", nWin);
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "window_attention_3d: attn_mask must be float32, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == q.device(), "window_attention_3d: attn_mask must be on the device of q (",
+                q.device(), "), got ", t.device());
+    c.amask = t.contiguous();
+    nMask = t.size(0);
+  }
+  c.g = wa3d::make_geometry(B, T, H, W, nh, hd, window.data(), shift.data(), bias_window.data(),
+                            table_window.data(), nMask);
+  return c;
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+Problem make_problem(const Checked& c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     double scale) {
+  Problem p{};
+  p.g = c.g;
+  p.dtype = static_cast<int>(q.scalar_type());
+  p.device_index = q.is_cuda() ? q.get_device() : -1;
+  p.scale = scale;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.sq = strides5(q);
+  p.sk = strides5(k);
+  p.sv = strides5(v);
+  p.table = ptr_or_null(c.table);
+  p.pad_k = ptr_or_null(c.pad_k);
+  p.pad_v = ptr_or_null(c.pad_v);
+  p.amask = c.amask.defined() ? c.amask.const_data_ptr<float>() : nullptr;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_attention_3d_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias_table,
+    const std::optional<at::Tensor>& pad_k, const std::optional<at::Tensor>& pad_v,
+    const std::optional<at::Tensor>& attn_mask, const std::vector<int64_t>& window,
+    const std::vector<int64_t>& shift, const std::vector<int64_t>& bias_window,
+    const std::vector<int64_t>& table_window, double scale) {
+  const Checked c =
+      check_inputs(q, k, v, bias_table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale);
+  c10::OptionalDeviceGuard guard(q.device());
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(c.acc));
+  Problem p = make_problem(c, q, k, v, scale);
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr();
+  if (q.is_cuda()) {
+#ifdef SSLTM_WITH_CUDA
+    wa3d::forward_cuda(p);
+#endif
+  } else {
+    wa3d::forward_cpu(p);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
+           std::optional<at::Tensor>>
+window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const std::optional<at::Tensor>& bias_table, const std::optional<at::Tensor>& pad_k,
+                             const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& attn_mask,
+                             const std::vector<int64_t>& window, const std::vector<int64_t>& shift,
+                             const std::vector<int64_t>& bias_window, const std::vector<int64_t>& table_window,
+                             double scale, bool need_table_grad, bool need_pad_grad, int64_t num_groups) {
+  const Checked c =
+      check_inputs(q, k, v, bias_table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale);
+  check_qkv_like(grad_out, q, "grad_out");
+  check_qkv_like(out, q, "out");
+  check_last_stride(out, "out");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 5), "window_attention_3d: lse must have shape (B, T, H, W, heads) ",
+              q.sizes().slice(0, 5), ", got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == c.acc, "window_attention_3d: lse must be ", c.acc, " for ", q.scalar_type(),
+              " inputs, got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == q.device(), "window_attention_3d: lse must be on the device of q (", q.device(),
+              "), got ", lse.device());
+  TORCH_CHECK(num_groups >= 0, "window_attention_3d: num_groups must be >= 0 (0: automatic), got ", num_groups);
+  // Autograd may hand over a broadcast gradient; the kernels only need unit stride along head_dim.
+  const at::Tensor dout = (grad_out.size(-1) == 1 || grad_out.stride(-1) == 1) ? grad_out : grad_out.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  const Geometry& g = c.g;
+  const bool table_grad = need_table_grad && bias_table.has_value();
+  const bool pad_grad = need_pad_grad && (pad_k.has_value() || pad_v.has_value());
+
+  c10::OptionalDeviceGuard guard(q.device());
+  const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
+  const auto acc_opts = q.options().dtype(c.acc);
+  at::Tensor dq = at::empty(q.sizes(), opts);
+  at::Tensor dk = at::empty(q.sizes(), opts);
+  at::Tensor dv = at::empty(q.sizes(), opts);
+  at::Tensor delta = at::empty(q.sizes().slice(0, 5), acc_opts);
+
+  int groups = g.nwin;
+  if (table_grad || pad_grad) {
+    groups = num_groups > 0 ? int(std::min<int64_t>(num_groups, g.nwin)) : wa3d::choose_groups(g, table_grad, pad_grad);
+  }
+  const int group_size = wa3d::group_size_for(g, groups);
+  groups = wa3d::groups_for_size(g, group_size);
+
+  std::optional<at::Tensor> dtable, dpad_k, dpad_v;
+  at::Tensor wpart, wsum, padk_part, padv_part;
+  if (table_grad) {
+    wpart = at::zeros({groups, g.nh, g.N, g.N}, acc_opts);
+    if (groups > 1) wsum = at::empty({g.nh, g.N, g.N}, acc_opts);
+    dtable = at::empty({g.Ntab, g.nh}, acc_opts);
+  }
+  if (pad_grad) {
+    padk_part = at::zeros({groups, g.nh, g.N, g.hd}, acc_opts);
+    padv_part = at::zeros({groups, g.nh, g.N, g.hd}, acc_opts);
+    dpad_k = at::empty({g.nh, g.hd}, acc_opts);
+    dpad_v = at::empty({g.nh, g.hd}, acc_opts);
+  }
+
+  Problem p = make_problem(c, q, k, v, scale);
+  p.lse = const_cast<void*>(lse_c.const_data_ptr());  // read only in the backward kernels
+  p.dout = dout.const_data_ptr();
+  p.outp = out.const_data_ptr();
+  p.sdo = strides5(dout);
+  p.so = strides5(out);
+  p.delta = delta.mutable_data_ptr();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  p.wpart = wpart.defined() ? wpart.mutable_data_ptr() : nullptr;
+  p.wsum = wsum.defined() ? wsum.mutable_data_ptr() : nullptr;
+  p.padk_part = padk_part.defined() ? padk_part.mutable_data_ptr() : nullptr;
+  p.padv_part = padv_part.defined() ? padv_part.mutable_data_ptr() : nullptr;
+  p.dtable = dtable ? dtable->mutable_data_ptr() : nullptr;
+  p.dpad_k = dpad_k ? dpad_k->mutable_data_ptr() : nullptr;
+  p.dpad_v = dpad_v ? dpad_v->mutable_data_ptr() : nullptr;
+  p.groups = groups;
+  p.group_size = group_size;
+  if (q.is_cuda()) {
+#ifdef SSLTM_WITH_CUDA
+    wa3d::backward_cuda(p);
+#endif
+  } else {
+    wa3d::backward_cpu(p);
+  }
+  return {dq, dk, dv, dtable, dpad_k, dpad_v};
+}
+
+}  // namespace ssltm
+
+#ifndef SSLTM_NO_PYTHON
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ssltm_kernels._C: fused 3D window attention kernels (CUDA, with a CPU emulation of the same code)";
+  m.attr("WITH_CUDA") = py::bool_(ssltm::kWithCuda);
+  m.attr("MAX_HEAD_DIM") = py::int_(ssltm::wa3d::kMaxHeadDim);
+  m.attr("MAX_WINDOW_TOKENS") = py::int_(ssltm::kMaxWindowTokens);
+  m.def("window_attention_3d_forward", &ssltm::window_attention_3d_forward, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias_table"), py::arg("pad_k"), py::arg("pad_v"), py::arg("attn_mask"),
+        py::arg("window"), py::arg("shift"), py::arg("bias_window"), py::arg("table_window"), py::arg("scale"),
+        "Fused 3D window attention forward. q, k, v: (B, T, H, W, heads, head_dim), stride 1 along\n"
+        "head_dim. Returns (out (B, T, H, W, heads, head_dim) contiguous in q's dtype,\n"
+        "lse (B, T, H, W, heads) float32, float64 for float64 inputs). CUDA tensors run the CUDA kernels,\n"
+        "CPU tensors their emulation.");
+  m.def("window_attention_3d_backward", &ssltm::window_attention_3d_backward, py::arg("grad_out"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias_table"), py::arg("pad_k"),
+        py::arg("pad_v"), py::arg("attn_mask"), py::arg("window"), py::arg("shift"), py::arg("bias_window"),
+        py::arg("table_window"), py::arg("scale"), py::arg("need_table_grad"), py::arg("need_pad_grad"),
+        py::arg("num_groups") = 0,
+        "Fused 3D window attention backward. Returns (dq, dk, dv, dtable, dpad_k, dpad_v): dq/dk/dv\n"
+        "contiguous in q's dtype; dtable (Ntab, heads) when need_table_grad and bias_table is given,\n"
+        "dpad_k/dpad_v (heads, head_dim) when need_pad_grad and pad_k or pad_v is given, else None\n"
+        "(float32, float64 for float64 inputs). num_groups > 0 forces the number of window groups of\n"
+        "the deterministic reduction (testing); 0 chooses it from the shape.");
+}
+#endif

@@ -1,0 +1,180 @@
+// CUDA kernels of the fused 3D window attention (forward, backward) and their launchers.
+//
+// The kernels are thin: each is a fixed sequence of the phase functions in
+// window_attention_3d_core.cuh separated by __syncthreads(). window_attention_3d_cpu.cpp runs the
+// same sequence on the CPU, which is how this code is unit-tested without a GPU.
+//
+// Only light headers here (compile time): no ATen/ATen.h, no torch/extension.h.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include "window_attention_3d_core.cuh"
+
+namespace ssltm {
+namespace wa3d {
+namespace {
+
+// grid (nwin, nh, ceil(N / kThreads))
+template <int HD, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const Args<scalar_t, float> a) {
+  using TileT = Tile<HD, float>;
+  __shared__ TileT tile;
+  const int win = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int n = blockIdx.z * kThreads + tid;
+  const WinPos wp = window_pos(a.g, win);
+  const float* am = amask_window(a, win);
+  FwdThread<HD, float> th;
+  fwd_init(a, wp, head, n, th);
+  for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
+    __syncthreads();
+    if (tid < TileT::R) stage_kv_meta(a, wp, head, k0, tid, tile);
+    __syncthreads();
+    stage_kv_rows(a, head, k0, tid, kThreads, tile);
+    __syncthreads();
+    fwd_tile(a, head, am, n, k0, tile, th);
+  }
+  fwd_finish(a, head, th);
+}
+
+// grid (nwin, nh, ceil(N / kThreads)); writes dq and delta
+template <int HD, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const Args<scalar_t, float> a) {
+  using TileT = Tile<HD, float>;
+  __shared__ TileT tile;
+  const int win = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int n = blockIdx.z * kThreads + tid;
+  const WinPos wp = window_pos(a.g, win);
+  const float* am = amask_window(a, win);
+  DqThread<HD, float> th;
+  dq_init(a, wp, head, n, th);
+  for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
+    __syncthreads();
+    if (tid < TileT::R) stage_kv_meta(a, wp, head, k0, tid, tile);
+    __syncthreads();
+    stage_kv_rows(a, head, k0, tid, kThreads, tile);
+    __syncthreads();
+    dq_tile(a, head, am, n, k0, tile, th);
+  }
+  dq_finish(a, head, th);
+}
+
+// grid (groups, nh, ceil(N / kThreads)); reads delta written by dq_kernel
+template <int HD, typename scalar_t>
+__global__ void __launch_bounds__(kThreads) dkv_kernel(const Args<scalar_t, float> a) {
+  using TileT = Tile<HD, float>;
+  __shared__ TileT tile;
+  const int grp = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int m = blockIdx.z * kThreads + tid;
+  const int N = a.g.N;
+  const int64_t slot = int64_t(grp) * a.g.nh + head;
+  float* wpart = a.wpart ? a.wpart + slot * N * N : nullptr;
+  float* padk = a.padk_part ? a.padk_part + slot * N * a.g.hd : nullptr;
+  float* padv = a.padv_part ? a.padv_part + slot * N * a.g.hd : nullptr;
+  DkvThread<HD, float> th;
+  for (int j = 0; j < a.group_size; ++j) {
+    const int win = grp * a.group_size + j;
+    if (win >= a.g.nwin) break;  // uniform across the block
+    const WinPos wp = window_pos(a.g, win);
+    const float* am = amask_window(a, win);
+    dkv_begin_window(a, wp, head, m, th);
+    for (int q0 = 0; q0 < N; q0 += TileT::R) {
+      __syncthreads();
+      if (tid < TileT::R) stage_q_meta(a, wp, head, q0, tid, tile);
+      __syncthreads();
+      stage_q_rows(a, tid, kThreads, tile);
+      __syncthreads();
+      dkv_tile(a, head, am, m, q0, tile, wpart, th);
+    }
+    dkv_end_window(a, head, m, padk, padv, th);
+  }
+}
+
+constexpr int kReduceThreads = 256;
+
+__global__ void sum_groups_kernel(const float* part, int groups, int64_t len, float* dst) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < len) dst[i] = sum_groups(part, groups, len, i);
+}
+
+__global__ void table_grad_kernel(const Geometry g, const float* wsum, float* dtable) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < g.Ntab * g.nh) dtable[i] = table_grad_elem(g, wsum, i / g.nh, i % g.nh);
+}
+
+__global__ void pad_grad_kernel(const Geometry g, int groups, const float* part, float* dst) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < g.nh * g.hd) dst[i] = pad_grad_elem(g, groups, part, i / g.hd, i % g.hd);
+}
+
+unsigned blocks_for(int64_t n) { return unsigned((n + kReduceThreads - 1) / kReduceThreads); }
+
+dim3 attention_grid(int x, const Geometry& g) {
+  return dim3(unsigned(x), unsigned(g.nh), unsigned((g.N + kThreads - 1) / kThreads));
+}
+
+#define SSLTM_DISPATCH_KERNEL_TYPES(dtype, name, ...)                                 \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                                      AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
+                                          AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
+
+}  // namespace
+
+void forward_cuda(const Problem& p) {
+  if (p.g.nwin == 0) return;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device_index));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(p.device_index));
+  const auto dtype = static_cast<at::ScalarType>(p.dtype);
+  SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_forward_cuda", [&] {
+    const auto a = make_args<scalar_t, float>(p);
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
+      fwd_kernel<HD, scalar_t><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void backward_cuda(const Problem& p) {
+  if (p.g.nwin == 0) return;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device_index));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(p.device_index));
+  const auto dtype = static_cast<at::ScalarType>(p.dtype);
+  SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_backward_cuda", [&] {
+    const auto a = make_args<scalar_t, float>(p);
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
+      dq_kernel<HD, scalar_t><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dkv_kernel<HD, scalar_t><<<attention_grid(p.groups, p.g), kThreads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  const Geometry& g = p.g;
+  if (p.wpart) {
+    const float* wsum = static_cast<const float*>(p.wpart);
+    if (p.groups > 1) {
+      const int64_t len = int64_t(g.nh) * g.N * g.N;
+      sum_groups_kernel<<<blocks_for(len), kReduceThreads, 0, stream>>>(
+          static_cast<const float*>(p.wpart), p.groups, len, static_cast<float*>(p.wsum));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      wsum = static_cast<const float*>(p.wsum);
+    }
+    table_grad_kernel<<<blocks_for(int64_t(g.Ntab) * g.nh), kReduceThreads, 0, stream>>>(
+        g, wsum, static_cast<float*>(p.dtable));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (p.padk_part) {
+    pad_grad_kernel<<<blocks_for(int64_t(g.nh) * g.hd), kReduceThreads, 0, stream>>>(
+        g, p.groups, static_cast<const float*>(p.padk_part), static_cast<float*>(p.dpad_k));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    pad_grad_kernel<<<blocks_for(int64_t(g.nh) * g.hd), kReduceThreads, 0, stream>>>(
+        g, p.groups, static_cast<const float*>(p.padv_part), static_cast<float*>(p.dpad_v));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace wa3d
+}  // namespace ssltm

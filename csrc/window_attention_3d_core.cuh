@@ -1,0 +1,738 @@
+// Fused 3D window attention (Video Swin WindowAttention3D + SwinTransformerBlock3D padding/shift),
+// per-thread math and index arithmetic shared by the CUDA kernels (window_attention_3d.cu) and their
+// CPU emulation (window_attention_3d_cpu.cpp).
+//
+// Everything a CUDA thread computes lives here as a "phase" function taking the thread (or row) index
+// explicitly. A kernel is a fixed sequence of phases separated by __syncthreads(); the CPU emulation
+// runs the same sequence with loops standing in for the threads of a block, so the CPU tests exercise
+// this very code. The header depends on nothing but the C++ standard library and compiles with both
+// nvcc and the host compiler.
+//
+// Semantics: see notes/contract.md (window enumeration, padded tokens as pad_k/pad_v keys, cyclic
+// shift with Swin's region mask, relative-position bias computed from coordinates).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SSLTM_HD __host__ __device__ __forceinline__
+#define SSLTM_UNROLL _Pragma("unroll")
+// Loops over head_dim: fully unrolled (rows stay in registers) up to HD = 64; for HD = 128 the rows
+// do not fit in registers anyway, and a partial unroll keeps the compile time reasonable.
+#define SSLTM_UNROLL_HD _Pragma("unroll (HD <= 64 ? HD : 4)")
+#else
+#define SSLTM_HD inline
+#define SSLTM_UNROLL
+#define SSLTM_UNROLL_HD
+#endif
+
+namespace ssltm {
+namespace wa3d {
+
+// Threads per block for every attention kernel: one query row (forward, dq) or one key row (dk/dv)
+// per thread.
+constexpr int kThreads = 128;
+// Largest supported head_dim. Rows are held in fixed-size arrays of HD = 32, 64 or 128 elements
+// (zero-padded beyond head_dim, which leaves every dot product and sum unchanged).
+constexpr int kMaxHeadDim = 128;
+// Scores kept in registers per online-softmax step of the forward pass.
+constexpr int kSub = 16;
+
+// Rows of K/V (forward, dq) or Q/dO (dk/dv) staged in shared memory per tile: 2 * rows * HD fp32
+// = 32 KB for every HD, well under the 48 KB static shared-memory limit.
+template <int HD>
+struct TileRows {
+  static constexpr int value = HD >= 128 ? 32 : 64;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Geometry
+// ------------------------------------------------------------------------------------------------
+struct Strides5 {  // element strides of a (B, T, H, W, heads, head_dim) tensor, head_dim stride 1
+  int64_t b, t, h, w, n;
+};
+
+struct Geometry {
+  int B, T, H, W, nh, hd;
+  int wt, wh, ww;     // effective window
+  int st, sh, sw;     // effective shift, 0 <= s < w
+  int Tp, Hp, Wp;     // padded extents
+  int nWt, nWh, nWw;  // windows per axis
+  int nW;             // windows per batch item
+  int nwin;           // B * nW
+  int N;              // tokens per window
+  int bt, bh, bw;     // "bias window": dims used to decode a flat index into bias coordinates
+  int ft, fh, fw;     // "table window": the full window the bias table was built for
+  int Ntab;           // (2ft-1)(2fh-1)(2fw-1)
+  int key_t, key_h;   // (2fh-1)(2fw-1), (2fw-1)
+  int c0;             // table index of a zero offset
+  int nMask;          // leading dim of attn_mask (0 when absent)
+  bool shifted;       // any shift > 0: Swin region mask applies
+};
+
+// Host-side construction; the caller has validated the arguments.
+inline Geometry make_geometry(int64_t B, int64_t T, int64_t H, int64_t W, int64_t nh, int64_t hd,
+                              const int64_t* window, const int64_t* shift, const int64_t* bias_window,
+                              const int64_t* table_window, int64_t nMask) {
+  Geometry g{};
+  g.B = (int)B; g.T = (int)T; g.H = (int)H; g.W = (int)W; g.nh = (int)nh; g.hd = (int)hd;
+  g.wt = (int)window[0]; g.wh = (int)window[1]; g.ww = (int)window[2];
+  g.st = (int)shift[0]; g.sh = (int)shift[1]; g.sw = (int)shift[2];
+  g.nWt = (g.T + g.wt - 1) / g.wt; g.nWh = (g.H + g.wh - 1) / g.wh; g.nWw = (g.W + g.ww - 1) / g.ww;
+  g.Tp = g.nWt * g.wt; g.Hp = g.nWh * g.wh; g.Wp = g.nWw * g.ww;
+  g.nW = g.nWt * g.nWh * g.nWw;
+  g.nwin = g.B * g.nW;
+  g.N = g.wt * g.wh * g.ww;
+  g.bt = (int)bias_window[0]; g.bh = (int)bias_window[1]; g.bw = (int)bias_window[2];
+  g.ft = (int)table_window[0]; g.fh = (int)table_window[1]; g.fw = (int)table_window[2];
+  g.key_h = 2 * g.fw - 1;
+  g.key_t = (2 * g.fh - 1) * g.key_h;
+  g.Ntab = (2 * g.ft - 1) * g.key_t;
+  g.c0 = (g.ft - 1) * g.key_t + (g.fh - 1) * g.key_h + (g.fw - 1);
+  g.nMask = (int)nMask;
+  g.shifted = g.st > 0 || g.sh > 0 || g.sw > 0;
+  return g;
+}
+
+// Number of window groups of the dk/dv kernel. Each group's windows run one after another in one
+// block, whose threads own disjoint slots of the per-group partial buffers (bias-table dS sums and
+// pad-key gradients); the groups are then reduced in a fixed order. Without those gradients every
+// window is its own group. The result depends only on the problem shape, so the reduction order (and
+// the bits of the result) are the same on every run.
+inline int choose_groups(const Geometry& g, bool table_grad, bool pad_grad) {
+  if (!table_grad && !pad_grad) return g.nwin;
+  const int64_t per_group = (table_grad ? (int64_t)g.nh * g.N * g.N : 0) +
+                            (pad_grad ? 2 * (int64_t)g.nh * g.N * g.hd : 0);
+  const int64_t budget = int64_t(16) << 20;  // elements across all groups (64 MB in fp32)
+  int64_t groups = budget / per_group;
+  if (groups > 1024) groups = 1024;
+  if (groups > g.nwin) groups = g.nwin;
+  if (groups < 1) groups = 1;
+  return (int)groups;
+}
+
+// Windows per group for a requested group count; the effective count is ceil(nwin / size).
+inline int group_size_for(const Geometry& g, int groups) { return (g.nwin + groups - 1) / groups; }
+inline int groups_for_size(const Geometry& g, int size) { return (g.nwin + size - 1) / size; }
+
+// ------------------------------------------------------------------------------------------------
+// Scalar helpers (exact expf/logf on the device: the build does not use --use_fast_math)
+// ------------------------------------------------------------------------------------------------
+SSLTM_HD float acc_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+SSLTM_HD double acc_exp(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+SSLTM_HD float acc_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+SSLTM_HD double acc_log(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+template <typename T>
+SSLTM_HD T acc_max(T a, T b) { return a > b ? a : b; }
+
+// ------------------------------------------------------------------------------------------------
+// Token coordinates
+// ------------------------------------------------------------------------------------------------
+struct WinPos {  // a window: batch item and the shifted-padded coordinates of its first token
+  int b, t0, h0, w0;
+};
+
+SSLTM_HD WinPos window_pos(const Geometry& g, int win) {
+  const int iw = win % g.nWw;
+  int r = win / g.nWw;
+  const int ih = r % g.nWh;
+  r /= g.nWh;
+  const int it = r % g.nWt;
+  WinPos p;
+  p.b = r / g.nWt;
+  p.t0 = it * g.wt;
+  p.h0 = ih * g.wh;
+  p.w0 = iw * g.ww;
+  return p;
+}
+
+struct Token {
+  int b, ot, oh, ow;  // original coordinates (meaningful when valid)
+  int key;            // bias key: bias index of (n, m) = key(n) - key(m) + c0
+  int region;         // Swin shift-mask region id (0 when not shifted)
+  bool valid;         // inside the unpadded volume
+};
+
+// Swin's region of one axis: 0 when unshifted, else (p >= P - w) + (p >= P - s).
+SSLTM_HD int region_axis(int p, int P, int w, int s) {
+  if (s == 0) return 0;
+  return (p >= P - w ? 1 : 0) + (p >= P - s ? 1 : 0);
+}
+
+// Bias coordinates of a flat in-window index, decoded with the bias-window dims, folded into one
+// linear key (the table index is linear in the coordinate difference).
+SSLTM_HD int bias_key(const Geometry& g, int n) {
+  const int ct = n / (g.bh * g.bw);
+  const int ch = (n / g.bw) % g.bh;
+  const int cw = n % g.bw;
+  return ct * g.key_t + ch * g.key_h + cw;
+}
+
+// Token n (0 <= n < N) of a window: shifted padded coords p, original coords o = (p + s) mod P.
+SSLTM_HD Token token_at(const Geometry& g, const WinPos& wp, int n) {
+  const int c = n % g.ww;
+  const int r = n / g.ww;
+  const int bb = r % g.wh;
+  const int a = r / g.wh;
+  const int pt = wp.t0 + a, ph = wp.h0 + bb, pw = wp.w0 + c;
+  Token t;
+  t.b = wp.b;
+  t.ot = (pt + g.st) % g.Tp;
+  t.oh = (ph + g.sh) % g.Hp;
+  t.ow = (pw + g.sw) % g.Wp;
+  t.valid = t.ot < g.T && t.oh < g.H && t.ow < g.W;
+  t.region = g.shifted ? 9 * region_axis(pt, g.Tp, g.wt, g.st) + 3 * region_axis(ph, g.Hp, g.wh, g.sh) +
+                             region_axis(pw, g.Wp, g.ww, g.sw)
+                       : 0;
+  t.key = bias_key(g, n);
+  return t;
+}
+
+// Flat (b, t, h, w) index of a valid token in the contiguous outputs.
+SSLTM_HD int64_t token_flat(const Geometry& g, const Token& t) {
+  return ((int64_t(t.b) * g.T + t.ot) * g.H + t.oh) * g.W + t.ow;
+}
+
+// Element offset of a token's row for one head in a strided (B,T,H,W,heads,head_dim) tensor.
+SSLTM_HD int64_t row_offset(const Strides5& s, const Token& t, int head) {
+  return int64_t(t.b) * s.b + int64_t(t.ot) * s.t + int64_t(t.oh) * s.h + int64_t(t.ow) * s.w +
+         int64_t(head) * s.n;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Arguments of every kernel (typed view of the tensors; nullptr for absent optional inputs)
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+struct Args {
+  Geometry g;
+  acc_t scale;
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  Strides5 sq, sk, sv;
+  const acc_t* table;   // (Ntab, nh) contiguous, or nullptr
+  const acc_t* pad_k;   // (nh, hd) contiguous, or nullptr (zeros)
+  const acc_t* pad_v;   // (nh, hd) contiguous, or nullptr (zeros)
+  const float* amask;   // (nMask, N, N) contiguous, or nullptr
+  // forward output / backward input
+  scalar_t* out;        // forward: contiguous (B,T,H,W,nh,hd)
+  acc_t* lse;           // contiguous (B,T,H,W,nh)
+  // backward
+  const scalar_t* dout;  // strided like q
+  const scalar_t* outp;  // forward output, strided
+  Strides5 sdo, so;
+  acc_t* delta;          // workspace (B,T,H,W,nh): rowsum(dO * out)
+  scalar_t* dq;          // contiguous (B,T,H,W,nh,hd)
+  scalar_t* dk;
+  scalar_t* dv;
+  acc_t* wpart;          // (groups, nh, N, N) zero-initialised, or nullptr: per-group sums of dS
+  acc_t* padk_part;      // (groups, nh, N, hd) zero-initialised, or nullptr
+  acc_t* padv_part;
+  int groups, group_size;
+};
+
+// Additive attn_mask rows of a window (nullptr when absent).
+template <typename scalar_t, typename acc_t>
+SSLTM_HD const float* amask_window(const Args<scalar_t, acc_t>& a, int win) {
+  return a.amask ? a.amask + int64_t(win % a.g.nMask) * a.g.N * a.g.N : nullptr;
+}
+
+// Full score of query n against key m given the scaled dot product; addition order is fixed:
+// ((scale*dot + bias) + region mask) + attn_mask.
+template <typename scalar_t, typename acc_t>
+SSLTM_HD acc_t finish_score(const Args<scalar_t, acc_t>& a, int head, acc_t s, int qkey, int qregion,
+                            int kkey, int kregion, const float* amask_row, int m) {
+  if (a.table) s += a.table[int64_t(qkey - kkey + a.g.c0) * a.g.nh + head];
+  if (qregion != kregion) s += acc_t(-100);
+  if (amask_row) s += acc_t(amask_row[m]);
+  return s;
+}
+
+template <int HD, typename acc_t>
+SSLTM_HD acc_t dot_row(const acc_t (&x)[HD], const acc_t* y) {
+  acc_t s = 0;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) s += x[d] * y[d];
+  return s;
+}
+
+// Load a row of a strided tensor into a zero-padded register array.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void load_row(const scalar_t* src, int64_t off, int hd, acc_t (&dst)[HD]) {
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) dst[d] = d < hd ? acc_t(src[off + d]) : acc_t(0);
+}
+
+// Row of a key/value token: the tensor row when valid, else the pad vector (zeros when absent).
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void load_kv_row(const scalar_t* src, const Strides5& s, const acc_t* pad, const Token& t,
+                          int head, int hd, acc_t (&dst)[HD]) {
+  if (t.valid) {
+    load_row<HD>(src, row_offset(s, t, head), hd, dst);
+  } else {
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) dst[d] = (d < hd && pad) ? pad[head * hd + d] : acc_t(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared-memory tile: `rows` staged rows (a = K or Q, b = V or dO) plus per-row metadata
+// ------------------------------------------------------------------------------------------------
+template <int HD, typename acc_t>
+struct Tile {
+  static constexpr int R = TileRows<HD>::value;
+  acc_t a[R][HD];
+  acc_t b[R][HD];
+  int64_t off_a[R];  // source offsets (-1: padded token)
+  int64_t off_b[R];
+  int key[R];
+  int region[R];
+  int valid[R];
+  acc_t x0[R];  // dk/dv: lse of the query
+  acc_t x1[R];  // dk/dv: delta of the query
+};
+
+// Phase "stage K/V metadata" (forward, dq): thread r < R describes key row k0 + r.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void stage_kv_meta(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int k0, int r,
+                            Tile<HD, acc_t>& tile) {
+  const int m = k0 + r;
+  if (m >= a.g.N) {
+    tile.off_a[r] = -1; tile.off_b[r] = -1; tile.key[r] = 0; tile.region[r] = 0; tile.valid[r] = 0;
+    return;
+  }
+  const Token t = token_at(a.g, wp, m);
+  tile.off_a[r] = t.valid ? row_offset(a.sk, t, head) : -1;
+  tile.off_b[r] = t.valid ? row_offset(a.sv, t, head) : -1;
+  tile.key[r] = t.key;
+  tile.region[r] = t.region;
+  tile.valid[r] = t.valid ? 1 : 0;
+}
+
+// Phase "stage K/V rows" (forward, dq): threads tid = 0..nthreads-1 copy the tile's elements,
+// consecutive threads reading consecutive elements of a row.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void stage_kv_rows(const Args<scalar_t, acc_t>& a, int head, int k0, int tid, int nthreads,
+                            Tile<HD, acc_t>& tile) {
+  constexpr int R = Tile<HD, acc_t>::R;
+  const int hd = a.g.hd;
+  for (int i = tid; i < R * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    acc_t kv = 0, vv = 0;
+    if (k0 + r < a.g.N && d < hd) {
+      if (tile.off_a[r] >= 0) {
+        kv = acc_t(a.k[tile.off_a[r] + d]);
+        vv = acc_t(a.v[tile.off_b[r] + d]);
+      } else {
+        kv = a.pad_k ? a.pad_k[head * hd + d] : acc_t(0);
+        vv = a.pad_v ? a.pad_v[head * hd + d] : acc_t(0);
+      }
+    }
+    tile.a[r][d] = kv;
+    tile.b[r][d] = vv;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: block = (window, head, chunk of kThreads queries), thread = one query row
+// ------------------------------------------------------------------------------------------------
+template <int HD, typename acc_t>
+struct FwdThread {
+  acc_t q[HD];
+  acc_t o[HD];
+  acc_t mx, l;
+  Token tok;
+  bool active;  // query exists and is a valid (unpadded) token
+};
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void fwd_init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n,
+                       FwdThread<HD, acc_t>& th) {
+  th.active = false;
+  th.mx = acc_t(-INFINITY);
+  th.l = 0;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) { th.o[d] = 0; th.q[d] = 0; }
+  if (n >= a.g.N) return;
+  th.tok = token_at(a.g, wp, n);
+  th.active = th.tok.valid;
+  if (th.active) load_row<HD>(a.q, row_offset(a.sq, th.tok, head), a.g.hd, th.q);
+}
+
+// Online softmax over the staged keys k0 .. k0+R-1, kSub keys at a time.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void fwd_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
+                       const Tile<HD, acc_t>& tile, FwdThread<HD, acc_t>& th) {
+  if (!th.active) return;
+  constexpr int R = Tile<HD, acc_t>::R;
+  const int N = a.g.N;
+  const int kcnt = N - k0 < R ? N - k0 : R;
+  const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+  for (int j0 = 0; j0 < kcnt; j0 += kSub) {
+    acc_t s[kSub];
+    acc_t smax = acc_t(-INFINITY);
+    SSLTM_UNROLL
+    for (int jj = 0; jj < kSub; ++jj) {
+      const int j = j0 + jj;
+      s[jj] = acc_t(-INFINITY);
+      if (j < kcnt) {
+        s[jj] = finish_score(a, head, a.scale * dot_row<HD>(th.q, tile.a[j]), th.tok.key, th.tok.region,
+                             tile.key[j], tile.region[j], am_row, k0 + j);
+        smax = acc_max(smax, s[jj]);
+      }
+    }
+    const acc_t mnew = acc_max(th.mx, smax);
+    const acc_t corr = acc_exp(th.mx - mnew);
+    th.l *= corr;
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) th.o[d] *= corr;
+    SSLTM_UNROLL
+    for (int jj = 0; jj < kSub; ++jj) {
+      const int j = j0 + jj;
+      if (j < kcnt) {
+        const acc_t p = acc_exp(s[jj] - mnew);
+        th.l += p;
+        SSLTM_UNROLL_HD
+        for (int d = 0; d < HD; ++d) th.o[d] += p * tile.b[j][d];
+      }
+    }
+    th.mx = mnew;
+  }
+}
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void fwd_finish(const Args<scalar_t, acc_t>& a, int head, const FwdThread<HD, acc_t>& th) {
+  if (!th.active) return;
+  const int64_t row = token_flat(a.g, th.tok) * a.g.nh + head;
+  const acc_t inv = acc_t(1) / th.l;
+  scalar_t* dst = a.out + row * a.g.hd;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) {
+    if (d < a.g.hd) dst[d] = scalar_t(th.o[d] * inv);
+  }
+  a.lse[row] = th.mx + acc_log(th.l);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward dq: block = (window, head, query chunk), thread = one query row. Also writes delta.
+// ------------------------------------------------------------------------------------------------
+template <int HD, typename acc_t>
+struct DqThread {
+  acc_t q[HD];
+  acc_t g[HD];   // dO row
+  acc_t dq[HD];
+  acc_t lse, delta;
+  Token tok;
+  bool active;
+};
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dq_init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n,
+                      DqThread<HD, acc_t>& th) {
+  th.active = false;
+  th.lse = 0;
+  th.delta = 0;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) { th.q[d] = 0; th.g[d] = 0; th.dq[d] = 0; }
+  if (n >= a.g.N) return;
+  th.tok = token_at(a.g, wp, n);
+  th.active = th.tok.valid;
+  if (!th.active) return;
+  load_row<HD>(a.q, row_offset(a.sq, th.tok, head), a.g.hd, th.q);
+  load_row<HD>(a.dout, row_offset(a.sdo, th.tok, head), a.g.hd, th.g);
+  const int64_t ooff = row_offset(a.so, th.tok, head);
+  acc_t delta = 0;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) {
+    if (d < a.g.hd) delta += th.g[d] * acc_t(a.outp[ooff + d]);
+  }
+  const int64_t row = token_flat(a.g, th.tok) * a.g.nh + head;
+  th.delta = delta;
+  th.lse = a.lse[row];
+  a.delta[row] = delta;
+}
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dq_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
+                      const Tile<HD, acc_t>& tile, DqThread<HD, acc_t>& th) {
+  if (!th.active) return;
+  constexpr int R = Tile<HD, acc_t>::R;
+  const int N = a.g.N;
+  const int kcnt = N - k0 < R ? N - k0 : R;
+  const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+  for (int j = 0; j < kcnt; ++j) {
+    const acc_t s = finish_score(a, head, a.scale * dot_row<HD>(th.q, tile.a[j]), th.tok.key,
+                                 th.tok.region, tile.key[j], tile.region[j], am_row, k0 + j);
+    const acc_t p = acc_exp(s - th.lse);
+    const acc_t dp = dot_row<HD>(th.g, tile.b[j]);
+    const acc_t ds = p * (dp - th.delta);
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) th.dq[d] += ds * tile.a[j][d];
+  }
+}
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dq_finish(const Args<scalar_t, acc_t>& a, int head, const DqThread<HD, acc_t>& th) {
+  if (!th.active) return;
+  scalar_t* dst = a.dq + (token_flat(a.g, th.tok) * a.g.nh + head) * a.g.hd;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) {
+    if (d < a.g.hd) dst[d] = scalar_t(a.scale * th.dq[d]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward dk/dv: block = (window group, head, key chunk), thread = one key row; the group's
+// windows are processed one after another. Per-group partial sums (bias-table dS, pad-key
+// gradients) live in slots owned by exactly one thread, so no atomics are needed.
+// ------------------------------------------------------------------------------------------------
+template <int HD, typename acc_t>
+struct DkvThread {
+  acc_t k[HD];
+  acc_t v[HD];
+  acc_t dk[HD];
+  acc_t dv[HD];
+  Token tok;
+  bool in_range;  // m < N (padded keys take part: they are pad_k/pad_v rows)
+};
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_begin_window(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int m,
+                               DkvThread<HD, acc_t>& th) {
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) { th.k[d] = 0; th.v[d] = 0; th.dk[d] = 0; th.dv[d] = 0; }
+  th.in_range = m < a.g.N;
+  if (!th.in_range) return;
+  th.tok = token_at(a.g, wp, m);
+  load_kv_row<HD>(a.k, a.sk, a.pad_k, th.tok, head, a.g.hd, th.k);
+  load_kv_row<HD>(a.v, a.sv, a.pad_v, th.tok, head, a.g.hd, th.v);
+}
+
+// Phase "stage Q/dO metadata": thread r < R describes query row q0 + r (lse and delta included).
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void stage_q_meta(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int q0, int r,
+                           Tile<HD, acc_t>& tile) {
+  const int n = q0 + r;
+  tile.off_a[r] = -1; tile.off_b[r] = -1; tile.key[r] = 0; tile.region[r] = 0; tile.valid[r] = 0;
+  tile.x0[r] = 0; tile.x1[r] = 0;
+  if (n >= a.g.N) return;
+  const Token t = token_at(a.g, wp, n);
+  tile.key[r] = t.key;
+  tile.region[r] = t.region;
+  if (!t.valid) return;
+  const int64_t row = token_flat(a.g, t) * a.g.nh + head;
+  tile.valid[r] = 1;
+  tile.off_a[r] = row_offset(a.sq, t, head);
+  tile.off_b[r] = row_offset(a.sdo, t, head);
+  tile.x0[r] = a.lse[row];
+  tile.x1[r] = a.delta[row];
+}
+
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void stage_q_rows(const Args<scalar_t, acc_t>& a, int tid, int nthreads, Tile<HD, acc_t>& tile) {
+  constexpr int R = Tile<HD, acc_t>::R;
+  const int hd = a.g.hd;
+  for (int i = tid; i < R * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    acc_t qv = 0, gv = 0;
+    if (tile.valid[r] && d < hd) {
+      qv = acc_t(a.q[tile.off_a[r] + d]);
+      gv = acc_t(a.dout[tile.off_b[r] + d]);
+    }
+    tile.a[r][d] = qv;
+    tile.b[r][d] = gv;
+  }
+}
+
+// wpart_head: this (group, head)'s N x N slice of the dS sums, or nullptr.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int m, int q0,
+                       const Tile<HD, acc_t>& tile, acc_t* wpart_head, DkvThread<HD, acc_t>& th) {
+  if (!th.in_range) return;
+  constexpr int R = Tile<HD, acc_t>::R;
+  const int N = a.g.N;
+  const int qcnt = N - q0 < R ? N - q0 : R;
+  for (int j = 0; j < qcnt; ++j) {
+    if (!tile.valid[j]) continue;
+    const int n = q0 + j;
+    const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+    const acc_t s = finish_score(a, head, a.scale * dot_row<HD>(th.k, tile.a[j]), tile.key[j],
+                                 tile.region[j], th.tok.key, th.tok.region, am_row, m);
+    const acc_t p = acc_exp(s - tile.x0[j]);
+    const acc_t dp = dot_row<HD>(th.v, tile.b[j]);
+    const acc_t ds = p * (dp - tile.x1[j]);
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) {
+      th.dv[d] += p * tile.b[j][d];
+      th.dk[d] += ds * tile.a[j][d];
+    }
+    if (wpart_head) wpart_head[int64_t(n) * N + m] += ds;
+  }
+}
+
+// padk_head / padv_head: this (group, head)'s (N, hd) slices of the pad partials, or nullptr.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_end_window(const Args<scalar_t, acc_t>& a, int head, int m, acc_t* padk_head,
+                             acc_t* padv_head, const DkvThread<HD, acc_t>& th) {
+  if (!th.in_range) return;
+  const int hd = a.g.hd;
+  if (th.tok.valid) {
+    const int64_t off = (token_flat(a.g, th.tok) * a.g.nh + head) * hd;
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) {
+      if (d >= hd) continue;
+      a.dk[off + d] = scalar_t(a.scale * th.dk[d]);
+      a.dv[off + d] = scalar_t(th.dv[d]);
+    }
+  } else if (padk_head) {
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) {
+      if (d >= hd) continue;
+      padk_head[int64_t(m) * hd + d] += a.scale * th.dk[d];
+      padv_head[int64_t(m) * hd + d] += th.dv[d];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Fixed-order reductions (one output element per thread)
+// ------------------------------------------------------------------------------------------------
+// Sum over groups of element i of a (groups, len) buffer.
+template <typename acc_t>
+SSLTM_HD acc_t sum_groups(const acc_t* part, int groups, int64_t len, int64_t i) {
+  acc_t s = 0;
+  for (int g = 0; g < groups; ++g) s += part[int64_t(g) * len + i];
+  return s;
+}
+
+// Gradient of table[idx, head] from the window-summed dS (nh, N, N): sum over query n of
+// dS[n, m] where m is the key whose bias coordinates are c(n) - delta(idx), if it exists.
+template <typename acc_t>
+SSLTM_HD acc_t table_grad_elem(const Geometry& g, const acc_t* wsum, int idx, int head) {
+  const int dt = idx / g.key_t - (g.ft - 1);
+  const int dh = (idx / g.key_h) % (2 * g.fh - 1) - (g.fh - 1);
+  const int dw = idx % g.key_h - (g.fw - 1);
+  const acc_t* w = wsum + int64_t(head) * g.N * g.N;
+  acc_t s = 0;
+  for (int n = 0; n < g.N; ++n) {
+    const int ct = n / (g.bh * g.bw) - dt;
+    const int ch = (n / g.bw) % g.bh - dh;
+    const int cw = n % g.bw - dw;
+    if (ct < 0 || ch < 0 || cw < 0 || ct >= g.bt || ch >= g.bh || cw >= g.bw) continue;
+    const int m = (ct * g.bh + ch) * g.bw + cw;
+    if (m >= g.N) continue;
+    s += w[int64_t(n) * g.N + m];
+  }
+  return s;
+}
+
+// Gradient of pad[head, d]: sum over groups, then over key slots, of the (groups, nh, N, hd) partials.
+template <typename acc_t>
+SSLTM_HD acc_t pad_grad_elem(const Geometry& g, int groups, const acc_t* part, int head, int d) {
+  acc_t s = 0;
+  for (int grp = 0; grp < groups; ++grp) {
+    const acc_t* p = part + ((int64_t(grp) * g.nh + head) * g.N) * g.hd + d;
+    for (int m = 0; m < g.N; ++m) s += p[int64_t(m) * g.hd];
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Untyped problem description filled by the bindings and consumed by the CUDA launchers and the
+// CPU emulation (keeps ATen out of this header and the launchers' signatures simple).
+// ------------------------------------------------------------------------------------------------
+struct Problem {
+  Geometry g;
+  int dtype;          // c10::ScalarType of q/k/v
+  int device_index;   // CUDA device (-1 on CPU)
+  double scale;
+  const void* q; const void* k; const void* v;
+  Strides5 sq, sk, sv;
+  const void* table; const void* pad_k; const void* pad_v;  // accumulation dtype, contiguous
+  const float* amask;
+  void* out; void* lse;
+  const void* dout; const void* outp;
+  Strides5 sdo, so;
+  void* delta; void* dq; void* dk; void* dv;
+  void* wpart;      // (groups, nh, N, N) zeros, or nullptr
+  void* wsum;       // (nh, N, N) when groups > 1, else nullptr (wpart is used directly)
+  void* padk_part;  // (groups, nh, N, hd) zeros, or nullptr
+  void* padv_part;
+  void* dtable;     // (Ntab, nh), or nullptr
+  void* dpad_k;     // (nh, hd), or nullptr
+  void* dpad_v;
+  int groups, group_size;
+};
+
+template <typename scalar_t, typename acc_t>
+inline Args<scalar_t, acc_t> make_args(const Problem& p) {
+  Args<scalar_t, acc_t> a;
+  a.g = p.g;
+  a.scale = acc_t(p.scale);
+  a.q = static_cast<const scalar_t*>(p.q);
+  a.k = static_cast<const scalar_t*>(p.k);
+  a.v = static_cast<const scalar_t*>(p.v);
+  a.sq = p.sq; a.sk = p.sk; a.sv = p.sv;
+  a.table = static_cast<const acc_t*>(p.table);
+  a.pad_k = static_cast<const acc_t*>(p.pad_k);
+  a.pad_v = static_cast<const acc_t*>(p.pad_v);
+  a.amask = p.amask;
+  a.out = static_cast<scalar_t*>(p.out);
+  a.lse = static_cast<acc_t*>(p.lse);
+  a.dout = static_cast<const scalar_t*>(p.dout);
+  a.outp = static_cast<const scalar_t*>(p.outp);
+  a.sdo = p.sdo; a.so = p.so;
+  a.delta = static_cast<acc_t*>(p.delta);
+  a.dq = static_cast<scalar_t*>(p.dq);
+  a.dk = static_cast<scalar_t*>(p.dk);
+  a.dv = static_cast<scalar_t*>(p.dv);
+  a.wpart = static_cast<acc_t*>(p.wpart);
+  a.padk_part = static_cast<acc_t*>(p.padk_part);
+  a.padv_part = static_cast<acc_t*>(p.padv_part);
+  a.groups = p.groups;
+  a.group_size = p.group_size;
+  return a;
+}
+
+// Head-dim bucket dispatch: runs the callable with `HD` as a compile-time constant.
+#define SSLTM_DISPATCH_HEAD_DIM(hd, ...)   \
+  [&] {                                    \
+    if ((hd) <= 32) {                      \
+      constexpr int HD = 32;               \
+      return __VA_ARGS__();                \
+    } else if ((hd) <= 64) {               \
+      constexpr int HD = 64;               \
+      return __VA_ARGS__();                \
+    } else {                               \
+      constexpr int HD = 128;              \
+      return __VA_ARGS__();                \
+    }                                      \
+  }()
+
+}  // namespace wa3d
+}  // namespace ssltm

@@ -1,0 +1,161 @@
+// CPU emulation of the CUDA kernels in window_attention_3d.cu.
+//
+// Not a second implementation: every block runs the same phase functions of
+// window_attention_3d_core.cuh in the same order as the kernels, with loops over the threads of a
+// block between what are __syncthreads() barriers on the GPU. Blocks run one after another. The
+// accumulation type is float for float/half/bfloat16 inputs (as on the GPU) and double for double
+// inputs (a precise check of the index arithmetic).
+#include <ATen/Dispatch.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <memory>
+#include <vector>
+
+#include "window_attention_3d_core.cuh"
+
+namespace ssltm {
+namespace wa3d {
+namespace {
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+int attention_chunks(const Geometry& g) { return (g.N + kThreads - 1) / kThreads; }
+
+template <int HD, typename scalar_t, typename acc_t>
+void emulate_forward(const Args<scalar_t, acc_t>& a) {
+  using TileT = Tile<HD, acc_t>;
+  auto tile = std::make_unique<TileT>();
+  std::vector<FwdThread<HD, acc_t>> th(kThreads);
+  for (int win = 0; win < a.g.nwin; ++win) {
+    for (int head = 0; head < a.g.nh; ++head) {
+      for (int chunk = 0; chunk < attention_chunks(a.g); ++chunk) {
+        // one block
+        const WinPos wp = window_pos(a.g, win);
+        const float* am = amask_window(a, win);
+        for (int tid = 0; tid < kThreads; ++tid) fwd_init(a, wp, head, chunk * kThreads + tid, th[tid]);
+        for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
+          for (int tid = 0; tid < TileT::R; ++tid) stage_kv_meta(a, wp, head, k0, tid, *tile);
+          for (int tid = 0; tid < kThreads; ++tid) stage_kv_rows(a, head, k0, tid, kThreads, *tile);
+          for (int tid = 0; tid < kThreads; ++tid)
+            fwd_tile(a, head, am, chunk * kThreads + tid, k0, *tile, th[tid]);
+        }
+        for (int tid = 0; tid < kThreads; ++tid) fwd_finish(a, head, th[tid]);
+      }
+    }
+  }
+}
+
+template <int HD, typename scalar_t, typename acc_t>
+void emulate_dq(const Args<scalar_t, acc_t>& a) {
+  using TileT = Tile<HD, acc_t>;
+  auto tile = std::make_unique<TileT>();
+  std::vector<DqThread<HD, acc_t>> th(kThreads);
+  for (int win = 0; win < a.g.nwin; ++win) {
+    for (int head = 0; head < a.g.nh; ++head) {
+      for (int chunk = 0; chunk < attention_chunks(a.g); ++chunk) {
+        const WinPos wp = window_pos(a.g, win);
+        const float* am = amask_window(a, win);
+        for (int tid = 0; tid < kThreads; ++tid) dq_init(a, wp, head, chunk * kThreads + tid, th[tid]);
+        for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
+          for (int tid = 0; tid < TileT::R; ++tid) stage_kv_meta(a, wp, head, k0, tid, *tile);
+          for (int tid = 0; tid < kThreads; ++tid) stage_kv_rows(a, head, k0, tid, kThreads, *tile);
+          for (int tid = 0; tid < kThreads; ++tid)
+            dq_tile(a, head, am, chunk * kThreads + tid, k0, *tile, th[tid]);
+        }
+        for (int tid = 0; tid < kThreads; ++tid) dq_finish(a, head, th[tid]);
+      }
+    }
+  }
+}
+
+template <int HD, typename scalar_t, typename acc_t>
+void emulate_dkv(const Args<scalar_t, acc_t>& a) {
+  using TileT = Tile<HD, acc_t>;
+  auto tile = std::make_unique<TileT>();
+  std::vector<DkvThread<HD, acc_t>> th(kThreads);
+  const int N = a.g.N;
+  for (int grp = 0; grp < a.groups; ++grp) {
+    for (int head = 0; head < a.g.nh; ++head) {
+      for (int chunk = 0; chunk < attention_chunks(a.g); ++chunk) {
+        const int64_t slot = int64_t(grp) * a.g.nh + head;
+        acc_t* wpart = a.wpart ? a.wpart + slot * N * N : nullptr;
+        acc_t* padk = a.padk_part ? a.padk_part + slot * N * a.g.hd : nullptr;
+        acc_t* padv = a.padv_part ? a.padv_part + slot * N * a.g.hd : nullptr;
+        for (int j = 0; j < a.group_size; ++j) {
+          const int win = grp * a.group_size + j;
+          if (win >= a.g.nwin) break;
+          const WinPos wp = window_pos(a.g, win);
+          const float* am = amask_window(a, win);
+          for (int tid = 0; tid < kThreads; ++tid) dkv_begin_window(a, wp, head, chunk * kThreads + tid, th[tid]);
+          for (int q0 = 0; q0 < N; q0 += TileT::R) {
+            for (int tid = 0; tid < TileT::R; ++tid) stage_q_meta(a, wp, head, q0, tid, *tile);
+            for (int tid = 0; tid < kThreads; ++tid) stage_q_rows(a, tid, kThreads, *tile);
+            for (int tid = 0; tid < kThreads; ++tid)
+              dkv_tile(a, head, am, chunk * kThreads + tid, q0, *tile, wpart, th[tid]);
+          }
+          for (int tid = 0; tid < kThreads; ++tid)
+            dkv_end_window(a, head, chunk * kThreads + tid, padk, padv, th[tid]);
+        }
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+void emulate_reductions(const Problem& p) {
+  const Geometry& g = p.g;
+  if (p.wpart) {
+    const acc_t* wsum = static_cast<const acc_t*>(p.wpart);
+    if (p.groups > 1) {
+      const int64_t len = int64_t(g.nh) * g.N * g.N;
+      acc_t* dst = static_cast<acc_t*>(p.wsum);
+      for (int64_t i = 0; i < len; ++i) dst[i] = sum_groups(static_cast<const acc_t*>(p.wpart), p.groups, len, i);
+      wsum = dst;
+    }
+    acc_t* dtable = static_cast<acc_t*>(p.dtable);
+    for (int i = 0; i < g.Ntab * g.nh; ++i) dtable[i] = table_grad_elem(g, wsum, i / g.nh, i % g.nh);
+  }
+  if (p.padk_part) {
+    acc_t* dk = static_cast<acc_t*>(p.dpad_k);
+    acc_t* dv = static_cast<acc_t*>(p.dpad_v);
+    for (int i = 0; i < g.nh * g.hd; ++i) {
+      dk[i] = pad_grad_elem(g, p.groups, static_cast<const acc_t*>(p.padk_part), i / g.hd, i % g.hd);
+      dv[i] = pad_grad_elem(g, p.groups, static_cast<const acc_t*>(p.padv_part), i / g.hd, i % g.hd);
+    }
+  }
+}
+
+}  // namespace
+
+void forward_cpu(const Problem& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
+                                  static_cast<at::ScalarType>(p.dtype), "window_attention_3d_forward_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const auto a = make_args<scalar_t, acc_t>(p);
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_forward<HD>(a); });
+  });
+}
+
+void backward_cpu(const Problem& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16,
+                                  static_cast<at::ScalarType>(p.dtype), "window_attention_3d_backward_cpu", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    const auto a = make_args<scalar_t, acc_t>(p);
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
+      emulate_dq<HD>(a);
+      emulate_dkv<HD>(a);
+    });
+    emulate_reductions<acc_t>(p);
+  });
+}
+
+}  // namespace wa3d
+}  // namespace ssltm
