@@ -241,3 +241,21 @@ def test_stt_window_attn_cpu_quick(tmp_path):
         flex = by[(case, "flex", "fwd")]
         assert flex["error"] is None and flex["match"] is True and flex["max_abs_err"] < 1e-4, flex
         assert by[(case, "flex", "bwd")]["error"].startswith("unavailable")
+
+
+def test_time_box_turns_a_hung_provider_into_a_row():
+    import time
+
+    x = torch.randn(3, requires_grad=True)
+
+    def slow():
+        time.sleep(5)
+        return x * 2
+
+    case = harness.Case("toy", {}, torch.float32, {})
+    h = Harness("toy", device="cpu", quick=True, save=False, rep_ms=1, verbose=False, first_call_timeout_s=0.2)
+    start = time.perf_counter()
+    rows = h.run_case(case, {"ref": lambda: x * 2, "slow": slow}, leaves=[x], modes=["fwd"], reference="ref")
+    assert time.perf_counter() - start < 4
+    by = {r.provider: r for r in rows}
+    assert by["ref"].ok and "time box" in by["slow"].error
