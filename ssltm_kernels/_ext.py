@@ -6,6 +6,8 @@ ImportError that says how to build it.
 
 from __future__ import annotations
 
+import importlib
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 BUILD_HINT = (
@@ -23,7 +25,7 @@ class _MissingExtension:
 
 
 try:
-    from ssltm_kernels import _C  # type: ignore[attr-defined]
+    _C = importlib.import_module("ssltm_kernels._C")
 
     HAS_CUDA_EXT = True
     CUDA_EXT_IMPORT_ERROR: str | None = None
