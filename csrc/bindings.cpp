@@ -5,10 +5,9 @@
 // Built with -DSSLTM_WITH_CUDA when the CUDA sources are compiled in. With -DSSLTM_NO_PYTHON (the
 // CMake library for C++ users) only the C++ functions ssltm::window_attention_3d_forward/backward
 // are compiled, without pybind11.
-#ifdef SSLTM_NO_PYTHON
 #include <ATen/ATen.h>
-#else
-#include <torch/extension.h>
+#ifndef SSLTM_NO_PYTHON
+#include <torch/python.h>  // pybind11 + tensor casters, lighter than torch/extension.h
 #endif
 #include <c10/core/DeviceGuard.h>
 
@@ -110,6 +109,8 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), W = q.size(3), nh = q.size(4), hd = q.size(5);
   TORCH_CHECK(hd <= wa3d::kMaxHeadDim, "window_attention_3d: head_dim ", hd, " exceeds the maximum ",
               wa3d::kMaxHeadDim, " supported by the CUDA kernels (q shape ", q.sizes(), ")");
+  TORCH_CHECK(nh <= 65535, "window_attention_3d: ", nh, " heads exceed the 65535 supported by the CUDA launch "
+              "grid (q shape ", q.sizes(), ")");
   check_list(window, "window");
   check_list(shift, "shift");
   check_list(bias_window, "bias_window");

@@ -9,16 +9,21 @@ from slices), with gradients from autograd. GPU tests compare the real kernels w
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
+import ssltm_kernels  # noqa: F401  (a broken package import must fail, not skip)
+
 try:
-    from ssltm_kernels import _C
-except ImportError as error:  # pragma: no cover - depends on the build
-    pytest.skip(f"ssltm_kernels._C is not built ({error}); run `python setup.py build_ext --inplace`",
-                allow_module_level=True)
+    _C = importlib.import_module("ssltm_kernels._C")
+except ModuleNotFoundError as error:  # pragma: no cover - depends on the build
+    if error.name != "ssltm_kernels._C":
+        raise
+    pytest.skip("ssltm_kernels._C is not built: run `pip install -e . --no-build-isolation` "
+                "(or `python setup.py build_ext --inplace`)", allow_module_level=True)
 
 fwd = _C.window_attention_3d_forward
 bwd = _C.window_attention_3d_backward
@@ -379,6 +384,12 @@ def test_bad_head_dim():
     p = make_problem((1, 2, 3, 3), 1, 129, (2, 3, 3), table=False, pads=False, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"head_dim 129 exceeds the maximum 128"):
         _call_fwd(p)
+
+
+def test_bad_head_count():
+    q = torch.zeros(1, 1, 1, 1, 65536, 1)
+    with pytest.raises(RuntimeError, match=r"65536 heads exceed the 65535 supported"):
+        fwd(q, q, q, None, None, None, None, [1, 1, 1], [0, 0, 0], [1, 1, 1], [1, 1, 1], 1.0)
 
 
 def test_bad_window_too_large(small):
