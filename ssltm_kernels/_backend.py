@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ssltm_kernels._ext import CUDA_EXT_IMPORT_ERROR, HAS_CUDA_EXT
+from ssltm_kernels._ext import _C, CUDA_EXT_IMPORT_ERROR, HAS_CUDA_EXT
 
 BACKENDS = ("cuda", "triton", "reference")
 
@@ -52,6 +52,8 @@ def triton_unavailable_reason(tensor: torch.Tensor) -> str | None:
 def cuda_unavailable_reason(tensor: torch.Tensor) -> str | None:
     if not HAS_CUDA_EXT:
         return f"the compiled extension ssltm_kernels._C is not available ({CUDA_EXT_IMPORT_ERROR})"
+    if not _C.WITH_CUDA:
+        return "ssltm_kernels._C was built without CUDA (a CPU build of torch or no nvcc at build time)"
     if tensor.device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors (got {tensor.device})"
     return None

@@ -312,6 +312,12 @@ def _kernel_limits_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
     return None
 
 
+def _cuda_limits_reason(q: torch.Tensor) -> str | None:
+    if q.shape[-1] > _C.MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} exceeds the CUDA kernels' {_C.MAX_HEAD_DIM}"
+    return None
+
+
 def can_run_triton(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = False) -> bool:
     """Whether the Triton kernels can run these inputs (``raise_error``: raise the reason instead)."""
     reason = triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
@@ -322,7 +328,7 @@ def can_run_triton(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = Fa
 
 def can_run_cuda(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = False) -> bool:
     """Whether the compiled CUDA kernels can run these inputs (``raise_error``: raise the reason)."""
-    reason = cuda_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+    reason = cuda_unavailable_reason(q) or _kernel_limits_reason(q, geom) or _cuda_limits_reason(q)
     if reason is not None and raise_error:
         raise RuntimeError(f"window_attention_3d: cuda backend cannot run: {reason}")
     return reason is None
@@ -834,7 +840,7 @@ def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, b
     chosen = choose_backend(
         "window_attention_3d",
         {
-            "cuda": lambda: fused_reason(cuda_unavailable_reason),
+            "cuda": lambda: fused_reason(cuda_unavailable_reason) or _cuda_limits_reason(q),
             "triton": lambda: fused_reason(triton_unavailable_reason),
             "reference": lambda: None,
         },
