@@ -452,7 +452,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _window_attn_bwd_dq_kernel(
-        Q, K, V, DO, Lse, Delta, DQ, DBIAS, TABLE, PAD_K, PAD_V, MASK,
+        Q, K, V, Out, DO, Lse, Delta, DQ, DBIAS, TABLE, PAD_K, PAD_V, MASK,
         sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
         T, H, W, NH, HD, num_masks, num_windows, scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
@@ -464,7 +464,8 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """dq for ``BLOCK_M`` queries of every ``num_programs(2)``-th window; the summed dS of those
-        windows goes to ``DBIAS[group, head]`` (an (N, N) slice), reduced later in fixed order."""
+        windows goes to ``DBIAS[group, head]`` (an (N, N) slice), reduced later in fixed order.
+        Also writes ``Delta = rowsum(dO * O)`` of its queries for the dk/dv kernel."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         head = tl.program_id(1)
         group = tl.program_id(2)
@@ -483,8 +484,10 @@ if HAS_TRITON:
             rows = _token_rows(b, ot, oh, ow, T, H, W) * NH + head
             row_d_ok = valid_m[:, None] & (offs_d[None, :] < HD)
             do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=row_d_ok, other=0.0)
+            o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=row_d_ok, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            tl.store(Delta + rows, delta, mask=valid_m)
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
-            delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
 
             s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
                         N, BT, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
@@ -670,7 +673,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     n = geom.tokens_per_window
     num_windows = batch * geom.num_windows
     grad_out = grad_out.contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1)
+    delta = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     cfg = triton_config(n, head_dim, q.dtype, triton_interpreting())
     need_table_grad = need_table_grad and table is not None
@@ -687,7 +690,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     groups = _dbias_groups(num_windows, blocks_m, heads, q.device) if need_table_grad else 1
     dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device) if need_table_grad else dummy
     _window_attn_bwd_dq_kernel[(blocks_m, heads, groups)](
-        q, k, v, grad_out, lse, delta, dq, dbias, *common, num_windows, scale, **constants,
+        q, k, v, out, grad_out, lse, delta, dq, dbias, *common, num_windows, scale, **constants,
         NEED_DBIAS=need_table_grad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.dq_num_stages,
     )
