@@ -19,51 +19,30 @@ namespace ssltm {
 namespace wa3d {
 namespace {
 
-// grid (nwin, nh, ceil(N / kThreads))
-template <int HD, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(const Args<scalar_t, float> a) {
+// grid (nwin, nh, ceil(N / kThreads)); Pass is ForwardPass (writes out, lse) or DqPass (writes dq, delta)
+template <int HD, typename scalar_t, template <int, typename> class Pass>
+__global__ void __launch_bounds__(kThreads) query_rows_kernel(const Args<scalar_t, float> a) {
   using TileT = Tile<HD, float>;
+  using P = Pass<HD, float>;
   __shared__ TileT tile;
   const int win = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
   const int n = blockIdx.z * kThreads + tid;
   const WinPos wp = window_pos(a.g, win);
   const float* am = amask_window(a, win);
-  FwdThread<HD, float> th;
-  fwd_init(a, wp, head, n, th);
+  typename P::Thread th;
+  P::init(a, wp, head, n, th);
   for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
     __syncthreads();
     if (tid < TileT::R) stage_kv_meta(a, wp, head, k0, tid, tile);
     __syncthreads();
     stage_kv_rows(a, head, k0, tid, kThreads, tile);
     __syncthreads();
-    fwd_tile(a, head, am, n, k0, tile, th);
+    P::tile(a, head, am, n, k0, tile, th);
   }
-  fwd_finish(a, head, th);
+  P::finish(a, head, th);
 }
 
-// grid (nwin, nh, ceil(N / kThreads)); writes dq and delta
-template <int HD, typename scalar_t>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const Args<scalar_t, float> a) {
-  using TileT = Tile<HD, float>;
-  __shared__ TileT tile;
-  const int win = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
-  const int n = blockIdx.z * kThreads + tid;
-  const WinPos wp = window_pos(a.g, win);
-  const float* am = amask_window(a, win);
-  DqThread<HD, float> th;
-  dq_init(a, wp, head, n, th);
-  for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
-    __syncthreads();
-    if (tid < TileT::R) stage_kv_meta(a, wp, head, k0, tid, tile);
-    __syncthreads();
-    stage_kv_rows(a, head, k0, tid, kThreads, tile);
-    __syncthreads();
-    dq_tile(a, head, am, n, k0, tile, th);
-  }
-  dq_finish(a, head, th);
-}
-
-// grid (groups, nh, ceil(N / kThreads)); reads delta written by dq_kernel
+// grid (groups, nh, ceil(N / kThreads)); reads delta written by the DqPass kernel
 template <int HD, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) dkv_kernel(const Args<scalar_t, float> a) {
   using TileT = Tile<HD, float>;
@@ -132,7 +111,7 @@ void forward_cuda(const Problem& p) {
   SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_forward_cuda", [&] {
     const auto a = make_args<scalar_t, float>(p);
     SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
-      fwd_kernel<HD, scalar_t><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
+      query_rows_kernel<HD, scalar_t, ForwardPass><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -146,7 +125,7 @@ void backward_cuda(const Problem& p) {
   SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_backward_cuda", [&] {
     const auto a = make_args<scalar_t, float>(p);
     SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
-      dq_kernel<HD, scalar_t><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
+      query_rows_kernel<HD, scalar_t, DqPass><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       dkv_kernel<HD, scalar_t><<<attention_grid(p.groups, p.g), kThreads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -506,6 +506,45 @@ SSLTM_HD void dq_finish(const Args<scalar_t, acc_t>& a, int head, const DqThread
   }
 }
 
+// Query-row passes: one thread per query row sweeping the window's keys in staged tiles. The
+// forward and the dq kernel differ only in their thread state and phase functions, bundled here so
+// that one kernel (and one emulation loop) serves both.
+template <int HD, typename acc_t>
+struct ForwardPass {
+  using Thread = FwdThread<HD, acc_t>;
+  template <typename scalar_t>
+  SSLTM_HD static void init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n, Thread& th) {
+    fwd_init(a, wp, head, n, th);
+  }
+  template <typename scalar_t>
+  SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
+                            const Tile<HD, acc_t>& kv, Thread& th) {
+    fwd_tile(a, head, amask_win, n, k0, kv, th);
+  }
+  template <typename scalar_t>
+  SSLTM_HD static void finish(const Args<scalar_t, acc_t>& a, int head, const Thread& th) {
+    fwd_finish(a, head, th);
+  }
+};
+
+template <int HD, typename acc_t>
+struct DqPass {
+  using Thread = DqThread<HD, acc_t>;
+  template <typename scalar_t>
+  SSLTM_HD static void init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n, Thread& th) {
+    dq_init(a, wp, head, n, th);
+  }
+  template <typename scalar_t>
+  SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
+                            const Tile<HD, acc_t>& kv, Thread& th) {
+    dq_tile(a, head, amask_win, n, k0, kv, th);
+  }
+  template <typename scalar_t>
+  SSLTM_HD static void finish(const Args<scalar_t, acc_t>& a, int head, const Thread& th) {
+    dq_finish(a, head, th);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Backward dk/dv: block = (window group, head, key chunk), thread = one key row; the group's
 // windows are processed one after another. Per-group partial sums (bias-table dS, pad-key

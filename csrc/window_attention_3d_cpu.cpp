@@ -29,48 +29,25 @@ struct AccType<double> {
 
 int attention_chunks(const Geometry& g) { return (g.N + kThreads - 1) / kThreads; }
 
-template <int HD, typename scalar_t, typename acc_t>
-void emulate_forward(const Args<scalar_t, acc_t>& a) {
+// query_rows_kernel of the .cu, block after block, thread after thread between the barriers
+template <int HD, template <int, typename> class Pass, typename scalar_t, typename acc_t>
+void emulate_query_rows(const Args<scalar_t, acc_t>& a) {
   using TileT = Tile<HD, acc_t>;
+  using P = Pass<HD, acc_t>;
   auto tile = std::make_unique<TileT>();
-  std::vector<FwdThread<HD, acc_t>> th(kThreads);
-  for (int win = 0; win < a.g.nwin; ++win) {
-    for (int head = 0; head < a.g.nh; ++head) {
-      for (int chunk = 0; chunk < attention_chunks(a.g); ++chunk) {
-        // one block
-        const WinPos wp = window_pos(a.g, win);
-        const float* am = amask_window(a, win);
-        for (int tid = 0; tid < kThreads; ++tid) fwd_init(a, wp, head, chunk * kThreads + tid, th[tid]);
-        for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
-          for (int tid = 0; tid < TileT::R; ++tid) stage_kv_meta(a, wp, head, k0, tid, *tile);
-          for (int tid = 0; tid < kThreads; ++tid) stage_kv_rows(a, head, k0, tid, kThreads, *tile);
-          for (int tid = 0; tid < kThreads; ++tid)
-            fwd_tile(a, head, am, chunk * kThreads + tid, k0, *tile, th[tid]);
-        }
-        for (int tid = 0; tid < kThreads; ++tid) fwd_finish(a, head, th[tid]);
-      }
-    }
-  }
-}
-
-template <int HD, typename scalar_t, typename acc_t>
-void emulate_dq(const Args<scalar_t, acc_t>& a) {
-  using TileT = Tile<HD, acc_t>;
-  auto tile = std::make_unique<TileT>();
-  std::vector<DqThread<HD, acc_t>> th(kThreads);
+  std::vector<typename P::Thread> th(kThreads);
   for (int win = 0; win < a.g.nwin; ++win) {
     for (int head = 0; head < a.g.nh; ++head) {
       for (int chunk = 0; chunk < attention_chunks(a.g); ++chunk) {
         const WinPos wp = window_pos(a.g, win);
         const float* am = amask_window(a, win);
-        for (int tid = 0; tid < kThreads; ++tid) dq_init(a, wp, head, chunk * kThreads + tid, th[tid]);
+        for (int tid = 0; tid < kThreads; ++tid) P::init(a, wp, head, chunk * kThreads + tid, th[tid]);
         for (int k0 = 0; k0 < a.g.N; k0 += TileT::R) {
           for (int tid = 0; tid < TileT::R; ++tid) stage_kv_meta(a, wp, head, k0, tid, *tile);
           for (int tid = 0; tid < kThreads; ++tid) stage_kv_rows(a, head, k0, tid, kThreads, *tile);
-          for (int tid = 0; tid < kThreads; ++tid)
-            dq_tile(a, head, am, chunk * kThreads + tid, k0, *tile, th[tid]);
+          for (int tid = 0; tid < kThreads; ++tid) P::tile(a, head, am, chunk * kThreads + tid, k0, *tile, th[tid]);
         }
-        for (int tid = 0; tid < kThreads; ++tid) dq_finish(a, head, th[tid]);
+        for (int tid = 0; tid < kThreads; ++tid) P::finish(a, head, th[tid]);
       }
     }
   }
@@ -140,7 +117,7 @@ void forward_cpu(const Problem& p) {
                                   static_cast<at::ScalarType>(p.dtype), "window_attention_3d_forward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const auto a = make_args<scalar_t, acc_t>(p);
-    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_forward<HD>(a); });
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_query_rows<HD, ForwardPass>(a); });
   });
 }
 
@@ -150,7 +127,7 @@ void backward_cpu(const Problem& p) {
     using acc_t = typename AccType<scalar_t>::type;
     const auto a = make_args<scalar_t, acc_t>(p);
     SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
-      emulate_dq<HD>(a);
+      emulate_query_rows<HD, DqPass>(a);
       emulate_dkv<HD>(a);
     });
     emulate_reductions<acc_t>(p);
