@@ -4,6 +4,7 @@ custom-op registration, module compatibility and input errors. GPU tests run onl
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -168,6 +169,24 @@ def test_triton_matches_reference_fp32(batch, sizes, heads, head_dim, window, sh
     out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
     ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs), **kw)
     assert out.dtype == torch.float32 and out.shape == (batch, *sizes, heads, head_dim)
+    assert_close(out, ref_out, 2e-5, "out")
+    for name, g, r in zip(("dqkv", "dtable", "dpad_k", "dpad_v"), grads, ref_grads, strict=True):
+        assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
+
+
+@pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode", [TRITON_CASES[1], TRITON_CASES[2]])
+def test_triton_gpu_block_configuration_in_interpreter(monkeypatch, batch, sizes, heads, head_dim, window, shift, mode):
+    """The interpreter normally runs whole windows per program; here the GPU's block sizes (several query
+    and key blocks per window) and several dS groups per head run instead, so those code paths are checked."""
+    op = importlib.import_module("ssltm_kernels.window_attention_3d")  # the package exports a function of that name
+    monkeypatch.setattr(op, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(op, "_dbias_groups", lambda num_windows, *_: min(3, num_windows))
+    cfg = op.triton_config(math.prod(window), head_dim, torch.float32, interpreting=False)
+    assert cfg.dq_block_m < math.prod(window)  # several query blocks per window at least in the dq kernel
+    inputs = make_inputs(batch, sizes, heads, head_dim, window)
+    kw = dict(window_size=window, shift_size=shift, rel_pos_mode=mode)
+    out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+    ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs), **kw)
     assert_close(out, ref_out, 2e-5, "out")
     for name, g, r in zip(("dqkv", "dtable", "dpad_k", "dpad_v"), grads, ref_grads, strict=True):
         assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
