@@ -35,6 +35,7 @@ from einops import rearrange
 
 from ssltm_kernels._backend import (
     HAS_TRITON,
+    BackendUnavailableError,
     choose_backend,
     cuda_unavailable_reason,
     triton_interpreting,
@@ -312,26 +313,31 @@ def _kernel_limits_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
     return None
 
 
-def _cuda_limits_reason(q: torch.Tensor) -> str | None:
-    if q.shape[-1] > _C.MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} exceeds the CUDA kernels' {_C.MAX_HEAD_DIM}"
-    return None
+def _triton_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
+    return triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+
+
+def _cuda_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
+    reason = cuda_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+    if reason is None and q.shape[-1] > _C.MAX_HEAD_DIM:
+        reason = f"head_dim {q.shape[-1]} exceeds the CUDA kernels' {_C.MAX_HEAD_DIM}"
+    return reason
+
+
+def _answer(backend: str, reason: str | None, raise_error: bool) -> bool:
+    if reason is not None and raise_error:
+        raise BackendUnavailableError(f"window_attention_3d: backend {backend!r} cannot run: {reason}")
+    return reason is None
 
 
 def can_run_triton(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = False) -> bool:
     """Whether the Triton kernels can run these inputs (``raise_error``: raise the reason instead)."""
-    reason = triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
-    if reason is not None and raise_error:
-        raise RuntimeError(f"window_attention_3d: triton backend cannot run: {reason}")
-    return reason is None
+    return _answer("triton", _triton_reason(q, geom), raise_error)
 
 
 def can_run_cuda(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = False) -> bool:
-    """Whether the compiled CUDA kernels can run these inputs (``raise_error``: raise the reason)."""
-    reason = cuda_unavailable_reason(q) or _kernel_limits_reason(q, geom) or _cuda_limits_reason(q)
-    if reason is not None and raise_error:
-        raise RuntimeError(f"window_attention_3d: cuda backend cannot run: {reason}")
-    return reason is None
+    """Whether the compiled CUDA kernels can run these inputs (``raise_error``: raise the reason instead)."""
+    return _answer("cuda", _cuda_reason(q, geom), raise_error)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -392,7 +398,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks,
-                TABLE, MASK, N: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                TABLE, MASK, N: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
                 FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
         """fp32 scores ``scale * q k^T + bias + shift mask + attn_mask``; keys beyond N get -inf."""
@@ -418,7 +424,7 @@ if HAS_TRITON:
         T, H, W, NH, HD, num_masks, scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+        BH: tl.constexpr, BW: tl.constexpr,
         FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -439,7 +445,7 @@ if HAS_TRITON:
         v = _load_rows(V, kb, kt, kh, kw, valid_n, head, offs_d, sv_b, sv_t, sv_h, sv_w, sv_n, HD, PAD_V, HAS_PAD_V)
 
         s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                    N, BT, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
+                    N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
         row_max = tl.max(s, axis=1)
         p = tl.exp(s - row_max[:, None])
         row_sum = tl.sum(p, axis=1)
@@ -457,7 +463,7 @@ if HAS_TRITON:
         T, H, W, NH, HD, num_masks, num_windows, scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+        BH: tl.constexpr, BW: tl.constexpr,
         FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
         NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -490,7 +496,7 @@ if HAS_TRITON:
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
 
             s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                        N, BT, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
+                        N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
             p = tl.where(valid_m[:, None], tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -509,7 +515,7 @@ if HAS_TRITON:
         T, H, W, NH, HD, num_masks, scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+        BH: tl.constexpr, BW: tl.constexpr,
         FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
         NEED_DPAD: tl.constexpr, PRECISION: tl.constexpr,
@@ -539,7 +545,7 @@ if HAS_TRITON:
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
             delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
             s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                        N, BT, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
+                        N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
             p = tl.where(valid_m[:, None], tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -601,7 +607,7 @@ def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, p
         N=geom.tokens_per_window,
         WT=geom.window[0], WH=geom.window[1], WW=geom.window[2],
         ST=geom.shift[0], SH=geom.shift[1], SW=geom.shift[2],
-        BT=geom.bias_window[0], BH=geom.bias_window[1], BW=geom.bias_window[2],
+        BH=geom.bias_window[1], BW=geom.bias_window[2],
         FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2],
         HAS_BIAS=bias, HAS_PAD_K=pad_k, HAS_PAD_V=pad_v, HAS_MASK=mask,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -835,16 +841,12 @@ def _fused_window_attention(q, k, v, geom: WindowGeometry, table, scale, pad_k, 
 
 
 def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, backend):
-    def fused_reason(unavailable_reason):
-        if dropout_p > 0.0:
-            return f"attention dropout (dropout_p={dropout_p}) runs only in the reference"
-        return unavailable_reason(q) or _kernel_limits_reason(q, geom)
-
+    dropout_reason = f"attention dropout (dropout_p={dropout_p}) runs only in the reference" if dropout_p > 0 else None
     chosen = choose_backend(
         "window_attention_3d",
         {
-            "cuda": lambda: fused_reason(cuda_unavailable_reason) or _cuda_limits_reason(q),
-            "triton": lambda: fused_reason(triton_unavailable_reason),
+            "cuda": lambda: dropout_reason or _cuda_reason(q, geom),
+            "triton": lambda: dropout_reason or _triton_reason(q, geom),
             "reference": lambda: None,
         },
         backend,

@@ -422,3 +422,17 @@ def test_gpu_cuda_equals_triton(dtype):
     for name, a, b in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads),
                           (triton_out, *triton_grads), strict=True):
         assert_close(a.float(), b.float(), 2e-2 * max(1.0, b.abs().max().item()), f"cuda vs triton {name}")
+
+
+def test_backend_predicates_give_reasons():
+    from ssltm_kernels.window_attention_3d import can_run_cuda, can_run_triton
+
+    q = torch.randn(1, 2, 3, 3, 2, 4)
+    geom = window_geometry(q.shape[1:4], (2, 2, 2))
+    assert can_run_triton(q, geom)  # CPU tensors run Triton under the interpreter (conftest)
+    assert not can_run_triton(q.double(), geom)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        can_run_triton(q.double(), geom, raise_error=True)
+    assert not can_run_cuda(q, geom)
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run"):
+        can_run_cuda(q, geom, raise_error=True)
