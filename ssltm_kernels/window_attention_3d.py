@@ -24,6 +24,7 @@ All gradients are deterministic: no floating-point atomics, partial sums are red
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -748,6 +749,11 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _geometry_from_lists(q, window, shift, bias_window, table_window) -> WindowGeometry:
     return WindowGeometry(tuple(q.shape[1:4]), tuple(window), tuple(shift), tuple(bias_window), tuple(table_window))
 
@@ -763,7 +769,8 @@ def _window_attention_3d_fwd(
         return _C.window_attention_3d_forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift,
                                               bias_window, table_window, scale)
     geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
-    return _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom, scale)
+    with _on_device(q):
+        return _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom, scale)
 
 
 @_window_attention_3d_fwd.register_fake
@@ -785,8 +792,9 @@ def _window_attention_3d_bwd(
                                                 need_table_grad, need_pad_grad)
     else:
         geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
-        grads = _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom, scale,
-                                 need_table_grad, need_pad_grad)
+        with _on_device(q):
+            grads = _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom, scale,
+                                     need_table_grad, need_pad_grad)
     return tuple(q.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
 
 
