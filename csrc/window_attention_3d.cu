@@ -2,7 +2,8 @@
 //
 // The kernels are thin: each is a fixed sequence of the phase functions in
 // window_attention_3d_core.cuh separated by __syncthreads(). window_attention_3d_cpu.cpp runs the
-// same sequence on the CPU, which is how this code is unit-tested without a GPU.
+// same sequence on the CPU, which is how this code is unit-tested without a GPU. The only device-only
+// code is tile_product (WMMA tensor-core matrix products on shared-memory tiles) and the launchers.
 //
 // Only light headers here (compile time): no ATen/ATen.h, no torch/extension.h.
 #include <ATen/Dispatch.h>
@@ -12,6 +13,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <type_traits>
 
 #include "window_attention_3d_core.cuh"
 
@@ -40,6 +46,68 @@ __global__ void __launch_bounds__(kThreads) query_rows_kernel(const Args<scalar_
     P::tile(a, head, am, n, k0, tile, th);
   }
   P::finish(a, head, th);
+}
+
+// CUDA's 16-bit types for the WMMA fragments (same bits as c10's)
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// TileProduct on tensor cores: warp w computes output tiles w, w + kTcWarps, ... with fp32
+// accumulators, stepping through k 16 at a time. Loop bounds are warp-uniform, so every lane takes
+// part in each *_sync call, as WMMA requires.
+template <typename scalar_t, bool kBTransposed>
+__device__ void tile_product(const TileProduct<scalar_t, kBTransposed>& p, unsigned char* smem) {
+  namespace wmma = nvcuda::wmma;
+  using T = typename WmmaType<scalar_t>::type;
+  using BLayout = std::conditional_t<kBTransposed, wmma::col_major, wmma::row_major>;
+  const T* A = reinterpret_cast<const T*>(smem + p.a);
+  const T* B = reinterpret_cast<const T*>(smem + p.b);
+  float* C = reinterpret_cast<float*>(smem + p.c);
+  const int tiles_n = p.n / kMma;
+  const int tiles = (p.m / kMma) * tiles_n;
+  for (int t = threadIdx.x / 32; t < tiles; t += kTcWarps) {
+    const int row0 = (t / tiles_n) * kMma, col0 = (t % tiles_n) * kMma;
+    wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int k0 = 0; k0 < p.k; k0 += kMma) {
+      wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, T, BLayout> fb;
+      wmma::load_matrix_sync(fa, A + row0 * p.lda + k0, p.lda);
+      wmma::load_matrix_sync(fb, kBTransposed ? B + col0 * p.ldb + k0 : B + k0 * p.ldb + col0, p.ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(C + row0 * p.ldc + col0, acc, p.ldc, wmma::mem_row_major);
+  }
+}
+
+// grid (nwin, nh, ceil(N / kTcQueries)), FwdTcLayout<HD, scalar_t>(N).bytes of dynamic shared memory
+template <int HD, typename scalar_t>
+__global__ void __launch_bounds__(kTcThreads) forward_tc_kernel(const Args<scalar_t, float> a) {
+  // WMMA needs 32-byte aligned tile origins: the layout's offsets are multiples of 128 from here
+  extern __shared__ __align__(128) unsigned char smem[];
+  const FwdTcLayout<HD, scalar_t> layout(a.g.N);
+  const int win = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int q0 = blockIdx.z * kTcQueries;
+  const WinPos wp = window_pos(a.g, win);
+  fwd_tc_stage_meta(a, wp, head, q0, tid, kTcThreads, layout, smem);
+  __syncthreads();
+  fwd_tc_stage_rows(a, head, tid, kTcThreads, layout, smem);
+  __syncthreads();
+  tile_product(layout.scores(), smem);
+  __syncthreads();
+  if (tid < kTcQueries) fwd_tc_softmax_row(a, head, amask_window(a, win), q0, tid, layout, smem);
+  __syncthreads();
+  tile_product(layout.outputs(), smem);
+  __syncthreads();
+  fwd_tc_write(a, head, tid, kTcThreads, layout, smem);
 }
 
 // grid (groups, nh, ceil(N / kThreads)); reads delta written by the DqPass kernel
@@ -90,10 +158,35 @@ __global__ void pad_grad_kernel(const Geometry g, int groups, const float* part,
   if (i < g.nh * g.hd) dst[i] = pad_grad_elem(g, groups, part, i / g.hd, i % g.hd);
 }
 
+// Dynamic shared memory a block may opt in to on this device
+int shared_memory_limit(int device_index) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index));
+  return bytes;
+}
+
 unsigned blocks_for(int64_t n) { return unsigned((n + kReduceThreads - 1) / kReduceThreads); }
 
 dim3 attention_grid(int x, const Geometry& g) {
   return dim3(unsigned(x), unsigned(g.nh), unsigned((g.N + kThreads - 1) / kThreads));
+}
+
+// Tensor cores for 16-bit inputs whose window fits in the device's shared memory, else CUDA cores
+template <int HD, typename scalar_t>
+void launch_forward(const Args<scalar_t, float>& a, int device_index, cudaStream_t stream) {
+  if constexpr (kTensorCoreInput<scalar_t>) {
+    if (forward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index))) {
+      const auto kernel = forward_tc_kernel<HD, scalar_t>;
+      const int bytes = FwdTcLayout<HD, scalar_t>(a.g.N).bytes;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      const dim3 grid(unsigned(a.g.nwin), unsigned(a.g.nh), unsigned((a.g.N + kTcQueries - 1) / kTcQueries));
+      kernel<<<grid, kTcThreads, bytes, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  query_rows_kernel<HD, scalar_t, ForwardPass><<<attention_grid(a.g.nwin, a.g), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #define SSLTM_DISPATCH_KERNEL_TYPES(dtype, name, ...)                                 \
@@ -110,10 +203,7 @@ void forward_cuda(const Problem& p) {
   const auto dtype = static_cast<at::ScalarType>(p.dtype);
   SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_forward_cuda", [&] {
     const auto a = make_args<scalar_t, float>(p);
-    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
-      query_rows_kernel<HD, scalar_t, ForwardPass><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { launch_forward<HD>(a, p.device_index, stream); });
   });
 }
 

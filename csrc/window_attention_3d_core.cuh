@@ -5,7 +5,9 @@
 // Everything a CUDA thread computes lives here as a "phase" function taking the thread (or row) index
 // explicitly. A kernel is a fixed sequence of phases separated by __syncthreads(); the CPU emulation
 // runs the same sequence with loops standing in for the threads of a block, so the CPU tests exercise
-// this very code. The header depends on nothing but the C++ standard library and compiles with both
+// this very code. The one step that differs is the tile product of the tensor-core forward
+// (TileProduct): WMMA in the .cu, plain loops in the emulation, both on the operands that shared
+// phases staged. The header depends on nothing but the C++ standard library and compiles with both
 // nvcc and the host compiler.
 //
 // Semantics: see notes/contract.md (window enumeration, padded tokens as pad_k/pad_v keys, cyclic
@@ -436,6 +438,245 @@ SSLTM_HD void fwd_finish(const Args<scalar_t, acc_t>& a, int head, const FwdThre
     if (d < a.g.hd) dst[d] = scalar_t(th.o[d] * inv);
   }
   a.lse[row] = th.mx + acc_log(th.l);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tensor-core forward (fp16/bf16): block = (window, head, chunk of kTcQueries queries). The chunk's
+// Q rows and all of the window's K/V rows are staged in dynamic shared memory in the input dtype,
+// S = Q K^T and O = P V are tile products (WMMA on the GPU, loops in the emulation) with fp32
+// results in shared memory, and one thread per query row does the softmax in between.
+// Padded keys all share the rows pad_k/pad_v (fp32 parameters): their K/V rows are staged as zeros
+// and the softmax phase handles them in fp32 instead (one q . pad_k per query row, and their
+// probability mass times pad_v added to the output), so the parameters are never rounded to 16 bits.
+// ------------------------------------------------------------------------------------------------
+constexpr int kMma = 16;        // edge of a WMMA m16n16k16 tile
+constexpr int kTcQueries = 64;  // query rows per block
+constexpr int kTcThreads = 128;
+constexpr int kTcWarps = kTcThreads / 32;
+// Shared memory per block that the emulation assumes (H100/H200 opt-in limit, 227 KB); the CUDA
+// launcher asks the device instead.
+constexpr int kEmulatedSharedMemoryLimit = 227 * 1024;
+
+// Tensor cores take 16-bit inputs (half, bfloat16); fp32 and fp64 inputs keep the CUDA-core kernels.
+template <typename scalar_t>
+constexpr bool kTensorCoreInput = sizeof(scalar_t) == 2;
+
+SSLTM_HD constexpr int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// C = A * B on shared-memory tiles, operands given as byte offsets from the block's shared memory.
+// A: m x k row-major (lda elements); B: k x n, row-major (ldb), or with kBTransposed stored as the
+// n rows of B^T (ldb), i.e. column-major; C: m x n fp32 row-major (ldc). m, n, k are multiples of
+// kMma. Every warp of the block takes part (kTcWarps warps, 16x16 output tiles split among them).
+template <typename scalar_t, bool kBTransposed>
+struct TileProduct {
+  int a, lda, b, ldb, c, ldc;
+  int m, n, k;
+};
+
+// Dynamic shared-memory layout of one block, a function of (HD, dtype, N) only. Row strides meet
+// WMMA's rules (multiples of 16 bytes, 32-byte aligned tile origins) with 16 extra bytes per row so
+// that consecutive rows start in different banks.
+template <int HD, typename scalar_t>
+struct FwdTcLayout {
+  static constexpr int kLdRows = HD + 16 / int(sizeof(scalar_t));  // Q, K, V rows (elements)
+  static constexpr int kLdO = HD + 4;                               // fp32 output rows
+  int Np;          // keys rounded up to kMma; rows N..Np-1 of K and V are zero
+  int ld_s, ld_p;  // fp32 score rows, input-dtype probability rows
+  // byte offsets; o aliases s (the scores are dead once the probabilities are written)
+  int q, k, v, s, p, o;
+  int key_off_k, key_off_v, key_bias, key_region;         // per key: source offsets (-1: padded token)
+  int query_off, query_row, query_bias, query_region;     // per query row: source offset, output row
+  int inv_l, pad_mass;  // per query row: 1 / softmax denominator, unnormalised weight of the padded keys
+  int bytes;
+
+  SSLTM_HD explicit FwdTcLayout(int N) {
+    Np = round_up(N, kMma);
+    ld_s = Np + 4;
+    ld_p = Np + 16 / int(sizeof(scalar_t));
+    int end = 0;
+    auto take = [&end](int size) {
+      const int at = end;
+      end = round_up(end + size, 128);
+      return at;
+    };
+    const int rows_bytes = kLdRows * int(sizeof(scalar_t));
+    q = take(kTcQueries * rows_bytes);
+    k = take(Np * rows_bytes);
+    v = take(Np * rows_bytes);
+    const int s_bytes = kTcQueries * ld_s * 4, o_bytes = kTcQueries * kLdO * 4;
+    s = take(s_bytes > o_bytes ? s_bytes : o_bytes);
+    o = s;
+    p = take(kTcQueries * ld_p * int(sizeof(scalar_t)));
+    key_off_k = take(Np * 8);
+    key_off_v = take(Np * 8);
+    key_bias = take(Np * 4);
+    key_region = take(Np * 4);
+    query_off = take(kTcQueries * 8);
+    query_row = take(kTcQueries * 8);
+    query_bias = take(kTcQueries * 4);
+    query_region = take(kTcQueries * 4);
+    inv_l = take(kTcQueries * 4);
+    pad_mass = take(kTcQueries * 4);
+    bytes = end;
+  }
+
+  // S (kTcQueries x Np) = Q K^T: K's rows are the columns of B.
+  SSLTM_HD TileProduct<scalar_t, true> scores() const {
+    return {q, kLdRows, k, kLdRows, s, ld_s, kTcQueries, Np, HD};
+  }
+  // O (kTcQueries x HD) = P V
+  SSLTM_HD TileProduct<scalar_t, false> outputs() const {
+    return {p, ld_p, v, kLdRows, o, kLdO, kTcQueries, HD, Np};
+  }
+};
+
+template <typename T>
+SSLTM_HD T* smem_at(unsigned char* smem, int offset) {
+  return reinterpret_cast<T*>(smem + offset);
+}
+
+// Whether the forward runs on tensor cores for this input dtype and window, given the shared memory
+// a block may use; otherwise query_rows_kernel (CUDA cores) serves it.
+template <int HD, typename scalar_t>
+SSLTM_HD bool forward_on_tensor_cores(const Geometry& g, int smem_limit) {
+  return kTensorCoreInput<scalar_t> && FwdTcLayout<HD, scalar_t>(g.N).bytes <= smem_limit;
+}
+
+// Phase "stage metadata": keys tid, tid + nthreads, ... < Np and query row tid < kTcQueries.
+template <int HD, typename scalar_t>
+SSLTM_HD void fwd_tc_stage_meta(const Args<scalar_t, float>& a, const WinPos& wp, int head, int q0, int tid,
+                                int nthreads, const FwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
+  for (int m = tid; m < L.Np; m += nthreads) {
+    int64_t off_k = -1, off_v = -1;
+    int bias = 0, region = 0;
+    if (m < a.g.N) {
+      const Token t = token_at(a.g, wp, m);
+      if (t.valid) {
+        off_k = row_offset(a.sk, t, head);
+        off_v = row_offset(a.sv, t, head);
+      }
+      bias = t.key;
+      region = t.region;
+    }
+    smem_at<int64_t>(smem, L.key_off_k)[m] = off_k;
+    smem_at<int64_t>(smem, L.key_off_v)[m] = off_v;
+    smem_at<int>(smem, L.key_bias)[m] = bias;
+    smem_at<int>(smem, L.key_region)[m] = region;
+  }
+  if (tid < kTcQueries) {
+    const int n = q0 + tid;
+    int64_t off = -1, row = -1;
+    int bias = 0, region = 0;
+    if (n < a.g.N) {
+      const Token t = token_at(a.g, wp, n);
+      if (t.valid) {
+        off = row_offset(a.sq, t, head);
+        row = token_flat(a.g, t) * a.g.nh + head;
+      }
+      bias = t.key;
+      region = t.region;
+    }
+    smem_at<int64_t>(smem, L.query_off)[tid] = off;
+    smem_at<int64_t>(smem, L.query_row)[tid] = row;
+    smem_at<int>(smem, L.query_bias)[tid] = bias;
+    smem_at<int>(smem, L.query_region)[tid] = region;
+  }
+}
+
+// Phase "stage rows": Q, K, V elements in the input dtype, consecutive threads on consecutive
+// elements of a row. Rows of padded keys (handled by the softmax phase), columns hd..HD-1, inactive
+// query rows and key rows N..Np-1 are zero.
+template <int HD, typename scalar_t>
+SSLTM_HD void fwd_tc_stage_rows(const Args<scalar_t, float>& a, int head, int tid, int nthreads,
+                                const FwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
+  constexpr int ld = FwdTcLayout<HD, scalar_t>::kLdRows;
+  const int hd = a.g.hd;
+  const int64_t* query_off = smem_at<int64_t>(smem, L.query_off);
+  scalar_t* qs = smem_at<scalar_t>(smem, L.q);
+  for (int i = tid; i < kTcQueries * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    qs[r * ld + d] = (query_off[r] >= 0 && d < hd) ? a.q[query_off[r] + d] : scalar_t(0.0f);
+  }
+  const int64_t* off_k = smem_at<int64_t>(smem, L.key_off_k);
+  const int64_t* off_v = smem_at<int64_t>(smem, L.key_off_v);
+  scalar_t* ks = smem_at<scalar_t>(smem, L.k);
+  scalar_t* vs = smem_at<scalar_t>(smem, L.v);
+  for (int i = tid; i < L.Np * HD; i += nthreads) {
+    const int m = i / HD, d = i % HD;
+    const bool tensor_row = m < a.g.N && off_k[m] >= 0 && d < hd;
+    ks[m * ld + d] = tensor_row ? a.k[off_k[m] + d] : scalar_t(0.0f);
+    vs[m * ld + d] = tensor_row ? a.v[off_v[m] + d] : scalar_t(0.0f);
+  }
+}
+
+// Phase "softmax" (after S = Q K^T): thread r turns its score row into unnormalised probabilities
+// P = exp(s - max) in the input dtype (zero for padded keys, keys N..Np-1 and inactive rows), writes
+// lse and keeps 1 / sum and the padded keys' weight for the output phase. The finished scores are
+// kept in S between the two sweeps.
+template <int HD, typename scalar_t>
+SSLTM_HD void fwd_tc_softmax_row(const Args<scalar_t, float>& a, int head, const float* amask_win, int q0,
+                                 int r, const FwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
+  const int N = a.g.N;
+  float* s = smem_at<float>(smem, L.s) + r * L.ld_s;
+  scalar_t* p = smem_at<scalar_t>(smem, L.p) + r * L.ld_p;
+  const int64_t row = smem_at<int64_t>(smem, L.query_row)[r];
+  if (row < 0) {
+    for (int j = 0; j < L.Np; ++j) p[j] = scalar_t(0.0f);
+    smem_at<float>(smem, L.inv_l)[r] = 0.0f;
+    smem_at<float>(smem, L.pad_mass)[r] = 0.0f;
+    return;
+  }
+  float pad_dot = 0.0f;  // q . pad_k, the dot product of every padded key
+  if (a.pad_k) {
+    const scalar_t* q = smem_at<scalar_t>(smem, L.q) + r * FwdTcLayout<HD, scalar_t>::kLdRows;
+    for (int d = 0; d < a.g.hd; ++d) pad_dot += float(q[d]) * a.pad_k[head * a.g.hd + d];
+  }
+  const int64_t* key_off = smem_at<int64_t>(smem, L.key_off_k);
+  const int qbias = smem_at<int>(smem, L.query_bias)[r];
+  const int qregion = smem_at<int>(smem, L.query_region)[r];
+  const int* kbias = smem_at<int>(smem, L.key_bias);
+  const int* kregion = smem_at<int>(smem, L.key_region);
+  const float* am_row = amask_win ? amask_win + int64_t(q0 + r) * N : nullptr;
+  float mx = -INFINITY;
+  for (int j = 0; j < N; ++j) {
+    const float dot = key_off[j] >= 0 ? s[j] : pad_dot;
+    s[j] = finish_score(a, head, a.scale * dot, qbias, qregion, kbias[j], kregion[j], am_row, j);
+    mx = acc_max(mx, s[j]);
+  }
+  float l = 0.0f, pad_mass = 0.0f;
+  for (int j = 0; j < N; ++j) {
+    const float e = acc_exp(s[j] - mx);
+    l += e;
+    if (key_off[j] >= 0) {
+      p[j] = scalar_t(e);
+    } else {
+      pad_mass += e;
+      p[j] = scalar_t(0.0f);
+    }
+  }
+  for (int j = N; j < L.Np; ++j) p[j] = scalar_t(0.0f);
+  a.lse[row] = mx + acc_log(l);
+  smem_at<float>(smem, L.inv_l)[r] = 1.0f / l;
+  smem_at<float>(smem, L.pad_mass)[r] = pad_mass;
+}
+
+// Phase "write" (after O = P V): normalised output rows of the active queries, with the padded keys'
+// share of pad_v.
+template <int HD, typename scalar_t>
+SSLTM_HD void fwd_tc_write(const Args<scalar_t, float>& a, int head, int tid, int nthreads,
+                           const FwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
+  constexpr int ld = FwdTcLayout<HD, scalar_t>::kLdO;
+  const int hd = a.g.hd;
+  const int64_t* query_row = smem_at<int64_t>(smem, L.query_row);
+  const float* inv_l = smem_at<float>(smem, L.inv_l);
+  const float* pad_mass = smem_at<float>(smem, L.pad_mass);
+  const float* o = smem_at<float>(smem, L.o);
+  for (int i = tid; i < kTcQueries * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    if (query_row[r] < 0 || d >= hd) continue;
+    const float pad = a.pad_v ? pad_mass[r] * a.pad_v[head * hd + d] : 0.0f;
+    a.out[query_row[r] * hd + d] = scalar_t((o[r * ld + d] + pad) * inv_l[r]);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------

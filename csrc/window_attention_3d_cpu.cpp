@@ -7,8 +7,10 @@
 // inputs (a precise check of the index arithmetic).
 #include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -51,6 +53,68 @@ void emulate_query_rows(const Args<scalar_t, acc_t>& a) {
       }
     }
   }
+}
+
+// tile_product of the .cu for the whole block in one call, after checking what WMMA requires of its
+// operands (32-byte aligned tile origins, row strides in multiples of 16 bytes, whole tiles) and
+// that the result overwrites neither operand nor leaves the block's shared memory.
+template <typename scalar_t, bool kBTransposed>
+void emulate_tile_product(const TileProduct<scalar_t, kBTransposed>& p, unsigned char* smem, int smem_bytes) {
+  constexpr int elem = int(sizeof(scalar_t));
+  const int a_end = p.a + ((p.m - 1) * p.lda + p.k) * elem;
+  const int b_end = p.b + (kBTransposed ? (p.n - 1) * p.ldb + p.k : (p.k - 1) * p.ldb + p.n) * elem;
+  const int c_end = p.c + ((p.m - 1) * p.ldc + p.n) * 4;
+  TORCH_CHECK(p.m % kMma == 0 && p.n % kMma == 0 && p.k % kMma == 0, "tile product: partial tiles");
+  TORCH_CHECK(p.a % 32 == 0 && p.b % 32 == 0 && p.c % 32 == 0, "tile product: misaligned operand");
+  TORCH_CHECK((p.lda * elem) % 16 == 0 && (p.ldb * elem) % 16 == 0 && (p.ldc * 4) % 16 == 0,
+              "tile product: row stride not a multiple of 16 bytes");
+  TORCH_CHECK((c_end <= p.a || p.c >= a_end) && (c_end <= p.b || p.c >= b_end), "tile product: C overlaps A or B");
+  TORCH_CHECK(a_end <= smem_bytes && b_end <= smem_bytes && c_end <= smem_bytes, "tile product: out of bounds");
+  const scalar_t* A = reinterpret_cast<const scalar_t*>(smem + p.a);
+  const scalar_t* B = reinterpret_cast<const scalar_t*>(smem + p.b);
+  float* C = reinterpret_cast<float*>(smem + p.c);
+  for (int i = 0; i < p.m; ++i) {
+    for (int j = 0; j < p.n; ++j) {
+      float acc = 0.0f;
+      for (int k = 0; k < p.k; ++k) {
+        acc += float(A[i * p.lda + k]) * float(kBTransposed ? B[j * p.ldb + k] : B[k * p.ldb + j]);
+      }
+      C[i * p.ldc + j] = acc;
+    }
+  }
+}
+
+// forward_tc_kernel of the .cu
+template <int HD, typename scalar_t>
+void emulate_forward_tc(const Args<scalar_t, float>& a) {
+  const FwdTcLayout<HD, scalar_t> layout(a.g.N);
+  std::vector<unsigned char> smem(size_t(layout.bytes));
+  for (int win = 0; win < a.g.nwin; ++win) {
+    for (int head = 0; head < a.g.nh; ++head) {
+      for (int q0 = 0; q0 < a.g.N; q0 += kTcQueries) {
+        // shared memory starts undefined on the GPU: NaN bytes make a read before a write visible
+        std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xFF));
+        const WinPos wp = window_pos(a.g, win);
+        for (int tid = 0; tid < kTcThreads; ++tid)
+          fwd_tc_stage_meta(a, wp, head, q0, tid, kTcThreads, layout, smem.data());
+        for (int tid = 0; tid < kTcThreads; ++tid) fwd_tc_stage_rows(a, head, tid, kTcThreads, layout, smem.data());
+        emulate_tile_product(layout.scores(), smem.data(), layout.bytes);
+        for (int r = 0; r < kTcQueries; ++r)
+          fwd_tc_softmax_row(a, head, amask_window(a, win), q0, r, layout, smem.data());
+        emulate_tile_product(layout.outputs(), smem.data(), layout.bytes);
+        for (int tid = 0; tid < kTcThreads; ++tid) fwd_tc_write(a, head, tid, kTcThreads, layout, smem.data());
+      }
+    }
+  }
+}
+
+// forward_cuda's choice between the tensor-core and the CUDA-core kernel, for an H100's shared memory
+template <int HD, typename scalar_t, typename acc_t>
+void emulate_forward(const Args<scalar_t, acc_t>& a) {
+  if constexpr (kTensorCoreInput<scalar_t>) {
+    if (forward_on_tensor_cores<HD, scalar_t>(a.g, kEmulatedSharedMemoryLimit)) return emulate_forward_tc<HD>(a);
+  }
+  emulate_query_rows<HD, ForwardPass>(a);
 }
 
 template <int HD, typename scalar_t, typename acc_t>
@@ -117,7 +181,7 @@ void forward_cpu(const Problem& p) {
                                   static_cast<at::ScalarType>(p.dtype), "window_attention_3d_forward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const auto a = make_args<scalar_t, acc_t>(p);
-    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_query_rows<HD, ForwardPass>(a); });
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_forward<HD>(a); });
   });
 }
 

@@ -261,10 +261,26 @@ def test_bias_window_modes_differ():
     assert (out_swin - out_exact).abs().max() > 1e-3
 
 
+# float32 takes the CUDA-core forward; float16/bfloat16 take the tensor-core forward (every geometry
+# here fits in shared memory), with head_dim buckets 32, 64 and 128.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("geometry", ["pad_all_axes_shift", "swin_4x7x7_shift", "head_dim_72"])
+@pytest.mark.parametrize("geometry", ["pad_all_axes_shift", "swin_4x7x7_shift", "head_dim_40", "head_dim_72"])
 def test_low_precision(geometry, dtype):
     check_against_oracle(geometry_problem(geometry, mask=True, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_window_beyond_shared_memory(dtype):
+    """An 8x8x8 window (512 tokens) does not fit the tensor-core forward's shared memory: CUDA-core forward."""
+    check_against_oracle(make_problem((1, 8, 8, 12), 1, 8, (8, 8, 8), shift=(0, 0, 4), mask=True, dtype=dtype))
+
+
+@pytest.mark.parametrize("pad_v", [False, True])
+def test_low_precision_without_pad_k(pad_v):
+    """Padded keys of the tensor-core forward without pad_k (zero rows), with and without pad_v."""
+    p = geometry_problem("pad_all_axes_shift", pads=pad_v, mask=True, dtype=torch.float16)
+    p["pad_k"] = None
+    check_against_oracle(p)
 
 
 @pytest.mark.parametrize("num_groups", [1, 2, 3, 7])
