@@ -110,6 +110,42 @@ __global__ void __launch_bounds__(kTcThreads) forward_tc_kernel(const Args<scala
   fwd_tc_write(a, head, tid, kTcThreads, layout, smem);
 }
 
+// grid (nwin, nh, ceil(N / kTcBwdRows)) for the dq pass (kKeyChunk = false, writes dq and delta), then
+// (groups, nh, ceil(N / kTcBwdRows)) for the dk/dv pass (reads delta; a window group per block);
+// BwdTcLayout<HD, scalar_t>(N).bytes of dynamic shared memory.
+template <int HD, typename scalar_t, bool kKeyChunk>
+__global__ void __launch_bounds__(kTcThreads) backward_tc_kernel(const Args<scalar_t, float> a) {
+  // WMMA needs 32-byte aligned tile origins: the layout's offsets are multiples of 128 from here
+  extern __shared__ __align__(128) unsigned char smem[];
+  const BwdTcLayout<HD, scalar_t> layout(a.g.N);
+  const int head = blockIdx.y, tid = threadIdx.x;
+  const int c0 = blockIdx.z * kTcBwdRows;
+  const int windows = kKeyChunk ? a.group_size : 1;
+  const int64_t slot = int64_t(blockIdx.x) * a.g.nh + head;
+  float* wpart = kKeyChunk && a.wpart ? a.wpart + slot * a.g.N * a.g.N : nullptr;
+  float* padk = kKeyChunk && a.padk_part ? a.padk_part + slot * a.g.N * a.g.hd : nullptr;
+  float* padv = kKeyChunk && a.padv_part ? a.padv_part + slot * a.g.N * a.g.hd : nullptr;
+  for (int j = 0; j < windows; ++j) {
+    const int win = blockIdx.x * windows + j;
+    if (win >= a.g.nwin) break;  // uniform across the block
+    const WinPos wp = window_pos(a.g, win);
+    __syncthreads();  // the previous window's write phase is done with the shared memory
+    bwd_tc_stage_meta<HD, scalar_t, kKeyChunk>(a, wp, head, c0, tid, kTcThreads, layout, smem);
+    __syncthreads();
+    bwd_tc_stage_rows<HD, scalar_t, kKeyChunk>(a, tid, kTcThreads, layout, smem);
+    __syncthreads();
+    tile_product(layout.scores(), smem);
+    tile_product(layout.score_grads(), smem);
+    __syncthreads();
+    bwd_tc_score_grads<HD, scalar_t, kKeyChunk>(a, head, amask_window(a, win), c0, tid, layout, smem, wpart);
+    __syncthreads();
+    tile_product(layout.a_grads(), smem);
+    if (kKeyChunk) tile_product(layout.b_grads(), smem);
+    __syncthreads();
+    bwd_tc_write<HD, scalar_t, kKeyChunk>(a, head, c0, tid, kTcThreads, layout, smem, padk, padv);
+  }
+}
+
 // grid (groups, nh, ceil(N / kThreads)); reads delta written by the DqPass kernel
 template <int HD, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) dkv_kernel(const Args<scalar_t, float> a) {
@@ -189,6 +225,31 @@ void launch_forward(const Args<scalar_t, float>& a, int device_index, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Tensor cores for 16-bit inputs whose window fits in the device's shared memory, else CUDA cores;
+// either way the dq pass (which writes delta) runs before the dk/dv pass (which reads it).
+template <int HD, typename scalar_t>
+void launch_backward(const Args<scalar_t, float>& a, int device_index, cudaStream_t stream) {
+  if constexpr (kTensorCoreInput<scalar_t>) {
+    if (backward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index))) {
+      const int bytes = BwdTcLayout<HD, scalar_t>(a.g.N).bytes;
+      const unsigned chunks = unsigned((a.g.N + kTcBwdRows - 1) / kTcBwdRows);
+      const auto dq_kernel = backward_tc_kernel<HD, scalar_t, false>;
+      const auto dkv_tc_kernel = backward_tc_kernel<HD, scalar_t, true>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(dkv_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      dq_kernel<<<dim3(unsigned(a.g.nwin), unsigned(a.g.nh), chunks), kTcThreads, bytes, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dkv_tc_kernel<<<dim3(unsigned(a.groups), unsigned(a.g.nh), chunks), kTcThreads, bytes, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  query_rows_kernel<HD, scalar_t, DqPass><<<attention_grid(a.g.nwin, a.g), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dkv_kernel<HD, scalar_t><<<attention_grid(a.groups, a.g), kThreads, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 #define SSLTM_DISPATCH_KERNEL_TYPES(dtype, name, ...)                                 \
   AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
                                       AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
@@ -214,12 +275,7 @@ void backward_cuda(const Problem& p) {
   const auto dtype = static_cast<at::ScalarType>(p.dtype);
   SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_backward_cuda", [&] {
     const auto a = make_args<scalar_t, float>(p);
-    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
-      query_rows_kernel<HD, scalar_t, DqPass><<<attention_grid(p.g.nwin, p.g), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dkv_kernel<HD, scalar_t><<<attention_grid(p.groups, p.g), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { launch_backward<HD>(a, p.device_index, stream); });
   });
   const Geometry& g = p.g;
   if (p.wpart) {

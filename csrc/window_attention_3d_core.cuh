@@ -5,7 +5,7 @@
 // Everything a CUDA thread computes lives here as a "phase" function taking the thread (or row) index
 // explicitly. A kernel is a fixed sequence of phases separated by __syncthreads(); the CPU emulation
 // runs the same sequence with loops standing in for the threads of a block, so the CPU tests exercise
-// this very code. The one step that differs is the tile product of the tensor-core forward
+// this very code. The one step that differs is the tile product of the tensor-core kernels
 // (TileProduct): WMMA in the .cu, plain loops in the emulation, both on the operands that shared
 // phases staged. The header depends on nothing but the C++ standard library and compiles with both
 // nvcc and the host compiler.
@@ -895,6 +895,302 @@ SSLTM_HD void dkv_end_window(const Args<scalar_t, acc_t>& a, int head, int m, ac
       if (d >= hd) continue;
       padk_head[int64_t(m) * hd + d] += a.scale * th.dk[d];
       padv_head[int64_t(m) * hd + d] += th.dv[d];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tensor-core backward (fp16/bf16). One block per chunk of kTcBwdRows rows of one side of the
+// window's attention matrix against all Np rows of the other side:
+//   dq pass  (kKeyChunk = false): chunk = queries, all rows = keys;   block = (window, head, chunk);
+//   dk/dv pass (kKeyChunk = true): chunk = keys, all rows = queries; block = (window group, head,
+//   chunk), the group's windows one after another (see choose_groups).
+// Seen from the chunk, both passes are the same block algorithm on (chunk x Np) matrices: the dk/dv
+// pass works on the transposes S^T = K Q^T, dP^T = V dO^T, so that dK = dS^T Q and dV = P^T dO (like
+// dQ = dS K) are products whose B operand is row-major. "a" rows are Q or K, "b" rows dO or V.
+// As in the forward, the rows of padded keys (pad_k, pad_v: fp32 parameters) are never rounded to 16
+// bits: they are staged as zeros, and their scores use q . pad_k and dO . pad_v computed in fp32 per
+// query; the dq pass adds the padded keys' share sum(dS) * pad_k in fp32 when writing dq.
+// ------------------------------------------------------------------------------------------------
+constexpr int kTcBwdRows = 32;  // chunk rows per block: keeps the largest layout (N = 196, HD = 128) under 227 KB
+// Threads per chunk row in the score-gradient phase, each taking every kTcBwdRowParts-th column
+constexpr int kTcBwdRowParts = kTcThreads / kTcBwdRows;
+
+template <int HD, typename scalar_t>
+struct BwdTcLayout {
+  static constexpr int kLdRows = HD + 16 / int(sizeof(scalar_t));  // staged rows (elements)
+  static constexpr int kLdOut = HD + 4;                             // fp32 result rows
+  int Np;          // rows of the other side rounded up to kMma; rows N..Np-1 are zero
+  int ld_s, ld_p;  // fp32 S/dP rows, input-dtype P/dS rows
+  // byte offsets; out_a aliases s and out_b aliases dp (dead once P and dS are written)
+  int chunk_a, chunk_b, all_a, all_b, s, dp, p, ds, out_a, out_b;
+  // per row of either side: source offsets of the a/b rows (-1: padded token or beyond N), bias key,
+  // shift-mask region, and, for query rows, lse, delta, q . pad_k and dO . pad_v
+  int chunk_off_a, chunk_off_b, chunk_bias, chunk_region, chunk_lse, chunk_delta, chunk_pad_dot_k, chunk_pad_dot_v;
+  int all_off_a, all_off_b, all_bias, all_region, all_lse, all_delta, all_pad_dot_k, all_pad_dot_v;
+  int chunk_out_row;  // output row of a valid chunk token, else -1
+  int pad_ds;         // dq pass: per query row and row part, sum of dS over the padded keys
+  int bytes;
+
+  SSLTM_HD explicit BwdTcLayout(int N) {
+    Np = round_up(N, kMma);
+    ld_s = Np + 4;
+    ld_p = Np + 16 / int(sizeof(scalar_t));
+    int end = 0;
+    auto take = [&end](int size) {
+      const int at = end;
+      end = round_up(end + size, 128);
+      return at;
+    };
+    const int rows_bytes = kLdRows * int(sizeof(scalar_t));
+    chunk_a = take(kTcBwdRows * rows_bytes);
+    chunk_b = take(kTcBwdRows * rows_bytes);
+    all_a = take(Np * rows_bytes);
+    all_b = take(Np * rows_bytes);
+    const int s_bytes = kTcBwdRows * ld_s * 4, out_bytes = kTcBwdRows * kLdOut * 4;
+    s = take(s_bytes > out_bytes ? s_bytes : out_bytes);
+    dp = take(s_bytes > out_bytes ? s_bytes : out_bytes);
+    out_a = s;
+    out_b = dp;
+    p = take(kTcBwdRows * ld_p * int(sizeof(scalar_t)));
+    ds = take(kTcBwdRows * ld_p * int(sizeof(scalar_t)));
+    chunk_off_a = take(kTcBwdRows * 8);
+    chunk_off_b = take(kTcBwdRows * 8);
+    chunk_out_row = take(kTcBwdRows * 8);
+    chunk_bias = take(kTcBwdRows * 4);
+    chunk_region = take(kTcBwdRows * 4);
+    chunk_lse = take(kTcBwdRows * 4);
+    chunk_delta = take(kTcBwdRows * 4);
+    chunk_pad_dot_k = take(kTcBwdRows * 4);
+    chunk_pad_dot_v = take(kTcBwdRows * 4);
+    pad_ds = take(kTcBwdRows * kTcBwdRowParts * 4);
+    all_off_a = take(Np * 8);
+    all_off_b = take(Np * 8);
+    all_bias = take(Np * 4);
+    all_region = take(Np * 4);
+    all_lse = take(Np * 4);
+    all_delta = take(Np * 4);
+    all_pad_dot_k = take(Np * 4);
+    all_pad_dot_v = take(Np * 4);
+    bytes = end;
+  }
+
+  // S (chunk x Np) = A_chunk A_all^T and dP = B_chunk B_all^T: the all-rows are the columns of B.
+  SSLTM_HD TileProduct<scalar_t, true> scores() const {
+    return {chunk_a, kLdRows, all_a, kLdRows, s, ld_s, kTcBwdRows, Np, HD};
+  }
+  SSLTM_HD TileProduct<scalar_t, true> score_grads() const {
+    return {chunk_b, kLdRows, all_b, kLdRows, dp, ld_s, kTcBwdRows, Np, HD};
+  }
+  // dQ or dK (unscaled) = dS A_all; dV = P B_all
+  SSLTM_HD TileProduct<scalar_t, false> a_grads() const {
+    return {ds, ld_p, all_a, kLdRows, out_a, kLdOut, kTcBwdRows, HD, Np};
+  }
+  SSLTM_HD TileProduct<scalar_t, false> b_grads() const {
+    return {p, ld_p, all_b, kLdRows, out_b, kLdOut, kTcBwdRows, HD, Np};
+  }
+};
+
+// Whether the backward runs on tensor cores (both passes share the layout); otherwise the CUDA-core
+// query_rows_kernel<DqPass> and dkv_kernel serve it.
+template <int HD, typename scalar_t>
+SSLTM_HD bool backward_on_tensor_cores(const Geometry& g, int smem_limit) {
+  return kTensorCoreInput<scalar_t> && BwdTcLayout<HD, scalar_t>(g.N).bytes <= smem_limit;
+}
+
+// Per-row metadata of one token of either side.
+struct BwdTcRowMeta {
+  int64_t off_a, off_b, out_row;
+  int bias, region;
+  float lse, delta, pad_dot_k, pad_dot_v;
+};
+
+// Metadata of in-window token n (n >= N: a zero row). Query rows carry lse, delta (computed and
+// written by the dq pass, read back by the dk/dv pass) and their fp32 dot products with the pad rows.
+template <typename scalar_t>
+SSLTM_HD BwdTcRowMeta bwd_tc_row_meta(const Args<scalar_t, float>& a, const WinPos& wp, int head, int n,
+                                      bool is_query, bool writes_delta) {
+  BwdTcRowMeta r{-1, -1, -1, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f};
+  if (n >= a.g.N) return r;
+  const Token t = token_at(a.g, wp, n);
+  r.bias = t.key;
+  r.region = t.region;
+  if (!t.valid) return r;
+  const int hd = a.g.hd;
+  const int64_t row = token_flat(a.g, t) * a.g.nh + head;
+  r.out_row = row;
+  r.off_a = row_offset(is_query ? a.sq : a.sk, t, head);
+  r.off_b = row_offset(is_query ? a.sdo : a.sv, t, head);
+  if (!is_query) return r;
+  r.lse = a.lse[row];
+  if (writes_delta) {
+    const int64_t ooff = row_offset(a.so, t, head);
+    for (int d = 0; d < hd; ++d) r.delta += float(a.dout[r.off_b + d]) * float(a.outp[ooff + d]);
+    a.delta[row] = r.delta;
+  } else {
+    r.delta = a.delta[row];
+  }
+  for (int d = 0; d < hd; ++d) {
+    if (a.pad_k) r.pad_dot_k += float(a.q[r.off_a + d]) * a.pad_k[head * hd + d];
+    if (a.pad_v) r.pad_dot_v += float(a.dout[r.off_b + d]) * a.pad_v[head * hd + d];
+  }
+  return r;
+}
+
+// Phase "stage metadata": rows tid, tid + nthreads, ... < Np of the other side and chunk row
+// tid < kTcBwdRows (first token c0).
+template <int HD, typename scalar_t, bool kKeyChunk>
+SSLTM_HD void bwd_tc_stage_meta(const Args<scalar_t, float>& a, const WinPos& wp, int head, int c0, int tid,
+                                int nthreads, const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
+  for (int i = tid; i < L.Np; i += nthreads) {
+    const BwdTcRowMeta r = bwd_tc_row_meta(a, wp, head, i, kKeyChunk, false);
+    smem_at<int64_t>(smem, L.all_off_a)[i] = r.off_a;
+    smem_at<int64_t>(smem, L.all_off_b)[i] = r.off_b;
+    smem_at<int>(smem, L.all_bias)[i] = r.bias;
+    smem_at<int>(smem, L.all_region)[i] = r.region;
+    smem_at<float>(smem, L.all_lse)[i] = r.lse;
+    smem_at<float>(smem, L.all_delta)[i] = r.delta;
+    smem_at<float>(smem, L.all_pad_dot_k)[i] = r.pad_dot_k;
+    smem_at<float>(smem, L.all_pad_dot_v)[i] = r.pad_dot_v;
+  }
+  if (tid < kTcBwdRows) {
+    const BwdTcRowMeta r = bwd_tc_row_meta(a, wp, head, c0 + tid, !kKeyChunk, !kKeyChunk);
+    smem_at<int64_t>(smem, L.chunk_off_a)[tid] = r.off_a;
+    smem_at<int64_t>(smem, L.chunk_off_b)[tid] = r.off_b;
+    smem_at<int64_t>(smem, L.chunk_out_row)[tid] = r.out_row;
+    smem_at<int>(smem, L.chunk_bias)[tid] = r.bias;
+    smem_at<int>(smem, L.chunk_region)[tid] = r.region;
+    smem_at<float>(smem, L.chunk_lse)[tid] = r.lse;
+    smem_at<float>(smem, L.chunk_delta)[tid] = r.delta;
+    smem_at<float>(smem, L.chunk_pad_dot_k)[tid] = r.pad_dot_k;
+    smem_at<float>(smem, L.chunk_pad_dot_v)[tid] = r.pad_dot_v;
+  }
+}
+
+// Phase "stage rows": chunk and all-rows a/b rows in the input dtype, consecutive threads on
+// consecutive elements of a row; rows without a source (padded tokens, beyond N) and columns
+// hd..HD-1 are zero.
+template <int HD, typename scalar_t, bool kKeyChunk>
+SSLTM_HD void bwd_tc_stage_rows(const Args<scalar_t, float>& a, int tid, int nthreads,
+                                const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
+  constexpr int ld = BwdTcLayout<HD, scalar_t>::kLdRows;
+  const int hd = a.g.hd;
+  const scalar_t* chunk_src_a = kKeyChunk ? a.k : a.q;
+  const scalar_t* chunk_src_b = kKeyChunk ? a.v : a.dout;
+  const scalar_t* all_src_a = kKeyChunk ? a.q : a.k;
+  const scalar_t* all_src_b = kKeyChunk ? a.dout : a.v;
+  const int64_t* chunk_off_a = smem_at<int64_t>(smem, L.chunk_off_a);
+  const int64_t* chunk_off_b = smem_at<int64_t>(smem, L.chunk_off_b);
+  scalar_t* chunk_a = smem_at<scalar_t>(smem, L.chunk_a);
+  scalar_t* chunk_b = smem_at<scalar_t>(smem, L.chunk_b);
+  for (int i = tid; i < kTcBwdRows * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    const bool staged = chunk_off_a[r] >= 0 && d < hd;
+    chunk_a[r * ld + d] = staged ? chunk_src_a[chunk_off_a[r] + d] : scalar_t(0.0f);
+    chunk_b[r * ld + d] = staged ? chunk_src_b[chunk_off_b[r] + d] : scalar_t(0.0f);
+  }
+  const int64_t* all_off_a = smem_at<int64_t>(smem, L.all_off_a);
+  const int64_t* all_off_b = smem_at<int64_t>(smem, L.all_off_b);
+  scalar_t* all_a = smem_at<scalar_t>(smem, L.all_a);
+  scalar_t* all_b = smem_at<scalar_t>(smem, L.all_b);
+  for (int i = tid; i < L.Np * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    const bool staged = all_off_a[r] >= 0 && d < hd;
+    all_a[r * ld + d] = staged ? all_src_a[all_off_a[r] + d] : scalar_t(0.0f);
+    all_b[r * ld + d] = staged ? all_src_b[all_off_b[r] + d] : scalar_t(0.0f);
+  }
+}
+
+// Phase "score gradients" (after S and dP): thread tid takes chunk row r = tid % kTcBwdRows, columns
+// part, part + kTcBwdRowParts, ... (part = tid / kTcBwdRows), and turns them into P = exp(S - lse) and
+// dS = P (dP - delta), in the input dtype for the products (zero for padded queries and beyond N) and
+// in fp32 for the bias gradient. Padded keys take their dot products from the fp32 pad dots. In the
+// dq pass their P/dS entries are zero (their K rows are zero anyway) and their dS sum goes to the
+// thread's pad_ds slot; in the dk/dv pass row r is key c0 + r and each (query, key) slot of
+// wpart_head (or nullptr) belongs to one thread.
+template <int HD, typename scalar_t, bool kKeyChunk>
+SSLTM_HD void bwd_tc_score_grads(const Args<scalar_t, float>& a, int head, const float* amask_win, int c0,
+                                 int tid, const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem,
+                                 float* wpart_head) {
+  const int N = a.g.N;
+  const int r = tid % kTcBwdRows, part = tid / kTcBwdRows;
+  const int c = c0 + r;
+  const float* s = smem_at<float>(smem, L.s) + r * L.ld_s;
+  const float* dp = smem_at<float>(smem, L.dp) + r * L.ld_s;
+  scalar_t* p_row = smem_at<scalar_t>(smem, L.p) + r * L.ld_p;
+  scalar_t* ds_row = smem_at<scalar_t>(smem, L.ds) + r * L.ld_p;
+  const bool chunk_valid = smem_at<int64_t>(smem, L.chunk_off_a)[r] >= 0;
+  const int chunk_bias = smem_at<int>(smem, L.chunk_bias)[r];
+  const int chunk_region = smem_at<int>(smem, L.chunk_region)[r];
+  const int64_t* all_off = smem_at<int64_t>(smem, L.all_off_a);
+  const int* all_bias = smem_at<int>(smem, L.all_bias);
+  const int* all_region = smem_at<int>(smem, L.all_region);
+  // the query side's per-row values: all rows in the dk/dv pass, the chunk in the dq pass
+  const float* q_lse = smem_at<float>(smem, kKeyChunk ? L.all_lse : L.chunk_lse);
+  const float* q_delta = smem_at<float>(smem, kKeyChunk ? L.all_delta : L.chunk_delta);
+  const float* q_pad_dot_k = smem_at<float>(smem, kKeyChunk ? L.all_pad_dot_k : L.chunk_pad_dot_k);
+  const float* q_pad_dot_v = smem_at<float>(smem, kKeyChunk ? L.all_pad_dot_v : L.chunk_pad_dot_v);
+  float pad_ds = 0.0f;
+  for (int j = part; j < L.Np; j += kTcBwdRowParts) {
+    const int n = kKeyChunk ? j : c, m = kKeyChunk ? c : j;  // query and key of entry (r, j)
+    const int qi = kKeyChunk ? j : r;                        // the query's slot in the q_* arrays
+    const bool query_valid = kKeyChunk ? all_off[j] >= 0 : chunk_valid;
+    const bool key_padded = kKeyChunk ? !chunk_valid : all_off[j] < 0;
+    float p = 0.0f, ds = 0.0f;
+    if (n < N && m < N && query_valid) {
+      const float dot = key_padded ? q_pad_dot_k[qi] : s[j];
+      const float dpv = key_padded ? q_pad_dot_v[qi] : dp[j];
+      const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+      const int j_bias = all_bias[j], j_region = all_region[j];
+      const float score = kKeyChunk
+          ? finish_score(a, head, a.scale * dot, j_bias, j_region, chunk_bias, chunk_region, am_row, m)
+          : finish_score(a, head, a.scale * dot, chunk_bias, chunk_region, j_bias, j_region, am_row, m);
+      p = acc_exp(score - q_lse[qi]);
+      ds = p * (dpv - q_delta[qi]);
+      if (kKeyChunk && wpart_head) wpart_head[int64_t(n) * N + m] += ds;
+      if (!kKeyChunk && key_padded) {
+        pad_ds += ds;
+        p = 0.0f;
+        ds = 0.0f;
+      }
+    }
+    p_row[j] = scalar_t(p);
+    ds_row[j] = scalar_t(ds);
+  }
+  if (!kKeyChunk) smem_at<float>(smem, L.pad_ds)[part * kTcBwdRows + r] = pad_ds;
+}
+
+// Phase "write" (after the a/b products). dq pass: dq = scale * (dS K + pad_ds * pad_k) for valid
+// queries. dk/dv pass: dk = scale * dS^T Q and dv = P^T dO for valid keys; a padded key's are added
+// into its slot of the group's pad partials (padk_head / padv_head, or nullptr).
+template <int HD, typename scalar_t, bool kKeyChunk>
+SSLTM_HD void bwd_tc_write(const Args<scalar_t, float>& a, int head, int c0, int tid, int nthreads,
+                           const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem, float* padk_head,
+                           float* padv_head) {
+  constexpr int ld = BwdTcLayout<HD, scalar_t>::kLdOut;
+  const int hd = a.g.hd;
+  const int64_t* out_row = smem_at<int64_t>(smem, L.chunk_out_row);
+  const float* ga = smem_at<float>(smem, L.out_a);
+  const float* gb = smem_at<float>(smem, L.out_b);
+  for (int i = tid; i < kTcBwdRows * HD; i += nthreads) {
+    const int r = i / HD, d = i % HD;
+    if (d >= hd || c0 + r >= a.g.N) continue;
+    const int64_t row = out_row[r];
+    if (!kKeyChunk) {
+      if (row < 0) continue;
+      float pad = 0.0f;
+      if (a.pad_k) {
+        float pad_ds = 0.0f;
+        for (int part = 0; part < kTcBwdRowParts; ++part) pad_ds += smem_at<float>(smem, L.pad_ds)[part * kTcBwdRows + r];
+        pad = pad_ds * a.pad_k[head * hd + d];
+      }
+      a.dq[row * hd + d] = scalar_t(a.scale * (ga[r * ld + d] + pad));
+    } else if (row >= 0) {
+      a.dk[row * hd + d] = scalar_t(a.scale * ga[r * ld + d]);
+      a.dv[row * hd + d] = scalar_t(gb[r * ld + d]);
+    } else if (padk_head) {
+      padk_head[int64_t(c0 + r) * hd + d] += a.scale * ga[r * ld + d];
+      padv_head[int64_t(c0 + r) * hd + d] += gb[r * ld + d];
     }
   }
 }

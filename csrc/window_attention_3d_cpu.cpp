@@ -117,6 +117,48 @@ void emulate_forward(const Args<scalar_t, acc_t>& a) {
   emulate_query_rows<HD, ForwardPass>(a);
 }
 
+// backward_tc_kernel of the .cu: the dq pass (kKeyChunk = false, one window per block) or the dk/dv
+// pass (a window group per block)
+template <int HD, typename scalar_t, bool kKeyChunk>
+void emulate_backward_tc(const Args<scalar_t, float>& a) {
+  const BwdTcLayout<HD, scalar_t> layout(a.g.N);
+  std::vector<unsigned char> smem(size_t(layout.bytes));
+  const int blocks = kKeyChunk ? a.groups : a.g.nwin;
+  const int windows = kKeyChunk ? a.group_size : 1;
+  const int N = a.g.N;
+  for (int block = 0; block < blocks; ++block) {
+    for (int head = 0; head < a.g.nh; ++head) {
+      for (int c0 = 0; c0 < N; c0 += kTcBwdRows) {
+        const int64_t slot = int64_t(block) * a.g.nh + head;
+        float* wpart = kKeyChunk && a.wpart ? a.wpart + slot * N * N : nullptr;
+        float* padk = kKeyChunk && a.padk_part ? a.padk_part + slot * N * a.g.hd : nullptr;
+        float* padv = kKeyChunk && a.padv_part ? a.padv_part + slot * N * a.g.hd : nullptr;
+        for (int j = 0; j < windows; ++j) {
+          const int win = block * windows + j;
+          if (win >= a.g.nwin) break;
+          // shared memory starts undefined on the GPU (and keeps the previous window's data): NaN
+          // bytes make a read before a write visible
+          std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xFF));
+          const WinPos wp = window_pos(a.g, win);
+          for (int tid = 0; tid < kTcThreads; ++tid)
+            bwd_tc_stage_meta<HD, scalar_t, kKeyChunk>(a, wp, head, c0, tid, kTcThreads, layout, smem.data());
+          for (int tid = 0; tid < kTcThreads; ++tid)
+            bwd_tc_stage_rows<HD, scalar_t, kKeyChunk>(a, tid, kTcThreads, layout, smem.data());
+          emulate_tile_product(layout.scores(), smem.data(), layout.bytes);
+          emulate_tile_product(layout.score_grads(), smem.data(), layout.bytes);
+          for (int tid = 0; tid < kTcThreads; ++tid)
+            bwd_tc_score_grads<HD, scalar_t, kKeyChunk>(a, head, amask_window(a, win), c0, tid, layout, smem.data(),
+                                                        wpart);
+          emulate_tile_product(layout.a_grads(), smem.data(), layout.bytes);
+          if (kKeyChunk) emulate_tile_product(layout.b_grads(), smem.data(), layout.bytes);
+          for (int tid = 0; tid < kTcThreads; ++tid)
+            bwd_tc_write<HD, scalar_t, kKeyChunk>(a, head, c0, tid, kTcThreads, layout, smem.data(), padk, padv);
+        }
+      }
+    }
+  }
+}
+
 template <int HD, typename scalar_t, typename acc_t>
 void emulate_dkv(const Args<scalar_t, acc_t>& a) {
   using TileT = Tile<HD, acc_t>;
@@ -148,6 +190,20 @@ void emulate_dkv(const Args<scalar_t, acc_t>& a) {
       }
     }
   }
+}
+
+// backward_cuda's choice between the tensor-core and the CUDA-core kernels, for an H100's shared memory
+template <int HD, typename scalar_t, typename acc_t>
+void emulate_backward(const Args<scalar_t, acc_t>& a) {
+  if constexpr (kTensorCoreInput<scalar_t>) {
+    if (backward_on_tensor_cores<HD, scalar_t>(a.g, kEmulatedSharedMemoryLimit)) {
+      emulate_backward_tc<HD, scalar_t, false>(a);
+      emulate_backward_tc<HD, scalar_t, true>(a);
+      return;
+    }
+  }
+  emulate_query_rows<HD, DqPass>(a);
+  emulate_dkv<HD>(a);
 }
 
 template <typename acc_t>
@@ -190,10 +246,7 @@ void backward_cpu(const Problem& p) {
                                   static_cast<at::ScalarType>(p.dtype), "window_attention_3d_backward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const auto a = make_args<scalar_t, acc_t>(p);
-    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] {
-      emulate_query_rows<HD, DqPass>(a);
-      emulate_dkv<HD>(a);
-    });
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_backward<HD>(a); });
     emulate_reductions<acc_t>(p);
   });
 }

@@ -261,17 +261,18 @@ def test_bias_window_modes_differ():
     assert (out_swin - out_exact).abs().max() > 1e-3
 
 
-# float32 takes the CUDA-core forward; float16/bfloat16 take the tensor-core forward (every geometry
-# here fits in shared memory), with head_dim buckets 32, 64 and 128.
+# float32 takes the CUDA-core kernels; float16/bfloat16 take the tensor-core forward and backward (every
+# geometry here fits in shared memory), with head_dim buckets 32, 64 and 128.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("geometry", ["pad_all_axes_shift", "swin_4x7x7_shift", "head_dim_40", "head_dim_72"])
+@pytest.mark.parametrize("geometry", ["pad_all_axes_shift", "swin_4x7x7_shift", "head_dim_40", "head_dim_72",
+                                      "head_dim_128"])
 def test_low_precision(geometry, dtype):
     check_against_oracle(geometry_problem(geometry, mask=True, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_window_beyond_shared_memory(dtype):
-    """An 8x8x8 window (512 tokens) does not fit the tensor-core forward's shared memory: CUDA-core forward."""
+    """An 8x8x8 window (512 tokens) fits neither tensor-core kernel's shared memory: CUDA-core kernels."""
     check_against_oracle(make_problem((1, 8, 8, 12), 1, 8, (8, 8, 8), shift=(0, 0, 4), mask=True, dtype=dtype))
 
 
@@ -283,10 +284,12 @@ def test_low_precision_without_pad_k(pad_v):
     check_against_oracle(p)
 
 
+# float16 takes the tensor-core dk/dv kernel, whose blocks also run their group's windows in turn
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("num_groups", [1, 2, 3, 7])
-def test_window_groups(num_groups):
+def test_window_groups(num_groups, dtype):
     """The dk/dv kernel's window groups (forced here) change only the order of the bias/pad reductions."""
-    p = geometry_problem("pad_all_axes_shift", mask=True)
+    p = geometry_problem("pad_all_axes_shift", mask=True, dtype=dtype)
     check_against_oracle(p, num_groups=num_groups)
     auto = run_kernel(p)[2]
     forced = run_kernel(p, num_groups=num_groups)[2]
@@ -294,8 +297,9 @@ def test_window_groups(num_groups):
         assert torch.equal(a, b)
 
 
-def test_deterministic():
-    p = geometry_problem("swin_4x7x7_shift", mask=True, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deterministic(dtype):
+    p = geometry_problem("swin_4x7x7_shift", mask=True, dtype=dtype)
     first = run_kernel(p, num_groups=3)
     second = run_kernel(p, num_groups=3)
     for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2]), strict=True):
