@@ -48,23 +48,32 @@ __global__ void __launch_bounds__(kThreads) query_rows_kernel(const Args<scalar_
   P::finish(a, head, th);
 }
 
-// CUDA's 16-bit types for the WMMA fragments (same bits as c10's)
+// CUDA's 16-bit types for the WMMA fragments (same bits as c10's), and the first architecture
+// (__CUDA_ARCH__) with WMMA for the type
 template <typename scalar_t>
 struct WmmaType;
 template <>
 struct WmmaType<c10::Half> {
   using type = __half;
+  static constexpr int kMinArch = 700;
 };
 template <>
 struct WmmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
+  static constexpr int kMinArch = 800;
 };
+
+#ifdef __CUDA_ARCH__
+constexpr int kCompiledArch = __CUDA_ARCH__;
+#else
+constexpr int kCompiledArch = 0;  // the host pass generates no device code
+#endif
 
 // TileProduct on tensor cores: warp w computes output tiles w, w + kTcWarps, ... with fp32
 // accumulators, stepping through k 16 at a time. Loop bounds are warp-uniform, so every lane takes
 // part in each *_sync call, as WMMA requires.
 template <typename scalar_t, bool kBTransposed>
-__device__ void tile_product(const TileProduct<scalar_t, kBTransposed>& p, unsigned char* smem) {
+__device__ void tile_product_wmma(const TileProduct<scalar_t, kBTransposed>& p, unsigned char* smem) {
   namespace wmma = nvcuda::wmma;
   using T = typename WmmaType<scalar_t>::type;
   using BLayout = std::conditional_t<kBTransposed, wmma::col_major, wmma::row_major>;
@@ -85,6 +94,16 @@ __device__ void tile_product(const TileProduct<scalar_t, kBTransposed>& p, unsig
       wmma::mma_sync(acc, fa, fb, acc);
     }
     wmma::store_matrix_sync(C + row0 * p.ldc + col0, acc, p.ldc, wmma::mem_row_major);
+  }
+}
+
+// TileProduct, compiled to a trap for architectures without WMMA for the type (e.g. bf16 below sm_80)
+template <typename scalar_t, bool kBTransposed>
+__device__ void tile_product(const TileProduct<scalar_t, kBTransposed>& p, unsigned char* smem) {
+  if constexpr (kCompiledArch < WmmaType<scalar_t>::kMinArch) {
+    __trap();  // never launched: the launchers check the kernel's PTX architecture first
+  } else {
+    tile_product_wmma(p, smem);
   }
 }
 
@@ -185,8 +204,8 @@ __global__ void sum_groups_kernel(const float* part, int groups, int64_t len, fl
 }
 
 __global__ void table_grad_kernel(const Geometry g, const float* wsum, float* dtable) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < g.Ntab * g.nh) dtable[i] = table_grad_elem(g, wsum, i / g.nh, i % g.nh);
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < int64_t(g.Ntab) * g.nh) dtable[i] = table_grad_elem(g, wsum, int(i / g.nh), int(i % g.nh));
 }
 
 __global__ void pad_grad_kernel(const Geometry g, int groups, const float* part, float* dst) {
@@ -201,6 +220,15 @@ int shared_memory_limit(int device_index) {
   return bytes;
 }
 
+// Whether `kernel` was compiled for (its PTX targets) an architecture with WMMA for scalar_t; a
+// build for older architectures runs the CUDA-core kernels
+template <typename scalar_t, typename Kernel>
+bool compiled_with_wmma(Kernel kernel) {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion * 10 >= WmmaType<scalar_t>::kMinArch;
+}
+
 unsigned blocks_for(int64_t n) { return unsigned((n + kReduceThreads - 1) / kReduceThreads); }
 
 dim3 attention_grid(int x, const Geometry& g) {
@@ -211,8 +239,9 @@ dim3 attention_grid(int x, const Geometry& g) {
 template <int HD, typename scalar_t>
 void launch_forward(const Args<scalar_t, float>& a, int device_index, cudaStream_t stream) {
   if constexpr (kTensorCoreInput<scalar_t>) {
-    if (forward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index))) {
-      const auto kernel = forward_tc_kernel<HD, scalar_t>;
+    const auto kernel = forward_tc_kernel<HD, scalar_t>;
+    if (forward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index)) &&
+        compiled_with_wmma<scalar_t>(kernel)) {
       const int bytes = FwdTcLayout<HD, scalar_t>(a.g.N).bytes;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       const dim3 grid(unsigned(a.g.nwin), unsigned(a.g.nh), unsigned((a.g.N + kTcQueries - 1) / kTcQueries));
@@ -230,11 +259,12 @@ void launch_forward(const Args<scalar_t, float>& a, int device_index, cudaStream
 template <int HD, typename scalar_t>
 void launch_backward(const Args<scalar_t, float>& a, int device_index, cudaStream_t stream) {
   if constexpr (kTensorCoreInput<scalar_t>) {
-    if (backward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index))) {
+    const auto dq_kernel = backward_tc_kernel<HD, scalar_t, false>;
+    const auto dkv_tc_kernel = backward_tc_kernel<HD, scalar_t, true>;
+    if (backward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index)) &&
+        compiled_with_wmma<scalar_t>(dq_kernel)) {
       const int bytes = BwdTcLayout<HD, scalar_t>(a.g.N).bytes;
       const unsigned chunks = unsigned((a.g.N + kTcBwdRows - 1) / kTcBwdRows);
-      const auto dq_kernel = backward_tc_kernel<HD, scalar_t, false>;
-      const auto dkv_tc_kernel = backward_tc_kernel<HD, scalar_t, true>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       C10_CUDA_CHECK(cudaFuncSetAttribute(dkv_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
       dq_kernel<<<dim3(unsigned(a.g.nwin), unsigned(a.g.nh), chunks), kTcThreads, bytes, stream>>>(a);
