@@ -59,6 +59,7 @@ SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of differ
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WINDOW_TOKENS = 1024  # the kernels keep a whole window's keys in one tile
 MAX_HEAD_DIM = 256
+MAX_TRITON_KEY_TILE_BYTES = 64 * 1024  # a window's keys of one head, held in shared memory by the Triton kernels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +316,13 @@ def _kernel_limits_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
 
 
 def _triton_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
-    return triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+    reason = triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+    tile = key_tile_bytes(geom.tokens_per_window, q.shape[-1], q.dtype)
+    if reason is None and tile > MAX_TRITON_KEY_TILE_BYTES:
+        reason = (f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {q.dtype}, "
+                  f"{tile // 1024} KB padded to powers of 2) exceed the Triton kernels' "
+                  f"{MAX_TRITON_KEY_TILE_BYTES // 1024} KB tile")
+    return reason
 
 
 def _cuda_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
@@ -388,8 +395,9 @@ if HAS_TRITON:
                    PAD, HAS_PAD: tl.constexpr):
         """``(len(rows), BLOCK_D)`` rows of a strided ``(B, T, H, W, heads, hd)`` tensor; padded tokens
         take ``PAD[head]`` when given, else zeros."""
-        ptrs = X + b[:, None] * s_b + ot[:, None] * s_t + oh[:, None] * s_h + ow[:, None] * s_w \
-            + head * s_n + offs_d[None, :]
+        # int64 offsets: one batch element of a qkv projection may span more than 2**31 elements
+        ptrs = X + b[:, None] * s_b + ot[:, None].to(tl.int64) * s_t + oh[:, None].to(tl.int64) * s_h \
+            + ow[:, None].to(tl.int64) * s_w + head.to(tl.int64) * s_n + offs_d[None, :]
         d_ok = offs_d[None, :] < HD
         x = tl.load(ptrs, mask=valid[:, None] & d_ok, other=0.0)
         if HAS_PAD:
@@ -581,7 +589,7 @@ class TritonConfig:
     dkdv_block_m: int
     dkdv_block_n: int
     num_warps: int
-    dq_num_stages: int  # the dq kernel's window loop: fp32 tiles double-buffered overflow shared memory
+    dq_num_stages: int  # the dq kernel's window loop: double-buffering large key tiles overflows shared memory
 
 
 def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, interpreting: bool) -> TritonConfig:
@@ -590,16 +598,23 @@ def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, int
     if interpreting:  # the interpreter pays per block step, not per element: use whole windows
         return TritonConfig(block_n, block_d, block_n, block_n, block_n, block_n, 4, 1)
     wide = block_n * block_d > 256 * 64
+    wide_rows = block_d * dtype.itemsize >= 512
     return TritonConfig(
         block_n=block_n,
         block_d=block_d,
-        fwd_block_m=min(block_n, 32 if wide else 64),
+        # the (BLOCK_M, BLOCK_N) fp32 scores pass through shared memory: at most 16K of them
+        fwd_block_m=min(block_n, 32 if wide else 64, max(16, 16384 // block_n)),
         dq_block_m=16,
         dkdv_block_m=min(block_n, 32 if wide else 64),
-        dkdv_block_n=min(block_n, 64),
+        dkdv_block_n=min(block_n, 32 if wide_rows else 64),
         num_warps=8 if block_n >= 256 else 4,
-        dq_num_stages=1 if dtype == torch.float32 else 2,
+        dq_num_stages=2 if block_n <= 512 and key_tile_bytes(tokens_per_window, head_dim, dtype) <= 32 * 1024 else 1,
     )
+
+
+def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one head's keys of a window as the forward and dq kernels hold them (one tile)."""
+    return _next_pow2(tokens_per_window) * _next_pow2(head_dim) * dtype.itemsize
 
 
 def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, pad_k: bool, pad_v: bool,
@@ -694,7 +709,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
 
     blocks_m = triton.cdiv(n, cfg.dq_block_m)
-    groups = _dbias_groups(num_windows, blocks_m, heads, q.device) if need_table_grad else 1
+    groups = _dbias_groups(num_windows, blocks_m, heads, q.device)  # parallelism over windows, dS partials or not
     dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device) if need_table_grad else dummy
     _window_attn_bwd_dq_kernel[(blocks_m, heads, groups)](
         q, k, v, out, grad_out, lse, delta, dq, dbias, *common, num_windows, scale, **constants,
@@ -722,7 +737,11 @@ _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat
 def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
                          pad: bool = True, mask: bool = False):
     """The three kernels as the GPU launcher would specialise them for one configuration, as
-    ``(name, kernel, signature, constexprs, options)`` for ``triton.compile`` ahead of time."""
+    ``(name, kernel, signature, constexprs, attrs, options)`` for ``triton.compile`` ahead of time.
+
+    ``attrs`` mark every pointer and integer argument divisible by 16, as the launcher does for a qkv
+    projection whose sizes are multiples of 16: the most specialised variant, whose software
+    pipelining takes the most shared memory."""
     window, shift = _triple(tuple(window), "window"), _triple(tuple(shift), "shift")
     geom = WindowGeometry(window, window, shift, window, window)
     cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False)
@@ -743,7 +762,9 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
                 signature[name] = "*" + ("fp32" if name in _TRITON_FP32_POINTERS else _TRITON_TYPE_NAMES[dtype])
             else:
                 signature[name] = "fp32" if name == "scale" else "i32"
-        yield kernel.__name__, kernel, signature, constexprs, {"num_warps": cfg.num_warps, **options}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+                 if signature[name] not in ("constexpr", "fp32")}
+        yield kernel.__name__, kernel, signature, constexprs, attrs, {"num_warps": cfg.num_warps, **options}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -436,3 +436,32 @@ def test_backend_predicates_give_reasons():
     assert not can_run_cuda(q, geom)
     with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run"):
         can_run_cuda(q, geom, raise_error=True)
+
+
+@pytest.mark.parametrize(
+    "shape, window, dtype, match",
+    [
+        ((1, 2, 33, 32, 1, 8), (1, 33, 32), torch.float16, "1056 tokens exceeds"),  # a window over 1024 tokens
+        ((1, 1, 2, 2, 1, 264), (1, 2, 2), torch.float16, "head_dim 264 exceeds"),
+        # (16,7,7) windows of fp32 head_dim 32: 1024 x 32 x 4 B = 128 KB of keys per tile
+        ((1, 16, 7, 7, 1, 32), (16, 7, 7), torch.float32, r"784 tokens x head_dim 32 .* 128 KB"),
+    ],
+)
+def test_triton_refuses_windows_beyond_its_tiles_and_dispatch_falls_back(shape, window, dtype, match):
+    from ssltm_kernels.window_attention_3d import can_run_triton
+
+    q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
+    geom = window_geometry(q.shape[1:4], window)
+    with pytest.raises(BackendUnavailableError, match=match):
+        can_run_triton(q, geom, raise_error=True)
+    out = window_attention_3d(q, k, v, window_size=window)  # automatic dispatch: the reference
+    assert_close(out.float(), window_attention_3d_reference(q, k, v, window_size=window).float(), 0.0, "fallback")
+
+
+def test_largest_triton_window_of_each_dtype_fits_the_tile():
+    from ssltm_kernels.window_attention_3d import MAX_TRITON_KEY_TILE_BYTES, key_tile_bytes
+
+    # Video Swin's SSv2 window (16,7,7) with head_dim 32 in 16-bit, (8,7,7) in fp32: the compile check
+    # proves these fit sm_90's shared memory
+    assert key_tile_bytes(16 * 7 * 7, 32, torch.bfloat16) == MAX_TRITON_KEY_TILE_BYTES
+    assert key_tile_bytes(8 * 7 * 7, 32, torch.float32) == MAX_TRITON_KEY_TILE_BYTES
