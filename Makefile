@@ -21,7 +21,7 @@ lint:
 	ruff check .
 
 compile-check:
-	TRITON_INTERPRET=0 python -m ssltm_kernels.compile_check --arch 90
+	for arch in 90 80 86; do TRITON_INTERPRET=0 python -m ssltm_kernels.compile_check --arch $$arch || exit 1; done
 
 env:
 	python -m ssltm_kernels.env

@@ -59,7 +59,10 @@ SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of differ
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WINDOW_TOKENS = 1024  # the kernels keep a whole window's keys in one tile
 MAX_HEAD_DIM = 256
-MAX_TRITON_KEY_TILE_BYTES = 64 * 1024  # a window's keys of one head, held in shared memory by the Triton kernels
+# Shared memory a block may opt in to -> the largest key tile (one head's keys of a window, held in shared
+# memory by the Triton kernels) taken there; compile_check proves each row for sm_90, sm_80 and sm_86
+TRITON_KEY_TILE_LIMITS = ((227 * 1024, 64 * 1024), (163 * 1024, 32 * 1024), (99 * 1024, 16 * 1024))
+MAX_TRITON_KEY_TILE_BYTES = TRITON_KEY_TILE_LIMITS[0][1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,14 +318,34 @@ def _kernel_limits_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
     return None
 
 
+def triton_key_tile_limit(shared_memory_bytes: int) -> int:
+    """The largest key tile, in bytes, the Triton kernels take on a device whose blocks may opt in to
+    ``shared_memory_bytes`` of shared memory; 0 below the smallest device they are proven on."""
+    return next((tile for needed, tile in TRITON_KEY_TILE_LIMITS if shared_memory_bytes >= needed), 0)
+
+
+def device_shared_memory(device: torch.device) -> int:
+    """Shared memory a block may opt in to on ``device``; the interpreter runs the kernels as sm_90 would."""
+    if device.type != "cuda":
+        return TRITON_KEY_TILE_LIMITS[0][0]
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def _triton_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
     reason = triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+    if reason is not None:
+        return reason
+    shared = device_shared_memory(q.device)
+    limit = triton_key_tile_limit(shared)
     tile = key_tile_bytes(geom.tokens_per_window, q.shape[-1], q.dtype)
-    if reason is None and tile > MAX_TRITON_KEY_TILE_BYTES:
-        reason = (f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {q.dtype}, "
-                  f"{tile // 1024} KB padded to powers of 2) exceed the Triton kernels' "
-                  f"{MAX_TRITON_KEY_TILE_BYTES // 1024} KB tile")
-    return reason
+    if limit == 0:
+        return (f"the device's {shared // 1024} KB of shared memory per block is below the "
+                f"{TRITON_KEY_TILE_LIMITS[-1][0] // 1024} KB the Triton kernels need")
+    if tile > limit:
+        return (f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {q.dtype}, "
+                f"{tile // 1024} KB padded to powers of 2) exceed the {limit // 1024} KB tile the Triton kernels "
+                f"take with {shared // 1024} KB of shared memory per block")
+    return None
 
 
 def _cuda_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
@@ -590,13 +613,17 @@ class TritonConfig:
     dkdv_block_n: int
     num_warps: int
     dq_num_stages: int  # the dq kernel's window loop: double-buffering large key tiles overflows shared memory
+    dkdv_num_stages: int  # the dkdv kernel's query loop: Triton's default three buffers need sm_90's memory
 
 
-def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, interpreting: bool) -> TritonConfig:
+def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, interpreting: bool,
+                  key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES) -> TritonConfig:
+    """Blocks for a window of ``tokens_per_window`` tokens on a device whose key tiles may reach
+    ``key_tile_limit`` bytes (``triton_key_tile_limit``)."""
     block_n = _next_pow2(tokens_per_window)
     block_d = _next_pow2(head_dim)
     if interpreting:  # the interpreter pays per block step, not per element: use whole windows
-        return TritonConfig(block_n, block_d, block_n, block_n, block_n, block_n, 4, 1)
+        return TritonConfig(block_n, block_d, block_n, block_n, block_n, block_n, 4, 1, 1)
     wide = block_n * block_d > 256 * 64
     wide_rows = block_d * dtype.itemsize >= 512
     return TritonConfig(
@@ -608,8 +635,16 @@ def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, int
         dkdv_block_m=min(block_n, 32 if wide else 64),
         dkdv_block_n=min(block_n, 32 if wide_rows else 64),
         num_warps=8 if block_n >= 256 else 4,
-        dq_num_stages=2 if block_n <= 512 and key_tile_bytes(tokens_per_window, head_dim, dtype) <= 32 * 1024 else 1,
+        dq_num_stages=2 if block_n <= 512 and key_tile_bytes(tokens_per_window, head_dim, dtype) <= key_tile_limit // 2
+        else 1,
+        dkdv_num_stages=3 if key_tile_limit >= MAX_TRITON_KEY_TILE_BYTES else 2,
     )
+
+
+def _launch_config(q: torch.Tensor, tokens_per_window: int) -> TritonConfig:
+    """The blocks for windows of ``q`` (B, T, H, W, heads, head_dim) on its device."""
+    return triton_config(tokens_per_window, q.shape[-1], q.dtype, triton_interpreting(),
+                         triton_key_tile_limit(device_shared_memory(q.device)))
 
 
 def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -642,7 +677,7 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
     batch, t, h, w, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)
-    cfg = triton_config(geom.tokens_per_window, head_dim, q.dtype, triton_interpreting())
+    cfg = _launch_config(q, geom.tokens_per_window)
     dummy = q.new_empty(0)
     grid = (batch * geom.num_windows * triton.cdiv(geom.tokens_per_window, cfg.fwd_block_m), heads)
     _window_attn_fwd_kernel[grid](
@@ -697,7 +732,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     grad_out = grad_out.contiguous()
     delta = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # written by the dq kernel
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    cfg = triton_config(n, head_dim, q.dtype, triton_interpreting())
+    cfg = _launch_config(q, n)
     need_table_grad = need_table_grad and table is not None
     need_pad_grad = need_pad_grad and (pad_k is not None or pad_v is not None)
     dummy = q.new_empty(0)
@@ -722,7 +757,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     _window_attn_bwd_dkdv_kernel[(num_windows * blocks_n, heads)](
         q, k, v, grad_out, lse, delta, dk, dv, dpad, *common, scale, **constants,
         NEED_DPAD=need_pad_grad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.dkdv_num_stages,
     )
     dtable = _reduce_bias_grad(dbias.sum(0), geom) if need_table_grad else None
     dpad_k, dpad_v = (dpad[:, 0].sum(0), dpad[:, 1].sum(0)) if need_pad_grad else (None, None)
@@ -735,22 +770,24 @@ _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat
 
 
 def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
-                         pad: bool = True, mask: bool = False):
-    """The three kernels as the GPU launcher would specialise them for one configuration, as
-    ``(name, kernel, signature, constexprs, attrs, options)`` for ``triton.compile`` ahead of time.
+                         pad: bool = True, mask: bool = False, key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES):
+    """The three kernels as the GPU launcher would specialise them for one configuration on a device
+    whose key tiles may reach ``key_tile_limit`` bytes, as ``(name, kernel, signature, constexprs, attrs,
+    options)`` for ``triton.compile`` ahead of time.
 
     ``attrs`` mark every pointer and integer argument divisible by 16, as the launcher does for a qkv
     projection whose sizes are multiples of 16: the most specialised variant, whose software
     pipelining takes the most shared memory."""
     window, shift = _triple(tuple(window), "window"), _triple(tuple(shift), "shift")
     geom = WindowGeometry(window, window, shift, window, window)
-    cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False)
+    cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False, key_tile_limit=key_tile_limit)
     constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask)
     kernels = (
         (_window_attn_fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n), {}),
         (_window_attn_bwd_dq_kernel, dict(NEED_DBIAS=bias, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n),
          {"num_stages": cfg.dq_num_stages}),
-        (_window_attn_bwd_dkdv_kernel, dict(NEED_DPAD=pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n), {}),
+        (_window_attn_bwd_dkdv_kernel, dict(NEED_DPAD=pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n),
+         {"num_stages": cfg.dkdv_num_stages}),
     )
     for kernel, blocks, options in kernels:
         constexprs = {**constants, **blocks, "BLOCK_D": cfg.block_d}

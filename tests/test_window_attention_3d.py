@@ -465,3 +465,45 @@ def test_largest_triton_window_of_each_dtype_fits_the_tile():
     # proves these fit sm_90's shared memory
     assert key_tile_bytes(16 * 7 * 7, 32, torch.bfloat16) == MAX_TRITON_KEY_TILE_BYTES
     assert key_tile_bytes(8 * 7 * 7, 32, torch.float32) == MAX_TRITON_KEY_TILE_BYTES
+
+
+@pytest.mark.parametrize("shared_kb, tile_kb", [(227, 64), (256, 64), (163, 32), (226, 32), (99, 16), (100, 16),
+                                                (98, 0), (64, 0)])
+def test_triton_key_tile_limit_follows_the_devices_shared_memory(shared_kb, tile_kb):
+    from ssltm_kernels.window_attention_3d import triton_key_tile_limit
+
+    # H100/H200 opt in to 227 KB per block, A100 163 KB, RTX 30xx/40xx 99 KB, Turing 64 KB
+    assert triton_key_tile_limit(shared_kb * 1024) == tile_kb * 1024
+
+
+@pytest.mark.parametrize(
+    "shared_kb, window, head_dim, dtype, match",
+    [
+        (227, (16, 7, 7), 64, torch.bfloat16, r"128 KB padded to powers of 2\) exceed the 64 KB tile .* 227 KB"),
+        (163, (8, 7, 7), 64, torch.bfloat16, r"64 KB padded to powers of 2\) exceed the 32 KB tile .* 163 KB"),
+        (99, (8, 7, 7), 32, torch.bfloat16, r"32 KB padded to powers of 2\) exceed the 16 KB tile .* 99 KB"),
+        (99, (4, 7, 7), 32, torch.float32, r"32 KB padded to powers of 2\) exceed the 16 KB tile"),
+        (64, (1, 4, 4), 16, torch.float16, r"64 KB of shared memory per block is below the 99 KB"),
+    ],
+)
+def test_triton_refuses_tiles_beyond_the_devices_limit(monkeypatch, shared_kb, window, head_dim, dtype, match):
+    op = importlib.import_module("ssltm_kernels.window_attention_3d")
+    monkeypatch.setattr(op, "device_shared_memory", lambda device: shared_kb * 1024)
+    q = torch.randn(1, *window, 1, head_dim, dtype=dtype)
+    with pytest.raises(BackendUnavailableError, match=match):
+        op.can_run_triton(q, window_geometry(q.shape[1:4], window), raise_error=True)
+    half_window = (max(1, window[0] // 2), *window[1:])  # half the tile fits, but for the 64 KB device
+    assert op.can_run_triton(q[:, : half_window[0]], window_geometry(half_window, half_window)) == (shared_kb >= 99)
+
+
+def test_dq_kernel_double_buffers_key_tiles_up_to_half_the_devices_limit():
+    from ssltm_kernels.window_attention_3d import triton_config
+
+    def stages(tokens, head_dim, dtype, limit_kb):
+        return triton_config(tokens, head_dim, dtype, interpreting=False, key_tile_limit=limit_kb * 1024).dq_num_stages
+
+    # (8,7,7) bf16 head_dim 32 is a 32 KB key tile: double-buffered on sm_90, not on sm_80
+    assert stages(8 * 7 * 7, 32, torch.bfloat16, 64) == 2
+    assert stages(8 * 7 * 7, 32, torch.bfloat16, 32) == 1
+    assert stages(4 * 7 * 7, 32, torch.bfloat16, 32) == 2
+    assert stages(16 * 7 * 7, 16, torch.bfloat16, 64) == 1  # 1024 keys: one buffer whatever the tile
