@@ -48,6 +48,13 @@ def upcast(inputs):
     return tuple(None if x is None else x.detach().double().requires_grad_() for x in inputs)
 
 
+def attend_windows(qkv, table, **kwargs):
+    """``window_attention_3d_windows`` on a (B*nW, N, 3, heads, hd) projection, and the gradients of qkv and
+    the table for the loss sum(out**2)."""
+    out = window_attention_3d_windows(*qkv.unbind(2), rel_pos_bias_table=table, **kwargs)
+    return out, torch.autograd.grad(out.float().square().sum(), (qkv, table))
+
+
 def assert_close(actual, expected, atol, what):
     err = (actual.double() - expected.double()).abs()
     worst = err.argmax().item()
@@ -230,14 +237,9 @@ def test_triton_additive_attn_mask_window_batches():
     qkv = torch.randn(6, 12, 3, heads, hd, requires_grad=True)
     table = torch.randn(table_size(window), heads, requires_grad=True)
     mask = torch.where(torch.rand(3, 12, 12) > 0.6, -100.0, 0.0)
-    q, k, v = qkv.unbind(2)
-    out = window_attention_3d_windows(q, k, v, window_size=window, rel_pos_bias_table=table, attn_mask=mask,
-                                      backend="triton")
-    ref = window_attention_3d_windows(q, k, v, window_size=window, rel_pos_bias_table=table, attn_mask=mask,
-                                      backend="reference")
+    out, grads = attend_windows(qkv, table, window_size=window, attn_mask=mask, backend="triton")
+    ref, ref_grads = attend_windows(qkv, table, window_size=window, attn_mask=mask, backend="reference")
     assert_close(out, ref, 2e-5, "out")
-    grads = torch.autograd.grad(out.square().sum(), (qkv, table))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (qkv, table))
     for name, g, r in zip(("dqkv", "dtable"), grads, ref_grads, strict=True):
         assert_close(g, r, 1e-4, name)
 
@@ -422,6 +424,34 @@ def test_gpu_cuda_equals_triton(dtype):
     for name, a, b in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads),
                           (triton_out, *triton_grads), strict=True):
         assert_close(a.float(), b.float(), 2e-2 * max(1.0, b.abs().max().item()), f"cuda vs triton {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
+    """The windows compile_check proves for this device's shared memory (the largest the Triton dispatch
+    accepts per head dim, window-batch mask included) launch and follow the 2x-reference-error rule."""
+    from ssltm_kernels.compile_check import largest_window_configs
+    from ssltm_kernels.window_attention_3d import device_shared_memory, triton_key_tile_limit
+
+    key_tile_limit = triton_key_tile_limit(device_shared_memory(torch.device("cuda")))
+    gen = torch.Generator().manual_seed(0)
+    for config_dtype, window, head_dim in largest_window_configs(key_tile_limit):
+        if config_dtype != dtype:
+            continue
+        n, heads = math.prod(window), 2
+        qkv = torch.randn(4, n, 3, heads, head_dim, generator=gen).cuda().to(dtype).requires_grad_()
+        table = torch.randn(table_size(window), heads, generator=gen).cuda().requires_grad_()
+        mask = torch.where(torch.rand(2, n, n, generator=gen) > 0.7, -100.0, 0.0).cuda()
+        kw = dict(window_size=window, attn_mask=mask)
+        out, grads = attend_windows(qkv, table, backend="triton", **kw)
+        low_out, low_grads = attend_windows(qkv, table, backend="reference", **kw)
+        ref_out, ref_grads = attend_windows(qkv.detach().float().requires_grad_(), table, backend="reference", **kw)
+        for name, g, low, r in zip(("out", "dqkv", "dtable"), (out, *grads), (low_out, *low_grads),
+                                   (ref_out, *ref_grads), strict=True):
+            low_err = (low.float() - r).abs().max().item()
+            floor = (1e-4 if dtype == torch.float32 else 1e-6) * r.abs().max().item()
+            assert_close(g.float(), r, 2 * low_err + floor, f"{window} head_dim {head_dim} {name}")
 
 
 def test_backend_predicates_give_reasons():
