@@ -396,6 +396,15 @@ GPU_CASES = [
 ]
 
 
+def assert_within_twice_low_precision_error(names, results, low_results, ref_results, dtype, what):
+    """The 2x-reference-error rule: each result is at most twice as far from the fp32 reference as the
+    reference run in ``dtype`` (low_results), plus a floor relative to the reference's magnitude."""
+    for name, g, low, r in zip(names, results, low_results, ref_results, strict=True):
+        low_err = (low.float() - r).abs().max().item()
+        floor = (1e-4 if dtype == torch.float32 else 1e-6) * r.abs().max().item()
+        assert_close(g.float(), r, 2 * low_err + floor, f"{what} {name} (same-precision ref err {low_err:.2e})")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -407,11 +416,8 @@ def test_gpu_backend_matches_fp32_reference(backend, dtype, batch, sizes, heads,
     low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
     fp32 = tuple(None if x is None else x.detach().float().requires_grad_() for x in inputs)
     ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
-    for name, g, low, r in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads), (low_out, *low_grads),
-                               (ref_out, *ref_grads), strict=True):
-        low_err = (low.float() - r).abs().max().item()
-        floor = 1e-4 * r.abs().max().item() if dtype == torch.float32 else 1e-6 * r.abs().max().item()
-        assert_close(g.float(), r, 2 * low_err + floor, f"{backend} {name} (same-precision ref err {low_err:.2e})")
+    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
+                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype, backend)
 
 
 @pytest.mark.gpu
@@ -447,11 +453,8 @@ def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
         out, grads = attend_windows(qkv, table, backend="triton", **kw)
         low_out, low_grads = attend_windows(qkv, table, backend="reference", **kw)
         ref_out, ref_grads = attend_windows(qkv.detach().float().requires_grad_(), table, backend="reference", **kw)
-        for name, g, low, r in zip(("out", "dqkv", "dtable"), (out, *grads), (low_out, *low_grads),
-                                   (ref_out, *ref_grads), strict=True):
-            low_err = (low.float() - r).abs().max().item()
-            floor = (1e-4 if dtype == torch.float32 else 1e-6) * r.abs().max().item()
-            assert_close(g.float(), r, 2 * low_err + floor, f"{window} head_dim {head_dim} {name}")
+        assert_within_twice_low_precision_error(("out", "dqkv", "dtable"), (out, *grads), (low_out, *low_grads),
+                                                (ref_out, *ref_grads), dtype, f"{window} head_dim {head_dim}")
 
 
 def test_backend_predicates_give_reasons():
