@@ -2,27 +2,33 @@
 
 Each op has a pure-PyTorch reference, Triton kernels, CUDA kernels (compiled extension ``_C``) and an
 autograd-aware public function that validates its inputs and dispatches (cuda -> triton -> reference,
-or as forced by ``backend=`` / ``SSLTM_BACKEND``).
+or as forced by ``backend=`` / ``SSLTM_BACKEND``). The ops live in ``ssltm_kernels.ops.<op>``, one
+module each, with their ``can_run_cuda`` / ``can_run_triton`` / ``can_run_reference`` predicates.
 """
 
-from ssltm_kernels._backend import BACKENDS, BackendUnavailableError, choose_backend
+from ssltm_kernels._backend import BACKENDS, BackendCheck, BackendUnavailableError, choose_backend
 from ssltm_kernels._ext import HAS_CUDA_EXT
 from ssltm_kernels.modules import WindowAttention3D
-from ssltm_kernels.window_attention_3d import (
+from ssltm_kernels.ops.window_attention_3d import (
     relative_position_index,
     window_attention_3d,
+    window_attention_3d_qkvpacked,
     window_attention_3d_reference,
+    window_attention_3d_windows,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BackendCheck",
     "BackendUnavailableError",
     "HAS_CUDA_EXT",
     "WindowAttention3D",
     "choose_backend",
     "relative_position_index",
     "window_attention_3d",
+    "window_attention_3d_qkvpacked",
     "window_attention_3d_reference",
+    "window_attention_3d_windows",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,26 @@ except ImportError:  # pragma: no cover - triton is optional
 
 class BackendUnavailableError(RuntimeError):
     """A forced backend cannot run the given inputs; the message says why."""
+
+
+@dataclass(frozen=True)
+class BackendCheck:
+    """The answer of an op's ``can_run_<backend>``: true when the backend can run the inputs.
+
+    ``reason`` says why it cannot; ``kernels`` names the kernel family it would launch where a
+    backend has several (the CUDA kernels: ``("tensor_cores" | "cuda_cores")`` for forward and backward).
+    """
+
+    backend: str
+    reason: str | None
+    kernels: tuple[str, ...] | None = None
+
+    def __bool__(self) -> bool:
+        return self.reason is None
+
+    def raise_if_unavailable(self, op: str) -> None:
+        if self.reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {self.backend!r} cannot run: {self.reason}")
 
 
 def triton_interpreting() -> bool:
@@ -68,16 +89,24 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
-def choose_backend(op: str, reasons: dict[str, Callable[[], str | None]], backend: str | None = None) -> str:
-    """Pick the backend for ``op``; ``reasons[name]()`` says why ``name`` cannot run (or ``None``)."""
+def choose_backend(op: str, reasons: dict[str, Callable[[], str | None]], backend: str | None = None,
+                   passed_over: dict[str, Callable[[], str | None]] | None = None) -> str:
+    """Pick the backend for ``op``; ``reasons[name]()`` says why ``name`` cannot run (or ``None``).
+
+    ``passed_over[name]()`` (optional) says why automatic dispatch should skip ``name`` although it can
+    run (a slower kernel family, when the next backend runs the inputs); a forced backend ignores it.
+    """
     forced = requested_backend(backend)
     if forced is not None:
         reason = reasons[forced]()
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
         return forced
+    passed_over = passed_over or {}
     for name in BACKENDS:
         reason = reasons[name]()
+        if reason is None and name in passed_over:
+            reason = passed_over[name]()
         if reason is None:
             return name
         logger.debug("%s: skipping backend %r: %s", op, name, reason)

@@ -7,10 +7,10 @@ import math
 import torch
 from torch import nn
 
-from ssltm_kernels.window_attention_3d import (
+from ssltm_kernels.ops.window_attention_3d import (
     _triple,
     relative_position_index,
-    window_attention_3d,
+    window_attention_3d_qkvpacked,
     window_attention_3d_windows,
 )
 
@@ -24,7 +24,9 @@ class WindowAttention3D(nn.Module):
     additive ``(nW, N, N)`` mask, or whole volumes ``(B, T, H, W, C)`` (``shift_size=`` keyword), for
     which padding, shift, window partition and reverse happen inside the fused kernel. Padded tokens
     of a volume are zero vectors before ``qkv``, exactly as in Video Swin's block, so they attend as
-    the qkv bias. ``rel_pos_mode`` and ``backend`` are passed to :func:`window_attention_3d`.
+    the qkv bias. ``window_size`` is 3 ints or one int (a cube). ``rel_pos_mode`` and ``backend`` are
+    passed to the op; ``rel_pos_mode="exact"`` needs volumes wherever a window shrinks. Both paths hand
+    the op the packed qkv projection, so the backward writes one packed gradient.
     """
 
     def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None,
@@ -34,7 +36,8 @@ class WindowAttention3D(nn.Module):
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim
-        self.window_size = _triple(tuple(window_size), "window_size")
+        self.window_size = _triple(window_size if isinstance(window_size, int) else tuple(window_size),
+                                   "window_size")
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim**-0.5
@@ -70,22 +73,22 @@ class WindowAttention3D(nn.Module):
                              f"got shape {tuple(x.shape)}")
         heads, head_dim = self.num_heads, self.dim // self.num_heads
         qkv = self.qkv(x).unflatten(-1, (3, heads, head_dim))
-        q, k, v = qkv.unbind(-3)
         dropout_p = self.attn_drop.p if self.training else 0.0
         if x.dim() == 3:
             if any(shift_size):
                 raise ValueError("shift_size applies to volumes; window batches take the shift mask as `mask`")
             out = window_attention_3d_windows(
-                q, k, v, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
-                scale=self.scale, attn_mask=mask, dropout_p=dropout_p, backend=self.backend)
+                qkv, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
+                scale=self.scale, rel_pos_mode=self.rel_pos_mode, attn_mask=mask, dropout_p=dropout_p,
+                backend=self.backend)
         else:
             if mask is not None:
                 raise ValueError("mask applies to window batches; volumes build the shift mask from shift_size")
             pad_k = pad_v = None
             if self.qkv.bias is not None:
                 pad_k, pad_v = self.qkv.bias.view(3, heads, head_dim)[1:].unbind(0)
-            out = window_attention_3d(
-                q, k, v, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
+            out = window_attention_3d_qkvpacked(
+                qkv, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
                 shift_size=shift_size, scale=self.scale, pad_k=pad_k, pad_v=pad_v, rel_pos_mode=self.rel_pos_mode,
                 dropout_p=dropout_p, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))

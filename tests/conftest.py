@@ -1,16 +1,19 @@
-"""Test setup: Triton kernels run through the CPU interpreter unless a GPU is present.
+"""Test setup: Triton kernels run on the GPU when there is one, else through the CPU interpreter.
 
 ``TRITON_INTERPRET`` must be set before triton is imported (before any ``@triton.jit``), so this
-happens here, ahead of the package import.
+happens here, ahead of the package import; an explicit ``TRITON_INTERPRET`` in the environment wins.
+A ``gpu``-marked test skips without a GPU and fails when it would run the Triton kernels in the
+interpreter, so that it can never pass without having tested the GPU code.
 """
 
 import os
 
 import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("SSLTM_TEST_GPU") == "1" else "1")
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-import torch  # noqa: E402
+from ssltm_kernels._backend import triton_interpreting  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,3 +23,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_tests_run_compiled_kernels(request):
+    if "gpu" in request.keywords and triton_interpreting():
+        pytest.fail("a GPU test must run the compiled Triton kernels, but TRITON_INTERPRET=1: unset it")

@@ -4,8 +4,8 @@ custom-op registration, module compatibility and input errors. GPU tests run onl
 from __future__ import annotations
 
 import copy
-import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -15,8 +15,10 @@ from video_swin_oracle import (
     video_swin_window_attention,
 )
 
+import ssltm_kernels
+import ssltm_kernels.ops.window_attention_3d as op
 from ssltm_kernels import BackendUnavailableError, WindowAttention3D, window_attention_3d, window_attention_3d_reference
-from ssltm_kernels.window_attention_3d import relative_position_index, window_attention_3d_windows, window_geometry
+from ssltm_kernels.ops.window_attention_3d import relative_position_index, window_attention_3d_windows, window_geometry
 
 
 def table_size(window):
@@ -185,7 +187,6 @@ def test_triton_matches_reference_fp32(batch, sizes, heads, head_dim, window, sh
 def test_triton_gpu_block_configuration_in_interpreter(monkeypatch, batch, sizes, heads, head_dim, window, shift, mode):
     """The interpreter normally runs whole windows per program; here the GPU's block sizes (several query
     and key blocks per window) and several dS groups per head run instead, so those code paths are checked."""
-    op = importlib.import_module("ssltm_kernels.window_attention_3d")  # the package exports a function of that name
     monkeypatch.setattr(op, "triton_interpreting", lambda: False)
     monkeypatch.setattr(op, "_dbias_groups", lambda num_windows, *_: min(3, num_windows))
     cfg = op.triton_config(math.prod(window), head_dim, torch.float32, interpreting=False)
@@ -256,7 +257,19 @@ def test_opcheck_forward_and_backward_ops():
     out, lse = torch.ops.ssltm.window_attention_3d_fwd(q, k, v, table, pad_k, pad_v, None, *params)
     torch.library.opcheck(torch.ops.ssltm.window_attention_3d_bwd.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, table.detach(),
-                           pad_k.detach(), pad_v.detach(), None, *params, True, True),
+                           pad_k.detach(), pad_v.detach(), None, *params, True, True, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_qkvpacked_ops():
+    qkv, table, pad_k, pad_v = make_inputs(1, (3, 4, 4), 2, 16, (2, 3, 3))
+    params = ([2, 3, 3], [1, 1, 1], [2, 3, 3], [2, 3, 3], 0.25, "triton")
+    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_qkvpacked_fwd.default,
+                          (qkv, table, pad_k, pad_v, None, *params))
+    out, lse = torch.ops.ssltm.window_attention_3d_qkvpacked_fwd(qkv, table, pad_k, pad_v, None, *params)
+    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_bwd.default,
+                          (torch.randn_like(out), *qkv.detach().unbind(-3), out.detach(), lse, table.detach(),
+                           pad_k.detach(), pad_v.detach(), None, *params, True, True, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -306,12 +319,18 @@ def test_module_defaults_match_video_swin():
     assert WindowAttention3D(64, (4, 7, 7), 2, qk_scale=0.5).scale == 0.5
 
 
-def test_attention_dropout_in_training_uses_reference_and_eval_is_deterministic():
+def test_attention_dropout_in_training_uses_reference_and_eval_is_deterministic(monkeypatch):
     torch.manual_seed(0)
     module = WindowAttention3D(8, (2, 2, 2), 2, attn_drop=0.5)
     x = torch.randn(1, 2, 3, 3, 8)
     module.train()
-    assert not torch.equal(module(x), module(x))
+    monkeypatch.setattr(op, "_DROPOUT_WARNED", False)
+    with pytest.warns(UserWarning, match=r"dropout_p=0.5\) is not fused in the kernels; it runs in the PyTorch"):
+        first = module(x)  # the Triton kernels could run this input: the slow path is announced ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = module(x)  # ... once
+    assert not torch.equal(first, second)
     module.eval()
     assert torch.equal(module(x), module(x))
     module.train()
@@ -438,7 +457,7 @@ def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
     """The windows compile_check proves for this device's shared memory (the largest the Triton dispatch
     accepts per head dim, window-batch mask included) launch and follow the 2x-reference-error rule."""
     from ssltm_kernels.compile_check import largest_window_configs
-    from ssltm_kernels.window_attention_3d import device_shared_memory, triton_key_tile_limit
+    from ssltm_kernels.ops.window_attention_3d import device_shared_memory, triton_key_tile_limit
 
     key_tile_limit = triton_key_tile_limit(device_shared_memory(torch.device("cuda")))
     gen = torch.Generator().manual_seed(0)
@@ -457,18 +476,24 @@ def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
                                                 (ref_out, *ref_grads), dtype, f"{window} head_dim {head_dim}")
 
 
-def test_backend_predicates_give_reasons():
-    from ssltm_kernels.window_attention_3d import can_run_cuda, can_run_triton
+def test_backend_predicates_take_the_ops_arguments_and_give_reasons():
+    from ssltm_kernels.ops.window_attention_3d import can_run_cuda, can_run_reference, can_run_triton
 
-    q = torch.randn(1, 2, 3, 3, 2, 4)
-    geom = window_geometry(q.shape[1:4], (2, 2, 2))
-    assert can_run_triton(q, geom)  # CPU tensors run Triton under the interpreter (conftest)
-    assert not can_run_triton(q.double(), geom)
+    q, k, v = _qkv()
+    assert can_run_triton(q, k, v, window_size=2)  # CPU tensors run Triton under the interpreter (conftest)
+    assert can_run_reference(q, k, v, window_size=2, dropout_p=0.1)
+    check = can_run_triton(*(x.double() for x in (q, k, v)), window_size=2)
+    assert not check and "float64" in check.reason
     with pytest.raises(BackendUnavailableError, match="float64"):
-        can_run_triton(q.double(), geom, raise_error=True)
-    assert not can_run_cuda(q, geom)
+        can_run_triton(*(x.double() for x in (q, k, v)), window_size=(2, 2, 2), raise_error=True)
+    with pytest.raises(BackendUnavailableError, match="dropout"):
+        can_run_triton(q, k, v, window_size=2, dropout_p=0.1, raise_error=True)
+    check = can_run_cuda(q, k, v, window_size=2, shift_size=(1, 1, 1))
+    assert not check and check.kernels is None
     with pytest.raises(BackendUnavailableError, match="backend 'cuda' cannot run"):
-        can_run_cuda(q, geom, raise_error=True)
+        can_run_cuda(q, k, v, window_size=2, raise_error=True)
+    with pytest.raises(ValueError, match="shift_size must satisfy"):  # invalid arguments: the input error
+        can_run_reference(q, k, v, window_size=2, shift_size=(0, 5, 0))
 
 
 @pytest.mark.parametrize(
@@ -481,18 +506,17 @@ def test_backend_predicates_give_reasons():
     ],
 )
 def test_triton_refuses_windows_beyond_its_tiles_and_dispatch_falls_back(shape, window, dtype, match):
-    from ssltm_kernels.window_attention_3d import can_run_triton
+    from ssltm_kernels.ops.window_attention_3d import can_run_triton
 
     q, k, v = (torch.randn(shape, dtype=dtype) for _ in range(3))
-    geom = window_geometry(q.shape[1:4], window)
     with pytest.raises(BackendUnavailableError, match=match):
-        can_run_triton(q, geom, raise_error=True)
+        can_run_triton(q, k, v, window_size=window, raise_error=True)
     out = window_attention_3d(q, k, v, window_size=window)  # automatic dispatch: the reference
     assert_close(out.float(), window_attention_3d_reference(q, k, v, window_size=window).float(), 0.0, "fallback")
 
 
 def test_largest_triton_window_of_each_dtype_fits_the_tile():
-    from ssltm_kernels.window_attention_3d import MAX_TRITON_KEY_TILE_BYTES, key_tile_bytes
+    from ssltm_kernels.ops.window_attention_3d import MAX_TRITON_KEY_TILE_BYTES, key_tile_bytes
 
     # Video Swin's SSv2 window (16,7,7) with head_dim 32 in 16-bit, (8,7,7) in fp32: the compile check
     # proves these fit sm_90's shared memory
@@ -503,7 +527,7 @@ def test_largest_triton_window_of_each_dtype_fits_the_tile():
 @pytest.mark.parametrize("shared_kb, tile_kb", [(227, 64), (256, 64), (163, 32), (226, 32), (99, 16), (100, 16),
                                                 (98, 0), (64, 0)])
 def test_triton_key_tile_limit_follows_the_devices_shared_memory(shared_kb, tile_kb):
-    from ssltm_kernels.window_attention_3d import triton_key_tile_limit
+    from ssltm_kernels.ops.window_attention_3d import triton_key_tile_limit
 
     # H100/H200 opt in to 227 KB per block, A100 163 KB, RTX 30xx/40xx 99 KB, Turing 64 KB
     assert triton_key_tile_limit(shared_kb * 1024) == tile_kb * 1024
@@ -520,17 +544,17 @@ def test_triton_key_tile_limit_follows_the_devices_shared_memory(shared_kb, tile
     ],
 )
 def test_triton_refuses_tiles_beyond_the_devices_limit(monkeypatch, shared_kb, window, head_dim, dtype, match):
-    op = importlib.import_module("ssltm_kernels.window_attention_3d")
     monkeypatch.setattr(op, "device_shared_memory", lambda device: shared_kb * 1024)
     q = torch.randn(1, *window, 1, head_dim, dtype=dtype)
     with pytest.raises(BackendUnavailableError, match=match):
-        op.can_run_triton(q, window_geometry(q.shape[1:4], window), raise_error=True)
+        op.can_run_triton(q, q, q, window_size=window, raise_error=True)
     half_window = (max(1, window[0] // 2), *window[1:])  # half the tile fits, but for the 64 KB device
-    assert op.can_run_triton(q[:, : half_window[0]], window_geometry(half_window, half_window)) == (shared_kb >= 99)
+    half = q[:, : half_window[0]]
+    assert bool(op.can_run_triton(half, half, half, window_size=half_window)) == (shared_kb >= 99)
 
 
 def test_dq_kernel_double_buffers_key_tiles_up_to_half_the_devices_limit():
-    from ssltm_kernels.window_attention_3d import triton_config
+    from ssltm_kernels.ops.window_attention_3d import triton_config
 
     def stages(tokens, head_dim, dtype, limit_kb):
         return triton_config(tokens, head_dim, dtype, interpreting=False, key_tile_limit=limit_kb * 1024).dq_num_stages
@@ -540,3 +564,181 @@ def test_dq_kernel_double_buffers_key_tiles_up_to_half_the_devices_limit():
     assert stages(8 * 7 * 7, 32, torch.bfloat16, 32) == 1
     assert stages(4 * 7 * 7, 32, torch.bfloat16, 32) == 2
     assert stages(16 * 7 * 7, 16, torch.bfloat16, 64) == 1  # 1024 keys: one buffer whatever the tile
+
+
+# ------------------------------------------------------------------------------------------------------
+# API a Video Swin user expects: int windows, rel_pos_mode on window batches, autocast, packed qkv
+# ------------------------------------------------------------------------------------------------------
+def test_module_takes_an_int_window_like_video_swin():
+    module = WindowAttention3D(96, 7, 3)
+    assert module.window_size == (7, 7, 7)
+    assert module.relative_position_bias_table.shape == (13**3, 3)
+    assert module.relative_position_index.shape == (343, 343)
+    out = module(torch.randn(1, 2, 3, 3, 96), shift_size=1)
+    assert out.shape == (1, 2, 3, 3, 96) and torch.isfinite(out).all()
+
+
+def test_window_batches_honour_or_refuse_rel_pos_mode():
+    torch.manual_seed(0)
+    swin = WindowAttention3D(8, (2, 3, 3), 2)
+    exact = copy.deepcopy(swin)
+    exact.rel_pos_mode = "exact"
+    full = torch.randn(4, 18, 8)
+    assert_close(exact(full), swin(full), 0.0, "full windows: both modes agree")
+    with pytest.raises(ValueError, match=r"rel_pos_mode='exact' needs the shape of the shrunk window.* 12 tokens"):
+        exact(torch.randn(4, 12, 8))
+    assert swin(torch.randn(4, 12, 8)).shape == (4, 12, 8)
+
+
+def test_qkvpacked_backward_writes_one_gradient_without_a_stack():
+    """The module's projection feeds the op packed: autograd reaches qkv straight from the op's backward
+    (no unbind/stack node), and the packed gradient equals the reference's."""
+    qkv, table, pad_k, pad_v = make_inputs(1, (5, 13, 9), 2, 16, (4, 7, 7))
+    kw = dict(window_size=(4, 7, 7), shift_size=(2, 3, 3), rel_pos_bias_table=table, pad_k=pad_k, pad_v=pad_v)
+    out = op.window_attention_3d_qkvpacked(qkv, backend="triton", **kw)
+    assert out.grad_fn.next_functions[0][0].variable is qkv  # the op's backward hands its dqkv to the leaf
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, (qkv, table, pad_k, pad_v), grad)
+    ref_inputs = upcast((qkv, table, pad_k, pad_v))
+    ref_out, ref_grads = run(window_attention_3d_reference, *ref_inputs, window_size=(4, 7, 7), shift_size=(2, 3, 3))
+    assert_close(out, ref_out, 2e-5, "out")
+    for name, g, r in zip(("dqkv", "dtable", "dpad_k", "dpad_v"), grads, ref_grads, strict=True):
+        assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
+    with pytest.raises(ValueError, match=r"qkv must be 7-D \(B, T, H, W, 3, heads, head_dim\), got shape"):
+        op.window_attention_3d_qkvpacked(qkv[..., :2, :, :], window_size=(4, 7, 7))
+
+
+def test_module_window_batches_feed_the_op_packed():
+    torch.manual_seed(0)
+    module = WindowAttention3D(16, (2, 3, 3), 2, qkv_bias=True, backend="triton")
+    x = torch.randn(3, 18, 16, requires_grad=True)
+    mask = torch.zeros(3, 18, 18).masked_fill(torch.rand(3, 18, 18) > 0.7, -100.0)
+    out = module(x, mask)
+    nodes, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and type(node).__name__ not in nodes:
+            nodes.add(type(node).__name__)
+            todo += [next_node for next_node, _ in node.next_functions]
+    assert not any("Unbind" in name or "Stack" in name for name in nodes), nodes
+    reference = copy.deepcopy(module)
+    reference.backend = "reference"
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    ref = reference(x, mask)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert_close(out, ref, 2e-5, "out")
+    assert_close(gx, gx_ref, 1e-4, "dx")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+def test_autocast_runs_the_kernels_in_the_autocast_dtype(packed):
+    """As SDPA: fp32 activations under torch.autocast run the kernels in the autocast dtype (fp16 here, the
+    interpreter has no bf16 dot), the fp32 bias table stays fp32, gradients come back in the leaves' dtypes,
+    and the numbers follow the reference run under the same autocast (2x rule against fp32)."""
+    qkv, table, pad_k, pad_v = make_inputs(1, (5, 13, 9), 2, 32, (4, 7, 7))
+    kw = dict(window_size=(4, 7, 7), shift_size=(2, 3, 3), rel_pos_bias_table=table, pad_k=pad_k, pad_v=pad_v)
+    grad = torch.randn(1, 5, 13, 9, 2, 32, generator=torch.Generator().manual_seed(1))
+
+    def attend(fn, **extra):
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert op.compute_dtype(qkv) == torch.float16
+            out = op.window_attention_3d_qkvpacked(qkv, **kw, **extra) if packed else fn(*qkv.unbind(-3), **kw, **extra)
+        return out, torch.autograd.grad(out, (qkv, table, pad_k, pad_v), grad.to(out.dtype))
+
+    out, grads = attend(window_attention_3d, backend="triton")
+    assert out.dtype == torch.float16
+    assert [g.dtype for g in grads] == [torch.float32] * 4
+    low_out, low_grads = attend(window_attention_3d_reference)
+    ref_out, ref_grads = run(window_attention_3d_reference, qkv, table, pad_k, pad_v, **{
+        k: v for k, v in kw.items() if k in ("window_size", "shift_size")})
+    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
+                                            (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "autocast")
+
+
+def test_torch_compile_fullgraph_under_autocast():
+    torch.manual_seed(0)
+    module = WindowAttention3D(32, (2, 3, 3), num_heads=2, qkv_bias=True, backend="triton")
+    x = torch.randn(1, 3, 5, 4, 32)
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        eager = module(x, shift_size=(1, 1, 1))
+        out = compiled(x, shift_size=(1, 1, 1))
+    assert out.dtype == eager.dtype
+    assert_close(out.float(), eager.float(), 2e-3, "compiled vs eager under autocast")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Dispatch: the CUDA backend's Python side, and which CUDA kernels it would take
+# ------------------------------------------------------------------------------------------------------
+def _pretend_cuda_backend_runs_on_cpu(monkeypatch, kernels=("tensor_cores", "tensor_cores")):
+    """Let dispatch take the 'cuda' backend for CPU tensors: the extension runs its CPU emulation of the
+    CUDA kernels there, so the custom op -> _C path and the backward's casts run as on a GPU."""
+    if not ssltm_kernels.HAS_CUDA_EXT:
+        pytest.fail("ssltm_kernels._C is not built: pip install -e . --no-build-isolation")
+    monkeypatch.setattr(op, "cuda_unavailable_reason", lambda q: None)
+    monkeypatch.setattr(op, "_cuda_kernels", lambda q, geom, dtype: kernels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv-views", "packed"])
+def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch, dtype, packed):
+    _pretend_cuda_backend_runs_on_cpu(monkeypatch)
+    qkv, table, pad_k, pad_v = make_inputs(2, (3, 7, 5), 2, 8, (2, 3, 3), dtype=dtype)
+    kw = dict(window_size=(2, 3, 3), shift_size=(1, 1, 2))
+    fused = (lambda *qkv_views, **k: op.window_attention_3d_qkvpacked(torch.stack(qkv_views, -3), **k)) if packed \
+        else window_attention_3d
+    calls = []
+    monkeypatch.setattr(op, "_fused_window_attention",
+                        lambda *a, _f=op._fused_window_attention: calls.append(a[9]) or _f(*a))
+    out, grads = run(fused, qkv, table, pad_k, pad_v, **kw)
+    assert calls == ["cuda"]
+    assert out.dtype == dtype and [g.dtype for g in grads] == [dtype, torch.float32, dtype, dtype]
+    low_out, low_grads = run(window_attention_3d_reference, qkv, table, pad_k, pad_v, **kw)
+    fp32 = tuple(x.detach().float().requires_grad_() for x in (qkv, table, pad_k, pad_v))
+    ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
+    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
+                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype, "cuda emulation")
+
+
+@pytest.mark.parametrize("kernels, chosen", [
+    (("tensor_cores", "tensor_cores"), "cuda"),
+    (("cuda_cores", "cuda_cores"), "triton"),
+    (("tensor_cores", "cuda_cores"), "triton"),
+])
+def test_dispatch_prefers_triton_over_cuda_core_kernels(monkeypatch, kernels, chosen):
+    _pretend_cuda_backend_runs_on_cpu(monkeypatch, kernels)
+    q, k, v = _qkv()
+    assert op.can_run_cuda(q, k, v, window_size=2).kernels == kernels
+    calls = []
+    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[9]) or q)
+    window_attention_3d(q, k, v, window_size=2)
+    window_attention_3d(q, k, v, window_size=2, backend="cuda")  # forced: whatever family
+    assert calls == [chosen, "cuda"]
+    monkeypatch.setattr(op, "triton_unavailable_reason", lambda q: "no triton")
+    window_attention_3d(q, k, v, window_size=2)  # CUDA cores beat the reference
+    assert calls[-1] == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_module_under_bf16_autocast_with_packed_qkv(backend):
+    """The SSLTM training setting: fp32 module, bf16 autocast, volume path (packed qkv), on the GPU."""
+    torch.manual_seed(0)
+    module = WindowAttention3D(128, (4, 7, 7), 4, qkv_bias=True, backend=backend).cuda()
+    x = torch.randn(2, 4, 30, 30, 128, device="cuda", requires_grad=True)
+
+    def attend(m):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x, shift_size=(2, 3, 3))
+        return out, torch.autograd.grad(out.float().square().sum(), (x, m.relative_position_bias_table, m.qkv.weight))
+
+    out, grads = attend(module)
+    assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32] * 3
+    reference = copy.deepcopy(module)
+    reference.backend = "reference"
+    low_out, low_grads = attend(reference)
+    fp32_out = reference(x, shift_size=(2, 3, 3))
+    fp32_grads = torch.autograd.grad(fp32_out.square().sum(), (x, reference.relative_position_bias_table,
+                                                               reference.qkv.weight))
+    assert_within_twice_low_precision_error(("out", "dx", "dtable", "dqkv_weight"), (out, *grads),
+                                            (low_out, *low_grads), (fp32_out, *fp32_grads), torch.bfloat16, backend)

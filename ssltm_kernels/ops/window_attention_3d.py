@@ -25,8 +25,8 @@ All gradients are deterministic: no floating-point atomics, partial sums are red
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from einops import rearrange
 
 from ssltm_kernels._backend import (
     HAS_TRITON,
-    BackendUnavailableError,
+    BackendCheck,
     choose_backend,
     cuda_unavailable_reason,
     triton_interpreting,
@@ -51,13 +51,18 @@ __all__ = [
     "window_attention_3d",
     "window_attention_3d_reference",
     "window_attention_3d_windows",
+    "window_attention_3d_qkvpacked",
     "can_run_cuda",
     "can_run_triton",
+    "can_run_reference",
+    "compute_dtype",
 ]
 
 SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_WINDOW_TOKENS = 1024  # the kernels keep a whole window's keys in one tile
+# The Triton kernels' limits (they keep a whole window's keys in one tile); the CUDA kernels' are
+# _C.MAX_WINDOW_TOKENS and _C.MAX_HEAD_DIM, defined in csrc/ beside the kernels
+MAX_WINDOW_TOKENS = 1024
 MAX_HEAD_DIM = 256
 # Shared memory a block may opt in to -> the largest key tile (one head's keys of a window, held in shared
 # memory by the Triton kernels) taken there; compile_check proves each row for sm_90, sm_80 and sm_86
@@ -308,14 +313,17 @@ def _validate(q, k, v, window_size, shift_size, table, pad_k, pad_v, rel_pos_mod
     return geom
 
 
-def _kernel_limits_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
-    if q.dtype not in KERNEL_DTYPES:
-        return f"dtype {q.dtype} is not one of {KERNEL_DTYPES}"
-    if geom.tokens_per_window > MAX_WINDOW_TOKENS:
-        return f"a window of {geom.tokens_per_window} tokens exceeds the kernels' {MAX_WINDOW_TOKENS}"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} exceeds the kernels' {MAX_HEAD_DIM}"
-    return None
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels run in: q's, or the autocast dtype where autocast casts q (see the ops'
+    autocast registration below)."""
+    device_type = q.device.type
+    if q.dtype in KERNEL_DTYPES and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return q.dtype
+
+
+def _dtype_reason(dtype: torch.dtype) -> str | None:
+    return None if dtype in KERNEL_DTYPES else f"dtype {dtype} is not one of {KERNEL_DTYPES}"
 
 
 def triton_key_tile_limit(shared_memory_bytes: int) -> int:
@@ -331,44 +339,107 @@ def device_shared_memory(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def _triton_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
-    reason = triton_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> str | None:
+    reason = triton_unavailable_reason(q) or _dtype_reason(dtype)
     if reason is not None:
         return reason
+    if geom.tokens_per_window > MAX_WINDOW_TOKENS:
+        return f"a window of {geom.tokens_per_window} tokens exceeds the Triton kernels' {MAX_WINDOW_TOKENS}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} exceeds the Triton kernels' {MAX_HEAD_DIM}"
     shared = device_shared_memory(q.device)
     limit = triton_key_tile_limit(shared)
-    tile = key_tile_bytes(geom.tokens_per_window, q.shape[-1], q.dtype)
+    tile = key_tile_bytes(geom.tokens_per_window, q.shape[-1], dtype)
     if limit == 0:
         return (f"the device's {shared // 1024} KB of shared memory per block is below the "
                 f"{TRITON_KEY_TILE_LIMITS[-1][0] // 1024} KB the Triton kernels need")
     if tile > limit:
-        return (f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {q.dtype}, "
+        return (f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {dtype}, "
                 f"{tile // 1024} KB padded to powers of 2) exceed the {limit // 1024} KB tile the Triton kernels "
                 f"take with {shared // 1024} KB of shared memory per block")
     return None
 
 
-def _cuda_reason(q: torch.Tensor, geom: WindowGeometry) -> str | None:
-    reason = cuda_unavailable_reason(q) or _kernel_limits_reason(q, geom)
+def _cuda_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> str | None:
+    reason = cuda_unavailable_reason(q) or _dtype_reason(dtype)
+    if reason is None and geom.tokens_per_window > _C.MAX_WINDOW_TOKENS:
+        reason = f"a window of {geom.tokens_per_window} tokens exceeds the CUDA kernels' {_C.MAX_WINDOW_TOKENS}"
     if reason is None and q.shape[-1] > _C.MAX_HEAD_DIM:
         reason = f"head_dim {q.shape[-1]} exceeds the CUDA kernels' {_C.MAX_HEAD_DIM}"
     return reason
 
 
-def _answer(backend: str, reason: str | None, raise_error: bool) -> bool:
-    if reason is not None and raise_error:
-        raise BackendUnavailableError(f"window_attention_3d: backend {backend!r} cannot run: {reason}")
-    return reason is None
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def can_run_triton(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = False) -> bool:
-    """Whether the Triton kernels can run these inputs (``raise_error``: raise the reason instead)."""
-    return _answer("triton", _triton_reason(q, geom), raise_error)
+def _cuda_kernels(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> tuple[str, str]:
+    """The CUDA kernel family (``"tensor_cores"`` or ``"cuda_cores"``) of the forward and of the backward
+    on q's device, as the extension's launchers decide it."""
+    props = torch.cuda.get_device_properties(q.device)
+    return tuple(_C.window_attention_3d_cuda_kernels(
+        _DTYPE_NAMES[dtype], geom.tokens_per_window, q.shape[-1], props.shared_memory_per_block_optin,
+        10 * props.major + props.minor))
 
 
-def can_run_cuda(q: torch.Tensor, geom: WindowGeometry, raise_error: bool = False) -> bool:
-    """Whether the compiled CUDA kernels can run these inputs (``raise_error``: raise the reason instead)."""
-    return _answer("cuda", _cuda_reason(q, geom), raise_error)
+_DROPOUT_WARNED = False
+
+
+def _dropout_reason(dropout_p: float) -> str | None:
+    return f"attention dropout (dropout_p={dropout_p}) runs only in the reference" if dropout_p > 0 else None
+
+
+def _warn_dropout_fallback(dropout_p: float) -> None:
+    global _DROPOUT_WARNED
+    if not _DROPOUT_WARNED:
+        _DROPOUT_WARNED = True
+        warnings.warn(f"window_attention_3d: attention dropout (dropout_p={dropout_p}) is not fused in the kernels; "
+                      "it runs in the PyTorch reference, which is slower and takes more memory (warned once)",
+                      stacklevel=4)
+
+
+def _checks(q, geom: WindowGeometry, dropout_p: float) -> dict[str, BackendCheck]:
+    dtype = compute_dtype(q)
+    dropout = _dropout_reason(dropout_p)
+    cuda_reason = dropout or _cuda_reason(q, geom, dtype)
+    return {
+        "cuda": BackendCheck("cuda", cuda_reason, None if cuda_reason else _cuda_kernels(q, geom, dtype)),
+        "triton": BackendCheck("triton", dropout or _triton_reason(q, geom, dtype)),
+        "reference": BackendCheck("reference", None),
+    }
+
+
+def _can_run(backend: str, q, k, v, window_size, rel_pos_bias_table, shift_size, pad_k, pad_v, rel_pos_mode,
+             attn_mask, dropout_p, raise_error) -> BackendCheck:
+    geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
+    check = _checks(q, geom, dropout_p)[backend]
+    if raise_error:
+        check.raise_if_unavailable("window_attention_3d")
+    return check
+
+
+def can_run_cuda(q, k, v, *, window_size, rel_pos_bias_table=None, shift_size=(0, 0, 0), pad_k=None, pad_v=None,
+                 rel_pos_mode="swin", attn_mask=None, dropout_p=0.0, raise_error=False) -> BackendCheck:
+    """Whether the compiled CUDA kernels can run :func:`window_attention_3d` on these arguments (truthy),
+    with the reason when not (``raise_error``: raise it) and, when they can, ``kernels``: the family
+    (``"tensor_cores"`` or ``"cuda_cores"``) of the forward and of the backward on q's device."""
+    return _can_run("cuda", q, k, v, window_size, rel_pos_bias_table, shift_size, pad_k, pad_v, rel_pos_mode,
+                    attn_mask, dropout_p, raise_error)
+
+
+def can_run_triton(q, k, v, *, window_size, rel_pos_bias_table=None, shift_size=(0, 0, 0), pad_k=None, pad_v=None,
+                   rel_pos_mode="swin", attn_mask=None, dropout_p=0.0, raise_error=False) -> BackendCheck:
+    """Whether the Triton kernels can run :func:`window_attention_3d` on these arguments (truthy), with
+    the reason when not (``raise_error``: raise it)."""
+    return _can_run("triton", q, k, v, window_size, rel_pos_bias_table, shift_size, pad_k, pad_v, rel_pos_mode,
+                    attn_mask, dropout_p, raise_error)
+
+
+def can_run_reference(q, k, v, *, window_size, rel_pos_bias_table=None, shift_size=(0, 0, 0), pad_k=None,
+                      pad_v=None, rel_pos_mode="swin", attn_mask=None, dropout_p=0.0,
+                      raise_error=False) -> BackendCheck:
+    """The reference runs any valid arguments (invalid ones raise the input error)."""
+    return _can_run("reference", q, k, v, window_size, rel_pos_bias_table, shift_size, pad_k, pad_v, rel_pos_mode,
+                    attn_mask, dropout_p, raise_error)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,7 +563,7 @@ if HAS_TRITON:
     def _window_attn_bwd_dq_kernel(
         Q, K, V, Out, DO, Lse, Delta, DQ, DBIAS, TABLE, PAD_K, PAD_V, MASK,
         sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
-        T, H, W, NH, HD, num_masks, num_windows, scale,
+        T, H, W, NH, HD, num_masks, num_windows, sg_tok, sg_head, scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BH: tl.constexpr, BW: tl.constexpr,
@@ -503,7 +574,8 @@ if HAS_TRITON:
     ):
         """dq for ``BLOCK_M`` queries of every ``num_programs(2)``-th window; the summed dS of those
         windows goes to ``DBIAS[group, head]`` (an (N, N) slice), reduced later in fixed order.
-        Also writes ``Delta = rowsum(dO * O)`` of its queries for the dk/dv kernel."""
+        Also writes ``Delta = rowsum(dO * O)`` of its queries for the dk/dv kernel. Gradient rows sit
+        ``sg_tok`` elements apart per token and ``sg_head`` per head (contiguous, or one packed dqkv)."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         head = tl.program_id(1)
         group = tl.program_id(2)
@@ -533,7 +605,8 @@ if HAS_TRITON:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            tl.store(DQ + rows[:, None] * HD + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_d_ok)
+            grad_rows = _token_rows(b, ot, oh, ow, T, H, W) * sg_tok + head * sg_head
+            tl.store(DQ + grad_rows[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_d_ok)
             if NEED_DBIAS:
                 dbias += ds
         if NEED_DBIAS:
@@ -544,7 +617,7 @@ if HAS_TRITON:
     def _window_attn_bwd_dkdv_kernel(
         Q, K, V, DO, Lse, Delta, DK, DV, DPAD, TABLE, PAD_K, PAD_V, MASK,
         sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
-        T, H, W, NH, HD, num_masks, scale,
+        T, H, W, NH, HD, num_masks, sg_tok, sg_head, scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         BH: tl.constexpr, BW: tl.constexpr,
@@ -584,10 +657,10 @@ if HAS_TRITON:
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dk = dk * scale
-        rows_n = _token_rows(kb, kt, kh, kw, T, H, W) * NH + head
+        grad_rows = _token_rows(kb, kt, kh, kw, T, H, W) * sg_tok + head * sg_head
         key_d_ok = valid_n[:, None] & (offs_d[None, :] < HD)
-        tl.store(DK + rows_n[:, None] * HD + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=key_d_ok)
-        tl.store(DV + rows_n[:, None] * HD + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=key_d_ok)
+        tl.store(DK + grad_rows[:, None] + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=key_d_ok)
+        tl.store(DV + grad_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=key_d_ok)
         if NEED_DPAD:
             padded = (offs_n < N) & (valid_n == 0)
             dpad_k = tl.sum(tl.where(padded[:, None], dk, 0.0), axis=0)
@@ -595,6 +668,37 @@ if HAS_TRITON:
             base = DPAD + (tl.program_id(0).to(tl.int64) * 2 * NH + head) * HD
             tl.store(base + offs_d, dpad_k, mask=offs_d < HD)
             tl.store(base + NH * HD + offs_d, dpad_v, mask=offs_d < HD)
+
+    @triton.jit
+    def _window_attn_table_grad_kernel(
+        DBIAS, DTABLE, groups, NH,
+        N: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+        FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """Bias-table gradient ``DTABLE[e, head]`` for ``BLOCK_E`` table entries: the sum over the window
+        groups' dS partials ``DBIAS (groups, NH, N, N)`` and over queries m of ``dS[m, key]``, where the key
+        sits at m's bias coordinates minus entry e's offset (when that is a token of the window). Fixed
+        summation order: deterministic."""
+        head = tl.program_id(1)
+        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        table_size: tl.constexpr = (2 * FT - 1) * (2 * FH - 1) * (2 * FW - 1)
+        dt = offs_e // ((2 * FH - 1) * (2 * FW - 1)) - (FT - 1)
+        dh = (offs_e // (2 * FW - 1)) % (2 * FH - 1) - (FH - 1)
+        dw = offs_e % (2 * FW - 1) - (FW - 1)
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for group in range(0, groups):
+            base = DBIAS + ((group * NH + head) * N).to(tl.int64) * N
+            for start_m in range(0, N, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                kt = (offs_m // (BH * BW))[None, :] - dt[:, None]
+                kh = ((offs_m // BW) % BH)[None, :] - dh[:, None]
+                kw = (offs_m % BW)[None, :] - dw[:, None]
+                key = (kt * BH + kh) * BW + kw
+                ok = (offs_e[:, None] < table_size) & (offs_m[None, :] < N) & (kt >= 0) & (kh >= 0) & (kh < BH) \
+                    & (kw >= 0) & (kw < BW) & (key < N)
+                acc += tl.sum(tl.load(base + offs_m[None, :] * N + key, mask=ok, other=0.0), axis=1)
+        tl.store(DTABLE + offs_e * NH + head, acc, mask=offs_e < table_size)
 
 
 def _next_pow2(x: int, minimum: int = 16) -> int:
@@ -700,38 +804,38 @@ def _dbias_groups(num_windows: int, blocks_m: int, heads: int, device: torch.dev
     return max(1, min(num_windows, -(-target_programs // (blocks_m * heads))))
 
 
-@functools.lru_cache(maxsize=64)
-def _bias_gather_plan(n: int, bias_window: tuple, table_window: tuple, device: torch.device):
-    """For each table entry, the flat (query, key) pairs that use it, padded with a sentinel pair
-    ``n*n`` (which reads a zero): ``(table_size, max_pairs)`` int64. Reducing through a gather in a
-    fixed order keeps the bias-table gradient deterministic."""
-    index = relative_position_index(table_window, n, bias_window).reshape(-1)
-    table_size = math.prod([2 * w - 1 for w in table_window])
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index, minlength=table_size)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(n * n) - starts[index[order]]
-    plan = torch.full((table_size, int(counts.max())), n * n, dtype=torch.int64)
-    plan[index[order], slot] = order
-    return plan.to(device)
+def _table_grad_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_M) of the table-gradient kernel; the interpreter takes whole tables and windows."""
+    if triton_interpreting():
+        return _next_pow2(table_size), _next_pow2(tokens_per_window)
+    return 128, 32
 
 
-def _reduce_bias_grad(dbias_pairs: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """``(heads, N, N)`` summed dS -> ``(table_size, heads)`` bias-table gradient."""
-    heads, n = dbias_pairs.shape[0], geom.tokens_per_window
-    plan = _bias_gather_plan(n, geom.bias_window, geom.table_window, dbias_pairs.device)
-    flat = torch.cat((dbias_pairs.reshape(heads, n * n), dbias_pairs.new_zeros(heads, 1)), dim=1)
-    return flat[:, plan].sum(-1).t().contiguous()
+def _triton_table_grad(dbias: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """``(groups, heads, N, N)`` dS partials -> ``(table_size, heads)`` fp32 bias-table gradient."""
+    groups, heads = dbias.shape[:2]
+    dtable = torch.empty((geom.table_size, heads), dtype=torch.float32, device=dbias.device)
+    block_e, block_m = _table_grad_blocks(geom.table_size, geom.tokens_per_window)
+    _window_attn_table_grad_kernel[(triton.cdiv(geom.table_size, block_e), heads)](
+        dbias, dtable, groups, heads, N=geom.tokens_per_window, BH=geom.bias_window[1], BW=geom.bias_window[2],
+        FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2],
+        BLOCK_E=block_e, BLOCK_M=block_m, num_warps=4,
+    )
+    return dtable
 
 
 def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom: WindowGeometry,
-                     scale: float, need_table_grad: bool, need_pad_grad: bool):
+                     scale: float, need_table_grad: bool, need_pad_grad: bool, grad_qkv: torch.Tensor | None):
     batch, t, h, w, heads, head_dim = q.shape
     n = geom.tokens_per_window
     num_windows = batch * geom.num_windows
     grad_out = grad_out.contiguous()
     delta = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # written by the dq kernel
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if grad_qkv is None:
+        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    else:
+        dq, dk, dv = grad_qkv.unbind(-3)
+    grad_strides = dq.stride(3), dq.stride(4)  # per token, per head: the kernels write rows of head_dim
     cfg = _launch_config(q, n)
     need_table_grad = need_table_grad and table is not None
     need_pad_grad = need_pad_grad and (pad_k is not None or pad_v is not None)
@@ -747,7 +851,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     groups = _dbias_groups(num_windows, blocks_m, heads, q.device)  # parallelism over windows, dS partials or not
     dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device) if need_table_grad else dummy
     _window_attn_bwd_dq_kernel[(blocks_m, heads, groups)](
-        q, k, v, out, grad_out, lse, delta, dq, dbias, *common, num_windows, scale, **constants,
+        q, k, v, out, grad_out, lse, delta, dq, dbias, *common, num_windows, *grad_strides, scale, **constants,
         NEED_DBIAS=need_table_grad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.dq_num_stages,
     )
@@ -755,11 +859,11 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     dpad = (torch.empty((num_windows * blocks_n, 2, heads, head_dim), dtype=torch.float32, device=q.device)
             if need_pad_grad else dummy)
     _window_attn_bwd_dkdv_kernel[(num_windows * blocks_n, heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, dpad, *common, scale, **constants,
+        q, k, v, grad_out, lse, delta, dk, dv, dpad, *common, *grad_strides, scale, **constants,
         NEED_DPAD=need_pad_grad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.dkdv_num_stages,
     )
-    dtable = _reduce_bias_grad(dbias.sum(0), geom) if need_table_grad else None
+    dtable = _triton_table_grad(dbias, geom) if need_table_grad else None
     dpad_k, dpad_v = (dpad[:, 0].sum(0), dpad[:, 1].sum(0)) if need_pad_grad else (None, None)
     return dq, dk, dv, dtable, dpad_k, dpad_v
 
@@ -770,16 +874,30 @@ _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat
 
 
 def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
-                         pad: bool = True, mask: bool = False, key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES):
-    """The three kernels as the GPU launcher would specialise them for one configuration on a device
-    whose key tiles may reach ``key_tile_limit`` bytes, as ``(name, kernel, signature, constexprs, attrs,
-    options)`` for ``triton.compile`` ahead of time.
+                         pad: bool = True, mask: bool = False, key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES,
+                         window_batches: bool = False, int_arg=None, aligned_pointers: bool = True):
+    """The kernels as the GPU launcher would specialise them for one configuration on a device whose key
+    tiles may reach ``key_tile_limit`` bytes, as ``(name, kernel, signature, constexprs, attrs, options)``
+    for ``triton.compile`` ahead of time.
 
-    ``attrs`` mark every pointer and integer argument divisible by 16, as the launcher does for a qkv
-    projection whose sizes are multiples of 16: the most specialised variant, whose software
-    pipelining takes the most shared memory."""
+    ``window_batches``: the geometry ``window_attention_3d_windows`` launches (rows of ``prod(window)``
+    tokens whose bias coordinates decode by ``window``; no shift, no pad rows) instead of a volume's.
+
+    ``int_arg(name)`` is the value a launch passes for the integer argument ``name``; the signature and
+    ``attrs`` specialise the kernel on it as Triton's launcher does: 1 becomes a constant, a multiple of
+    16 is marked divisible by 16, values outside int32 make it i64 (u64 from 2**63). Default: 16 for
+    every one, as for a qkv projection whose sizes are multiples of 16, the most specialised variant,
+    whose software pipelining takes the most shared memory. ``aligned_pointers``: every tensor starts at
+    a multiple of 16 bytes (torch's allocations, and q/k/v views into a qkv projection when
+    ``head_dim * itemsize`` is a multiple of 16, do), so pointers are marked divisible by 16 too."""
     window, shift = _triple(tuple(window), "window"), _triple(tuple(shift), "shift")
-    geom = WindowGeometry(window, window, shift, window, window)
+    if window_batches:
+        if any(shift) or pad:
+            raise ValueError("window batches take neither a shift (it is in their attn_mask) nor pad rows")
+        tokens = math.prod(window)
+        geom = WindowGeometry((1, 1, tokens), (1, 1, tokens), (0, 0, 0), window, window)
+    else:
+        geom = WindowGeometry(window, window, shift, window, window)
     cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False, key_tile_limit=key_tile_limit)
     constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask)
     kernels = (
@@ -791,16 +909,29 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     )
     for kernel, blocks, options in kernels:
         constexprs = {**constants, **blocks, "BLOCK_D": cfg.block_d}
-        signature = {}
-        for name in kernel.arg_names:
+        signature, attrs = {}, {}
+        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
+            # a parameter marked do_not_specialize(_on_alignment) is compiled as the launcher would
+            specialise = not getattr(param, "do_not_specialize", False)
+            align = specialise and not getattr(param, "do_not_specialize_on_alignment", False)
             if name in constexprs:
                 signature[name] = "constexpr"
-            elif name in _TRITON_POINTERS:
+                continue
+            if name in _TRITON_POINTERS:
                 signature[name] = "*" + ("fp32" if name in _TRITON_FP32_POINTERS else _TRITON_TYPE_NAMES[dtype])
+                divisible = aligned_pointers
+            elif name == "scale":
+                signature[name] = "fp32"  # Triton never specialises on a float's value
+                continue
             else:
-                signature[name] = "fp32" if name == "scale" else "i32"
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-                 if signature[name] not in ("constexpr", "fp32")}
+                value = 16 if int_arg is None else int(int_arg(name))
+                if value == 1 and specialise:
+                    signature[name], constexprs[name] = "constexpr", 1
+                    continue
+                signature[name] = ("i32" if -(2**31) <= value < 2**31 else "u64" if value >= 2**63 else "i64")
+                divisible = value % 16 == 0
+            if divisible and align:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         yield kernel.__name__, kernel, signature, constexprs, attrs, {"num_warps": cfg.num_warps, **options}
 
 
@@ -816,13 +947,7 @@ def _geometry_from_lists(q, window, shift, bias_window, table_window) -> WindowG
     return WindowGeometry(tuple(q.shape[1:4]), tuple(window), tuple(shift), tuple(bias_window), tuple(table_window))
 
 
-@torch.library.custom_op("ssltm::window_attention_3d_fwd", mutates_args=())
-def _window_attention_3d_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None,
-    pad_v: torch.Tensor | None, attn_mask: torch.Tensor | None, window: list[int], shift: list[int],
-    bias_window: list[int], table_window: list[int], scale: float, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: ``(out (B,T,H,W,nh,hd), lse (B,T,H,W,nh) fp32)``."""
+def _forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend):
     if backend == "cuda":
         return _C.window_attention_3d_forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift,
                                               bias_window, table_window, scale)
@@ -831,9 +956,36 @@ def _window_attention_3d_fwd(
         return _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom, scale)
 
 
+@torch.library.custom_op("ssltm::window_attention_3d_fwd", mutates_args=())
+def _window_attention_3d_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None,
+    pad_v: torch.Tensor | None, attn_mask: torch.Tensor | None, window: list[int], shift: list[int],
+    bias_window: list[int], table_window: list[int], scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out (B,T,H,W,nh,hd), lse (B,T,H,W,nh) fp32)``."""
+    return _forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend)
+
+
+@torch.library.custom_op("ssltm::window_attention_3d_qkvpacked_fwd", mutates_args=())
+def _window_attention_3d_qkvpacked_fwd(
+    qkv: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None, pad_v: torch.Tensor | None,
+    attn_mask: torch.Tensor | None, window: list[int], shift: list[int], bias_window: list[int],
+    table_window: list[int], scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward on one ``(B,T,H,W,3,nh,hd)`` projection; its backward writes one packed dqkv."""
+    return _forward(*qkv.unbind(-3), table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
+                    scale, backend)
+
+
 @_window_attention_3d_fwd.register_fake
 def _(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:5], dtype=torch.float32)
+
+
+@_window_attention_3d_qkvpacked_fwd.register_fake
+def _(qkv, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend):
+    shape = (*qkv.shape[:-3], *qkv.shape[-2:])
+    return qkv.new_empty(shape), qkv.new_empty(shape[:5], dtype=torch.float32)
 
 
 @torch.library.custom_op("ssltm::window_attention_3d_bwd", mutates_args=())
@@ -841,85 +993,134 @@ def _window_attention_3d_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None, pad_v: torch.Tensor | None,
     attn_mask: torch.Tensor | None, window: list[int], shift: list[int], bias_window: list[int],
-    table_window: list[int], scale: float, backend: str, need_table_grad: bool, need_pad_grad: bool,
+    table_window: list[int], scale: float, backend: str, need_table_grad: bool, need_pad_grad: bool, packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; gradients not asked for are empty."""
+    """Fused backward: ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; gradients not asked for are empty.
+    ``packed``: the first result is one ``(B,T,H,W,3,nh,hd)`` dqkv that the kernels wrote, dk and dv are empty."""
+    grad_qkv = q.new_empty((*q.shape[:4], 3, *q.shape[4:])) if packed else None
     if backend == "cuda":
         grads = _C.window_attention_3d_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask,
                                                 window, shift, bias_window, table_window, scale,
-                                                need_table_grad, need_pad_grad)
+                                                need_table_grad, need_pad_grad, grad_qkv=grad_qkv)
     else:
         geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
         with _on_device(q):
             grads = _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom, scale,
-                                     need_table_grad, need_pad_grad)
-    return tuple(q.new_empty(0, dtype=torch.float32) if g is None else g for g in grads)
+                                     need_table_grad, need_pad_grad, grad_qkv)
+    empty = q.new_empty(0, dtype=torch.float32)
+    dq, dk, dv = (grad_qkv, empty, empty.clone()) if packed else grads[:3]
+    return (dq, dk, dv, *(empty.clone() if g is None else g for g in grads[3:]))
 
 
 @_window_attention_3d_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
-      scale, backend, need_table_grad, need_pad_grad):
+      scale, backend, need_table_grad, need_pad_grad, packed):
     heads, head_dim = q.shape[-2:]
     empty = q.new_empty(0, dtype=torch.float32)
     dtable = q.new_empty(table.shape, dtype=torch.float32) if need_table_grad and table is not None else empty
     has_pad = need_pad_grad and (pad_k is not None or pad_v is not None)
-    dpad = q.new_empty((heads, head_dim), dtype=torch.float32) if has_pad else empty
+    dpad = q.new_empty((heads, head_dim), dtype=torch.float32) if has_pad else empty.clone()
+    if packed:
+        return q.new_empty((*q.shape[:4], 3, *q.shape[4:])), empty.clone(), empty.clone(), dtable, dpad, dpad.clone()
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dtable, dpad, dpad.clone()
 
 
+def _backward_grads(ctx, grad_out, q, k, v, packed: bool):
+    """The backward op on the saved tensors; table and pad gradients in their parameters' dtypes."""
+    out, lse, table, pad_k, pad_v, attn_mask = ctx.saved_tensors[-6:]
+    window, shift, bias_window, table_window, scale, backend = ctx.params
+    need_table, need_pad_k, need_pad_v = ctx.needs_input_grad[-10:-7]  # both ops end with these
+    dq, dk, dv, dtable, dpad_k, dpad_v = _window_attention_3d_bwd(
+        grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
+        scale, backend, bool(need_table), bool(need_pad_k or need_pad_v), packed)
+    return (dq, dk, dv, dtable.to(table.dtype) if need_table else None,
+            dpad_k.to(pad_k.dtype) if need_pad_k else None, dpad_v.to(pad_v.dtype) if need_pad_v else None)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend = inputs
-    out, lse = output
+    *tensors, window, shift, bias_window, table_window, scale, backend = inputs
     ctx.params = (window, shift, bias_window, table_window, scale, backend)
-    ctx.save_for_backward(q, k, v, out, lse, table, pad_k, pad_v, attn_mask)
-    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*tensors[:-4], output[0], output[1], *tensors[-4:])
+    ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, table, pad_k, pad_v, attn_mask = ctx.saved_tensors
-    window, shift, bias_window, table_window, scale, backend = ctx.params
-    need = ctx.needs_input_grad
-    dq, dk, dv, dtable, dpad_k, dpad_v = _window_attention_3d_bwd(
-        grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
-        scale, backend, bool(need[3]), bool(need[4] or need[5]))
-    dtable = dtable.to(table.dtype) if need[3] else None
-    dpad_k = dpad_k.to(pad_k.dtype) if need[4] else None
-    dpad_v = dpad_v.to(pad_v.dtype) if need[5] else None
-    return dq, dk, dv, dtable, dpad_k, dpad_v, None, None, None, None, None, None, None
+    q, k, v = ctx.saved_tensors[:3]
+    dq, dk, dv, *rest = _backward_grads(ctx, grad_out, q, k, v, packed=False)
+    return dq, dk, dv, *rest, *[None] * 7  # attn_mask and the non-tensor arguments
+
+
+def _backward_qkvpacked(ctx, grad_out, _grad_lse):
+    dqkv, _, _, *rest = _backward_grads(ctx, grad_out, *ctx.saved_tensors[0].unbind(-3), packed=True)
+    return dqkv, *rest, *[None] * 7  # attn_mask and the non-tensor arguments
 
 
 torch.library.register_autograd("ssltm::window_attention_3d_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("ssltm::window_attention_3d_qkvpacked_fwd", _backward_qkvpacked,
+                                setup_context=_setup_context)
+
+
+def _register_autocast(qualname: str, activations: tuple[int, ...]) -> None:
+    """Autocast declaration of a forward op, as SDPA's: under ``torch.autocast`` the float arguments at
+    positions ``activations`` (q/k/v or qkv, and the pad rows) run in the autocast dtype; the bias table
+    and the mask keep their precision, as the reference adds them to fp32 scores."""
+    op = torch.ops.ssltm.__getattr__(qualname.split("::")[1]).default
+
+    def cast(x, dtype):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.dtype in KERNEL_DTYPES else x
+
+    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+        def autocast_kernel(*args, device_type=device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [cast(x, dtype) if i in activations else x for i, x in enumerate(args)]
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+
+        torch.library.impl(qualname, key, autocast_kernel)
+
+
+_register_autocast("ssltm::window_attention_3d_fwd", activations=(0, 1, 2, 4, 5))  # q, k, v, pad_k, pad_v
+_register_autocast("ssltm::window_attention_3d_qkvpacked_fwd", activations=(0, 2, 3))  # qkv, pad_k, pad_v
 
 
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def _fused_window_attention(q, k, v, geom: WindowGeometry, table, scale, pad_k, pad_v, attn_mask, backend):
-    """Run the fused kernels of ``backend`` ('cuda' or 'triton') on validated inputs."""
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+def _fused_window_attention(q, k, v, geom: WindowGeometry, table, scale, pad_k, pad_v, attn_mask, backend,
+                            qkv: torch.Tensor | None):
+    """Run the fused kernels of ``backend`` ('cuda' or 'triton') on validated inputs; with ``qkv`` (the
+    packed tensor q, k, v are views of) the backward writes one packed gradient."""
     pad_k, pad_v = (None if p is None else p.to(q.dtype).contiguous() for p in (pad_k, pad_v))
     table = None if table is None else table.contiguous()
     attn_mask = None if attn_mask is None else attn_mask.float().contiguous()
-    out, _ = torch.ops.ssltm.window_attention_3d_fwd(
-        q, k, v, table, pad_k, pad_v, attn_mask, list(geom.window), list(geom.shift), list(geom.bias_window),
-        list(geom.table_window), float(scale), backend)
+    lists = list(geom.window), list(geom.shift), list(geom.bias_window), list(geom.table_window)
+    if qkv is not None:
+        out, _ = torch.ops.ssltm.window_attention_3d_qkvpacked_fwd(
+            qkv if qkv.stride(-1) == 1 else qkv.contiguous(), table, pad_k, pad_v, attn_mask, *lists, float(scale),
+            backend)
+        return out
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out, _ = torch.ops.ssltm.window_attention_3d_fwd(q, k, v, table, pad_k, pad_v, attn_mask, *lists, float(scale),
+                                                     backend)
     return out
 
 
-def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, backend):
-    dropout_reason = f"attention dropout (dropout_p={dropout_p}) runs only in the reference" if dropout_p > 0 else None
-    chosen = choose_backend(
-        "window_attention_3d",
-        {
-            "cuda": lambda: dropout_reason or _cuda_reason(q, geom),
-            "triton": lambda: dropout_reason or _triton_reason(q, geom),
-            "reference": lambda: None,
-        },
-        backend,
-    )
+def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv=None):
+    checks = _checks(q, geom, dropout_p)
+    cuda, triton_check = checks["cuda"], checks["triton"]
+
+    def cuda_passed_over():
+        if "cuda_cores" in cuda.kernels and triton_check:
+            return f"the CUDA kernels would run on CUDA cores (forward, backward: {cuda.kernels}) and Triton can run"
+        return None
+
+    chosen = choose_backend("window_attention_3d", {name: (lambda c=c: c.reason) for name, c in checks.items()},
+                            backend, passed_over={"cuda": cuda_passed_over})
     if chosen == "reference":
+        if dropout_p > 0 and any(c for c in _checks(q, geom, 0.0).values() if c.backend != "reference"):
+            _warn_dropout_fallback(dropout_p)
         return _reference_with_geometry(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p)
-    return _fused_window_attention(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, chosen)
+    return _fused_window_attention(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, chosen, qkv)
 
 
 def window_attention_3d(
@@ -963,14 +1164,47 @@ def window_attention_3d(
     return _dispatch(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p, backend)
 
 
+def window_attention_3d_qkvpacked(
+    qkv: torch.Tensor,
+    *,
+    window_size,
+    rel_pos_bias_table: torch.Tensor | None = None,
+    shift_size=(0, 0, 0),
+    scale: float | None = None,
+    pad_k: torch.Tensor | None = None,
+    pad_v: torch.Tensor | None = None,
+    rel_pos_mode: str = "swin",
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`window_attention_3d` on one packed projection ``qkv (B, T, H, W, 3, heads, head_dim)``
+    (e.g. ``linear(x).unflatten(-1, (3, heads, head_dim))``): the kernels read q, k, v from it and the
+    backward writes dq, dk, dv into one gradient of that layout, instead of three that autograd then
+    stacks. Other arguments and the result as :func:`window_attention_3d`."""
+    q, k, v = _unpack_qkv(qkv, 7, "(B, T, H, W, 3, heads, head_dim)")
+    geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _dispatch(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv)
+
+
+def _unpack_qkv(qkv, rank: int, layout: str):
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != rank or qkv.shape[-3] != 3:
+        raise ValueError(f"qkv must be {rank}-D {layout}, got shape {tuple(qkv.shape)}")
+    return qkv.unbind(-3)
+
+
 def window_attention_3d_windows(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
     *,
     window_size,
     rel_pos_bias_table: torch.Tensor | None = None,
     scale: float | None = None,
+    rel_pos_mode: str = "swin",
     attn_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str | None = None,
@@ -979,22 +1213,37 @@ def window_attention_3d_windows(
 
     Args:
         q, k, v: ``(B*nW, N, heads, head_dim)`` with ``N <= wt*wh*ww``; a window of fewer tokens
-            (Video Swin's shrunk window) takes ``relative_position_index[:N, :N]`` like Video Swin.
+            (Video Swin's shrunk window) takes ``relative_position_index[:N, :N]`` like Video Swin. Or
+            ``q`` alone, packed: ``(B*nW, N, 3, heads, head_dim)`` (the backward then writes one packed
+            gradient, see :func:`window_attention_3d_qkvpacked`).
         window_size: the ``(wt, wh, ww)`` the bias table was built for.
+        rel_pos_mode: ``"swin"``; ``"exact"`` only for full windows (``N = wt*wh*ww``, where both modes
+            agree): a batch of N tokens does not say which axes of a window shrank.
         attn_mask: optional additive ``(nW, N, N)`` mask, window ``i`` uses ``attn_mask[i % nW]``.
         Other arguments as :func:`window_attention_3d`.
 
     Returns:
         ``(B*nW, N, heads, head_dim)`` in q's dtype.
     """
+    qkv = None
+    if k is None and v is None:
+        qkv = q
+        q, k, v = _unpack_qkv(qkv, 5, "(B*nW, N, 3, heads, head_dim) when k and v are not given")
     _check_qkv(q, k, v, 4, "(B*nW, N, heads, head_dim)")
     window_size = _triple(window_size, "window_size")
     windows, n = q.shape[:2]
     if n > math.prod(window_size):
         raise ValueError(f"q has {n} tokens per window, more than window_size {window_size} holds")
+    if rel_pos_mode not in ("swin", "exact"):
+        raise ValueError(f"rel_pos_mode must be 'swin' or 'exact', got {rel_pos_mode!r}")
+    if rel_pos_mode == "exact" and n != math.prod(window_size):
+        raise ValueError(f"rel_pos_mode='exact' needs the shape of the shrunk window, which a window batch of {n} "
+                         f"tokens (window_size {window_size}) does not give: pass volumes (B, T, H, W, C) to take "
+                         "the exact coordinates, or use rel_pos_mode='swin' (Video Swin's index[:N, :N])")
     geom = WindowGeometry((1, 1, n), (1, 1, n), (0, 0, 0), window_size, window_size)
     _check_extras(q, geom, windows, rel_pos_bias_table, None, None, attn_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     as_volume = [x.unsqueeze(1).unsqueeze(1) for x in (q, k, v)]
-    out = _dispatch(*as_volume, geom, rel_pos_bias_table, scale, None, None, attn_mask, dropout_p, backend)
+    packed = None if qkv is None else qkv.unsqueeze(1).unsqueeze(1)
+    out = _dispatch(*as_volume, geom, rel_pos_bias_table, scale, None, None, attn_mask, dropout_p, backend, packed)
     return out.squeeze(2).squeeze(1)
