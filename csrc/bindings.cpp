@@ -6,6 +6,7 @@
 // CMake library for C++ users) only the C++ functions ssltm::window_attention_3d_forward/backward
 // are compiled, without pybind11.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #ifndef SSLTM_NO_PYTHON
 #include <torch/python.h>  // pybind11 + tensor casters, lighter than torch/extension.h
 #endif
@@ -14,9 +15,11 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "include/ssltm_kernels/window_attention_3d.h"
 #include "window_attention_3d_core.cuh"
 
 namespace ssltm {
@@ -26,6 +29,9 @@ void backward_cpu(const Problem& p);
 #ifdef SSLTM_WITH_CUDA
 void forward_cuda(const Problem& p);
 void backward_cuda(const Problem& p);
+// The device's shared memory and multiprocessors, and whether the tensor-core backward for the dtype
+// and head_dim is compiled for it.
+DeviceLimits device_limits_cuda(int device_index, int dtype, int hd);
 #endif
 }  // namespace wa3d
 
@@ -35,10 +41,6 @@ using wa3d::Geometry;
 using wa3d::Problem;
 using wa3d::Strides5;
 
-// Largest window (tokens) accepted: bounds the (groups, heads, N, N) workspace of the bias-table
-// gradient and keeps every per-window index well inside int32.
-constexpr int64_t kMaxWindowTokens = 4096;
-
 #ifdef SSLTM_WITH_CUDA
 constexpr bool kWithCuda = true;
 #else
@@ -47,6 +49,15 @@ constexpr bool kWithCuda = false;
 
 at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+wa3d::InputType input_type(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return wa3d::InputType::kFloat16;
+    case at::kBFloat16: return wa3d::InputType::kBFloat16;
+    case at::kDouble: return wa3d::InputType::kFloat64;
+    default: return wa3d::InputType::kFloat32;
+  }
 }
 
 void check_list(const std::vector<int64_t>& v, const char* name) {
@@ -67,6 +78,20 @@ void check_last_stride(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, "window_attention_3d: ", name,
               " must have stride 1 in its last dimension (head_dim), got strides ", t.strides(),
               " for shape ", t.sizes());
+}
+
+void check_grad_qkv(const at::Tensor& t, const at::Tensor& q) {
+  std::vector<int64_t> want(q.sizes().begin(), q.sizes().end());
+  want.insert(want.begin() + 4, 3);
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(want), "window_attention_3d: grad_qkv must have shape (B, T, H, W, 3, "
+              "heads, head_dim) = ", c10::IntArrayRef(want), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "window_attention_3d: grad_qkv must have the dtype of q (",
+              q.scalar_type(), "), got ", t.scalar_type(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.device() == q.device(), "window_attention_3d: grad_qkv must be on the device of q (", q.device(),
+              "), got ", t.device(), " (shape ", t.sizes(), ")");
+  check_last_stride(t, "grad_qkv");
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, "window_attention_3d: grad_qkv must not "
+              "overlap itself, got strides ", t.strides(), " for shape ", t.sizes());
 }
 
 Strides5 strides5(const at::Tensor& t) {
@@ -126,8 +151,8 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 c10::IntArrayRef(bias_window), " and table_window ", c10::IntArrayRef(table_window));
   }
   const int64_t N = window[0] * window[1] * window[2];
-  TORCH_CHECK(N <= kMaxWindowTokens, "window_attention_3d: window ", c10::IntArrayRef(window), " has ", N,
-              " tokens, more than the ", kMaxWindowTokens, " supported");
+  TORCH_CHECK(N <= wa3d::kMaxWindowTokens, "window_attention_3d: window ", c10::IntArrayRef(window), " has ", N,
+              " tokens, more than the ", wa3d::kMaxWindowTokens, " supported");
   TORCH_CHECK(N <= bias_window[0] * bias_window[1] * bias_window[2],
               "window_attention_3d: the window's ", N, " tokens do not fit the bias_window ",
               c10::IntArrayRef(bias_window), " used to decode their bias coordinates");
@@ -235,6 +260,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_3d_forward(
   return {out, lse};
 }
 
+// grad_qkv: the caller's (B, T, H, W, 3, heads, head_dim) buffer (flash-attention's packed qkv
+// gradient): dq, dk, dv are written through strides into its three slices, which are returned, so
+// that a fused qkv projection's gradient needs no concatenation.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>,
            std::optional<at::Tensor>>
 window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -243,7 +271,8 @@ window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, co
                              const std::optional<at::Tensor>& pad_v, const std::optional<at::Tensor>& attn_mask,
                              const std::vector<int64_t>& window, const std::vector<int64_t>& shift,
                              const std::vector<int64_t>& bias_window, const std::vector<int64_t>& table_window,
-                             double scale, bool need_table_grad, bool need_pad_grad, int64_t num_groups) {
+                             double scale, bool need_table_grad, bool need_pad_grad, int64_t num_groups,
+                             const std::optional<at::Tensor>& grad_qkv) {
   const Checked c =
       check_inputs(q, k, v, bias_table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale);
   check_qkv_like(grad_out, q, "grad_out");
@@ -256,6 +285,7 @@ window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, co
   TORCH_CHECK(lse.device() == q.device(), "window_attention_3d: lse must be on the device of q (", q.device(),
               "), got ", lse.device());
   TORCH_CHECK(num_groups >= 0, "window_attention_3d: num_groups must be >= 0 (0: automatic), got ", num_groups);
+  if (grad_qkv.has_value()) check_grad_qkv(*grad_qkv, q);
   // Autograd may hand over a broadcast gradient; the kernels only need unit stride along head_dim.
   const at::Tensor dout = (grad_out.size(-1) == 1 || grad_out.stride(-1) == 1) ? grad_out : grad_out.contiguous();
   const at::Tensor lse_c = lse.contiguous();
@@ -264,30 +294,39 @@ window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, co
   const bool pad_grad = need_pad_grad && (pad_k.has_value() || pad_v.has_value());
 
   c10::OptionalDeviceGuard guard(q.device());
+  wa3d::DeviceLimits device = wa3d::kEmulatedDevice;
+#ifdef SSLTM_WITH_CUDA
+  if (q.is_cuda()) device = wa3d::device_limits_cuda(q.get_device(), static_cast<int>(q.scalar_type()), g.hd);
+#endif
+  const wa3d::BackwardPlan plan =
+      wa3d::plan_backward(g, input_type(q.scalar_type()), device, table_grad, pad_grad, num_groups);
+  TORCH_CHECK(plan.dkv_rows > 0, "window_attention_3d: the bias-table gradient of a window of ", g.N,
+              " tokens with head_dim ", g.hd, " needs more than the ", device.smem_limit,
+              " bytes of shared memory per block of ", q.device());
+
   const auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
   const auto acc_opts = q.options().dtype(c.acc);
-  at::Tensor dq = at::empty(q.sizes(), opts);
-  at::Tensor dk = at::empty(q.sizes(), opts);
-  at::Tensor dv = at::empty(q.sizes(), opts);
-  at::Tensor delta = at::empty(q.sizes().slice(0, 5), acc_opts);
-
-  int groups = g.nwin;
-  if (table_grad || pad_grad) {
-    groups = num_groups > 0 ? int(std::min<int64_t>(num_groups, g.nwin)) : wa3d::choose_groups(g, table_grad, pad_grad);
+  at::Tensor dq, dk, dv;
+  if (grad_qkv.has_value()) {
+    dq = grad_qkv->select(4, 0);
+    dk = grad_qkv->select(4, 1);
+    dv = grad_qkv->select(4, 2);
+  } else {
+    dq = at::empty(q.sizes(), opts);
+    dk = at::empty(q.sizes(), opts);
+    dv = at::empty(q.sizes(), opts);
   }
-  const int group_size = wa3d::group_size_for(g, groups);
-  groups = wa3d::groups_for_size(g, group_size);
-
+  at::Tensor delta = at::empty(q.sizes().slice(0, 5), acc_opts);
+  // Every element of the partials is stored exactly once by the dk/dv pass (BackwardPlan): no fill.
   std::optional<at::Tensor> dtable, dpad_k, dpad_v;
-  at::Tensor wpart, wsum, padk_part, padv_part;
+  at::Tensor wpart, padk_part, padv_part;
   if (table_grad) {
-    wpart = at::zeros({groups, g.nh, g.N, g.N}, acc_opts);
-    if (groups > 1) wsum = at::empty({g.nh, g.N, g.N}, acc_opts);
+    wpart = at::empty({plan.groups, g.nh, g.N, g.N}, acc_opts);
     dtable = at::empty({g.Ntab, g.nh}, acc_opts);
   }
   if (pad_grad) {
-    padk_part = at::zeros({groups, g.nh, g.N, g.hd}, acc_opts);
-    padv_part = at::zeros({groups, g.nh, g.N, g.hd}, acc_opts);
+    padk_part = at::empty({plan.groups, g.nh, plan.key_chunks, g.hd}, acc_opts);
+    padv_part = at::empty({plan.groups, g.nh, plan.key_chunks, g.hd}, acc_opts);
     dpad_k = at::empty({g.nh, g.hd}, acc_opts);
     dpad_v = at::empty({g.nh, g.hd}, acc_opts);
   }
@@ -302,15 +341,14 @@ window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, co
   p.dq = dq.mutable_data_ptr();
   p.dk = dk.mutable_data_ptr();
   p.dv = dv.mutable_data_ptr();
+  p.sdx = strides5(dq);
   p.wpart = wpart.defined() ? wpart.mutable_data_ptr() : nullptr;
-  p.wsum = wsum.defined() ? wsum.mutable_data_ptr() : nullptr;
   p.padk_part = padk_part.defined() ? padk_part.mutable_data_ptr() : nullptr;
   p.padv_part = padv_part.defined() ? padv_part.mutable_data_ptr() : nullptr;
   p.dtable = dtable ? dtable->mutable_data_ptr() : nullptr;
   p.dpad_k = dpad_k ? dpad_k->mutable_data_ptr() : nullptr;
   p.dpad_v = dpad_v ? dpad_v->mutable_data_ptr() : nullptr;
-  p.groups = groups;
-  p.group_size = group_size;
+  p.plan = plan;
   if (q.is_cuda()) {
 #ifdef SSLTM_WITH_CUDA
     wa3d::backward_cuda(p);
@@ -326,11 +364,44 @@ window_attention_3d_backward(const at::Tensor& grad_out, const at::Tensor& q, co
 #ifndef SSLTM_NO_PYTHON
 namespace py = pybind11;
 
+namespace {
+
+// window_attention_3d_cuda_kernels: the families the launchers pick, from plain numbers (no device
+// needed, no CUDA build needed).
+std::tuple<std::string, std::string> cuda_kernel_families(const std::string& dtype, int64_t tokens, int64_t head_dim,
+                                                          int64_t shared_memory, int64_t arch) {
+  using ssltm::wa3d::InputType;
+  InputType t;
+  if (dtype == "float32") {
+    t = InputType::kFloat32;
+  } else if (dtype == "float16") {
+    t = InputType::kFloat16;
+  } else if (dtype == "bfloat16") {
+    t = InputType::kBFloat16;
+  } else {
+    TORCH_CHECK(false, "window_attention_3d_cuda_kernels: dtype must be \"float32\", \"float16\" or \"bfloat16\", got \"",
+                dtype, "\"");
+  }
+  TORCH_CHECK(tokens >= 1 && tokens <= ssltm::wa3d::kMaxWindowTokens, "window_attention_3d_cuda_kernels: tokens must be in [1, ",
+              ssltm::wa3d::kMaxWindowTokens, "], got ", tokens);
+  TORCH_CHECK(head_dim >= 1 && head_dim <= ssltm::wa3d::kMaxHeadDim,
+              "window_attention_3d_cuda_kernels: head_dim must be in [1, ", ssltm::wa3d::kMaxHeadDim, "], got ", head_dim);
+  TORCH_CHECK(shared_memory >= 0 && shared_memory <= std::numeric_limits<int>::max(),
+              "window_attention_3d_cuda_kernels: shared_memory must be a byte count >= 0, got ", shared_memory);
+  TORCH_CHECK(arch >= 0 && arch <= 1000, "window_attention_3d_cuda_kernels: arch must be a compute capability "
+              "10 * major + minor (e.g. 90), got ", arch);
+  const auto f = ssltm::wa3d::kernel_families(t, int(tokens), int(head_dim), int(shared_memory), int(arch));
+  auto name = [](bool tensor_cores) { return std::string(tensor_cores ? "tensor_cores" : "cuda_cores"); };
+  return {name(f.forward_tensor_cores), name(f.backward_tensor_cores)};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ssltm_kernels._C: fused 3D window attention kernels (CUDA, with a CPU emulation of the same code)";
   m.attr("WITH_CUDA") = py::bool_(ssltm::kWithCuda);
   m.attr("MAX_HEAD_DIM") = py::int_(ssltm::wa3d::kMaxHeadDim);
-  m.attr("MAX_WINDOW_TOKENS") = py::int_(ssltm::kMaxWindowTokens);
+  m.attr("MAX_WINDOW_TOKENS") = py::int_(ssltm::wa3d::kMaxWindowTokens);
   m.def("window_attention_3d_forward", &ssltm::window_attention_3d_forward, py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias_table"), py::arg("pad_k"), py::arg("pad_v"), py::arg("attn_mask"),
         py::arg("window"), py::arg("shift"), py::arg("bias_window"), py::arg("table_window"), py::arg("scale"),
@@ -342,11 +413,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias_table"), py::arg("pad_k"),
         py::arg("pad_v"), py::arg("attn_mask"), py::arg("window"), py::arg("shift"), py::arg("bias_window"),
         py::arg("table_window"), py::arg("scale"), py::arg("need_table_grad"), py::arg("need_pad_grad"),
-        py::arg("num_groups") = 0,
+        py::arg("num_groups") = 0, py::arg("grad_qkv") = py::none(),
         "Fused 3D window attention backward. Returns (dq, dk, dv, dtable, dpad_k, dpad_v): dq/dk/dv\n"
-        "contiguous in q's dtype; dtable (Ntab, heads) when need_table_grad and bias_table is given,\n"
-        "dpad_k/dpad_v (heads, head_dim) when need_pad_grad and pad_k or pad_v is given, else None\n"
-        "(float32, float64 for float64 inputs). num_groups > 0 forces the number of window groups of\n"
-        "the deterministic reduction (testing); 0 chooses it from the shape.");
+        "contiguous in q's dtype, or, when grad_qkv (B, T, H, W, 3, heads, head_dim) in q's dtype with\n"
+        "stride 1 along head_dim is given, written into grad_qkv[..., 0, :, :], [..., 1, :, :],\n"
+        "[..., 2, :, :] and returned as those views; dtable (Ntab, heads) when need_table_grad and\n"
+        "bias_table is given, dpad_k/dpad_v (heads, head_dim) when need_pad_grad and pad_k or pad_v is\n"
+        "given, else None (float32, float64 for float64 inputs). num_groups > 0 forces the number of\n"
+        "window groups of the deterministic bias/pad reductions (testing); 0 chooses it.");
+  m.def("window_attention_3d_cuda_kernels", &cuda_kernel_families, py::arg("dtype"), py::arg("tokens"),
+        py::arg("head_dim"), py::arg("shared_memory"), py::arg("arch"),
+        "The CUDA kernel families (\"tensor_cores\" or \"cuda_cores\") that the forward and the backward\n"
+        "launch for dtype \"float32\", \"float16\" or \"bfloat16\", a window of `tokens` tokens, head_dim,\n"
+        "a device with `shared_memory` bytes of opt-in shared memory per block and compute capability\n"
+        "`arch` (10 * major + minor), decided by the launchers' own rules. A build whose kernels target an\n"
+        "older architecture than the device's may take the CUDA cores where this says tensor cores.");
 }
 #endif

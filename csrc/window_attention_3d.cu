@@ -3,7 +3,8 @@
 // The kernels are thin: each is a fixed sequence of the phase functions in
 // window_attention_3d_core.cuh separated by __syncthreads(). window_attention_3d_cpu.cpp runs the
 // same sequence on the CPU, which is how this code is unit-tested without a GPU. The only device-only
-// code is tile_product (WMMA tensor-core matrix products on shared-memory tiles) and the launchers.
+// code is tile_product (WMMA tensor-core matrix products on shared-memory tiles), the warp-shuffle sum
+// of table_grad_kernel (whose order the emulation replays) and the launchers.
 //
 // Only light headers here (compile time): no ATen/ATen.h, no torch/extension.h.
 #include <ATen/Dispatch.h>
@@ -55,12 +56,12 @@ struct WmmaType;
 template <>
 struct WmmaType<c10::Half> {
   using type = __half;
-  static constexpr int kMinArch = 700;
+  static constexpr int kMinArch = 10 * tensor_core_min_arch(InputType::kFloat16);
 };
 template <>
 struct WmmaType<c10::BFloat16> {
   using type = __nv_bfloat16;
-  static constexpr int kMinArch = 800;
+  static constexpr int kMinArch = 10 * tensor_core_min_arch(InputType::kBFloat16);
 };
 
 #ifdef __CUDA_ARCH__
@@ -129,21 +130,21 @@ __global__ void __launch_bounds__(kTcThreads) forward_tc_kernel(const Args<scala
   fwd_tc_write(a, head, tid, kTcThreads, layout, smem);
 }
 
-// grid (nwin, nh, ceil(N / kTcBwdRows)) for the dq pass (kKeyChunk = false, writes dq and delta), then
-// (groups, nh, ceil(N / kTcBwdRows)) for the dk/dv pass (reads delta; a window group per block);
-// BwdTcLayout<HD, scalar_t>(N).bytes of dynamic shared memory.
+// grid (nwin, nh, ceil(N / plan.dq_rows)) for the dq pass (kKeyChunk = false, writes dq and delta),
+// then (groups, nh, plan.key_chunks) for the dk/dv pass (reads delta; a window group per block, whose
+// sums are stored once at the end); BwdTcLayout bytes of dynamic shared memory.
 template <int HD, typename scalar_t, bool kKeyChunk>
 __global__ void __launch_bounds__(kTcThreads) backward_tc_kernel(const Args<scalar_t, float> a) {
   // WMMA needs 32-byte aligned tile origins: the layout's offsets are multiples of 128 from here
   extern __shared__ __align__(128) unsigned char smem[];
-  const BwdTcLayout<HD, scalar_t> layout(a.g.N);
+  const BwdTcLayout<HD, scalar_t> layout(a.g.N, kKeyChunk ? a.plan.dkv_rows : a.plan.dq_rows,
+                                         kKeyChunk && a.wpart);
   const int head = blockIdx.y, tid = threadIdx.x;
-  const int c0 = blockIdx.z * kTcBwdRows;
-  const int windows = kKeyChunk ? a.group_size : 1;
-  const int64_t slot = int64_t(blockIdx.x) * a.g.nh + head;
-  float* wpart = kKeyChunk && a.wpart ? a.wpart + slot * a.g.N * a.g.N : nullptr;
-  float* padk = kKeyChunk && a.padk_part ? a.padk_part + slot * a.g.N * a.g.hd : nullptr;
-  float* padv = kKeyChunk && a.padv_part ? a.padv_part + slot * a.g.N * a.g.hd : nullptr;
+  const int c0 = blockIdx.z * layout.rows;
+  const int windows = kKeyChunk ? a.plan.group_size : 1;
+  const GroupOut<float> out = kKeyChunk ? group_out(a, blockIdx.x, head, blockIdx.z) : GroupOut<float>{};
+  PadSums<float> pad{};
+  if (kKeyChunk) bwd_tc_begin_group(tid, layout, smem, pad);
   for (int j = 0; j < windows; ++j) {
     const int win = blockIdx.x * windows + j;
     if (win >= a.g.nwin) break;  // uniform across the block
@@ -156,30 +157,32 @@ __global__ void __launch_bounds__(kTcThreads) backward_tc_kernel(const Args<scal
     tile_product(layout.scores(), smem);
     tile_product(layout.score_grads(), smem);
     __syncthreads();
-    bwd_tc_score_grads<HD, scalar_t, kKeyChunk>(a, head, amask_window(a, win), c0, tid, layout, smem, wpart);
+    bwd_tc_score_grads<HD, scalar_t, kKeyChunk>(a, head, amask_window(a, win), c0, tid, layout, smem);
     __syncthreads();
     tile_product(layout.a_grads(), smem);
     if (kKeyChunk) tile_product(layout.b_grads(), smem);
     __syncthreads();
-    bwd_tc_write<HD, scalar_t, kKeyChunk>(a, head, c0, tid, kTcThreads, layout, smem, padk, padv);
+    bwd_tc_write<HD, scalar_t, kKeyChunk>(a, head, c0, tid, kTcThreads, layout, smem, out.pad_k ? &pad : nullptr);
   }
+  if (kKeyChunk) bwd_tc_end_group(a, c0, tid, layout, smem, out, pad);
 }
 
-// grid (groups, nh, ceil(N / kThreads)); reads delta written by the DqPass kernel
+// grid (groups, nh, plan.key_chunks), plan.dkv_smem bytes of dynamic shared memory (the dS sums);
+// reads delta written by the DqPass kernel
 template <int HD, typename scalar_t>
 __global__ void __launch_bounds__(kThreads) dkv_kernel(const Args<scalar_t, float> a) {
   using TileT = Tile<HD, float>;
   __shared__ TileT tile;
-  const int grp = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
-  const int m = blockIdx.z * kThreads + tid;
+  extern __shared__ float ds_sums[];
+  const int grp = blockIdx.x, head = blockIdx.y, chunk = blockIdx.z, tid = threadIdx.x;
+  const int m = dkv_key(a, chunk, tid);
   const int N = a.g.N;
-  const int64_t slot = int64_t(grp) * a.g.nh + head;
-  float* wpart = a.wpart ? a.wpart + slot * N * N : nullptr;
-  float* padk = a.padk_part ? a.padk_part + slot * N * a.g.hd : nullptr;
-  float* padv = a.padv_part ? a.padv_part + slot * N * a.g.hd : nullptr;
+  const GroupOut<float> out = group_out(a, grp, head, chunk);
+  float* ds_col = out.ds && tid < a.plan.dkv_rows ? ds_sums + tid : nullptr;
   DkvThread<HD, float> th;
-  for (int j = 0; j < a.group_size; ++j) {
-    const int win = grp * a.group_size + j;
+  dkv_begin_group(a, ds_col, th);
+  for (int j = 0; j < a.plan.group_size; ++j) {
+    const int win = grp * a.plan.group_size + j;
     if (win >= a.g.nwin) break;  // uniform across the block
     const WinPos wp = window_pos(a.g, win);
     const float* am = amask_window(a, win);
@@ -190,27 +193,36 @@ __global__ void __launch_bounds__(kThreads) dkv_kernel(const Args<scalar_t, floa
       __syncthreads();
       stage_q_rows(a, tid, kThreads, tile);
       __syncthreads();
-      dkv_tile(a, head, am, m, q0, tile, wpart, th);
+      dkv_tile(a, head, am, m, q0, tile, ds_col, th);
     }
-    dkv_end_window(a, head, m, padk, padv, th);
+    dkv_end_window(a, head, th);
+    if (out.pad_k && window_has_padding(a.g, wp)) {  // uniform across the block
+      for (int base = 0; base < a.plan.dkv_rows; base += TileT::R) {
+        __syncthreads();
+        dkv_stage_pad(a, tid, base, th, tile);
+        __syncthreads();
+        dkv_sum_pad(a, tid, tile, th);
+      }
+    }
   }
+  dkv_end_group(a, m, tid, ds_col, out, th);
 }
 
 constexpr int kReduceThreads = 256;
 
-__global__ void sum_groups_kernel(const float* part, int groups, int64_t len, float* dst) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < len) dst[i] = sum_groups(part, groups, len, i);
+// one warp per table entry; the lanes' shares are added in the order table_grad_lane documents
+__global__ void table_grad_kernel(const Geometry g, int groups, const float* wpart, float* dtable) {
+  const int64_t entry = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kTableLanes;
+  const int lane = int(threadIdx.x % kTableLanes);
+  if (entry >= int64_t(g.Ntab) * g.nh) return;  // uniform across the warp
+  float s = table_grad_lane(g, groups, wpart, int(entry / g.nh), int(entry % g.nh), lane);
+  for (int offset = kTableLanes / 2; offset > 0; offset /= 2) s += __shfl_down_sync(0xffffffffu, s, offset);
+  if (lane == 0) dtable[entry] = s;
 }
 
-__global__ void table_grad_kernel(const Geometry g, const float* wsum, float* dtable) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < int64_t(g.Ntab) * g.nh) dtable[i] = table_grad_elem(g, wsum, int(i / g.nh), int(i % g.nh));
-}
-
-__global__ void pad_grad_kernel(const Geometry g, int groups, const float* part, float* dst) {
+__global__ void pad_grad_kernel(const Geometry g, const BackwardPlan plan, const float* part, float* dst) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < g.nh * g.hd) dst[i] = pad_grad_elem(g, groups, part, i / g.hd, i % g.hd);
+  if (i < g.nh * g.hd) dst[i] = pad_grad_elem(g, plan, part, i / g.hd, i % g.hd);
 }
 
 // Dynamic shared memory a block may opt in to on this device
@@ -229,6 +241,16 @@ bool compiled_with_wmma(Kernel kernel) {
   return attributes.ptxVersion * 10 >= WmmaType<scalar_t>::kMinArch;
 }
 
+// Whether the tensor-core backward for scalar_t is compiled for an architecture with WMMA for it
+template <int HD, typename scalar_t>
+bool backward_tc_compiled() {
+  if constexpr (kTensorCoreInput<scalar_t>) {
+    return compiled_with_wmma<scalar_t>(backward_tc_kernel<HD, scalar_t, false>);
+  } else {
+    return false;
+  }
+}
+
 unsigned blocks_for(int64_t n) { return unsigned((n + kReduceThreads - 1) / kReduceThreads); }
 
 dim3 attention_grid(int x, const Geometry& g) {
@@ -240,7 +262,7 @@ template <int HD, typename scalar_t>
 void launch_forward(const Args<scalar_t, float>& a, int device_index, cudaStream_t stream) {
   if constexpr (kTensorCoreInput<scalar_t>) {
     const auto kernel = forward_tc_kernel<HD, scalar_t>;
-    if (forward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index)) &&
+    if (forward_on_tensor_cores(a.g.N, a.g.hd, shared_memory_limit(device_index)) &&
         compiled_with_wmma<scalar_t>(kernel)) {
       const int bytes = FwdTcLayout<HD, scalar_t>(a.g.N).bytes;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -254,29 +276,33 @@ void launch_forward(const Args<scalar_t, float>& a, int device_index, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Tensor cores for 16-bit inputs whose window fits in the device's shared memory, else CUDA cores;
+// The plan's kernels (device_limits_cuda gave it the device's limits and the kernels' architecture);
 // either way the dq pass (which writes delta) runs before the dk/dv pass (which reads it).
 template <int HD, typename scalar_t>
-void launch_backward(const Args<scalar_t, float>& a, int device_index, cudaStream_t stream) {
+void launch_backward(const Args<scalar_t, float>& a, cudaStream_t stream) {
+  const BackwardPlan& plan = a.plan;
+  const dim3 dkv_grid(unsigned(plan.groups), unsigned(a.g.nh), unsigned(plan.key_chunks));
   if constexpr (kTensorCoreInput<scalar_t>) {
-    const auto dq_kernel = backward_tc_kernel<HD, scalar_t, false>;
-    const auto dkv_tc_kernel = backward_tc_kernel<HD, scalar_t, true>;
-    if (backward_on_tensor_cores<HD, scalar_t>(a.g, shared_memory_limit(device_index)) &&
-        compiled_with_wmma<scalar_t>(dq_kernel)) {
-      const int bytes = BwdTcLayout<HD, scalar_t>(a.g.N).bytes;
-      const unsigned chunks = unsigned((a.g.N + kTcBwdRows - 1) / kTcBwdRows);
-      C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(dkv_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-      dq_kernel<<<dim3(unsigned(a.g.nwin), unsigned(a.g.nh), chunks), kTcThreads, bytes, stream>>>(a);
+    if (plan.tensor_cores) {
+      const auto dq_kernel = backward_tc_kernel<HD, scalar_t, false>;
+      const auto dkv_tc_kernel = backward_tc_kernel<HD, scalar_t, true>;
+      const int dq_bytes = BwdTcLayout<HD, scalar_t>(a.g.N, plan.dq_rows, false).bytes;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_bytes));
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(dkv_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.dkv_smem));
+      const dim3 dq_grid(unsigned(a.g.nwin), unsigned(a.g.nh), unsigned((a.g.N + plan.dq_rows - 1) / plan.dq_rows));
+      dq_kernel<<<dq_grid, kTcThreads, dq_bytes, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      dkv_tc_kernel<<<dim3(unsigned(a.groups), unsigned(a.g.nh), chunks), kTcThreads, bytes, stream>>>(a);
+      dkv_tc_kernel<<<dkv_grid, kTcThreads, plan.dkv_smem, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
   }
   query_rows_kernel<HD, scalar_t, DqPass><<<attention_grid(a.g.nwin, a.g), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dkv_kernel<HD, scalar_t><<<attention_grid(a.groups, a.g), kThreads, 0, stream>>>(a);
+  const auto kernel = dkv_kernel<HD, scalar_t>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.dkv_smem));
+  kernel<<<dkv_grid, kThreads, plan.dkv_smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -298,6 +324,16 @@ void forward_cuda(const Problem& p) {
   });
 }
 
+DeviceLimits device_limits_cuda(int device_index, int dtype, int hd) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  DeviceLimits d{shared_memory_limit(device_index), 0, false};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device_index));
+  SSLTM_DISPATCH_KERNEL_TYPES(static_cast<at::ScalarType>(dtype), "window_attention_3d_device_limits", [&] {
+    SSLTM_DISPATCH_HEAD_DIM(hd, [&] { d.tensor_cores = backward_tc_compiled<HD, scalar_t>(); });
+  });
+  return d;
+}
+
 void backward_cuda(const Problem& p) {
   if (p.g.nwin == 0) return;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device_index));
@@ -305,28 +341,21 @@ void backward_cuda(const Problem& p) {
   const auto dtype = static_cast<at::ScalarType>(p.dtype);
   SSLTM_DISPATCH_KERNEL_TYPES(dtype, "window_attention_3d_backward_cuda", [&] {
     const auto a = make_args<scalar_t, float>(p);
-    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { launch_backward<HD>(a, p.device_index, stream); });
+    SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { launch_backward<HD>(a, stream); });
   });
   const Geometry& g = p.g;
   if (p.wpart) {
-    const float* wsum = static_cast<const float*>(p.wpart);
-    if (p.groups > 1) {
-      const int64_t len = int64_t(g.nh) * g.N * g.N;
-      sum_groups_kernel<<<blocks_for(len), kReduceThreads, 0, stream>>>(
-          static_cast<const float*>(p.wpart), p.groups, len, static_cast<float*>(p.wsum));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      wsum = static_cast<const float*>(p.wsum);
-    }
-    table_grad_kernel<<<blocks_for(int64_t(g.Ntab) * g.nh), kReduceThreads, 0, stream>>>(
-        g, wsum, static_cast<float*>(p.dtable));
+    const int64_t threads = int64_t(g.Ntab) * g.nh * kTableLanes;
+    table_grad_kernel<<<blocks_for(threads), kReduceThreads, 0, stream>>>(
+        g, p.plan.groups, static_cast<const float*>(p.wpart), static_cast<float*>(p.dtable));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (p.padk_part) {
     pad_grad_kernel<<<blocks_for(int64_t(g.nh) * g.hd), kReduceThreads, 0, stream>>>(
-        g, p.groups, static_cast<const float*>(p.padk_part), static_cast<float*>(p.dpad_k));
+        g, p.plan, static_cast<const float*>(p.padk_part), static_cast<float*>(p.dpad_k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pad_grad_kernel<<<blocks_for(int64_t(g.nh) * g.hd), kReduceThreads, 0, stream>>>(
-        g, p.groups, static_cast<const float*>(p.padv_part), static_cast<float*>(p.dpad_v));
+        g, p.plan, static_cast<const float*>(p.padv_part), static_cast<float*>(p.dpad_v));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

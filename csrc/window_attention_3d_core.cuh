@@ -38,6 +38,11 @@ constexpr int kThreads = 128;
 // Largest supported head_dim. Rows are held in fixed-size arrays of HD = 32, 64 or 128 elements
 // (zero-padded beyond head_dim, which leaves every dot product and sum unchanged).
 constexpr int kMaxHeadDim = 128;
+// Largest window (tokens) accepted. Keeps every per-window index (n * N + m) well inside int32, and
+// leaves a dkv_kernel block room for one key's column of dS sums next to its tile (static_assert
+// below, with sm_75's 64 KB of shared memory per block).
+constexpr int kMaxWindowTokens = 4096;
+static_assert(int64_t(kMaxWindowTokens) * kMaxWindowTokens < (int64_t(1) << 31), "window index overflows int32");
 // Scores kept in registers per online-softmax step of the forward pass.
 constexpr int kSub = 16;
 
@@ -47,6 +52,21 @@ template <int HD>
 struct TileRows {
   static constexpr int value = HD >= 128 ? 32 : 64;
 };
+
+// Head-dim bucket dispatch: runs the callable with `HD` as a compile-time constant.
+#define SSLTM_DISPATCH_HEAD_DIM(hd, ...)   \
+  [&] {                                    \
+    if ((hd) <= 32) {                      \
+      constexpr int HD = 32;               \
+      return __VA_ARGS__();                \
+    } else if ((hd) <= 64) {               \
+      constexpr int HD = 64;               \
+      return __VA_ARGS__();                \
+    } else {                               \
+      constexpr int HD = 128;              \
+      return __VA_ARGS__();                \
+    }                                      \
+  }()
 
 // ------------------------------------------------------------------------------------------------
 // Geometry
@@ -96,27 +116,6 @@ inline Geometry make_geometry(int64_t B, int64_t T, int64_t H, int64_t W, int64_
   g.shifted = g.st > 0 || g.sh > 0 || g.sw > 0;
   return g;
 }
-
-// Number of window groups of the dk/dv kernel. Each group's windows run one after another in one
-// block, whose threads own disjoint slots of the per-group partial buffers (bias-table dS sums and
-// pad-key gradients); the groups are then reduced in a fixed order. Without those gradients every
-// window is its own group. The result depends only on the problem shape, so the reduction order (and
-// the bits of the result) are the same on every run.
-inline int choose_groups(const Geometry& g, bool table_grad, bool pad_grad) {
-  if (!table_grad && !pad_grad) return g.nwin;
-  const int64_t per_group = (table_grad ? (int64_t)g.nh * g.N * g.N : 0) +
-                            (pad_grad ? 2 * (int64_t)g.nh * g.N * g.hd : 0);
-  const int64_t budget = int64_t(16) << 20;  // elements across all groups (64 MB in fp32)
-  int64_t groups = budget / per_group;
-  if (groups > 1024) groups = 1024;
-  if (groups > g.nwin) groups = g.nwin;
-  if (groups < 1) groups = 1;
-  return (int)groups;
-}
-
-// Windows per group for a requested group count; the effective count is ceil(nwin / size).
-inline int group_size_for(const Geometry& g, int groups) { return (g.nwin + groups - 1) / groups; }
-inline int groups_for_size(const Geometry& g, int size) { return (g.nwin + size - 1) / size; }
 
 // ------------------------------------------------------------------------------------------------
 // Scalar helpers (exact expf/logf on the device: the build does not use --use_fast_math)
@@ -226,6 +225,30 @@ SSLTM_HD int64_t row_offset(const Strides5& s, const Token& t, int head) {
          int64_t(head) * s.n;
 }
 
+// Whether any token of the window is padding (the same answer for every thread of a block).
+SSLTM_HD bool axis_padded(int p0, int w, int s, int P, int L) {
+  for (int i = 0; i < w; ++i) {
+    if ((p0 + i + s) % P >= L) return true;
+  }
+  return false;
+}
+SSLTM_HD bool window_has_padding(const Geometry& g, const WinPos& wp) {
+  return axis_padded(wp.t0, g.wt, g.st, g.Tp, g.T) || axis_padded(wp.h0, g.wh, g.sh, g.Hp, g.H) ||
+         axis_padded(wp.w0, g.ww, g.sw, g.Wp, g.W);
+}
+
+// How the backward runs (plan_backward below). The dk/dv pass runs one block per (window group, head,
+// key chunk); each block accumulates its slice of the group's sums on chip over the group's windows
+// and stores it once at the end, so the partial buffers need no zero fill and are never re-read.
+struct BackwardPlan {
+  bool tensor_cores;  // backward_tc_kernel for both passes, else query_rows_kernel<DqPass> and dkv_kernel
+  int dq_rows;        // tensor cores: chunk rows per block of the dq pass
+  int dkv_rows;       // keys per block of the dk/dv pass (tensor-core chunk rows, or dkv_kernel's keys)
+  int key_chunks;     // dk/dv blocks per (group, head): ceil(N / dkv_rows)
+  int dkv_smem;       // dynamic shared memory of a dk/dv block, bytes
+  int groups, group_size;  // window groups of the dk/dv pass and windows per group
+};
+
 // ------------------------------------------------------------------------------------------------
 // Arguments of every kernel (typed view of the tensors; nullptr for absent optional inputs)
 // ------------------------------------------------------------------------------------------------
@@ -249,13 +272,40 @@ struct Args {
   const scalar_t* outp;  // forward output, strided
   Strides5 sdo, so;
   acc_t* delta;          // workspace (B,T,H,W,nh): rowsum(dO * out)
-  scalar_t* dq;          // contiguous (B,T,H,W,nh,hd)
+  // (B,T,H,W,nh,hd) with strides sdx, shared by the three: contiguous tensors, or the slices of one
+  // packed (B,T,H,W,3,nh,hd) gradient
+  scalar_t* dq;
   scalar_t* dk;
   scalar_t* dv;
-  acc_t* wpart;          // (groups, nh, N, N) zero-initialised, or nullptr: per-group sums of dS
-  acc_t* padk_part;      // (groups, nh, N, hd) zero-initialised, or nullptr
-  acc_t* padv_part;
-  int groups, group_size;
+  Strides5 sdx;
+  acc_t* wpart;          // (groups, nh, N, N), or nullptr: per group, dS summed over its windows
+  acc_t* padk_part;      // (groups, nh, key_chunks, hd), or nullptr: per dk/dv block, summed over its
+  acc_t* padv_part;      //   padded keys and its group's windows
+  BackwardPlan plan;
+};
+
+// Where a dk/dv block (group grp, head, key chunk) stores its sums, nullptr where not requested: the
+// group's (N, N) slice of dS sums (the block writes its keys' columns) and its row of the pad partials.
+template <typename acc_t>
+struct GroupOut {
+  acc_t* ds;
+  acc_t* pad_k;
+  acc_t* pad_v;
+};
+
+template <typename scalar_t, typename acc_t>
+SSLTM_HD GroupOut<acc_t> group_out(const Args<scalar_t, acc_t>& a, int grp, int head, int chunk) {
+  const int64_t slot = int64_t(grp) * a.g.nh + head;
+  const int64_t pad_row = (slot * a.plan.key_chunks + chunk) * a.g.hd;
+  return {a.wpart ? a.wpart + slot * a.g.N * a.g.N : nullptr, a.padk_part ? a.padk_part + pad_row : nullptr,
+          a.padv_part ? a.padv_part + pad_row : nullptr};
+}
+
+// A dk/dv block's sums of the padded keys' gradients over its keys and windows: thread d < hd holds
+// column d, added to in a fixed order.
+template <typename acc_t>
+struct PadSums {
+  acc_t k, v;
 };
 
 // Additive attn_mask rows of a window (nullptr when absent).
@@ -453,13 +503,22 @@ constexpr int kMma = 16;        // edge of a WMMA m16n16k16 tile
 constexpr int kTcQueries = 64;  // query rows per block
 constexpr int kTcThreads = 128;
 constexpr int kTcWarps = kTcThreads / 32;
-// Shared memory per block that the emulation assumes (H100/H200 opt-in limit, 227 KB); the CUDA
-// launcher asks the device instead.
-constexpr int kEmulatedSharedMemoryLimit = 227 * 1024;
 
 // Tensor cores take 16-bit inputs (half, bfloat16); fp32 and fp64 inputs keep the CUDA-core kernels.
 template <typename scalar_t>
 constexpr bool kTensorCoreInput = sizeof(scalar_t) == 2;
+
+// Input dtypes, for the host-side decisions that must not depend on c10 (this header stays plain C++).
+enum class InputType { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+// Compute capability (10 * major + minor) from which WMMA takes the type; 0: never on tensor cores.
+SSLTM_HD constexpr int tensor_core_min_arch(InputType t) {
+  return t == InputType::kFloat16 ? 70 : t == InputType::kBFloat16 ? 80 : 0;
+}
+
+// The tensor-core layouts depend on the element size only: this type stands for half and bfloat16 in
+// host-side decisions.
+using TcStorage = uint16_t;
 
 SSLTM_HD constexpr int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
 
@@ -535,11 +594,10 @@ SSLTM_HD T* smem_at(unsigned char* smem, int offset) {
   return reinterpret_cast<T*>(smem + offset);
 }
 
-// Whether the forward runs on tensor cores for this input dtype and window, given the shared memory
+// Whether a 16-bit forward runs on tensor cores for this window and head_dim, given the shared memory
 // a block may use; otherwise query_rows_kernel (CUDA cores) serves it.
-template <int HD, typename scalar_t>
-SSLTM_HD bool forward_on_tensor_cores(const Geometry& g, int smem_limit) {
-  return kTensorCoreInput<scalar_t> && FwdTcLayout<HD, scalar_t>(g.N).bytes <= smem_limit;
+inline bool forward_on_tensor_cores(int N, int hd, int smem_limit) {
+  return SSLTM_DISPATCH_HEAD_DIM(hd, [&] { return FwdTcLayout<HD, TcStorage>(N).bytes <= smem_limit; });
 }
 
 // Phase "stage metadata": keys tid, tid + nthreads, ... < Np and query row tid < kTcQueries.
@@ -740,7 +798,7 @@ SSLTM_HD void dq_tile(const Args<scalar_t, acc_t>& a, int head, const float* ama
 template <int HD, typename scalar_t, typename acc_t>
 SSLTM_HD void dq_finish(const Args<scalar_t, acc_t>& a, int head, const DqThread<HD, acc_t>& th) {
   if (!th.active) return;
-  scalar_t* dst = a.dq + (token_flat(a.g, th.tok) * a.g.nh + head) * a.g.hd;
+  scalar_t* dst = a.dq + row_offset(a.sdx, th.tok, head);
   SSLTM_UNROLL_HD
   for (int d = 0; d < HD; ++d) {
     if (d < a.g.hd) dst[d] = scalar_t(a.scale * th.dq[d]);
@@ -787,9 +845,11 @@ struct DqPass {
 };
 
 // ------------------------------------------------------------------------------------------------
-// Backward dk/dv: block = (window group, head, key chunk), thread = one key row; the group's
-// windows are processed one after another. Per-group partial sums (bias-table dS, pad-key
-// gradients) live in slots owned by exactly one thread, so no atomics are needed.
+// Backward dk/dv: block = (window group, head, chunk of plan.dkv_rows keys), thread tid < dkv_rows =
+// one key row; the group's windows are processed one after another. With a table gradient, each key
+// thread owns a column of the block's dS sums (shared memory, element n at ds_col[n * dkv_rows]); the
+// padded keys' gradients are summed over the block's keys through the tile (dkv_stage_pad,
+// dkv_sum_pad) into thread d's PadSums. Every sum has one owner and a fixed order: no atomics.
 // ------------------------------------------------------------------------------------------------
 template <int HD, typename acc_t>
 struct DkvThread {
@@ -798,8 +858,26 @@ struct DkvThread {
   acc_t dk[HD];
   acc_t dv[HD];
   Token tok;
-  bool in_range;  // m < N (padded keys take part: they are pad_k/pad_v rows)
+  bool in_range;  // the thread has a key m < N (padded keys take part: they are pad_k/pad_v rows)
+  PadSums<acc_t> pad;
 };
+
+// Key of thread tid in dk/dv block `chunk`; N for threads without one.
+template <typename scalar_t, typename acc_t>
+SSLTM_HD int dkv_key(const Args<scalar_t, acc_t>& a, int chunk, int tid) {
+  const int m = chunk * a.plan.dkv_rows + tid;
+  return tid < a.plan.dkv_rows && m < a.g.N ? m : a.g.N;
+}
+
+// Phase "begin group": zero the thread's column of dS sums (ds_col, or nullptr) and its pad sums.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_begin_group(const Args<scalar_t, acc_t>& a, acc_t* ds_col, DkvThread<HD, acc_t>& th) {
+  if (ds_col) {
+    for (int n = 0; n < a.g.N; ++n) ds_col[int64_t(n) * a.plan.dkv_rows] = 0;
+  }
+  th.pad.k = 0;
+  th.pad.v = 0;
+}
 
 template <int HD, typename scalar_t, typename acc_t>
 SSLTM_HD void dkv_begin_window(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int m,
@@ -849,10 +927,10 @@ SSLTM_HD void stage_q_rows(const Args<scalar_t, acc_t>& a, int tid, int nthreads
   }
 }
 
-// wpart_head: this (group, head)'s N x N slice of the dS sums, or nullptr.
+// ds_col: the thread's column of the block's dS sums, or nullptr.
 template <int HD, typename scalar_t, typename acc_t>
 SSLTM_HD void dkv_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int m, int q0,
-                       const Tile<HD, acc_t>& tile, acc_t* wpart_head, DkvThread<HD, acc_t>& th) {
+                       const Tile<HD, acc_t>& tile, acc_t* ds_col, DkvThread<HD, acc_t>& th) {
   if (!th.in_range) return;
   constexpr int R = Tile<HD, acc_t>::R;
   const int N = a.g.N;
@@ -871,55 +949,92 @@ SSLTM_HD void dkv_tile(const Args<scalar_t, acc_t>& a, int head, const float* am
       th.dv[d] += p * tile.b[j][d];
       th.dk[d] += ds * tile.a[j][d];
     }
-    if (wpart_head) wpart_head[int64_t(n) * N + m] += ds;
+    if (ds_col) ds_col[int64_t(n) * a.plan.dkv_rows] += ds;
   }
 }
 
-// padk_head / padv_head: this (group, head)'s (N, hd) slices of the pad partials, or nullptr.
+// Phase "end window": dk, dv of a valid key.
 template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void dkv_end_window(const Args<scalar_t, acc_t>& a, int head, int m, acc_t* padk_head,
-                             acc_t* padv_head, const DkvThread<HD, acc_t>& th) {
-  if (!th.in_range) return;
-  const int hd = a.g.hd;
-  if (th.tok.valid) {
-    const int64_t off = (token_flat(a.g, th.tok) * a.g.nh + head) * hd;
-    SSLTM_UNROLL_HD
-    for (int d = 0; d < HD; ++d) {
-      if (d >= hd) continue;
-      a.dk[off + d] = scalar_t(a.scale * th.dk[d]);
-      a.dv[off + d] = scalar_t(th.dv[d]);
-    }
-  } else if (padk_head) {
-    SSLTM_UNROLL_HD
-    for (int d = 0; d < HD; ++d) {
-      if (d >= hd) continue;
-      padk_head[int64_t(m) * hd + d] += a.scale * th.dk[d];
-      padv_head[int64_t(m) * hd + d] += th.dv[d];
-    }
+SSLTM_HD void dkv_end_window(const Args<scalar_t, acc_t>& a, int head, const DkvThread<HD, acc_t>& th) {
+  if (!th.in_range || !th.tok.valid) return;
+  const int64_t off = row_offset(a.sdx, th.tok, head);
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) {
+    if (d >= a.g.hd) continue;
+    a.dk[off + d] = scalar_t(a.scale * th.dk[d]);
+    a.dv[off + d] = scalar_t(th.dv[d]);
+  }
+}
+
+// Phase "stage padded-key gradients" (windows with padding, pad gradients requested), for the block's
+// threads base .. base + R - 1: each puts its key's dk, dv in tile row tid - base, zeros unless the key
+// is a padded token.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_stage_pad(const Args<scalar_t, acc_t>& a, int tid, int base, const DkvThread<HD, acc_t>& th,
+                            Tile<HD, acc_t>& tile) {
+  constexpr int R = Tile<HD, acc_t>::R;
+  const int r = tid - base;
+  if (r < 0 || r >= R) return;
+  const bool padded = th.in_range && !th.tok.valid;
+  SSLTM_UNROLL_HD
+  for (int d = 0; d < HD; ++d) {
+    tile.a[r][d] = padded ? a.scale * th.dk[d] : acc_t(0);
+    tile.b[r][d] = padded ? th.dv[d] : acc_t(0);
+  }
+}
+
+// Phase "sum padded-key gradients": thread d < hd adds column d of the staged rows, in row order.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_sum_pad(const Args<scalar_t, acc_t>& a, int tid, const Tile<HD, acc_t>& tile,
+                          DkvThread<HD, acc_t>& th) {
+  if (tid >= a.g.hd) return;
+  for (int r = 0; r < Tile<HD, acc_t>::R; ++r) {
+    th.pad.k += tile.a[r][tid];
+    th.pad.v += tile.b[r][tid];
+  }
+}
+
+// Phase "end group": the thread's column of dS sums into the group's slice (key m < N) and thread
+// d < hd's pad sums into the block's row, one plain store each.
+template <int HD, typename scalar_t, typename acc_t>
+SSLTM_HD void dkv_end_group(const Args<scalar_t, acc_t>& a, int m, int tid, const acc_t* ds_col,
+                            const GroupOut<acc_t>& out, const DkvThread<HD, acc_t>& th) {
+  const int N = a.g.N;
+  if (out.ds && ds_col && m < N) {
+    for (int n = 0; n < N; ++n) out.ds[int64_t(n) * N + m] = ds_col[int64_t(n) * a.plan.dkv_rows];
+  }
+  if (out.pad_k && tid < a.g.hd) {
+    out.pad_k[tid] = th.pad.k;
+    out.pad_v[tid] = th.pad.v;
   }
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tensor-core backward (fp16/bf16). One block per chunk of kTcBwdRows rows of one side of the
-// window's attention matrix against all Np rows of the other side:
+// Tensor-core backward (fp16/bf16). One block per chunk of L.rows rows of one side of the window's
+// attention matrix against all Np rows of the other side:
 //   dq pass  (kKeyChunk = false): chunk = queries, all rows = keys;   block = (window, head, chunk);
 //   dk/dv pass (kKeyChunk = true): chunk = keys, all rows = queries; block = (window group, head,
-//   chunk), the group's windows one after another (see choose_groups).
+//   chunk), the group's windows one after another (see plan_backward).
 // Seen from the chunk, both passes are the same block algorithm on (chunk x Np) matrices: the dk/dv
 // pass works on the transposes S^T = K Q^T, dP^T = V dO^T, so that dK = dS^T Q and dV = P^T dO (like
 // dQ = dS K) are products whose B operand is row-major. "a" rows are Q or K, "b" rows dO or V.
 // As in the forward, the rows of padded keys (pad_k, pad_v: fp32 parameters) are never rounded to 16
 // bits: they are staged as zeros, and their scores use q . pad_k and dO . pad_v computed in fp32 per
 // query; the dq pass adds the padded keys' share sum(dS) * pad_k in fp32 when writing dq.
+// The dk/dv pass keeps its group sums on chip: with a table gradient an fp32 (Np x rows) block of dS
+// summed over the group's windows (ds_sum, the one region that outlives a window), and thread d's
+// PadSums of the padded chunk keys' gradients.
 // ------------------------------------------------------------------------------------------------
-constexpr int kTcBwdRows = 32;  // chunk rows per block: keeps the largest layout (N = 196, HD = 128) under 227 KB
-// Threads per chunk row in the score-gradient phase, each taking every kTcBwdRowParts-th column
-constexpr int kTcBwdRowParts = kTcThreads / kTcBwdRows;
+// Chunk rows per block: 32, or 16 where 32 does not fit the shared memory (with the dS sums, N = 196
+// and HD = 128 need 16 rows under 227 KB).
+constexpr int kTcBwdRowOptions[2] = {32, 16};
 
 template <int HD, typename scalar_t>
 struct BwdTcLayout {
   static constexpr int kLdRows = HD + 16 / int(sizeof(scalar_t));  // staged rows (elements)
   static constexpr int kLdOut = HD + 4;                             // fp32 result rows
+  int rows;        // chunk rows
+  int parts;       // threads per chunk row in the score-gradient phase, each on every parts-th column
   int Np;          // rows of the other side rounded up to kMma; rows N..Np-1 are zero
   int ld_s, ld_p;  // fp32 S/dP rows, input-dtype P/dS rows
   // byte offsets; out_a aliases s and out_b aliases dp (dead once P and dS are written)
@@ -928,11 +1043,15 @@ struct BwdTcLayout {
   // shift-mask region, and, for query rows, lse, delta, q . pad_k and dO . pad_v
   int chunk_off_a, chunk_off_b, chunk_bias, chunk_region, chunk_lse, chunk_delta, chunk_pad_dot_k, chunk_pad_dot_v;
   int all_off_a, all_off_b, all_bias, all_region, all_lse, all_delta, all_pad_dot_k, all_pad_dot_v;
-  int chunk_out_row;  // output row of a valid chunk token, else -1
+  int chunk_out_off;  // element offset of a valid chunk token's dq or dk/dv row, else -1
   int pad_ds;         // dq pass: per query row and row part, sum of dS over the padded keys
+  int window_bytes;   // bytes [0, window_bytes) are rewritten for every window
+  int ds_sum;         // with dS sums: fp32 (Np, rows), element (query j, chunk key r) at j * rows + r
   int bytes;
 
-  SSLTM_HD explicit BwdTcLayout(int N) {
+  SSLTM_HD BwdTcLayout(int N, int chunk_rows, bool ds_sums) {
+    rows = chunk_rows;
+    parts = kTcThreads / rows;
     Np = round_up(N, kMma);
     ld_s = Np + 4;
     ld_p = Np + 16 / int(sizeof(scalar_t));
@@ -943,27 +1062,27 @@ struct BwdTcLayout {
       return at;
     };
     const int rows_bytes = kLdRows * int(sizeof(scalar_t));
-    chunk_a = take(kTcBwdRows * rows_bytes);
-    chunk_b = take(kTcBwdRows * rows_bytes);
+    chunk_a = take(rows * rows_bytes);
+    chunk_b = take(rows * rows_bytes);
     all_a = take(Np * rows_bytes);
     all_b = take(Np * rows_bytes);
-    const int s_bytes = kTcBwdRows * ld_s * 4, out_bytes = kTcBwdRows * kLdOut * 4;
+    const int s_bytes = rows * ld_s * 4, out_bytes = rows * kLdOut * 4;
     s = take(s_bytes > out_bytes ? s_bytes : out_bytes);
     dp = take(s_bytes > out_bytes ? s_bytes : out_bytes);
     out_a = s;
     out_b = dp;
-    p = take(kTcBwdRows * ld_p * int(sizeof(scalar_t)));
-    ds = take(kTcBwdRows * ld_p * int(sizeof(scalar_t)));
-    chunk_off_a = take(kTcBwdRows * 8);
-    chunk_off_b = take(kTcBwdRows * 8);
-    chunk_out_row = take(kTcBwdRows * 8);
-    chunk_bias = take(kTcBwdRows * 4);
-    chunk_region = take(kTcBwdRows * 4);
-    chunk_lse = take(kTcBwdRows * 4);
-    chunk_delta = take(kTcBwdRows * 4);
-    chunk_pad_dot_k = take(kTcBwdRows * 4);
-    chunk_pad_dot_v = take(kTcBwdRows * 4);
-    pad_ds = take(kTcBwdRows * kTcBwdRowParts * 4);
+    p = take(rows * ld_p * int(sizeof(scalar_t)));
+    ds = take(rows * ld_p * int(sizeof(scalar_t)));
+    chunk_off_a = take(rows * 8);
+    chunk_off_b = take(rows * 8);
+    chunk_out_off = take(rows * 8);
+    chunk_bias = take(rows * 4);
+    chunk_region = take(rows * 4);
+    chunk_lse = take(rows * 4);
+    chunk_delta = take(rows * 4);
+    chunk_pad_dot_k = take(rows * 4);
+    chunk_pad_dot_v = take(rows * 4);
+    pad_ds = take(rows * parts * 4);
     all_off_a = take(Np * 8);
     all_off_b = take(Np * 8);
     all_bias = take(Np * 4);
@@ -972,35 +1091,48 @@ struct BwdTcLayout {
     all_delta = take(Np * 4);
     all_pad_dot_k = take(Np * 4);
     all_pad_dot_v = take(Np * 4);
+    window_bytes = end;
+    ds_sum = ds_sums ? take(Np * rows * 4) : -1;
     bytes = end;
   }
 
   // S (chunk x Np) = A_chunk A_all^T and dP = B_chunk B_all^T: the all-rows are the columns of B.
   SSLTM_HD TileProduct<scalar_t, true> scores() const {
-    return {chunk_a, kLdRows, all_a, kLdRows, s, ld_s, kTcBwdRows, Np, HD};
+    return {chunk_a, kLdRows, all_a, kLdRows, s, ld_s, rows, Np, HD};
   }
   SSLTM_HD TileProduct<scalar_t, true> score_grads() const {
-    return {chunk_b, kLdRows, all_b, kLdRows, dp, ld_s, kTcBwdRows, Np, HD};
+    return {chunk_b, kLdRows, all_b, kLdRows, dp, ld_s, rows, Np, HD};
   }
   // dQ or dK (unscaled) = dS A_all; dV = P B_all
   SSLTM_HD TileProduct<scalar_t, false> a_grads() const {
-    return {ds, ld_p, all_a, kLdRows, out_a, kLdOut, kTcBwdRows, HD, Np};
+    return {ds, ld_p, all_a, kLdRows, out_a, kLdOut, rows, HD, Np};
   }
   SSLTM_HD TileProduct<scalar_t, false> b_grads() const {
-    return {p, ld_p, all_b, kLdRows, out_b, kLdOut, kTcBwdRows, HD, Np};
+    return {p, ld_p, all_b, kLdRows, out_b, kLdOut, rows, HD, Np};
   }
 };
 
-// Whether the backward runs on tensor cores (both passes share the layout); otherwise the CUDA-core
-// query_rows_kernel<DqPass> and dkv_kernel serve it.
+// Chunk rows of a tensor-core backward pass whose layout (with or without the dS sums) fits the
+// shared memory of a block, 0 when no option fits.
 template <int HD, typename scalar_t>
-SSLTM_HD bool backward_on_tensor_cores(const Geometry& g, int smem_limit) {
-  return kTensorCoreInput<scalar_t> && BwdTcLayout<HD, scalar_t>(g.N).bytes <= smem_limit;
+inline int bwd_tc_rows(int N, int smem_limit, bool ds_sums) {
+  for (const int rows : kTcBwdRowOptions) {
+    if (BwdTcLayout<HD, scalar_t>(N, rows, ds_sums).bytes <= smem_limit) return rows;
+  }
+  return 0;
+}
+
+// Whether a 16-bit backward runs on tensor cores for this window and head_dim, given the shared
+// memory a block may use; otherwise the CUDA-core query_rows_kernel<DqPass> and dkv_kernel serve it.
+// Decided with the dS sums (the dk/dv pass's largest layout), so that the family does not depend on
+// which gradients are requested.
+inline bool backward_on_tensor_cores(int N, int hd, int smem_limit) {
+  return SSLTM_DISPATCH_HEAD_DIM(hd, [&] { return bwd_tc_rows<HD, TcStorage>(N, smem_limit, true) > 0; });
 }
 
 // Per-row metadata of one token of either side.
 struct BwdTcRowMeta {
-  int64_t off_a, off_b, out_row;
+  int64_t off_a, off_b, out_off;
   int bias, region;
   float lse, delta, pad_dot_k, pad_dot_v;
 };
@@ -1018,7 +1150,7 @@ SSLTM_HD BwdTcRowMeta bwd_tc_row_meta(const Args<scalar_t, float>& a, const WinP
   if (!t.valid) return r;
   const int hd = a.g.hd;
   const int64_t row = token_flat(a.g, t) * a.g.nh + head;
-  r.out_row = row;
+  r.out_off = row_offset(a.sdx, t, head);
   r.off_a = row_offset(is_query ? a.sq : a.sk, t, head);
   r.off_b = row_offset(is_query ? a.sdo : a.sv, t, head);
   if (!is_query) return r;
@@ -1037,8 +1169,22 @@ SSLTM_HD BwdTcRowMeta bwd_tc_row_meta(const Args<scalar_t, float>& a, const WinP
   return r;
 }
 
+// Phase "begin group" (dk/dv pass): thread tid zeroes the entries of the dS sums it owns in the
+// score-gradient phase (chunk row tid % rows, every parts-th query from tid / rows) and its pad sums.
+template <int HD, typename scalar_t>
+SSLTM_HD void bwd_tc_begin_group(int tid, const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem,
+                                 PadSums<float>& pad) {
+  if (L.ds_sum >= 0) {
+    float* ds_sum = smem_at<float>(smem, L.ds_sum);
+    const int r = tid % L.rows;
+    for (int j = tid / L.rows; j < L.Np; j += L.parts) ds_sum[j * L.rows + r] = 0.0f;
+  }
+  pad.k = 0.0f;
+  pad.v = 0.0f;
+}
+
 // Phase "stage metadata": rows tid, tid + nthreads, ... < Np of the other side and chunk row
-// tid < kTcBwdRows (first token c0).
+// tid < rows (first token c0).
 template <int HD, typename scalar_t, bool kKeyChunk>
 SSLTM_HD void bwd_tc_stage_meta(const Args<scalar_t, float>& a, const WinPos& wp, int head, int c0, int tid,
                                 int nthreads, const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
@@ -1053,11 +1199,11 @@ SSLTM_HD void bwd_tc_stage_meta(const Args<scalar_t, float>& a, const WinPos& wp
     smem_at<float>(smem, L.all_pad_dot_k)[i] = r.pad_dot_k;
     smem_at<float>(smem, L.all_pad_dot_v)[i] = r.pad_dot_v;
   }
-  if (tid < kTcBwdRows) {
+  if (tid < L.rows) {
     const BwdTcRowMeta r = bwd_tc_row_meta(a, wp, head, c0 + tid, !kKeyChunk, !kKeyChunk);
     smem_at<int64_t>(smem, L.chunk_off_a)[tid] = r.off_a;
     smem_at<int64_t>(smem, L.chunk_off_b)[tid] = r.off_b;
-    smem_at<int64_t>(smem, L.chunk_out_row)[tid] = r.out_row;
+    smem_at<int64_t>(smem, L.chunk_out_off)[tid] = r.out_off;
     smem_at<int>(smem, L.chunk_bias)[tid] = r.bias;
     smem_at<int>(smem, L.chunk_region)[tid] = r.region;
     smem_at<float>(smem, L.chunk_lse)[tid] = r.lse;
@@ -1083,7 +1229,7 @@ SSLTM_HD void bwd_tc_stage_rows(const Args<scalar_t, float>& a, int tid, int nth
   const int64_t* chunk_off_b = smem_at<int64_t>(smem, L.chunk_off_b);
   scalar_t* chunk_a = smem_at<scalar_t>(smem, L.chunk_a);
   scalar_t* chunk_b = smem_at<scalar_t>(smem, L.chunk_b);
-  for (int i = tid; i < kTcBwdRows * HD; i += nthreads) {
+  for (int i = tid; i < L.rows * HD; i += nthreads) {
     const int r = i / HD, d = i % HD;
     const bool staged = chunk_off_a[r] >= 0 && d < hd;
     chunk_a[r * ld + d] = staged ? chunk_src_a[chunk_off_a[r] + d] : scalar_t(0.0f);
@@ -1101,24 +1247,24 @@ SSLTM_HD void bwd_tc_stage_rows(const Args<scalar_t, float>& a, int tid, int nth
   }
 }
 
-// Phase "score gradients" (after S and dP): thread tid takes chunk row r = tid % kTcBwdRows, columns
-// part, part + kTcBwdRowParts, ... (part = tid / kTcBwdRows), and turns them into P = exp(S - lse) and
+// Phase "score gradients" (after S and dP): thread tid takes chunk row r = tid % rows, columns
+// part, part + parts, ... (part = tid / rows), and turns them into P = exp(S - lse) and
 // dS = P (dP - delta), in the input dtype for the products (zero for padded queries and beyond N) and
 // in fp32 for the bias gradient. Padded keys take their dot products from the fp32 pad dots. In the
 // dq pass their P/dS entries are zero (their K rows are zero anyway) and their dS sum goes to the
-// thread's pad_ds slot; in the dk/dv pass row r is key c0 + r and each (query, key) slot of
-// wpart_head (or nullptr) belongs to one thread.
+// thread's pad_ds slot; in the dk/dv pass row r is key c0 + r and the thread adds its entries' fp32
+// dS to the ones it owns in the dS sums (when the layout has them).
 template <int HD, typename scalar_t, bool kKeyChunk>
 SSLTM_HD void bwd_tc_score_grads(const Args<scalar_t, float>& a, int head, const float* amask_win, int c0,
-                                 int tid, const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem,
-                                 float* wpart_head) {
+                                 int tid, const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem) {
   const int N = a.g.N;
-  const int r = tid % kTcBwdRows, part = tid / kTcBwdRows;
+  const int r = tid % L.rows, part = tid / L.rows;
   const int c = c0 + r;
   const float* s = smem_at<float>(smem, L.s) + r * L.ld_s;
   const float* dp = smem_at<float>(smem, L.dp) + r * L.ld_s;
   scalar_t* p_row = smem_at<scalar_t>(smem, L.p) + r * L.ld_p;
   scalar_t* ds_row = smem_at<scalar_t>(smem, L.ds) + r * L.ld_p;
+  float* ds_sum = kKeyChunk && L.ds_sum >= 0 ? smem_at<float>(smem, L.ds_sum) : nullptr;
   const bool chunk_valid = smem_at<int64_t>(smem, L.chunk_off_a)[r] >= 0;
   const int chunk_bias = smem_at<int>(smem, L.chunk_bias)[r];
   const int chunk_region = smem_at<int>(smem, L.chunk_region)[r];
@@ -1131,7 +1277,7 @@ SSLTM_HD void bwd_tc_score_grads(const Args<scalar_t, float>& a, int head, const
   const float* q_pad_dot_k = smem_at<float>(smem, kKeyChunk ? L.all_pad_dot_k : L.chunk_pad_dot_k);
   const float* q_pad_dot_v = smem_at<float>(smem, kKeyChunk ? L.all_pad_dot_v : L.chunk_pad_dot_v);
   float pad_ds = 0.0f;
-  for (int j = part; j < L.Np; j += kTcBwdRowParts) {
+  for (int j = part; j < L.Np; j += L.parts) {
     const int n = kKeyChunk ? j : c, m = kKeyChunk ? c : j;  // query and key of entry (r, j)
     const int qi = kKeyChunk ? j : r;                        // the query's slot in the q_* arrays
     const bool query_valid = kKeyChunk ? all_off[j] >= 0 : chunk_valid;
@@ -1147,7 +1293,7 @@ SSLTM_HD void bwd_tc_score_grads(const Args<scalar_t, float>& a, int head, const
           : finish_score(a, head, a.scale * dot, chunk_bias, chunk_region, j_bias, j_region, am_row, m);
       p = acc_exp(score - q_lse[qi]);
       ds = p * (dpv - q_delta[qi]);
-      if (kKeyChunk && wpart_head) wpart_head[int64_t(n) * N + m] += ds;
+      if (ds_sum) ds_sum[j * L.rows + r] += ds;
       if (!kKeyChunk && key_padded) {
         pad_ds += ds;
         p = 0.0f;
@@ -1157,83 +1303,206 @@ SSLTM_HD void bwd_tc_score_grads(const Args<scalar_t, float>& a, int head, const
     p_row[j] = scalar_t(p);
     ds_row[j] = scalar_t(ds);
   }
-  if (!kKeyChunk) smem_at<float>(smem, L.pad_ds)[part * kTcBwdRows + r] = pad_ds;
+  if (!kKeyChunk) smem_at<float>(smem, L.pad_ds)[part * L.rows + r] = pad_ds;
 }
 
 // Phase "write" (after the a/b products). dq pass: dq = scale * (dS K + pad_ds * pad_k) for valid
-// queries. dk/dv pass: dk = scale * dS^T Q and dv = P^T dO for valid keys; a padded key's are added
-// into its slot of the group's pad partials (padk_head / padv_head, or nullptr).
+// queries. dk/dv pass: dk = scale * dS^T Q and dv = P^T dO for valid keys; with pad gradients
+// requested (pad, else nullptr), thread d < hd adds column d of the padded chunk keys' dk, dv to its
+// pad sums, in row order.
 template <int HD, typename scalar_t, bool kKeyChunk>
 SSLTM_HD void bwd_tc_write(const Args<scalar_t, float>& a, int head, int c0, int tid, int nthreads,
-                           const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem, float* padk_head,
-                           float* padv_head) {
+                           const BwdTcLayout<HD, scalar_t>& L, unsigned char* smem, PadSums<float>* pad) {
   constexpr int ld = BwdTcLayout<HD, scalar_t>::kLdOut;
   const int hd = a.g.hd;
-  const int64_t* out_row = smem_at<int64_t>(smem, L.chunk_out_row);
+  const int64_t* out_off = smem_at<int64_t>(smem, L.chunk_out_off);
   const float* ga = smem_at<float>(smem, L.out_a);
   const float* gb = smem_at<float>(smem, L.out_b);
-  for (int i = tid; i < kTcBwdRows * HD; i += nthreads) {
+  for (int i = tid; i < L.rows * HD; i += nthreads) {
     const int r = i / HD, d = i % HD;
     if (d >= hd || c0 + r >= a.g.N) continue;
-    const int64_t row = out_row[r];
+    const int64_t off = out_off[r];
+    if (off < 0) continue;
     if (!kKeyChunk) {
-      if (row < 0) continue;
-      float pad = 0.0f;
+      float pad_dq = 0.0f;
       if (a.pad_k) {
         float pad_ds = 0.0f;
-        for (int part = 0; part < kTcBwdRowParts; ++part) pad_ds += smem_at<float>(smem, L.pad_ds)[part * kTcBwdRows + r];
-        pad = pad_ds * a.pad_k[head * hd + d];
+        for (int part = 0; part < L.parts; ++part) pad_ds += smem_at<float>(smem, L.pad_ds)[part * L.rows + r];
+        pad_dq = pad_ds * a.pad_k[head * hd + d];
       }
-      a.dq[row * hd + d] = scalar_t(a.scale * (ga[r * ld + d] + pad));
-    } else if (row >= 0) {
-      a.dk[row * hd + d] = scalar_t(a.scale * ga[r * ld + d]);
-      a.dv[row * hd + d] = scalar_t(gb[r * ld + d]);
-    } else if (padk_head) {
-      padk_head[int64_t(c0 + r) * hd + d] += a.scale * ga[r * ld + d];
-      padv_head[int64_t(c0 + r) * hd + d] += gb[r * ld + d];
+      a.dq[off + d] = scalar_t(a.scale * (ga[r * ld + d] + pad_dq));
+    } else {
+      a.dk[off + d] = scalar_t(a.scale * ga[r * ld + d]);
+      a.dv[off + d] = scalar_t(gb[r * ld + d]);
+    }
+  }
+  if (kKeyChunk && pad && tid < hd) {
+    for (int r = 0; r < L.rows && c0 + r < a.g.N; ++r) {
+      if (out_off[r] >= 0) continue;
+      pad->k += a.scale * ga[r * ld + tid];
+      pad->v += gb[r * ld + tid];
     }
   }
 }
 
-// ------------------------------------------------------------------------------------------------
-// Fixed-order reductions (one output element per thread)
-// ------------------------------------------------------------------------------------------------
-// Sum over groups of element i of a (groups, len) buffer.
-template <typename acc_t>
-SSLTM_HD acc_t sum_groups(const acc_t* part, int groups, int64_t len, int64_t i) {
-  acc_t s = 0;
-  for (int g = 0; g < groups; ++g) s += part[int64_t(g) * len + i];
-  return s;
+// Phase "end group" (dk/dv pass): thread tid stores the dS sums it owns into the group's (N, N) slice
+// (columns c0 .. c0 + rows - 1) and thread d < hd its pad sums into the block's row, one plain store
+// each.
+template <int HD, typename scalar_t>
+SSLTM_HD void bwd_tc_end_group(const Args<scalar_t, float>& a, int c0, int tid, const BwdTcLayout<HD, scalar_t>& L,
+                               unsigned char* smem, const GroupOut<float>& out, const PadSums<float>& pad) {
+  const int N = a.g.N;
+  const int r = tid % L.rows;
+  if (out.ds && c0 + r < N) {
+    const float* ds_sum = smem_at<float>(smem, L.ds_sum);
+    for (int n = tid / L.rows; n < N; n += L.parts) out.ds[int64_t(n) * N + c0 + r] = ds_sum[n * L.rows + r];
+  }
+  if (out.pad_k && tid < a.g.hd) {
+    out.pad_k[tid] = pad.k;
+    out.pad_v[tid] = pad.v;
+  }
 }
 
-// Gradient of table[idx, head] from the window-summed dS (nh, N, N): sum over query n of
-// dS[n, m] where m is the key whose bias coordinates are c(n) - delta(idx), if it exists.
+// ------------------------------------------------------------------------------------------------
+// Backward plan (host code: the bindings plan with the device's limits, or the emulation's)
+// ------------------------------------------------------------------------------------------------
+struct DeviceLimits {
+  int smem_limit;     // shared memory a block may opt in to, bytes
+  int sm_count;       // multiprocessors
+  bool tensor_cores;  // the tensor-core backward is compiled for (and runs on) the device for the dtype
+};
+
+// Shared memory and multiprocessors that the emulation assumes (an H100/H200's opt-in limit, 227 KB;
+// few SMs, so that the test shapes get several window groups of several windows).
+constexpr DeviceLimits kEmulatedDevice{227 * 1024, 4, true};
+
+// Static shared memory of a dkv_kernel block (its tile).
+inline int dkv_tile_bytes(int hd, int acc_bytes) {
+  return SSLTM_DISPATCH_HEAD_DIM(hd, [&] {
+    return acc_bytes == 8 ? int(sizeof(Tile<HD, double>)) : int(sizeof(Tile<HD, float>));
+  });
+}
+static_assert(sizeof(Tile<kMaxHeadDim, float>) + kMaxWindowTokens * sizeof(float) <= 64 * 1024,
+              "a dkv_kernel block must fit one key's column of dS sums next to its tile in sm_75's 64 KB");
+
+// Blocks of 128 threads that one multiprocessor can hold at most (2048 threads).
+constexpr int kMaxBlocksPerSm = 2048 / kThreads;
+
+// Kernels and window groups of the backward. dkv_rows = 0 means that no block fits the shared memory.
+//
+// Groups: enough dk/dv blocks to give every multiprocessor as many blocks as its shared memory holds
+// (one wave; each block then runs its group's windows in turn), but at most as many that the dS sums,
+// groups * heads * N * N fp32, stay within half the bytes of q. Without a table or pad gradient there
+// is nothing to sum and every window is its own group.
+// At the stride-4 shape of SSLTM (B = 2, T = 4, H = W = 120, 1 head, head_dim 32, window 4x7x7:
+// 648 windows of 196 tokens, q 7.4 MB in bf16) on an H100 (132 SMs, 227 KB): tensor-core dk/dv
+// blocks of 32 keys (7 per group, 154 KB of shared memory each, one per SM) give 18 groups of 36
+// windows, 2.8 MB of dS sums (0.38x q) and 32 KB of pad sums. Before: 324 groups, 50 MB of dS sums
+// (6.8x q) zero-filled and read-modify-written per window, 16 MB of pad sums, a 150 KB group sum.
+inline BackwardPlan plan_backward(const Geometry& g, InputType t, const DeviceLimits& dev, bool table_grad,
+                                  bool pad_grad, int64_t forced_groups) {
+  BackwardPlan plan{};
+  const int acc_bytes = t == InputType::kFloat64 ? 8 : 4;
+  const int in_bytes = t == InputType::kFloat64 ? 8 : t == InputType::kFloat32 ? 4 : 2;
+  plan.tensor_cores = dev.tensor_cores && tensor_core_min_arch(t) > 0 &&
+                      backward_on_tensor_cores(g.N, g.hd, dev.smem_limit);
+  int block_bytes;
+  if (plan.tensor_cores) {
+    SSLTM_DISPATCH_HEAD_DIM(g.hd, [&] {
+      plan.dq_rows = bwd_tc_rows<HD, TcStorage>(g.N, dev.smem_limit, false);
+      plan.dkv_rows = bwd_tc_rows<HD, TcStorage>(g.N, dev.smem_limit, table_grad);
+      plan.dkv_smem = BwdTcLayout<HD, TcStorage>(g.N, plan.dkv_rows, table_grad).bytes;
+    });
+    block_bytes = plan.dkv_smem;
+  } else {
+    const int tile_bytes = dkv_tile_bytes(g.hd, acc_bytes);
+    plan.dkv_rows = kThreads;
+    if (table_grad) {
+      // each key's column of dS sums takes N entries: as many keys as fit, in whole warps where possible
+      int keys = (dev.smem_limit - tile_bytes) / (g.N * acc_bytes);
+      if (keys > kThreads) {
+        keys = kThreads;
+      } else if (keys > 32) {
+        keys = keys / 32 * 32;
+      }
+      plan.dkv_rows = keys > 0 ? keys : 0;
+    }
+    plan.dkv_smem = table_grad ? g.N * plan.dkv_rows * acc_bytes : 0;
+    block_bytes = tile_bytes + plan.dkv_smem;
+  }
+  if (plan.dkv_rows == 0) return plan;
+  plan.key_chunks = (g.N + plan.dkv_rows - 1) / plan.dkv_rows;
+  int64_t groups = g.nwin;
+  if (forced_groups > 0 && (table_grad || pad_grad)) {
+    groups = forced_groups;
+  } else if (table_grad || pad_grad) {
+    int per_sm = dev.smem_limit / block_bytes;
+    per_sm = per_sm < 1 ? 1 : per_sm > kMaxBlocksPerSm ? kMaxBlocksPerSm : per_sm;
+    groups = int64_t(dev.sm_count) * per_sm / (int64_t(g.nh) * plan.key_chunks);
+    if (table_grad) {
+      const int64_t q_bytes = int64_t(g.B) * g.T * g.H * g.W * g.nh * g.hd * in_bytes;
+      const int64_t cap = q_bytes / 2 / (int64_t(g.nh) * g.N * g.N * acc_bytes);
+      if (groups > cap) groups = cap;
+    }
+  }
+  if (groups > g.nwin) groups = g.nwin;
+  if (groups < 1) groups = 1;
+  plan.group_size = int((g.nwin + groups - 1) / groups);
+  plan.groups = (g.nwin + plan.group_size - 1) / plan.group_size;
+  return plan;
+}
+
+// Kernel families (tensor cores or not) of the forward and the backward for a device with smem_limit
+// bytes of opt-in shared memory per block and compute capability arch (10 * major + minor). The CUDA
+// launchers decide the same way, with the kernels' compiled architecture in place of arch.
+struct KernelFamilies {
+  bool forward_tensor_cores, backward_tensor_cores;
+};
+
+inline KernelFamilies kernel_families(InputType t, int N, int hd, int smem_limit, int arch) {
+  const int min_arch = tensor_core_min_arch(t);
+  const bool wmma = min_arch > 0 && arch >= min_arch;
+  return {wmma && forward_on_tensor_cores(N, hd, smem_limit), wmma && backward_on_tensor_cores(N, hd, smem_limit)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Gradients of the bias table and the pad rows from the group partials (fixed-order reductions)
+// ------------------------------------------------------------------------------------------------
+constexpr int kTableLanes = 32;  // threads (a warp) per table entry
+
+// Lane `lane`'s share of the gradient of table[idx, head]: over queries n = lane, lane + kTableLanes,
+// ..., the dS sums of groups 0, 1, ... at (n, m), m being the key whose bias coordinates are
+// c(n) - delta(idx), if it exists. The lanes' shares are then added in a fixed tree order
+// (table_grad_kernel's warp shuffles, replayed by the emulation).
 template <typename acc_t>
-SSLTM_HD acc_t table_grad_elem(const Geometry& g, const acc_t* wsum, int idx, int head) {
+SSLTM_HD acc_t table_grad_lane(const Geometry& g, int groups, const acc_t* wpart, int idx, int head, int lane) {
   const int dt = idx / g.key_t - (g.ft - 1);
   const int dh = (idx / g.key_h) % (2 * g.fh - 1) - (g.fh - 1);
   const int dw = idx % g.key_h - (g.fw - 1);
-  const acc_t* w = wsum + int64_t(head) * g.N * g.N;
+  const int64_t slice = int64_t(g.N) * g.N;
+  const int64_t group_stride = int64_t(g.nh) * slice;
+  const acc_t* w = wpart + head * slice;
   acc_t s = 0;
-  for (int n = 0; n < g.N; ++n) {
+  for (int n = lane; n < g.N; n += kTableLanes) {
     const int ct = n / (g.bh * g.bw) - dt;
     const int ch = (n / g.bw) % g.bh - dh;
     const int cw = n % g.bw - dw;
     if (ct < 0 || ch < 0 || cw < 0 || ct >= g.bt || ch >= g.bh || cw >= g.bw) continue;
     const int m = (ct * g.bh + ch) * g.bw + cw;
     if (m >= g.N) continue;
-    s += w[int64_t(n) * g.N + m];
+    for (int grp = 0; grp < groups; ++grp) s += w[grp * group_stride + int64_t(n) * g.N + m];
   }
   return s;
 }
 
-// Gradient of pad[head, d]: sum over groups, then over key slots, of the (groups, nh, N, hd) partials.
+// Gradient of pad[head, d]: sum over groups, then over a group's dk/dv blocks, of the
+// (groups, nh, key_chunks, hd) partials.
 template <typename acc_t>
-SSLTM_HD acc_t pad_grad_elem(const Geometry& g, int groups, const acc_t* part, int head, int d) {
+SSLTM_HD acc_t pad_grad_elem(const Geometry& g, const BackwardPlan& plan, const acc_t* part, int head, int d) {
   acc_t s = 0;
-  for (int grp = 0; grp < groups; ++grp) {
-    const acc_t* p = part + ((int64_t(grp) * g.nh + head) * g.N) * g.hd + d;
-    for (int m = 0; m < g.N; ++m) s += p[int64_t(m) * g.hd];
+  for (int grp = 0; grp < plan.groups; ++grp) {
+    const acc_t* p = part + ((int64_t(grp) * g.nh + head) * plan.key_chunks) * g.hd + d;
+    for (int c = 0; c < plan.key_chunks; ++c) s += p[int64_t(c) * g.hd];
   }
   return s;
 }
@@ -1255,14 +1524,14 @@ struct Problem {
   const void* dout; const void* outp;
   Strides5 sdo, so;
   void* delta; void* dq; void* dk; void* dv;
-  void* wpart;      // (groups, nh, N, N) zeros, or nullptr
-  void* wsum;       // (nh, N, N) when groups > 1, else nullptr (wpart is used directly)
-  void* padk_part;  // (groups, nh, N, hd) zeros, or nullptr
+  Strides5 sdx;     // of dq, dk and dv
+  void* wpart;      // (groups, nh, N, N), or nullptr
+  void* padk_part;  // (groups, nh, key_chunks, hd), or nullptr
   void* padv_part;
   void* dtable;     // (Ntab, nh), or nullptr
   void* dpad_k;     // (nh, hd), or nullptr
   void* dpad_v;
-  int groups, group_size;
+  BackwardPlan plan;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -1287,28 +1556,13 @@ inline Args<scalar_t, acc_t> make_args(const Problem& p) {
   a.dq = static_cast<scalar_t*>(p.dq);
   a.dk = static_cast<scalar_t*>(p.dk);
   a.dv = static_cast<scalar_t*>(p.dv);
+  a.sdx = p.sdx;
   a.wpart = static_cast<acc_t*>(p.wpart);
   a.padk_part = static_cast<acc_t*>(p.padk_part);
   a.padv_part = static_cast<acc_t*>(p.padv_part);
-  a.groups = p.groups;
-  a.group_size = p.group_size;
+  a.plan = p.plan;
   return a;
 }
-
-// Head-dim bucket dispatch: runs the callable with `HD` as a compile-time constant.
-#define SSLTM_DISPATCH_HEAD_DIM(hd, ...)   \
-  [&] {                                    \
-    if ((hd) <= 32) {                      \
-      constexpr int HD = 32;               \
-      return __VA_ARGS__();                \
-    } else if ((hd) <= 64) {               \
-      constexpr int HD = 64;               \
-      return __VA_ARGS__();                \
-    } else {                               \
-      constexpr int HD = 128;              \
-      return __VA_ARGS__();                \
-    }                                      \
-  }()
 
 }  // namespace wa3d
 }  // namespace ssltm

@@ -11,6 +11,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -84,6 +85,12 @@ void emulate_tile_product(const TileProduct<scalar_t, kBTransposed>& p, unsigned
   }
 }
 
+// Shared memory starts undefined on the GPU (and keeps what earlier phases left): NaN bytes make a
+// read before a write visible.
+void poison(std::vector<unsigned char>& smem, size_t begin, size_t end) {
+  std::fill(smem.begin() + begin, smem.begin() + end, static_cast<unsigned char>(0xFF));
+}
+
 // forward_tc_kernel of the .cu
 template <int HD, typename scalar_t>
 void emulate_forward_tc(const Args<scalar_t, float>& a) {
@@ -92,8 +99,7 @@ void emulate_forward_tc(const Args<scalar_t, float>& a) {
   for (int win = 0; win < a.g.nwin; ++win) {
     for (int head = 0; head < a.g.nh; ++head) {
       for (int q0 = 0; q0 < a.g.N; q0 += kTcQueries) {
-        // shared memory starts undefined on the GPU: NaN bytes make a read before a write visible
-        std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xFF));
+        poison(smem, 0, smem.size());
         const WinPos wp = window_pos(a.g, win);
         for (int tid = 0; tid < kTcThreads; ++tid)
           fwd_tc_stage_meta(a, wp, head, q0, tid, kTcThreads, layout, smem.data());
@@ -108,11 +114,11 @@ void emulate_forward_tc(const Args<scalar_t, float>& a) {
   }
 }
 
-// forward_cuda's choice between the tensor-core and the CUDA-core kernel, for an H100's shared memory
+// forward_cuda's choice between the tensor-core and the CUDA-core kernel, for the emulated device
 template <int HD, typename scalar_t, typename acc_t>
 void emulate_forward(const Args<scalar_t, acc_t>& a) {
   if constexpr (kTensorCoreInput<scalar_t>) {
-    if (forward_on_tensor_cores<HD, scalar_t>(a.g, kEmulatedSharedMemoryLimit)) return emulate_forward_tc<HD>(a);
+    if (forward_on_tensor_cores(a.g.N, a.g.hd, kEmulatedDevice.smem_limit)) return emulate_forward_tc<HD>(a);
   }
   emulate_query_rows<HD, ForwardPass>(a);
 }
@@ -121,24 +127,24 @@ void emulate_forward(const Args<scalar_t, acc_t>& a) {
 // pass (a window group per block)
 template <int HD, typename scalar_t, bool kKeyChunk>
 void emulate_backward_tc(const Args<scalar_t, float>& a) {
-  const BwdTcLayout<HD, scalar_t> layout(a.g.N);
+  const BwdTcLayout<HD, scalar_t> layout(a.g.N, kKeyChunk ? a.plan.dkv_rows : a.plan.dq_rows, kKeyChunk && a.wpart);
   std::vector<unsigned char> smem(size_t(layout.bytes));
-  const int blocks = kKeyChunk ? a.groups : a.g.nwin;
-  const int windows = kKeyChunk ? a.group_size : 1;
-  const int N = a.g.N;
+  std::vector<PadSums<float>> pad(kTcThreads);
+  const int blocks = kKeyChunk ? a.plan.groups : a.g.nwin;
+  const int windows = kKeyChunk ? a.plan.group_size : 1;
   for (int block = 0; block < blocks; ++block) {
     for (int head = 0; head < a.g.nh; ++head) {
-      for (int c0 = 0; c0 < N; c0 += kTcBwdRows) {
-        const int64_t slot = int64_t(block) * a.g.nh + head;
-        float* wpart = kKeyChunk && a.wpart ? a.wpart + slot * N * N : nullptr;
-        float* padk = kKeyChunk && a.padk_part ? a.padk_part + slot * N * a.g.hd : nullptr;
-        float* padv = kKeyChunk && a.padv_part ? a.padv_part + slot * N * a.g.hd : nullptr;
+      for (int chunk = 0; chunk * layout.rows < a.g.N; ++chunk) {
+        const int c0 = chunk * layout.rows;
+        const GroupOut<float> out = kKeyChunk ? group_out(a, block, head, chunk) : GroupOut<float>{};
+        poison(smem, 0, smem.size());
+        if (kKeyChunk) {
+          for (int tid = 0; tid < kTcThreads; ++tid) bwd_tc_begin_group(tid, layout, smem.data(), pad[tid]);
+        }
         for (int j = 0; j < windows; ++j) {
           const int win = block * windows + j;
           if (win >= a.g.nwin) break;
-          // shared memory starts undefined on the GPU (and keeps the previous window's data): NaN
-          // bytes make a read before a write visible
-          std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xFF));
+          poison(smem, 0, size_t(layout.window_bytes));
           const WinPos wp = window_pos(a.g, win);
           for (int tid = 0; tid < kTcThreads; ++tid)
             bwd_tc_stage_meta<HD, scalar_t, kKeyChunk>(a, wp, head, c0, tid, kTcThreads, layout, smem.data());
@@ -147,56 +153,67 @@ void emulate_backward_tc(const Args<scalar_t, float>& a) {
           emulate_tile_product(layout.scores(), smem.data(), layout.bytes);
           emulate_tile_product(layout.score_grads(), smem.data(), layout.bytes);
           for (int tid = 0; tid < kTcThreads; ++tid)
-            bwd_tc_score_grads<HD, scalar_t, kKeyChunk>(a, head, amask_window(a, win), c0, tid, layout, smem.data(),
-                                                        wpart);
+            bwd_tc_score_grads<HD, scalar_t, kKeyChunk>(a, head, amask_window(a, win), c0, tid, layout, smem.data());
           emulate_tile_product(layout.a_grads(), smem.data(), layout.bytes);
           if (kKeyChunk) emulate_tile_product(layout.b_grads(), smem.data(), layout.bytes);
           for (int tid = 0; tid < kTcThreads; ++tid)
-            bwd_tc_write<HD, scalar_t, kKeyChunk>(a, head, c0, tid, kTcThreads, layout, smem.data(), padk, padv);
+            bwd_tc_write<HD, scalar_t, kKeyChunk>(a, head, c0, tid, kTcThreads, layout, smem.data(),
+                                                  out.pad_k ? &pad[tid] : nullptr);
+        }
+        if (kKeyChunk) {
+          for (int tid = 0; tid < kTcThreads; ++tid) bwd_tc_end_group(a, c0, tid, layout, smem.data(), out, pad[tid]);
         }
       }
     }
   }
 }
 
+// dkv_kernel of the .cu; the dS sums stand in for its dynamic shared memory
 template <int HD, typename scalar_t, typename acc_t>
 void emulate_dkv(const Args<scalar_t, acc_t>& a) {
   using TileT = Tile<HD, acc_t>;
   auto tile = std::make_unique<TileT>();
   std::vector<DkvThread<HD, acc_t>> th(kThreads);
+  std::vector<acc_t> ds_sums(size_t(a.g.N) * a.plan.dkv_rows);
   const int N = a.g.N;
-  for (int grp = 0; grp < a.groups; ++grp) {
+  for (int grp = 0; grp < a.plan.groups; ++grp) {
     for (int head = 0; head < a.g.nh; ++head) {
-      for (int chunk = 0; chunk < attention_chunks(a.g); ++chunk) {
-        const int64_t slot = int64_t(grp) * a.g.nh + head;
-        acc_t* wpart = a.wpart ? a.wpart + slot * N * N : nullptr;
-        acc_t* padk = a.padk_part ? a.padk_part + slot * N * a.g.hd : nullptr;
-        acc_t* padv = a.padv_part ? a.padv_part + slot * N * a.g.hd : nullptr;
-        for (int j = 0; j < a.group_size; ++j) {
-          const int win = grp * a.group_size + j;
+      for (int chunk = 0; chunk < a.plan.key_chunks; ++chunk) {
+        const GroupOut<acc_t> out = group_out(a, grp, head, chunk);
+        auto ds_col = [&](int tid) { return out.ds && tid < a.plan.dkv_rows ? ds_sums.data() + tid : nullptr; };
+        auto key = [&](int tid) { return dkv_key(a, chunk, tid); };
+        std::fill(ds_sums.begin(), ds_sums.end(), std::numeric_limits<acc_t>::quiet_NaN());
+        for (int tid = 0; tid < kThreads; ++tid) dkv_begin_group(a, ds_col(tid), th[tid]);
+        for (int j = 0; j < a.plan.group_size; ++j) {
+          const int win = grp * a.plan.group_size + j;
           if (win >= a.g.nwin) break;
           const WinPos wp = window_pos(a.g, win);
           const float* am = amask_window(a, win);
-          for (int tid = 0; tid < kThreads; ++tid) dkv_begin_window(a, wp, head, chunk * kThreads + tid, th[tid]);
+          for (int tid = 0; tid < kThreads; ++tid) dkv_begin_window(a, wp, head, key(tid), th[tid]);
           for (int q0 = 0; q0 < N; q0 += TileT::R) {
             for (int tid = 0; tid < TileT::R; ++tid) stage_q_meta(a, wp, head, q0, tid, *tile);
             for (int tid = 0; tid < kThreads; ++tid) stage_q_rows(a, tid, kThreads, *tile);
-            for (int tid = 0; tid < kThreads; ++tid)
-              dkv_tile(a, head, am, chunk * kThreads + tid, q0, *tile, wpart, th[tid]);
+            for (int tid = 0; tid < kThreads; ++tid) dkv_tile(a, head, am, key(tid), q0, *tile, ds_col(tid), th[tid]);
           }
-          for (int tid = 0; tid < kThreads; ++tid)
-            dkv_end_window(a, head, chunk * kThreads + tid, padk, padv, th[tid]);
+          for (int tid = 0; tid < kThreads; ++tid) dkv_end_window(a, head, th[tid]);
+          if (out.pad_k && window_has_padding(a.g, wp)) {
+            for (int base = 0; base < a.plan.dkv_rows; base += TileT::R) {
+              for (int tid = 0; tid < kThreads; ++tid) dkv_stage_pad(a, tid, base, th[tid], *tile);
+              for (int tid = 0; tid < kThreads; ++tid) dkv_sum_pad(a, tid, *tile, th[tid]);
+            }
+          }
         }
+        for (int tid = 0; tid < kThreads; ++tid) dkv_end_group(a, key(tid), tid, ds_col(tid), out, th[tid]);
       }
     }
   }
 }
 
-// backward_cuda's choice between the tensor-core and the CUDA-core kernels, for an H100's shared memory
+// backward_cuda's kernels: the plan's
 template <int HD, typename scalar_t, typename acc_t>
 void emulate_backward(const Args<scalar_t, acc_t>& a) {
   if constexpr (kTensorCoreInput<scalar_t>) {
-    if (backward_on_tensor_cores<HD, scalar_t>(a.g, kEmulatedSharedMemoryLimit)) {
+    if (a.plan.tensor_cores) {
       emulate_backward_tc<HD, scalar_t, false>(a);
       emulate_backward_tc<HD, scalar_t, true>(a);
       return;
@@ -206,26 +223,30 @@ void emulate_backward(const Args<scalar_t, acc_t>& a) {
   emulate_dkv<HD>(a);
 }
 
+// table_grad_kernel and pad_grad_kernel of the .cu; the lanes' shares are added in the order of the
+// kernel's warp shuffles (lane l takes lane l + offset's partial sum, offsets 16, 8, 4, 2, 1)
 template <typename acc_t>
 void emulate_reductions(const Problem& p) {
   const Geometry& g = p.g;
   if (p.wpart) {
-    const acc_t* wsum = static_cast<const acc_t*>(p.wpart);
-    if (p.groups > 1) {
-      const int64_t len = int64_t(g.nh) * g.N * g.N;
-      acc_t* dst = static_cast<acc_t*>(p.wsum);
-      for (int64_t i = 0; i < len; ++i) dst[i] = sum_groups(static_cast<const acc_t*>(p.wpart), p.groups, len, i);
-      wsum = dst;
-    }
+    const acc_t* wpart = static_cast<const acc_t*>(p.wpart);
     acc_t* dtable = static_cast<acc_t*>(p.dtable);
-    for (int i = 0; i < g.Ntab * g.nh; ++i) dtable[i] = table_grad_elem(g, wsum, i / g.nh, i % g.nh);
+    for (int i = 0; i < g.Ntab * g.nh; ++i) {
+      acc_t lanes[kTableLanes];
+      for (int lane = 0; lane < kTableLanes; ++lane)
+        lanes[lane] = table_grad_lane(g, p.plan.groups, wpart, i / g.nh, i % g.nh, lane);
+      for (int offset = kTableLanes / 2; offset > 0; offset /= 2) {
+        for (int lane = 0; lane < offset; ++lane) lanes[lane] += lanes[lane + offset];
+      }
+      dtable[i] = lanes[0];
+    }
   }
   if (p.padk_part) {
     acc_t* dk = static_cast<acc_t*>(p.dpad_k);
     acc_t* dv = static_cast<acc_t*>(p.dpad_v);
     for (int i = 0; i < g.nh * g.hd; ++i) {
-      dk[i] = pad_grad_elem(g, p.groups, static_cast<const acc_t*>(p.padk_part), i / g.hd, i % g.hd);
-      dv[i] = pad_grad_elem(g, p.groups, static_cast<const acc_t*>(p.padv_part), i / g.hd, i % g.hd);
+      dk[i] = pad_grad_elem(g, p.plan, static_cast<const acc_t*>(p.padk_part), i / g.hd, i % g.hd);
+      dv[i] = pad_grad_elem(g, p.plan, static_cast<const acc_t*>(p.padv_part), i / g.hd, i % g.hd);
     }
   }
 }
@@ -246,6 +267,15 @@ void backward_cpu(const Problem& p) {
                                   static_cast<at::ScalarType>(p.dtype), "window_attention_3d_backward_cpu", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     const auto a = make_args<scalar_t, acc_t>(p);
+    // the partials are not zero-filled (every element has one store): NaN makes a missing one visible
+    const Geometry& g = p.g;
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    if (a.wpart) std::fill_n(a.wpart, int64_t(a.plan.groups) * g.nh * g.N * g.N, nan);
+    if (a.padk_part) {
+      const int64_t len = int64_t(a.plan.groups) * g.nh * a.plan.key_chunks * g.hd;
+      std::fill_n(a.padk_part, len, nan);
+      std::fill_n(a.padv_part, len, nan);
+    }
     SSLTM_DISPATCH_HEAD_DIM(p.g.hd, [&] { emulate_backward<HD>(a); });
     emulate_reductions<acc_t>(p);
   });

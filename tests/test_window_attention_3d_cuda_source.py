@@ -284,17 +284,34 @@ def test_low_precision_without_pad_k(pad_v):
     check_against_oracle(p)
 
 
-# float16 takes the tensor-core dk/dv kernel, whose blocks also run their group's windows in turn
+# float16 takes the tensor-core dk/dv kernel, whose blocks also run their group's windows in turn. Each
+# dk/dv block sums dS and the padded keys' gradients over its group's windows on chip and stores them
+# once; the emulation fills those partials with NaN first, so a missing store fails the comparison.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
-@pytest.mark.parametrize("num_groups", [1, 2, 3, 7])
+@pytest.mark.parametrize("num_groups", [1, 2, 3, 7, 1000])
 def test_window_groups(num_groups, dtype):
     """The dk/dv kernel's window groups (forced here) change only the order of the bias/pad reductions."""
-    p = geometry_problem("pad_all_axes_shift", mask=True, dtype=dtype)
+    p = geometry_problem("pad_all_axes_shift", mask=True, dtype=dtype)  # 120 windows, padded on every axis
     check_against_oracle(p, num_groups=num_groups)
     auto = run_kernel(p)[2]
     forced = run_kernel(p, num_groups=num_groups)[2]
     for a, b in zip(auto[:3], forced[:3], strict=True):
         assert torch.equal(a, b)
+
+
+# 196-token windows: float64 runs dkv_kernel with 96 keys per block (its dS sums fill the emulated 227 KB:
+# 3 blocks per group, the last one partial), float32 with 128 keys (2 blocks), float16 the tensor-core
+# dk/dv pass with 32 keys per block (7 blocks); 8 windows in 3 groups of 3, 3 and 2
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_window_groups_several_key_blocks(dtype):
+    check_against_oracle(geometry_problem("swin_4x7x7_shift", mask=True, dtype=dtype), num_groups=3)
+
+
+def test_tensor_core_backward_with_16_row_blocks():
+    """N = 196, head_dim 128: with the dS sums the dk/dv layout needs 16-row blocks to fit in 227 KB."""
+    assert _C.window_attention_3d_cuda_kernels("float16", 196, 128, 227 * 1024, 90)[1] == "tensor_cores"
+    p = make_problem((1, 5, 9, 10), 1, 128, (4, 7, 7), shift=(2, 3, 3), mask=True, dtype=torch.float16)
+    check_against_oracle(p, num_groups=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -342,10 +359,10 @@ def test_contiguous_inputs_and_broadcast_grad():
 @pytest.mark.parametrize("geometry,requested_shift", [("shrunk_t", (2, 3, 3)), ("shrunk_h", (2, 3, 3))])
 def test_matches_package_reference(geometry, requested_shift, mode):
     """Cross-check with the package's PyTorch reference (which shrinks the window itself), if present."""
-    ref_mod = pytest.importorskip("ssltm_kernels.window_attention_3d")
+    ref_mod = pytest.importorskip("ssltm_kernels.ops.window_attention_3d")
     reference = getattr(ref_mod, "window_attention_3d_reference", None)
     if reference is None:
-        pytest.skip("ssltm_kernels.window_attention_3d has no window_attention_3d_reference")
+        pytest.skip("ssltm_kernels.ops.window_attention_3d has no window_attention_3d_reference")
     p = geometry_problem(geometry, mode=mode)
     out = run_kernel(p)[0]
     want = reference(p["q"], p["k"], p["v"], window_size=tuple(p["table_window"]), rel_pos_bias_table=p["table"],
@@ -449,8 +466,110 @@ def test_bad_backward_inputs(small):
 
 def test_module_attributes():
     assert _C.MAX_HEAD_DIM == 128
-    assert _C.MAX_WINDOW_TOKENS >= 512
+    assert _C.MAX_WINDOW_TOKENS == 4096
     assert isinstance(_C.WITH_CUDA, bool)
+
+
+# ------------------------------------------------------------------------------------------------
+# Packed gradient output (grad_qkv)
+# ------------------------------------------------------------------------------------------------
+def _packed_grads(p, grad_qkv, num_groups=0):
+    out, lse = fwd(p["q"], p["k"], p["v"], p["table"], p["pad_k"], p["pad_v"], p["attn_mask"], p["window"],
+                   p["shift"], p["bias_window"], p["table_window"], p["scale"])
+    return bwd(p["grad_out"], p["q"], p["k"], p["v"], out, lse, p["table"], p["pad_k"], p["pad_v"], p["attn_mask"],
+               p["window"], p["shift"], p["bias_window"], p["table_window"], p["scale"], True, True, num_groups,
+               grad_qkv=grad_qkv)
+
+
+# float32: CUDA-core kernels; float16: tensor-core kernels
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("geometry", ["pad_all_axes_shift", "swin_4x7x7_shift"])
+def test_grad_qkv_packed(geometry, dtype):
+    p = geometry_problem(geometry, mask=True, dtype=dtype)
+    want = run_kernel(p, num_groups=3)[2]
+    grad_qkv = torch.full((*p["q"].shape[:4], 3, *p["q"].shape[4:]), float("nan"), dtype=dtype)
+    got = _packed_grads(p, grad_qkv, num_groups=3)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert torch.equal(got[i], want[i]), name
+        assert got[i].data_ptr() == grad_qkv[..., i, :, :].data_ptr(), f"{name} is not a view of grad_qkv"
+        assert got[i].stride() == grad_qkv[..., i, :, :].stride()
+        assert torch.equal(grad_qkv[..., i, :, :], want[i])
+    for a, b in zip(got[3:], want[3:], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_grad_qkv_strided_view():
+    """A grad_qkv that is a view into a wider buffer (stride 1 along head_dim only): only its elements change."""
+    p = geometry_problem("pad_all_axes_shift", mask=True)
+    want = run_kernel(p)[2]
+    hd = p["q"].shape[-1]
+    buffer = torch.full((*p["q"].shape[:4], 3, p["q"].shape[4], 2 * hd + 1), -7.0, dtype=p["q"].dtype)
+    grad_qkv = buffer[..., 1:hd + 1]
+    assert not grad_qkv.is_contiguous()
+    got = _packed_grads(p, grad_qkv)
+    for i in range(3):
+        assert torch.equal(got[i], want[i])
+    assert (buffer[..., 0] == -7).all() and (buffer[..., hd + 1:] == -7).all()
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda q: torch.empty(*q.shape[:4], 3, *q.shape[4:])[..., :1, :, :],
+     r"grad_qkv must have shape \(B, T, H, W, 3, heads, head_dim\) = \[1, 3, 4, 5, 3, 2, 8\], "
+     r"got \[1, 3, 4, 5, 1, 2, 8\]"),
+    (lambda q: torch.empty(*q.shape), r"grad_qkv must have shape .* got \[1, 3, 4, 5, 2, 8\]"),
+    (lambda q: torch.empty(*q.shape[:4], 3, *q.shape[4:], dtype=torch.float64),
+     r"grad_qkv must have the dtype of q \(Float\), got Double \(shape \[1, 3, 4, 5, 3, 2, 8\]\)"),
+    (lambda q: torch.empty(*q.shape[:4], 3, q.shape[5], q.shape[4]).transpose(-1, -2),
+     r"grad_qkv must have stride 1 in its last dimension \(head_dim\), got strides .* "
+     r"for shape \[1, 3, 4, 5, 3, 2, 8\]"),
+    (lambda q: torch.empty(*q.shape[:4], 1, *q.shape[4:]).expand(*q.shape[:4], 3, *q.shape[4:]),
+     r"grad_qkv must not overlap itself"),
+])
+def test_bad_grad_qkv(small, make, message):
+    with pytest.raises(RuntimeError, match=message):
+        _packed_grads(small, make(small["q"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel families: the launchers' decision, from plain numbers
+# ------------------------------------------------------------------------------------------------
+H100_SHARED_MEMORY = 227 * 1024
+
+
+@pytest.mark.parametrize("args,families", [
+    # fp32 always runs on CUDA cores
+    (("float32", 196, 32, H100_SHARED_MEMORY, 90), ("cuda_cores", "cuda_cores")),
+    # SSLTM's 4x7x7 window at head_dim 32 in fp16 / bf16 on an H100
+    (("float16", 196, 32, H100_SHARED_MEMORY, 90), ("tensor_cores", "tensor_cores")),
+    (("bfloat16", 196, 32, H100_SHARED_MEMORY, 90), ("tensor_cores", "tensor_cores")),
+    # bf16 WMMA needs sm_80, fp16 sm_70
+    (("bfloat16", 18, 32, 64 * 1024, 75), ("cuda_cores", "cuda_cores")),
+    (("float16", 18, 32, 64 * 1024, 75), ("tensor_cores", "tensor_cores")),
+    (("float16", 18, 32, 64 * 1024, 60), ("cuda_cores", "cuda_cores")),
+    (("bfloat16", 196, 32, 163 * 1024, 80), ("tensor_cores", "tensor_cores")),
+    # windows too big for the shared memory
+    (("float16", 512, 8, H100_SHARED_MEMORY, 90), ("cuda_cores", "cuda_cores")),
+    (("float16", 196, 32, 64 * 1024, 75), ("cuda_cores", "cuda_cores")),
+    # the two passes decide separately: the forward's 64-query layout is the larger one here
+    (("float16", 196, 128, 200 * 1024, 90), ("cuda_cores", "tensor_cores")),
+])
+def test_cuda_kernel_families(args, families):
+    assert _C.window_attention_3d_cuda_kernels(*args) == families
+
+
+def test_cuda_kernel_families_keywords_and_limits():
+    assert _C.window_attention_3d_cuda_kernels(dtype="float16", tokens=_C.MAX_WINDOW_TOKENS,
+                                               head_dim=_C.MAX_HEAD_DIM, shared_memory=H100_SHARED_MEMORY,
+                                               arch=90) == ("cuda_cores", "cuda_cores")
+    with pytest.raises(RuntimeError, match=r'dtype must be "float32", "float16" or "bfloat16", got "float64"'):
+        _C.window_attention_3d_cuda_kernels("float64", 196, 32, H100_SHARED_MEMORY, 90)
+    with pytest.raises(RuntimeError, match=r"tokens must be in \[1, 4096\], got 4097"):
+        _C.window_attention_3d_cuda_kernels("float16", _C.MAX_WINDOW_TOKENS + 1, 32, H100_SHARED_MEMORY, 90)
+    with pytest.raises(RuntimeError, match=r"head_dim must be in \[1, 128\], got 129"):
+        _C.window_attention_3d_cuda_kernels("float16", 196, _C.MAX_HEAD_DIM + 1, H100_SHARED_MEMORY, 90)
+    with pytest.raises(RuntimeError, match=r"shared_memory must be a byte count >= 0, got -1"):
+        _C.window_attention_3d_cuda_kernels("float16", 196, 32, -1, 90)
+
 
 
 # ------------------------------------------------------------------------------------------------
