@@ -742,3 +742,14 @@ def test_gpu_module_under_bf16_autocast_with_packed_qkv(backend):
                                                                reference.qkv.weight))
     assert_within_twice_low_precision_error(("out", "dx", "dtable", "dqkv_weight"), (out, *grads),
                                             (low_out, *low_grads), (fp32_out, *fp32_grads), torch.bfloat16, backend)
+
+
+def test_op_submodule_is_a_module_and_the_package_exports_the_functions():
+    import importlib
+    import types
+
+    module = importlib.import_module("ssltm_kernels.ops.window_attention_3d")
+    assert isinstance(module, types.ModuleType) and module is op
+    assert ssltm_kernels.window_attention_3d is op.window_attention_3d  # a function, beside the ops package
+    assert ssltm_kernels.window_attention_3d_qkvpacked is op.window_attention_3d_qkvpacked
+    assert {"can_run_cuda", "can_run_triton", "can_run_reference"} <= set(op.__all__)
