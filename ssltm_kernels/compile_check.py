@@ -1,11 +1,17 @@
-"""Compile every Triton kernel configuration the dispatch launches on a GPU architecture, without a GPU.
+"""Compile the Triton kernel configurations the dispatch launches on a GPU architecture, without a GPU.
 
 ``python -m ssltm_kernels.compile_check --arch 90`` builds the cubins for sm_90 (H100/H200) of the
 tuned configurations and of the largest windows the Triton dispatch accepts on that architecture
-(``triton_key_tile_limit``), specialised as a launch on aligned inputs is, prints each kernel's
-shared-memory use and exits non-zero if any configuration fails to compile or needs more shared memory
-than the architecture has. CI runs it for sm_90, sm_80 and sm_86 so that kernels proven in the CPU
-interpreter are also proven to compile for real hardware.
+(``triton_key_tile_limit``), each specialised as real launches specialise it (``LAUNCHES``: all
+integers multiples of 16, none, and SSLTM's own), prints each kernel's shared-memory use and exits
+non-zero if any kernel fails to compile or needs more shared memory than the architecture has.
+``--arch 90 80 86`` checks several architectures with one pool of compiler processes.
+
+``--set full`` (the default; ``make compile-check`` runs it for sm_90, sm_80 and sm_86) compiles every
+configuration for every launch; ``--set representative`` (what the test suite runs, a few minutes on
+two cores) compiles SSLTM's configurations and, per dtype family, the largest windows the dispatch
+accepts (see ``window_attention_configs``), so that kernels proven in the CPU interpreter are also
+proven to compile for real hardware.
 """
 
 from __future__ import annotations
@@ -15,15 +21,19 @@ import itertools
 import math
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 
 import torch
 
-from ssltm_kernels.window_attention_3d import (
+from ssltm_kernels.ops.window_attention_3d import (
     MAX_WINDOW_TOKENS,
     key_tile_bytes,
     triton_compile_specs,
     triton_key_tile_limit,
+    window_geometry,
 )
 
 # architecture -> shared memory a block may opt in to, bytes (CUDA C Programming Guide, compute capabilities)
@@ -36,8 +46,92 @@ WINDOW_ATTENTION_CONFIGS = (
     ((8, 7, 7), 32, (4, 3, 3)),
     ((2, 7, 7), 64, (1, 3, 3)),
 )
+# SSLTM's own: its four STT stages all attend in 4x7x7 windows with head_dim 32, shifted every other block
+SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT = (4, 7, 7), 32, (2, 3, 3)
+SSLTM_VOLUME, SSLTM_HEADS = (2, 4, 30, 30), 4  # (clips, frames, H, W) of one stage, as in the benchmark
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SETS = ("full", "representative")
 
 
+@dataclass(frozen=True)
+class Config:
+    """One compilation unit: the kernels of one configuration, specialised for one kind of launch.
+
+    ``window_batches``: as ``window_attention_3d_windows`` launches them (always with the bias table,
+    never with pad rows); otherwise a volume with bias table and pad rows, as ``WindowAttention3D``
+    with ``qkv_bias`` launches them."""
+
+    dtype: torch.dtype
+    window: tuple[int, int, int]
+    head_dim: int
+    shift: tuple[int, int, int] = (0, 0, 0)
+    mask: bool = False
+    window_batches: bool = False
+    launch: str = "aligned"
+
+    @property
+    def label(self) -> str:
+        label = f"{str(self.dtype).removeprefix('torch.')} window={self.window} head_dim={self.head_dim}"
+        label += f" shift={self.shift}" if any(self.shift) else ""
+        label += " window-batches" if self.window_batches else ""
+        label += " mask" if self.mask else ""
+        return f"{label} launch={self.launch}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Launches: the integer arguments a launch passes, from which Triton specialises the kernel
+# (triton_compile_specs: 1 -> constant, multiple of 16 -> divisible by 16). Every launch has aligned
+# pointers: torch allocates at 256 bytes and q/k/v views of a qkv projection start at multiples of
+# head_dim * itemsize >= 32 bytes.
+# --------------------------------------------------------------------------------------------------
+def _strides(prefix: str, x: torch.Tensor) -> dict[str, int]:
+    return {f"{prefix}_{axis}": stride for axis, stride in zip("bthwn", x.stride()[:5], strict=True)}
+
+
+def _launch_ints(q: torch.Tensor, num_windows: int, num_masks: int) -> dict[str, int]:
+    """The launcher's integer arguments for q, k, v of q's layout (views into one qkv projection)."""
+    batch, t, h, w, heads, head_dim = q.shape
+    return {**_strides("sq", q), **_strides("sk", q), **_strides("sv", q), "T": t, "H": h, "W": w, "NH": heads,
+            "HD": head_dim, "num_masks": num_masks, "num_windows": num_windows}
+
+
+def ssltm_launch_ints(config: Config) -> dict[str, int]:
+    """The integer arguments of an SSLTM launch of ``config``, from the tensors it would pass: q/k/v
+    unbound from a ``(clips, frames, 30, 30, 3, heads, head_dim)`` qkv projection for a volume (T = 4,
+    H = W = 30, strides multiples of 16, num_masks 1 -> a constant); for window batches, q/k/v of
+    ``(clips * windows, N, 3, heads, head_dim)`` as the op sees them, ``(B*nW, 1, 1, N, heads, head_dim)``
+    (T = H = 1 -> constants), with one mask per window of a clip."""
+    clips, *sizes = SSLTM_VOLUME
+    geom = window_geometry(sizes, config.window, config.shift)
+    if config.window_batches:
+        n = math.prod(config.window)
+        qkv = torch.empty(clips * geom.num_windows, n, 3, SSLTM_HEADS, config.head_dim, device="meta")
+        q = qkv.unbind(2)[0].unsqueeze(1).unsqueeze(1)
+    else:
+        qkv = torch.empty(clips, *sizes, 3, SSLTM_HEADS, config.head_dim, device="meta")
+        q = qkv.unbind(4)[0]
+    return _launch_ints(q, clips * geom.num_windows, geom.num_windows if config.mask else 1)
+
+
+# launch -> (doc, the value of each integer argument of a config's kernels by name)
+LAUNCHES: dict[str, tuple[str, Callable[[Config], Callable[[str], int]]]] = {
+    "aligned": ("every integer a multiple of 16: the most specialised variant, whose software pipelining "
+                "takes the most shared memory", lambda config: lambda name: 16),
+    "unaligned": ("no integer a multiple of 16 nor 1 (H = W = 30, odd strides, ...): the least specialised "
+                  "variant", lambda config: lambda name: 30 if name in ("H", "W") else 31),
+    "ssltm": ("the integers of SSLTM's own launches (ssltm_launch_ints)",
+              lambda config: ssltm_launch_ints(config).get),
+}
+
+
+def _with_default(values: Callable[[str], int | None], default: int) -> Callable[[str], int]:
+    """An argument a launch profile does not know (added to a kernel later) takes ``default``."""
+    return lambda name: default if values(name) is None else values(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration sets
+# --------------------------------------------------------------------------------------------------
 def largest_window_configs(key_tile_limit: int):
     """``(dtype, window, head_dim)``: for each head dim, the largest window whose key tile fits
     ``key_tile_limit`` and the one of half its tile, the largest whose dq kernel double-buffers key
@@ -51,62 +145,140 @@ def largest_window_configs(key_tile_limit: int):
                 yield dtype, (1, 4, tokens // 4), head_dim
 
 
-def window_attention_configs(arch: int):
-    """``(dtype, window, head_dim, shift, mask)``: the configurations the dispatch launches on ``arch``
-    that the check covers."""
-    key_tile_limit = triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])
-    for dtype, (window, head_dim, shift) in itertools.product(
-        (torch.bfloat16, torch.float16, torch.float32), WINDOW_ATTENTION_CONFIGS
-    ):
-        if key_tile_bytes(math.prod(window), head_dim, dtype) <= key_tile_limit:  # else the CUDA kernels run
-            yield dtype, window, head_dim, shift, False
-    # with Video Swin's window-batch mask: the variant that takes the most shared memory
-    for dtype, window, head_dim in largest_window_configs(key_tile_limit):
-        yield dtype, window, head_dim, (0, 0, 0), True
+def _representative_largest(largest) -> list:
+    """Of ``largest_window_configs``, per dtype family the largest window the dispatch accepts (at the
+    smallest head dim: the most tokens, the biggest score tiles), and the bf16 one at the largest head
+    dim (the widest key tiles). Not fp32 at the largest head dim: its fp32 FMA dots take ptxas minutes
+    per kernel (about 4 CPU minutes for sm_90 alone), so only the full set compiles it."""
+    chosen = []
+    for dtype in dict.fromkeys(dtype for dtype, _, _ in largest):
+        configs = [(window, head_dim) for d, window, head_dim in largest if d == dtype]
+        head_dims = [min(h for _, h in configs)] + ([max(h for _, h in configs)] if dtype != torch.float32 else [])
+        for head_dim in head_dims:
+            window = max((w for w, h in configs if h == head_dim), key=math.prod)
+            chosen.append((dtype, window, head_dim))
+    return chosen
 
 
-def compile_report(arch: int, dtype: torch.dtype, window, head_dim: int, shift, mask: bool) -> list[str]:
-    """Compile the three kernels of one configuration for ``arch``: a report line each, ``ok`` or
-    ``FAIL``, with the kernel's shared memory or the compiler's error."""
+def _fits(arch: int, window, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the Triton dispatch takes this window on ``arch`` (else the CUDA kernels run it)."""
+    return key_tile_bytes(math.prod(window), head_dim, dtype) <= triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])
+
+
+def _ssltm_configs(arch: int, launch: str, *, shifted_volumes_only: bool = False):
+    """SSLTM's configurations that the dispatch runs with Triton on ``arch``: 4x7x7 windows, head_dim 32,
+    every dtype, unshifted and shifted volumes with bias table and pad rows, and window batches with
+    Video Swin's mask."""
+    for dtype in DTYPES:
+        if not _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype):
+            continue
+        if not shifted_volumes_only:
+            yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, launch=launch)
+        yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, launch=launch)
+        if not shifted_volumes_only:
+            yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, mask=True, window_batches=True, launch=launch)
+
+
+def window_attention_configs(arch: int, config_set: str = "full") -> list[Config]:
+    """The configurations the check compiles for ``arch``.
+
+    ``full``: every tuned configuration in every dtype and the largest windows the dispatch takes on
+    ``arch`` (with the window-batch mask, the variant that takes the most shared memory), each for the
+    aligned and the unaligned launch, and SSLTM's configurations for its own launches.
+
+    ``representative`` (a few minutes for three architectures on two cores): SSLTM's configurations
+    for its own launches; its shifted volumes (the code path with every feature) in bf16 and fp32 for
+    the unaligned launch; per dtype family (fp16 has bf16's tiles) the largest window the dispatch accepts, and bf16's
+    widest (``_representative_largest``), for the aligned launch, the most specialised, whose software
+    pipelining takes the most shared memory."""
+    if config_set not in SETS:
+        raise ValueError(f"config_set must be one of {SETS}, got {config_set!r}")
+    largest = list(largest_window_configs(triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])))
+    configs = list(_ssltm_configs(arch, "ssltm"))
+    if config_set == "representative":
+        # fp16 compiles as bf16 does: the unaligned launch in bf16 and fp32 stands for it
+        configs += [config for config in _ssltm_configs(arch, "unaligned", shifted_volumes_only=True)
+                    if config.dtype != torch.float16]
+        configs += [Config(dtype, window, head_dim, mask=True, launch="aligned")
+                    for dtype, window, head_dim in _representative_largest(largest)]
+        return configs
+    for launch in ("aligned", "unaligned"):
+        configs += _ssltm_configs(arch, launch)
+        configs += [Config(dtype, window, head_dim, shift, launch=launch)
+                    for dtype, (window, head_dim, shift) in itertools.product(DTYPES, WINDOW_ATTENTION_CONFIGS)
+                    if _fits(arch, window, head_dim, dtype)]
+        configs += [Config(dtype, window, head_dim, mask=True, launch=launch) for dtype, window, head_dim in largest]
+    return list(dict.fromkeys(configs))  # the tuned configurations repeat SSLTM's
+
+
+# --------------------------------------------------------------------------------------------------
+# Compilation
+# --------------------------------------------------------------------------------------------------
+def compile_specs(arch: int, config: Config) -> list[tuple]:
+    """``triton_compile_specs`` of ``config`` on ``arch``: one ``(name, kernel, signature, constexprs,
+    attrs, options)`` per kernel the configuration launches."""
+    int_arg = _with_default(LAUNCHES[config.launch][1](config), 16)
+    return list(triton_compile_specs(
+        config.dtype, config.window, config.head_dim, config.shift, bias=True, pad=not config.window_batches,
+        mask=config.mask, key_tile_limit=triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch]),
+        window_batches=config.window_batches, int_arg=int_arg, aligned_pointers=True))
+
+
+def compile_report(arch: int, config: Config, index: int) -> str:
+    """Compile kernel ``index`` of ``compile_specs(arch, config)``: a report line, ``ok`` or ``FAIL``,
+    with the kernel's shared memory or the compiler's error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    label = f"{str(dtype).removeprefix('torch.')} window={window} head_dim={head_dim} shift={shift}"
-    label += " mask" if mask else ""
-    key_tile_limit = triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])
-    lines = []
-    for name, kernel, signature, constexprs, attrs, options in triton_compile_specs(
-        dtype, window, head_dim, shift, mask=mask, key_tile_limit=key_tile_limit
-    ):
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                      target=GPUTarget("cuda", arch, 32), options=options)
-        except Exception as error:  # report every failing configuration, then fail
-            lines.append(f"FAIL sm_{arch} {name} [{label}]: {type(error).__name__}: {error}")
-            continue
-        shared = compiled.metadata.shared
-        status = "FAIL" if shared > SHARED_MEMORY_LIMIT[arch] else "ok  "
-        lines.append(f"{status} sm_{arch} {name} [{label}]: shared memory {shared} B, {options}")
-    return lines
+    name, kernel, signature, constexprs, attrs, options = compile_specs(arch, config)[index]
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as error:  # report every failing kernel, then fail
+        return f"FAIL sm_{arch} {name} [{config.label}]: {type(error).__name__}: {error}"
+    shared = compiled.metadata.shared
+    status = "FAIL" if shared > SHARED_MEMORY_LIMIT[arch] else "ok  "
+    return (f"{status} sm_{arch} {name} [{config.label}]: shared memory {shared} B, {options}, "
+            f"{time.perf_counter() - start:.1f} s")
+
+
+def _cost(unit) -> int:
+    """A guess at a kernel's compile time, to start the slowest first: its key tile, fp32 (FMA dots
+    rather than tensor-core ones) weighed double."""
+    arch, config, index = unit
+    return key_tile_bytes(math.prod(config.window), config.head_dim, config.dtype) * config.dtype.itemsize
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_MEMORY_LIMIT),
-                        help="compute capability as an int, e.g. 90")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_MEMORY_LIMIT),
+                        help="compute capabilities as ints, e.g. 90 (several share one pool of compilers)")
+    parser.add_argument("--set", dest="config_set", default="full", choices=SETS,
+                        help="every configuration (default) or the representative set the tests compile")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
+    parser.add_argument("--list", action="store_true", help="print the configurations without compiling")
     args = parser.parse_args(argv)
+    configs = {arch: window_attention_configs(arch, args.config_set) for arch in args.arch}
+    if args.list:
+        print(*(f"sm_{arch} {config.label}" for arch in args.arch for config in configs[arch]), sep="\n")
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
 
-    failures = 0
-    configs = list(window_attention_configs(args.arch))
+    # one unit per kernel, slowest first, so that no compiler process idles long at the end
+    units = sorted(((arch, config, index) for arch in args.arch for config in configs[arch]
+                    for index in range(len(compile_specs(arch, config)))), key=_cost, reverse=True)
+    start, failures = time.perf_counter(), 0
     with ProcessPoolExecutor(args.jobs) as pool:
-        for lines in pool.map(compile_report, [args.arch] * len(configs), *zip(*configs, strict=True)):
-            failures += sum(line.startswith("FAIL") for line in lines)
-            print(*lines, sep="\n", flush=True)
-    print(f"{failures} failed")
+        for future in as_completed([pool.submit(compile_report, *unit) for unit in units]):
+            line = future.result()
+            failures += line.startswith("FAIL")
+            print(line, flush=True)
+    for arch in args.arch:
+        print(f"sm_{arch} {args.config_set}: {len(configs[arch])} configurations")
+    print(f"{len(units)} kernels compiled in {time.perf_counter() - start:.0f} s, {failures} failed")
     return 1 if failures else 0
 
 

@@ -804,11 +804,14 @@ def _dbias_groups(num_windows: int, blocks_m: int, heads: int, device: torch.dev
     return max(1, min(num_windows, -(-target_programs // (blocks_m * heads))))
 
 
+TABLE_GRAD_BLOCKS = (32, 64)  # (BLOCK_E, BLOCK_M) of the table-gradient kernel on a GPU: ~40 programs per head at 4x7x7
+
+
 def _table_grad_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int]:
     """(BLOCK_E, BLOCK_M) of the table-gradient kernel; the interpreter takes whole tables and windows."""
     if triton_interpreting():
         return _next_pow2(table_size), _next_pow2(tokens_per_window)
-    return 128, 32
+    return TABLE_GRAD_BLOCKS
 
 
 def _triton_table_grad(dbias: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
@@ -868,7 +871,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     return dq, dk, dv, dtable, dpad_k, dpad_v
 
 
-_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE"}
+_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE", "DTABLE"}
 _TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
 _TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -907,11 +910,17 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
         (_window_attn_bwd_dkdv_kernel, dict(NEED_DPAD=pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n),
          {"num_stages": cfg.dkdv_num_stages}),
     )
+    if bias:
+        block_e, block_m = TABLE_GRAD_BLOCKS
+        kernels += ((_window_attn_table_grad_kernel, dict(BLOCK_E=block_e, BLOCK_M=block_m), {"num_warps": 4}),)
     for kernel, blocks, options in kernels:
-        constexprs = {**constants, **blocks, "BLOCK_D": cfg.block_d}
+        constexprs = {name: value for name, value in {**constants, **blocks, "BLOCK_D": cfg.block_d}.items()
+                      if name in kernel.arg_names}
         signature, attrs = {}, {}
-        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
-            # a parameter marked do_not_specialize(_on_alignment) is compiled as the launcher would
+        # a parameter marked do_not_specialize(_on_alignment) is compiled as the launcher would; the
+        # interpreter's functions keep no parameter records
+        params = getattr(kernel, "params", None) or [None] * len(kernel.arg_names)
+        for i, (name, param) in enumerate(zip(kernel.arg_names, params, strict=True)):
             specialise = not getattr(param, "do_not_specialize", False)
             align = specialise and not getattr(param, "do_not_specialize_on_alignment", False)
             if name in constexprs:
@@ -932,7 +941,7 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
                 divisible = value % 16 == 0
             if divisible and align:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        yield kernel.__name__, kernel, signature, constexprs, attrs, {"num_warps": cfg.num_warps, **options}
+        yield kernel.__name__, kernel, signature, constexprs, attrs, {"num_warps": cfg.num_warps} | options
 
 
 # --------------------------------------------------------------------------------------------------
