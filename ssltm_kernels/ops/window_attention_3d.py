@@ -707,7 +707,7 @@ def _next_pow2(x: int, minimum: int = 16) -> int:
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Block sizes and launch options of the three kernels for one window size / head dim / dtype."""
+    """Block sizes and launch options of the forward, dq and dk/dv kernels for one window size / head dim / dtype."""
 
     block_n: int  # all keys of a window (forward and dq kernels)
     block_d: int
