@@ -1,0 +1,207 @@
+"""The clip dataset every loader in :mod:`ssltm.data` builds on: sampling, decoding, transform, seeding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from .sampling import ClipSampler
+from .transforms import eval_transform
+
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ClipDataset(Dataset):
+    """A ``Dataset`` of clips (ARCHITECTURE.md §3.1); subclasses say what the videos are.
+
+    A sample is a dict:
+
+    - ``"frames"``: float32 ``(1+n, 3, H, W)``, ImageNet-normalised, the query first, then the
+      adjacent frames nearest first (``n = len(offsets)``);
+    - ``"reference"``: float32 ``(3, H, W)``;
+    - ``"label"``: int64 ``(H, W)``, class ids, 255 = ignore;
+    - ``"video"``: str, the video's name; ``"frame"``: str, the query frame's id.
+
+    ``torch.utils.data.default_collate`` stacks a batch to ``frames (B, 1+n, 3, H, W)``,
+    ``reference (B, 3, H, W)``, ``label (B, H, W)`` and lists of str (equal ``H, W`` needed: a crop
+    in training, batch size 1 for full frames of varying size).
+
+    Args:
+        offsets, causal, reference: the :class:`ClipSampler` settings.
+        transform: called on ``{"frames": tv_tensors.Video (1+n, 3, H, W) uint8, "reference":
+            tv_tensors.Image (3, H, W) uint8, "label": tv_tensors.Mask (H, W) uint8}``; must return
+            the same keys with the float / int64 tensors above. Default: :func:`eval_transform`.
+        seed: None draws the random reference and augmentation from torch's global RNG (the
+            DataLoader seeds each worker from it, so ``torch.manual_seed`` makes a run
+            repeatable for a fixed ``num_workers``). An int makes sample ``i`` a function of
+            ``(seed, epoch, i)`` alone, whatever the order or worker; :meth:`set_epoch` varies it.
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        offsets: Sequence[int] = (3, 6, 9),
+        causal: bool = False,
+        reference: str = "random",
+        transform: Transform | None = None,
+        seed: int | None = None,
+    ):
+        self.sampler = ClipSampler(tuple(offsets), causal, reference)
+        self.transform = eval_transform() if transform is None else transform
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.epoch = 0
+        # (video index, query frame index) per sample; filled by the subclass.
+        self.queries: list[tuple[int, int]] = []
+
+    # What a subclass provides.
+    def video_name(self, video: int) -> str:
+        raise NotImplementedError
+
+    def video_length(self, video: int) -> int:
+        raise NotImplementedError
+
+    def frame_id(self, video: int, index: int) -> str:
+        raise NotImplementedError
+
+    def read_frame(self, video: int, index: int) -> np.ndarray:
+        """RGB uint8 ``(H, W, 3)``."""
+        raise NotImplementedError
+
+    def read_label(self, video: int, index: int) -> np.ndarray:
+        """Class ids uint8 ``(H, W)``, 255 = ignore."""
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """With an int ``seed``, draw a new reference and augmentation for every sample of this epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} is outside a dataset of {len(self)} clips")
+        video, query = self.queries[i]
+        if self.seed is None:
+            return self._load(video, query)
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, i % len(self)]).generate_state(1)[0])
+        # Only the CPU generator: v2 transforms draw from it, and the caller's CUDA RNG stays untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self._load(video, query)
+
+    def _load(self, video: int, query: int) -> dict[str, Any]:
+        length = self.video_length(video)
+        indices = (query, *self.sampler.adjacent(query, length))
+        reference = self.sampler.reference_index(query, length)
+        # The label first, then the query's frame: a generated dataset renders both in one pass.
+        label = self.read_label(video, query)
+        frames = [self.read_frame(video, t) for t in indices]
+        ref = self.read_frame(video, reference)
+        shapes = {a.shape[:2] for a in (*frames, ref, label)}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"video {self.video_name(video)!r}: frames {indices}, reference {reference} and the label "
+                f"differ in size {sorted(shapes)}; a clip needs one size"
+            )
+        # Channels-first copies of the uint8 decode: element-wise float ops on a channels-last view
+        # are several times slower, and the transforms keep the input's layout.
+        clip = {
+            "frames": tv_tensors.Video(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()),
+            "reference": tv_tensors.Image(torch.from_numpy(ref).permute(2, 0, 1).contiguous()),
+            "label": tv_tensors.Mask(torch.from_numpy(label)),
+        }
+        out = self.transform(clip)
+        return {
+            "frames": out["frames"].as_subclass(torch.Tensor),
+            "reference": out["reference"].as_subclass(torch.Tensor),
+            "label": out["label"].as_subclass(torch.Tensor),
+            "video": self.video_name(video),
+            "frame": self.frame_id(video, query),
+        }
+
+
+@dataclass(frozen=True)
+class VideoFiles:
+    """One video on disk: its frames in temporal order and the labels it has (by frame index)."""
+
+    name: str
+    frame_ids: tuple[str, ...]
+    images: tuple[Path, ...]
+    labels: dict[int, Path]
+
+
+class FileClipDataset(ClipDataset):
+    """A clip dataset read from image files; subclasses fill ``self.videos``, ``self.queries`` and
+    set ``label_lut``, a uint8 ``(256,)`` table from raw label values to class ids / 255."""
+
+    label_lut: np.ndarray
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.videos: list[VideoFiles] = []
+
+    def video_name(self, video: int) -> str:
+        return self.videos[video].name
+
+    def video_length(self, video: int) -> int:
+        return len(self.videos[video].images)
+
+    def frame_id(self, video: int, index: int) -> str:
+        return self.videos[video].frame_ids[index]
+
+    def read_frame(self, video: int, index: int) -> np.ndarray:
+        return read_rgb(self.videos[video].images[index])
+
+    def read_label(self, video: int, index: int) -> np.ndarray:
+        path = self.videos[video].labels[index]
+        return self.label_lut[read_label_png(path)]
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image at ``path`` as RGB uint8 ``(H, W, 3)`` (OpenCV: faster JPEG decoding than Pillow)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise OSError(f"cannot read image {path} (missing, or not an image OpenCV can decode)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """The raw label values of a single-channel or palette PNG as uint8 ``(H, W)``.
+
+    Pillow, because OpenCV expands palette PNGs (VSPW's masks) to colours instead of their indices.
+    """
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P"):
+                raise ValueError(f"label {path} has mode {img.mode!r}; expected a one-channel (L) or palette (P) PNG")
+            return np.asarray(img, dtype=np.uint8)
+    except OSError as e:
+        raise OSError(f"cannot read label {path}: {e}") from e
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else a FileNotFoundError saying what was expected there."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} not found: expected a folder at {path}")
+    return path
+
+
+def index_lut(mapping: dict[int, int]) -> np.ndarray:
+    """A uint8 ``(256,)`` lookup table that maps the given raw values and sends every other value to 255."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for raw, cls in mapping.items():
+        lut[raw] = cls
+    return lut

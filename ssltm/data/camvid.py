@@ -1,0 +1,114 @@
+"""CamVid (Brostow et al. 2009) in the SegNet packaging: 11 classes, labelled stills of 30 Hz video."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+
+from .base import FileClipDataset, Transform, VideoFiles, index_lut, require_dir
+
+NUM_CLASSES = 11  # value 11 is "void"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_STEM = re.compile(r"([A-Za-z0-9]+)_f?(\d+)")
+# A step between labelled frames this many times the sequence's median step is a gap (a cut in the
+# recording): 0016E5 steps 30 with one 31/29 jitter and gaps of 270 and 1950 frames.
+GAP_FACTOR = 1.5
+
+
+class CamVid(FileClipDataset):
+    """CamVid clips; one sample per labelled frame. Only labelled stills exist, so a clip's adjacent
+    frames are neighbouring labelled frames: ``offsets`` count labelled frames (about 1 s each).
+
+    Layout::
+
+        <root>/<split>/<SEQ>_<frame>.{png,jpg}     or <SEQ>_f<frame>
+        <root>/<split>annot/<stem>.png             label, same stem
+
+    Videos: the frames of each sequence ordered by frame number and split where a step exceeds
+    ``GAP_FACTOR`` (1.5) times the sequence's median step. A sequence split in ``k > 1`` parts gives
+    videos ``"<SEQ>-0" .. "<SEQ>-<k-1>"``, an unsplit one ``"<SEQ>"``. Frame ids are file stems.
+
+    Args:
+        root: the folder holding ``<split>/`` and ``<split>annot/``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (any folder name present).
+        offsets, causal, reference, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+
+    Labels: 0..10 as they are; 11 (void) and anything else becomes 255.
+    """
+
+    num_classes = NUM_CLASSES
+    label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        offsets: Sequence[int] = (3, 6, 9),
+        causal: bool = False,
+        reference: str = "random",
+        transform: Transform | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
+        self.root, self.split = Path(root), split
+        require_dir(self.root, "CamVid root")
+        image_dir = require_dir(self.root / split, f"CamVid {split!r} images")
+        label_dir = require_dir(self.root / f"{split}annot", f"CamVid {split!r} labels")
+        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        labels = {p.stem: p for p in label_dir.glob("*.png")}
+        if not images:
+            raise FileNotFoundError(f"no CamVid images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+        unmatched = sorted(labels.keys() - images.keys())
+        if unmatched:
+            stem = unmatched[0]
+            raise FileNotFoundError(
+                f"{len(unmatched)} CamVid labels have no image, e.g. {labels[stem]}: "
+                f"expected {image_dir / stem}.png or .jpg"
+            )
+        unlabelled = sorted(images.keys() - labels.keys())
+        if unlabelled:
+            stem = unlabelled[0]
+            raise FileNotFoundError(
+                f"{len(unlabelled)} CamVid images have no label, e.g. {images[stem]}: expected {label_dir / stem}.png"
+            )
+
+        sequences: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for stem in images:
+            match = _STEM.fullmatch(stem)
+            if match is None:
+                raise ValueError(f"image {images[stem]}: expected a name <SEQ>_<frame> or <SEQ>_f<frame>")
+            sequences[match[1]].append((int(match[2]), stem))
+        for seq in sorted(sequences):
+            frames = sorted(sequences[seq])
+            numbers = [n for n, _ in frames]
+            if len(set(numbers)) != len(numbers):
+                raise ValueError(f"CamVid sequence {seq!r} in {image_dir} has two files for one frame number")
+            parts = split_at_gaps(numbers)
+            for k, (start, stop) in enumerate(parts):
+                stems = [stem for _, stem in frames[start:stop]]
+                v = len(self.videos)
+                self.videos.append(
+                    VideoFiles(
+                        name=seq if len(parts) == 1 else f"{seq}-{k}",
+                        frame_ids=tuple(stems),
+                        images=tuple(images[s] for s in stems),
+                        labels={t: labels[s] for t, s in enumerate(stems)},
+                    )
+                )
+                self.queries.extend((v, t) for t in range(len(stems)))
+
+
+def split_at_gaps(numbers: Sequence[int], factor: float = GAP_FACTOR) -> list[tuple[int, int]]:
+    """``[start, stop)`` index ranges of the runs of increasing frame ``numbers`` between gaps, a gap
+    being a step larger than ``factor`` times the median step."""
+    if len(numbers) < 2:
+        return [(0, len(numbers))]
+    steps = [b - a for a, b in pairwise(numbers)]
+    limit = factor * statistics.median(steps)
+    cuts = [i + 1 for i, step in enumerate(steps) if step > limit]
+    bounds = [0, *cuts, len(numbers)]
+    return list(pairwise(bounds))

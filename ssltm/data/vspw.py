@@ -1,0 +1,123 @@
+"""VSPW (Miao et al., CVPR 2021), 480p release: 124 classes, and its single-frame variant VSPW-SF."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .base import FileClipDataset, Transform, VideoFiles, index_lut, require_dir
+
+SPLITS = ("train", "val", "test")
+MODES = ("full", "sf")
+NUM_CLASSES = 124
+_VIDEO_NAME = re.compile(r"[^\s/\\]+")
+
+
+class VSPW(FileClipDataset):
+    """VSPW clips; one sample per query (a labelled frame).
+
+    Layout (the official release)::
+
+        VSPW_480p/{train,val,test}.txt          one video name a line
+        VSPW_480p/data/<video>/origin/*.jpg     frames, in file-name order
+        VSPW_480p/data/<video>/mask/*.png       labels, same stems as their frames
+
+    Args:
+        root: the ``VSPW_480p`` folder, or a folder that contains it.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        mode: ``"full"``: every labelled frame is a query; ``"sf"`` (VSPW-SF, paper §4.1.1): only
+            the first frame of each training video is. Validation and test frames are all labelled
+            in both versions, so ``mode`` changes only the train split.
+        offsets, causal, reference, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+
+    Labels: raw 0 ("others") and 255 become 255 (ignore), raw ``k`` in 1..124 becomes ``k - 1``;
+    other raw values are not VSPW classes and become 255 rather than crash the loss. Unlabelled
+    frames still serve as adjacent and reference frames.
+    """
+
+    num_classes = NUM_CLASSES
+    label_lut = index_lut({k: k - 1 for k in range(1, NUM_CLASSES + 1)})
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        mode: str = "full",
+        offsets: Sequence[int] = (3, 6, 9),
+        causal: bool = False,
+        reference: str = "random",
+        transform: Transform | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.root = _find_release(Path(root), split)
+        self.split, self.mode = split, mode
+        data = require_dir(self.root / "data", "VSPW data folder")
+        for name in read_split_file(self.root / f"{split}.txt"):
+            video = _scan_video(data / name, name)
+            v = len(self.videos)
+            self.videos.append(video)
+            if mode == "sf" and split == "train":
+                if 0 not in video.labels:
+                    raise FileNotFoundError(
+                        f"VSPW-SF needs the first frame's label: no {data / name / 'mask' / video.frame_ids[0]}.png"
+                    )
+                self.queries.append((v, 0))
+            else:
+                self.queries.extend((v, t) for t in sorted(video.labels))
+
+
+def _find_release(root: Path, split: str) -> Path:
+    for candidate in (root / "VSPW_480p", root):
+        if (candidate / f"{split}.txt").is_file() and (candidate / "data").is_dir():
+            return candidate
+    require_dir(root, "VSPW root")
+    raise FileNotFoundError(
+        f"no VSPW release at {root}: expected {root / 'VSPW_480p' / f'{split}.txt'} and {root / 'VSPW_480p' / 'data'}/ "
+        f"(or {root / f'{split}.txt'} and {root / 'data'}/ with root = the VSPW_480p folder)"
+    )
+
+
+def read_split_file(path: Path) -> list[str]:
+    """The video names in a VSPW split file: one a line, blank lines skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"VSPW split file not found: expected {path}")
+    names: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if not _VIDEO_NAME.fullmatch(name):
+            raise ValueError(f"{path}, line {number}: expected one video name (no spaces or slashes), got {line!r}")
+        names.append(name)
+    if not names:
+        raise ValueError(f"VSPW split file {path} lists no videos")
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"VSPW split file {path} lists videos more than once: {repeated[:5]}")
+    return names
+
+
+def _scan_video(folder: Path, name: str) -> VideoFiles:
+    origin = require_dir(folder / "origin", f"frames of VSPW video {name!r}")
+    images = sorted(p for p in origin.iterdir() if p.suffix.lower() == ".jpg")
+    if not images:
+        raise FileNotFoundError(f"VSPW video {name!r} has no frames: no *.jpg in {origin}")
+    index = {p.stem: t for t, p in enumerate(images)}
+    mask_dir = folder / "mask"
+    masks = sorted(mask_dir.glob("*.png")) if mask_dir.is_dir() else []
+    if not masks:
+        raise FileNotFoundError(
+            f"VSPW video {name!r} has no labels: no *.png in {mask_dir} (VSPW's test split ships without them)"
+        )
+    labels = {}
+    for mask in masks:
+        if mask.stem not in index:
+            raise FileNotFoundError(f"label {mask} has no frame: expected {origin / mask.stem}.jpg")
+        labels[index[mask.stem]] = mask
+    return VideoFiles(name, tuple(p.stem for p in images), tuple(images), labels)
