@@ -39,6 +39,7 @@ from ssltm_kernels._backend import (
     BackendCheck,
     choose_backend,
     cuda_unavailable_reason,
+    requested_backend,
     triton_interpreting,
     triton_unavailable_reason,
 )
@@ -1126,7 +1127,8 @@ def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, b
     chosen = choose_backend("window_attention_3d", {name: (lambda c=c: c.reason) for name, c in checks.items()},
                             backend, passed_over={"cuda": cuda_passed_over})
     if chosen == "reference":
-        if dropout_p > 0 and any(c for c in _checks(q, geom, 0.0).values() if c.backend != "reference"):
+        if dropout_p > 0 and requested_backend(backend) is None and any(
+                c for c in _checks(q, geom, 0.0).values() if c.backend != "reference"):
             _warn_dropout_fallback(dropout_p)
         return _reference_with_geometry(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p)
     return _fused_window_attention(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, chosen, qkv)
