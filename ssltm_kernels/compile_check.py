@@ -89,10 +89,12 @@ def _strides(prefix: str, x: torch.Tensor) -> dict[str, int]:
 
 
 def _launch_ints(q: torch.Tensor, num_windows: int, num_masks: int) -> dict[str, int]:
-    """The launcher's integer arguments for q, k, v of q's layout (views into one qkv projection)."""
+    """The launcher's integer arguments for q, k, v of q's layout (views into one qkv projection), whose
+    backward writes one packed gradient (rows of ``3 * heads * head_dim`` per token)."""
     batch, t, h, w, heads, head_dim = q.shape
     return {**_strides("sq", q), **_strides("sk", q), **_strides("sv", q), "T": t, "H": h, "W": w, "NH": heads,
-            "HD": head_dim, "num_masks": num_masks, "num_windows": num_windows}
+            "HD": head_dim, "num_masks": num_masks, "num_windows": num_windows,
+            "sg_tok": 3 * heads * head_dim, "sg_head": head_dim}
 
 
 def ssltm_launch_ints(config: Config) -> dict[str, int]:
