@@ -98,9 +98,7 @@ def choose_backend(op: str, reasons: dict[str, Callable[[], str | None]], backen
     """
     forced = requested_backend(backend)
     if forced is not None:
-        reason = reasons[forced]()
-        if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {forced!r} cannot run: {reason}")
+        BackendCheck(forced, reasons[forced]()).raise_if_unavailable(op)
         return forced
     passed_over = passed_over or {}
     for name in BACKENDS:
