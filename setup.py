@@ -20,8 +20,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-SOURCES_CPU = ["csrc/bindings.cpp", "csrc/window_attention_3d_cpu.cpp"]
-SOURCES_CUDA = ["csrc/window_attention_3d.cu"]
+# every op's host code (<op>_bindings.cpp, <op>_cpu.cpp) and CUDA kernels (<op>.cu), and module.cpp
+SOURCES_CPU = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cpp"))
+SOURCES_CUDA = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "csrc").glob("*.cu"))
 BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 MODE = os.environ.get("SSLTM_CUDA", "auto").strip().lower() or "auto"

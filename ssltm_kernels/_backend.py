@@ -7,6 +7,7 @@ backend's reason when it cannot run; otherwise the first backend that can run is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -78,6 +79,11 @@ def cuda_unavailable_reason(tensor: torch.Tensor) -> str | None:
     if tensor.device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors (got {tensor.device})"
     return None
+
+
+def on_device(tensor: torch.Tensor):
+    """Kernels launch on the current CUDA device: a context that makes it the tensor's device."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def requested_backend(backend: str | None) -> str | None:

@@ -12,6 +12,9 @@ configuration for every launch; ``--set representative`` (what the test suite ru
 two cores) compiles SSLTM's configurations and, per dtype family, the largest windows the dispatch
 accepts (see ``window_attention_configs``), so that kernels proven in the CPU interpreter are also
 proven to compile for real hardware.
+
+Every op's kernels are compiled (``--op`` selects some): window attention's configurations are
+defined here (``Config``), the other ops' by their modules (``OP_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,15 @@ class Config:
     mask: bool = False
     window_batches: bool = False
     launch: str = "aligned"
+
+    def specs(self, arch: int) -> list[tuple]:
+        return compile_specs(arch, self)
+
+    @property
+    def cost(self) -> int:
+        """A guess at the compile time, to start the slowest first: the key tile, fp32 (FMA dots rather
+        than tensor-core ones) weighed double."""
+        return key_tile_bytes(math.prod(self.window), self.head_dim, self.dtype) * self.dtype.itemsize
 
     @property
     def label(self) -> str:
@@ -227,13 +239,13 @@ def compile_specs(arch: int, config: Config) -> list[tuple]:
 
 
 def compile_report(arch: int, config: Config, index: int) -> str:
-    """Compile kernel ``index`` of ``compile_specs(arch, config)``: a report line, ``ok`` or ``FAIL``,
+    """Compile kernel ``index`` of ``config.specs(arch)``: a report line, ``ok`` or ``FAIL``,
     with the kernel's shared memory or the compiler's error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    name, kernel, signature, constexprs, attrs, options = compile_specs(arch, config)[index]
+    name, kernel, signature, constexprs, attrs, options = config.specs(arch)[index]
     start = time.perf_counter()
     try:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
@@ -246,11 +258,16 @@ def compile_report(arch: int, config: Config, index: int) -> str:
             f"{time.perf_counter() - start:.1f} s")
 
 
-def _cost(unit) -> int:
-    """A guess at a kernel's compile time, to start the slowest first: its key tile, fp32 (FMA dots
-    rather than tensor-core ones) weighed double."""
-    arch, config, index = unit
-    return key_tile_bytes(math.prod(config.window), config.head_dim, config.dtype) * config.dtype.itemsize
+# op -> its configurations for (arch, config set); every configuration has ``label``, ``specs(arch)``
+# and ``cost`` (``Config`` here, ``CompileConfig`` from the ops' own modules)
+OP_CONFIGS: dict[str, Callable[[int, str], list]] = {
+    "window_attention_3d": window_attention_configs,
+}
+
+
+def configurations(arch: int, config_set: str, ops=None) -> list:
+    """The configurations of ``ops`` (default: every op) that the check compiles for ``arch``."""
+    return [config for op in (ops or OP_CONFIGS) for config in OP_CONFIGS[op](arch, config_set)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,10 +276,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capabilities as ints, e.g. 90 (several share one pool of compilers)")
     parser.add_argument("--set", dest="config_set", default="full", choices=SETS,
                         help="every configuration (default) or the representative set the tests compile")
+    parser.add_argument("--op", dest="ops", nargs="+", choices=sorted(OP_CONFIGS),
+                        help="the ops whose kernels to compile (default: every op)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     parser.add_argument("--list", action="store_true", help="print the configurations without compiling")
     args = parser.parse_args(argv)
-    configs = {arch: window_attention_configs(arch, args.config_set) for arch in args.arch}
+    configs = {arch: configurations(arch, args.config_set, args.ops) for arch in args.arch}
     if args.list:
         print(*(f"sm_{arch} {config.label}" for arch in args.arch for config in configs[arch]), sep="\n")
         return 0
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # one unit per kernel, slowest first, so that no compiler process idles long at the end
     units = sorted(((arch, config, index) for arch in args.arch for config in configs[arch]
-                    for index in range(len(compile_specs(arch, config)))), key=_cost, reverse=True)
+                    for index in range(len(config.specs(arch)))), key=lambda unit: unit[1].cost, reverse=True)
     start, failures = time.perf_counter(), 0
     with ProcessPoolExecutor(args.jobs) as pool:
         for future in as_completed([pool.submit(compile_report, *unit) for unit in units]):

@@ -14,7 +14,7 @@ from ssltm_kernels.compile_check import (
     SSLTM_HEAD_DIM,
     SSLTM_SHIFT,
     SSLTM_WINDOW,
-    compile_specs,
+    configurations,
     ssltm_launch_ints,
     window_attention_configs,
 )
@@ -44,7 +44,7 @@ def test_every_kernel_of_the_representative_set_compiled_for(arch, representativ
     _, stdout, report = representative_report
     compiled = [line for line in stdout.splitlines() if line.startswith(f"ok   sm_{arch} ")]
     # as many kernels as the specs yield: ops may add kernels to a configuration
-    expected = sum(len(compile_specs(arch, config)) for config in window_attention_configs(arch, "representative"))
+    expected = sum(len(config.specs(arch)) for config in configurations(arch, "representative"))
     assert len(compiled) == expected, report
 
 
@@ -103,7 +103,7 @@ def test_launches_give_every_integer_argument_a_value():
     and SSLTM's own launches hit Triton's constant-1 specialisation (num_masks, or T and H of window
     batches)."""
     for config in window_attention_configs(90, "representative"):
-        for name, _, signature, _, _, _ in compile_specs(90, config):
+        for name, _, signature, _, _, _ in config.specs(90):
             assert all(kind in ("constexpr", "fp32", "i32", "i64", "u64") or kind.startswith("*")
                        for kind in signature.values()), (config.label, name)
         if config.launch == "unaligned":
@@ -113,6 +113,6 @@ def test_launches_give_every_integer_argument_a_value():
             ints = ssltm_launch_ints(config)
             ones = {"T", "H"} if config.window_batches else {"num_masks"}
             assert {name for name, value in ints.items() if value == 1} == ones, config.label
-            for _, kernel, signature, constexprs, _, _ in compile_specs(90, config):
+            for _, kernel, signature, constexprs, _, _ in config.specs(90):
                 assert all(signature[name] == "constexpr" and constexprs[name] == 1
                            for name in ones if name in kernel.arg_names)

@@ -24,7 +24,6 @@ All gradients are deterministic: no floating-point atomics, partial sums are red
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -39,11 +38,13 @@ from ssltm_kernels._backend import (
     BackendCheck,
     choose_backend,
     cuda_unavailable_reason,
+    on_device,
     requested_backend,
     triton_interpreting,
     triton_unavailable_reason,
 )
 from ssltm_kernels._ext import _C
+from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
 
 __all__ = [
     "WindowGeometry",
@@ -874,7 +875,6 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
 
 _TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE", "DTABLE"}
 _TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
-_TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
@@ -914,45 +914,16 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     if bias:
         block_e, block_m = TABLE_GRAD_BLOCKS
         kernels += ((_window_attn_table_grad_kernel, dict(BLOCK_E=block_e, BLOCK_M=block_m), {"num_warps": 4}),)
+    pointer_types = {name: "fp32" if name in _TRITON_FP32_POINTERS else TYPE_NAMES[dtype] for name in _TRITON_POINTERS}
     for kernel, blocks, options in kernels:
-        constexprs = {name: value for name, value in {**constants, **blocks, "BLOCK_D": cfg.block_d}.items()
-                      if name in kernel.arg_names}
-        signature, attrs = {}, {}
-        # a parameter marked do_not_specialize(_on_alignment) is compiled as the launcher would; the
-        # interpreter's functions keep no parameter records
-        params = getattr(kernel, "params", None) or [None] * len(kernel.arg_names)
-        for i, (name, param) in enumerate(zip(kernel.arg_names, params, strict=True)):
-            specialise = not getattr(param, "do_not_specialize", False)
-            align = specialise and not getattr(param, "do_not_specialize_on_alignment", False)
-            if name in constexprs:
-                signature[name] = "constexpr"
-                continue
-            if name in _TRITON_POINTERS:
-                signature[name] = "*" + ("fp32" if name in _TRITON_FP32_POINTERS else _TRITON_TYPE_NAMES[dtype])
-                divisible = aligned_pointers
-            elif name == "scale":
-                signature[name] = "fp32"  # Triton never specialises on a float's value
-                continue
-            else:
-                value = 16 if int_arg is None else int(int_arg(name))
-                if value == 1 and specialise:
-                    signature[name], constexprs[name] = "constexpr", 1
-                    continue
-                signature[name] = ("i32" if -(2**31) <= value < 2**31 else "u64" if value >= 2**63 else "i64")
-                divisible = value % 16 == 0
-            if divisible and align:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        yield kernel.__name__, kernel, signature, constexprs, attrs, {"num_warps": cfg.num_warps} | options
+        yield kernel_spec(kernel, {**constants, **blocks, "BLOCK_D": cfg.block_d}, pointer_types,
+                          float_args=("scale",), int_arg=int_arg, aligned_pointers=aligned_pointers,
+                          options={"num_warps": cfg.num_warps} | options)
 
 
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
-def _on_device(x: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _geometry_from_lists(q, window, shift, bias_window, table_window) -> WindowGeometry:
     return WindowGeometry(tuple(q.shape[1:4]), tuple(window), tuple(shift), tuple(bias_window), tuple(table_window))
 
@@ -962,7 +933,7 @@ def _forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window
         return _C.window_attention_3d_forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift,
                                               bias_window, table_window, scale)
     geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
-    with _on_device(q):
+    with on_device(q):
         return _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom, scale)
 
 
@@ -1014,7 +985,7 @@ def _window_attention_3d_bwd(
                                                 need_table_grad, need_pad_grad, grad_qkv=grad_qkv)
     else:
         geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
-        with _on_device(q):
+        with on_device(q):
             grads = _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom, scale,
                                      need_table_grad, need_pad_grad, grad_qkv)
     empty = q.new_empty(0, dtype=torch.float32)

@@ -9,7 +9,7 @@
 // batch and windows) adding attn_mask[i % nMask]. See ssltm_kernels.window_attention_3d (Python) for
 // the semantics; bias_window = table_window = window for a plain volume.
 //
-// The declarations must match the definitions in csrc/bindings.cpp, which includes this header so
+// The declarations must match the definitions in csrc/window_attention_3d_bindings.cpp, which includes this header so
 // that the compiler checks it.
 #pragma once
 

@@ -1,6 +1,6 @@
-// Entry points of the compiled extension ssltm_kernels._C: input checks, output/workspace
-// allocation, and dispatch to the CUDA launchers (CUDA tensors) or to their CPU emulation (CPU
-// tensors, used to test the kernels' code without a GPU).
+// The window attention's entry points in ssltm_kernels._C (bound by bind_window_attention_3d, called
+// from module.cpp): input checks, output/workspace allocation, and dispatch to the CUDA launchers (CUDA
+// tensors) or to their CPU emulation (CPU tensors, used to test the kernels' code without a GPU).
 //
 // Built with -DSSLTM_WITH_CUDA when the CUDA sources are compiled in. With -DSSLTM_NO_PYTHON (the
 // CMake library for C++ users) only the C++ functions ssltm::window_attention_3d_forward/backward
@@ -397,9 +397,8 @@ std::tuple<std::string, std::string> cuda_kernel_families(const std::string& dty
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ssltm_kernels._C: fused 3D window attention kernels (CUDA, with a CPU emulation of the same code)";
-  m.attr("WITH_CUDA") = py::bool_(ssltm::kWithCuda);
+namespace ssltm {
+void bind_window_attention_3d(py::module_& m) {
   m.attr("MAX_HEAD_DIM") = py::int_(ssltm::wa3d::kMaxHeadDim);
   m.attr("MAX_WINDOW_TOKENS") = py::int_(ssltm::wa3d::kMaxWindowTokens);
   m.def("window_attention_3d_forward", &ssltm::window_attention_3d_forward, py::arg("q"), py::arg("k"),
@@ -429,4 +428,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "`arch` (10 * major + minor), decided by the launchers' own rules. A build whose kernels target an\n"
         "older architecture than the device's may take the CUDA cores where this says tensor cores.");
 }
+}  // namespace ssltm
 #endif
