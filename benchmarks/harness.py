@@ -1,12 +1,14 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
 quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory, the GPUs' peaks, the
-roofline bound of a :class:`Work` (each benchmark brings its op's formulas), and JSON lines with
-provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes
+roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the low-precision output
+check, speed-up and target tables, the compiled peers' settings, command-line helpers, and JSON lines
+with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes
 a row saying why. No call is interrupted (a signal could land inside torch.compile or an autotuner): a
 provider slower than ``slow_ms`` per call has its remaining modes skipped."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -25,6 +27,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 QUANTILES = (0.5, 0.2, 0.8)  # median first (the reported ms), then the spread
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 UNAVAILABLE, SKIPPED = "unavailable: ", "skipped: "  # rows without a time that are not failures
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_NOTE = "donated buffers off"
 
 
 @dataclass(frozen=True)
@@ -327,3 +331,84 @@ class Harness:
                 row.roofline_ms, row.limiter = bound
                 row.roofline_pct = 100.0 * bound[0] / row.ms
 
+
+
+class TwiceReferenceError:
+    """``run_case``'s tolerance under the repository's low-precision rule: a provider matches when its
+    error against an fp32 run of the reference (``reference_fp32()``, computed once, on first use) is at
+    most twice the error of the reference itself run in the benchmark dtype, plus a small floor. The
+    reported error is against the reference provider's output in the benchmark dtype."""
+
+    FLOOR = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+    def __init__(self, dtype: torch.dtype, reference_fp32: Callable[[], torch.Tensor]) -> None:
+        self.dtype, self.reference_fp32 = dtype, reference_fp32
+        self._ref32: torch.Tensor | None = None
+
+    def __call__(self, name: str, out: torch.Tensor, reference_out: torch.Tensor) -> tuple[float, bool]:
+        if out.shape != reference_out.shape:
+            return math.inf, False
+        if self._ref32 is None:
+            exact = self.dtype in (torch.float32, torch.float64)
+            self._ref32 = reference_out.float() if exact else self.reference_fp32().float()
+        err = (out.float() - reference_out.float()).abs().max().item()
+        own = (out.float() - self._ref32).abs().max().item()
+        base = (reference_out.float() - self._ref32).abs().max().item()
+        return err, bool(own <= 2.0 * base + self.FLOOR.get(self.dtype, 1e-3))
+
+
+def configure_compile() -> None:
+    """torch.compile settings for the compiled peers.
+
+    One graph per shape (``dynamic=False``): the recompile limit must exceed the shape count.
+    AOTAutograd donates saved activations to the backward by default, which then refuses
+    ``retain_graph=True``; the ``bwd`` mode replays one retained graph, so donation is off for the whole
+    run (one compilation serves every mode) and rows of compiled providers say so (``COMPILE_NOTE``).
+    """
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
+
+
+# ----------------------------------------------------------------------------- speed-ups and targets
+def format_speedups(rows: Sequence[Row], ours: str, peers: Sequence[str]) -> str:
+    """``peer ms / ours ms`` per case and mode (> 1: ours is faster); empty when ours has no time."""
+    ms = {(r.case, r.mode, r.provider): r.ms for r in rows if r.ok}
+    body = [(case, mode, f"{ms[case, mode, ours]:.3f}",
+             *(f"{ms[case, mode, p] / ms[case, mode, ours]:.2f}x" if (case, mode, p) in ms else "-" for p in peers), "")
+            for case in dict.fromkeys(r.case for r in rows) for mode in MODES if (case, mode, ours) in ms]
+    header = ("case", "mode", f"{ours} ms", *(f"vs {p}" for p in peers), "")
+    return f"speedup of {ours} (peer ms / {ours} ms; > 1: {ours} is faster)\n{text_table(header, body)}" if body else ""
+
+
+@dataclass
+class TargetResult:
+    case: str
+    target: str
+    provider: str
+    value: str
+    status: str  # PASS, FAIL or n/a (...)
+
+
+def format_targets(results: Sequence[TargetResult], target_cases: str) -> str:
+    if not results:
+        return f"targets: none of the target cases ({target_cases}) ran with our kernels"
+    body = [(r.case, r.target, r.provider, r.value, r.status) for r in results]
+    table = text_table(("case", "target", "provider", "measured", "status"), body, left=4)
+    passed = sum(r.status == "PASS" for r in results)
+    return f"targets (from the measured numbers above)\n{table}\n{passed}/{len(results)} targets pass"
+
+
+# -------------------------------------------------------------------------------------- command line
+def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse ``type``: a comma-separated subset of ``choices``."""
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; choose from {', '.join(choices)}")
+        return items
+
+    return parse

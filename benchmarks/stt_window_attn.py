@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +46,24 @@ from einops import rearrange
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import MODES, RESULTS_DIR, Case, Harness, Impl, Row, Unavailable, Work, text_table  # noqa: E402
+from harness import (  # noqa: E402
+    COMPILE_NOTE,
+    DTYPES,
+    MODES,
+    RESULTS_DIR,
+    Case,
+    Harness,
+    Impl,
+    Row,
+    TargetResult,
+    TwiceReferenceError,
+    Unavailable,
+    Work,
+    configure_compile,
+    csv_choices,
+    format_speedups,
+    format_targets,
+)
 
 from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
     WindowGeometry,
@@ -60,24 +77,6 @@ BENCHMARK = "stt_window_attn"
 PROVIDERS = ("eager", "compile", "sdpa", "flex", "triton", "cuda")
 OURS = ("triton", "cuda")
 SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
-COMPILE_NOTE = "donated buffers off"
-
-
-def configure_compile() -> None:
-    """torch.compile settings for the compiled peers (compile, flex).
-
-    One graph per shape and shift (``dynamic=False``): the recompile limit must exceed the shape count.
-    AOTAutograd donates saved activations to the backward by default, which then refuses
-    ``retain_graph=True``; the ``bwd`` mode replays one retained graph, so donation is off for the whole
-    run (one compilation serves every mode) and rows of compiled providers say so.
-    """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    if hasattr(torch._dynamo.config, "recompile_limit"):
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    if hasattr(torch._functorch.config, "donated_buffer"):
-        torch._functorch.config.donated_buffer = False
-
-
 # ------------------------------------------------------------------------------------ shapes, their work
 @dataclass(frozen=True)
 class Shape:
@@ -251,6 +250,14 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return qkv.requires_grad_(), table.requires_grad_()
 
 
+def reference_fp32(shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The op's reference on fp32 copies of the inputs (the yardstick of the low-precision rule)."""
+    with torch.no_grad():
+        return window_attention_3d_reference(
+            *split_qkv(qkv.detach().float(), shape.heads), window_size=shape.window,
+            rel_pos_bias_table=table.detach().float(), shift_size=shape.shift, scale=shape.head_dim**-0.5)
+
+
 def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> dict:
     """A forward (or the reason it cannot run) for every requested provider."""
     heads, scale, cpu = shape.heads, shape.head_dim**-0.5, qkv.device.type == "cpu"
@@ -308,54 +315,7 @@ def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor,
     return Impl(forward, note=COMPILE_NOTE if compiled else None)
 
 
-class Tolerance:
-    """A provider matches when its error against an fp32 run of the reference is at most twice the error
-    of the reference itself run in the benchmark dtype, plus a small floor (the repository's
-    low-precision rule). The reported error is against ``eager`` in the benchmark dtype."""
-
-    FLOOR = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-    def __init__(self, shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> None:
-        self.shape, self.qkv, self.table = shape, qkv, table
-        self._ref32: torch.Tensor | None = None
-
-    def __call__(self, name: str, out: torch.Tensor, eager_out: torch.Tensor) -> tuple[float, bool]:
-        if out.shape != eager_out.shape:
-            return math.inf, False
-        if self._ref32 is None:
-            self._ref32 = eager_out.float()
-            if self.qkv.dtype not in (torch.float32, torch.float64):
-                with torch.no_grad():
-                    self._ref32 = window_attention_3d_reference(
-                        *split_qkv(self.qkv.detach().float(), self.shape.heads), window_size=self.shape.window,
-                        rel_pos_bias_table=self.table.detach().float(), shift_size=self.shape.shift,
-                        scale=self.shape.head_dim**-0.5)
-        err = (out.float() - eager_out.float()).abs().max().item()
-        own = (out.float() - self._ref32).abs().max().item()
-        base = (eager_out.float() - self._ref32).abs().max().item()
-        return err, bool(own <= 2.0 * base + self.FLOOR.get(self.qkv.dtype, 1e-3))
-
-
 # ----------------------------------------------------------------------------- speed-ups and targets
-def format_speedups(rows: Sequence[Row], ours: str, peers: Sequence[str]) -> str:
-    """``peer ms / ours ms`` per case and mode (> 1: ours is faster); empty when ours has no time."""
-    ms = {(r.case, r.mode, r.provider): r.ms for r in rows if r.ok}
-    body = [(case, mode, f"{ms[case, mode, ours]:.3f}",
-             *(f"{ms[case, mode, p] / ms[case, mode, ours]:.2f}x" if (case, mode, p) in ms else "-" for p in peers), "")
-            for case in dict.fromkeys(r.case for r in rows) for mode in MODES if (case, mode, ours) in ms]
-    header = ("case", "mode", f"{ours} ms", *(f"vs {p}" for p in peers), "")
-    return f"speedup of {ours} (peer ms / {ours} ms; > 1: {ours} is faster)\n{text_table(header, body)}" if body else ""
-
-
-@dataclass
-class TargetResult:
-    case: str
-    target: str
-    provider: str
-    value: str
-    status: str  # PASS, FAIL or n/a (...)
-
-
 def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
                      ours: Sequence[str] = OURS) -> list[TargetResult]:
     """The performance targets, from the measured rows: on each target case (fwd+bwd unless noted) ours
@@ -412,41 +372,18 @@ def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
     return results
 
 
-def format_targets(results: Sequence[TargetResult]) -> str:
-    if not results:
-        return "targets: none of the target shapes (large, stride16) ran with triton or cuda"
-    body = [(r.case, r.target, r.provider, r.value, r.status) for r in results]
-    table = text_table(("case", "target", "provider", "measured", "status"), body, left=4)
-    passed = sum(r.status == "PASS" for r in results)
-    return f"targets (from the measured numbers above)\n{table}\n{passed}/{len(results)} targets pass"
-
-
 # -------------------------------------------------------------------------------------- command line
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _csv(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"unknown {what} {bad or text!r}; choose from {', '.join(choices)}")
-        return items
-
-    return parse
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     summary, details = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    p.add_argument("--providers", type=_csv(PROVIDERS, "provider"), default=list(PROVIDERS),
+    p.add_argument("--providers", type=csv_choices(PROVIDERS, "provider"), default=list(PROVIDERS),
                    help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    p.add_argument("--modes", type=_csv(MODES, "mode"), default=list(MODES),
+    p.add_argument("--modes", type=csv_choices(MODES, "mode"), default=list(MODES),
                    help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--shapes", type=_csv(tuple(ALL_SHAPES), "shape"), default=None,
+    p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
                    help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
                         "shapes without a GPU)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
@@ -492,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                     title=shape.title(dtype))
         rows += bench.run_case(case, providers, leaves=[qkv, table], modes=args.modes,
                                reference="eager" if "eager" in providers else None,
-                               tolerance=Tolerance(shape, qkv, table))
+                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32, shape, qkv, table)))
         del providers, qkv, table
 
     print()
@@ -502,8 +439,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
     if mismatched:
         print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
-    print(format_targets(evaluate_targets(rows)) if on_gpu else "targets: defined for bf16 on a GPU; not evaluated "
-          "on this CPU run")
+    print(format_targets(evaluate_targets(rows), ", ".join(TARGET_SHAPES)) if on_gpu else "targets: defined for bf16 "
+          "on a GPU; not evaluated on this CPU run")
     return rows
 
 

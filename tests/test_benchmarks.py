@@ -258,7 +258,7 @@ def test_targets_from_measured_numbers():
     # stride16: 2x eager would fail, but an output mismatch marks every measured target as failed
     assert results[("stride16", "triton", "fwd+bwd >= 3x eager")].status == "FAIL (output mismatch)"
     assert results[("stride16", "triton", "fwd+bwd >= 1.5x compile")].status.startswith("n/a")
-    assert "5/" in bench.format_targets(bench.evaluate_targets(rows))
+    assert "5/" in bench.format_targets(bench.evaluate_targets(rows), "large")
     speedups = bench.format_speedups(rows, "triton", ["eager", "cuda"])
     assert "3.33x" in speedups and "2.00x" in speedups
 
