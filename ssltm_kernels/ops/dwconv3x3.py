@@ -11,10 +11,20 @@ stride 1, zero padding 1, optional bias ``(C,)``, optional fused ``activation="g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from ssltm_kernels._backend import BackendCheck, choose_backend, cuda_unavailable_reason, triton_unavailable_reason
+from ssltm_kernels._backend import (
+    HAS_TRITON,
+    BackendCheck,
+    choose_backend,
+    cuda_unavailable_reason,
+    on_device,
+    triton_interpreting,
+    triton_unavailable_reason,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -104,8 +114,7 @@ def _checks(x: torch.Tensor) -> dict[str, BackendCheck]:
     return {
         "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or _dtype_reason(dtype)
                              or "the CUDA kernels of dwconv3x3 are not built yet"),
-        "triton": BackendCheck("triton", triton_unavailable_reason(x) or _dtype_reason(dtype)
-                               or "the Triton kernels of dwconv3x3 are not written yet"),
+        "triton": BackendCheck("triton", triton_unavailable_reason(x) or _dtype_reason(dtype)),
         "reference": BackendCheck("reference", None),
     }
 
@@ -136,21 +145,256 @@ def can_run_reference(x, weight, bias=None, activation=None, *, raise_error=Fals
 
 
 # --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+# A program works on tiles of BLOCK_H x BLOCK_W pixels of one frame and BLOCK_C channels; the 3x3
+# neighbours are 9 shifted, masked loads of the tile (zero padding), which the caches serve after the
+# first. Tap k = 3 * i + j of the weight multiplies the pixel at offset (i - 1, j - 1).
+# Backward with GELU: g = dy * gelu'(z), z recomputed from x (9 loads), is written once (x's dtype) by
+# the first kernel together with per-program dweight/dbias partial sums; the second kernel gives
+# dx = sum_k w[k] * g[p - offset_k]. Without an activation g = dy and the second kernel also sums the
+# weight/bias partials. The partials of a program cover its tiles (a fixed set, visited in order); they
+# are reduced across programs in a fixed order: the gradients are deterministic, no float atomics.
+PARTIAL_ROWS = 16  # rows of a program's partial sums: the 9 taps, the bias, padding to a power of 2
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _tile_pixels(tile, tiles_w, tiles_per_frame, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Frame (int64) and the (BLOCK_H * BLOCK_W,) row and column of every pixel of tile ``tile``."""
+        frame = tile // tiles_per_frame
+        rest = tile % tiles_per_frame
+        p = tl.arange(0, BLOCK_H * BLOCK_W)
+        h = (rest // tiles_w) * BLOCK_H + p // BLOCK_W
+        w = (rest % tiles_w) * BLOCK_W + p % BLOCK_W
+        return frame.to(tl.int64), h, w
+
+    @triton.jit
+    def _load_strided(X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C):
+        """fp32 ``(pixels, channels)`` of a strided ``(B, T, H, W, C)`` tensor; zero outside the frame."""
+        ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        base = (frame // T) * sx_b + (frame % T) * sx_t
+        ptrs = X + base + h[:, None].to(tl.int64) * sx_h + w[:, None].to(tl.int64) * sx_w \
+            + c[None, :].to(tl.int64) * sx_c
+        return tl.load(ptrs, mask=ok[:, None] & (c[None, :] < C), other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _contiguous_offsets(frame, h, w, c, H, W, C):
+        """Element offsets in a contiguous ``(B*T, H, W, C)`` tensor."""
+        return ((frame * H + h[:, None]) * W + w[:, None]) * C + c[None, :]
+
+    @triton.jit
+    def _load_contiguous(X, frame, h, w, c, H, W, C):
+        ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        return tl.load(X + _contiguous_offsets(frame, h, w, c, H, W, C), mask=ok[:, None] & (c[None, :] < C),
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _preactivation(X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
+                       HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """fp32 conv output (before the activation) of the tile's pixels: sum of the 9 taps + bias."""
+        c_ok = c < C
+        z = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for k in tl.static_range(9):
+            x = _load_strided(X, frame, h + (k // 3 - 1), w + (k % 3 - 1), c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C)
+            z += x * tl.load(Wt + c * 9 + k, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            z += tl.load(Bias + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        return z
+
+    @triton.jit
+    def _erf_gelu(z):
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+    @triton.jit
+    def _erf_gelu_grad(z):
+        """d gelu / dz = Phi(z) + z * phi(z)."""
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+    @triton.jit
+    def _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
+                             ROWS: tl.constexpr):
+        """``acc (ROWS, BLOCK_C)`` += the tile's dweight rows (tap k: sum over pixels of g * x shifted by
+        tap k's offset) and its dbias row 9 (sum of g)."""
+        rows = tl.arange(0, ROWS)[:, None]
+        for k in tl.static_range(9):
+            x = _load_strided(X, frame, h + (k // 3 - 1), w + (k % 3 - 1), c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C)
+            acc += tl.where(rows == k, tl.sum(g * x, axis=0)[None, :], 0.0)
+        return acc + tl.where(rows == 9, tl.sum(g, axis=0)[None, :], 0.0)
+
+    @triton.jit
+    def _dwconv_fwd_kernel(
+        X, Wt, Bias, Y, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, tiles_w, tiles_per_frame,
+        HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """One tile of pixels and channels of the output ``Y`` (contiguous)."""
+        frame, h, w = _tile_pixels(tl.program_id(0), tiles_w, tiles_per_frame, BLOCK_H, BLOCK_W)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        y = _preactivation(X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
+                           HAS_BIAS, BLOCK_H * BLOCK_W, BLOCK_C)
+        if GELU:
+            y = _erf_gelu(y)
+        ok = ((h < H) & (w < W))[:, None] & (c[None, :] < C)
+        tl.store(Y + _contiguous_offsets(frame, h, w, c, H, W, C), y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _dwconv_bwd_gelu_kernel(
+        X, DY, Wt, Bias, G, PARTIAL, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, tiles_w, tiles_per_frame,
+        num_tiles, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """``G = DY * gelu'(z)`` (z recomputed) on tiles ``program_id(0)``, ``+ num_programs(0)``, ...; their
+        dweight/dbias partial sums go to ``PARTIAL[program_id(0), :, channels]``."""
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            frame, h, w = _tile_pixels(tile, tiles_w, tiles_per_frame, BLOCK_H, BLOCK_W)
+            z = _preactivation(X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
+                               HAS_BIAS, BLOCK_H * BLOCK_W, BLOCK_C)
+            g = _load_contiguous(DY, frame, h, w, c, H, W, C) * _erf_gelu_grad(z)  # 0 outside the frame
+            ok = ((h < H) & (w < W))[:, None] & (c[None, :] < C)
+            tl.store(G + _contiguous_offsets(frame, h, w, c, H, W, C), g.to(G.dtype.element_ty), mask=ok)
+            acc = _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, ROWS)
+        rows = tl.arange(0, ROWS)[:, None]
+        tl.store(PARTIAL + (tl.program_id(0) * ROWS + rows).to(tl.int64) * C + c[None, :], acc,
+                 mask=(rows < 10) & (c[None, :] < C))
+
+    @triton.jit
+    def _dwconv_bwd_dx_kernel(
+        G, X, Wt, DX, PARTIAL, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, tiles_w, tiles_per_frame, num_tiles,
+        NEED_PARTIALS: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """``DX = sum_k w[k] * G[p - offset_k]`` (the transposed conv) on tiles ``program_id(0)``,
+        ``+ num_programs(0)``, ...; with ``NEED_PARTIALS`` (G is dy: no activation) also their dweight/dbias
+        partial sums, as the GELU kernel writes them."""
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            frame, h, w = _tile_pixels(tile, tiles_w, tiles_per_frame, BLOCK_H, BLOCK_W)
+            dx = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=tl.float32)
+            for k in tl.static_range(9):
+                g = _load_contiguous(G, frame, h - (k // 3 - 1), w - (k % 3 - 1), c, H, W, C)
+                dx += g * tl.load(Wt + c * 9 + k, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+            ok = ((h < H) & (w < W))[:, None] & c_ok[None, :]
+            tl.store(DX + _contiguous_offsets(frame, h, w, c, H, W, C), dx.to(DX.dtype.element_ty), mask=ok)
+            if NEED_PARTIALS:
+                g = _load_contiguous(G, frame, h, w, c, H, W, C)
+                acc = _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
+                                           ROWS)
+        if NEED_PARTIALS:
+            rows = tl.arange(0, ROWS)[:, None]
+            tl.store(PARTIAL + (tl.program_id(0) * ROWS + rows).to(tl.int64) * C + c[None, :], acc,
+                     mask=(rows < 10) & c_ok[None, :])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """Tile of the kernels: BLOCK_H x BLOCK_W pixels of a frame, BLOCK_C channels."""
+
+    block_h: int
+    block_w: int
+    block_c: int
+    num_warps: int
+
+
+def triton_config(height: int, width: int, channels: int, dtype: torch.dtype, interpreting: bool) -> TritonConfig:
+    """Tiles of 64 pixels (16 wide) and 128 bytes of channels on a GPU; whole frames in the interpreter,
+    which pays per program step, not per element."""
+    if interpreting:
+        return TritonConfig(_next_pow2(height), _next_pow2(width), _next_pow2(channels), 4)
+    block_w = min(16, _next_pow2(width))
+    block_h = min(_next_pow2(height), 64 // block_w)
+    return TritonConfig(block_h, block_w, min(_next_pow2(channels), 128 // dtype.itemsize), 4)
+
+
+def _launch_config(x: torch.Tensor) -> TritonConfig:
+    return triton_config(x.shape[2], x.shape[3], x.shape[4], x.dtype, triton_interpreting())
+
+
+def launch_ints(x: torch.Tensor, cfg: TritonConfig) -> dict[str, int]:
+    """The integer arguments of the kernels for ``x (B, T, H, W, C)`` (its strides, sizes and tiling), by name."""
+    batch, frames, height, width, channels = x.shape
+    tiles_w = -(-width // cfg.block_w)
+    tiles_per_frame = -(-height // cfg.block_h) * tiles_w
+    return {**dict(zip(("sx_b", "sx_t", "sx_h", "sx_w", "sx_c"), x.stride(), strict=True)),
+            "T": frames, "H": height, "W": width, "C": channels, "tiles_w": tiles_w,
+            "tiles_per_frame": tiles_per_frame, "num_tiles": batch * frames * tiles_per_frame}
+
+
+def _kernel_ints(kernel, ints: dict[str, int]) -> dict[str, int]:
+    return {name: value for name, value in ints.items() if name in kernel.arg_names}
+
+
+def _blocks(cfg: TritonConfig) -> dict[str, int]:
+    return dict(BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_C=cfg.block_c)
+
+
+def _partial_groups(num_tiles: int, channel_blocks: int, device: torch.device) -> int:
+    """How many programs per channel block the backward spreads the tiles over (each writes one row of
+    partial sums): about 8 per multiprocessor in all; one in the interpreter."""
+    if device.type != "cuda":
+        return 1
+    target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_tiles, -(-target // channel_blocks)))
+
+
+def _triton_forward(x, weight, bias, activation):
+    cfg = _launch_config(x)
+    ints = launch_ints(x, cfg)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    weight = weight.reshape(-1, 9).contiguous()
+    grid = (ints["num_tiles"], triton.cdiv(ints["C"], cfg.block_c))
+    _dwconv_fwd_kernel[grid](x, weight, weight if bias is None else bias.contiguous(), y,
+                             **_kernel_ints(_dwconv_fwd_kernel, ints), HAS_BIAS=bias is not None,
+                             GELU=activation == "gelu", **_blocks(cfg), num_warps=cfg.num_warps)
+    return y
+
+
+def _triton_backward(grad_out, x, weight, bias, activation):
+    cfg = _launch_config(x)
+    ints = launch_ints(x, cfg)
+    channels, channel_blocks = ints["C"], triton.cdiv(ints["C"], cfg.block_c)
+    weight = weight.reshape(-1, 9).contiguous()
+    groups = _partial_groups(ints["num_tiles"], channel_blocks, x.device)
+    partials = torch.empty((groups, PARTIAL_ROWS, channels), dtype=torch.float32, device=x.device)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gelu = activation == "gelu"
+    if gelu:
+        g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _dwconv_bwd_gelu_kernel[(groups, channel_blocks)](
+            x, grad_out, weight, weight if bias is None else bias.contiguous(), g, partials,
+            **_kernel_ints(_dwconv_bwd_gelu_kernel, ints), HAS_BIAS=bias is not None, ROWS=PARTIAL_ROWS,
+            **_blocks(cfg), num_warps=cfg.num_warps)
+    else:
+        g = grad_out
+    _dwconv_bwd_dx_kernel[(ints["num_tiles"] if gelu else groups, channel_blocks)](
+        g, x, weight, dx, partials, **_kernel_ints(_dwconv_bwd_dx_kernel, ints), NEED_PARTIALS=not gelu,
+        ROWS=PARTIAL_ROWS, **_blocks(cfg), num_warps=cfg.num_warps)
+    sums = partials.sum(0)  # fixed order over the programs
+    dweight = sums[:9].t().clone(memory_format=torch.contiguous_format).view(channels, 1, 3, 3)
+    return dx, dweight, sums[9].clone()
+
+
+# --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
 def _forward(x, weight, bias, activation, backend):
-    return _reference(x, weight, bias, activation or None).contiguous()
+    with on_device(x):
+        return _triton_forward(x, weight, bias, activation)
 
 
 def _backward(grad_out, x, weight, bias, activation, backend):
-    act = activation or None
-    if bias is None:
-        _, vjp = torch.func.vjp(lambda x, weight: _reference(x, weight, None, act), x, weight)
-        (dx, dweight), dbias = vjp(grad_out), x.new_empty(0)
-    else:
-        _, vjp = torch.func.vjp(lambda x, weight, bias: _reference(x, weight, bias, act), x, weight, bias)
-        dx, dweight, dbias = vjp(grad_out)
-    return dx.contiguous(), dweight.float(), dbias.float()
+    with on_device(x):
+        dx, dweight, dbias = _triton_backward(grad_out, x, weight, bias, activation)
+    return dx, dweight, dbias if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("ssltm::dwconv3x3_fwd", mutates_args=())
