@@ -25,6 +25,7 @@ from ssltm_kernels._backend import (
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._ext import _C
 
 __all__ = [
     "ACTIVATIONS",
@@ -112,8 +113,7 @@ def _dtype_reason(dtype: torch.dtype) -> str | None:
 def _checks(x: torch.Tensor) -> dict[str, BackendCheck]:
     dtype = compute_dtype(x)
     return {
-        "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or _dtype_reason(dtype)
-                             or "the CUDA kernels of dwconv3x3 are not built yet"),
+        "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or _dtype_reason(dtype)),
         "triton": BackendCheck("triton", triton_unavailable_reason(x) or _dtype_reason(dtype)),
         "reference": BackendCheck("reference", None),
     }
@@ -387,13 +387,18 @@ def _triton_backward(grad_out, x, weight, bias, activation):
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
 def _forward(x, weight, bias, activation, backend):
+    if backend == "cuda":
+        return _C.dwconv3x3_forward(x, weight, bias, activation)
     with on_device(x):
         return _triton_forward(x, weight, bias, activation)
 
 
 def _backward(grad_out, x, weight, bias, activation, backend):
-    with on_device(x):
-        dx, dweight, dbias = _triton_backward(grad_out, x, weight, bias, activation)
+    if backend == "cuda":
+        dx, dweight, dbias = _C.dwconv3x3_backward(grad_out, x, weight, bias, activation)
+    else:
+        with on_device(x):
+            dx, dweight, dbias = _triton_backward(grad_out, x, weight, bias, activation)
     return dx, dweight, dbias if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
