@@ -205,6 +205,27 @@ def test_torch_compile_fullgraph_traces_mixffn():
             assert_close(g, e, 1e-6, f"compiled {name}")
 
 
+def test_compile_specs_follow_the_launches():
+    """compile_check's specs: the kernels a launch runs, specialised on the launcher's own integers (SSLTM's
+    contiguous channels: channel stride 1 -> a constant), representative configurations among the full set."""
+    from ssltm_kernels.compile_check import OP_CONFIGS
+
+    assert OP_CONFIGS["dwconv3x3"] is op.compile_configs
+    representative = {c.label for c in op.compile_configs(90, "representative")}
+    assert representative <= {c.label for c in op.compile_configs(90, "full")}
+    assert any("bfloat16 stride16" in label and "gelu" in label for label in representative)
+    for activation, kernels in (("gelu", ["_dwconv_fwd_kernel", "_dwconv_bwd_gelu_kernel", "_dwconv_bwd_dx_kernel"]),
+                                (None, ["_dwconv_fwd_kernel", "_dwconv_bwd_dx_kernel"])):
+        specs = list(op.triton_compile_specs(torch.bfloat16, op.COMPILE_SHAPES["stride16"], activation))
+        assert [name for name, *_ in specs] == kernels
+        for _, _, signature, constexprs, _, _ in specs:
+            assert signature["sx_c"] == "constexpr" and constexprs["sx_c"] == 1
+            assert signature["X"] == "*bf16" and signature.get("PARTIAL", "*fp32") == "*fp32"
+    cfg = op.triton_config(30, 30, 512, torch.bfloat16, interpreting=False)
+    ints = op.launch_ints(torch.empty(2, 4, 30, 30, 512, device="meta"), cfg)
+    assert (ints["tiles_w"], ints["tiles_per_frame"], ints["num_tiles"]) == (2, 16, 128)  # 4x16-pixel tiles
+
+
 # ------------------------------------------------------------------------------------------------------
 # MixFFN: SegFormer's order of operations, state_dict and initialisation
 # ------------------------------------------------------------------------------------------------------

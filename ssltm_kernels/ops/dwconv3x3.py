@@ -11,7 +11,9 @@ stride 1, zero padding 1, optional bias ``(C,)``, optional fused ``activation="g
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from ssltm_kernels._backend import (
     triton_unavailable_reason,
 )
 from ssltm_kernels._ext import _C
+from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
     "ACTIVATIONS",
@@ -381,6 +384,62 @@ def _triton_backward(grad_out, x, weight, bias, activation):
     sums = partials.sum(0)  # fixed order over the programs
     dweight = sums[:9].t().clone(memory_format=torch.contiguous_format).view(channels, 1, 3, 3)
     return dx, dweight, sums[9].clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specifications (compile_check)
+# --------------------------------------------------------------------------------------------------
+# (B, T, H, W, C) of the hidden activations SSLTM's Mix-FFNs convolve (two 4-frame clips of 480x480; hidden
+# width 4x the STT dims 32/64/128/256 at strides 4/8/16/32), a large one, and one whose sizes and strides
+# are no multiples of 16 (the least specialised launch)
+COMPILE_SHAPES = {
+    "stride4": (2, 4, 120, 120, 128),
+    "stride8": (2, 4, 60, 60, 256),
+    "stride16": (2, 4, 30, 30, 512),
+    "stride32": (2, 4, 15, 15, 1024),
+    "large": (8, 4, 56, 56, 1024),
+    "unaligned": (1, 3, 5, 13, 33),
+}
+_FP32_POINTERS = {"PARTIAL"}
+_POINTERS = _FP32_POINTERS | {"X", "Wt", "Bias", "Y", "DY", "G", "DX"}
+
+
+def triton_compile_specs(dtype: torch.dtype, shape, activation: str | None = "gelu", bias: bool = True):
+    """The kernels a launch on a contiguous ``x`` of ``shape`` (B, T, H, W, C) runs, specialised on its
+    integers as Triton's launcher does (``launch_ints``), as ``(name, kernel, signature, constexprs, attrs,
+    options)`` for ``triton.compile`` ahead of time."""
+    cfg = triton_config(*shape[2:], dtype, interpreting=False)
+    ints = launch_ints(torch.empty(shape, device="meta"), cfg)
+    pointer_types = {name: "fp32" if name in _FP32_POINTERS else TYPE_NAMES[dtype] for name in _POINTERS}
+    gelu = activation == "gelu"
+    kernels = [(_dwconv_fwd_kernel, dict(HAS_BIAS=bias, GELU=gelu))]
+    if gelu:
+        kernels.append((_dwconv_bwd_gelu_kernel, dict(HAS_BIAS=bias, ROWS=PARTIAL_ROWS)))
+    kernels.append((_dwconv_bwd_dx_kernel, dict(NEED_PARTIALS=not gelu, ROWS=PARTIAL_ROWS)))
+    for kernel, constexprs in kernels:
+        yield kernel_spec(kernel, {**constexprs, **_blocks(cfg)}, pointer_types, int_arg=ints.__getitem__,
+                          options={"num_warps": cfg.num_warps})
+
+
+def _compile_specs(dtype: torch.dtype, shape_name: str, activation: str | None, arch: int) -> list[tuple]:
+    return list(triton_compile_specs(dtype, COMPILE_SHAPES[shape_name], activation))
+
+
+def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
+    """The configurations ``compile_check`` compiles for ``arch`` (the kernels take no architecture-dependent
+    blocks). ``full``: every dtype, with and without GELU, on every ``COMPILE_SHAPES`` entry.
+    ``representative``: what SSLTM launches, bf16 with GELU at stride 16, and fp32 once; bf16 without an
+    activation on the unaligned shape (the dx kernel that also sums the weight gradient)."""
+    if config_set == "representative":
+        chosen = [(torch.bfloat16, "stride16", "gelu"), (torch.float32, "stride16", "gelu"),
+                  (torch.bfloat16, "unaligned", None)]
+    elif config_set == "full":
+        chosen = list(itertools.product(KERNEL_DTYPES, COMPILE_SHAPES, ("gelu", None)))
+    else:
+        raise ValueError(f"config_set must be 'full' or 'representative', got {config_set!r}")
+    return [CompileConfig(f"dwconv3x3 {str(dtype).removeprefix('torch.')} {name} {COMPILE_SHAPES[name]} "
+                          f"activation={activation}", partial(_compile_specs, dtype, name, activation),
+                          cost=dtype.itemsize) for dtype, name, activation in chosen]
 
 
 # --------------------------------------------------------------------------------------------------
