@@ -1,12 +1,13 @@
 """Fused depthwise 3x3 convolution of SegFormer's Mix-FFN over channels-last activations.
 
-One op, one file: the pure-PyTorch reference, the input checks, the ``torch.library`` custom ops with
-autograd, and the public :func:`dwconv3x3`.
+One op, one file: the pure-PyTorch reference, the input checks and backend predicates, the Triton kernels
+and their launchers (and their ahead-of-time compile specs), the ``torch.library`` custom ops with autograd
+(Triton or the CUDA kernels of ``ssltm_kernels._C``), and the public :func:`dwconv3x3`.
 
 Semantics: ``x`` is ``(B, H, W, C)`` or ``(B, T, H, W, C)`` (the convolution runs on every frame), the
 weight ``(C, 1, 3, 3)`` is PyTorch's depthwise layout (``nn.Conv2d(C, C, 3, padding=1, groups=C)``),
 stride 1, zero padding 1, optional bias ``(C,)``, optional fused ``activation="gelu"`` (exact erf GELU,
-``nn.GELU()``). The result has the input's shape, contiguous, in the input's dtype.
+``nn.GELU()``). The result has the input's shape and dtype (contiguous from the kernels).
 """
 
 from __future__ import annotations
@@ -503,8 +504,8 @@ def _autograd_backward(ctx, grad_out):
 torch.library.register_autograd("ssltm::dwconv3x3_fwd", _autograd_backward, setup_context=_setup_context)
 
 
-def _register_autocast(qualname: str) -> None:
-    """Under ``torch.autocast`` the op runs in the autocast dtype, x, weight and bias cast to it (as
+def _register_autocast() -> None:
+    """Under ``torch.autocast`` the forward op runs in the autocast dtype, x, weight and bias cast to it (as
     ``nn.Conv2d`` does)."""
     op = torch.ops.ssltm.dwconv3x3_fwd.default
 
@@ -517,10 +518,10 @@ def _register_autocast(qualname: str) -> None:
             with torch.autocast(device_type, enabled=False):
                 return op(cast(x, dtype), cast(weight, dtype), cast(bias, dtype), activation, backend)
 
-        torch.library.impl(qualname, key, autocast_kernel)
+        torch.library.impl("ssltm::dwconv3x3_fwd", key, autocast_kernel)
 
 
-_register_autocast("ssltm::dwconv3x3_fwd")
+_register_autocast()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,8 +542,8 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
             that can run (cuda -> triton -> reference).
 
     Returns:
-        x's shape, contiguous, in x's dtype (the autocast dtype under ``torch.autocast``). Gradients
-        reach x, weight and bias.
+        x's shape in x's dtype (the autocast dtype under ``torch.autocast``), contiguous from the kernels.
+        Gradients reach x, weight and bias.
     """
     _validate(x, weight, bias, activation)
     checks = _checks(x)
