@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ssltm_kernels.ops.soft_region_pool import soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     _triple,
     relative_position_index,
@@ -14,7 +15,7 @@ from ssltm_kernels.ops.window_attention_3d import (
     window_attention_3d_windows,
 )
 
-__all__ = ["WindowAttention3D"]
+__all__ = ["WindowAttention3D", "SpatialGather"]
 
 
 class WindowAttention3D(nn.Module):
@@ -92,3 +93,25 @@ class WindowAttention3D(nn.Module):
                 shift_size=shift_size, scale=self.scale, pad_k=pad_k, pad_v=pad_v, rel_pos_mode=self.rel_pos_mode,
                 dropout_p=dropout_p, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
+
+
+class SpatialGather(nn.Module):
+    """OCRNet's ``SpatialGather_Module`` (mmsegmentation's ``SpatialGatherModule``): the object region
+    representations of OCR, one feature vector per class.
+
+    ``forward(feats (B, C, H, W), logits (B, K, H, W)) -> (B, C, K, 1)``: ``softmax(scale * logits)`` over
+    the H*W positions of each class weighs the feature vectors (:func:`soft_region_pool`, whose ``(B, K, C)``
+    result is returned as a ``(B, C, K, 1)`` view). ``backend`` is passed to the op. No parameters.
+    """
+
+    def __init__(self, scale: float = 1.0, *, backend: str | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``feats (B, C, H, W)``, ``logits (B, K, H, W)`` -> ``(B, C, K, 1)``."""
+        return soft_region_pool(logits, feats, self.scale, self.backend).transpose(1, 2).unsqueeze(3)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
