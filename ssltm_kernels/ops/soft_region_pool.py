@@ -122,10 +122,18 @@ def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
     return None
 
 
+def _cuda_reason(logits: torch.Tensor) -> str | None:
+    reason = cuda_unavailable_reason(logits)
+    if reason is None and logits.shape[1] > _C.SOFT_REGION_POOL_MAX_CLASSES:
+        reason = (f"the CUDA backward holds at most {_C.SOFT_REGION_POOL_MAX_CLASSES} classes, got logits of shape "
+                  f"{tuple(logits.shape)}")
+    return reason
+
+
 def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
     dtype_or_extent = _dtype_reason(compute_dtype(logits, feats)) or _extent_reason(logits, feats)
     return {
-        "cuda": BackendCheck("cuda", cuda_unavailable_reason(logits) or dtype_or_extent),
+        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_or_extent),
         "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_or_extent),
         "reference": BackendCheck("reference", None),
     }
@@ -628,8 +636,12 @@ def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1
     """
     _validate(logits, feats, scale)
     checks = _checks(logits, feats)
+
+    def cuda_passed_over():  # the CUDA kernels accumulate on CUDA cores, Triton's on tensor cores
+        return "the CUDA kernels run on CUDA cores and Triton can run" if checks["triton"] else None
+
     chosen = choose_backend("soft_region_pool", {name: (lambda c=c: c.reason) for name, c in checks.items()},
-                            backend)
+                            backend, passed_over={"cuda": cuda_passed_over})
     if chosen == "reference":
         return _reference(logits, feats, float(scale))
     out, _ = torch.ops.ssltm.soft_region_pool_fwd(logits, feats, float(scale), chosen)
