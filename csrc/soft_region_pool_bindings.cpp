@@ -110,8 +110,9 @@ Problem make_problem(const at::Tensor& l3, const at::Tensor& f3, double scale) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> soft_region_pool_forward(const at::Tensor& logits, const at::Tensor& feats,
-                                                            double scale, int64_t splits) {
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> soft_region_pool_forward(const at::Tensor& logits,
+                                                                                       const at::Tensor& feats,
+                                                                                       double scale, int64_t splits) {
   check_inputs(logits, feats, scale);
   TORCH_CHECK(splits >= 0 && splits <= std::numeric_limits<int32_t>::max(),
               "soft_region_pool: splits must be >= 0 (0: automatic), got ", splits);
@@ -129,7 +130,10 @@ std::tuple<at::Tensor, at::Tensor> soft_region_pool_forward(const at::Tensor& lo
   at::Tensor stats = at::empty({p.B, p.K, 2}, logits.options().dtype(acc));
   at::Tensor partial;
   if (p.splits > 1) partial = at::empty({p.B, p.splits, p.K, p.C}, logits.options().dtype(acc));
+  std::optional<at::Tensor> out_acc;
+  if (acc != logits.scalar_type()) out_acc = at::empty({p.B, p.K, p.C}, logits.options().dtype(acc));
   p.out = out.mutable_data_ptr();
+  p.out_acc = out_acc ? out_acc->mutable_data_ptr() : nullptr;
   p.stats = stats.mutable_data_ptr();
   p.partial = partial.defined() ? partial.mutable_data_ptr() : nullptr;
   if (logits.is_cuda()) {
@@ -139,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor> soft_region_pool_forward(const at::Tensor& lo
   } else {
     srp::forward_cpu(p);
   }
-  return {out, stats};
+  return {out, stats, out_acc};
 }
 
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> soft_region_pool_backward(
@@ -152,15 +156,16 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> soft_region_poo
   TORCH_CHECK(K <= srp::kMaxClasses, "soft_region_pool: the CUDA backward takes at most ", srp::kMaxClasses,
               " classes, got logits of shape ", logits.sizes());
   const std::vector<int64_t> bkc{B, K, C};
-  auto check_bkc = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.sizes() == c10::IntArrayRef(bkc), "soft_region_pool: ", name, " must have shape (B, K, C) = ",
-                c10::IntArrayRef(bkc), ", got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == logits.scalar_type() && t.device() == logits.device(), "soft_region_pool: ", name,
-                " must be ", logits.scalar_type(), " on ", logits.device(), ", got ", t.scalar_type(), " on ",
-                t.device(), " (shape ", t.sizes(), ")");
-  };
-  check_bkc(grad_out, "grad_out");
-  check_bkc(out, "out");
+  for (const at::Tensor* t : {&grad_out, &out}) {
+    const char* name = t == &out ? "out" : "grad_out";
+    TORCH_CHECK(t->sizes() == c10::IntArrayRef(bkc), "soft_region_pool: ", name, " must have shape (B, K, C) = ",
+                c10::IntArrayRef(bkc), ", got ", t->sizes());
+    // out may also be the forward's out_acc
+    const bool dtype_ok = t->scalar_type() == logits.scalar_type() || (t == &out && t->scalar_type() == acc);
+    TORCH_CHECK(dtype_ok && t->device() == logits.device(), "soft_region_pool: ", name, " must be ",
+                logits.scalar_type(), t == &out ? " (or the forward's out_acc)" : "", " on ", logits.device(),
+                ", got ", t->scalar_type(), " on ", t->device(), " (shape ", t->sizes(), ")");
+  }
   TORCH_CHECK(stats.sizes() == c10::IntArrayRef({B, K, 2}), "soft_region_pool: stats must have shape (B, K, 2) = (",
               B, ", ", K, ", 2), got ", stats.sizes());
   TORCH_CHECK(stats.scalar_type() == acc && stats.device() == logits.device(), "soft_region_pool: stats must be ",
@@ -175,7 +180,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> soft_region_poo
   const at::Tensor out_c = out.contiguous(), stats_c = stats.contiguous();
   at::Tensor delta = at::empty({B, K}, logits.options().dtype(acc));
   Problem p = make_problem(l3, f3, scale);
-  p.out = const_cast<void*>(out_c.const_data_ptr());  // read only in the backward kernels
+  // read only in the backward kernels
+  (out.scalar_type() == logits.scalar_type() ? p.out : p.out_acc) = const_cast<void*>(out_c.const_data_ptr());
   p.stats = const_cast<void*>(stats_c.const_data_ptr());
   p.grad_out = grad_out.const_data_ptr();
   p.sdo = strides3(grad_out);
@@ -212,7 +218,8 @@ void bind_soft_region_pool(py::module_& m) {
         py::arg("scale"), py::arg("splits") = 0,
         "OCR soft region pooling forward. logits (B, K, H, W), feats (B, C, H, W) of one dtype and device, any\n"
         "strides. Returns (out (B, K, C) contiguous in the inputs' dtype, stats (B, K, 2) float32, float64 for\n"
-        "float64 inputs: the maximum of sign(scale) * logits and the log of the softmax denominator per (b, k)).\n"
+        "float64 inputs: the maximum of sign(scale) * logits and the log of the softmax denominator per (b, k),\n"
+        "out_acc: out in float32 for 16-bit inputs, else None).\n"
         "splits > 0 forces the number of position splits (testing); 0 chooses it. CUDA tensors run the CUDA\n"
         "kernels, CPU tensors their emulation.");
   m.def("soft_region_pool_backward", &ssltm::soft_region_pool_backward, py::arg("grad_out"), py::arg("logits"),
@@ -220,7 +227,7 @@ void bind_soft_region_pool(py::module_& m) {
         py::arg("dfeats") = py::none(),
         "OCR soft region pooling backward. Writes the gradients into dlogits (B, K, H, W) and dfeats\n"
         "(B, C, H, W) (the inputs' dtype and device, H and W mergeable) and returns them; one given as None is\n"
-        "not computed. At most SOFT_REGION_POOL_MAX_CLASSES classes.");
+        "not computed. out: the forward's out or out_acc. At most SOFT_REGION_POOL_MAX_CLASSES classes.");
 }
 }  // namespace ssltm
 #endif

@@ -72,6 +72,8 @@ struct Problem {
   const void* feats;
   Strides3 sf;
   void* out;      // (B, K, C) contiguous, the inputs' dtype
+  void* out_acc;  // (B, K, C) contiguous, accumulation type: the forward writes it for 16-bit inputs, the
+                  // backward's Delta reads it instead of out when given
   void* stats;    // (B, K, 2) accumulation type: M, log S
   void* partial;  // (B, splits, K, C) accumulation type, when splits > 1
   const void* grad_out;
@@ -92,6 +94,7 @@ struct Args {
   const scalar_t* feats;
   Strides3 sf;
   scalar_t* out;
+  acc_t* out_acc;
   acc_t* stats;
   acc_t* partial;
   const scalar_t* grad_out;
@@ -120,6 +123,7 @@ inline Args<scalar_t, acc_t> make_args(const Problem& p) {
   a.feats = static_cast<const scalar_t*>(p.feats);
   a.sf = p.sf;
   a.out = static_cast<scalar_t*>(p.out);
+  a.out_acc = static_cast<acc_t*>(p.out_acc);
   a.stats = static_cast<acc_t*>(p.stats);
   a.partial = static_cast<acc_t*>(p.partial);
   a.grad_out = static_cast<const scalar_t*>(p.grad_out);
@@ -329,7 +333,9 @@ SRP_HD void pool_write(const Args<scalar_t, acc_t>& a, const PoolBlock& blk, int
       const int c = blk.c0 + q0 + q;
       if (c >= a.C) continue;
       if (a.splits == 1) {
-        a.out[(blk.b * a.K + k) * a.C + c] = scalar_t(th.acc[r][q]);
+        const int64_t i = (blk.b * a.K + k) * a.C + c;
+        a.out[i] = scalar_t(th.acc[r][q]);
+        if (a.out_acc) a.out_acc[i] = th.acc[r][q];
       } else {
         a.partial[((blk.b * a.splits + blk.split) * a.K + k) * a.C + c] = th.acc[r][q];
       }
@@ -346,6 +352,7 @@ SRP_HD void reduce_element(const Args<scalar_t, acc_t>& a, int64_t i) {
   acc_t sum = acc_t(0);
   for (int s = 0; s < a.splits; ++s) sum += a.partial[(b * a.splits + s) * per_item + kc];
   a.out[i] = scalar_t(sum);
+  if (a.out_acc) a.out_acc[i] = sum;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -357,8 +364,10 @@ SRP_HD acc_t delta_lane(const Args<scalar_t, acc_t>& a, int64_t row, int lane) {
   acc_t sum = acc_t(0);
   if (row >= int64_t(a.B) * a.K) return sum;
   const scalar_t* g = a.grad_out + (row / a.K) * a.sdo.b + (row % a.K) * a.sdo.x;
-  const scalar_t* o = a.out + row * a.C;
-  for (int c = lane; c < a.C; c += kWarp) sum += acc_t(g[c * a.sdo.n]) * acc_t(o[c]);
+  for (int c = lane; c < a.C; c += kWarp) {
+    const acc_t o = a.out_acc ? a.out_acc[row * a.C + c] : acc_t(a.out[row * a.C + c]);
+    sum += acc_t(g[c * a.sdo.n]) * o;
+  }
   return sum;
 }
 

@@ -20,14 +20,18 @@
 namespace ssltm {
 
 // Returns (out (B, K, C) contiguous in the inputs' dtype, stats (B, K, 2) float32, float64 for float64 CPU
-// inputs): per (b, k) the maximum M of sign(scale) * logits and the log of the softmax denominator, what
-// the backward takes. splits > 0 forces the number of position splits of the forward (testing), 0 chooses it.
-std::tuple<at::Tensor, at::Tensor> soft_region_pool_forward(const at::Tensor& logits, const at::Tensor& feats,
-                                                            double scale, int64_t splits = 0);
+// inputs: per (b, k) the maximum M of sign(scale) * logits and the log of the softmax denominator, out_acc:
+// for float16/bfloat16 inputs out in float32, else nullopt); the backward takes stats and out_acc (or out).
+// splits > 0 forces the number of position splits of the forward (testing), 0 chooses it.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> soft_region_pool_forward(const at::Tensor& logits,
+                                                                                       const at::Tensor& feats,
+                                                                                       double scale,
+                                                                                       int64_t splits = 0);
 
 // Writes the gradients into dlogits (B, K, H, W) and dfeats (B, C, H, W) (of the inputs' dtype and device;
 // any strides whose H and W merge into one axis) and returns them; a gradient given as nullopt is not
-// computed. grad_out: (B, K, C); out, stats: the forward's. At most 256 classes.
+// computed. grad_out: (B, K, C); stats: the forward's; out: the forward's out_acc where it has one (a Delta
+// free of the output's rounding), else its out. At most 256 classes.
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> soft_region_pool_backward(
     const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& feats, const at::Tensor& out,
     const at::Tensor& stats, double scale, const std::optional<at::Tensor>& dlogits,
