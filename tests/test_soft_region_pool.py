@@ -163,17 +163,19 @@ def test_triton_gpu_block_configuration_in_interpreter(monkeypatch):
 
 
 def test_gpu_configurations_split_positions_and_fit_the_accumulators():
-    ssltm = op.forward_config(8, 124, 512, 120 * 120, interpreting=False, sm_count=132)
+    bf16 = torch.bfloat16
+    ssltm = op.forward_config(8, 124, 512, 120 * 120, bf16, interpreting=False, sm_count=132)
     assert (ssltm.block_k, ssltm.block_c, ssltm.block_n) == (128, 128, 64)
     assert ssltm.splits > 1 and 8 * 4 * ssltm.splits <= 2 * 132  # about two programs per multiprocessor
-    cityscapes = op.forward_config(8, 19, 512, 60 * 60, interpreting=False, sm_count=132)
+    cityscapes = op.forward_config(8, 19, 512, 60 * 60, bf16, interpreting=False, sm_count=132)
     assert (cityscapes.block_k, cityscapes.block_c) == (32, 256)
-    small = op.forward_config(1, 3, 8, 20, interpreting=False)  # too few positions to split
+    assert op.forward_config(8, 124, 512, 3600, torch.float32, interpreting=False).block_n == 32
+    small = op.forward_config(1, 3, 8, 20, bf16, interpreting=False)  # too few positions to split
     assert small.splits == 1 and small.num_stages == 3
-    assert op.forward_config(1, 3, 8, 20, interpreting=False, shared_memory=99 * 1024).num_stages == 2
-    bwd = op.backward_config(124, 512, 120 * 120, interpreting=False)
-    assert (bwd.block_k, bwd.block_n, bwd.num_warps) == (128, 64, 8)
-    assert op.backward_config(300, 512, 3600, interpreting=False).block_k == 128  # several class blocks
+    assert op.forward_config(1, 3, 8, 20, bf16, interpreting=False, shared_memory=99 * 1024).num_stages == 2
+    bwd = op.backward_config(124, 512, 120 * 120, bf16, interpreting=False)
+    assert (bwd.block_k, bwd.block_c, bwd.block_n, bwd.num_warps) == (128, 64, 64, 8)
+    assert op.backward_config(300, 512, 3600, bf16, interpreting=False).block_k == 128  # several class blocks
 
 
 def test_triton_backward_is_deterministic_and_skips_unneeded_grads():
@@ -399,3 +401,21 @@ def test_gpu_module_under_bf16_autocast(backend):
         out = module(feats, logits)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 512, 124, 1)
     assert_close(out.float(), ocrnet_spatial_gather(feats.double(), logits.double(), 1.0), 3e-2, f"{backend} autocast")
+
+
+def test_compile_configs_specialise_as_ssltm_launches():
+    """compile_check compiles the kernels as SSLTM launches them: unit strides become constants (positions
+    of contiguous feats, channels of channels-last ones, classes of the gradient through SpatialGather)."""
+    from ssltm_kernels.compile_check import OP_CONFIGS
+
+    assert OP_CONFIGS["soft_region_pool"] is op.compile_configs
+    configs = op.compile_configs(90, "representative")
+    assert len(configs) == 3 and {"bf16", "fp32"} <= {c.label.split()[1] for c in configs}
+    assert set(c.label for c in configs) <= set(c.label for c in op.compile_configs(90, "full"))
+    for config, unit_strides in zip(configs, (("sf_n", "sdo_k"), ("sf_c", "sdo_k"), ("sf_n", "sdo_k")), strict=True):
+        specs = {name: (signature, constexprs) for name, _, signature, constexprs, _, _ in config.specs(90)}
+        assert set(specs) == {"_srp_fwd_kernel", "_srp_combine_kernel", "_srp_delta_kernel", "_srp_bwd_kernel"}
+        signature, constexprs = specs["_srp_bwd_kernel"]
+        for name in ("sl_n", "sdl_n", *unit_strides):
+            assert signature[name] == "constexpr" and constexprs[name] == 1, (config.label, name)
+        assert constexprs["ONE_K_BLOCK"] and specs["_srp_fwd_kernel"][1]["PARTIAL"]
