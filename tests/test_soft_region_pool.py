@@ -419,3 +419,72 @@ def test_compile_configs_specialise_as_ssltm_launches():
         for name in ("sl_n", "sdl_n", *unit_strides):
             assert signature[name] == "constexpr" and constexprs[name] == 1, (config.label, name)
         assert constexprs["ONE_K_BLOCK"] and specs["_srp_fwd_kernel"][1]["PARTIAL"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Benchmark (benchmarks/ocr_region_pool.py): work formulas, targets, CPU smoke run
+# ------------------------------------------------------------------------------------------------------
+def _benchmark_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    return importlib.import_module("ocr_region_pool"), bench_dir
+
+
+def test_benchmark_work_and_targets():
+    bench, _ = _benchmark_module()
+    from harness import Row
+
+    shape = bench.GPU_SHAPES["k124-120"]
+    fwd = bench.region_pool_work(shape, torch.bfloat16, "fwd")
+    # logits 8*124*14400 + feats 8*512*14400 + out 8*124*512 elements of 2 bytes
+    assert fwd.bytes == 2 * (8 * 124 * 14400 + 8 * 512 * 14400 + 8 * 124 * 512)
+    assert fwd.flops == 2 * 8 * 124 * 14400 * 512 and fwd.exps == 8 * 124 * 14400
+    both = bench.region_pool_work(shape, torch.bfloat16, "fwd+bwd")
+    bwd = bench.region_pool_work(shape, torch.bfloat16, "bwd")
+    assert both.bytes == fwd.bytes + bwd.bytes and bwd.flops == 2 * fwd.flops
+
+    def row(provider, mode, ms, **kw):
+        return Row("k124-120", provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
+
+    rows = [row("eager", "fwd", 0.2, peak_mib=60.0), row("eager", "fwd+bwd", 1.0), row("compile", "fwd+bwd", 0.6),
+            row("triton", "fwd", 0.05, gbps=3500.0, peak_mib=12.0, match=True), row("triton", "fwd+bwd", 0.4),
+            Row("k124-120", "cuda", "fwd+bwd", {}, "bfloat16", error="unavailable: not built")]
+    results = {(r.provider, r.target): r for r in bench.evaluate_targets(rows, 4.8e12)}
+    assert results[("triton", "fwd >= 70% of HBM bandwidth")].value.startswith("72.9%")
+    assert results[("triton", "fwd+bwd >= 2x eager")].status == "PASS"
+    assert results[("triton", "fwd+bwd >= 1.3x compile")].value == "1.50x"
+    assert results[("triton", "fwd peak memory <= 0.5x eager")].value.startswith("0.20x")
+    assert [r.status for (p, _), r in results.items() if p == "triton"] == ["PASS"] * 4
+    assert results[("cuda", "all targets")].status.startswith("n/a")
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bench, bench_dir = _benchmark_module()
+    # the tree under test, also when another checkout is installed
+    path = os.pathsep.join(filter(None, (str(bench_dir.parent), os.environ.get("PYTHONPATH"))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, str(bench_dir / "ocr_region_pool.py"), "--cpu", "--quick", "--providers", "eager,triton,cuda",
+         "--shapes", "cpu-k124", "--results-dir", str(tmp_path)],
+        cwd=bench_dir.parent, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / f"{bench.BENCHMARK}.jsonl").read_text().splitlines()]
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert len(rows) == 3 * 3 and all(r["benchmark"] == bench.BENCHMARK and r["device"] == "cpu" for r in rows)
+    for provider in ("eager", "triton"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            r = by[(provider, mode)]
+            assert r["error"] is None and r["ms"] > 0 and r["match"] is True and "launches" in r, r
+    assert by[("triton", "fwd")]["max_abs_err"] < 1e-5
+    assert by[("cuda", "fwd")]["error"].startswith("unavailable: the CUDA kernels need a GPU")
