@@ -302,6 +302,12 @@ def test_env_backend_variable_and_predicates(monkeypatch):
     assert op.can_run_triton(logits, feats).reason == "no triton here"
 
 
+def test_triton_refuses_batch_items_beyond_int32_indexing():
+    huge = torch.empty_strided((2, 3, 4, 5), (2**33, 2**30, 5, 1), device="meta")  # classes 2**30 apart
+    assert "beyond int32 indexing" in op._extent_reason(huge, torch.empty(2, 6, 4, 5, device="meta"))
+    assert op._extent_reason(torch.empty(2, 3, 4, 5, device="meta"), torch.empty(2, 6, 4, 5, device="meta")) is None
+
+
 def _pretend_cuda_backend_runs_on_cpu(monkeypatch):
     """Let dispatch take the 'cuda' backend for CPU tensors: the extension runs its CPU emulation of the CUDA
     kernels there, so the custom op -> _C path runs as on a GPU."""

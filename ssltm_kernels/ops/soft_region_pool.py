@@ -116,7 +116,7 @@ def _dtype_reason(dtype: torch.dtype) -> str | None:
 
 
 def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
-    """The kernels index within one batch item in int32."""
+    """The Triton kernels index within one batch item in int32 (the CUDA kernels in int64)."""
     for name, x in (("logits", logits), ("feats", feats)):
         extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
         if extent >= 2**31:
@@ -133,10 +133,11 @@ def _cuda_reason(logits: torch.Tensor) -> str | None:
 
 
 def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
-    dtype_or_extent = _dtype_reason(compute_dtype(logits, feats)) or _extent_reason(logits, feats)
+    dtype_reason = _dtype_reason(compute_dtype(logits, feats))
     return {
-        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_or_extent),
-        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_or_extent),
+        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_reason),
+        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_reason
+                               or _extent_reason(logits, feats)),
         "reference": BackendCheck("reference", None),
     }
 
@@ -660,6 +661,7 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
     channels-last ``feats`` gets a channels-last gradient, which autograd accumulates without a copy)."""
     grad = torch.empty_like(x)
     return grad if _mergeable(grad) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
 
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
