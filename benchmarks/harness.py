@@ -1,5 +1,6 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
-quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory, the GPUs' peaks, the
+quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory, kernel launches per call
+(torch.profiler), the GPUs' peaks, the
 roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the low-precision output
 check, speed-up and target tables, the compiled peers' settings, command-line helpers, and JSON lines
 with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes
@@ -163,6 +164,7 @@ class Row:
     roofline_pct: float | None = None
     limiter: str | None = None
     peak_mib: float | None = None
+    launches: int | None = None  # GPU kernels one call launches (count_kernel_launches)
     max_abs_err: float | None = None
     match: bool | None = None
     error: str | None = None
@@ -187,13 +189,14 @@ def format_rows(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: MODES.index(r.mode)):  # mode-major: providers side by side
         if not r.ok:  # a row without a time always says why
             why = r.error if r.error.startswith((UNAVAILABLE, SKIPPED)) else f"FAILED: {r.error}"
-            body.append((r.provider, r.mode, *"-" * 8, why))
+            body.append((r.provider, r.mode, *"-" * 9, why))
             continue
         body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", f(r.tflops, ".3g"),
                      f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
+                     f(r.launches, "d"),
                      f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""), r.note or ""))
     return text_table(("provider", "mode", "ms", "p20-p80", "TFLOP/s", "GB/s", "%roof", "bound", "peak MiB",
-                       "max|err|", "note"), body)
+                       "launches", "max|err|", "note"), body)
 
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
@@ -317,6 +320,8 @@ class Harness:
             run()
             torch.cuda.synchronize(self.device)
             row.peak_mib = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            row.launches = count_kernel_launches(run)
+            self._release(leaves)
             from triton.testing import do_bench  # here: a CPU-only install may lack triton
             times = do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
                              quantiles=list(QUANTILES))
@@ -331,6 +336,19 @@ class Harness:
                 row.roofline_ms, row.limiter = bound
                 row.roofline_pct = 100.0 * bound[0] / row.ms
 
+
+
+def count_kernel_launches(fn: Callable[[], object]) -> int | None:
+    """GPU kernels one call of ``fn`` launches (memory copies and fills not counted), from torch.profiler's
+    device events; None where the profiler records no device activity (no GPU, no CUPTI)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(not e.name.startswith(("Memcpy", "Memset")) for e in device) if device else None
 
 
 class TwiceReferenceError:
