@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ssltm_kernels.ops.dwconv3x3 import dwconv3x3
+from ssltm_kernels.ops.soft_region_pool import soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     _triple,
     relative_position_index,
@@ -15,7 +16,7 @@ from ssltm_kernels.ops.window_attention_3d import (
     window_attention_3d_windows,
 )
 
-__all__ = ["WindowAttention3D", "DWConv", "MixFFN"]
+__all__ = ["WindowAttention3D", "DWConv", "MixFFN", "SpatialGather"]
 
 
 class WindowAttention3D(nn.Module):
@@ -178,3 +179,25 @@ class MixFFN(nn.Module):
         _check_layout(x, self.fc1.in_features, H, W)
         x = self.dwconv(self.fc1(x), H, W, activation="gelu")
         return self.drop(self.fc2(self.drop(x)))
+
+
+class SpatialGather(nn.Module):
+    """OCRNet's ``SpatialGather_Module`` (mmsegmentation's ``SpatialGatherModule``): the object region
+    representations of OCR, one feature vector per class.
+
+    ``forward(feats (B, C, H, W), logits (B, K, H, W)) -> (B, C, K, 1)``: ``softmax(scale * logits)`` over
+    the H*W positions of each class weighs the feature vectors (:func:`soft_region_pool`, whose ``(B, K, C)``
+    result is returned as a ``(B, C, K, 1)`` view). ``backend`` is passed to the op. No parameters.
+    """
+
+    def __init__(self, scale: float = 1.0, *, backend: str | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``feats (B, C, H, W)``, ``logits (B, K, H, W)`` -> ``(B, C, K, 1)``."""
+        return soft_region_pool(logits, feats, self.scale, self.backend).transpose(1, 2).unsqueeze(3)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
