@@ -9,6 +9,7 @@ module each, with their ``can_run_cuda`` / ``can_run_triton`` / ``can_run_refere
 from ssltm_kernels._backend import BACKENDS, BackendCheck, BackendUnavailableError, choose_backend
 from ssltm_kernels._ext import HAS_CUDA_EXT
 from ssltm_kernels.modules import WindowAttention3D
+from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference
 from ssltm_kernels.ops.window_attention_3d import (
     relative_position_index,
     window_attention_3d,
@@ -26,6 +27,8 @@ __all__ = [
     "HAS_CUDA_EXT",
     "WindowAttention3D",
     "choose_backend",
+    "gcc_assign",
+    "gcc_assign_reference",
     "relative_position_index",
     "window_attention_3d",
     "window_attention_3d_qkvpacked",
