@@ -25,10 +25,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int)
     return total / (labels != ignore_index).sum().clamp(min=1)
 
 
-def present_classes(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, H, W)`` integer labels -> ``(B, K)`` bool: class ``k`` occurs in image ``b``. Ignore pixels (and
-    any value outside ``[0, K)``) mark no class."""
+def present_classes(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """``(B, H, W)`` integer labels -> ``(B, K)`` bool: class ``k`` occurs in image ``b``. Pixels equal to
+    ``ignore_index`` (and any value outside ``[0, K)``) mark no class."""
     flat = labels.flatten(1)
-    index = torch.where((flat >= 0) & (flat < num_classes), flat, num_classes)
+    index = torch.where((flat >= 0) & (flat < num_classes) & (flat != ignore_index), flat, num_classes)
     present = torch.zeros(flat.shape[0], num_classes + 1, dtype=torch.bool, device=labels.device)
     return present.scatter_(1, index, True)[:, :num_classes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -59,28 +60,30 @@ class VideoPredictor:
     @torch.no_grad()
     def predict_video(self, frames: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Class maps of a whole video's frames (a sequence: a ``(L, 3, H, W)`` tensor, a list, ...), yielded
-        in order. Each frame goes through the backbone once; the farthest frame, which the first queries use
-        as their reference, once more. Starts a new video."""
+        in order. Each frame goes through the backbone once: the two possible references (the first and the
+        last frame) are encoded first, and the last one stays cached until it is a query. Starts a new video."""
         self.reset()
         length = len(frames)
+        frame_at = lambda i: self._check_frame(frames[i])
+        if self.model.uses_reference and length:
+            with _eval(self.model):
+                for index in sorted({0, length - 1}):
+                    self._reference(index, frame_at)
         for index in range(length):
-            logits = self._logits(index, length, self.offline, lambda i: self._check_frame(frames[i]))
+            logits = self._logits(index, length, self.offline, frame_at)
             yield logits.argmax(1).reshape(frames[index].shape[:-3] + frames[index].shape[-2:])
         self.reset()
 
     def _logits(self, index: int, length: int, sampler: ClipSampler, frame_at: FrameAt) -> torch.Tensor:
         """Logits ``(B, K, H, W)`` of frame ``index`` of a video of ``length`` frames."""
-        model, was_training = self.model, self.model.training
-        model.eval()
-        try:
+        model = self.model
+        with _eval(model):
             clip = [self._encoded(i, frame_at) for i in (index, *sampler.adjacent(index, length))]
             clip = [torch.stack(level, dim=1) for level in zip(*clip, strict=True)]  # [(B, 1+n, h, w, d)]
             reference = None
             if model.uses_reference:
                 reference = self._reference(sampler.reference_index(index, length), frame_at)
             logits = model.decode(clip, reference, self._shape[-2:])
-        finally:
-            model.train(was_training)
         # every later clip's frames are at most max(offsets) before its query (or after it)
         oldest_needed = index + 1 - max(sampler.offsets, default=0)
         for i in [i for i in self._levels if i < oldest_needed]:
@@ -94,8 +97,7 @@ class VideoPredictor:
 
     def _reference(self, index: int, frame_at: FrameAt) -> torch.Tensor:
         if index not in self._references:
-            levels = self._levels[index] if index in self._levels else self.model.encode(frame_at(index))
-            self._references[index] = self.model.reference_context(levels)
+            self._references[index] = self.model.reference_context(self._encoded(index, frame_at))
         return self._references[index]
 
     def _check_frame(self, frame: torch.Tensor) -> torch.Tensor:
@@ -114,3 +116,14 @@ class VideoPredictor:
             raise ValueError(f"frame has shape {tuple(frame.shape)} but this video's frames are {self._shape} "
                              "(call reset() to start another video)")
         return batch.to(next(self.model.parameters()).device)
+
+
+@contextlib.contextmanager
+def _eval(model: torch.nn.Module):
+    """Eval mode inside, the model's own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

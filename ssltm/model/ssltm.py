@@ -172,11 +172,11 @@ class SSLTM(nn.Module):
 
     def _losses(self, logits: torch.Tensor, aux_logits: torch.Tensor | None, categories: torch.Tensor | None,
                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        sup = cross_entropy(logits, labels, self.ignore_index)
+        ignore = self.ignore_index
+        sup = cross_entropy(logits, labels, ignore)
         zero = sup.new_zeros(())
-        aux = zero if aux_logits is None else cross_entropy(resize(aux_logits, labels.shape[-2:]), labels,
-                                                            self.ignore_index)
-        mse = self.gcc.loss(categories, present_classes(labels, self.num_classes)) if self.use_gcc else zero
+        aux = zero if aux_logits is None else cross_entropy(resize(aux_logits, labels.shape[-2:]), labels, ignore)
+        mse = self.gcc.loss(categories, present_classes(labels, self.num_classes, ignore)) if self.use_gcc else zero
         return {"sup": sup, "mse": mse, "aux": aux, "total": sup + self.alpha * mse + self.beta * aux}
 
     @torch.no_grad()
