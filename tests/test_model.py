@@ -242,6 +242,49 @@ def test_streaming_and_whole_video_equal_clip_prediction(context):
     assert torch.equal(both[0], streamed)
 
 
+# --------------------------------------------------------------------------------- kernels in the model
+def _step(model: SSLTM, inputs, dtype=None):
+    """Logits and every parameter's gradient of one training step (under autocast to ``dtype`` if given)."""
+    model.zero_grad(set_to_none=True)
+    device = inputs[0].device.type
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        out = model(*inputs)
+    out["losses"]["total"].backward()
+    return out["logits"].float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def test_kernel_dispatch_matches_the_reference_backend(monkeypatch):
+    """The model on the dispatched kernels (Triton through the interpreter on CPU) against the reference
+    backend: the ops compose (strided views, layouts, dtypes) and every gradient agrees. 32x40 keeps the
+    interpreter to a few windows."""
+    model = tiny_model(dropout=0.0).train()
+    inputs = clip(1, (32, 40))
+    ref_logits, ref_grads = _step(model, inputs)
+    monkeypatch.delenv("SSLTM_BACKEND")
+    logits, grads_ = _step(model, inputs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    for name, g in grads_.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-6)
+        assert (g - ref_grads[name]).abs().max() <= 1e-4 * scale, name
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_bf16_within_twice_the_reference_error(monkeypatch):
+    """On a GPU under bf16 autocast: the kernels' logits and gradients are at most twice as far from the fp32
+    reference as the reference backend's own bf16 run (plus a small floor)."""
+    model = tiny_model(dropout=0.0).cuda().train()
+    inputs = tuple(x.cuda() for x in clip(2, (65, 97)))
+    exact_logits, exact_grads = _step(model, inputs)
+    ref_logits, ref_grads = _step(model, inputs, torch.bfloat16)
+    monkeypatch.delenv("SSLTM_BACKEND")
+    logits, grads_ = _step(model, inputs, torch.bfloat16)
+    err = lambda a, b: (a - b).abs().max().item()
+    assert err(logits, exact_logits) <= 2 * err(ref_logits, exact_logits) + 1e-3
+    for name, g in grads_.items():
+        scale = exact_grads[name].abs().max().item()
+        assert err(g, exact_grads[name]) <= 2 * err(ref_grads[name], exact_grads[name]) + 1e-3 * scale, name
+
+
 # ------------------------------------------------------------------------------------------ torch.compile
 def test_torch_compile_has_no_graph_break():
     """fullgraph=True fails on any graph break: a training step and an inference step trace whole, kernel
