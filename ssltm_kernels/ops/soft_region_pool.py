@@ -122,10 +122,18 @@ def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
     return None
 
 
+def _cuda_reason(logits: torch.Tensor) -> str | None:
+    reason = cuda_unavailable_reason(logits)
+    if reason is None and logits.shape[1] > _C.SOFT_REGION_POOL_MAX_CLASSES:
+        reason = (f"the CUDA backward holds at most {_C.SOFT_REGION_POOL_MAX_CLASSES} classes, got logits of shape "
+                  f"{tuple(logits.shape)}")
+    return reason
+
+
 def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
     dtype_or_extent = _dtype_reason(compute_dtype(logits, feats)) or _extent_reason(logits, feats)
     return {
-        "cuda": BackendCheck("cuda", cuda_unavailable_reason(logits) or dtype_or_extent),
+        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_or_extent),
         "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_or_extent),
         "reference": BackendCheck("reference", None),
     }
@@ -164,11 +172,25 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC: tl.constexpr):
+        """The normalised sums of classes ``offs_k`` x channels ``offs_c``: the output in its dtype (and in
+        fp32 with ``STORE_ACC``, for the backward's Delta), and, from the first channel block, the stats."""
+        rows = b * K + offs_k
+        k_ok = offs_k < K
+        kc_ok = k_ok[:, None] & (offs_c[None, :] < C)
+        out = acc / total[:, None]
+        tl.store(Out + rows[:, None] * C + offs_c[None, :], out.to(Out.dtype.element_ty), mask=kc_ok)
+        if STORE_ACC:
+            tl.store(OutAcc + rows[:, None] * C + offs_c[None, :], out, mask=kc_ok)
+        tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
+        tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+
+    @triton.jit
     def _srp_fwd_kernel(
-        L, F, Out, Stats, PartAcc, PartStats,
+        L, F, Out, OutAcc, Stats, PartAcc, PartStats,
         sl_b, sl_k, sl_n, sf_b, sf_c, sf_n,
         K, C, N, splits, split_len, sign, magnitude,
-        PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+        PARTIAL: tl.constexpr, STORE_ACC: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One program: ``BLOCK_K`` classes x ``BLOCK_C`` channels of one batch item over the positions of one
@@ -215,15 +237,11 @@ if HAS_TRITON:
             tl.store(PartStats + rows * 2, m, mask=k_ok & (cb == 0))
             tl.store(PartStats + rows * 2 + 1, total, mask=k_ok & (cb == 0))
         else:
-            rows = b * K + offs_k
-            tl.store(Out + rows[:, None] * C + offs_c[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
-                     mask=k_ok[:, None] & c_ok[None, :])
-            tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
-            tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+            _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC)
 
     @triton.jit
-    def _srp_combine_kernel(PartAcc, PartStats, Out, Stats, K, C, splits, magnitude,
-                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _srp_combine_kernel(PartAcc, PartStats, Out, OutAcc, Stats, K, C, splits, magnitude,
+                            STORE_ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
         """The output and stats of ``BLOCK_K`` classes x ``BLOCK_C`` channels from the splits' partial sums,
         each rescaled to the overall maximum and added in split order (deterministic)."""
         blocks_c = tl.cdiv(C, BLOCK_C)
@@ -244,13 +262,9 @@ if HAS_TRITON:
         for split in range(0, splits):
             rows = (b * splits + split) * K + offs_k
             weight = tl.exp(magnitude * (tl.load(PartStats + rows * 2, mask=k_ok, other=0.0) - m))
-            total += weight * tl.load(PartStats + rows * 2 + 1, mask=k_ok, other=0.0)
+            total += weight * tl.load(PartStats + rows * 2 + 1, mask=k_ok, other=1.0)  # rows beyond K: not 0/0
             acc += weight[:, None] * tl.load(PartAcc + rows[:, None] * C + offs_c[None, :], mask=kc_ok, other=0.0)
-        rows = b * K + offs_k
-        tl.store(Out + rows[:, None] * C + offs_c[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
-                 mask=kc_ok)
-        tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
-        tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+        _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC)
 
     @triton.jit
     def _srp_delta_kernel(DO, Out, Delta, K, C, rows, sdo_b, sdo_k, sdo_c,
@@ -459,6 +473,8 @@ def _triton_forward(logits: torch.Tensor, feats: torch.Tensor, scale: float):
     cfg = _forward_launch_config(logits, channels)
     out = torch.empty((batch, classes, channels), dtype=logits.dtype, device=logits.device)
     stats = torch.empty((batch, classes, 2), dtype=torch.float32, device=logits.device)
+    store_acc = logits.dtype != torch.float32
+    out_acc = torch.empty(out.shape if store_acc else 0, dtype=torch.float32, device=logits.device)
     split_len = triton.cdiv(triton.cdiv(positions, cfg.splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(positions, split_len)  # none empty
     part_acc = part_stats = out
@@ -468,18 +484,18 @@ def _triton_forward(logits: torch.Tensor, feats: torch.Tensor, scale: float):
     sign, magnitude = _sign_magnitude(scale)
     blocks = batch * triton.cdiv(classes, cfg.block_k) * triton.cdiv(channels, cfg.block_c)
     _srp_fwd_kernel[(blocks * splits,)](
-        l3, f3, out, stats, part_acc, part_stats, *l3.stride(), *f3.stride(),
+        l3, f3, out, out_acc, stats, part_acc, part_stats, *l3.stride(), *f3.stride(),
         classes, channels, positions, splits, split_len, sign, magnitude,
-        PARTIAL=splits > 1, PRECISION=_precision(logits.dtype),
+        PARTIAL=splits > 1, STORE_ACC=store_acc, PRECISION=_precision(logits.dtype),
         BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         block_k, block_c = COMBINE_BLOCKS
         grid = (batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c),)
-        _srp_combine_kernel[grid](part_acc, part_stats, out, stats, classes, channels, splits, magnitude,
-                                  BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
-    return out, stats
+        _srp_combine_kernel[grid](part_acc, part_stats, out, out_acc, stats, classes, channels, splits, magnitude,
+                                  STORE_ACC=store_acc, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
+    return out, stats, out_acc
 
 
 def _triton_backward(grad_out, logits, feats, out, stats, scale: float, need_dlogits: bool, need_dfeats: bool):
@@ -532,20 +548,23 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("ssltm::soft_region_pool_fwd", mutates_args=())
 def _soft_region_pool_fwd(logits: torch.Tensor, feats: torch.Tensor, scale: float,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: ``(out (B, K, C) in the inputs' dtype, stats (B, K, 2) float32)``, ``stats`` holding
-    the maximum of ``sign(scale) * logits`` and the log of the softmax denominator per ``(b, k)``."""
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out (B, K, C) in the inputs' dtype, stats (B, K, 2) float32, out_acc)``; ``stats``
+    holds the maximum of ``sign(scale) * logits`` and the log of the softmax denominator per ``(b, k)``,
+    ``out_acc`` the output in float32 for 16-bit inputs (the backward's Delta = sum_c dOut * Out is then
+    free of the output's rounding), else an empty tensor."""
     if backend == "cuda":
-        return _C.soft_region_pool_forward(logits, feats, scale)
+        out, stats, out_acc = _C.soft_region_pool_forward(logits, feats, scale)
+        return out, stats, logits.new_empty(0, dtype=torch.float32) if out_acc is None else out_acc
     with on_device(logits):
         return _triton_forward(logits, feats, scale)
 
 
 @_soft_region_pool_fwd.register_fake
 def _(logits, feats, scale, backend):
-    batch, classes = logits.shape[:2]
-    return (logits.new_empty((batch, classes, feats.shape[1])),
-            logits.new_empty((batch, classes, 2), dtype=torch.float32))
+    shape = (logits.shape[0], logits.shape[1], feats.shape[1])
+    return (logits.new_empty(shape), logits.new_empty((*shape[:2], 2), dtype=torch.float32),
+            logits.new_empty(shape if logits.dtype != torch.float32 else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("ssltm::soft_region_pool_bwd", mutates_args=())
@@ -553,7 +572,8 @@ def _soft_region_pool_bwd(grad_out: torch.Tensor, logits: torch.Tensor, feats: t
                           stats: torch.Tensor, scale: float, backend: str, need_dlogits: bool,
                           need_dfeats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dlogits (B, K, H, W), dfeats (B, C, H, W))`` in the inputs' dtype and layouts
-    (``_grad_buffer``); a gradient not asked for is an empty tensor."""
+    (``_grad_buffer``); a gradient not asked for is an empty tensor. ``out``: the forward's output, or its
+    float32 ``out_acc``."""
     if backend == "cuda":
         dlogits, dfeats = _C.soft_region_pool_backward(grad_out, logits, feats, out, stats, scale,
                                                        _grad_buffer(logits) if need_dlogits else None,
@@ -574,11 +594,12 @@ def _(grad_out, logits, feats, out, stats, scale, backend, need_dlogits, need_df
 def _setup_context(ctx, inputs, output):
     logits, feats, scale, backend = inputs
     ctx.params = (scale, backend)
-    ctx.save_for_backward(logits, feats, output[0], output[1])
-    ctx.mark_non_differentiable(output[1])
+    out, stats, out_acc = output
+    ctx.save_for_backward(logits, feats, out_acc if out_acc.numel() else out, stats)
+    ctx.mark_non_differentiable(stats, out_acc)
 
 
-def _backward(ctx, grad_out, _grad_stats):
+def _backward(ctx, grad_out, _grad_stats, _grad_out_acc):
     logits, feats, out, stats = ctx.saved_tensors
     need_dlogits, need_dfeats = ctx.needs_input_grad[:2]
     dlogits, dfeats = _soft_region_pool_bwd(grad_out, logits, feats, out, stats, *ctx.params, bool(need_dlogits),
@@ -628,9 +649,17 @@ def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1
     """
     _validate(logits, feats, scale)
     checks = _checks(logits, feats)
+
+    def cuda_passed_over():  # the CUDA kernels accumulate on CUDA cores, Triton's on tensor cores
+        return "the CUDA kernels run on CUDA cores and Triton can run" if checks["triton"] else None
+
     chosen = choose_backend("soft_region_pool", {name: (lambda c=c: c.reason) for name, c in checks.items()},
-                            backend)
+                            backend, passed_over={"cuda": cuda_passed_over})
     if chosen == "reference":
         return _reference(logits, feats, float(scale))
-    out, _ = torch.ops.ssltm.soft_region_pool_fwd(logits, feats, float(scale), chosen)
-    return out
+    return _fused(logits, feats, float(scale), chosen)
+
+
+def _fused(logits: torch.Tensor, feats: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """The fused kernels of ``backend`` ('cuda' or 'triton') on validated inputs, through the custom op."""
+    return torch.ops.ssltm.soft_region_pool_fwd(logits, feats, scale, backend)[0]
