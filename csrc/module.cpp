@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 namespace ssltm {
 void bind_window_attention_3d(py::module_& m);
+void bind_gcc_assign(py::module_& m);
 }  // namespace ssltm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,5 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = py::bool_(false);
 #endif
   ssltm::bind_window_attention_3d(m);
+  ssltm::bind_gcc_assign(m);
 }
 #endif
