@@ -1,10 +1,10 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
-quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory, the GPUs' peaks, the
-roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the low-precision output
-check, speed-up and target tables, the compiled peers' settings, command-line helpers, and JSON lines
-with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes
-a row saying why. No call is interrupted (a signal could land inside torch.compile or an autotuner): a
-provider slower than ``slow_ms`` per call has its remaining modes skipped."""
+quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory and kernel launches per
+call, the GPUs' peaks, the roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the
+low-precision output check, speed-up and target tables, the compiled peers' settings, command-line helpers,
+and JSON lines with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or
+cannot run becomes a row saying why. No call is interrupted (a signal could land inside torch.compile or an
+autotuner): a provider slower than ``slow_ms`` per call has its remaining modes skipped."""
 
 from __future__ import annotations
 
@@ -165,6 +165,7 @@ class Row:
     limiter: str | None = None
     peak_mib: float | None = None
     items_per_s: float | None = None
+    launches: int | None = None
     max_abs_err: float | None = None
     match: bool | None = None
     error: str | None = None
@@ -189,14 +190,14 @@ def format_rows(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: MODES.index(r.mode)):  # mode-major: providers side by side
         if not r.ok:  # a row without a time always says why
             why = r.error if r.error.startswith((UNAVAILABLE, SKIPPED)) else f"FAILED: {r.error}"
-            body.append((r.provider, r.mode, *"-" * 9, why))
+            body.append((r.provider, r.mode, *"-" * 10, why))
             continue
         body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", f(r.tflops, ".3g"),
                      f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
-                     f(r.items_per_s, ".3g"), f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""),
-                     r.note or ""))
+                     f(r.items_per_s, ".3g"), f(r.launches, "d"),
+                     f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""), r.note or ""))
     return text_table(("provider", "mode", "ms", "p20-p80", "TFLOP/s", "GB/s", "%roof", "bound", "peak MiB",
-                       "items/s", "max|err|", "note"), body)
+                       "items/s", "launches", "max|err|", "note"), body)
 
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
@@ -321,6 +322,7 @@ class Harness:
             run()
             torch.cuda.synchronize(self.device)
             row.peak_mib = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            row.launches = gpu_operations(run, leaves)
             from triton.testing import do_bench  # here: a CPU-only install may lack triton
             times = do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
                              quantiles=list(QUANTILES))
@@ -337,6 +339,20 @@ class Harness:
                 row.roofline_ms, row.limiter = bound
                 row.roofline_pct = 100.0 * bound[0] / row.ms
 
+
+
+def gpu_operations(run: Callable[[], object], leaves: Sequence[torch.Tensor] = ()) -> int:
+    """What one call of ``run`` puts on the GPU, counted by the profiler: kernel launches, plus memsets and
+    copies (each a launch of its own)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for x in leaves:  # as in the timed calls: the gradients start empty
+        x.grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return sum(event.device_type == DeviceType.CUDA for event in prof.events())
 
 
 class TwiceReferenceError:
