@@ -372,6 +372,25 @@ def test_paper_configurations_match_the_paper_parameter_count(num_classes, backb
 
 
 # ------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_targets_from_measured_numbers():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ssltm_model as bench
+    from harness import Row
+
+    def row(case, provider, mode, ms, **kw):
+        return Row(case, provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
+
+    rows = [row("train", "kernels", "fwd+bwd", 100.0, peak_mib=600.0, match=True),
+            row("train", "reference", "fwd+bwd", 160.0, peak_mib=1000.0, match=True),
+            row("stream", "kernels", "fwd", 50.0, items_per_s=20.0, match=False)]
+    results = {r.target: r for r in bench.evaluate_targets(rows)}
+    assert [(r.value, r.status) for r in results.values()] == [
+        ("1.60x", "PASS"), ("0.60x (600 / 1000 MiB)", "PASS"), ("20.0 frames/s", "FAIL (output mismatch)")]
+    rows[0].ms, rows[0].peak_mib = 120.0, 800.0
+    statuses = [r.status for r in bench.evaluate_targets(rows[:2])]
+    assert statuses == ["FAIL", "FAIL", "n/a (no streaming time)"]
+
+
 def test_benchmark_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SSLTM_BACKEND")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ssltm_model.py"), "--cpu", "--quick",
