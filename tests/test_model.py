@@ -3,7 +3,8 @@ narrow widths, 64x64 and the odd 65x97), gradient paths of G, the loss terms and
 torchvision checkpoint, eval determinism, streaming / whole-video prediction against clip prediction,
 torch.compile without graph breaks, input errors, the paper configurations' parameter counts, and a CPU
 smoke run of the model benchmark. The kernels' own tests live with the ops; here every op runs its
-reference backend (conftest enables the Triton interpreter on CPU, far too slow for a whole model)."""
+reference backend (conftest enables the Triton interpreter on CPU, far too slow for a whole model), except
+in one test of the model on the dispatched kernels at 32x40."""
 
 from __future__ import annotations
 
