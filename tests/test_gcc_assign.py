@@ -421,6 +421,7 @@ def test_gpu_empty_mask_ties_and_streams(backend):
     assert not (index == 1).any()
     ref = gcc_assign(feats.detach(), centers.detach(), valid, backend=backend)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # another stream: its own ticket counter
         other = gcc_assign(feats.detach(), centers.detach(), valid, backend=backend)
     torch.cuda.current_stream().wait_stream(stream)

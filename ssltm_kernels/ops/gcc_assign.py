@@ -29,6 +29,10 @@ the T distances, the argmin, writes index and nearest, and stores its share of t
 that finishes last (an integer ticket, :func:`_ticket_counter`) adds the shares in a fixed order and
 writes the loss. The backward is one launch: each program owns a slice of D of one category and sums
 the contributions of the frames in order of b. No floating-point atomics: both are deterministic.
+
+Every backend runs through the same custom op (``ssltm::gcc_assign_fwd`` / ``_bwd``); for the
+``reference`` backend its forward and backward are PyTorch code (the backward a one-hot contraction,
+deterministic too). :func:`gcc_assign_reference` is the ground truth, differentiated by autograd.
 """
 
 from __future__ import annotations
