@@ -165,7 +165,7 @@ class Row:
     limiter: str | None = None
     peak_mib: float | None = None
     items_per_s: float | None = None
-    launches: int | None = None
+    launches: int | None = None  # GPU kernels one call launches (count_kernel_launches)
     max_abs_err: float | None = None
     match: bool | None = None
     error: str | None = None
@@ -322,7 +322,9 @@ class Harness:
             run()
             torch.cuda.synchronize(self.device)
             row.peak_mib = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-            row.launches = gpu_operations(run, leaves)
+            self._release(leaves)  # the counted call starts without gradients, as the timed ones
+            row.launches = count_kernel_launches(run)
+            self._release(leaves)
             from triton.testing import do_bench  # here: a CPU-only install may lack triton
             times = do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
                              quantiles=list(QUANTILES))
@@ -341,18 +343,17 @@ class Harness:
 
 
 
-def gpu_operations(run: Callable[[], object], leaves: Sequence[torch.Tensor] = ()) -> int:
-    """What one call of ``run`` puts on the GPU, counted by the profiler: kernel launches, plus memsets and
-    copies (each a launch of its own)."""
+def count_kernel_launches(fn: Callable[[], object]) -> int | None:
+    """GPU kernels one call of ``fn`` launches (memory copies and fills not counted), from torch.profiler's
+    device events; None where the profiler records no device activity (no GPU, no CUPTI)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    for x in leaves:  # as in the timed calls: the gradients start empty
-        x.grad = None
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
+        fn()
         torch.cuda.synchronize()
-    return sum(event.device_type == DeviceType.CUDA for event in prof.events())
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(not e.name.startswith(("Memcpy", "Memset")) for e in device) if device else None
 
 
 class TwiceReferenceError:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssltm_kernels.ops import dwconv3x3
+from ssltm_kernels.ops import dwconv3x3, soft_region_pool
 from ssltm_kernels.ops.gcc_assign import compile_configs as gcc_assign_configs
 from ssltm_kernels.ops.window_attention_3d import (
     MAX_WINDOW_TOKENS,
@@ -266,6 +266,7 @@ OP_CONFIGS: dict[str, Callable[[int, str], list]] = {
     "window_attention_3d": window_attention_configs,
     "dwconv3x3": dwconv3x3.compile_configs,
     "gcc_assign": gcc_assign_configs,
+    "soft_region_pool": soft_region_pool.compile_configs,
 }
 
 

@@ -163,17 +163,19 @@ def test_triton_gpu_block_configuration_in_interpreter(monkeypatch):
 
 
 def test_gpu_configurations_split_positions_and_fit_the_accumulators():
-    ssltm = op.forward_config(8, 124, 512, 120 * 120, interpreting=False, sm_count=132)
+    bf16 = torch.bfloat16
+    ssltm = op.forward_config(8, 124, 512, 120 * 120, bf16, interpreting=False, sm_count=132)
     assert (ssltm.block_k, ssltm.block_c, ssltm.block_n) == (128, 128, 64)
     assert ssltm.splits > 1 and 8 * 4 * ssltm.splits <= 2 * 132  # about two programs per multiprocessor
-    cityscapes = op.forward_config(8, 19, 512, 60 * 60, interpreting=False, sm_count=132)
+    cityscapes = op.forward_config(8, 19, 512, 60 * 60, bf16, interpreting=False, sm_count=132)
     assert (cityscapes.block_k, cityscapes.block_c) == (32, 256)
-    small = op.forward_config(1, 3, 8, 20, interpreting=False)  # too few positions to split
+    assert op.forward_config(8, 124, 512, 3600, torch.float32, interpreting=False).block_n == 32
+    small = op.forward_config(1, 3, 8, 20, bf16, interpreting=False)  # too few positions to split
     assert small.splits == 1 and small.num_stages == 3
-    assert op.forward_config(1, 3, 8, 20, interpreting=False, shared_memory=99 * 1024).num_stages == 2
-    bwd = op.backward_config(124, 512, 120 * 120, interpreting=False)
-    assert (bwd.block_k, bwd.block_n, bwd.num_warps) == (128, 64, 8)
-    assert op.backward_config(300, 512, 3600, interpreting=False).block_k == 128  # several class blocks
+    assert op.forward_config(1, 3, 8, 20, bf16, interpreting=False, shared_memory=99 * 1024).num_stages == 2
+    bwd = op.backward_config(124, 512, 120 * 120, bf16, interpreting=False)
+    assert (bwd.block_k, bwd.block_c, bwd.block_n, bwd.num_warps) == (128, 64, 64, 8)
+    assert op.backward_config(300, 512, 3600, bf16, interpreting=False).block_k == 128  # several class blocks
 
 
 def test_triton_backward_is_deterministic_and_skips_unneeded_grads():
@@ -300,6 +302,12 @@ def test_env_backend_variable_and_predicates(monkeypatch):
     assert op.can_run_triton(logits, feats).reason == "no triton here"
 
 
+def test_triton_refuses_batch_items_beyond_int32_indexing():
+    huge = torch.empty_strided((2, 3, 4, 5), (2**33, 2**30, 5, 1), device="meta")  # classes 2**30 apart
+    assert "beyond int32 indexing" in op._extent_reason(huge, torch.empty(2, 6, 4, 5, device="meta"))
+    assert op._extent_reason(torch.empty(2, 3, 4, 5, device="meta"), torch.empty(2, 6, 4, 5, device="meta")) is None
+
+
 def _pretend_cuda_backend_runs_on_cpu(monkeypatch):
     """Let dispatch take the 'cuda' backend for CPU tensors: the extension runs its CPU emulation of the CUDA
     kernels there, so the custom op -> _C path runs as on a GPU."""
@@ -399,3 +407,90 @@ def test_gpu_module_under_bf16_autocast(backend):
         out = module(feats, logits)
     assert out.dtype == torch.bfloat16 and out.shape == (2, 512, 124, 1)
     assert_close(out.float(), ocrnet_spatial_gather(feats.double(), logits.double(), 1.0), 3e-2, f"{backend} autocast")
+
+
+def test_compile_configs_specialise_as_ssltm_launches():
+    """compile_check compiles the kernels as SSLTM launches them: unit strides become constants (positions
+    of contiguous feats, channels of channels-last ones, classes of the gradient through SpatialGather)."""
+    from ssltm_kernels.compile_check import OP_CONFIGS
+
+    assert OP_CONFIGS["soft_region_pool"] is op.compile_configs
+    configs = op.compile_configs(90, "representative")
+    assert len(configs) == 3 and {"bf16", "fp32"} <= {c.label.split()[1] for c in configs}
+    assert set(c.label for c in configs) <= set(c.label for c in op.compile_configs(90, "full"))
+    for config, unit_strides in zip(configs, (("sf_n", "sdo_k"), ("sf_c", "sdo_k"), ("sf_n", "sdo_k")), strict=True):
+        specs = {name: (signature, constexprs) for name, _, signature, constexprs, _, _ in config.specs(90)}
+        assert set(specs) == {"_srp_fwd_kernel", "_srp_combine_kernel", "_srp_delta_kernel", "_srp_bwd_kernel"}
+        signature, constexprs = specs["_srp_bwd_kernel"]
+        for name in ("sl_n", "sdl_n", *unit_strides):
+            assert signature[name] == "constexpr" and constexprs[name] == 1, (config.label, name)
+        assert constexprs["ONE_K_BLOCK"] and specs["_srp_fwd_kernel"][1]["PARTIAL"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Benchmark (benchmarks/ocr_region_pool.py): work formulas, targets, CPU smoke run
+# ------------------------------------------------------------------------------------------------------
+def _benchmark_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    return importlib.import_module("ocr_region_pool"), bench_dir
+
+
+def test_benchmark_work_and_targets():
+    bench, _ = _benchmark_module()
+    from harness import Row
+
+    shape = bench.GPU_SHAPES["k124-120"]
+    fwd = bench.region_pool_work(shape, torch.bfloat16, "fwd")
+    # logits 8*124*14400 + feats 8*512*14400 + out 8*124*512 elements of 2 bytes
+    assert fwd.bytes == 2 * (8 * 124 * 14400 + 8 * 512 * 14400 + 8 * 124 * 512)
+    assert fwd.flops == 2 * 8 * 124 * 14400 * 512 and fwd.exps == 8 * 124 * 14400
+    both = bench.region_pool_work(shape, torch.bfloat16, "fwd+bwd")
+    bwd = bench.region_pool_work(shape, torch.bfloat16, "bwd")
+    assert both.bytes == fwd.bytes + bwd.bytes and bwd.flops == 2 * fwd.flops
+
+    def row(provider, mode, ms, **kw):
+        return Row("k124-120", provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
+
+    rows = [row("eager", "fwd", 0.2, peak_mib=60.0), row("eager", "fwd+bwd", 1.0), row("compile", "fwd+bwd", 0.6),
+            row("triton", "fwd", 0.05, gbps=3500.0, peak_mib=12.0, match=True), row("triton", "fwd+bwd", 0.4),
+            Row("k124-120", "cuda", "fwd+bwd", {}, "bfloat16", error="unavailable: not built")]
+    results = {(r.provider, r.target): r for r in bench.evaluate_targets(rows, 4.8e12)}
+    assert results[("triton", "fwd >= 70% of HBM bandwidth")].value.startswith("72.9%")
+    assert results[("triton", "fwd+bwd >= 2x eager")].status == "PASS"
+    assert results[("triton", "fwd+bwd >= 1.3x compile")].value == "1.50x"
+    assert results[("triton", "fwd peak memory <= 0.5x eager")].value.startswith("0.20x")
+    assert [r.status for (p, _), r in results.items() if p == "triton"] == ["PASS"] * 4
+    assert results[("cuda", "all targets")].status.startswith("n/a")
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bench, bench_dir = _benchmark_module()
+    # the tree under test, also when another checkout is installed
+    path = os.pathsep.join(filter(None, (str(bench_dir.parent), os.environ.get("PYTHONPATH"))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, str(bench_dir / "ocr_region_pool.py"), "--cpu", "--quick", "--providers", "eager,triton,cuda",
+         "--shapes", "cpu-k124", "--results-dir", str(tmp_path)],
+        cwd=bench_dir.parent, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / f"{bench.BENCHMARK}.jsonl").read_text().splitlines()]
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert len(rows) == 3 * 3 and all(r["benchmark"] == bench.BENCHMARK and r["device"] == "cpu" for r in rows)
+    for provider in ("eager", "triton"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            r = by[(provider, mode)]
+            assert r["error"] is None and r["ms"] > 0 and r["match"] is True and "launches" in r, r
+    assert by[("triton", "fwd")]["max_abs_err"] < 1e-5
+    assert by[("cuda", "fwd")]["error"].startswith("unavailable: the CUDA kernels need a GPU")

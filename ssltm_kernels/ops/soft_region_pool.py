@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -33,6 +34,7 @@ from ssltm_kernels._backend import (
     triton_unavailable_reason,
 )
 from ssltm_kernels._ext import _C
+from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
     "soft_region_pool",
@@ -114,7 +116,7 @@ def _dtype_reason(dtype: torch.dtype) -> str | None:
 
 
 def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
-    """The kernels index within one batch item in int32."""
+    """The Triton kernels index within one batch item in int32 (the CUDA kernels in int64)."""
     for name, x in (("logits", logits), ("feats", feats)):
         extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
         if extent >= 2**31:
@@ -131,10 +133,11 @@ def _cuda_reason(logits: torch.Tensor) -> str | None:
 
 
 def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
-    dtype_or_extent = _dtype_reason(compute_dtype(logits, feats)) or _extent_reason(logits, feats)
+    dtype_reason = _dtype_reason(compute_dtype(logits, feats))
     return {
-        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_or_extent),
-        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_or_extent),
+        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_reason),
+        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_reason
+                               or _extent_reason(logits, feats)),
         "reference": BackendCheck("reference", None),
     }
 
@@ -406,34 +409,35 @@ DELTA_BLOCKS = (16, 128)  # (BLOCK_R, BLOCK_C) of the delta kernel
 THREE_STAGE_SHARED_MEMORY = 160 * 1024
 
 
-def forward_config(batch: int, classes: int, channels: int, positions: int, *, interpreting: bool,
-                   sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
-    """Blocks for ``(batch, classes, channels, positions)``. On a GPU a program holds up to 128 classes and
-    128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a time; the
-    positions are split so that about two programs run per multiprocessor. The interpreter pays per
-    block step: it takes whole problems in one block."""
+def forward_config(batch: int, classes: int, channels: int, positions: int, dtype: torch.dtype, *,
+                   interpreting: bool, sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
+    """Blocks for ``(batch, classes, channels, positions)`` in ``dtype``. On a GPU a program holds up to 128
+    classes and 128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a
+    time (32 for fp32 inputs: the same bytes per stage); the positions are split so that about two programs
+    run per multiprocessor. The interpreter pays per block step: it takes whole problems in one block."""
     block_k = _next_pow2(classes)
     if interpreting:
         return ForwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 1, 4, 1)
     block_k = min(block_k, 128)
     block_c = min(_next_pow2(channels), 256 if block_k <= 32 else 128)
-    block_n = 64
+    block_n = 32 if dtype == torch.float32 else 64
     programs = batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c)
     splits = max(1, min((2 * sm_count) // programs, triton.cdiv(positions, 4 * block_n)))
     return ForwardConfig(block_k, block_c, block_n, splits, 8 if block_k * block_c >= 128 * 128 else 4,
                          3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
 
 
-def backward_config(classes: int, channels: int, positions: int, *, interpreting: bool,
+def backward_config(classes: int, channels: int, positions: int, dtype: torch.dtype, *, interpreting: bool,
                     shared_memory: int = 227 * 1024) -> BackwardConfig:
     """Blocks of the backward kernel: up to 128 classes per program (one class block for SSLTM's 124),
-    64 positions per program (128 for 32 classes or fewer), 64 channels per loop step."""
+    64 positions per program (128 for 32 classes or fewer), 64 channels per loop step (32 for fp32)."""
     block_k = _next_pow2(classes)
     if interpreting:
         return BackwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 4, 1)
     block_k = min(block_k, 128)
     block_n = 64 if block_k >= 64 else 128
-    return BackwardConfig(block_k, 64, block_n, 8 if block_k * block_n >= 128 * 64 else 4,
+    return BackwardConfig(block_k, 32 if dtype == torch.float32 else 64, block_n,
+                          8 if block_k * block_n >= 128 * 64 else 4,
                           3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
 
 
@@ -447,13 +451,14 @@ def _device_limits(device: torch.device) -> dict:
 def _forward_launch_config(logits: torch.Tensor, channels: int) -> ForwardConfig:
     batch, classes, h, w = logits.shape
     limits = _device_limits(logits.device)
-    return forward_config(batch, classes, channels, h * w, interpreting=triton_interpreting(), **limits)
+    return forward_config(batch, classes, channels, h * w, logits.dtype, interpreting=triton_interpreting(),
+                          **limits)
 
 
 def _backward_launch_config(logits: torch.Tensor, channels: int) -> BackwardConfig:
     limits = _device_limits(logits.device)
     limits.pop("sm_count", None)
-    return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3],
+    return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3], logits.dtype,
                            interpreting=triton_interpreting(), **limits)
 
 
@@ -528,6 +533,120 @@ def _triton_backward(grad_out, logits, feats, out, stats, scale: float, need_dlo
     return dlogits, dfeats
 
 
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specifications (compile_check)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Launch:
+    """One training step's launches: the shapes and layouts their integer arguments come from.
+
+    ``channels_last``: feats is a permuted ``(B, H, W, C)`` tensor; ``gather_grad``: the output's gradient
+    arrives through ``SpatialGather``'s ``(B, C, K, 1)`` view of it, class stride 1."""
+
+    batch: int
+    classes: int
+    channels: int
+    height: int
+    width: int
+    channels_last: bool = False
+    gather_grad: bool = True
+
+    @property
+    def positions(self) -> int:
+        return self.height * self.width
+
+    def __str__(self) -> str:
+        layout = "channels-last" if self.channels_last else "contiguous"
+        grad = "gather grad" if self.gather_grad else "contiguous grad"
+        return (f"B={self.batch} K={self.classes} C={self.channels} {self.height}x{self.width} {layout} feats, "
+                f"{grad}")
+
+    def ints(self, dtype: torch.dtype) -> dict[str, int]:
+        """The integer arguments of every kernel, as the launchers pass them."""
+        b, k, c, n = self.batch, self.classes, self.channels, self.positions
+        feats = (c * n, 1, c) if self.channels_last else (c * n, n, 1)
+        grad = (k * c, 1, k) if self.gather_grad else (k * c, c, 1)
+        cfg = forward_config(b, k, c, n, dtype, interpreting=False)
+        split_len = triton.cdiv(triton.cdiv(n, cfg.splits), cfg.block_n) * cfg.block_n
+        ints = {"K": k, "C": c, "N": n, "rows": b * k, "splits": triton.cdiv(n, split_len), "split_len": split_len}
+        logits = (k * n, n, 1)
+        for names, strides in ((("sl_b", "sl_k", "sl_n"), logits), (("sf_b", "sf_c", "sf_n"), feats),
+                               (("sdo_b", "sdo_k", "sdo_c"), grad), (("sdl_b", "sdl_k", "sdl_n"), logits),
+                               (("sdf_b", "sdf_c", "sdf_n"), feats)):
+            ints.update(zip(names, strides, strict=True))
+        return ints
+
+
+_FP32_POINTERS = {"OutAcc", "Stats", "PartAcc", "PartStats", "Delta"}
+
+
+def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = 227 * 1024,
+                         int_arg=None):
+    """The kernels one forward and backward of ``launch`` runs on a device with ``shared_memory`` bytes per
+    block, specialised as the launchers specialise them, as ``(name, kernel, signature, constexprs, attrs,
+    options)`` for ``triton.compile``. ``int_arg(name)`` overrides the launch's integer arguments (e.g.
+    values that are neither 1 nor multiples of 16, the least specialised variant)."""
+    ints = launch.ints(dtype)
+    int_arg = int_arg or ints.get
+    b, k, c, n = launch.batch, launch.classes, launch.channels, launch.positions
+    fwd = forward_config(b, k, c, n, dtype, interpreting=False, shared_memory=shared_memory)
+    bwd = backward_config(k, c, n, dtype, interpreting=False, shared_memory=shared_memory)
+    split = ints["splits"] > 1
+    kernels = [(_srp_fwd_kernel, dict(PARTIAL=split, STORE_ACC=dtype != torch.float32, BLOCK_K=fwd.block_k,
+                                      BLOCK_C=fwd.block_c, BLOCK_N=fwd.block_n),
+                fwd.num_warps, fwd.num_stages)]
+    if split:
+        kernels.append((_srp_combine_kernel, dict(STORE_ACC=dtype != torch.float32, BLOCK_K=COMBINE_BLOCKS[0],
+                                                  BLOCK_C=COMBINE_BLOCKS[1]), 4, None))
+    kernels.append((_srp_delta_kernel, dict(BLOCK_R=DELTA_BLOCKS[0], BLOCK_C=DELTA_BLOCKS[1]), 4, None))
+    kernels.append((_srp_bwd_kernel, dict(NEED_DL=True, NEED_DF=True, ONE_K_BLOCK=bwd.block_k >= k,
+                                          BLOCK_K=bwd.block_k, BLOCK_C=bwd.block_c, BLOCK_N=bwd.block_n),
+                    bwd.num_warps, bwd.num_stages))
+    element = TYPE_NAMES[dtype]
+    for kernel, constexprs, num_warps, num_stages in kernels:
+        pointers = {name: "fp32" if name in _FP32_POINTERS else element
+                    for name in ("L", "F", "Out", "OutAcc", "Stats", "PartAcc", "PartStats", "DO", "Delta", "DL", "DF")}
+        if kernel is _srp_delta_kernel:
+            pointers["Out"] = "fp32"  # the fp32 output of 16-bit inputs (out_acc), or the fp32 output itself
+        options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+        yield kernel_spec(kernel, {**constexprs, "PRECISION": _precision(dtype)}, pointers,
+                          float_args=("sign", "magnitude", "scale"), int_arg=int_arg, options=options)
+
+
+SSLTM_LAUNCHES = (  # the query and reference frames' OCR gather at stride 4 of 480x480, VSPW's 124 classes
+    Launch(8, 124, 512, 120, 120),
+    Launch(8, 124, 512, 120, 120, channels_last=True),
+)
+FULL_LAUNCHES = SSLTM_LAUNCHES + (
+    Launch(8, 19, 512, 60, 60),  # Cityscapes' classes
+    Launch(8, 150, 512, 60, 60, channels_last=True),  # ADE20K's: several class blocks
+    Launch(3, 124, 77, 30, 30, gather_grad=False),
+)
+
+
+def _compile_specs(arch: int, dtype: torch.dtype, launch: Launch, unaligned: bool) -> list:
+    from ssltm_kernels.compile_check import SHARED_MEMORY_LIMIT
+
+    int_arg = (lambda name: 31) if unaligned else None
+    return list(triton_compile_specs(dtype, launch, shared_memory=SHARED_MEMORY_LIMIT[arch], int_arg=int_arg))
+
+
+def compile_configs(arch: int, config_set: str) -> list[CompileConfig]:
+    """``compile_check``'s configurations: ``representative``, SSLTM's launches in bf16 (contiguous and
+    channels-last features) and the contiguous one in fp32; ``full``, every launch of ``FULL_LAUNCHES`` in
+    every dtype, as launched and with unaligned integers."""
+    if config_set == "representative":
+        chosen = [(torch.bfloat16, launch, False) for launch in SSLTM_LAUNCHES] + [
+            (torch.float32, SSLTM_LAUNCHES[0], False)]
+    else:
+        chosen = [(dtype, launch, unaligned) for dtype in KERNEL_DTYPES for launch in FULL_LAUNCHES
+                  for unaligned in (False, True)]
+    return [CompileConfig(f"soft_region_pool {TYPE_NAMES[dtype]} {launch}{' unaligned' if unaligned else ''}",
+                          partial(_compile_specs, dtype=dtype, launch=launch, unaligned=unaligned),
+                          cost=4 if dtype == torch.float32 else 2)
+            for dtype, launch, unaligned in chosen]
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """``(B, X, H, W)`` -> ``(B, X, H*W)``: a view whenever H and W merge (contiguous and channels-last do)."""
     return x.flatten(2)
@@ -542,6 +661,7 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
     channels-last ``feats`` gets a channels-last gradient, which autograd accumulates without a copy)."""
     grad = torch.empty_like(x)
     return grad if _mergeable(grad) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
 
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
