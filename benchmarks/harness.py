@@ -1,11 +1,10 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
-quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory, kernel launches per call
-(torch.profiler), the GPUs' peaks, the
-roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the low-precision output
-check, speed-up and target tables, the compiled peers' settings, command-line helpers, and JSON lines
-with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes
-a row saying why. No call is interrupted (a signal could land inside torch.compile or an autotuner): a
-provider slower than ``slow_ms`` per call has its remaining modes skipped."""
+quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory and kernel launches per
+call, the GPUs' peaks, the roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the
+low-precision output check, speed-up and target tables, the compiled peers' settings, command-line helpers,
+and JSON lines with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or
+cannot run becomes a row saying why. No call is interrupted (a signal could land inside torch.compile or an
+autotuner): a provider slower than ``slow_ms`` per call has its remaining modes skipped."""
 
 from __future__ import annotations
 
@@ -146,6 +145,7 @@ class Case:
     dtype: torch.dtype
     work: dict = field(default_factory=dict)
     title: str = ""
+    items: float | None = None  # what one call processes (frames, clips...): rows then report items/s
 
 
 @dataclass
@@ -164,6 +164,7 @@ class Row:
     roofline_pct: float | None = None
     limiter: str | None = None
     peak_mib: float | None = None
+    items_per_s: float | None = None
     launches: int | None = None  # GPU kernels one call launches (count_kernel_launches)
     max_abs_err: float | None = None
     match: bool | None = None
@@ -189,14 +190,14 @@ def format_rows(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: MODES.index(r.mode)):  # mode-major: providers side by side
         if not r.ok:  # a row without a time always says why
             why = r.error if r.error.startswith((UNAVAILABLE, SKIPPED)) else f"FAILED: {r.error}"
-            body.append((r.provider, r.mode, *"-" * 9, why))
+            body.append((r.provider, r.mode, *"-" * 10, why))
             continue
         body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", f(r.tflops, ".3g"),
                      f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
-                     f(r.launches, "d"),
+                     f(r.items_per_s, ".3g"), f(r.launches, "d"),
                      f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""), r.note or ""))
     return text_table(("provider", "mode", "ms", "p20-p80", "TFLOP/s", "GB/s", "%roof", "bound", "peak MiB",
-                       "launches", "max|err|", "note"), body)
+                       "items/s", "launches", "max|err|", "note"), body)
 
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
@@ -269,7 +270,8 @@ class Harness:
             print(f"!!! {case.name}: the reference {reference!r} did not run: outputs are NOT checked")
         checks = {n: (tolerance or _default_tolerance)(n, out, ref) for n, out in outputs.items() if ref is not None}
         like = next(iter(outputs.values()), None)  # the upstream gradient: same values for every provider
-        grad_out = None if like is None else torch.randn(like.shape, dtype=like.dtype, device=like.device,
+        differentiable = like is not None and like.is_floating_point()  # not, e.g., a predicted class map
+        grad_out = None if not differentiable else torch.randn(like.shape, dtype=like.dtype, device=like.device,
                                                          generator=torch.Generator(like.device).manual_seed(0))
         del outputs, ref, like
 
@@ -320,6 +322,7 @@ class Harness:
             run()
             torch.cuda.synchronize(self.device)
             row.peak_mib = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            self._release(leaves)  # the counted call starts without gradients, as the timed ones
             row.launches = count_kernel_launches(run)
             self._release(leaves)
             from triton.testing import do_bench  # here: a CPU-only install may lack triton
@@ -328,6 +331,8 @@ class Harness:
         else:
             times = cpu_bench(run, self.rep_ms, leaves)
         row.ms, row.ms_p20, row.ms_p80 = times
+        if case.items:
+            row.items_per_s = case.items * 1e3 / row.ms
         work = case.work.get(mode)
         if work is not None:
             row.tflops, row.gbps = work.flops / row.ms / 1e9, work.bytes / row.ms / 1e6

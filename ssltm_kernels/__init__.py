@@ -10,6 +10,7 @@ from ssltm_kernels._backend import BACKENDS, BackendCheck, BackendUnavailableErr
 from ssltm_kernels._ext import HAS_CUDA_EXT
 from ssltm_kernels.modules import MixFFN, SpatialGather, WindowAttention3D
 from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference
+from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference
 from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference
 from ssltm_kernels.ops.window_attention_3d import (
     relative_position_index,
@@ -32,6 +33,8 @@ __all__ = [
     "choose_backend",
     "dwconv3x3",
     "dwconv3x3_reference",
+    "gcc_assign",
+    "gcc_assign_reference",
     "relative_position_index",
     "soft_region_pool",
     "soft_region_pool_reference",
