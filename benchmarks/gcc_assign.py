@@ -21,7 +21,6 @@ only under TRITON_INTERPRET=1).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -35,21 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
     COMPILE_NOTE,
-    DTYPES,
     MODES,
-    RESULTS_DIR,
     Case,
-    Harness,
     Impl,
     Row,
     TargetResult,
     TwiceReferenceError,
     Unavailable,
     Work,
-    configure_compile,
-    csv_choices,
+    benchmark_arguments,
     format_speedups,
     format_targets,
+    start_run,
 )
 
 from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference  # noqa: E402
@@ -149,41 +145,15 @@ def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[Ta
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    summary, details = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shorter timing budgets (CI smoke run)")
-    p.add_argument("--providers", type=csv_choices(PROVIDERS, "provider"), default=list(PROVIDERS),
-                   help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    p.add_argument("--modes", type=csv_choices(MODES, "mode"), default=list(MODES),
-                   help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                   help=f"where {BENCHMARK}.jsonl is appended to (default: benchmarks/results)")
-    p.add_argument("--cpu", action="store_true", help="run the CPU comparison even when a GPU is present")
-    p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1)")
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS)
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    bench, dtype = start_run(args, BENCHMARK)
+    device, on_gpu = bench.device, bench.device.type == "cuda"
     shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-    note = None
-    if not on_gpu:
-        why = "--cpu given" if args.cpu else "no GPU"
-        print(f"{why}: small {str(dtype).removeprefix('torch.')} CPU comparison instead of the GPU benchmark "
-              "(the times show that the providers run and agree, not kernel performance)")
-        note = f"cpu run ({why}): small shapes, not kernel performance"
-        torch.set_num_threads(max(1, args.threads))
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    configure_compile()
-
-    bench = Harness(BENCHMARK, device=device, quick=args.quick, save=not args.no_save,
-                    results_dir=args.results_dir, note=note)
     rows: list[Row] = []
     for shape in shapes.values():
         feats, centers, valid = make_inputs(shape, dtype, device)

@@ -12,6 +12,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import math
 import platform
 import subprocess
@@ -435,3 +436,64 @@ def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]
         return items
 
     return parse
+
+
+def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
+                        quick_help: str = "shorter timing budgets (CI smoke run)",
+                        dtype_option: bool = True, modes_option: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes (``--quick``, ``--providers``, ``--modes``, ``--dtype`` (these two
+    optional), ``--no-save``, ``--results-dir``, ``--cpu``, ``--threads``); ``doc`` is the script's
+    docstring (summary, then usage, then details for the epilog). A benchmark adds its own options to the
+    returned parser."""
+    summary, details = doc.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--providers", type=csv_choices(providers, "provider"), default=list(providers),
+                   help=f"comma-separated subset of {','.join(providers)}")
+    if modes_option:
+        p.add_argument("--modes", type=csv_choices(MODES, "mode"), default=list(MODES),
+                       help=f"comma-separated subset of {','.join(MODES)}")
+    if dtype_option:
+        p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)")
+    p.add_argument("--cpu", action="store_true", help="run the CPU comparison even when a GPU is present")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a "
+                        "loaded machine)")
+    return p
+
+
+def start_run(args: argparse.Namespace, benchmark: str, *, cpu_run: str = "small") -> tuple[Harness, torch.dtype]:
+    """The :class:`Harness` for parsed :func:`benchmark_arguments` and the benchmark dtype (``--dtype``, else
+    bf16 on a GPU, fp32 on the CPU). Without a GPU (or with ``--cpu``) it says that the ``cpu_run`` CPU
+    comparison replaces the GPU benchmark and notes it in every row. Also applies ``configure_compile``."""
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    chosen = getattr(args, "dtype", None)
+    dtype = DTYPES[chosen] if chosen else (torch.bfloat16 if on_gpu else torch.float32)
+    note = None
+    if not on_gpu:
+        why = "--cpu given" if args.cpu else "no GPU"
+        print(f"{why}: {cpu_run} {str(dtype).removeprefix('torch.')} CPU comparison instead of the GPU benchmark "
+              "(the times show that the providers run and agree, not kernel performance)")
+        note = f"cpu run ({why}): {cpu_run} shapes, not kernel performance"
+        torch.set_num_threads(max(1, args.threads))
+        # inductor's CPU compile logs a CUDA_HOME guess on a CUDA build of torch without a GPU
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    configure_compile()
+    bench = Harness(benchmark, device="cuda" if on_gpu else "cpu", quick=args.quick, save=not args.no_save,
+                    results_dir=args.results_dir, note=note)
+    return bench, dtype
+
+
+def chosen_shapes(requested: Sequence[str] | None, *, on_gpu: bool, quick: bool, all_shapes: dict, gpu: dict,
+                  quick_gpu: Sequence[str], cpu: dict) -> list:
+    """The shapes a run measures: those requested by name, else the GPU shapes (``quick_gpu`` of them with
+    ``--quick``), or the CPU shapes without a GPU."""
+    if requested:
+        return [all_shapes[name] for name in requested]
+    if on_gpu:
+        return [gpu[name] for name in (quick_gpu if quick else gpu)]
+    return list(cpu.values())
