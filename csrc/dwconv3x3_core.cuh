@@ -17,11 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SSLTM_DW_HD __host__ __device__ __forceinline__
-#else
-#define SSLTM_DW_HD inline
-#endif
+#include "common.cuh"
 
 namespace ssltm {
 namespace dwc {
@@ -101,19 +97,19 @@ inline Args<scalar_t, acc_t> make_args(const Problem& p) {
 // ------------------------------------------------------------------------------------------------
 // Math
 // ------------------------------------------------------------------------------------------------
-SSLTM_DW_HD float erf_acc(float v) { return erff(v); }
-SSLTM_DW_HD double erf_acc(double v) { return erf(v); }
-SSLTM_DW_HD float exp_acc(float v) { return expf(v); }
-SSLTM_DW_HD double exp_acc(double v) { return exp(v); }
+SSLTM_HD float erf_acc(float v) { return erff(v); }
+SSLTM_HD double erf_acc(double v) { return erf(v); }
+SSLTM_HD float exp_acc(float v) { return expf(v); }
+SSLTM_HD double exp_acc(double v) { return exp(v); }
 
 template <typename acc_t>
-SSLTM_DW_HD acc_t gelu(acc_t z) {
+SSLTM_HD acc_t gelu(acc_t z) {
   return acc_t(0.5) * z * (acc_t(1) + erf_acc(z * acc_t(0.70710678118654752440)));
 }
 
 // d gelu / dz = Phi(z) + z * phi(z)
 template <typename acc_t>
-SSLTM_DW_HD acc_t gelu_grad(acc_t z) {
+SSLTM_HD acc_t gelu_grad(acc_t z) {
   return acc_t(0.5) * (acc_t(1) + erf_acc(z * acc_t(0.70710678118654752440))) +
          z * acc_t(0.39894228040143267794) * exp_acc(acc_t(-0.5) * z * z);
 }
@@ -126,7 +122,7 @@ struct Pixel {
 };
 
 // Pixel `pixel` of the contiguous (frames, H, W) enumeration.
-SSLTM_DW_HD Pixel pixel_at(const Shape& s, int64_t pixel) {
+SSLTM_HD Pixel pixel_at(const Shape& s, int64_t pixel) {
   Pixel p;
   p.w = pixel % s.W;
   pixel /= s.W;
@@ -135,20 +131,20 @@ SSLTM_DW_HD Pixel pixel_at(const Shape& s, int64_t pixel) {
   return p;
 }
 
-SSLTM_DW_HD bool inside(const Shape& s, int64_t h, int64_t w) { return h >= 0 && h < s.H && w >= 0 && w < s.W; }
+SSLTM_HD bool inside(const Shape& s, int64_t h, int64_t w) { return h >= 0 && h < s.H && w >= 0 && w < s.W; }
 
-SSLTM_DW_HD int64_t x_offset(const Shape& s, const Strides& sx, int64_t f, int64_t h, int64_t w, int64_t c) {
+SSLTM_HD int64_t x_offset(const Shape& s, const Strides& sx, int64_t f, int64_t h, int64_t w, int64_t c) {
   return (f / s.T) * sx.b + (f % s.T) * sx.t + h * sx.h + w * sx.w + c * sx.c;
 }
 
-SSLTM_DW_HD int64_t contiguous_offset(const Shape& s, int64_t f, int64_t h, int64_t w, int64_t c) {
+SSLTM_HD int64_t contiguous_offset(const Shape& s, int64_t f, int64_t h, int64_t w, int64_t c) {
   return ((f * s.H + h) * s.W + w) * s.C + c;
 }
 
 // The 9 taps of x around pixel p in channel c (zero outside the frame) and the conv output before the
 // activation.
 template <typename scalar_t, typename acc_t>
-SSLTM_DW_HD acc_t load_taps(const Args<scalar_t, acc_t>& a, const Pixel& p, int64_t c, acc_t (&xs)[9]) {
+SSLTM_HD acc_t load_taps(const Args<scalar_t, acc_t>& a, const Pixel& p, int64_t c, acc_t (&xs)[9]) {
   acc_t z = a.bias != nullptr ? static_cast<acc_t>(a.bias[c]) : acc_t(0);
   for (int k = 0; k < 9; ++k) {
     const int64_t h = p.h + k / 3 - 1, w = p.w + k % 3 - 1;
@@ -162,7 +158,7 @@ SSLTM_DW_HD acc_t load_taps(const Args<scalar_t, acc_t>& a, const Pixel& p, int6
 // Forward: element e of the contiguous output
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
-SSLTM_DW_HD void forward_element(const Args<scalar_t, acc_t>& a, int64_t e) {
+SSLTM_HD void forward_element(const Args<scalar_t, acc_t>& a, int64_t e) {
   const int64_t c = e % a.s.C;
   acc_t xs[9];
   const acc_t z = load_taps(a, pixel_at(a.s, e / a.s.C), c, xs);
@@ -173,10 +169,10 @@ SSLTM_DW_HD void forward_element(const Args<scalar_t, acc_t>& a, int64_t e) {
 // Backward, partial sums: block (chunk, group) of kPartialThreads threads; thread tid is channel
 // chunk * 32 + tid % 32 and pixel lane tid / 32 of the group's pixel range. With GELU it also writes g.
 // ------------------------------------------------------------------------------------------------
-SSLTM_DW_HD int64_t group_begin(int64_t pixels, int64_t groups, int64_t group) { return group * pixels / groups; }
+SSLTM_HD int64_t group_begin(int64_t pixels, int64_t groups, int64_t group) { return group * pixels / groups; }
 
 template <typename scalar_t, typename acc_t>
-SSLTM_DW_HD void partial_thread(const Args<scalar_t, acc_t>& a, int64_t chunk, int64_t group, int tid,
+SSLTM_HD void partial_thread(const Args<scalar_t, acc_t>& a, int64_t chunk, int64_t group, int tid,
                                 acc_t (&sums)[kPartialRows]) {
   for (int r = 0; r < kPartialRows; ++r) sums[r] = acc_t(0);
   const int64_t c = chunk * kPartialChannels + tid % kPartialChannels;
@@ -201,7 +197,7 @@ SSLTM_DW_HD void partial_thread(const Args<scalar_t, acc_t>& a, int64_t chunk, i
 // After a barrier: channel lane `lane` adds the block's pixel lanes in lane order. `shared` holds every
 // thread's sums, (kPartialLanes, kPartialRows, kPartialChannels).
 template <typename scalar_t, typename acc_t>
-SSLTM_DW_HD void partial_store(const Args<scalar_t, acc_t>& a, int64_t chunk, int64_t group, int lane,
+SSLTM_HD void partial_store(const Args<scalar_t, acc_t>& a, int64_t chunk, int64_t group, int lane,
                                const acc_t* shared) {
   const int64_t c = chunk * kPartialChannels + lane;
   if (c >= a.s.C) return;
@@ -212,7 +208,7 @@ SSLTM_DW_HD void partial_store(const Args<scalar_t, acc_t>& a, int64_t chunk, in
   }
 }
 
-SSLTM_DW_HD int shared_index(int tid, int row) {
+SSLTM_HD int shared_index(int tid, int row) {
   return ((tid / kPartialChannels) * kPartialRows + row) * kPartialChannels + tid % kPartialChannels;
 }
 
@@ -220,7 +216,7 @@ SSLTM_DW_HD int shared_index(int tid, int row) {
 // Backward, dx: element e of the contiguous dx, from g (dout without an activation)
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
-SSLTM_DW_HD void dx_element(const Args<scalar_t, acc_t>& a, const scalar_t* g, int64_t e) {
+SSLTM_HD void dx_element(const Args<scalar_t, acc_t>& a, const scalar_t* g, int64_t e) {
   const int64_t c = e % a.s.C;
   const Pixel p = pixel_at(a.s, e / a.s.C);
   acc_t dx = acc_t(0);
@@ -237,7 +233,7 @@ SSLTM_DW_HD void dx_element(const Args<scalar_t, acc_t>& a, const scalar_t* g, i
 // Backward, final sums: element e of (kPartialRows, C): the groups' partial sums in group order
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
-SSLTM_DW_HD void final_sum_element(const Args<scalar_t, acc_t>& a, int64_t e) {
+SSLTM_HD void final_sum_element(const Args<scalar_t, acc_t>& a, int64_t e) {
   const int64_t row = e / a.s.C, c = e % a.s.C;
   acc_t total = acc_t(0);
   for (int64_t group = 0; group < a.groups; ++group) total += a.partial[(group * kPartialRows + row) * a.s.C + c];

@@ -15,15 +15,6 @@ namespace ssltm {
 namespace dwc {
 namespace {
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 // partial_kernel of the .cu
 template <typename scalar_t, typename acc_t>
 void emulate_partials(const Args<scalar_t, acc_t>& a) {

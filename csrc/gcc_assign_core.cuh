@@ -15,11 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SSLTM_GCC_HD __host__ __device__ __forceinline__
-#else
-#define SSLTM_GCC_HD inline
-#endif
+#include "common.cuh"
 
 namespace ssltm {
 namespace gcc {
@@ -100,8 +96,8 @@ inline Args<scalar_t> make_args(const Problem& p) {
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
-SSLTM_GCC_HD int64_t fwd_blocks_per_category(const Sizes& n) { return (n.B + kRows - 1) / kRows; }
-SSLTM_GCC_HD int64_t fwd_blocks(const Sizes& n) { return n.K * fwd_blocks_per_category(n); }
+SSLTM_HD int64_t fwd_blocks_per_category(const Sizes& n) { return (n.B + kRows - 1) / kRows; }
+SSLTM_HD int64_t fwd_blocks(const Sizes& n) { return n.K * fwd_blocks_per_category(n); }
 
 struct Row {  // the frame b of category j that a warp of a forward block takes
   int64_t b, j;
@@ -109,7 +105,7 @@ struct Row {  // the frame b of category j that a warp of a forward block takes
   bool active;
 };
 
-SSLTM_GCC_HD Row fwd_row(const Sizes& n, int64_t block, int tid) {
+SSLTM_HD Row fwd_row(const Sizes& n, int64_t block, int tid) {
   const int64_t per = fwd_blocks_per_category(n);
   Row r;
   r.slot = tid / kLanes;
@@ -122,7 +118,7 @@ SSLTM_GCC_HD Row fwd_row(const Sizes& n, int64_t block, int tid) {
 // The lane's share of the squared distance between feats[b, j] and centers[t, j]: features lane,
 // lane + kLanes, ... in order, accumulated in fp32.
 template <typename scalar_t>
-SSLTM_GCC_HD float lane_distance(const Args<scalar_t>& a, const Row& r, int64_t t, int lane) {
+SSLTM_HD float lane_distance(const Args<scalar_t>& a, const Row& r, int64_t t, int lane) {
   const scalar_t* f = a.feats + r.b * a.sf.s0 + r.j * a.sf.s1;
   const scalar_t* c = a.centers + t * a.sc.s0 + r.j * a.sc.s1;
   float s = 0.0f;
@@ -138,10 +134,10 @@ struct Best {
   int64_t index;
 };
 
-SSLTM_GCC_HD Best no_cluster() { return Best{INFINITY, 0}; }
+SSLTM_HD Best no_cluster() { return Best{INFINITY, 0}; }
 
 // Cluster t at distance `dist` replaces the best so far only when strictly closer: ties keep the lowest.
-SSLTM_GCC_HD void keep_closer(Best& best, float dist, int64_t t) {
+SSLTM_HD void keep_closer(Best& best, float dist, int64_t t) {
   if (dist < best.dist) {
     best.dist = dist;
     best.index = t;
@@ -150,7 +146,7 @@ SSLTM_GCC_HD void keep_closer(Best& best, float dist, int64_t t) {
 
 // nearest[b, j] = centers[index, j], the lane's features (contiguous output)
 template <typename scalar_t>
-SSLTM_GCC_HD void write_nearest(const Args<scalar_t>& a, const Row& r, int64_t index, int lane) {
+SSLTM_HD void write_nearest(const Args<scalar_t>& a, const Row& r, int64_t index, int lane) {
   const scalar_t* c = a.centers + index * a.sc.s0 + r.j * a.sc.s1;
   scalar_t* out = a.nearest + (r.b * a.n.K + r.j) * a.n.D;
   for (int64_t d = lane; d < a.n.D; d += kLanes) out[d] = c[d * a.sc.s2];
@@ -158,7 +154,7 @@ SSLTM_GCC_HD void write_nearest(const Args<scalar_t>& a, const Row& r, int64_t i
 
 // Lane 0 of a row: the index, and the row's loss share (its distance, when valid) for the block sum.
 template <typename scalar_t>
-SSLTM_GCC_HD void store_row(const Args<scalar_t>& a, const Row& r, const Best& best, float* row_loss,
+SSLTM_HD void store_row(const Args<scalar_t>& a, const Row& r, const Best& best, float* row_loss,
                             int* row_count) {
   const bool valid = r.active && a.valid[r.b * a.sv_b + r.j * a.sv_k];
   if (r.active) a.index[r.b * a.n.K + r.j] = best.index;
@@ -168,7 +164,7 @@ SSLTM_GCC_HD void store_row(const Args<scalar_t>& a, const Row& r, const Best& b
 
 // Thread 0: the block's share, its rows added in order.
 template <typename scalar_t>
-SSLTM_GCC_HD void store_block_share(const Args<scalar_t>& a, int64_t block, const float* row_loss,
+SSLTM_HD void store_block_share(const Args<scalar_t>& a, int64_t block, const float* row_loss,
                                     const int* row_count) {
   float loss = 0.0f;
   int count = 0;
@@ -181,7 +177,7 @@ SSLTM_GCC_HD void store_block_share(const Args<scalar_t>& a, int64_t block, cons
 }
 
 // Another block's share, read past the (incoherent) L1 cache on the GPU.
-SSLTM_GCC_HD float load_share(const float* p) {
+SSLTM_HD float load_share(const float* p) {
 #if defined(__CUDA_ARCH__)
   return __ldcg(p);
 #else
@@ -191,7 +187,7 @@ SSLTM_GCC_HD float load_share(const float* p) {
 
 // The last block, thread tid: the shares of blocks tid, tid + nthreads, ... in order.
 template <typename scalar_t>
-SSLTM_GCC_HD void thread_shares(const Args<scalar_t>& a, int tid, int nthreads, float* red_loss, int* red_count) {
+SSLTM_HD void thread_shares(const Args<scalar_t>& a, int tid, int nthreads, float* red_loss, int* red_count) {
   const int64_t blocks = fwd_blocks(a.n);
   float loss = 0.0f;
   int count = 0;
@@ -204,14 +200,14 @@ SSLTM_GCC_HD void thread_shares(const Args<scalar_t>& a, int tid, int nthreads, 
 }
 
 // One step of the last block's tree sum: thread tid < stride adds the entry stride above.
-SSLTM_GCC_HD void tree_step(float* red_loss, int* red_count, int tid, int stride) {
+SSLTM_HD void tree_step(float* red_loss, int* red_count, int tid, int stride) {
   red_loss[tid] += red_loss[tid + stride];
   red_count[tid] += red_count[tid + stride];
 }
 
 // Thread 0 of the last block: loss = total / (n_valid * D), norm = 1 / (n_valid * D), 0 without a valid entry.
 template <typename scalar_t>
-SSLTM_GCC_HD void finish_loss(const Args<scalar_t>& a, float total, int count) {
+SSLTM_HD void finish_loss(const Args<scalar_t>& a, float total, int count) {
   const float n = float(count) * float(a.n.D);
   const float norm = count > 0 ? 1.0f / n : 0.0f;
   *a.loss = total * norm;
@@ -221,14 +217,14 @@ SSLTM_GCC_HD void finish_loss(const Args<scalar_t>& a, float total, int count) {
 // ------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------
-SSLTM_GCC_HD int64_t bwd_blocks_per_category(const Sizes& n) { return (n.D + kBwdThreads - 1) / kBwdThreads; }
-SSLTM_GCC_HD int64_t bwd_blocks(const Sizes& n) { return n.K * bwd_blocks_per_category(n); }
+SSLTM_HD int64_t bwd_blocks_per_category(const Sizes& n) { return (n.D + kBwdThreads - 1) / kBwdThreads; }
+SSLTM_HD int64_t bwd_blocks(const Sizes& n) { return n.K * bwd_blocks_per_category(n); }
 
 // Feature d of category j (the block's), every cluster t:
 // dcenters[t, j, d] = sum over b with index[b, j] == t, in order of b, of
 // grad_nearest[b, j, d] + valid[b, j] * 2 * grad_loss * norm * (centers[t, j, d] - feats[b, j, d]).
 template <typename scalar_t>
-SSLTM_GCC_HD void bwd_thread(const Args<scalar_t>& a, int64_t block, int tid) {
+SSLTM_HD void bwd_thread(const Args<scalar_t>& a, int64_t block, int tid) {
   const int64_t per = bwd_blocks_per_category(a.n);
   const int64_t j = block / per;
   const int64_t d = (block % per) * kBwdThreads + tid;

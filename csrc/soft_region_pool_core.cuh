@@ -24,11 +24,7 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__CUDACC__)
-#define SRP_HD __host__ __device__ __forceinline__
-#else
-#define SRP_HD inline
-#endif
+#include "common.cuh"
 
 namespace ssltm {
 namespace srp {
@@ -139,7 +135,7 @@ inline Args<scalar_t, acc_t> make_args(const Problem& p) {
 // ------------------------------------------------------------------------------------------------
 // Planning (host)
 // ------------------------------------------------------------------------------------------------
-SRP_HD int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+SSLTM_HD int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
 inline int pool_blocks(int B, int K, int C) { return B * ceil_div(K, kPoolRows) * ceil_div(C, kPoolCols); }
 
@@ -166,45 +162,14 @@ inline int bwd_shared_bytes(int K) {
   return int(sizeof(acc_t)) * (K * kBwdPositions + K * kBwdChannels + kBwdChannels * kBwdPositions);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Scalar helpers (exact expf/logf on the device: the build does not use --use_fast_math)
-// ------------------------------------------------------------------------------------------------
-SRP_HD float acc_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-SRP_HD double acc_exp(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-SRP_HD float acc_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-SRP_HD double acc_log(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
 template <typename T>
-SRP_HD T lowest() {
+SSLTM_HD T lowest() {
   return -std::numeric_limits<T>::max();  // not -inf: exp(|scale| * (lowest - M)) is 0, or 1 for scale 0
 }
 
 // The probability of class k at position n of batch item b (the stats must be written).
 template <typename scalar_t, typename acc_t>
-SRP_HD acc_t probability(const Args<scalar_t, acc_t>& a, int64_t b, int k, int n) {
+SSLTM_HD acc_t probability(const Args<scalar_t, acc_t>& a, int64_t b, int k, int n) {
   const acc_t x = a.sign * acc_t(a.logits[b * a.sl.b + k * a.sl.x + n * a.sl.n]);
   const acc_t* st = a.stats + (b * a.K + k) * 2;
   return acc_exp(a.magnitude * (x - st[0]) - st[1]);
@@ -220,7 +185,7 @@ struct RunningSum {  // the running maximum M of sign * logit and the sum of exp
 };
 
 template <typename scalar_t, typename acc_t>
-SRP_HD RunningSum<acc_t> stats_lane(const Args<scalar_t, acc_t>& a, int64_t row, int lane) {
+SSLTM_HD RunningSum<acc_t> stats_lane(const Args<scalar_t, acc_t>& a, int64_t row, int lane) {
   RunningSum<acc_t> r{lowest<acc_t>(), acc_t(0)};
   if (row >= int64_t(a.B) * a.K) return r;
   const int64_t b = row / a.K;
@@ -238,13 +203,13 @@ SRP_HD RunningSum<acc_t> stats_lane(const Args<scalar_t, acc_t>& a, int64_t row,
 }
 
 template <typename acc_t>
-SRP_HD RunningSum<acc_t> combine(const RunningSum<acc_t>& r, const RunningSum<acc_t>& o, acc_t magnitude) {
+SSLTM_HD RunningSum<acc_t> combine(const RunningSum<acc_t>& r, const RunningSum<acc_t>& o, acc_t magnitude) {
   const acc_t m = r.m > o.m ? r.m : o.m;
   return {m, r.total * acc_exp(magnitude * (r.m - m)) + o.total * acc_exp(magnitude * (o.m - m))};
 }
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void stats_write(const Args<scalar_t, acc_t>& a, int64_t row, const RunningSum<acc_t>& r) {
+SSLTM_HD void stats_write(const Args<scalar_t, acc_t>& a, int64_t row, const RunningSum<acc_t>& r) {
   if (row >= int64_t(a.B) * a.K) return;
   a.stats[row * 2] = r.m;
   a.stats[row * 2 + 1] = acc_log(r.total);
@@ -261,7 +226,7 @@ struct PoolBlock {
 };
 
 template <typename scalar_t, typename acc_t>
-SRP_HD PoolBlock pool_block(const Args<scalar_t, acc_t>& a, int64_t blk) {
+SSLTM_HD PoolBlock pool_block(const Args<scalar_t, acc_t>& a, int64_t blk) {
   const int c_tiles = ceil_div(a.C, kPoolCols), k_tiles = ceil_div(a.K, kPoolRows);
   PoolBlock p{};
   p.c0 = int(blk % c_tiles) * kPoolCols;
@@ -281,7 +246,7 @@ struct PoolTiles {  // shared memory of pool_kernel
 };
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void pool_stage(const Args<scalar_t, acc_t>& a, const PoolBlock& blk, int n0, int tid, PoolTiles<acc_t>& t) {
+SSLTM_HD void pool_stage(const Args<scalar_t, acc_t>& a, const PoolBlock& blk, int n0, int tid, PoolTiles<acc_t>& t) {
   for (int i = tid; i < kPoolRows * kPoolSteps; i += kThreads) {
     const int r = i / kPoolSteps, j = i % kPoolSteps;
     const int k = blk.k0 + r, n = n0 + j;
@@ -304,13 +269,13 @@ struct PoolThread {
 };
 
 template <typename acc_t>
-SRP_HD void pool_init(PoolThread<acc_t>& th) {
+SSLTM_HD void pool_init(PoolThread<acc_t>& th) {
   for (int r = 0; r < kPoolThreadRows; ++r)
     for (int q = 0; q < kPoolThreadCols; ++q) th.acc[r][q] = acc_t(0);
 }
 
 template <typename acc_t>
-SRP_HD void pool_accumulate(int tid, const PoolTiles<acc_t>& t, PoolThread<acc_t>& th) {
+SSLTM_HD void pool_accumulate(int tid, const PoolTiles<acc_t>& t, PoolThread<acc_t>& th) {
   const int r0 = (tid / (kPoolCols / kPoolThreadCols)) * kPoolThreadRows;
   const int q0 = (tid % (kPoolCols / kPoolThreadCols)) * kPoolThreadCols;
   for (int j = 0; j < kPoolSteps; ++j) {
@@ -323,7 +288,7 @@ SRP_HD void pool_accumulate(int tid, const PoolTiles<acc_t>& t, PoolThread<acc_t
 
 // One split: the output; several: the split's partial sums for reduce_kernel.
 template <typename scalar_t, typename acc_t>
-SRP_HD void pool_write(const Args<scalar_t, acc_t>& a, const PoolBlock& blk, int tid, const PoolThread<acc_t>& th) {
+SSLTM_HD void pool_write(const Args<scalar_t, acc_t>& a, const PoolBlock& blk, int tid, const PoolThread<acc_t>& th) {
   const int r0 = (tid / (kPoolCols / kPoolThreadCols)) * kPoolThreadRows;
   const int q0 = (tid % (kPoolCols / kPoolThreadCols)) * kPoolThreadCols;
   for (int r = 0; r < kPoolThreadRows; ++r) {
@@ -345,7 +310,7 @@ SRP_HD void pool_write(const Args<scalar_t, acc_t>& a, const PoolBlock& blk, int
 
 // reduce_kernel: element i of the (B, K, C) output sums its splits in order.
 template <typename scalar_t, typename acc_t>
-SRP_HD void reduce_element(const Args<scalar_t, acc_t>& a, int64_t i) {
+SSLTM_HD void reduce_element(const Args<scalar_t, acc_t>& a, int64_t i) {
   if (i >= int64_t(a.B) * a.K * a.C) return;
   const int64_t per_item = int64_t(a.K) * a.C;
   const int64_t b = i / per_item, kc = i % per_item;
@@ -360,7 +325,7 @@ SRP_HD void reduce_element(const Args<scalar_t, acc_t>& a, int64_t i) {
 // the lanes' sums add in shuffle order.
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
-SRP_HD acc_t delta_lane(const Args<scalar_t, acc_t>& a, int64_t row, int lane) {
+SSLTM_HD acc_t delta_lane(const Args<scalar_t, acc_t>& a, int64_t row, int lane) {
   acc_t sum = acc_t(0);
   if (row >= int64_t(a.B) * a.K) return sum;
   const scalar_t* g = a.grad_out + (row / a.K) * a.sdo.b + (row % a.K) * a.sdo.x;
@@ -372,7 +337,7 @@ SRP_HD acc_t delta_lane(const Args<scalar_t, acc_t>& a, int64_t row, int lane) {
 }
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void delta_write(const Args<scalar_t, acc_t>& a, int64_t row, acc_t sum) {
+SSLTM_HD void delta_write(const Args<scalar_t, acc_t>& a, int64_t row, acc_t sum) {
   if (row < int64_t(a.B) * a.K) a.delta[row] = sum;
 }
 
@@ -388,7 +353,7 @@ struct BwdBlock {
 };
 
 template <typename scalar_t, typename acc_t>
-SRP_HD BwdBlock bwd_block(const Args<scalar_t, acc_t>& a, int64_t blk) {
+SSLTM_HD BwdBlock bwd_block(const Args<scalar_t, acc_t>& a, int64_t blk) {
   const int n_tiles = ceil_div(a.N, kBwdPositions);
   return BwdBlock{blk / n_tiles, int(blk % n_tiles) * kBwdPositions};
 }
@@ -401,12 +366,12 @@ struct BwdShared {  // views of the dynamic shared memory (bwd_shared_bytes)
 };
 
 template <typename acc_t>
-SRP_HD BwdShared<acc_t> bwd_shared(acc_t* smem, int K) {
+SSLTM_HD BwdShared<acc_t> bwd_shared(acc_t* smem, int K) {
   return BwdShared<acc_t>{smem, smem + K * kBwdPositions, smem + K * kBwdPositions + K * kBwdChannels};
 }
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void bwd_stage_probs(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int tid, const BwdShared<acc_t>& s) {
+SSLTM_HD void bwd_stage_probs(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int tid, const BwdShared<acc_t>& s) {
   for (int i = tid; i < a.K * kBwdPositions; i += kThreads) {
     const int k = i / kBwdPositions, n = blk.n0 + i % kBwdPositions;
     s.p[i] = n < a.N ? probability(a, blk.b, k, n) : acc_t(0);
@@ -414,7 +379,7 @@ SRP_HD void bwd_stage_probs(const Args<scalar_t, acc_t>& a, const BwdBlock& blk,
 }
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void bwd_stage_chunk(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int c0, int tid,
+SSLTM_HD void bwd_stage_chunk(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int c0, int tid,
                             const BwdShared<acc_t>& s) {
   for (int i = tid; i < a.K * kBwdChannels; i += kThreads) {
     const int k = i / kBwdChannels, c = c0 + i % kBwdChannels;
@@ -436,12 +401,12 @@ struct BwdThread {
 };
 
 template <typename acc_t>
-SRP_HD void bwd_init(BwdThread<acc_t>& th) {
+SSLTM_HD void bwd_init(BwdThread<acc_t>& th) {
   for (int i = 0; i < kBwdClassesPerThread; ++i) th.dp[i] = acc_t(0);
 }
 
 template <typename acc_t>
-SRP_HD void bwd_accumulate_dp(int K, int tid, const BwdShared<acc_t>& s, BwdThread<acc_t>& th) {
+SSLTM_HD void bwd_accumulate_dp(int K, int tid, const BwdShared<acc_t>& s, BwdThread<acc_t>& th) {
   const int j = tid % kBwdPositions, g = tid / kBwdPositions;
   for (int cc = 0; cc < kBwdChannels; ++cc) {
     const acc_t f = s.f[cc * kBwdPositions + j];
@@ -453,7 +418,7 @@ SRP_HD void bwd_accumulate_dp(int K, int tid, const BwdShared<acc_t>& s, BwdThre
 }
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void bwd_write_dfeats(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int c0, int tid,
+SSLTM_HD void bwd_write_dfeats(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int c0, int tid,
                              const BwdShared<acc_t>& s) {
   const int j = tid % kBwdPositions, n = blk.n0 + j;
   for (int cc = tid / kBwdPositions; cc < kBwdChannels; cc += kBwdGroups) {
@@ -465,7 +430,7 @@ SRP_HD void bwd_write_dfeats(const Args<scalar_t, acc_t>& a, const BwdBlock& blk
 }
 
 template <typename scalar_t, typename acc_t>
-SRP_HD void bwd_write_dlogits(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int tid,
+SSLTM_HD void bwd_write_dlogits(const Args<scalar_t, acc_t>& a, const BwdBlock& blk, int tid,
                               const BwdShared<acc_t>& s, const BwdThread<acc_t>& th) {
   const int j = tid % kBwdPositions, g = tid / kBwdPositions, n = blk.n0 + j;
   if (n >= a.N) return;

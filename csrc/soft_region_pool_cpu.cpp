@@ -20,15 +20,6 @@ namespace ssltm {
 namespace srp {
 namespace {
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 // __shfl_down_sync(v, offset) then combine, for offsets 16, 8, 4, 2, 1: lane l takes lane l + offset's
 // value; lane 0 ends with the result.
 template <typename T, typename Combine>

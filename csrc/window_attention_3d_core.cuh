@@ -17,14 +17,14 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.cuh"
+
 #if defined(__CUDACC__)
-#define SSLTM_HD __host__ __device__ __forceinline__
 #define SSLTM_UNROLL _Pragma("unroll")
 // Loops over head_dim: fully unrolled (rows stay in registers) up to HD = 64; for HD = 128 the rows
 // do not fit in registers anyway, and a partial unroll keeps the compile time reasonable.
 #define SSLTM_UNROLL_HD _Pragma("unroll (HD <= 64 ? HD : 4)")
 #else
-#define SSLTM_HD inline
 #define SSLTM_UNROLL
 #define SSLTM_UNROLL_HD
 #endif
@@ -117,37 +117,6 @@ inline Geometry make_geometry(int64_t B, int64_t T, int64_t H, int64_t W, int64_
   return g;
 }
 
-// ------------------------------------------------------------------------------------------------
-// Scalar helpers (exact expf/logf on the device: the build does not use --use_fast_math)
-// ------------------------------------------------------------------------------------------------
-SSLTM_HD float acc_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-SSLTM_HD double acc_exp(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-SSLTM_HD float acc_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-SSLTM_HD double acc_log(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
 template <typename T>
 SSLTM_HD T acc_max(T a, T b) { return a > b ? a : b; }
 

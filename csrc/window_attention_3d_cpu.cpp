@@ -21,15 +21,6 @@ namespace ssltm {
 namespace wa3d {
 namespace {
 
-template <typename scalar_t>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
 int attention_chunks(const Geometry& g) { return (g.N + kThreads - 1) / kThreads; }
 
 // query_rows_kernel of the .cu, block after block, thread after thread between the barriers
