@@ -51,7 +51,7 @@ class TrainResult:
     stopped: str  # "finished", "time" (train.max_minutes), "interrupted" (Ctrl-C / SIGTERM)
     checkpoint: Path | None
     best: dict[str, Any] | None = None
-    last_val: dict[str, Any] | None = None
+    val_results: dict[str, Any] | None = None  # the last validation's metrics (fractions, as VideoMetrics gives)
 
 
 class PolySchedule:
@@ -174,7 +174,6 @@ class _State:
     iteration: int = 0
     elapsed: float = 0.0  # seconds of training over all runs of this work dir, resumes included
     best: dict[str, Any] | None = None
-    last_val: dict[str, Any] | None = None
 
 
 class Trainer:
@@ -212,6 +211,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = _State()
         self.rng_to_restore = None
+        self.val_results = None
         if resume is not None:
             self._resume(Path(resume))
         self.order = ClipOrder(
@@ -234,7 +234,6 @@ class Trainer:
             iteration=int(ckpt["iteration"]),
             elapsed=float(train_state.get("elapsed", 0.0)),
             best=train_state.get("best"),
-            last_val=train_state.get("last_val"),
         )
         states = ckpt["rng"]
         if len(states) != self.env.world_size and self.env.is_main:
@@ -260,7 +259,7 @@ class Trainer:
             "rng": dist.all_gather_object(rng_state()),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "meta": checkpoint_meta(self.info, self.env.world_size),
-            "train_state": {"elapsed": self.state.elapsed, "best": self.state.best, "last_val": self.state.last_val},
+            "train_state": {"elapsed": self.state.elapsed, "best": self.state.best},
         }
 
     def save(self, name: str | None = None) -> Path:
@@ -297,9 +296,9 @@ class Trainer:
                 num_workers=self.cfg.data.num_workers,
                 progress=self.cfg.train.progress,
             )
+        self.val_results = results
         summary = results_json(results, self.info.classes)
         summary["iteration"] = self.state.iteration
-        self.state.last_val = summary
         self.log({"iter": self.state.iteration, "val": summary})
         best = self.state.best
         improved = summary["mIoU"] is not None and (best is None or summary["mIoU"] > best["mIoU"])
@@ -407,7 +406,7 @@ class Trainer:
         if stopped != "interrupted":
             self.validate()
         self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
-        return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, state.last_val)
+        return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)
 
     def _check_finite(self, values: list[float]) -> None:
         bad = [name for name, v in zip(LOSS_TERMS, values, strict=True) if not math.isfinite(v)]
