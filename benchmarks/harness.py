@@ -145,6 +145,7 @@ class Case:
     dtype: torch.dtype
     work: dict = field(default_factory=dict)
     title: str = ""
+    items: float | None = None  # what one call processes (frames, clips...): rows then report items/s
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Row:
     roofline_pct: float | None = None
     limiter: str | None = None
     peak_mib: float | None = None
+    items_per_s: float | None = None
     max_abs_err: float | None = None
     match: bool | None = None
     error: str | None = None
@@ -187,13 +189,14 @@ def format_rows(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: MODES.index(r.mode)):  # mode-major: providers side by side
         if not r.ok:  # a row without a time always says why
             why = r.error if r.error.startswith((UNAVAILABLE, SKIPPED)) else f"FAILED: {r.error}"
-            body.append((r.provider, r.mode, *"-" * 8, why))
+            body.append((r.provider, r.mode, *"-" * 9, why))
             continue
         body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", f(r.tflops, ".3g"),
                      f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
-                     f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""), r.note or ""))
+                     f(r.items_per_s, ".3g"), f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""),
+                     r.note or ""))
     return text_table(("provider", "mode", "ms", "p20-p80", "TFLOP/s", "GB/s", "%roof", "bound", "peak MiB",
-                       "max|err|", "note"), body)
+                       "items/s", "max|err|", "note"), body)
 
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
@@ -266,7 +269,8 @@ class Harness:
             print(f"!!! {case.name}: the reference {reference!r} did not run: outputs are NOT checked")
         checks = {n: (tolerance or _default_tolerance)(n, out, ref) for n, out in outputs.items() if ref is not None}
         like = next(iter(outputs.values()), None)  # the upstream gradient: same values for every provider
-        grad_out = None if like is None else torch.randn(like.shape, dtype=like.dtype, device=like.device,
+        differentiable = like is not None and like.is_floating_point()  # not, e.g., a predicted class map
+        grad_out = None if not differentiable else torch.randn(like.shape, dtype=like.dtype, device=like.device,
                                                          generator=torch.Generator(like.device).manual_seed(0))
         del outputs, ref, like
 
@@ -323,6 +327,8 @@ class Harness:
         else:
             times = cpu_bench(run, self.rep_ms, leaves)
         row.ms, row.ms_p20, row.ms_p80 = times
+        if case.items:
+            row.items_per_s = case.items * 1e3 / row.ms
         work = case.work.get(mode)
         if work is not None:
             row.tflops, row.gbps = work.flops / row.ms / 1e9, work.bytes / row.ms / 1e6

@@ -8,7 +8,10 @@ module each, with their ``can_run_cuda`` / ``can_run_triton`` / ``can_run_refere
 
 from ssltm_kernels._backend import BACKENDS, BackendCheck, BackendUnavailableError, choose_backend
 from ssltm_kernels._ext import HAS_CUDA_EXT
-from ssltm_kernels.modules import WindowAttention3D
+from ssltm_kernels.modules import MixFFN, SpatialGather, WindowAttention3D
+from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference
+from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference
+from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference
 from ssltm_kernels.ops.window_attention_3d import (
     relative_position_index,
     window_attention_3d,
@@ -24,9 +27,17 @@ __all__ = [
     "BackendCheck",
     "BackendUnavailableError",
     "HAS_CUDA_EXT",
+    "MixFFN",
+    "SpatialGather",
     "WindowAttention3D",
     "choose_backend",
+    "dwconv3x3",
+    "dwconv3x3_reference",
+    "gcc_assign",
+    "gcc_assign_reference",
     "relative_position_index",
+    "soft_region_pool",
+    "soft_region_pool_reference",
     "window_attention_3d",
     "window_attention_3d_qkvpacked",
     "window_attention_3d_reference",

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ssltm_kernels.ops.dwconv3x3 import dwconv3x3
+from ssltm_kernels.ops.soft_region_pool import soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     _triple,
     relative_position_index,
@@ -14,7 +16,7 @@ from ssltm_kernels.ops.window_attention_3d import (
     window_attention_3d_windows,
 )
 
-__all__ = ["WindowAttention3D"]
+__all__ = ["WindowAttention3D", "DWConv", "MixFFN", "SpatialGather"]
 
 
 class WindowAttention3D(nn.Module):
@@ -92,3 +94,110 @@ class WindowAttention3D(nn.Module):
                 shift_size=shift_size, scale=self.scale, pad_k=pad_k, pad_v=pad_v, rel_pos_mode=self.rel_pos_mode,
                 dropout_p=dropout_p, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
+
+
+def _check_layout(x: torch.Tensor, dim: int, H: int | None, W: int | None) -> None:
+    """Tokens ``(B, H*W, dim)`` with H and W, or channels-last ``(B, [T,] H, W, dim)`` without them."""
+    if (H is None) != (W is None):
+        raise ValueError(f"give both H and W (tokens) or neither (channels-last frames), got H={H}, W={W}")
+    if H is not None:
+        if x.dim() != 3 or x.shape[1] != H * W or x.shape[2] != dim:
+            raise ValueError(f"x must be (B, N = H*W = {H * W}, {dim}) tokens for H={H}, W={W}, got shape "
+                             f"{tuple(x.shape)}")
+    elif x.dim() not in (4, 5) or x.shape[-1] != dim:
+        raise ValueError(f"x must be (B, H, W, {dim}) or (B, T, H, W, {dim}) channels-last (or tokens with H and W),"
+                         f" got shape {tuple(x.shape)}")
+
+
+class DWConv(nn.Module):
+    """SegFormer's ``DWConv``: a depthwise ``nn.Conv2d(dim, dim, 3, padding=1, groups=dim)`` named ``dwconv``
+    (so ``state_dict`` keys match), run by :func:`~ssltm_kernels.dwconv3x3` on channels-last input.
+
+    ``forward(x, H, W)`` takes SegFormer's tokens ``(B, N = H*W, C)``; ``forward(x)`` takes ``(B, H, W, C)``
+    or ``(B, T, H, W, C)``. ``activation="gelu"`` fuses the GELU that follows it in the Mix-FFN."""
+
+    def __init__(self, dim: int = 768, *, backend: str | None = None) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None, *,
+                activation: str | None = None) -> torch.Tensor:
+        dim = self.dwconv.out_channels
+        _check_layout(x, dim, H, W)
+        if H is not None:
+            frames = x.unflatten(1, (H, W))
+            return dwconv3x3(frames, self.dwconv.weight, self.dwconv.bias, activation, self.backend).flatten(1, 2)
+        return dwconv3x3(x, self.dwconv.weight, self.dwconv.bias, activation, self.backend)
+
+
+class MixFFN(nn.Module):
+    """SegFormer's Mix-FFN (``Mlp`` with ``DWConv``): fc1 -> depthwise 3x3 conv -> GELU -> dropout -> fc2 ->
+    dropout, same constructor, initialisation and ``state_dict`` keys (``fc1``, ``dwconv.dwconv``, ``fc2``).
+
+    The conv and the GELU run as one fused op (:func:`~ssltm_kernels.dwconv3x3` with ``activation="gelu"``)
+    on the channels-last output of fc1, without permuted copies. ``forward(x, H, W)`` takes SegFormer's
+    tokens ``(B, N = H*W, C)`` (row-major over H, W); ``forward(x)`` takes volumes ``(B, T, H, W, C)`` (the
+    conv runs on every frame) or frames ``(B, H, W, C)``. The result has x's layout with ``out_features``
+    channels. ``backend`` is passed to the op."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 drop: float = 0.0, *, backend: str | None = None) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features, backend=backend)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+        self.apply(self._init_weights)
+
+    @property
+    def backend(self) -> str | None:
+        return self.dwconv.backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.dwconv.backend = value
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # SegFormer's Mlp._init_weights
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None) -> torch.Tensor:
+        """tokens ``(B, N, C_in)`` with H, W -> ``(B, N, C_out)``;
+        ``(B, [T,] H, W, C_in)`` -> ``(B, [T,] H, W, C_out)``."""
+        _check_layout(x, self.fc1.in_features, H, W)
+        x = self.dwconv(self.fc1(x), H, W, activation="gelu")
+        return self.drop(self.fc2(self.drop(x)))
+
+
+class SpatialGather(nn.Module):
+    """OCRNet's ``SpatialGather_Module`` (mmsegmentation's ``SpatialGatherModule``): the object region
+    representations of OCR, one feature vector per class.
+
+    ``forward(feats (B, C, H, W), logits (B, K, H, W)) -> (B, C, K, 1)``: ``softmax(scale * logits)`` over
+    the H*W positions of each class weighs the feature vectors (:func:`soft_region_pool`, whose ``(B, K, C)``
+    result is returned as a ``(B, C, K, 1)`` view). ``backend`` is passed to the op. No parameters.
+    """
+
+    def __init__(self, scale: float = 1.0, *, backend: str | None = None) -> None:
+        super().__init__()
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, feats: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``feats (B, C, H, W)``, ``logits (B, K, H, W)`` -> ``(B, C, K, 1)``."""
+        return soft_region_pool(logits, feats, self.scale, self.backend).transpose(1, 2).unsqueeze(3)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"

@@ -1,0 +1,285 @@
+"""Benchmark: the whole SSLTM model with the kernels against the same model on the reference backend.
+
+    python benchmarks/ssltm_model.py [--quick] [--cases train,infer,stream] [--providers kernels,reference]
+                                     [--no-save] [--results-dir DIR] [--cpu] [--threads N]
+
+Providers (one model, the same weights):
+
+    kernels    automatic dispatch: each op takes the first backend that runs (cuda -> triton -> reference)
+    reference  every op forced to its PyTorch reference (SSLTM_BACKEND=reference during the forward; each
+               op's backward runs the backend its forward chose)
+
+Cases on a GPU, under bf16 autocast, dropout off (so that the providers' outputs compare):
+
+    train   ResNet-50, 124 classes (VSPW), B=2 clips of 4+1 frames (query, 3 adjacent, reference), 480x480:
+            one training step, the forward with labels and the backward of the total loss (fwd+bwd)
+    infer   the same model and clips in eval mode: one forward without gradients (fwd), the logits compared
+    stream  ResNet-101, 124 classes: ``VideoPredictor.step`` on 480x854 (480p) frames once its cache is full
+            (one backbone pass per frame); items/s is frames/s; class maps compared by pixel agreement
+
+Step time, peak memory and frames/s go to JSON lines in ``benchmarks/results/ssltm_model.jsonl``, then the
+targets are evaluated: training step >= 1.5x faster than the reference backend with peak memory <= 0.7x of
+it; streaming >= 25 frames/s.
+
+Without a GPU (or with ``--cpu``): the same three cases on a tiny fp32 model (ResNet-18, narrow widths,
+64x64); on the CPU both providers run the references (Triton only runs there under TRITON_INTERPRET=1),
+so the rows show that the benchmark runs and the providers agree, not kernel performance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    RESULTS_DIR,
+    Case,
+    Harness,
+    Impl,
+    Row,
+    TargetResult,
+    TwiceReferenceError,
+    csv_choices,
+    format_speedups,
+    format_targets,
+)
+
+from ssltm import SSLTM, VideoPredictor  # noqa: E402
+
+BENCHMARK = "ssltm_model"
+PROVIDERS = ("kernels", "reference")
+CASES = ("train", "infer", "stream")
+OFFSETS = (3, 6, 9)
+MIN_STREAM_FPS = 25.0
+TRAIN_SPEEDUP, TRAIN_MEMORY = 1.5, 0.7
+STREAM_AGREEMENT = 0.99  # fraction of pixels whose class the providers must agree on
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One device's problem sizes: the model config of the step cases and of the streaming case."""
+
+    clips: int
+    size: tuple[int, int]
+    stream_size: tuple[int, int]
+    num_classes: int
+    model: dict = field(default_factory=dict)
+    stream_model: dict = field(default_factory=dict)
+
+
+GPU = Setup(clips=2, size=(480, 480), stream_size=(480, 854), num_classes=124, model=dict(backbone="resnet50"),
+            stream_model=dict(backbone="resnet101"))
+TINY = dict(backbone="resnet18", fpn_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(1, 1, 1, 1), context_dim=32,
+            head_channels=16, aux_channels=16)
+CPU = Setup(clips=1, size=(64, 64), stream_size=(64, 64), num_classes=5, model=TINY, stream_model=TINY)
+
+
+@contextlib.contextmanager
+def backend(provider: str):
+    """``SSLTM_BACKEND`` as the provider needs it, restored after."""
+    saved = os.environ.pop("SSLTM_BACKEND", None)
+    if provider == "reference":
+        os.environ["SSLTM_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        os.environ.pop("SSLTM_BACKEND", None)
+        if saved is not None:
+            os.environ["SSLTM_BACKEND"] = saved
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def make_clips(setup: Setup, device: torch.device, seed: int = 0):
+    """frames (B, 4, 3, H, W), reference (B, 3, H, W), labels (B, H, W) with a few ignore rows."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    b, (h, w) = setup.clips, setup.size
+    frames = torch.randn(b, 1 + len(OFFSETS), 3, h, w, generator=gen, device=device)
+    reference = torch.randn(b, 3, h, w, generator=gen, device=device)
+    labels = torch.randint(0, setup.num_classes, (b, h, w), generator=gen, device=device)
+    labels[:, : h // 16] = 255
+    return frames, reference, labels
+
+
+def build_model(setup: Setup, config: dict, device: torch.device) -> SSLTM:
+    torch.manual_seed(0)
+    return SSLTM(setup.num_classes, **config, dropout=0.0).to(device)
+
+
+def step_providers(names: Sequence[str], model: SSLTM, inputs, device, dtype, train: bool) -> dict[str, Impl]:
+    """One training step (the total loss, then the harness's backward) or one inference forward."""
+    frames, reference, labels = inputs
+
+    def run(provider: str) -> torch.Tensor:
+        model.train(train)
+        with backend(provider), autocast(device, dtype), torch.set_grad_enabled(train):
+            out = model(frames, reference, labels if train else None)
+        return out["losses"]["total"] if train else out["logits"]
+
+    modes = ("fwd+bwd",) if train else ("fwd",)
+    reason = "a training step is forward + backward" if train else "inference has no backward"
+    return {name: Impl(lambda name=name: run(name), modes=modes, reason=reason) for name in names}
+
+
+def fp32_reference(model: SSLTM, inputs, train: bool) -> Callable[[], torch.Tensor]:
+    """The fp32 reference-backend output, the yardstick of the low-precision rule."""
+    frames, reference, labels = inputs
+
+    def run() -> torch.Tensor:
+        model.train(train)
+        with backend("reference"), torch.no_grad():
+            out = model(frames, reference, labels if train else None)
+        return out["losses"]["total"] if train else out["logits"]
+
+    return run
+
+
+def stream_providers(names: Sequence[str], model: SSLTM, setup: Setup, device, dtype) -> dict[str, Impl]:
+    """``VideoPredictor.step`` per provider, its cache filled first (steady state: one new frame per call)."""
+    frame = torch.randn(3, *setup.stream_size, generator=torch.Generator(device=device).manual_seed(1),
+                        device=device)
+    providers = {}
+    for name in names:
+        predictor = VideoPredictor(model, OFFSETS)
+
+        def step(predictor=predictor, name=name) -> torch.Tensor:
+            with backend(name), autocast(device, dtype):
+                return predictor.step(frame)
+
+        for _ in range(max(OFFSETS) + 1):
+            step()
+        providers[name] = Impl(step, modes=("fwd",), reason="inference has no backward",
+                               note="items/s = frames/s; max|err| = fraction of pixels with another class")
+    return providers
+
+
+def class_agreement(name: str, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
+    """Tolerance of the streaming case: ``(fraction of pixels that differ, agreement >= STREAM_AGREEMENT)``."""
+    differ = (out != ref).float().mean().item() if out.shape == ref.shape else 1.0
+    return differ, differ <= 1.0 - STREAM_AGREEMENT
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def evaluate_targets(rows: Sequence[Row]) -> list[TargetResult]:
+    """Training step (fwd+bwd) >= 1.5x the reference backend's speed with <= 0.7x its peak memory; streaming
+    >= 25 frames/s. A target whose numbers are missing is "n/a"; a mismatched output fails its targets."""
+    by = {(r.case.split("-")[0], r.provider, r.mode): r for r in rows if r.ok}
+    results = []
+
+    def status(ok: bool, row: Row) -> str:
+        return "FAIL (output mismatch)" if row.match is False else "PASS" if ok else "FAIL"
+
+    ours, ref = by.get(("train", "kernels", "fwd+bwd")), by.get(("train", "reference", "fwd+bwd"))
+    target = f"training step >= {TRAIN_SPEEDUP}x reference"
+    if ours and ref:
+        speedup = ref.ms / ours.ms
+        results.append(TargetResult(ours.case, target, "kernels", f"{speedup:.2f}x", status(speedup >= TRAIN_SPEEDUP,
+                                                                                          ours)))
+    else:
+        results.append(TargetResult("train", target, "kernels", "-", "n/a (a training step has no time)"))
+    target = f"training step peak memory <= {TRAIN_MEMORY}x reference"
+    if ours and ref and ours.peak_mib is not None and ref.peak_mib:
+        ratio = ours.peak_mib / ref.peak_mib
+        results.append(TargetResult(ours.case, target, "kernels", f"{ratio:.2f}x ({ours.peak_mib:.0f} / "
+                                    f"{ref.peak_mib:.0f} MiB)", status(ratio <= TRAIN_MEMORY, ours)))
+    else:
+        results.append(TargetResult("train", target, "kernels", "-", "n/a (no memory measurement)"))
+    stream = by.get(("stream", "kernels", "fwd"))
+    target = f"streaming >= {MIN_STREAM_FPS:g} frames/s"
+    if stream and stream.items_per_s:
+        results.append(TargetResult(stream.case, target, "kernels", f"{stream.items_per_s:.1f} frames/s",
+                                    status(stream.items_per_s >= MIN_STREAM_FPS, stream)))
+    else:
+        results.append(TargetResult("stream", target, "kernels", "-", "n/a (no streaming time)"))
+    return results
+
+
+# ------------------------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    summary, details = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter timing budgets")
+    p.add_argument("--cases", type=csv_choices(CASES, "case"), default=list(CASES),
+                   help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--providers", type=csv_choices(PROVIDERS, "provider"), default=list(PROVIDERS),
+                   help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help=f"where {BENCHMARK}.jsonl is appended to (default: benchmarks/results)")
+    p.add_argument("--cpu", action="store_true", help="run the tiny CPU comparison even when a GPU is present")
+    p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype, setup, tag = (torch.bfloat16, GPU, "") if on_gpu else (torch.float32, CPU, "-cpu")
+    note = None
+    if not on_gpu:
+        why = "--cpu given" if args.cpu else "no GPU"
+        print(f"{why}: tiny fp32 CPU comparison instead of the GPU benchmark (the times show that the providers "
+              "run and agree, not kernel performance)")
+        note = f"cpu run ({why}): tiny model, not kernel performance"
+        torch.set_num_threads(max(1, args.threads))
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+    bench = Harness(BENCHMARK, device=device, quick=args.quick, save=not args.no_save,
+                    results_dir=args.results_dir, note=note)
+    precision = str(dtype).removeprefix("torch.") + (" autocast" if on_gpu else "")
+    rows: list[Row] = []
+    if {"train", "infer"} & set(args.cases):
+        model = build_model(setup, setup.model, device)
+        inputs = make_clips(setup, device)
+        leaves = list(model.parameters())
+        shape = {"clips": setup.clips, "frames": 1 + len(OFFSETS) + 1, "size": setup.size,
+                 "classes": setup.num_classes, **setup.model}
+        for case_name in (c for c in ("train", "infer") if c in args.cases):
+            train = case_name == "train"
+            title = (f"{'training step' if train else 'inference'}: {setup.model['backbone']}, {setup.clips} clips "
+                     f"of {len(OFFSETS) + 1}+1 frames at {setup.size[0]}x{setup.size[1]}, {precision}")
+            case = Case(case_name + tag, shape, dtype, title=title, items=setup.clips)
+            rows += bench.run_case(case, step_providers(args.providers, model, inputs, device, dtype, train),
+                                   leaves=leaves, modes=("fwd+bwd",) if train else ("fwd",),
+                                   reference="reference" if "reference" in args.providers else None,
+                                   tolerance=TwiceReferenceError(dtype, fp32_reference(model, inputs, train)))
+        del model, inputs, leaves
+    if "stream" in args.cases:
+        model = build_model(setup, setup.stream_model, device)
+        h, w = setup.stream_size
+        title = f"streaming VideoPredictor.step: {setup.stream_model['backbone']}, {h}x{w} frames, {precision}"
+        case = Case("stream" + tag, {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes,
+                                     **setup.stream_model}, dtype, title=title, items=1)
+        rows += bench.run_case(case, stream_providers(args.providers, model, setup, device, dtype), leaves=[],
+                               modes=("fwd",), reference="reference" if "reference" in args.providers else None,
+                               tolerance=class_agreement)
+        del model
+
+    print()
+    if "kernels" in args.providers:
+        speedups = format_speedups(rows, "kernels", [p for p in args.providers if p != "kernels"])
+        print(speedups, end="\n\n" if speedups else "")
+    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
+    if mismatched:
+        print("!!! OUTPUT MISMATCH vs reference: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
+    print(format_targets(evaluate_targets(rows), "train, stream") if on_gpu else
+          "targets: defined for the bf16 GPU cases; not evaluated on this CPU run")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

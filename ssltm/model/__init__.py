@@ -1,0 +1,28 @@
+"""The SSLTM model (ARCHITECTURE.md §2) and its video predictor.
+
+Modules, one file per part: ``backbone`` (torchvision ResNet trunk), ``neck`` (FPN + PPM), ``stt``
+(Spatial-Temporal Transformer), ``rfce`` (shared OCR, category attention, GCC), ``heads`` (segmentation
+heads, losses), ``ssltm`` (the model), ``predictor`` (streaming and whole-video inference).
+"""
+
+from .backbone import RESNETS, ResNetTrunk
+from .neck import FPNNeck, PyramidPooling
+from .predictor import VideoPredictor
+from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
+from .ssltm import SSLTM
+from .stt import ShortTermTransformer, STTBlock, STTUnit
+
+__all__ = [
+    "RESNETS",
+    "SSLTM",
+    "CategoryAttention",
+    "FPNNeck",
+    "GlobalCategoryContext",
+    "ObjectContext",
+    "PyramidPooling",
+    "ResNetTrunk",
+    "STTBlock",
+    "STTUnit",
+    "ShortTermTransformer",
+    "VideoPredictor",
+]

@@ -1,0 +1,61 @@
+"""Feature extraction trunk: torchvision's ResNet without its classifier (paper §4.1.2)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision import models
+
+# name -> (torchvision builder, channels of C2..C5)
+RESNETS: dict[str, tuple[Callable[..., models.ResNet], tuple[int, int, int, int]]] = {
+    "resnet18": (models.resnet18, (64, 128, 256, 512)),
+    "resnet50": (models.resnet50, (256, 512, 1024, 2048)),
+    "resnet101": (models.resnet101, (256, 512, 1024, 2048)),
+}
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision's ResNet-18/50/101 up to ``layer4``: ``(N, 3, H, W)`` -> C2..C5 at strides 4, 8, 16, 32.
+
+    The modules are torchvision's own (same attribute names, so ``state_dict`` keys are torchvision's
+    without ``fc.*``). ``pretrained`` is a local path to a torchvision ImageNet checkpoint (the state dict
+    torchvision's weights download, e.g. ``resnet101-63fe2227.pth``); it is loaded as it is, strictly,
+    into the full torchvision model before the classifier is dropped. Nothing is downloaded.
+    """
+
+    def __init__(self, name: str = "resnet101", pretrained: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"backbone must be one of {tuple(RESNETS)}, got {name!r}")
+        build, self.channels = RESNETS[name]
+        resnet = build(weights=None)
+        if pretrained is not None:
+            load_torchvision_checkpoint(resnet, pretrained)
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(N, 3, H, W)`` -> ``[(N, C_i, ceil(H / s), ceil(W / s)) for s in (4, 8, 16, 32)]`` (sizes rounded as
+        the strided convolutions round)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        return [c2, c3, c4, self.layer4(c4)]
+
+
+def load_torchvision_checkpoint(resnet: models.ResNet, path: str | os.PathLike) -> None:
+    """Load a torchvision ResNet state dict from ``path`` into ``resnet`` (strict: every key must match)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained checkpoint {os.fspath(path)!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained checkpoint {os.fspath(path)!r} is not a state dict (got {type(state).__name__})")
+    try:
+        resnet.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"pretrained checkpoint {os.fspath(path)!r} does not fit torchvision's "
+                         f"{type(resnet).__name__} of this depth: {error}") from error

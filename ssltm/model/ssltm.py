@@ -1,0 +1,239 @@
+"""The SSLTM model (paper §3, Fig. 2-3, Eq. 1-10, §4.1.2)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .backbone import ResNetTrunk
+from .heads import SegHead, cross_entropy, present_classes
+from .neck import FPNNeck, resize
+from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
+from .stt import ShortTermTransformer
+
+CONTEXTS = ("reference", "query")
+MIN_SIZE = 32  # the ResNet's stride: every level keeps at least one position
+
+
+class SSLTM(nn.Module):
+    """Simultaneously Short- and Long-Term Temporal Modelling for video semantic segmentation.
+
+    ``model(frames, reference=None, labels=None)`` with ``frames (B, 1+n, 3, H, W)`` (the query frame first,
+    then its ``n = num_adjacent`` adjacent frames, ImageNet-normalised), ``reference (B, 3, H, W)`` (a distant
+    frame of the same video) and integer ``labels (B, H, W)`` of the query frame returns a dict:
+    ``"logits"`` ``(B, num_classes, H, W)`` at input resolution, and with labels ``"losses"`` =
+    ``{"sup", "mse", "aux", "total"}``, ``total = sup + alpha * mse + beta * aux`` (Eq. 10), every term
+    skipping ``ignore_index`` pixels. Any ``H, W >= 32``.
+
+    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet + FPN + PPM,
+    one batch) and a per-stride projection to the STT dims; STT blocks over the stacked clip give the query
+    frame's ``F_q^st`` at stride 4; the shared OCR module turns ``F_q^st`` and the reference's features into
+    category representations; multi-head attention of ``F_q^st``'s pixels over [reference categories, G]
+    gives ``F_q^lt``; ``phi_seg([F_q^st, F_q^lt])`` gives the logits. GCC's ``G`` is trained by the MSE term
+    and used in the attention.
+
+    Args (the paper's configuration by default):
+        num_classes: K (VSPW 124, Cityscapes 19).
+        backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"`` (torchvision's classes).
+        fpn_dim: FPN / PPM channels (256).
+        stt_dims: channels of the four STT blocks, strides 4, 8, 16, 32 (32, 64, 128, 256).
+        window_size: 3D W-MSA window ``(t, h, w)`` (4, 7, 7).
+        num_adjacent: n, adjacent frames per clip (3).
+        num_clusters: T, centres per class in G (3).
+        alpha, beta: weights of the MSE and auxiliary terms in Eq. 10 (1.0, 0.5).
+        ignore_index: label value without a class (255).
+        use_stt, use_rfce, use_gcc: the ablation switches of Table 4. Without STT the query frame's projected
+            FPN levels are fused directly (all three off: the UperNet-style image baseline with the same
+            head). GCC needs RFCE (its G is attended to there).
+        context: ``"reference"`` (RFCE) or ``"query"`` (QFCE, supplementary §2.6: the query frame's own
+            categories replace the reference's; no reference frame needed).
+        pretrained: local path to a torchvision ImageNet checkpoint of the ResNet (loaded as is).
+
+    Choices where the paper is silent (keyword-only; the defaults land the parameter count within 1% of
+    the paper's 62.1M for ResNet-101 / 124 classes and 43.1M for ResNet-50 / 19 classes):
+        stt_depths: STT units per stride (2 each).
+        head_dim: head width of the W-MSA (paper: 32) and of the category attention.
+        mlp_ratio: Mix-FFN hidden width / dim (4, SegFormer's).
+        shifted_windows: shift the windows of every second unit (Video Swin). Off: the paper's unit connects
+            windows through the Mix-FFN's depthwise conv instead (supplementary §1), and with 4 frames and a
+            temporal window of 4 only a spatial shift would remain.
+        context_dim: D, the width of the category representations, G and ``F_q^lt`` (512, OCRNet's).
+        head_channels, aux_channels: hidden widths of ``phi_seg`` and ``phi_aux`` (256 each).
+        aux_kernel_size: kernel of ``phi_aux``'s conv (1, as OCRNet's HRNet aux head; ``phi_seg``'s is 3x3).
+        dropout: dropout before the 1x1 classifiers (0.1, mmsegmentation's default).
+        pool_scales: PPM bins (1, 2, 3, 6).
+        reference_stt: how the reference frame's features reach the shared OCR. Off (default, Eq. 3:
+            ``F_ref = f_FE(I_ref)``): its projected FPN levels are fused exactly as the query's STT outputs
+            are, without STT units. On: it also passes the STT blocks as a one-frame clip.
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "resnet101", fpn_dim: int = 256,
+                 stt_dims: Sequence[int] = (32, 64, 128, 256), window_size: Sequence[int] = (4, 7, 7),
+                 num_adjacent: int = 3, num_clusters: int = 3, alpha: float = 1.0, beta: float = 0.5,
+                 ignore_index: int = 255, use_stt: bool = True, use_rfce: bool = True, use_gcc: bool = True,
+                 context: str = "reference", pretrained: str | os.PathLike | None = None, *,
+                 stt_depths: Sequence[int] = (2, 2, 2, 2), head_dim: int = 32, mlp_ratio: float = 4.0,
+                 shifted_windows: bool = False, context_dim: int = 512, head_channels: int = 256,
+                 aux_channels: int = 256, aux_kernel_size: int = 1, dropout: float = 0.1,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), reference_stt: bool = False) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_adjacent < 0:
+            raise ValueError(f"num_adjacent must be >= 0, got {num_adjacent}")
+        if context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        if use_gcc and not use_rfce:
+            raise ValueError("use_gcc=True needs use_rfce=True: G is attended to in the RFCE attention")
+        if len(stt_dims) != 4 or len(tuple(window_size)) != 3:
+            raise ValueError(f"stt_dims needs 4 entries (strides 4..32) and window_size 3 (t, h, w), got "
+                             f"{tuple(stt_dims)} and {tuple(window_size)}")
+        self.num_classes, self.num_adjacent, self.ignore_index = num_classes, num_adjacent, ignore_index
+        self.alpha, self.beta = alpha, beta
+        self.use_stt, self.use_rfce, self.use_gcc = use_stt, use_rfce, use_gcc
+        self.context, self.reference_stt = context, reference_stt
+
+        self.backbone = ResNetTrunk(backbone, pretrained)
+        self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales)
+        self.stt = ShortTermTransformer(fpn_dim, stt_dims, stt_depths if use_stt else (0,) * 4, head_dim,
+                                        window_size, mlp_ratio, shifted_windows)
+        st_channels = self.stt.out_channels
+        if use_rfce:
+            self.ocr = ObjectContext(st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size)
+            self.attention = CategoryAttention(st_channels, context_dim, head_dim)
+            if use_gcc:
+                self.gcc = GlobalCategoryContext(num_clusters, num_classes, context_dim)
+        self.seg_head = SegHead(st_channels + (context_dim if use_rfce else 0), head_channels, num_classes, dropout)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the forward needs a reference frame (RFCE with ``context="reference"``)."""
+        return self.use_rfce and self.context == "reference"
+
+    # ------------------------------------------------------------------------------------ stages
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``f_FE`` and the per-stride projection, per image: ``(N, 3, H, W)`` -> ``[(N, h_i, w_i, d_i)]``
+        at strides 4, 8, 16, 32 (what a streaming predictor caches per frame)."""
+        return self.stt.project(self.neck(self.backbone(images)))
+
+    def reference_context(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A reference frame's encoded levels ``[(B, h_i, w_i, d_i)]`` -> its categories ``F_ref^c (B, K, D)``."""
+        if not self.use_rfce:
+            raise RuntimeError("reference_context needs use_rfce=True")
+        if self.reference_stt and self.use_stt:
+            levels = self.stt([x[:, None] for x in levels])
+        return self.ocr(self.stt.fuse(levels))[1]
+
+    def decode(self, clip: Sequence[torch.Tensor], reference_categories: torch.Tensor | None = None,
+               size: Sequence[int] | None = None) -> torch.Tensor:
+        """Encoded clip levels ``[(B, 1+n, h_i, w_i, d_i)]`` (query first) and ``F_ref^c`` -> logits
+        ``(B, K, H, W)`` resized to ``size`` (stride 4 when None)."""
+        logits = self._heads(self._short_term(clip), reference_categories)[0]
+        return logits if size is None else resize(logits, size)
+
+    def _short_term(self, clip: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``F_q^st (B, sum(stt_dims), H/4, W/4)``."""
+        return self.stt.fuse(self.stt(clip) if self.use_stt else [x[:, 0] for x in clip])
+
+    def _heads(self, st: torch.Tensor, reference_categories: torch.Tensor | None):
+        """``F_q^st`` -> (seg logits, aux logits | None, query categories | None), all at stride 4."""
+        if not self.use_rfce:
+            return self.seg_head(st), None, None
+        aux_logits, categories = self.ocr(st)
+        context = categories if self.context == "query" else reference_categories
+        if context is None:
+            raise ValueError("RFCE with context='reference' needs the reference frame's categories")
+        if self.use_gcc:
+            g = self.gcc.context().to(context.dtype)
+            context = torch.cat([context, g.expand(context.shape[0], *g.shape)], dim=1)
+        long_term = self.attention(st, context)  # F_q^lt
+        return self.seg_head(torch.cat([st, long_term.to(st.dtype)], dim=1)), aux_logits, categories
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(self, frames: torch.Tensor, reference: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict:
+        b, _, _, h, w = self._check_inputs(frames, reference, labels)
+        clip_frames = frames if self.use_stt else frames[:, :1]  # the baseline looks at the query only
+        images = clip_frames.flatten(0, 1)
+        if self.uses_reference:
+            images = torch.cat([images, reference], dim=0)
+        levels = self.encode(images)
+        n = clip_frames.shape[0] * clip_frames.shape[1]
+        clip = [x[:n].unflatten(0, (b, -1)) for x in levels]
+        reference_categories = self.reference_context([x[n:] for x in levels]) if self.uses_reference else None
+        seg_logits, aux_logits, categories = self._heads(self._short_term(clip), reference_categories)
+        out = {"logits": resize(seg_logits, (h, w))}
+        if labels is not None:
+            out["losses"] = self._losses(out["logits"], aux_logits, categories, labels.long())
+        return out
+
+    def _losses(self, logits: torch.Tensor, aux_logits: torch.Tensor | None, categories: torch.Tensor | None,
+                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        ignore = self.ignore_index
+        sup = cross_entropy(logits, labels, ignore)
+        zero = sup.new_zeros(())
+        aux = zero if aux_logits is None else cross_entropy(resize(aux_logits, labels.shape[-2:]), labels, ignore)
+        mse = self.gcc.loss(categories, present_classes(labels, self.num_classes, ignore)) if self.use_gcc else zero
+        return {"sup": sup, "mse": mse, "aux": aux, "total": sup + self.alpha * mse + self.beta * aux}
+
+    @torch.no_grad()
+    def predict(self, frames: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Class map ``(B, H, W)`` int64 of the query frames, in eval mode (the mode is restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(frames, reference)["logits"].argmax(1)
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------------------ validation
+    def _check_inputs(self, frames, reference, labels) -> tuple[int, int, int, int, int]:
+        t = 1 + self.num_adjacent
+        expected = f"(B, {t}, 3, H, W) (the query frame, then {self.num_adjacent} adjacent frames)"
+        if not isinstance(frames, torch.Tensor):
+            raise TypeError(f"frames must be a tensor {expected}, got {type(frames).__name__}")
+        if frames.dim() != 5 or frames.shape[1] != t or frames.shape[2] != 3 or frames.shape[0] == 0:
+            raise ValueError(f"frames must be {expected}, got shape {tuple(frames.shape)}")
+        if not frames.is_floating_point():
+            raise TypeError(f"frames must be a floating-point tensor, got {frames.dtype}")
+        b, _, _, h, w = frames.shape
+        if h < MIN_SIZE or w < MIN_SIZE:
+            raise ValueError(f"frames must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got shape {tuple(frames.shape)}")
+        if reference is not None:
+            _check_tensor("reference", reference, (b, 3, h, w), frames)
+            if reference.dtype != frames.dtype:
+                raise TypeError(f"reference must have the frames' dtype {frames.dtype}, got {reference.dtype}")
+        elif self.uses_reference:
+            raise ValueError(f"reference (B, 3, H, W) = {(b, 3, h, w)} is required with use_rfce=True and "
+                             "context='reference'")
+        if labels is not None:
+            _check_tensor("labels", labels, (b, h, w), frames)
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        return b, t, 3, h, w
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter count per component (``"total"`` included)."""
+        parts = {"backbone": self.backbone, "neck (FPN + PPM)": self.neck, "stt projections": self.stt.proj,
+                 "stt blocks": self.stt.blocks}
+        if self.use_rfce:
+            parts.update({"ocr aux head (phi_aux)": self.ocr.aux_head, "ocr pixel conv": self.ocr.pixels,
+                          "category attention": self.attention})
+            if self.use_gcc:
+                parts["gcc (G)"] = self.gcc
+        parts["seg head (phi_seg)"] = self.seg_head
+        counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+def _check_tensor(name: str, x, shape: tuple[int, ...], like: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {shape}, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} to match frames {tuple(like.shape)}, got {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but frames are on {like.device}")

@@ -1,0 +1,636 @@
+"""OCR soft region pooling (OCRNet's ``SpatialGather_Module``): class-weighted averages of feature vectors.
+
+One op, one file: the pure-PyTorch reference, the Triton kernels and their launchers, the
+``torch.library`` custom ops with autograd, and the public :func:`soft_region_pool`.
+
+Semantics: for logits ``(B, K, H, W)`` (coarse class scores, not softmaxed) and features
+``(B, C, H, W)``, ``out[b, k] = sum_n softmax_n(scale * logits[b, k, :])[n] * feats[b, :, n]`` over the
+``N = H*W`` positions ``n``: a ``(B, K, C)`` region representation per class.
+
+Numerics: the kernels never write the ``(B, K, N)`` probabilities. They keep, per ``(b, k)``, the running
+maximum ``M`` of ``sign(scale) * logits`` and evaluate ``exp(|scale| * (sign(scale) * logit - M))``: the
+difference is taken before the scaling, so logits of magnitude 1e4 with ``scale`` 100 (scaled logits of
+1e6, whose float32 spacing is 0.06) keep the accuracy of the logits themselves. The backward recomputes
+the probabilities from ``M`` and the log of the softmax denominator, the two floats per ``(b, k)`` the
+forward saves (``stats``). fp16/bf16 inputs accumulate in fp32. Gradients are deterministic: every
+element is written by one program, partial sums are reduced in fixed order, no atomics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ssltm_kernels._backend import (
+    HAS_TRITON,
+    BackendCheck,
+    choose_backend,
+    cuda_unavailable_reason,
+    on_device,
+    triton_interpreting,
+    triton_unavailable_reason,
+)
+from ssltm_kernels._ext import _C
+
+__all__ = [
+    "soft_region_pool",
+    "soft_region_pool_reference",
+    "can_run_cuda",
+    "can_run_triton",
+    "can_run_reference",
+    "compute_dtype",
+]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (pure PyTorch, the ground truth)
+# --------------------------------------------------------------------------------------------------
+def _reference(logits: torch.Tensor, feats: torch.Tensor, scale: float) -> torch.Tensor:
+    probs = torch.softmax(scale * logits.flatten(2), dim=-1)  # (B, K, N)
+    return probs @ feats.flatten(2).transpose(1, 2)  # (B, K, N) @ (B, N, C)
+
+
+def soft_region_pool_reference(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """OCRNet's eager computation: ``softmax(scale * logits)`` over the H*W positions of each class,
+    then a batched matrix product with the features. Same arguments and result as
+    :func:`soft_region_pool`; differentiable by autograd in both inputs, any float dtype."""
+    _validate(logits, feats, scale)
+    return _reference(logits, feats, float(scale))
+
+
+# --------------------------------------------------------------------------------------------------
+# Input validation
+# --------------------------------------------------------------------------------------------------
+def _validate(logits, feats, scale) -> None:
+    for name, x in (("logits", logits), ("feats", feats)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be 4-D (B, K, H, W), got shape {tuple(logits.shape)}")
+    if feats.dim() != 4:
+        raise ValueError(f"feats must be 4-D (B, C, H, W), got shape {tuple(feats.shape)}")
+    if feats.shape[0] != logits.shape[0]:
+        raise ValueError(f"feats must have the batch size of logits (B = {logits.shape[0]}, logits shape "
+                         f"{tuple(logits.shape)}), got shape {tuple(feats.shape)}")
+    if feats.shape[2:] != logits.shape[2:]:
+        raise ValueError(f"feats must have the spatial size of logits ((H, W) = {tuple(logits.shape[2:])}, logits "
+                         f"shape {tuple(logits.shape)}), got shape {tuple(feats.shape)}")
+    if feats.device != logits.device:
+        raise ValueError(f"feats must be on the device of logits ({logits.device}), got {feats.device} "
+                         f"(feats shape {tuple(feats.shape)})")
+    for name, x in (("logits", logits), ("feats", feats)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype} (shape {tuple(x.shape)})")
+    if feats.dtype != logits.dtype and not _autocast_casts(logits, feats):
+        raise TypeError(f"feats must have the dtype of logits ({logits.dtype}), got {feats.dtype} "
+                        f"(feats shape {tuple(feats.shape)})")
+    for name, x in (("logits", logits), ("feats", feats)):
+        if x.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number, got {scale!r}")
+
+
+def _autocast_casts(logits: torch.Tensor, feats: torch.Tensor) -> bool:
+    """Whether autocast casts both inputs to one dtype before the fused op runs (see the registration below)."""
+    device_type = logits.device.type
+    return (device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
+            and logits.dtype in KERNEL_DTYPES and feats.dtype in KERNEL_DTYPES)
+
+
+def compute_dtype(logits: torch.Tensor, feats: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels run in: the inputs', or the autocast dtype where autocast casts them."""
+    if _autocast_casts(logits, feats):
+        return torch.get_autocast_dtype(logits.device.type)
+    return logits.dtype
+
+
+def _dtype_reason(dtype: torch.dtype) -> str | None:
+    return None if dtype in KERNEL_DTYPES else f"dtype {dtype} is not one of {KERNEL_DTYPES}"
+
+
+def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
+    """The kernels index within one batch item in int32."""
+    for name, x in (("logits", logits), ("feats", feats)):
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
+        if extent >= 2**31:
+            return f"{name} spans {extent + 1} elements per batch item (shape {tuple(x.shape)}), beyond int32 indexing"
+    return None
+
+
+def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
+    dtype_or_extent = _dtype_reason(compute_dtype(logits, feats)) or _extent_reason(logits, feats)
+    return {
+        "cuda": BackendCheck("cuda", cuda_unavailable_reason(logits) or dtype_or_extent),
+        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_or_extent),
+        "reference": BackendCheck("reference", None),
+    }
+
+
+def _can_run(backend: str, logits, feats, scale, raise_error: bool) -> BackendCheck:
+    _validate(logits, feats, scale)
+    check = _checks(logits, feats)[backend]
+    if raise_error:
+        check.raise_if_unavailable("soft_region_pool")
+    return check
+
+
+def can_run_cuda(logits, feats, scale=1.0, *, raise_error=False) -> BackendCheck:
+    """Whether the compiled CUDA kernels can run :func:`soft_region_pool` on these arguments (truthy), with
+    the reason when not (``raise_error``: raise it)."""
+    return _can_run("cuda", logits, feats, scale, raise_error)
+
+
+def can_run_triton(logits, feats, scale=1.0, *, raise_error=False) -> BackendCheck:
+    """Whether the Triton kernels can run :func:`soft_region_pool` on these arguments (truthy), with the
+    reason when not (``raise_error``: raise it)."""
+    return _can_run("triton", logits, feats, scale, raise_error)
+
+
+def can_run_reference(logits, feats, scale=1.0, *, raise_error=False) -> BackendCheck:
+    """The reference runs any valid arguments (invalid ones raise the input error)."""
+    return _can_run("reference", logits, feats, scale, raise_error)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _srp_fwd_kernel(
+        L, F, Out, Stats, PartAcc, PartStats,
+        sl_b, sl_k, sl_n, sf_b, sf_c, sf_n,
+        K, C, N, splits, split_len, sign, magnitude,
+        PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program: ``BLOCK_K`` classes x ``BLOCK_C`` channels of one batch item over the positions of one
+        split, ``[s * split_len, (s + 1) * split_len)``: an online softmax over the positions fused with the
+        weighted sum of the feature vectors. Without ``PARTIAL`` (one split) it writes the output and the
+        stats; with it, the unnormalised sums and their running maximum and denominator, in split order,
+        for ``_srp_combine_kernel``. The channel block varies fastest over the programs, so the programs
+        that read the same logits run together."""
+        blocks_c = tl.cdiv(C, BLOCK_C)
+        blocks_k = tl.cdiv(K, BLOCK_K)
+        pid = tl.program_id(0)
+        cb = pid % blocks_c
+        split = (pid // blocks_c) % splits
+        kb = (pid // (blocks_c * splits)) % blocks_k
+        b = (pid // (blocks_c * splits * blocks_k)).to(tl.int64)
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        k_ok = offs_k < K
+        c_ok = offs_c < C
+        l_rows = L + b * sl_b + offs_k[:, None] * sl_k
+        f_cols = F + b * sf_b + offs_c[None, :] * sf_c
+
+        # -FLT_MAX rather than -inf: the rescale factor of a first step stays exp(-inf) = 0, or 1 for scale 0
+        m = tl.full((BLOCK_K,), -3.4028234663852886e38, dtype=tl.float32)
+        total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        n_end = tl.minimum(N, (split + 1) * split_len)
+        for n0 in range(split * split_len, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < n_end
+            x = tl.load(l_rows + offs_n[None, :] * sl_n, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            x = x.to(tl.float32) * sign
+            m_new = tl.maximum(m, tl.max(tl.where(n_ok[None, :], x, float("-inf")), axis=1))
+            alpha = tl.exp(magnitude * (m - m_new))
+            p = tl.where(n_ok[None, :], tl.exp(magnitude * (x - m_new[:, None])), 0.0)
+            total = total * alpha + tl.sum(p, axis=1)
+            f = tl.load(f_cols + offs_n[:, None] * sf_n, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(f.dtype), f, input_precision=PRECISION)
+            m = m_new
+
+        if PARTIAL:
+            rows = (b * splits + split) * K + offs_k
+            tl.store(PartAcc + rows[:, None] * C + offs_c[None, :], acc, mask=k_ok[:, None] & c_ok[None, :])
+            tl.store(PartStats + rows * 2, m, mask=k_ok & (cb == 0))
+            tl.store(PartStats + rows * 2 + 1, total, mask=k_ok & (cb == 0))
+        else:
+            rows = b * K + offs_k
+            tl.store(Out + rows[:, None] * C + offs_c[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
+                     mask=k_ok[:, None] & c_ok[None, :])
+            tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
+            tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+
+    @triton.jit
+    def _srp_combine_kernel(PartAcc, PartStats, Out, Stats, K, C, splits, magnitude,
+                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The output and stats of ``BLOCK_K`` classes x ``BLOCK_C`` channels from the splits' partial sums,
+        each rescaled to the overall maximum and added in split order (deterministic)."""
+        blocks_c = tl.cdiv(C, BLOCK_C)
+        blocks_k = tl.cdiv(K, BLOCK_K)
+        pid = tl.program_id(0)
+        cb = pid % blocks_c
+        kb = (pid // blocks_c) % blocks_k
+        b = (pid // (blocks_c * blocks_k)).to(tl.int64)
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        k_ok = offs_k < K
+        kc_ok = k_ok[:, None] & (offs_c[None, :] < C)
+        m = tl.full((BLOCK_K,), -3.4028234663852886e38, dtype=tl.float32)
+        for split in range(0, splits):
+            m = tl.maximum(m, tl.load(PartStats + ((b * splits + split) * K + offs_k) * 2, mask=k_ok, other=0.0))
+        total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        for split in range(0, splits):
+            rows = (b * splits + split) * K + offs_k
+            weight = tl.exp(magnitude * (tl.load(PartStats + rows * 2, mask=k_ok, other=0.0) - m))
+            total += weight * tl.load(PartStats + rows * 2 + 1, mask=k_ok, other=0.0)
+            acc += weight[:, None] * tl.load(PartAcc + rows[:, None] * C + offs_c[None, :], mask=kc_ok, other=0.0)
+        rows = b * K + offs_k
+        tl.store(Out + rows[:, None] * C + offs_c[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
+                 mask=kc_ok)
+        tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
+        tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+
+    @triton.jit
+    def _srp_delta_kernel(DO, Out, Delta, K, C, rows, sdo_b, sdo_k, sdo_c,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """``Delta[b, k] = sum_c dOut[b, k, c] * Out[b, k, c]`` (fp32) for ``BLOCK_R`` rows ``b * K + k``."""
+        offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < rows
+        do_rows = DO + (offs_r // K).to(tl.int64) * sdo_b + (offs_r % K) * sdo_k
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            ok = r_ok[:, None] & (offs_c[None, :] < C)
+            do = tl.load(do_rows[:, None] + offs_c[None, :] * sdo_c, mask=ok, other=0.0)
+            o = tl.load(Out + offs_r[:, None].to(tl.int64) * C + offs_c[None, :], mask=ok, other=0.0)
+            acc += tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(Delta + offs_r, acc, mask=r_ok)
+
+    @triton.jit
+    def _srp_probs(L, Stats, b, offs_k, offs_n, k_ok, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude):
+        """The probabilities ``(len(offs_k), len(offs_n))`` recomputed from the logits and the saved stats;
+        0 outside the classes and positions."""
+        x = tl.load(L + b * sl_b + offs_k[:, None] * sl_k + offs_n[None, :] * sl_n,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * sign
+        stats = Stats + (b * K + offs_k) * 2
+        m = tl.load(stats, mask=k_ok, other=0.0)
+        log_total = tl.load(stats + 1, mask=k_ok, other=0.0)
+        p = tl.exp(magnitude * (x - m[:, None]) - log_total[:, None])
+        return tl.where(k_ok[:, None] & n_ok[None, :], p, 0.0)
+
+    @triton.jit
+    def _srp_dlogits_block(L, F, DO, Stats, Delta, DL, b, offs_k, offs_n, n_ok,
+                           sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n,
+                           K, C, sign, magnitude, scale, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``dlogits = scale * P * (dOut F - Delta)`` of classes ``offs_k`` at positions ``offs_n``, written;
+        returns the probabilities ``P``."""
+        k_ok = offs_k < K
+        dp = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            c_ok = offs_c < C
+            do = tl.load(DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
+                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+            f = tl.load(F + b * sf_b + offs_c[:, None] * sf_c + offs_n[None, :] * sf_n,
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            dp += tl.dot(do.to(f.dtype), f, input_precision=PRECISION)
+        p = _srp_probs(L, Stats, b, offs_k, offs_n, k_ok, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude)
+        delta = tl.load(Delta + b * K + offs_k, mask=k_ok, other=0.0)
+        dl = scale * p * (dp - delta[:, None])
+        tl.store(DL + b * sdl_b + offs_k[:, None] * sdl_k + offs_n[None, :] * sdl_n, dl.to(DL.dtype.element_ty),
+                 mask=k_ok[:, None] & n_ok[None, :])
+        return p
+
+    @triton.jit
+    def _srp_bwd_kernel(
+        L, F, DO, Stats, Delta, DL, DF,
+        sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n, sdf_b, sdf_c, sdf_n,
+        K, C, N, sign, magnitude, scale,
+        NEED_DL: tl.constexpr, NEED_DF: tl.constexpr, ONE_K_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program: ``BLOCK_N`` positions of one batch item, every class and channel. dlogits needs
+        ``dP = dOut F`` over all channels, dfeats ``dOut^T P`` over all classes: both sums stay inside the
+        program, so every gradient element has one writer. With one class block the probabilities of the
+        dlogits pass feed the dfeats pass; with several they are recomputed per channel block."""
+        blocks_n = tl.cdiv(N, BLOCK_N)
+        b = (tl.program_id(0) // blocks_n).to(tl.int64)
+        offs_n = (tl.program_id(0) % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        if ONE_K_BLOCK:
+            offs_k = tl.arange(0, BLOCK_K)
+            if NEED_DL:
+                p = _srp_dlogits_block(L, F, DO, Stats, Delta, DL, b, offs_k, offs_n, n_ok,
+                                       sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n,
+                                       K, C, sign, magnitude, scale, PRECISION, BLOCK_K, BLOCK_C, BLOCK_N)
+            else:
+                p = _srp_probs(L, Stats, b, offs_k, offs_n, offs_k < K, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude)
+            if NEED_DF:
+                p = p.to(F.dtype.element_ty)
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    c_ok = offs_c < C
+                    do = tl.load(DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
+                                 mask=(offs_k[:, None] < K) & c_ok[None, :], other=0.0)
+                    df = tl.dot(tl.trans(do.to(p.dtype)), p, input_precision=PRECISION)
+                    tl.store(DF + b * sdf_b + offs_c[:, None] * sdf_c + offs_n[None, :] * sdf_n,
+                             df.to(DF.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+        else:
+            if NEED_DL:
+                for k0 in range(0, K, BLOCK_K):
+                    _srp_dlogits_block(L, F, DO, Stats, Delta, DL, b, k0 + tl.arange(0, BLOCK_K), offs_n, n_ok,
+                                       sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n,
+                                       K, C, sign, magnitude, scale, PRECISION, BLOCK_K, BLOCK_C, BLOCK_N)
+            if NEED_DF:
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    c_ok = offs_c < C
+                    df = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+                    for k0 in range(0, K, BLOCK_K):
+                        offs_k = k0 + tl.arange(0, BLOCK_K)
+                        k_ok = offs_k < K
+                        p = _srp_probs(L, Stats, b, offs_k, offs_n, k_ok, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude)
+                        do = tl.load(DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
+                                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+                        df += tl.dot(tl.trans(do.to(F.dtype.element_ty)), p.to(F.dtype.element_ty),
+                                     input_precision=PRECISION)
+                    tl.store(DF + b * sdf_b + offs_c[:, None] * sdf_c + offs_n[None, :] * sdf_n,
+                             df.to(DF.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+
+
+def _next_pow2(x: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << (x - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """Blocks of the forward kernel (and of the combine kernel when ``splits > 1``)."""
+
+    block_k: int
+    block_c: int
+    block_n: int
+    splits: int  # parallel chunks of the positions, each with its own partial sums
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    block_k: int  # classes held at once; more classes loop, recomputing the probabilities for dfeats
+    block_c: int  # channels per step of the loops over the channels
+    block_n: int  # positions per program
+    num_warps: int
+    num_stages: int
+
+
+COMBINE_BLOCKS = (32, 64)  # (BLOCK_K, BLOCK_C) of the combine kernel: many programs for a small read
+DELTA_BLOCKS = (16, 128)  # (BLOCK_R, BLOCK_C) of the delta kernel
+# below this much shared memory per block (sm_86: 99 KB) the loops keep two stages instead of three
+THREE_STAGE_SHARED_MEMORY = 160 * 1024
+
+
+def forward_config(batch: int, classes: int, channels: int, positions: int, *, interpreting: bool,
+                   sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
+    """Blocks for ``(batch, classes, channels, positions)``. On a GPU a program holds up to 128 classes and
+    128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a time; the
+    positions are split so that about two programs run per multiprocessor. The interpreter pays per
+    block step: it takes whole problems in one block."""
+    block_k = _next_pow2(classes)
+    if interpreting:
+        return ForwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 1, 4, 1)
+    block_k = min(block_k, 128)
+    block_c = min(_next_pow2(channels), 256 if block_k <= 32 else 128)
+    block_n = 64
+    programs = batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c)
+    splits = max(1, min((2 * sm_count) // programs, triton.cdiv(positions, 4 * block_n)))
+    return ForwardConfig(block_k, block_c, block_n, splits, 8 if block_k * block_c >= 128 * 128 else 4,
+                         3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
+
+
+def backward_config(classes: int, channels: int, positions: int, *, interpreting: bool,
+                    shared_memory: int = 227 * 1024) -> BackwardConfig:
+    """Blocks of the backward kernel: up to 128 classes per program (one class block for SSLTM's 124),
+    64 positions per program (128 for 32 classes or fewer), 64 channels per loop step."""
+    block_k = _next_pow2(classes)
+    if interpreting:
+        return BackwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 4, 1)
+    block_k = min(block_k, 128)
+    block_n = 64 if block_k >= 64 else 128
+    return BackwardConfig(block_k, 64, block_n, 8 if block_k * block_n >= 128 * 64 else 4,
+                          3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
+
+
+def _device_limits(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {"sm_count": props.multi_processor_count, "shared_memory": props.shared_memory_per_block_optin}
+
+
+def _forward_launch_config(logits: torch.Tensor, channels: int) -> ForwardConfig:
+    batch, classes, h, w = logits.shape
+    limits = _device_limits(logits.device)
+    return forward_config(batch, classes, channels, h * w, interpreting=triton_interpreting(), **limits)
+
+
+def _backward_launch_config(logits: torch.Tensor, channels: int) -> BackwardConfig:
+    limits = _device_limits(logits.device)
+    limits.pop("sm_count", None)
+    return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3],
+                           interpreting=triton_interpreting(), **limits)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # 16-bit dots ignore it
+
+
+def _sign_magnitude(scale: float) -> tuple[float, float]:
+    return (1.0 if scale >= 0 else -1.0), abs(scale)
+
+
+def _triton_forward(logits: torch.Tensor, feats: torch.Tensor, scale: float):
+    batch, classes = logits.shape[:2]
+    channels = feats.shape[1]
+    l3, f3 = _flat(logits), _flat(feats)
+    positions = l3.shape[2]
+    cfg = _forward_launch_config(logits, channels)
+    out = torch.empty((batch, classes, channels), dtype=logits.dtype, device=logits.device)
+    stats = torch.empty((batch, classes, 2), dtype=torch.float32, device=logits.device)
+    split_len = triton.cdiv(triton.cdiv(positions, cfg.splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(positions, split_len)  # none empty
+    part_acc = part_stats = out
+    if splits > 1:
+        part_acc = torch.empty((batch, splits, classes, channels), dtype=torch.float32, device=logits.device)
+        part_stats = torch.empty((batch, splits, classes, 2), dtype=torch.float32, device=logits.device)
+    sign, magnitude = _sign_magnitude(scale)
+    blocks = batch * triton.cdiv(classes, cfg.block_k) * triton.cdiv(channels, cfg.block_c)
+    _srp_fwd_kernel[(blocks * splits,)](
+        l3, f3, out, stats, part_acc, part_stats, *l3.stride(), *f3.stride(),
+        classes, channels, positions, splits, split_len, sign, magnitude,
+        PARTIAL=splits > 1, PRECISION=_precision(logits.dtype),
+        BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        block_k, block_c = COMBINE_BLOCKS
+        grid = (batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c),)
+        _srp_combine_kernel[grid](part_acc, part_stats, out, stats, classes, channels, splits, magnitude,
+                                  BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
+    return out, stats
+
+
+def _triton_backward(grad_out, logits, feats, out, stats, scale: float, need_dlogits: bool, need_dfeats: bool):
+    batch, classes = logits.shape[:2]
+    channels = feats.shape[1]
+    l3, f3 = _flat(logits), _flat(feats)
+    positions = l3.shape[2]
+    cfg = _backward_launch_config(logits, channels)
+    dlogits = _grad_buffer(logits) if need_dlogits else None
+    dfeats = _grad_buffer(feats) if need_dfeats else None
+    dl3 = l3 if dlogits is None else _flat(dlogits)
+    df3 = f3 if dfeats is None else _flat(dfeats)
+    delta = stats  # read only for dlogits
+    if need_dlogits:
+        delta = torch.empty((batch, classes), dtype=torch.float32, device=logits.device)
+        block_r, block_c = DELTA_BLOCKS
+        _srp_delta_kernel[(triton.cdiv(batch * classes, block_r),)](
+            grad_out, out, delta, classes, channels, batch * classes, *grad_out.stride(),
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    sign, magnitude = _sign_magnitude(scale)
+    _srp_bwd_kernel[(batch * triton.cdiv(positions, cfg.block_n),)](
+        l3, f3, grad_out, stats, delta, dl3, df3,
+        *l3.stride(), *f3.stride(), *grad_out.stride(), *dl3.stride(), *df3.stride(),
+        classes, channels, positions, sign, magnitude, scale,
+        NEED_DL=need_dlogits, NEED_DF=need_dfeats, ONE_K_BLOCK=cfg.block_k >= classes,
+        PRECISION=_precision(logits.dtype),
+        BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dlogits, dfeats
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``(B, X, H, W)`` -> ``(B, X, H*W)``: a view whenever H and W merge (contiguous and channels-last do)."""
+    return x.flatten(2)
+
+
+def _mergeable(x: torch.Tensor) -> bool:
+    return x.shape[2] == 1 or x.shape[3] == 1 or x.stride(2) == x.stride(3) * x.shape[3]
+
+
+def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
+    """The gradient of an input, in the input's layout where that is dense with mergeable H and W (a
+    channels-last ``feats`` gets a channels-last gradient, which autograd accumulates without a copy)."""
+    grad = torch.empty_like(x)
+    return grad if _mergeable(grad) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+# --------------------------------------------------------------------------------------------------
+# torch.library custom ops + autograd
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("ssltm::soft_region_pool_fwd", mutates_args=())
+def _soft_region_pool_fwd(logits: torch.Tensor, feats: torch.Tensor, scale: float,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out (B, K, C) in the inputs' dtype, stats (B, K, 2) float32)``, ``stats`` holding
+    the maximum of ``sign(scale) * logits`` and the log of the softmax denominator per ``(b, k)``."""
+    if backend == "cuda":
+        return _C.soft_region_pool_forward(logits, feats, scale)
+    with on_device(logits):
+        return _triton_forward(logits, feats, scale)
+
+
+@_soft_region_pool_fwd.register_fake
+def _(logits, feats, scale, backend):
+    batch, classes = logits.shape[:2]
+    return (logits.new_empty((batch, classes, feats.shape[1])),
+            logits.new_empty((batch, classes, 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("ssltm::soft_region_pool_bwd", mutates_args=())
+def _soft_region_pool_bwd(grad_out: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor, out: torch.Tensor,
+                          stats: torch.Tensor, scale: float, backend: str, need_dlogits: bool,
+                          need_dfeats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward: ``(dlogits (B, K, H, W), dfeats (B, C, H, W))`` in the inputs' dtype and layouts
+    (``_grad_buffer``); a gradient not asked for is an empty tensor."""
+    if backend == "cuda":
+        dlogits, dfeats = _C.soft_region_pool_backward(grad_out, logits, feats, out, stats, scale,
+                                                       _grad_buffer(logits) if need_dlogits else None,
+                                                       _grad_buffer(feats) if need_dfeats else None)
+    else:
+        with on_device(logits):
+            dlogits, dfeats = _triton_backward(grad_out, logits, feats, out, stats, scale, need_dlogits, need_dfeats)
+    empty = logits.new_empty(0)
+    return (empty if dlogits is None else dlogits), (empty.clone() if dfeats is None else dfeats)
+
+
+@_soft_region_pool_bwd.register_fake
+def _(grad_out, logits, feats, out, stats, scale, backend, need_dlogits, need_dfeats):
+    empty = logits.new_empty(0)
+    return (_grad_buffer(logits) if need_dlogits else empty), (_grad_buffer(feats) if need_dfeats else empty.clone())
+
+
+def _setup_context(ctx, inputs, output):
+    logits, feats, scale, backend = inputs
+    ctx.params = (scale, backend)
+    ctx.save_for_backward(logits, feats, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_stats):
+    logits, feats, out, stats = ctx.saved_tensors
+    need_dlogits, need_dfeats = ctx.needs_input_grad[:2]
+    dlogits, dfeats = _soft_region_pool_bwd(grad_out, logits, feats, out, stats, *ctx.params, bool(need_dlogits),
+                                            bool(need_dfeats))
+    return (dlogits if need_dlogits else None), (dfeats if need_dfeats else None), None, None
+
+
+torch.library.register_autograd("ssltm::soft_region_pool_fwd", _backward, setup_context=_setup_context)
+
+
+def _register_autocast(qualname: str) -> None:
+    """Under ``torch.autocast`` both inputs run in the autocast dtype (as a matmul's would)."""
+    op = torch.ops.ssltm.__getattr__(qualname.split("::")[1]).default
+
+    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+        def autocast_kernel(logits, feats, *args, device_type=device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            logits, feats = (x.to(dtype) if x.dtype in KERNEL_DTYPES else x for x in (logits, feats))
+            with torch.autocast(device_type, enabled=False):
+                return op(logits, feats, *args)
+
+        torch.library.impl(qualname, key, autocast_kernel)
+
+
+_register_autocast("ssltm::soft_region_pool_fwd")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------
+def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1.0,
+                     backend: str | None = None) -> torch.Tensor:
+    """OCR soft region pooling: per class, the softmax-weighted average of the feature vectors.
+
+    Args:
+        logits: ``(B, K, H, W)`` class scores (not softmaxed), fp32/fp16/bf16 for the kernels (any float
+            for the reference).
+        feats: ``(B, C, H, W)`` features of logits' dtype; any strides (channels-last, i.e. a permuted
+            ``(B, H, W, C)`` tensor, is read in place).
+        scale: multiplies the logits before the softmax (OCRNet's ``scale``); any finite number.
+        backend: ``"cuda"``, ``"triton"`` or ``"reference"``; default ``SSLTM_BACKEND`` or the first that
+            can run (cuda -> triton -> reference).
+
+    Returns:
+        ``(B, K, C)`` in the inputs' dtype: ``out[b, k] = sum_n softmax(scale * logits[b, k])[n] *
+        feats[b, :, n]`` over the ``H*W`` positions.
+    """
+    _validate(logits, feats, scale)
+    checks = _checks(logits, feats)
+    chosen = choose_backend("soft_region_pool", {name: (lambda c=c: c.reason) for name, c in checks.items()},
+                            backend)
+    if chosen == "reference":
+        return _reference(logits, feats, float(scale))
+    out, _ = torch.ops.ssltm.soft_region_pool_fwd(logits, feats, float(scale), chosen)
+    return out
