@@ -11,6 +11,7 @@ from torch import nn
 
 from . import data as D
 from .config import ConfigError, crop_size
+from .model import SSLTM
 from .visualize import make_palette
 
 HOLDOUT = "holdout"  # split name of the frames data.holdout keeps out of training
@@ -147,15 +148,13 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
 
     ``pretrained=False`` skips ``model.pretrained`` (the weights will come from a checkpoint).
     """
-    import ssltm
-
     m = cfg.model
     weights = m.pretrained if pretrained else None
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"model.pretrained: no checkpoint file at {weights}")
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     try:
-        return ssltm.SSLTM(
+        return SSLTM(
             num_classes,
             backbone=m.backbone,
             pretrained=weights,
@@ -166,5 +165,5 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
             num_adjacent=len(cfg.data.offsets),
             **kwargs,
         )
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"model settings (model.*, model.kwargs {kwargs}) rejected by SSLTM: {err}") from err

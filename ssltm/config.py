@@ -83,6 +83,7 @@ class TrainConfig:
     epochs: int | None = None
     max_minutes: float | None = None
     checkpoint_every: int = 1000
+    validate: bool = True  # evaluate on data.val_split during and after training, keeping best.pt
     val_every: int | None = None  # None: with every checkpoint; 0: only at the end
     log_every: int = 10
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU), bf16, fp16 or off
@@ -221,8 +222,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"train.{key} must be at least 1 or null, got {train[key]}")
     if train.max_minutes is not None and train.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes must be positive or null, got {train.max_minutes}")
-    if train.max_iters is None and train.epochs is None and train.max_minutes is None:
-        raise ConfigError("set the length of the run: train.max_iters, train.epochs or train.max_minutes")
     if train.val_every is not None and train.val_every < 0:
         raise ConfigError(f"train.val_every must be >= 0 or null, got {train.val_every}")
     if train.lr <= 0:

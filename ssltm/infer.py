@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from . import distributed as dist
 from .build import build_model
@@ -20,6 +19,7 @@ from .checkpoint import load_checkpoint
 from .config import from_container
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .evaluate import autocast
+from .model import VideoPredictor
 from .train import amp_dtype
 from .visualize import overlay, save_label_png
 
@@ -103,27 +103,6 @@ def to_input(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     return (x - mean) / std
 
 
-class CausalClips:
-    """Streaming prediction with the frames seen so far: frame ``t``'s clip is ``t`` and ``t - o`` for the
-    offsets (clamped to frame 0), its reference frame 0 — the farthest available, as in the datasets'
-    ``causal=True`` clips, so the class maps equal clip prediction on those clips."""
-
-    def __init__(self, model: nn.Module, offsets: tuple[int, ...]):
-        self.model, self.offsets = model, offsets
-        self.history: list[torch.Tensor] = []  # the last max(offsets) + 1 frames, newest last
-        self.reference: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
-        """``frame`` ``(3, H, W)`` -> class map ``(H, W)``."""
-        if self.reference is None:
-            self.reference = frame
-        self.history = [*self.history, frame][-(max(self.offsets, default=0) + 1) :]
-        t = len(self.history) - 1
-        clip = [frame] + [self.history[max(t - o, 0)] for o in self.offsets]
-        return self.model.predict(torch.stack(clip)[None], self.reference[None])[0]
-
-
 def load_model(checkpoint: str | Path, device: torch.device):
     """The model of a checkpoint, its config and its meta (classes, palette), in eval mode on ``device``."""
     ckpt = load_checkpoint(checkpoint)
@@ -151,7 +130,8 @@ def infer(
     source = open_frames(input_path, size, max_frames)
     model, cfg, meta = load_model(checkpoint, dev)
     palette = meta["palette"]
-    predictor = CausalClips(model, tuple(cfg.data.offsets))
+    # Streaming: one backbone pass per frame; the class maps equal clip prediction on causal clips.
+    predictor = VideoPredictor(model, tuple(cfg.data.offsets))
     dtype = amp_dtype(cfg.train.amp, dev)
     out = Path(out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
@@ -161,7 +141,7 @@ def infer(
         for name, rgb in source.frames:
             tick = time.perf_counter()
             with autocast(dev, dtype):
-                pred = predictor(to_input(rgb, dev))
+                pred = predictor.step(to_input(rgb, dev))
             pred = pred.cpu().numpy()
             model_seconds += time.perf_counter() - tick
             save_label_png(out / "labels" / f"{name}.png", pred, palette)

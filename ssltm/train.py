@@ -183,6 +183,8 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.work_dir = Path(cfg.work_dir)
         t = cfg.train
+        if t.max_iters is None and t.epochs is None and t.max_minutes is None:
+            raise ConfigError("set the length of the run: train.max_iters, train.epochs or train.max_minutes")
         if t.batch_size % (t.grad_accum * env.world_size):
             raise ConfigError(
                 f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum} "
@@ -193,7 +195,8 @@ class Trainer:
         self.info: DatasetInfo = dataset_info(cfg)
         self.train_set, self.train_indices = build_dataset(cfg, cfg.data.train_split, train=True)
         self.validate_every = t.checkpoint_every if t.val_every is None else t.val_every
-        self.val_set, self.val_indices = build_dataset(cfg, cfg.data.val_split, train=False)
+        if t.validate:
+            self.val_set, self.val_indices = build_dataset(cfg, cfg.data.val_split, train=False)
         self.amp_dtype = amp_dtype(t.amp, env.device)
 
         model = build_model(cfg, self.info.num_classes).to(env.device)
@@ -395,7 +398,7 @@ class Trainer:
                 last = state.iteration == self.schedule.max_iters
                 if state.iteration % t.checkpoint_every == 0 or last:
                     saved_at = self.save()
-                if self.validate_every and state.iteration % self.validate_every == 0 and not last:
+                if t.validate and self.validate_every and state.iteration % self.validate_every == 0 and not last:
                     self.validate()
                 if flags[-2] > 0 or flags[-1] > 0:
                     stopped = "interrupted" if flags[-2] > 0 else "time"
@@ -403,7 +406,7 @@ class Trainer:
         bar.close()
         if stopped != "finished" and (saved_at is None or saved_at.name != f"iter_{state.iteration}.pt"):
             saved_at = self.save()
-        if stopped != "interrupted":
+        if t.validate and stopped != "interrupted":
             self.validate()
         self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
         return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)

@@ -39,12 +39,13 @@ TINY_MODEL = [
     "model.kwargs.head_channels=16",
     "model.kwargs.aux_channels=16",
 ]
-# 5 videos of 18 frames (mVC needs videos of at least 17), the last one held out for validation.
+# 5 videos of 17 frames (mVC needs videos of at least 17), the last one held out for validation.
+FRAMES = 17
 TINY_DATA = [
     "data.synthetic.num_videos=5",
     "data.synthetic.val_videos=1",
-    "data.synthetic.num_frames=18",
-    "data.synthetic.size=40",
+    f"data.synthetic.num_frames={FRAMES}",
+    "data.synthetic.size=32",
     "data.crop_size=32",
     "data.scale_range=[1.0,1.25]",
     "data.num_workers=0",
@@ -124,13 +125,13 @@ def test_train_eval_through_cli(tmp_path, capsys):
     assert "| mIoU" in capsys.readouterr().out
     # VSPW's submission layout: <video>/<frame>.png holding class ids; the held-out video is synthetic_4
     pngs = sorted(preds.glob("*/*.png"))
-    assert [p.relative_to(preds).as_posix() for p in pngs] == [f"synthetic_4/{t:05d}.png" for t in range(18)]
+    assert [p.relative_to(preds).as_posix() for p in pngs] == [f"synthetic_4/{t:05d}.png" for t in range(FRAMES)]
     ids = np.asarray(Image.open(pngs[0]))
-    assert ids.shape == (40, 40) and ids.max() < 6
+    assert ids.shape == (32, 32) and ids.max() < 6
     # the saved class map is the model's prediction of that clip (the paper's farthest reference)
     model = SSLTM(6, **tiny_model_kwargs())
     model.load_state_dict(weights(work / "latest.pt"))
-    clip = SyntheticVideos(5, 18, 40, seed=0, reference="farthest", transform=eval_transform())[4 * 18]
+    clip = SyntheticVideos(5, FRAMES, 32, seed=0, reference="farthest", transform=eval_transform())[4 * FRAMES]
     expected = model.predict(clip["frames"][None], clip["reference"][None])[0].numpy()
     np.testing.assert_array_equal(ids, expected)
 
@@ -146,7 +147,7 @@ def tiny_model_kwargs() -> dict:
 
 def test_resume_equals_uninterrupted_training(tmp_path):
     common = ["train.max_iters=4", "train.batch_size=4", "train.grad_accum=2", "train.checkpoint_every=2"]
-    common += ["train.val_every=0", "eval.tc=false"]
+    common += ["train.validate=false"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert train_cli(tmp_path, whole, *common) == 0
     assert train_cli(tmp_path, resumed, *common, resume=str(whole / "iter_2.pt")) == 0
@@ -167,8 +168,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     accumulation steps of a single process do; the DDP gradient average then equals the accumulated mean.
     Dropout is off: each process draws its own masks.
     """
-    common = ["train.max_iters=2", "train.batch_size=2", "train.checkpoint_every=2", "train.val_every=0"]
-    common += ["eval.tc=false", "model.kwargs.dropout=0.0"]
+    common = ["train.max_iters=2", "train.batch_size=2", "train.checkpoint_every=2", "train.validate=false"]
+    common += ["model.kwargs.dropout=0.0"]
     single = tmp_path / "single"
     assert train_cli(tmp_path, single, *common, "train.grad_accum=2") == 0
     ddp = tmp_path / "ddp"
@@ -182,7 +183,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     params = {name for name, _ in SSLTM(6, **tiny_model_kwargs()).named_parameters()}
     a = {k: v for k, v in weights(single / "iter_2.pt").items() if k in params}
     b = {k: v for k, v in ckpt["model"].items() if k in params}
-    assert_same_weights(a, b, atol=1e-6)
+    # float rounding apart (an all-reduce average against an accumulated sum), far below what training moved
+    assert_same_weights(a, b, atol=1e-5)
+    initial = SSLTM(6, **tiny_model_kwargs())
+    moved = max((a[k] - v).abs().max().item() for k, v in initial.state_dict().items() if k in params)
+    assert moved > 1e-3
     losses = lambda work: [r["total"] for r in log_records(work) if "total" in r]
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
 
@@ -294,13 +299,14 @@ needs_camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason=f"CamVid train spl
 def test_camvid_training_steps(tmp_path):
     work = tmp_path / "camvid"
     args = ["train", str(REPO / "configs" / "camvid.yaml"), "--set", *TINY_MODEL, f"data.root={CAMVID}"]
-    args += ["train.max_iters=2", "train.batch_size=2", "data.crop_size=64", "data.eval_size=40"]
+    args += ["train.max_iters=2", "train.batch_size=2", "data.crop_size=48", "data.eval_size=32", "data.holdout=0.05"]
     args += ["data.num_workers=0", "train.progress=false", "--work-dir", str(work)]
     assert main(args) == 0
     ckpt = load_checkpoint(work / "latest.pt", training=True)
     assert ckpt["iteration"] == 2 and ckpt["meta"]["classes"][0] == "sky"
     val = [r["val"] for r in log_records(work) if "val" in r]
     assert len(val) == 1 and len(val[0]["per_class"]) == 11 and 0 <= val[0]["mIoU"] <= 100
+    assert val[0]["TC"] is not None
 
 
 # --- inference ---------------------------------------------------------------------------------------------
@@ -322,7 +328,7 @@ def trained(tmp_path_factory):
 
 
 def test_infer_frame_folder_streams_like_causal_clips(tmp_path, trained, capsys):
-    videos = SyntheticVideos(5, 18, 40, seed=0, causal=True, reference="farthest", transform=eval_transform())
+    videos = SyntheticVideos(5, FRAMES, 32, seed=0, causal=True, reference="farthest", transform=eval_transform())
     frames = tmp_path / "frames"
     frames.mkdir()
     for t in range(12):
@@ -335,7 +341,7 @@ def test_infer_frame_folder_streams_like_causal_clips(tmp_path, trained, capsys)
     model = SSLTM(6, **tiny_model_kwargs())
     model.load_state_dict(weights(trained))
     for t in (0, 5, 11):
-        clip = videos[4 * 18 + t]  # causal clip: adjacent frames clamped to 0, reference frame 0
+        clip = videos[4 * FRAMES + t]  # causal clip: adjacent frames clamped to 0, reference frame 0
         expected = model.predict(clip["frames"][None], clip["reference"][None])[0].numpy()
         np.testing.assert_array_equal(np.asarray(Image.open(out / "labels" / f"{t:03d}.png")), expected)
     capture = cv2.VideoCapture(str(out / "overlay.mp4"))
