@@ -78,7 +78,7 @@ class TrainConfig:
     poly_power: float = 0.9
     min_lr: float = 0.0
     # Length of the run: max_iters if set, else epochs over the training clips, else as many iterations
-    # as fit in max_minutes (measured on the first iterations). max_minutes also stops any run.
+    # as fit in max_minutes at the measured speed (refitted as it changes). max_minutes also stops any run.
     max_iters: int | None = None
     epochs: int | None = None
     max_minutes: float | None = None

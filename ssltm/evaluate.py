@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
+from torchvision import tv_tensors
 from tqdm import tqdm
 
 from . import distributed as dist
 from .data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
 from .metrics import VideoMetrics, format_table
+from .model import VideoPredictor
 from .visualize import save_label_png
 
 
@@ -38,16 +41,77 @@ def to_uint8_rgb(frame: torch.Tensor) -> np.ndarray:
     return rgb.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def video_shares(dataset: ClipDataset, indices: Sequence[int], world_size: int) -> list[list[int]]:
-    """``indices`` split between ``world_size`` processes by whole videos (the metrics need each video's
-    frames in order on one process), round robin in video order."""
+def videos_of(dataset: ClipDataset, indices: Sequence[int]) -> dict[int, list[int]]:
+    """``indices`` grouped by video, in order of appearance."""
     videos: dict[int, list[int]] = {}
     for i in indices:
         videos.setdefault(dataset.queries[i][0], []).append(i)
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    for n, video in enumerate(videos.values()):
-        shares[n % world_size].extend(video)
-    return shares
+    return videos
+
+
+class _VideoFrames(Sequence):
+    """The frames of one video, every one a query, loaded on demand for ``VideoPredictor.predict_video``
+    (which reads the last frame first, then walks forward): a few stay cached with their labels."""
+
+    def __init__(self, dataset: ClipDataset, video: int, length: int, keep: int):
+        self.dataset, self.video, self.length, self.keep = dataset, video, length, keep
+        self.cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def load(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame ``t`` as the model's input ``(3, H, W)`` and its label ``(H, W)``, through the dataset's transform."""
+        if t not in self.cache:
+            label = self.dataset.read_label(self.video, t)
+            image = torch.from_numpy(self.dataset.read_frame(self.video, t)).permute(2, 0, 1).contiguous()
+            out = self.dataset.transform(
+                {
+                    "frames": tv_tensors.Video(image[None]),
+                    "reference": tv_tensors.Image(image),
+                    "label": tv_tensors.Mask(torch.from_numpy(label)),
+                }
+            )
+            self.cache[t] = (out["frames"][0].as_subclass(torch.Tensor), out["label"].as_subclass(torch.Tensor))
+            if len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        return self.cache[t]
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        return self.load(t)[0]
+
+
+def _video_predictions(
+    model: nn.Module,
+    dataset: ClipDataset,
+    video: int,
+    indices: list[int],
+    env: dist.DistEnv,
+    amp_dtype,
+    num_workers: int,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(frame id, input frame (3, H, W), label (H, W), prediction (H, W))`` for the queries ``indices`` of ``video``.
+
+    Where every frame of the video is a query (VSPW, CamVid, synthetic videos), the model's whole-video
+    predictor sends each frame through the backbone once; otherwise (Cityscapes: one labelled frame per
+    snippet) each query's clip is predicted on its own. Both give the class maps of the paper's inference.
+    """
+    length = dataset.video_length(video)
+    if [dataset.queries[i][1] for i in indices] == list(range(length)):
+        frames = _VideoFrames(dataset, video, length, keep=2 * max(dataset.sampler.offsets, default=0) + 3)
+        predictor = VideoPredictor(model, dataset.sampler.offsets)
+        with autocast(env.device, amp_dtype):
+            for t, pred in enumerate(predictor.predict_video(frames)):
+                image, label = frames.load(t)
+                yield dataset.frame_id(video, t), image, label, pred
+        return
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers)
+    for batch in loader:
+        frames = batch["frames"].to(env.device, non_blocking=True)
+        reference = batch["reference"].to(env.device, non_blocking=True)
+        with autocast(env.device, amp_dtype):
+            pred = model.predict(frames, reference)
+        yield batch["frame"][0], batch["frames"][0, 0], batch["label"][0], pred[0]
 
 
 @torch.no_grad()
@@ -66,38 +130,44 @@ def evaluate(
     save_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Predict every clip of ``dataset[indices]`` (ordered by video, then frame) and score the predictions.
+    """Predict the queries ``dataset[indices]`` with the paper's inference and score the predictions.
+
+    Under ``torchrun`` each process takes every ``world_size``-th video and the results are merged.
 
     Args:
-        model: an SSLTM (``model.predict(frames, reference) -> (B, H, W)``); evaluated in eval mode and
-            left in the mode it was in.
-        dataset: clips with ``reference="farthest"`` for the paper's inference.
+        model: an SSLTM; evaluated in eval mode and left in the mode it was in.
+        dataset: clips with ``reference="farthest"`` and ``causal=False`` (the paper's inference).
         save_dir: if given, each prediction is written to ``save_dir/<video>/<frame>.png`` (VSPW's
-            submission layout; pixel values are class ids, 255 nowhere) with ``palette`` as colours.
+            submission layout; pixel values are class ids) with ``palette`` as colours.
 
     Returns:
         :meth:`VideoMetrics.compute`'s dict (fractions), the same on every process.
     """
-    share = video_shares(dataset, indices, env.world_size)[env.rank]
-    loader = DataLoader(Subset(dataset, share), batch_size=1, num_workers=num_workers)
+    videos = list(videos_of(dataset, indices).items())[env.rank :: env.world_size]
     metrics = VideoMetrics(num_classes, mvc_lengths=tuple(mvc_lengths), tc=tc)
+    bar = tqdm(
+        total=sum(len(v) for _, v in videos),
+        desc="eval",
+        unit="frame",
+        leave=False,
+        disable=not (progress and env.is_main),
+    )
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(loader, desc="eval", unit="frame", disable=not (progress and env.is_main), leave=False)
-        for batch in bar:
-            frames = batch["frames"].to(env.device, non_blocking=True)
-            reference = batch["reference"].to(env.device, non_blocking=True)
-            with autocast(env.device, amp_dtype):
-                pred = model.predict(frames, reference)
-            pred = pred[0].cpu().numpy()
-            video, frame = batch["video"][0], batch["frame"][0]
-            image = to_uint8_rgb(batch["frames"][0, 0]) if tc else None
-            metrics.update(video, pred, batch["label"][0].numpy(), image)
-            if save_dir is not None:
-                save_label_png(Path(save_dir) / video / f"{frame}.png", pred, palette or [])
+        for video, video_indices in videos:
+            name = dataset.video_name(video)
+            for frame, image, label, pred in _video_predictions(
+                model, dataset, video, video_indices, env, amp_dtype, num_workers
+            ):
+                pred = pred.cpu().numpy()
+                metrics.update(name, pred, label.numpy(), to_uint8_rgb(image) if tc else None)
+                if save_dir is not None:
+                    save_label_png(Path(save_dir) / name / f"{frame}.png", pred, palette or [])
+                bar.update(1)
     finally:
         model.train(was_training)
+        bar.close()
     merged = None
     for other in dist.all_gather_object(metrics):
         if merged is None:

@@ -36,8 +36,10 @@ from .config import ConfigError, to_yaml
 from .evaluate import autocast, evaluate, results_json
 
 LOSS_TERMS = ("sup", "mse", "aux", "total")
-# Iterations timed (after the first, which pays one-off costs) to fit a run into train.max_minutes.
-FIT_ITERATIONS = 3
+# A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
+# first pays one-off costs) and refits it every FIT_EVERY iterations, at the mean speed of the last FIT_WINDOW.
+FIT_EVERY = 3
+FIT_WINDOW = 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -221,6 +223,7 @@ class Trainer:
             self.train_indices, t.batch_size, t.grad_accum, env.world_size, env.rank, t.seed, self.state.iteration
         )
         fixed = t.max_iters or (t.epochs * self.order.iters_per_epoch if t.epochs else None)
+        self.fit_to_time = fixed is None  # length from train.max_minutes (see _fit_to_budget)
         if fixed is not None:
             self.schedule.max_iters = fixed
         self.log_file = self.work_dir / "log.jsonl"
@@ -328,12 +331,16 @@ class Trainer:
         )
         return iter(loader)
 
-    def _step(self, batches: Iterator[dict[str, Any]]) -> torch.Tensor:
-        """One optimizer step's forward and backward passes; returns the loss terms averaged over its micro-batches."""
+    def _step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, float]:
+        """One optimizer step's forward and backward passes; returns the loss terms averaged over its
+        micro-batches and the seconds spent waiting for data."""
         accum = self.cfg.train.grad_accum
         terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.env.device)
+        waited = 0.0
         for a in range(accum):
+            tick = time.perf_counter()
             batch = next(batches)
+            waited += time.perf_counter() - tick
             frames = batch["frames"].to(self.env.device, non_blocking=True)
             reference = batch["reference"].to(self.env.device, non_blocking=True)
             labels = batch["label"].to(self.env.device, non_blocking=True)
@@ -343,7 +350,7 @@ class Trainer:
                     losses = self.model(frames, reference, labels)["losses"]
                 self.scaler.scale(losses["total"] / accum).backward()
             terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in LOSS_TERMS]) / accum
-        return terms
+        return terms, waited
 
     def run(self) -> TrainResult:
         cfg, env, state = self.cfg, self.env, self.state
@@ -366,6 +373,7 @@ class Trainer:
         budget = None if t.max_minutes is None else 60 * t.max_minutes
         start_time, start_elapsed = time.perf_counter(), state.elapsed
         step_times: list[float] = []
+        data_times: list[float] = []
         stopped, saved_at = "finished", None
         if env.is_main:
             print(
@@ -375,7 +383,8 @@ class Trainer:
         with StopRequest() as stop:
             while self.schedule.max_iters is None or state.iteration < self.schedule.max_iters:
                 tick = time.perf_counter()
-                terms = self._step(batches)
+                terms, waited = self._step(batches)
+                data_times.append(waited)
                 state.elapsed = start_elapsed + time.perf_counter() - start_time
                 out_of_time = budget is not None and state.elapsed >= budget
                 flags = torch.cat([terms, terms.new_tensor([stop.requested, out_of_time])])
@@ -388,13 +397,13 @@ class Trainer:
                 self.scheduler.step()
                 state.iteration += 1
                 step_times.append(time.perf_counter() - tick)
-                if self.schedule.max_iters is None and len(step_times) == FIT_ITERATIONS + 1:
-                    self._fit_to_budget(step_times[1:], budget - state.elapsed)
+                if self.fit_to_time and len(step_times) > FIT_EVERY and (len(step_times) - 1) % FIT_EVERY == 0:
+                    self._fit_to_budget(step_times[1:][-FIT_WINDOW:], budget - state.elapsed)
                     bar.total = self.schedule.max_iters
                 bar.set_postfix_str(_postfix(values, self.optimizer.param_groups[0]["lr"]), refresh=False)
                 bar.update(1)
                 if state.iteration % t.log_every == 0 or state.iteration == self.schedule.max_iters:
-                    self._log_step(values, step_times)
+                    self._log_step(values, step_times, data_times)
                 last = state.iteration == self.schedule.max_iters
                 if state.iteration % t.checkpoint_every == 0 or last:
                     saved_at = self.save()
@@ -432,22 +441,27 @@ class Trainer:
         )
 
     def _fit_to_budget(self, step_times: list[float], remaining: float) -> None:
-        """Fix ``max_iters`` to the iterations that fit the rest of ``train.max_minutes`` at the measured speed."""
+        """Set ``max_iters`` to the iterations that fit the rest of ``train.max_minutes`` at the measured speed."""
         per_step = sum(step_times) / len(step_times)
-        fitted = self.state.iteration + max(1, int(0.95 * remaining / per_step))
+        first = self.schedule.max_iters is None
+        fitted = self.state.iteration + max(1, int(0.97 * remaining / per_step))
         self.schedule.max_iters = dist.broadcast_object(fitted)
-        if self.env.is_main:
-            tqdm.write(f"{per_step:.2f} s per iteration: training for {self.schedule.max_iters} iterations")
+        if first and self.env.is_main:
+            tqdm.write(
+                f"{per_step:.2f} s per iteration: about {self.schedule.max_iters} iterations fit train.max_minutes "
+                "(refitted as the speed changes)"
+            )
 
-    def _log_step(self, values: list[float], step_times: list[float]) -> None:
-        window = step_times[-self.cfg.train.log_every :]
-        per_step = sum(window) / len(window)
+    def _log_step(self, values: list[float], step_times: list[float], data_times: list[float]) -> None:
+        n = min(self.cfg.train.log_every, len(step_times))
+        per_step = sum(step_times[-n:]) / n
         remaining = None if self.schedule.max_iters is None else self.schedule.max_iters - self.state.iteration
         record = {
             "iter": self.state.iteration,
             "lr": self.optimizer.param_groups[0]["lr"],
             **{k: round(v, 6) for k, v in zip(LOSS_TERMS, values, strict=True)},
             "s_per_iter": round(per_step, 4),
+            "data_s_per_iter": round(sum(data_times[-n:]) / n, 4),
             "eta_s": None if remaining is None else round(remaining * per_step, 1),
             "elapsed_s": round(self.state.elapsed, 2),
         }
