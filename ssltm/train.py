@@ -444,7 +444,7 @@ class Trainer:
         """Set ``max_iters`` to the iterations that fit the rest of ``train.max_minutes`` at the measured speed."""
         per_step = sum(step_times) / len(step_times)
         first = self.schedule.max_iters is None
-        fitted = self.state.iteration + max(1, int(0.97 * remaining / per_step))
+        fitted = self.state.iteration + max(1, int(0.9 * remaining / per_step))
         self.schedule.max_iters = dist.broadcast_object(fitted)
         if first and self.env.is_main:
             tqdm.write(
