@@ -1,10 +1,10 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
-quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory, the GPUs' peaks, the
-roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the low-precision output
-check, speed-up and target tables, the compiled peers' settings, command-line helpers, and JSON lines
-with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes
-a row saying why. No call is interrupted (a signal could land inside torch.compile or an autotuner): a
-provider slower than ``slow_ms`` per call has its remaining modes skipped."""
+quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory and kernel launches per
+call, the GPUs' peaks, the roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the
+low-precision output check, speed-up and target tables, the compiled peers' settings, command-line helpers,
+and JSON lines with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or
+cannot run becomes a row saying why. No call is interrupted (a signal could land inside torch.compile or an
+autotuner): a provider slower than ``slow_ms`` per call has its remaining modes skipped."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import math
 import platform
 import subprocess
@@ -165,6 +166,7 @@ class Row:
     limiter: str | None = None
     peak_mib: float | None = None
     items_per_s: float | None = None
+    launches: int | None = None  # GPU kernels one call launches (count_kernel_launches)
     max_abs_err: float | None = None
     match: bool | None = None
     error: str | None = None
@@ -189,14 +191,14 @@ def format_rows(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: MODES.index(r.mode)):  # mode-major: providers side by side
         if not r.ok:  # a row without a time always says why
             why = r.error if r.error.startswith((UNAVAILABLE, SKIPPED)) else f"FAILED: {r.error}"
-            body.append((r.provider, r.mode, *"-" * 9, why))
+            body.append((r.provider, r.mode, *"-" * 10, why))
             continue
         body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", f(r.tflops, ".3g"),
                      f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
-                     f(r.items_per_s, ".3g"), f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""),
-                     r.note or ""))
+                     f(r.items_per_s, ".3g"), f(r.launches, "d"),
+                     f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""), r.note or ""))
     return text_table(("provider", "mode", "ms", "p20-p80", "TFLOP/s", "GB/s", "%roof", "bound", "peak MiB",
-                       "items/s", "max|err|", "note"), body)
+                       "items/s", "launches", "max|err|", "note"), body)
 
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
@@ -321,6 +323,9 @@ class Harness:
             run()
             torch.cuda.synchronize(self.device)
             row.peak_mib = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            self._release(leaves)  # the counted call starts without gradients, as the timed ones
+            row.launches = count_kernel_launches(run)
+            self._release(leaves)
             from triton.testing import do_bench  # here: a CPU-only install may lack triton
             times = do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
                              quantiles=list(QUANTILES))
@@ -337,6 +342,19 @@ class Harness:
                 row.roofline_ms, row.limiter = bound
                 row.roofline_pct = 100.0 * bound[0] / row.ms
 
+
+
+def count_kernel_launches(fn: Callable[[], object]) -> int | None:
+    """GPU kernels one call of ``fn`` launches (memory copies and fills not counted), from torch.profiler's
+    device events; None where the profiler records no device activity (no GPU, no CUPTI)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(not e.name.startswith(("Memcpy", "Memset")) for e in device) if device else None
 
 
 class TwiceReferenceError:
@@ -418,3 +436,64 @@ def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]
         return items
 
     return parse
+
+
+def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
+                        quick_help: str = "shorter timing budgets (CI smoke run)",
+                        dtype_option: bool = True, modes_option: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark takes (``--quick``, ``--providers``, ``--modes``, ``--dtype`` (these two
+    optional), ``--no-save``, ``--results-dir``, ``--cpu``, ``--threads``); ``doc`` is the script's
+    docstring (summary, then usage, then details for the epilog). A benchmark adds its own options to the
+    returned parser."""
+    summary, details = doc.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--providers", type=csv_choices(providers, "provider"), default=list(providers),
+                   help=f"comma-separated subset of {','.join(providers)}")
+    if modes_option:
+        p.add_argument("--modes", type=csv_choices(MODES, "mode"), default=list(MODES),
+                       help=f"comma-separated subset of {','.join(MODES)}")
+    if dtype_option:
+        p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)")
+    p.add_argument("--cpu", action="store_true", help="run the CPU comparison even when a GPU is present")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a "
+                        "loaded machine)")
+    return p
+
+
+def start_run(args: argparse.Namespace, benchmark: str, *, cpu_run: str = "small") -> tuple[Harness, torch.dtype]:
+    """The :class:`Harness` for parsed :func:`benchmark_arguments` and the benchmark dtype (``--dtype``, else
+    bf16 on a GPU, fp32 on the CPU). Without a GPU (or with ``--cpu``) it says that the ``cpu_run`` CPU
+    comparison replaces the GPU benchmark and notes it in every row. Also applies ``configure_compile``."""
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    chosen = getattr(args, "dtype", None)
+    dtype = DTYPES[chosen] if chosen else (torch.bfloat16 if on_gpu else torch.float32)
+    note = None
+    if not on_gpu:
+        why = "--cpu given" if args.cpu else "no GPU"
+        print(f"{why}: {cpu_run} {str(dtype).removeprefix('torch.')} CPU comparison instead of the GPU benchmark "
+              "(the times show that the providers run and agree, not kernel performance)")
+        note = f"cpu run ({why}): {cpu_run} shapes, not kernel performance"
+        torch.set_num_threads(max(1, args.threads))
+        # inductor's CPU compile logs a CUDA_HOME guess on a CUDA build of torch without a GPU
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    configure_compile()
+    bench = Harness(benchmark, device="cuda" if on_gpu else "cpu", quick=args.quick, save=not args.no_save,
+                    results_dir=args.results_dir, note=note)
+    return bench, dtype
+
+
+def chosen_shapes(requested: Sequence[str] | None, *, on_gpu: bool, quick: bool, all_shapes: dict, gpu: dict,
+                  quick_gpu: Sequence[str], cpu: dict) -> list:
+    """The shapes a run measures: those requested by name, else the GPU shapes (``quick_gpu`` of them with
+    ``--quick``), or the CPU shapes without a GPU."""
+    if requested:
+        return [all_shapes[name] for name in requested]
+    if on_gpu:
+        return [gpu[name] for name in (quick_gpu if quick else gpu)]
+    return list(cpu.values())

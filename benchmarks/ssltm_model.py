@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -42,16 +41,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
-    RESULTS_DIR,
     Case,
-    Harness,
     Impl,
     Row,
     TargetResult,
     TwiceReferenceError,
+    benchmark_arguments,
     csv_choices,
     format_speedups,
     format_targets,
+    start_run,
 )
 
 from ssltm import SSLTM, VideoPredictor  # noqa: E402
@@ -208,38 +207,18 @@ def evaluate_targets(rows: Sequence[Row]) -> list[TargetResult]:
 
 # ------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    summary, details = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shorter timing budgets")
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, quick_help="shorter timing budgets", dtype_option=False,
+                            modes_option=False)
     p.add_argument("--cases", type=csv_choices(CASES, "case"), default=list(CASES),
                    help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--providers", type=csv_choices(PROVIDERS, "provider"), default=list(PROVIDERS),
-                   help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                   help=f"where {BENCHMARK}.jsonl is appended to (default: benchmarks/results)")
-    p.add_argument("--cpu", action="store_true", help="run the tiny CPU comparison even when a GPU is present")
-    p.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads (default 1)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype, setup, tag = (torch.bfloat16, GPU, "") if on_gpu else (torch.float32, CPU, "-cpu")
-    note = None
-    if not on_gpu:
-        why = "--cpu given" if args.cpu else "no GPU"
-        print(f"{why}: tiny fp32 CPU comparison instead of the GPU benchmark (the times show that the providers "
-              "run and agree, not kernel performance)")
-        note = f"cpu run ({why}): tiny model, not kernel performance"
-        torch.set_num_threads(max(1, args.threads))
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-    bench = Harness(BENCHMARK, device=device, quick=args.quick, save=not args.no_save,
-                    results_dir=args.results_dir, note=note)
+    bench, dtype = start_run(args, BENCHMARK, cpu_run="tiny")
+    device, on_gpu = bench.device, bench.device.type == "cuda"
+    setup, tag = (GPU, "") if on_gpu else (CPU, "-cpu")
     precision = str(dtype).removeprefix("torch.") + (" autocast" if on_gpu else "")
     rows: list[Row] = []
     if {"train", "infer"} & set(args.cases):

@@ -31,7 +31,6 @@ a minute on 2 cores, and it has no CPU backward either way; the score_mod and th
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import warnings
@@ -48,21 +47,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # noqa: E402
     COMPILE_NOTE,
-    DTYPES,
     MODES,
-    RESULTS_DIR,
     Case,
-    Harness,
     Impl,
     Row,
     TargetResult,
     TwiceReferenceError,
     Unavailable,
     Work,
-    configure_compile,
+    benchmark_arguments,
+    chosen_shapes,
     csv_choices,
     format_speedups,
     format_targets,
+    start_run,
 )
 
 from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
@@ -374,53 +372,20 @@ def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
 
 # -------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    summary, details = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    p.add_argument("--providers", type=csv_choices(PROVIDERS, "provider"), default=list(PROVIDERS),
-                   help=f"comma-separated subset of {','.join(PROVIDERS)}")
-    p.add_argument("--modes", type=csv_choices(MODES, "mode"), default=list(MODES),
-                   help=f"comma-separated subset of {','.join(MODES)}")
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS,
+                            quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
     p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
                    help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
                         "shapes without a GPU)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                   help=f"where {BENCHMARK}.jsonl is appended to (default: benchmarks/results)")
-    p.add_argument("--cpu", action="store_true", help="run the CPU comparison even when a GPU is present")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a "
-                        "loaded machine)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
-    if args.shapes:
-        shapes = [ALL_SHAPES[s] for s in args.shapes]
-    else:
-        shapes = [GPU_SHAPES[s] for s in (QUICK_GPU_SHAPES if args.quick else GPU_SHAPES)] if on_gpu else [
-            *CPU_SHAPES.values()]
-
-    note = None
-    if not on_gpu:
-        why = "--cpu given" if args.cpu else "no GPU"
-        print(f"{why}: small {str(dtype).removeprefix('torch.')} CPU comparison instead of the GPU benchmark "
-              "(the times show that the providers run and agree, not kernel performance)")
-        note = f"cpu run ({why}): small shapes, not kernel performance"
-        torch.set_num_threads(max(1, args.threads))
-        # inductor's CPU compile logs a CUDA_HOME guess on a CUDA build of torch without a GPU
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    configure_compile()
-
-    bench = Harness(BENCHMARK, device=device, quick=args.quick, save=not args.no_save,
-                    results_dir=args.results_dir, note=note)
+    bench, dtype = start_run(args, BENCHMARK)
+    device, on_gpu = bench.device, bench.device.type == "cuda"
+    shapes = chosen_shapes(args.shapes, on_gpu=on_gpu, quick=args.quick, all_shapes=ALL_SHAPES, gpu=GPU_SHAPES,
+                           quick_gpu=QUICK_GPU_SHAPES, cpu=CPU_SHAPES)
     rows: list[Row] = []
     for shape in shapes:
         qkv, table = make_inputs(shape, dtype, device)

@@ -8,6 +8,9 @@ namespace py = pybind11;
 
 namespace ssltm {
 void bind_window_attention_3d(py::module_& m);
+void bind_dwconv3x3(py::module_& m);
+void bind_soft_region_pool(py::module_& m);
+void bind_gcc_assign(py::module_& m);
 }  // namespace ssltm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -18,5 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("WITH_CUDA") = py::bool_(false);
 #endif
   ssltm::bind_window_attention_3d(m);
+  ssltm::bind_dwconv3x3(m);
+  ssltm::bind_soft_region_pool(m);
+  ssltm::bind_gcc_assign(m);
 }
 #endif

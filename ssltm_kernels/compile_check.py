@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     MAX_WINDOW_TOKENS,
     key_tile_bytes,
@@ -262,6 +263,9 @@ def compile_report(arch: int, config: Config, index: int) -> str:
 # and ``cost`` (``Config`` here, ``CompileConfig`` from the ops' own modules)
 OP_CONFIGS: dict[str, Callable[[int, str], list]] = {
     "window_attention_3d": window_attention_configs,
+    "dwconv3x3": dwconv3x3.compile_configs,
+    "gcc_assign": gcc_assign.compile_configs,
+    "soft_region_pool": soft_region_pool.compile_configs,
 }
 
 

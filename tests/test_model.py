@@ -3,7 +3,8 @@ narrow widths, 64x64 and the odd 65x97), gradient paths of G, the loss terms and
 torchvision checkpoint, eval determinism, streaming / whole-video prediction against clip prediction,
 torch.compile without graph breaks, input errors, the paper configurations' parameter counts, and a CPU
 smoke run of the model benchmark. The kernels' own tests live with the ops; here every op runs its
-reference backend (conftest enables the Triton interpreter on CPU, far too slow for a whole model)."""
+reference backend (conftest enables the Triton interpreter on CPU, far too slow for a whole model), except
+in one test of the model on the dispatched kernels at 32x40."""
 
 from __future__ import annotations
 
@@ -242,6 +243,49 @@ def test_streaming_and_whole_video_equal_clip_prediction(context):
     assert torch.equal(both[0], streamed)
 
 
+# --------------------------------------------------------------------------------- kernels in the model
+def _step(model: SSLTM, inputs, dtype=None):
+    """Logits and every parameter's gradient of one training step (under autocast to ``dtype`` if given)."""
+    model.zero_grad(set_to_none=True)
+    device = inputs[0].device.type
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        out = model(*inputs)
+    out["losses"]["total"].backward()
+    return out["logits"].float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def test_kernel_dispatch_matches_the_reference_backend(monkeypatch):
+    """The model on the dispatched kernels (Triton through the interpreter on CPU) against the reference
+    backend: the ops compose (strided views, layouts, dtypes) and every gradient agrees. 32x40 keeps the
+    interpreter to a few windows."""
+    model = tiny_model(dropout=0.0).train()
+    inputs = clip(1, (32, 40))
+    ref_logits, ref_grads = _step(model, inputs)
+    monkeypatch.delenv("SSLTM_BACKEND")
+    logits, grads_ = _step(model, inputs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    for name, g in grads_.items():
+        scale = ref_grads[name].abs().max().clamp(min=1e-6)
+        assert (g - ref_grads[name]).abs().max() <= 1e-4 * scale, name
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_bf16_within_twice_the_reference_error(monkeypatch):
+    """On a GPU under bf16 autocast: the kernels' logits and gradients are at most twice as far from the fp32
+    reference as the reference backend's own bf16 run (plus a small floor)."""
+    model = tiny_model(dropout=0.0).cuda().train()
+    inputs = tuple(x.cuda() for x in clip(2, (65, 97)))
+    exact_logits, exact_grads = _step(model, inputs)
+    ref_logits, ref_grads = _step(model, inputs, torch.bfloat16)
+    monkeypatch.delenv("SSLTM_BACKEND")
+    logits, grads_ = _step(model, inputs, torch.bfloat16)
+    err = lambda a, b: (a - b).abs().max().item()
+    assert err(logits, exact_logits) <= 2 * err(ref_logits, exact_logits) + 1e-3
+    for name, g in grads_.items():
+        scale = exact_grads[name].abs().max().item()
+        assert err(g, exact_grads[name]) <= 2 * err(ref_grads[name], exact_grads[name]) + 1e-3 * scale, name
+
+
 # ------------------------------------------------------------------------------------------ torch.compile
 def test_torch_compile_has_no_graph_break():
     """fullgraph=True fails on any graph break: a training step and an inference step trace whole, kernel
@@ -329,6 +373,25 @@ def test_paper_configurations_match_the_paper_parameter_count(num_classes, backb
 
 
 # ------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_targets_from_measured_numbers():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ssltm_model as bench
+    from harness import Row
+
+    def row(case, provider, mode, ms, **kw):
+        return Row(case, provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
+
+    rows = [row("train", "kernels", "fwd+bwd", 100.0, peak_mib=600.0, match=True),
+            row("train", "reference", "fwd+bwd", 160.0, peak_mib=1000.0, match=True),
+            row("stream", "kernels", "fwd", 50.0, items_per_s=20.0, match=False)]
+    results = {r.target: r for r in bench.evaluate_targets(rows)}
+    assert [(r.value, r.status) for r in results.values()] == [
+        ("1.60x", "PASS"), ("0.60x (600 / 1000 MiB)", "PASS"), ("20.0 frames/s", "FAIL (output mismatch)")]
+    rows[0].ms, rows[0].peak_mib = 120.0, 800.0
+    statuses = [r.status for r in bench.evaluate_targets(rows[:2])]
+    assert statuses == ["FAIL", "FAIL", "n/a (no streaming time)"]
+
+
 def test_benchmark_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SSLTM_BACKEND")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ssltm_model.py"), "--cpu", "--quick",

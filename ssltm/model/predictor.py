@@ -18,7 +18,7 @@ class VideoPredictor:
     """Predicts the frames of a video with an :class:`SSLTM`, each frame through the backbone once.
 
     Every frame's ``model.encode`` output (backbone + FPN + projection) is cached while a later clip can
-    still need it, and the reference frame's category representations are computed once per video.
+    still need it, and a reference frame's category representations are computed once.
     Clips follow :class:`ssltm.data.ClipSampler` with ``offsets`` (one distance per adjacent frame):
 
     - ``step(frame)`` streams a video frame by frame (causal: adjacent frames before the start are clamped

@@ -41,7 +41,7 @@ class CategoryAttention(nn.Module):
     """Multi-head attention of the pixels of ``F_q^st`` over category representations (Eq. 4):
     ``(B, C, h, w)`` queries, ``(B, M, D)`` keys = values -> ``F_q^lt`` ``(B, D, h, w)``.
 
-    Standard projections (q: C -> D, k, v, out: D -> D) around
+    Standard projections (q: C -> D, k, v, out: D -> D; k without bias) around
     ``F.scaled_dot_product_attention`` with ``D / head_dim`` heads.
     """
 
@@ -51,7 +51,8 @@ class CategoryAttention(nn.Module):
             raise ValueError(f"context_dim {dim} must be a multiple of the head dim {head_dim}")
         self.heads = dim // head_dim
         self.q = nn.Linear(query_channels, dim)
-        self.k = nn.Linear(dim, dim)
+        # no key bias: it adds q.b to every score of a query, which the softmax cancels (its gradient is 0)
+        self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 

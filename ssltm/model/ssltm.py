@@ -15,7 +15,7 @@ from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
 from .stt import ShortTermTransformer
 
 CONTEXTS = ("reference", "query")
-MIN_SIZE = 32  # the ResNet's stride: every level keeps at least one position
+MIN_SIZE = 32  # the smallest input side: the ResNet's total stride (the stride-32 level is then at least 1x1)
 
 
 class SSLTM(nn.Module):

@@ -1,17 +1,20 @@
 """Fused depthwise 3x3 convolution of SegFormer's Mix-FFN over channels-last activations.
 
-One op, one file: the pure-PyTorch reference, the input checks, the ``torch.library`` custom ops with
-autograd, and the public :func:`dwconv3x3`.
+One op, one file: the pure-PyTorch reference, the input checks and backend predicates, the Triton kernels
+and their launchers (and their ahead-of-time compile specs), the ``torch.library`` custom ops with autograd
+(Triton or the CUDA kernels of ``ssltm_kernels._C``), and the public :func:`dwconv3x3`.
 
 Semantics: ``x`` is ``(B, H, W, C)`` or ``(B, T, H, W, C)`` (the convolution runs on every frame), the
 weight ``(C, 1, 3, 3)`` is PyTorch's depthwise layout (``nn.Conv2d(C, C, 3, padding=1, groups=C)``),
 stride 1, zero padding 1, optional bias ``(C,)``, optional fused ``activation="gelu"`` (exact erf GELU,
-``nn.GELU()``). The result has the input's shape, contiguous, in the input's dtype.
+``nn.GELU()``). The result has the input's shape and dtype (contiguous from the kernels).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,8 @@ from ssltm_kernels._backend import (
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._ext import _C
+from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
     "ACTIVATIONS",
@@ -112,8 +117,7 @@ def _dtype_reason(dtype: torch.dtype) -> str | None:
 def _checks(x: torch.Tensor) -> dict[str, BackendCheck]:
     dtype = compute_dtype(x)
     return {
-        "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or _dtype_reason(dtype)
-                             or "the CUDA kernels of dwconv3x3 are not built yet"),
+        "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or _dtype_reason(dtype)),
         "triton": BackendCheck("triton", triton_unavailable_reason(x) or _dtype_reason(dtype)),
         "reference": BackendCheck("reference", None),
     }
@@ -384,16 +388,77 @@ def _triton_backward(grad_out, x, weight, bias, activation):
 
 
 # --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specifications (compile_check)
+# --------------------------------------------------------------------------------------------------
+# (B, T, H, W, C) of the hidden activations SSLTM's Mix-FFNs convolve (two 4-frame clips of 480x480; hidden
+# width 4x the STT dims 32/64/128/256 at strides 4/8/16/32), a large one, and one whose sizes and strides
+# are no multiples of 16 (the least specialised launch)
+COMPILE_SHAPES = {
+    "stride4": (2, 4, 120, 120, 128),
+    "stride8": (2, 4, 60, 60, 256),
+    "stride16": (2, 4, 30, 30, 512),
+    "stride32": (2, 4, 15, 15, 1024),
+    "large": (8, 4, 56, 56, 1024),
+    "unaligned": (1, 3, 5, 13, 33),
+}
+_FP32_POINTERS = {"PARTIAL"}
+_POINTERS = _FP32_POINTERS | {"X", "Wt", "Bias", "Y", "DY", "G", "DX"}
+
+
+def triton_compile_specs(dtype: torch.dtype, shape, activation: str | None = "gelu", bias: bool = True):
+    """The kernels a launch on a contiguous ``x`` of ``shape`` (B, T, H, W, C) runs, specialised on its
+    integers as Triton's launcher does (``launch_ints``), as ``(name, kernel, signature, constexprs, attrs,
+    options)`` for ``triton.compile`` ahead of time."""
+    cfg = triton_config(*shape[2:], dtype, interpreting=False)
+    ints = launch_ints(torch.empty(shape, device="meta"), cfg)
+    pointer_types = {name: "fp32" if name in _FP32_POINTERS else TYPE_NAMES[dtype] for name in _POINTERS}
+    gelu = activation == "gelu"
+    kernels = [(_dwconv_fwd_kernel, dict(HAS_BIAS=bias, GELU=gelu))]
+    if gelu:
+        kernels.append((_dwconv_bwd_gelu_kernel, dict(HAS_BIAS=bias, ROWS=PARTIAL_ROWS)))
+    kernels.append((_dwconv_bwd_dx_kernel, dict(NEED_PARTIALS=not gelu, ROWS=PARTIAL_ROWS)))
+    for kernel, constexprs in kernels:
+        yield kernel_spec(kernel, {**constexprs, **_blocks(cfg)}, pointer_types, int_arg=ints.__getitem__,
+                          options={"num_warps": cfg.num_warps})
+
+
+def _compile_specs(dtype: torch.dtype, shape_name: str, activation: str | None, arch: int) -> list[tuple]:
+    return list(triton_compile_specs(dtype, COMPILE_SHAPES[shape_name], activation))
+
+
+def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
+    """The configurations ``compile_check`` compiles for ``arch`` (the kernels take no architecture-dependent
+    blocks). ``full``: every dtype, with and without GELU, on every ``COMPILE_SHAPES`` entry.
+    ``representative``: what SSLTM launches, bf16 with GELU at stride 16, and fp32 once; bf16 without an
+    activation on the unaligned shape (the dx kernel that also sums the weight gradient)."""
+    if config_set == "representative":
+        chosen = [(torch.bfloat16, "stride16", "gelu"), (torch.float32, "stride16", "gelu"),
+                  (torch.bfloat16, "unaligned", None)]
+    elif config_set == "full":
+        chosen = list(itertools.product(KERNEL_DTYPES, COMPILE_SHAPES, ("gelu", None)))
+    else:
+        raise ValueError(f"config_set must be 'full' or 'representative', got {config_set!r}")
+    return [CompileConfig(f"dwconv3x3 {str(dtype).removeprefix('torch.')} {name} {COMPILE_SHAPES[name]} "
+                          f"activation={activation}", partial(_compile_specs, dtype, name, activation),
+                          cost=dtype.itemsize) for dtype, name, activation in chosen]
+
+
+# --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
 def _forward(x, weight, bias, activation, backend):
+    if backend == "cuda":
+        return _C.dwconv3x3_forward(x, weight, bias, activation)
     with on_device(x):
         return _triton_forward(x, weight, bias, activation)
 
 
 def _backward(grad_out, x, weight, bias, activation, backend):
-    with on_device(x):
-        dx, dweight, dbias = _triton_backward(grad_out, x, weight, bias, activation)
+    if backend == "cuda":
+        dx, dweight, dbias = _C.dwconv3x3_backward(grad_out, x, weight, bias, activation)
+    else:
+        with on_device(x):
+            dx, dweight, dbias = _triton_backward(grad_out, x, weight, bias, activation)
     return dx, dweight, dbias if bias is not None else x.new_empty(0, dtype=torch.float32)
 
 
@@ -439,8 +504,8 @@ def _autograd_backward(ctx, grad_out):
 torch.library.register_autograd("ssltm::dwconv3x3_fwd", _autograd_backward, setup_context=_setup_context)
 
 
-def _register_autocast(qualname: str) -> None:
-    """Under ``torch.autocast`` the op runs in the autocast dtype, x, weight and bias cast to it (as
+def _register_autocast() -> None:
+    """Under ``torch.autocast`` the forward op runs in the autocast dtype, x, weight and bias cast to it (as
     ``nn.Conv2d`` does)."""
     op = torch.ops.ssltm.dwconv3x3_fwd.default
 
@@ -453,10 +518,10 @@ def _register_autocast(qualname: str) -> None:
             with torch.autocast(device_type, enabled=False):
                 return op(cast(x, dtype), cast(weight, dtype), cast(bias, dtype), activation, backend)
 
-        torch.library.impl(qualname, key, autocast_kernel)
+        torch.library.impl("ssltm::dwconv3x3_fwd", key, autocast_kernel)
 
 
-_register_autocast("ssltm::dwconv3x3_fwd")
+_register_autocast()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,8 +542,8 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
             that can run (cuda -> triton -> reference).
 
     Returns:
-        x's shape, contiguous, in x's dtype (the autocast dtype under ``torch.autocast``). Gradients
-        reach x, weight and bias.
+        x's shape in x's dtype (the autocast dtype under ``torch.autocast``), contiguous from the kernels.
+        Gradients reach x, weight and bias.
     """
     _validate(x, weight, bias, activation)
     checks = _checks(x)

@@ -29,6 +29,10 @@ the T distances, the argmin, writes index and nearest, and stores its share of t
 that finishes last (an integer ticket, :func:`_ticket_counter`) adds the shares in a fixed order and
 writes the loss. The backward is one launch: each program owns a slice of D of one category and sums
 the contributions of the frames in order of b. No floating-point atomics: both are deterministic.
+
+Every backend runs through the same custom op (``ssltm::gcc_assign_fwd`` / ``_bwd``); for the
+``reference`` backend its forward and backward are PyTorch code (the backward a one-hot contraction,
+deterministic too). :func:`gcc_assign_reference` is the ground truth, differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def _reference_backward(grad_nearest, grad_loss, feats, centers, valid, index, n
         diff = _gather(centers, index).to(acc) - feats.to(acc)
         contrib = contrib + torch.where(valid[..., None], 2 * grad_loss.to(acc) * norm * diff, 0)
     onehot = F.one_hot(index, centers.shape[0]).to(acc)  # (B, K, T)
-    return torch.einsum("bkt,bkd->tkd", onehot, contrib).to(centers.dtype)
+    return torch.einsum("bkt,bkd->tkd", onehot, contrib).to(centers.dtype).contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,21 +470,24 @@ def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
 @torch.library.custom_op("ssltm::gcc_assign_fwd", mutates_args=())
 def _gcc_assign_fwd(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(index (B,K) int64, nearest (B,K,D), loss, norm)``: ``norm = 1 / (n_valid * D)`` (0 without a
-    valid entry), the backward's scale; loss and norm 0-dim in the accumulation dtype."""
+    """``(nearest (B,K,D), loss, index (B,K) int64, norm)``: ``norm = 1 / (n_valid * D)`` (0 without a
+    valid entry), the backward's scale; loss and norm 0-dim in the accumulation dtype. (The float
+    outputs come first: ``opcheck`` adds up the outputs in order, which fails from an integer start.)"""
     if backend == "cuda":
-        return _C.gcc_assign_forward(feats, centers, valid)
-    if backend == "triton":
+        index, nearest, loss, norm = _C.gcc_assign_forward(feats, centers, valid)
+    elif backend == "triton":
         with on_device(feats):
-            return _triton_forward(feats, centers, valid)
-    return _reference_forward(feats, centers, valid)
+            index, nearest, loss, norm = _triton_forward(feats, centers, valid)
+    else:
+        index, nearest, loss, norm = _reference_forward(feats, centers, valid)
+    return nearest, loss, index, norm
 
 
 @_gcc_assign_fwd.register_fake
 def _(feats, centers, valid, backend):
     acc = accumulation_dtype(feats.dtype)
-    return (feats.new_empty(feats.shape[:2], dtype=torch.int64), centers.new_empty(feats.shape),
-            feats.new_empty((), dtype=acc), feats.new_empty((), dtype=acc))
+    return (centers.new_empty(feats.shape), feats.new_empty((), dtype=acc),
+            feats.new_empty(feats.shape[:2], dtype=torch.int64), feats.new_empty((), dtype=acc))
 
 
 @torch.library.custom_op("ssltm::gcc_assign_bwd", mutates_args=())
@@ -504,14 +511,14 @@ def _(grad_nearest, grad_loss, feats, centers, valid, index, norm, backend):
 
 def _setup_context(ctx, inputs, output):
     feats, centers, valid, backend = inputs
-    index, _, _, norm = output
+    _, _, index, norm = output
     ctx.backend = backend
     ctx.save_for_backward(feats, centers, valid, index, norm)
     ctx.mark_non_differentiable(index, norm)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: the kernel skips it
 
 
-def _backward(ctx, _grad_index, grad_nearest, grad_loss, _grad_norm):
+def _backward(ctx, grad_nearest, grad_loss, _grad_index, _grad_norm):
     if not ctx.needs_input_grad[1] or (grad_nearest is None and grad_loss is None):
         return None, None, None, None
     feats, centers, valid, index, norm = ctx.saved_tensors
@@ -522,22 +529,28 @@ def _backward(ctx, _grad_index, grad_nearest, grad_loss, _grad_norm):
 torch.library.register_autograd("ssltm::gcc_assign_fwd", _backward, setup_context=_setup_context)
 
 
-def _register_autocast(qualname: str) -> None:
-    """Under ``torch.autocast`` feats and centers are promoted to the wider of their dtypes (autocast's
-    ``promote`` policy, as for ``cat`` or ``index_put``): bf16 category features meet fp32 learnable
-    centres in fp32, and the centres' gradient stays fp32."""
-    op = torch.ops.ssltm.__getattr__(qualname.split("::")[1]).default
+def _register_autocast() -> None:
+    """Under ``torch.autocast`` the forward promotes feats and centers to the wider of their dtypes
+    (autocast's ``promote`` policy, as for ``cat`` or ``index_put``): bf16 category features meet fp32
+    learnable centres in fp32, and the centres' gradient stays fp32. Both ops then run with autocast off
+    (the reference backend's einsum would otherwise run in the autocast dtype in a backward under autocast)."""
+    fwd, bwd = torch.ops.ssltm.gcc_assign_fwd.default, torch.ops.ssltm.gcc_assign_bwd.default
 
     for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
-        def autocast_kernel(feats, centers, valid, backend, device_type=device_type):
+        def fwd_kernel(feats, centers, valid, backend, device_type=device_type):
             dtype = torch.promote_types(feats.dtype, centers.dtype)
             with torch.autocast(device_type, enabled=False):
-                return op(feats.to(dtype), centers.to(dtype), valid, backend)
+                return fwd(feats.to(dtype), centers.to(dtype), valid, backend)
 
-        torch.library.impl(qualname, key, autocast_kernel)
+        def bwd_kernel(*args, device_type=device_type):
+            with torch.autocast(device_type, enabled=False):
+                return bwd(*args)
+
+        torch.library.impl("ssltm::gcc_assign_fwd", key, fwd_kernel)
+        torch.library.impl("ssltm::gcc_assign_bwd", key, bwd_kernel)
 
 
-_register_autocast("ssltm::gcc_assign_fwd")
+_register_autocast()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,5 +578,5 @@ def gcc_assign(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
     """
     _validate(feats, centers, valid)
     chosen = choose_backend(OP, _reasons(feats, centers), backend)
-    index, nearest, loss, _ = torch.ops.ssltm.gcc_assign_fwd(feats, centers, valid, chosen)
+    nearest, loss, index, _ = torch.ops.ssltm.gcc_assign_fwd(feats, centers, valid, chosen)
     return index, nearest, loss

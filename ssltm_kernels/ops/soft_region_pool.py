@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -33,6 +34,7 @@ from ssltm_kernels._backend import (
     triton_unavailable_reason,
 )
 from ssltm_kernels._ext import _C
+from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
     "soft_region_pool",
@@ -114,7 +116,7 @@ def _dtype_reason(dtype: torch.dtype) -> str | None:
 
 
 def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
-    """The kernels index within one batch item in int32."""
+    """The Triton kernels index within one batch item in int32 (the CUDA kernels in int64)."""
     for name, x in (("logits", logits), ("feats", feats)):
         extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:], strict=True))
         if extent >= 2**31:
@@ -122,11 +124,20 @@ def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
     return None
 
 
+def _cuda_reason(logits: torch.Tensor) -> str | None:
+    reason = cuda_unavailable_reason(logits)
+    if reason is None and logits.shape[1] > _C.SOFT_REGION_POOL_MAX_CLASSES:
+        reason = (f"the CUDA backward holds at most {_C.SOFT_REGION_POOL_MAX_CLASSES} classes, got logits of shape "
+                  f"{tuple(logits.shape)}")
+    return reason
+
+
 def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
-    dtype_or_extent = _dtype_reason(compute_dtype(logits, feats)) or _extent_reason(logits, feats)
+    dtype_reason = _dtype_reason(compute_dtype(logits, feats))
     return {
-        "cuda": BackendCheck("cuda", cuda_unavailable_reason(logits) or dtype_or_extent),
-        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_or_extent),
+        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_reason),
+        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_reason
+                               or _extent_reason(logits, feats)),
         "reference": BackendCheck("reference", None),
     }
 
@@ -164,11 +175,25 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC: tl.constexpr):
+        """The normalised sums of classes ``offs_k`` x channels ``offs_c``: the output in its dtype (and in
+        fp32 with ``STORE_ACC``, for the backward's Delta), and, from the first channel block, the stats."""
+        rows = b * K + offs_k
+        k_ok = offs_k < K
+        kc_ok = k_ok[:, None] & (offs_c[None, :] < C)
+        out = acc / total[:, None]
+        tl.store(Out + rows[:, None] * C + offs_c[None, :], out.to(Out.dtype.element_ty), mask=kc_ok)
+        if STORE_ACC:
+            tl.store(OutAcc + rows[:, None] * C + offs_c[None, :], out, mask=kc_ok)
+        tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
+        tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+
+    @triton.jit
     def _srp_fwd_kernel(
-        L, F, Out, Stats, PartAcc, PartStats,
+        L, F, Out, OutAcc, Stats, PartAcc, PartStats,
         sl_b, sl_k, sl_n, sf_b, sf_c, sf_n,
         K, C, N, splits, split_len, sign, magnitude,
-        PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+        PARTIAL: tl.constexpr, STORE_ACC: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One program: ``BLOCK_K`` classes x ``BLOCK_C`` channels of one batch item over the positions of one
@@ -215,15 +240,11 @@ if HAS_TRITON:
             tl.store(PartStats + rows * 2, m, mask=k_ok & (cb == 0))
             tl.store(PartStats + rows * 2 + 1, total, mask=k_ok & (cb == 0))
         else:
-            rows = b * K + offs_k
-            tl.store(Out + rows[:, None] * C + offs_c[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
-                     mask=k_ok[:, None] & c_ok[None, :])
-            tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
-            tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+            _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC)
 
     @triton.jit
-    def _srp_combine_kernel(PartAcc, PartStats, Out, Stats, K, C, splits, magnitude,
-                            BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _srp_combine_kernel(PartAcc, PartStats, Out, OutAcc, Stats, K, C, splits, magnitude,
+                            STORE_ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
         """The output and stats of ``BLOCK_K`` classes x ``BLOCK_C`` channels from the splits' partial sums,
         each rescaled to the overall maximum and added in split order (deterministic)."""
         blocks_c = tl.cdiv(C, BLOCK_C)
@@ -244,13 +265,9 @@ if HAS_TRITON:
         for split in range(0, splits):
             rows = (b * splits + split) * K + offs_k
             weight = tl.exp(magnitude * (tl.load(PartStats + rows * 2, mask=k_ok, other=0.0) - m))
-            total += weight * tl.load(PartStats + rows * 2 + 1, mask=k_ok, other=0.0)
+            total += weight * tl.load(PartStats + rows * 2 + 1, mask=k_ok, other=1.0)  # rows beyond K: not 0/0
             acc += weight[:, None] * tl.load(PartAcc + rows[:, None] * C + offs_c[None, :], mask=kc_ok, other=0.0)
-        rows = b * K + offs_k
-        tl.store(Out + rows[:, None] * C + offs_c[None, :], (acc / total[:, None]).to(Out.dtype.element_ty),
-                 mask=kc_ok)
-        tl.store(Stats + rows * 2, m, mask=k_ok & (cb == 0))
-        tl.store(Stats + rows * 2 + 1, tl.log(total), mask=k_ok & (cb == 0))
+        _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC)
 
     @triton.jit
     def _srp_delta_kernel(DO, Out, Delta, K, C, rows, sdo_b, sdo_k, sdo_c,
@@ -392,34 +409,35 @@ DELTA_BLOCKS = (16, 128)  # (BLOCK_R, BLOCK_C) of the delta kernel
 THREE_STAGE_SHARED_MEMORY = 160 * 1024
 
 
-def forward_config(batch: int, classes: int, channels: int, positions: int, *, interpreting: bool,
-                   sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
-    """Blocks for ``(batch, classes, channels, positions)``. On a GPU a program holds up to 128 classes and
-    128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a time; the
-    positions are split so that about two programs run per multiprocessor. The interpreter pays per
-    block step: it takes whole problems in one block."""
+def forward_config(batch: int, classes: int, channels: int, positions: int, dtype: torch.dtype, *,
+                   interpreting: bool, sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
+    """Blocks for ``(batch, classes, channels, positions)`` in ``dtype``. On a GPU a program holds up to 128
+    classes and 128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a
+    time (32 for fp32 inputs: the same bytes per stage); the positions are split so that about two programs
+    run per multiprocessor. The interpreter pays per block step: it takes whole problems in one block."""
     block_k = _next_pow2(classes)
     if interpreting:
         return ForwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 1, 4, 1)
     block_k = min(block_k, 128)
     block_c = min(_next_pow2(channels), 256 if block_k <= 32 else 128)
-    block_n = 64
+    block_n = 32 if dtype == torch.float32 else 64
     programs = batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c)
     splits = max(1, min((2 * sm_count) // programs, triton.cdiv(positions, 4 * block_n)))
     return ForwardConfig(block_k, block_c, block_n, splits, 8 if block_k * block_c >= 128 * 128 else 4,
                          3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
 
 
-def backward_config(classes: int, channels: int, positions: int, *, interpreting: bool,
+def backward_config(classes: int, channels: int, positions: int, dtype: torch.dtype, *, interpreting: bool,
                     shared_memory: int = 227 * 1024) -> BackwardConfig:
     """Blocks of the backward kernel: up to 128 classes per program (one class block for SSLTM's 124),
-    64 positions per program (128 for 32 classes or fewer), 64 channels per loop step."""
+    64 positions per program (128 for 32 classes or fewer), 64 channels per loop step (32 for fp32)."""
     block_k = _next_pow2(classes)
     if interpreting:
         return BackwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 4, 1)
     block_k = min(block_k, 128)
     block_n = 64 if block_k >= 64 else 128
-    return BackwardConfig(block_k, 64, block_n, 8 if block_k * block_n >= 128 * 64 else 4,
+    return BackwardConfig(block_k, 32 if dtype == torch.float32 else 64, block_n,
+                          8 if block_k * block_n >= 128 * 64 else 4,
                           3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
 
 
@@ -433,13 +451,14 @@ def _device_limits(device: torch.device) -> dict:
 def _forward_launch_config(logits: torch.Tensor, channels: int) -> ForwardConfig:
     batch, classes, h, w = logits.shape
     limits = _device_limits(logits.device)
-    return forward_config(batch, classes, channels, h * w, interpreting=triton_interpreting(), **limits)
+    return forward_config(batch, classes, channels, h * w, logits.dtype, interpreting=triton_interpreting(),
+                          **limits)
 
 
 def _backward_launch_config(logits: torch.Tensor, channels: int) -> BackwardConfig:
     limits = _device_limits(logits.device)
     limits.pop("sm_count", None)
-    return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3],
+    return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3], logits.dtype,
                            interpreting=triton_interpreting(), **limits)
 
 
@@ -459,6 +478,8 @@ def _triton_forward(logits: torch.Tensor, feats: torch.Tensor, scale: float):
     cfg = _forward_launch_config(logits, channels)
     out = torch.empty((batch, classes, channels), dtype=logits.dtype, device=logits.device)
     stats = torch.empty((batch, classes, 2), dtype=torch.float32, device=logits.device)
+    store_acc = logits.dtype != torch.float32
+    out_acc = torch.empty(out.shape if store_acc else 0, dtype=torch.float32, device=logits.device)
     split_len = triton.cdiv(triton.cdiv(positions, cfg.splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(positions, split_len)  # none empty
     part_acc = part_stats = out
@@ -468,18 +489,18 @@ def _triton_forward(logits: torch.Tensor, feats: torch.Tensor, scale: float):
     sign, magnitude = _sign_magnitude(scale)
     blocks = batch * triton.cdiv(classes, cfg.block_k) * triton.cdiv(channels, cfg.block_c)
     _srp_fwd_kernel[(blocks * splits,)](
-        l3, f3, out, stats, part_acc, part_stats, *l3.stride(), *f3.stride(),
+        l3, f3, out, out_acc, stats, part_acc, part_stats, *l3.stride(), *f3.stride(),
         classes, channels, positions, splits, split_len, sign, magnitude,
-        PARTIAL=splits > 1, PRECISION=_precision(logits.dtype),
+        PARTIAL=splits > 1, STORE_ACC=store_acc, PRECISION=_precision(logits.dtype),
         BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         block_k, block_c = COMBINE_BLOCKS
         grid = (batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c),)
-        _srp_combine_kernel[grid](part_acc, part_stats, out, stats, classes, channels, splits, magnitude,
-                                  BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
-    return out, stats
+        _srp_combine_kernel[grid](part_acc, part_stats, out, out_acc, stats, classes, channels, splits, magnitude,
+                                  STORE_ACC=store_acc, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
+    return out, stats, out_acc
 
 
 def _triton_backward(grad_out, logits, feats, out, stats, scale: float, need_dlogits: bool, need_dfeats: bool):
@@ -512,6 +533,120 @@ def _triton_backward(grad_out, logits, feats, out, stats, scale: float, need_dlo
     return dlogits, dfeats
 
 
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specifications (compile_check)
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Launch:
+    """One training step's launches: the shapes and layouts their integer arguments come from.
+
+    ``channels_last``: feats is a permuted ``(B, H, W, C)`` tensor; ``gather_grad``: the output's gradient
+    arrives through ``SpatialGather``'s ``(B, C, K, 1)`` view of it, class stride 1."""
+
+    batch: int
+    classes: int
+    channels: int
+    height: int
+    width: int
+    channels_last: bool = False
+    gather_grad: bool = True
+
+    @property
+    def positions(self) -> int:
+        return self.height * self.width
+
+    def __str__(self) -> str:
+        layout = "channels-last" if self.channels_last else "contiguous"
+        grad = "gather grad" if self.gather_grad else "contiguous grad"
+        return (f"B={self.batch} K={self.classes} C={self.channels} {self.height}x{self.width} {layout} feats, "
+                f"{grad}")
+
+    def ints(self, dtype: torch.dtype) -> dict[str, int]:
+        """The integer arguments of every kernel, as the launchers pass them."""
+        b, k, c, n = self.batch, self.classes, self.channels, self.positions
+        feats = (c * n, 1, c) if self.channels_last else (c * n, n, 1)
+        grad = (k * c, 1, k) if self.gather_grad else (k * c, c, 1)
+        cfg = forward_config(b, k, c, n, dtype, interpreting=False)
+        split_len = triton.cdiv(triton.cdiv(n, cfg.splits), cfg.block_n) * cfg.block_n
+        ints = {"K": k, "C": c, "N": n, "rows": b * k, "splits": triton.cdiv(n, split_len), "split_len": split_len}
+        logits = (k * n, n, 1)
+        for names, strides in ((("sl_b", "sl_k", "sl_n"), logits), (("sf_b", "sf_c", "sf_n"), feats),
+                               (("sdo_b", "sdo_k", "sdo_c"), grad), (("sdl_b", "sdl_k", "sdl_n"), logits),
+                               (("sdf_b", "sdf_c", "sdf_n"), feats)):
+            ints.update(zip(names, strides, strict=True))
+        return ints
+
+
+_FP32_POINTERS = {"OutAcc", "Stats", "PartAcc", "PartStats", "Delta"}
+
+
+def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = 227 * 1024,
+                         int_arg=None):
+    """The kernels one forward and backward of ``launch`` runs on a device with ``shared_memory`` bytes per
+    block, specialised as the launchers specialise them, as ``(name, kernel, signature, constexprs, attrs,
+    options)`` for ``triton.compile``. ``int_arg(name)`` overrides the launch's integer arguments (e.g.
+    values that are neither 1 nor multiples of 16, the least specialised variant)."""
+    ints = launch.ints(dtype)
+    int_arg = int_arg or ints.get
+    b, k, c, n = launch.batch, launch.classes, launch.channels, launch.positions
+    fwd = forward_config(b, k, c, n, dtype, interpreting=False, shared_memory=shared_memory)
+    bwd = backward_config(k, c, n, dtype, interpreting=False, shared_memory=shared_memory)
+    split = ints["splits"] > 1
+    kernels = [(_srp_fwd_kernel, dict(PARTIAL=split, STORE_ACC=dtype != torch.float32, BLOCK_K=fwd.block_k,
+                                      BLOCK_C=fwd.block_c, BLOCK_N=fwd.block_n),
+                fwd.num_warps, fwd.num_stages)]
+    if split:
+        kernels.append((_srp_combine_kernel, dict(STORE_ACC=dtype != torch.float32, BLOCK_K=COMBINE_BLOCKS[0],
+                                                  BLOCK_C=COMBINE_BLOCKS[1]), 4, None))
+    kernels.append((_srp_delta_kernel, dict(BLOCK_R=DELTA_BLOCKS[0], BLOCK_C=DELTA_BLOCKS[1]), 4, None))
+    kernels.append((_srp_bwd_kernel, dict(NEED_DL=True, NEED_DF=True, ONE_K_BLOCK=bwd.block_k >= k,
+                                          BLOCK_K=bwd.block_k, BLOCK_C=bwd.block_c, BLOCK_N=bwd.block_n),
+                    bwd.num_warps, bwd.num_stages))
+    element = TYPE_NAMES[dtype]
+    for kernel, constexprs, num_warps, num_stages in kernels:
+        pointers = {name: "fp32" if name in _FP32_POINTERS else element
+                    for name in ("L", "F", "Out", "OutAcc", "Stats", "PartAcc", "PartStats", "DO", "Delta", "DL", "DF")}
+        if kernel is _srp_delta_kernel:
+            pointers["Out"] = "fp32"  # the fp32 output of 16-bit inputs (out_acc), or the fp32 output itself
+        options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+        yield kernel_spec(kernel, {**constexprs, "PRECISION": _precision(dtype)}, pointers,
+                          float_args=("sign", "magnitude", "scale"), int_arg=int_arg, options=options)
+
+
+SSLTM_LAUNCHES = (  # the query and reference frames' OCR gather at stride 4 of 480x480, VSPW's 124 classes
+    Launch(8, 124, 512, 120, 120),
+    Launch(8, 124, 512, 120, 120, channels_last=True),
+)
+FULL_LAUNCHES = SSLTM_LAUNCHES + (
+    Launch(8, 19, 512, 60, 60),  # Cityscapes' classes
+    Launch(8, 150, 512, 60, 60, channels_last=True),  # ADE20K's: several class blocks
+    Launch(3, 124, 77, 30, 30, gather_grad=False),
+)
+
+
+def _compile_specs(arch: int, dtype: torch.dtype, launch: Launch, unaligned: bool) -> list:
+    from ssltm_kernels.compile_check import SHARED_MEMORY_LIMIT
+
+    int_arg = (lambda name: 31) if unaligned else None
+    return list(triton_compile_specs(dtype, launch, shared_memory=SHARED_MEMORY_LIMIT[arch], int_arg=int_arg))
+
+
+def compile_configs(arch: int, config_set: str) -> list[CompileConfig]:
+    """``compile_check``'s configurations: ``representative``, SSLTM's launches in bf16 (contiguous and
+    channels-last features) and the contiguous one in fp32; ``full``, every launch of ``FULL_LAUNCHES`` in
+    every dtype, as launched and with unaligned integers."""
+    if config_set == "representative":
+        chosen = [(torch.bfloat16, launch, False) for launch in SSLTM_LAUNCHES] + [
+            (torch.float32, SSLTM_LAUNCHES[0], False)]
+    else:
+        chosen = [(dtype, launch, unaligned) for dtype in KERNEL_DTYPES for launch in FULL_LAUNCHES
+                  for unaligned in (False, True)]
+    return [CompileConfig(f"soft_region_pool {TYPE_NAMES[dtype]} {launch}{' unaligned' if unaligned else ''}",
+                          partial(_compile_specs, dtype=dtype, launch=launch, unaligned=unaligned),
+                          cost=4 if dtype == torch.float32 else 2)
+            for dtype, launch, unaligned in chosen]
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """``(B, X, H, W)`` -> ``(B, X, H*W)``: a view whenever H and W merge (contiguous and channels-last do)."""
     return x.flatten(2)
@@ -527,25 +662,29 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
     grad = torch.empty_like(x)
     return grad if _mergeable(grad) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
+
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("ssltm::soft_region_pool_fwd", mutates_args=())
 def _soft_region_pool_fwd(logits: torch.Tensor, feats: torch.Tensor, scale: float,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused forward: ``(out (B, K, C) in the inputs' dtype, stats (B, K, 2) float32)``, ``stats`` holding
-    the maximum of ``sign(scale) * logits`` and the log of the softmax denominator per ``(b, k)``."""
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused forward: ``(out (B, K, C) in the inputs' dtype, stats (B, K, 2) float32, out_acc)``; ``stats``
+    holds the maximum of ``sign(scale) * logits`` and the log of the softmax denominator per ``(b, k)``,
+    ``out_acc`` the output in float32 for 16-bit inputs (the backward's Delta = sum_c dOut * Out is then
+    free of the output's rounding), else an empty tensor."""
     if backend == "cuda":
-        return _C.soft_region_pool_forward(logits, feats, scale)
+        out, stats, out_acc = _C.soft_region_pool_forward(logits, feats, scale)
+        return out, stats, logits.new_empty(0, dtype=torch.float32) if out_acc is None else out_acc
     with on_device(logits):
         return _triton_forward(logits, feats, scale)
 
 
 @_soft_region_pool_fwd.register_fake
 def _(logits, feats, scale, backend):
-    batch, classes = logits.shape[:2]
-    return (logits.new_empty((batch, classes, feats.shape[1])),
-            logits.new_empty((batch, classes, 2), dtype=torch.float32))
+    shape = (logits.shape[0], logits.shape[1], feats.shape[1])
+    return (logits.new_empty(shape), logits.new_empty((*shape[:2], 2), dtype=torch.float32),
+            logits.new_empty(shape if logits.dtype != torch.float32 else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("ssltm::soft_region_pool_bwd", mutates_args=())
@@ -553,7 +692,8 @@ def _soft_region_pool_bwd(grad_out: torch.Tensor, logits: torch.Tensor, feats: t
                           stats: torch.Tensor, scale: float, backend: str, need_dlogits: bool,
                           need_dfeats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dlogits (B, K, H, W), dfeats (B, C, H, W))`` in the inputs' dtype and layouts
-    (``_grad_buffer``); a gradient not asked for is an empty tensor."""
+    (``_grad_buffer``); a gradient not asked for is an empty tensor. ``out``: the forward's output, or its
+    float32 ``out_acc``."""
     if backend == "cuda":
         dlogits, dfeats = _C.soft_region_pool_backward(grad_out, logits, feats, out, stats, scale,
                                                        _grad_buffer(logits) if need_dlogits else None,
@@ -574,11 +714,12 @@ def _(grad_out, logits, feats, out, stats, scale, backend, need_dlogits, need_df
 def _setup_context(ctx, inputs, output):
     logits, feats, scale, backend = inputs
     ctx.params = (scale, backend)
-    ctx.save_for_backward(logits, feats, output[0], output[1])
-    ctx.mark_non_differentiable(output[1])
+    out, stats, out_acc = output
+    ctx.save_for_backward(logits, feats, out_acc if out_acc.numel() else out, stats)
+    ctx.mark_non_differentiable(stats, out_acc)
 
 
-def _backward(ctx, grad_out, _grad_stats):
+def _backward(ctx, grad_out, _grad_stats, _grad_out_acc):
     logits, feats, out, stats = ctx.saved_tensors
     need_dlogits, need_dfeats = ctx.needs_input_grad[:2]
     dlogits, dfeats = _soft_region_pool_bwd(grad_out, logits, feats, out, stats, *ctx.params, bool(need_dlogits),
@@ -628,9 +769,17 @@ def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1
     """
     _validate(logits, feats, scale)
     checks = _checks(logits, feats)
+
+    def cuda_passed_over():  # the CUDA kernels accumulate on CUDA cores, Triton's on tensor cores
+        return "the CUDA kernels run on CUDA cores and Triton can run" if checks["triton"] else None
+
     chosen = choose_backend("soft_region_pool", {name: (lambda c=c: c.reason) for name, c in checks.items()},
-                            backend)
+                            backend, passed_over={"cuda": cuda_passed_over})
     if chosen == "reference":
         return _reference(logits, feats, float(scale))
-    out, _ = torch.ops.ssltm.soft_region_pool_fwd(logits, feats, float(scale), chosen)
-    return out
+    return _fused(logits, feats, float(scale), chosen)
+
+
+def _fused(logits: torch.Tensor, feats: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """The fused kernels of ``backend`` ('cuda' or 'triton') on validated inputs, through the custom op."""
+    return torch.ops.ssltm.soft_region_pool_fwd(logits, feats, scale, backend)[0]

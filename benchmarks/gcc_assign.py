@@ -1,0 +1,181 @@
+"""Benchmark: the GCC nearest-cluster assignment (SSLTM Eq. 8, 9) against its peers.
+
+    python benchmarks/gcc_assign.py [--quick] [--providers eager,compile,triton,cuda] [--modes fwd,bwd,fwd+bwd]
+                                    [--no-save] [--results-dir DIR] [--cpu]
+
+Providers (all take ``feats (B, K, D)``, the learnable ``centers (T, K, D)`` and ``valid (B, K)``, and return
+the loss, whose gradient reaches ``centers``):
+
+    eager    ``torch.cdist`` per category (in fp32, as under autocast), ``argmin``, gather of the nearest
+             centres, the per-category MSE averaged over the valid categories (Eq. 9) in the inputs' dtype
+    compile  ``torch.compile`` of that same function (compilation excluded from the timing)
+    triton   ``gcc_assign(..., backend="triton")``: one kernel forward, one backward
+    cuda     ``gcc_assign(..., backend="cuda")``: likewise
+
+On a GPU: bf16, SSLTM's shape (B=8 query frames, K=124 VSPW categories, T=3 clusters, D=512), modes fwd /
+bwd / fwd+bwd with the kernel launches of each call, then the target (fwd+bwd >= 5x eager) with PASS / FAIL.
+Without a GPU (or with ``--cpu``): a small fp32 CPU comparison of the providers that run on the CPU (triton
+only under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    COMPILE_NOTE,
+    MODES,
+    Case,
+    Impl,
+    Row,
+    TargetResult,
+    TwiceReferenceError,
+    Unavailable,
+    Work,
+    benchmark_arguments,
+    format_speedups,
+    format_targets,
+    start_run,
+)
+
+from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference  # noqa: E402
+
+BENCHMARK = "gcc_assign"
+PROVIDERS = ("eager", "compile", "triton", "cuda")
+OURS = ("triton", "cuda")
+TARGET_SPEEDUP = 5.0  # fwd+bwd against eager
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    B: int
+    K: int
+    T: int
+    D: int
+    valid_fraction: float = 0.1  # a VSPW label holds about a tenth of the 124 categories
+
+    def title(self, dtype: torch.dtype) -> str:
+        return (f"B={self.B} K={self.K} T={self.T} D={self.D} valid~{self.valid_fraction:.0%}  "
+                f"{str(dtype).removeprefix('torch.')}")
+
+
+GPU_SHAPES = {"ssltm": Shape("ssltm", B=8, K=124, T=3, D=512)}
+CPU_SHAPES = {"cpu-small": Shape("cpu-small", B=4, K=19, T=3, D=96, valid_fraction=0.5)}
+
+
+def gcc_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+    """Least work of one call, for element size e. Forward: read feats and centers, write nearest
+    (``(2 B K D + T K D) e``), the mask, and the int64 index (``9 B K``); a subtraction, a multiplication
+    and an addition per feature of each of the T distances (``3 B K T D`` FLOPs). Backward of the loss:
+    read feats, centers, the index and the mask, write dcenters (``(B K D + 2 T K D) e + 9 B K``), a
+    subtraction, a multiplication and an addition per feature of each frame (``3 B K D``)."""
+    e = torch.finfo(dtype).bits // 8
+    bk, kd = shape.B * shape.K, shape.K * shape.D
+    fwd = Work(flops=3.0 * bk * shape.T * shape.D, bytes=float((2 * bk * shape.D + shape.T * kd) * e + 9 * bk))
+    bwd = Work(flops=3.0 * bk * shape.D, bytes=float((bk * shape.D + 2 * shape.T * kd) * e + 9 * bk))
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": Work(flops=fwd.flops + bwd.flops, bytes=fwd.bytes + bwd.bytes)}[mode]
+
+
+def eager_gcc_loss(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 8 and 9 as one writes them in PyTorch: cdist per category, argmin, gather, masked MSE."""
+    feats = feats.detach()  # the loss only optimises G
+    # (K, B, T); in fp32 as autocast runs cdist (it has no 16-bit CUDA kernel)
+    dist = torch.cdist(feats.transpose(0, 1).float(), centers.detach().transpose(0, 1).float())
+    index = dist.argmin(-1).t()  # (B, K)
+    nearest = centers[index, torch.arange(centers.shape[1], device=centers.device)]  # (B, K, D)
+    mse = (nearest - feats).square().mean(-1)  # (B, K): the MSE of each category
+    return (mse * valid).sum() / valid.sum().clamp_min(1)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    feats = torch.randn(shape.B, shape.K, shape.D, generator=gen, device=device, dtype=dtype)
+    centers = torch.randn(shape.T, shape.K, shape.D, generator=gen, device=device, dtype=dtype)
+    valid = torch.rand(shape.B, shape.K, generator=gen, device=device) < shape.valid_fraction
+    return feats, centers.requires_grad_(), valid
+
+
+def reference_fp32(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The op's reference loss on fp32 copies of the inputs (the yardstick of the low-precision rule)."""
+    with torch.no_grad():
+        return gcc_assign_reference(feats.float(), centers.detach().float(), valid)[2]
+
+
+def build_providers(names: Sequence[str], feats, centers, valid) -> dict:
+    providers: dict[str, Impl | BaseException] = {}
+    for name in names:
+        if name in ("eager", "compile"):
+            fn = torch.compile(eager_gcc_loss, dynamic=False) if name == "compile" else eager_gcc_loss
+            providers[name] = Impl(lambda fn=fn: fn(feats, centers, valid),
+                                   note=COMPILE_NOTE if name == "compile" else None)
+        elif name == "triton" and feats.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            providers[name] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
+        else:  # ours; the op says itself why a backend cannot run here
+            providers[name] = Impl(lambda b=name: gcc_assign(feats, centers, valid, backend=b)[2])
+    return providers
+
+
+def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[TargetResult]:
+    """fwd+bwd >= 5x eager on every case, for each of our backends; "n/a" where a time is missing."""
+    timed = {(r.case, r.provider): r for r in rows if r.mode == "fwd+bwd"}
+    results = []
+    for (case, provider), row in timed.items():
+        if provider not in ours:
+            continue
+        target, eager = f"fwd+bwd >= {TARGET_SPEEDUP:g}x eager", timed.get((case, "eager"))
+        if not row.ok or eager is None or not eager.ok:
+            why = f"{provider}: {row.error or 'no time'}" if not row.ok else "eager has no time"
+            results.append(TargetResult(case, target, provider, "-", f"n/a ({why})"))
+            continue
+        speedup = eager.ms / row.ms
+        status = "FAIL (output mismatch)" if row.match is False else "PASS" if speedup >= TARGET_SPEEDUP else "FAIL"
+        results.append(TargetResult(case, target, provider, f"{speedup:.2f}x", status))
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    bench, dtype = start_run(args, BENCHMARK)
+    device, on_gpu = bench.device, bench.device.type == "cuda"
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    rows: list[Row] = []
+    for shape in shapes.values():
+        feats, centers, valid = make_inputs(shape, dtype, device)
+        record = {"B": shape.B, "K": shape.K, "T": shape.T, "D": shape.D, "n_valid": int(valid.sum())}
+        case = Case(shape.name, record, dtype, {m: gcc_work(shape, dtype, m) for m in MODES}, title=shape.title(dtype))
+        providers = build_providers(args.providers, feats, centers, valid)
+        rows += bench.run_case(case, providers, leaves=[centers], modes=args.modes,
+                               reference="eager" if "eager" in providers else None,
+                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32, feats, centers, valid)))
+        del providers, feats, centers, valid
+
+    print()
+    for ours in (p for p in OURS if p in args.providers):
+        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
+        print(speedups, end="\n\n" if speedups else "")
+    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
+    if mismatched:
+        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
+    print(format_targets(evaluate_targets(rows), ", ".join(GPU_SHAPES)) if on_gpu else "targets: defined for bf16 "
+          "on a GPU; not evaluated on this CPU run")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

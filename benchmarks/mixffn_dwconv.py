@@ -1,0 +1,369 @@
+"""Benchmark: the fused Mix-FFN depthwise conv + GELU of the SSLTM STT blocks, and the whole MixFFN, against
+their peers.
+
+    python benchmarks/mixffn_dwconv.py [--quick] [--providers eager,compile,...] [--modes fwd,bwd,fwd+bwd]
+                                        [--shapes stride16,large] [--compile-all] [--no-save]
+                                        [--results-dir DIR] [--cpu]
+
+The conv (``<shape>``): depthwise 3x3 + GELU of the channels-last hidden activation ``x (B, T, H, W, C)``
+(fc1's output), weight ``(C, 1, 3, 3)`` and bias ``(C,)``; every provider returns ``(B, T, H, W, C)``:
+
+    eager                permute to contiguous NCHW frames, ``F.conv2d(groups=C)``, GELU, permute back to
+                         contiguous channels-last (two permute copies each way, SegFormer's cost on an
+                         NCHW-first conv)
+    eager-channels-last  the op's reference: ``F.conv2d`` on the channels-last view (``channels_last`` memory
+                         format, no permute copies), GELU
+    compile              ``torch.compile`` of eager (compilation excluded from the timing)
+    triton, cuda         ``dwconv3x3(..., activation="gelu", backend=...)``
+
+The module (``<shape>-mixffn``): fc1 -> dwconv -> GELU -> fc2 on ``(B, T, H, W, C/4)`` volumes:
+``segformer-eager`` is SegFormer's ``Mlp`` + ``DWConv`` on the frames' tokens, ``segformer-compile`` its
+``torch.compile`` (with ``compile``), ``mixffn-reference`` our ``MixFFN`` on the op's reference backend (with
+``eager-channels-last``), ``mixffn-triton`` / ``mixffn-cuda`` our ``MixFFN`` on the fused op.
+
+On a GPU: bf16, SSLTM's shapes (two 4-frame 480x480 clips; hidden widths 4x the STT dims 32/64/128/256 at
+strides 4/8/16/32) and a large one, modes fwd / bwd / fwd+bwd, then the issue's targets with PASS / FAIL.
+GB/s count the least traffic (forward: read x, write y; backward: read x and dy, write dx); the conv is
+memory-bound, so its ``%roof`` is the share of the HBM bandwidth. The compiled peers run on the target
+cases only (``--compile-all``: every case), their compilation being the slow part of the run.
+
+Without a GPU (or with ``--cpu``): a small fp32 CPU comparison of the providers that run on the CPU
+(triton only under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    COMPILE_NOTE,
+    MODES,
+    Case,
+    Impl,
+    Row,
+    TargetResult,
+    TwiceReferenceError,
+    Unavailable,
+    Work,
+    benchmark_arguments,
+    chosen_shapes,
+    csv_choices,
+    format_speedups,
+    format_targets,
+    start_run,
+)
+
+from ssltm_kernels.modules import MixFFN  # noqa: E402
+from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference  # noqa: E402
+
+BENCHMARK = "mixffn_dwconv"
+PROVIDERS = ("eager", "eager-channels-last", "compile", "triton", "cuda")
+OURS = ("triton", "cuda")
+MODULE_PROVIDERS = {"eager": "segformer-eager", "compile": "segformer-compile",
+                    "eager-channels-last": "mixffn-reference", "triton": "mixffn-triton", "cuda": "mixffn-cuda"}
+
+
+# ------------------------------------------------------------------------------------ shapes, their work
+@dataclass(frozen=True)
+class Shape:
+    """The hidden activation ``(B, T, H, W, C)`` of a Mix-FFN with ``C / 4`` input channels."""
+
+    name: str
+    B: int
+    T: int
+    H: int
+    W: int
+    C: int
+
+    @property
+    def elements(self) -> int:
+        return self.B * self.T * self.H * self.W * self.C
+
+    @property
+    def tokens(self) -> int:
+        return self.B * self.T * self.H * self.W
+
+    @property
+    def dim(self) -> int:
+        return max(1, self.C // 4)
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "name"} | {"in_features": self.dim}
+
+    def title(self, dtype: torch.dtype) -> str:
+        return (f"B={self.B} T={self.T} H={self.H} W={self.W} C={self.C}  {str(dtype).removeprefix('torch.')}")
+
+
+# SSLTM's STT blocks: strides 4/8/16/32 of a 480x480 input, dims 32/64/128/256 -> hidden 128..1024, two clips
+# of 4 frames
+SSLTM_SHAPES = (
+    Shape("stride4", 2, 4, 120, 120, 128),
+    Shape("stride8", 2, 4, 60, 60, 256),
+    Shape("stride16", 2, 4, 30, 30, 512),
+    Shape("stride32", 2, 4, 15, 15, 1024),
+)
+GPU_SHAPES = {s.name: s for s in (*SSLTM_SHAPES, Shape("large", 8, 4, 56, 56, 1024))}
+QUICK_GPU_SHAPES = ("stride16", "large")
+CPU_SHAPES = {s.name: s for s in (Shape("cpu-small", 1, 2, 9, 13, 40),)}
+ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+TARGET_SHAPES = ("large", "stride16")
+
+
+def dwconv_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+    """Least work of the conv + GELU: 9 FMAs per output element forward, 18 backward (dx and dweight);
+    bytes: forward reads x and writes y, backward reads x and dy and writes dx (weights and bias, a few
+    KB, left out); the backward's one ``exp`` per element (GELU's derivative; erf is a polynomial)."""
+    m, e = shape.elements, torch.finfo(dtype).bits // 8
+    flops = {"fwd": 18.0 * m, "bwd": 36.0 * m, "fwd+bwd": 54.0 * m}[mode]
+    nbytes = {"fwd": 2 * m * e, "bwd": 3 * m * e, "fwd+bwd": 5 * m * e}[mode]
+    return Work(flops=flops, bytes=float(nbytes), exps=float(m if mode != "fwd" else 0))
+
+
+def mixffn_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+    """Least work of the module: fc1 and fc2 (``2 * tokens * dim * C`` FLOPs each forward, twice that
+    backward) plus the conv; bytes: the module's input and output (forward), input, output gradient and
+    input gradient (backward), as for the conv."""
+    conv = dwconv_work(shape, dtype, mode)
+    linear = 2 * 2.0 * shape.tokens * shape.dim * shape.C
+    flops = {"fwd": linear, "bwd": 2 * linear, "fwd+bwd": 3 * linear}[mode]
+    e = torch.finfo(dtype).bits // 8
+    nbytes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * shape.tokens * shape.dim * e
+    return Work(flops=flops + conv.flops, bytes=float(nbytes), exps=conv.exps)
+
+
+# ------------------------------------------------------------------------------------------- providers
+def eager_dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise conv + GELU on contiguous NCHW frames: permute copies in and out."""
+    frames = x.reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).contiguous()
+    y = F.gelu(F.conv2d(frames, weight, bias, padding=1, groups=x.shape[-1]))
+    return y.permute(0, 2, 3, 1).contiguous().view(x.shape)
+
+
+class SegFormerDWConv(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch, _, channels = x.shape
+        x = self.dwconv(x.transpose(1, 2).view(batch, channels, height, width))
+        return x.flatten(2).transpose(1, 2)
+
+
+class SegFormerMlp(nn.Module):
+    """SegFormer's Mix-FFN (``Mlp`` with ``DWConv``), on the tokens ``(B*T, H*W, C)`` of every frame."""
+
+    def __init__(self, in_features: int, hidden_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = SegFormerDWConv(hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        batch, frames, height, width, channels = volume.shape
+        x = self.fc1(volume.reshape(batch * frames, height * width, channels))
+        x = self.fc2(self.act(self.dwconv(x, height, width)))
+        return x.view(batch, frames, height, width, -1)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """x ``(B, T, H, W, C)``, weight ``(C, 1, 3, 3)``, bias ``(C,)`` in ``dtype``, requiring grad."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.C, generator=gen, device=device, dtype=dtype)
+    weight = torch.randn(shape.C, 1, 3, 3, generator=gen, device=device, dtype=dtype) / 3
+    bias = torch.randn(shape.C, generator=gen, device=device, dtype=dtype)
+    return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+
+
+def _compiled(fn, name: str, shape: Shape, compile_all: bool):
+    if shape.name not in TARGET_SHAPES and not compile_all:
+        return Unavailable(f"{name} runs on the target cases ({', '.join(TARGET_SHAPES)}); --compile-all: every case")
+    return torch.compile(fn, dynamic=False)
+
+
+def _triton_unavailable(device: torch.device) -> Unavailable | None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
+    return None
+
+
+def conv_providers(names: Sequence[str], shape: Shape, x, weight, bias, compile_all: bool) -> dict:
+    providers: dict[str, Impl | BaseException] = {}
+    for name in names:
+        if name == "eager":
+            providers[name] = lambda: eager_dwconv_gelu(x, weight, bias)
+        elif name == "eager-channels-last":
+            providers[name] = lambda: dwconv3x3_reference(x, weight, bias, "gelu")
+        elif name == "compile":
+            fn = _compiled(eager_dwconv_gelu, name, shape, compile_all)
+            providers[name] = fn if isinstance(fn, Unavailable) else Impl(lambda fn=fn: fn(x, weight, bias),
+                                                                          note=COMPILE_NOTE)
+        else:  # ours; the op says itself why a backend cannot run here
+            providers[name] = (name == "triton" and _triton_unavailable(x.device)) or Impl(
+                lambda b=name: dwconv3x3(x, weight, bias, "gelu", backend=b))
+    return providers
+
+
+def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, segformer: SegFormerMlp,
+                     compile_all: bool) -> dict:
+    providers: dict[str, Impl | BaseException] = {}
+    for name in names:
+        label = MODULE_PROVIDERS[name]
+        if name == "eager":
+            providers[label] = lambda: segformer(x)
+        elif name == "compile":
+            fn = _compiled(segformer, label, shape, compile_all)
+            providers[label] = fn if isinstance(fn, Unavailable) else Impl(lambda fn=fn: fn(x), note=COMPILE_NOTE)
+        else:
+            backend = "reference" if name == "eager-channels-last" else name
+            unavailable = backend == "triton" and _triton_unavailable(x.device)
+            if unavailable:
+                providers[label] = unavailable
+                continue
+            module = MixFFN(shape.dim, shape.C, backend=backend)
+            # SegFormer's layers themselves: same parameters, whose gradients the harness resets
+            module.fc1, module.dwconv.dwconv, module.fc2 = segformer.fc1, segformer.dwconv.dwconv, segformer.fc2
+            providers[label] = Impl(lambda m=module: m(x))
+    return providers
+
+
+def reference_fp32_conv(x, weight, bias) -> torch.Tensor:
+    with torch.no_grad():
+        return dwconv3x3_reference(x.detach().float(), weight.detach().float(), bias.detach().float(), "gelu")
+
+
+def reference_fp32_module(segformer: SegFormerMlp, x: torch.Tensor) -> torch.Tensor:
+    fp32 = SegFormerMlp(segformer.fc1.in_features, segformer.fc1.out_features).to(x.device)
+    fp32.load_state_dict({k: v.float() for k, v in segformer.state_dict().items()})
+    with torch.no_grad():
+        return fp32(x.detach().float())
+
+
+# ----------------------------------------------------------------------------- speed-ups and targets
+def evaluate_targets(rows: Sequence[Row], hbm_bytes_per_s: float | None, cases: Sequence[str] = TARGET_SHAPES,
+                     ours: Sequence[str] = OURS) -> list[TargetResult]:
+    """The issue's targets, from the measured rows, on each target case: conv + GELU forward >= 70% of the
+    HBM bandwidth; conv + GELU fwd+bwd >= 3x eager and >= 1.3x compile; MixFFN fwd+bwd >= 1.3x SegFormer's
+    eager module. A target whose numbers are missing is "n/a"."""
+    by_key = {(r.case, r.provider, r.mode): r for r in rows}
+
+    def timed(case, provider, mode):
+        r = by_key.get((case, provider, mode))
+        return r if r is not None and r.ok else None
+
+    results = []
+    for case in (c for c in cases if any(r.case == c for r in rows)):
+        for provider in ours:
+            own = by_key.get((case, provider, "fwd+bwd")) or by_key.get((case, provider, "fwd"))
+            if own is None:
+                continue
+            checks = []  # (case, target, provider, value, ok, why n/a, mismatch)
+            fwd = timed(case, provider, "fwd")
+            target = "conv+GELU fwd >= 70% of HBM bandwidth"
+            if fwd is None or hbm_bytes_per_s is None:
+                why = f"{provider}: {own.error or 'no forward time'}" if fwd is None else "no HBM peak for this device"
+                checks.append((case, target, "-", None, why, own.match))
+            else:
+                pct = 100.0 * fwd.gbps * 1e9 / hbm_bytes_per_s
+                checks.append((case, target, f"{pct:.1f}% ({fwd.gbps:.0f} GB/s)", pct >= 70.0, None, own.match))
+            fb = timed(case, provider, "fwd+bwd")
+            for peer, factor in (("eager", 3.0), ("compile", 1.3)):
+                target, peer_row = f"conv+GELU fwd+bwd >= {factor:g}x {peer}", timed(case, peer, "fwd+bwd")
+                if fb is None or peer_row is None:
+                    why = f"{provider}: {own.error or 'no time'}" if fb is None else f"{peer} has no time"
+                    checks.append((case, target, "-", None, why, own.match))
+                else:
+                    checks.append((case, target, f"{peer_row.ms / fb.ms:.2f}x", peer_row.ms / fb.ms >= factor, None,
+                                   own.match))
+            module_case, label = f"{case}-mixffn", MODULE_PROVIDERS[provider]
+            mine, eager = timed(module_case, label, "fwd+bwd"), timed(module_case, "segformer-eager", "fwd+bwd")
+            mine_row = by_key.get((module_case, label, "fwd+bwd"))
+            target = "MixFFN fwd+bwd >= 1.3x SegFormer eager"
+            if mine is None or eager is None:
+                why = f"{label}: {mine_row.error if mine_row else 'not run'}" if mine is None else "no eager time"
+                checks.append((module_case, target, "-", None, why, None))
+            else:
+                checks.append((module_case, target, f"{eager.ms / mine.ms:.2f}x", eager.ms / mine.ms >= 1.3, None,
+                               mine_row.match))
+            for row_case, target, value, ok, why, match in checks:
+                status = (f"n/a ({why})" if why is not None else "FAIL (output mismatch)" if match is False
+                          else "PASS" if ok else "FAIL")
+                results.append(TargetResult(row_case, target, provider, value, status))
+    return results
+
+
+# -------------------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS,
+                            quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+    p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
+                   help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
+                        "shapes without a GPU)")
+    p.add_argument("--compile-all", action="store_true", help="run the compiled peers on every case")
+    p.add_argument("--no-module", action="store_true", help="only the conv, not the whole MixFFN")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    bench, dtype = start_run(args, BENCHMARK)
+    device, on_gpu = bench.device, bench.device.type == "cuda"
+    shapes = chosen_shapes(args.shapes, on_gpu=on_gpu, quick=args.quick, all_shapes=ALL_SHAPES, gpu=GPU_SHAPES,
+                           quick_gpu=QUICK_GPU_SHAPES, cpu=CPU_SHAPES)
+    rows: list[Row] = []
+    for shape in shapes:
+        x, weight, bias = make_inputs(shape, dtype, device)
+        case = Case(shape.name, shape.record(), dtype, {m: dwconv_work(shape, dtype, m) for m in MODES},
+                    title=f"dwconv3x3 + GELU  {shape.title(dtype)}")
+        rows += bench.run_case(case, conv_providers(args.providers, shape, x, weight, bias, args.compile_all),
+                               leaves=[x, weight, bias], modes=args.modes,
+                               reference="eager" if "eager" in args.providers else None,
+                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32_conv, x, weight, bias)))
+        del x, weight, bias
+        if args.no_module:
+            continue
+        torch.manual_seed(0)
+        segformer = SegFormerMlp(shape.dim, shape.C).to(device, dtype)
+        volume = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.dim, device=device, dtype=dtype,
+                             requires_grad=True)
+        case = Case(f"{shape.name}-mixffn", shape.record(), dtype, {m: mixffn_work(shape, dtype, m) for m in MODES},
+                    title=f"Mix-FFN {shape.dim} -> {shape.C} -> {shape.dim}  {shape.title(dtype)}")
+        rows += bench.run_case(case, module_providers(args.providers, shape, volume, segformer, args.compile_all),
+                               leaves=[volume, *segformer.parameters()], modes=args.modes,
+                               reference="segformer-eager" if "eager" in args.providers else None,
+                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32_module, segformer, volume)))
+        del segformer, volume
+
+    print()
+    for ours in (p for p in OURS if p in args.providers):
+        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
+        print(speedups, end="\n\n" if speedups else "")
+        module = format_speedups(rows, MODULE_PROVIDERS[ours], [MODULE_PROVIDERS[p] for p in args.providers
+                                                                 if p != ours])
+        print(module, end="\n\n" if module else "")
+    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
+    if mismatched:
+        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
+    if on_gpu:
+        peak = bench.spec.bytes_per_s if bench.spec else None
+        print(format_targets(evaluate_targets(rows, peak), ", ".join(TARGET_SHAPES)))
+    else:
+        print("targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

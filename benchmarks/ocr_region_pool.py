@@ -1,0 +1,249 @@
+"""Benchmark: OCR soft region pooling (SSLTM's OCR gather, OCRNet's SpatialGather) against its peers.
+
+    python benchmarks/ocr_region_pool.py [--quick] [--providers eager,compile,triton,cuda]
+                                         [--modes fwd,bwd,fwd+bwd] [--shapes k124-120,k19-60,...]
+                                         [--no-save] [--results-dir DIR] [--cpu]
+
+Providers (all take logits ``(B, K, H, W)`` and feats ``(B, C, H, W)`` requiring grad and return
+``(B, K, C)``):
+
+    eager    ``soft_region_pool_reference``: ``softmax(scale * logits)`` over the positions, then a batched
+             matrix product with the features (OCRNet's way; the ``(B, K, H*W)`` probabilities are written)
+    compile  ``torch.compile`` of that same function (compilation excluded from the timing)
+    triton   ``soft_region_pool(..., backend="triton")``: online softmax fused with the weighted sum
+    cuda     ``soft_region_pool(..., backend="cuda")``: the extension's CUDA-core kernels
+
+On a GPU: bf16, SSLTM's shapes (B = 8 clips' frames, C = 512, VSPW's K = 124 and Cityscapes' K = 19 classes,
+120x120 and 60x60 positions: strides 4 and 8 of 480x480), modes fwd / bwd / fwd+bwd, then the issue's
+performance targets with PASS / FAIL. Rows report ms, GB/s against the least traffic of each mode, % of the
+roofline (HBM bandwidth: these calls are memory-bound), peak memory and kernel launches per call.
+
+Without a GPU (or with ``--cpu``): a small fp32 CPU comparison of the providers that run on the CPU (triton
+only under TRITON_INTERPRET=1; cuda never: its CPU emulation is a test vehicle, not a provider).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import (  # noqa: E402
+    COMPILE_NOTE,
+    MODES,
+    Case,
+    Impl,
+    Row,
+    TargetResult,
+    TwiceReferenceError,
+    Unavailable,
+    Work,
+    benchmark_arguments,
+    chosen_shapes,
+    csv_choices,
+    format_speedups,
+    format_targets,
+    match_device_spec,
+    start_run,
+)
+
+from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference  # noqa: E402
+
+BENCHMARK = "ocr_region_pool"
+PROVIDERS = ("eager", "compile", "triton", "cuda")
+OURS = ("triton", "cuda")
+SCALE = 1.0  # OCRNet's and SSLTM's
+
+
+# ------------------------------------------------------------------------------------ shapes, their work
+@dataclass(frozen=True)
+class Shape:
+    """One problem: ``B`` items of ``K`` classes and ``C`` channels at ``H x W`` positions."""
+
+    name: str
+    B: int
+    K: int
+    C: int
+    H: int
+    W: int
+
+    @property
+    def N(self) -> int:
+        return self.H * self.W
+
+    def record(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "name"}, "N": self.N}
+
+    def title(self, dtype: torch.dtype) -> str:
+        return f"B={self.B} K={self.K} C={self.C} H={self.H} W={self.W}  {str(dtype).removeprefix('torch.')}"
+
+
+GPU_SHAPES = {s.name: s for s in (
+    Shape("k124-120", B=8, K=124, C=512, H=120, W=120),  # VSPW, stride 4 of 480x480: SSLTM's OCR gather
+    Shape("k124-60", B=8, K=124, C=512, H=60, W=60),
+    Shape("k19-120", B=8, K=19, C=512, H=120, W=120),  # Cityscapes' classes
+    Shape("k19-60", B=8, K=19, C=512, H=60, W=60),
+)}
+QUICK_GPU_SHAPES = ("k124-120", "k19-60")
+CPU_SHAPES = {s.name: s for s in (
+    Shape("cpu-k19", B=2, K=19, C=48, H=12, W=13),
+    Shape("cpu-k124", B=1, K=124, C=20, H=9, W=7),
+)}
+ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+TARGET_SHAPES = tuple(GPU_SHAPES)
+
+
+def region_pool_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+    """Least work of one call, for element size e. Forward: read logits and feats, write the output
+    (``(B*K*N + B*C*N + B*K*C) * e`` bytes), ``2*B*K*N*C`` FLOPs (the weighted sum), ``B*K*N`` exps.
+    Backward: read logits, feats and the output's gradient, write both input gradients
+    (``(2*B*K*N + 2*B*C*N + B*K*C) * e``), ``4*B*K*N*C`` FLOPs (dP = dOut F and dfeats = dOut^T P), the
+    exps again (the probabilities are recomputed, not stored). fwd+bwd is both. The per-(b, k) softmax
+    statistics (8 bytes each) are left out."""
+    b, k, c, n = shape.B, shape.K, shape.C, shape.N
+    e = torch.finfo(dtype).bits // 8
+    fwd = Work(flops=2.0 * b * k * n * c, bytes=float((b * k * n + b * c * n + b * k * c) * e), exps=float(b * k * n))
+    bwd = Work(flops=4.0 * b * k * n * c, bytes=float((2 * b * k * n + 2 * b * c * n + b * k * c) * e),
+               exps=float(b * k * n))
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        return bwd
+    return Work(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes, fwd.exps + bwd.exps)
+
+
+# ------------------------------------------------------------------------------------------- providers
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """logits ``(B, K, H, W)`` (spread like a classifier's scores) and feats ``(B, C, H, W)``, requiring grad."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = 4.0 * torch.randn(shape.B, shape.K, shape.H, shape.W, generator=gen, device=device)
+    feats = torch.randn(shape.B, shape.C, shape.H, shape.W, generator=gen, device=device)
+    return logits.to(dtype).requires_grad_(), feats.to(dtype).requires_grad_()
+
+
+def reference_fp32(logits: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """The reference on fp32 copies (the yardstick of the low-precision rule)."""
+    with torch.no_grad():
+        return soft_region_pool_reference(logits.detach().float(), feats.detach().float(), SCALE)
+
+
+def build_providers(names: Sequence[str], logits: torch.Tensor, feats: torch.Tensor) -> dict:
+    """A forward (or the reason it cannot run) for every requested provider."""
+    cpu = logits.device.type == "cpu"
+    providers: dict[str, Impl | BaseException] = {}
+    for name in names:
+        if name in ("eager", "compile"):
+            fn = soft_region_pool_reference
+            fn = torch.compile(fn, dynamic=False) if name == "compile" else fn
+            providers[name] = Impl(lambda fn=fn: fn(logits, feats, SCALE),
+                                   note=COMPILE_NOTE if name == "compile" else None)
+        elif name == "triton" and cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            providers[name] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
+        elif name == "cuda" and cpu:
+            providers[name] = Unavailable("the CUDA kernels need a GPU (on CPU tensors they are a test emulation)")
+        else:  # ours; the op says itself why a backend cannot run here
+            providers[name] = Impl(lambda b=name: soft_region_pool(logits, feats, SCALE, backend=b))
+    return providers
+
+
+# ----------------------------------------------------------------------------------------------- targets
+def evaluate_targets(rows: Sequence[Row], bytes_per_s: float | None, cases: Sequence[str] = TARGET_SHAPES,
+                     ours: Sequence[str] = OURS) -> list[TargetResult]:
+    """The issue's targets from the measured rows, per case and each of ours: forward >= 70% of the HBM
+    bandwidth (``bytes_per_s``, the device's peak), fwd+bwd >= 2x eager and >= 1.3x compile, forward peak
+    memory <= 0.5x eager's. A target whose numbers are missing is "n/a"."""
+    by_key = {(r.case, r.provider, r.mode): r for r in rows}
+
+    def timed(case, provider, mode):
+        r = by_key.get((case, provider, mode))
+        return r if r is not None and r.ok else None
+
+    results = []
+    for case in (c for c in cases if any(r.case == c for r in rows)):
+        for provider in ours:
+            own = by_key.get((case, provider, "fwd+bwd")) or by_key.get((case, provider, "fwd"))
+            if own is None:
+                continue
+            fb, fwd = timed(case, provider, "fwd+bwd"), timed(case, provider, "fwd")
+            if fb is None and fwd is None:
+                results.append(TargetResult(case, "all targets", provider, "-", f"n/a ({provider}: {own.error})"))
+                continue
+            checks: list[tuple[str, str, bool | None, str | None]] = []  # target, value, ok, why n/a
+            target = "fwd >= 70% of HBM bandwidth"
+            if fwd is None or fwd.gbps is None or not bytes_per_s:
+                checks.append((target, "-", None, "no forward time" if fwd is None else "no bandwidth for this device"))
+            else:
+                share = fwd.gbps * 1e9 / bytes_per_s
+                checks.append((target, f"{100 * share:.1f}% ({fwd.gbps:.0f} GB/s)", share >= 0.7, None))
+            for peer, factor in (("eager", 2.0), ("compile", 1.3)):
+                target, peer_row = f"fwd+bwd >= {factor:g}x {peer}", timed(case, peer, "fwd+bwd")
+                if fb is None or peer_row is None:
+                    checks.append((target, "-", None, "no fwd+bwd time" if fb is None else f"{peer} has no time"))
+                else:
+                    checks.append((target, f"{peer_row.ms / fb.ms:.2f}x", peer_row.ms / fb.ms >= factor, None))
+            target, eager_fwd = "fwd peak memory <= 0.5x eager", timed(case, "eager", "fwd")
+            if fwd is None or fwd.peak_mib is None or eager_fwd is None or not eager_fwd.peak_mib:
+                checks.append((target, "-", None, "no memory measurement"))
+            else:
+                ratio = fwd.peak_mib / eager_fwd.peak_mib
+                checks.append((target, f"{ratio:.2f}x ({fwd.peak_mib:.1f} / {eager_fwd.peak_mib:.1f} MiB)",
+                               ratio <= 0.5, None))
+            for target, value, ok, why in checks:
+                status = (f"n/a ({why})" if why is not None else "FAIL (output mismatch)" if own.match is False
+                          else "PASS" if ok else "FAIL")
+                results.append(TargetResult(case, target, provider, value, status))
+    return results
+
+
+# -------------------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS,
+                            quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+    p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
+                   help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
+                        "shapes without a GPU)")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    bench, dtype = start_run(args, BENCHMARK)
+    device, on_gpu = bench.device, bench.device.type == "cuda"
+    shapes = chosen_shapes(args.shapes, on_gpu=on_gpu, quick=args.quick, all_shapes=ALL_SHAPES, gpu=GPU_SHAPES,
+                           quick_gpu=QUICK_GPU_SHAPES, cpu=CPU_SHAPES)
+    rows: list[Row] = []
+    for shape in shapes:
+        logits, feats = make_inputs(shape, dtype, device)
+        providers = build_providers(args.providers, logits, feats)
+        case = Case(shape.name, shape.record(), dtype, {m: region_pool_work(shape, dtype, m) for m in MODES},
+                    title=shape.title(dtype))
+        rows += bench.run_case(case, providers, leaves=[logits, feats], modes=args.modes,
+                               reference="eager" if "eager" in providers else None,
+                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32, logits, feats)))
+        del providers, logits, feats
+
+    print()
+    for ours in (p for p in OURS if p in args.providers):
+        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
+        print(speedups, end="\n\n" if speedups else "")
+    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
+    if mismatched:
+        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
+    if on_gpu:
+        spec = match_device_spec(bench.env["gpu"])
+        print(format_targets(evaluate_targets(rows, spec.bytes_per_s if spec else None), ", ".join(TARGET_SHAPES)))
+    else:
+        print("targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
