@@ -101,6 +101,15 @@ def load_checkpoint(path: str | Path, training: bool = False) -> dict[str, Any]:
     return state
 
 
+def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Load ``ckpt["model"]`` into ``model``; a mismatch (another model configuration or version) is a
+    ValueError naming the checkpoint."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit the model its config builds: {err}") from err
+
+
 def rng_state() -> dict[str, Any]:
     """The states of every random number generator a training step may draw from."""
     np_state = np.random.get_state(legacy=False)

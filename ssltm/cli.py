@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .config import ConfigError, load_config
 
 EXIT_ERROR = 2  # bad config, path or argument
@@ -123,7 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
     env = dist.setup(cfg.device)
     try:
         model = build_model(cfg, info.num_classes, pretrained=False)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, args.checkpoint)
         model.to(env.device)
         results = evaluate(
             model,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import distributed as dist
 from .build import build_model
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .config import from_container
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .evaluate import autocast
@@ -108,7 +108,7 @@ def load_model(checkpoint: str | Path, device: torch.device):
     ckpt = load_checkpoint(checkpoint)
     cfg = from_container(ckpt["config"])
     model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, checkpoint)
     return model.to(device).eval(), cfg, ckpt["meta"]
 
 

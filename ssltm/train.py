@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import __version__
 from . import distributed as dist
 from .build import DatasetInfo, build_dataset, build_model, dataset_info
-from .checkpoint import link_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, to_yaml
 from .evaluate import autocast, evaluate, results_json
 
@@ -231,7 +231,7 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, training=True)
-        self.module.load_state_dict(ckpt["model"])
+        load_weights(self.module, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])

@@ -429,7 +429,7 @@ def test_unknown_and_bad_keys_are_named(tmp_path, capsys):
     assert "train.batch_size=3 must be a multiple of train.grad_accum=2" in err
 
 
-def test_bad_paths_are_named(tmp_path, capsys):
+def test_bad_paths_are_named(tmp_path, trained, capsys):
     cfg = config_file(tmp_path)
     missing = tmp_path / "nowhere"
     assert f"config file not found: {missing}.yaml" in run_error(capsys, ["train", f"{missing}.yaml"])
@@ -445,6 +445,8 @@ def test_bad_paths_are_named(tmp_path, capsys):
     not_a_checkpoint.write_bytes(b"junk")
     err = run_error(capsys, ["eval", cfg, "--set", *TINY, "--checkpoint", str(not_a_checkpoint)])
     assert f"cannot read checkpoint {not_a_checkpoint}" in err
+    err = run_error(capsys, ["eval", cfg, "--set", *TINY, "model.use_gcc=false", "--checkpoint", str(trained)])
+    assert f"checkpoint {trained} does not fit the model its config builds" in err and "gcc" in err
     err = run_error(capsys, ["infer", "--checkpoint", str(not_a_checkpoint), "--input", str(missing), "--out", "x"])
     assert f"--input: no video file or folder of frames at {missing}" in err
     (tmp_path / "empty").mkdir()
