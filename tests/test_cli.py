@@ -157,35 +157,48 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert steps(resumed) == steps(whole)[2:]
 
 
+def torchrun(tmp_path: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssltm", *args]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """Two gloo processes with one clip each equal one process accumulating the same two clips per step.
 
     Without GPUs there is no SyncBatchNorm, so each process normalises its own micro-batch, exactly as the
     accumulation steps of a single process do; the DDP gradient average then equals the accumulated mean.
-    Dropout is off: each process draws its own masks.
+    Dropout is off: each process draws its own masks. Evaluation under torchrun splits the videos between
+    the processes and merges the metrics: the same numbers as one process.
     """
-    common = ["train.max_iters=2", "train.batch_size=2", "train.checkpoint_every=2", "train.validate=false"]
+    common = ["train.max_iters=2", "train.batch_size=2", "train.checkpoint_every=1", "train.validate=false"]
     common += ["model.kwargs.dropout=0.0"]
-    single = tmp_path / "single"
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert train_cli(tmp_path, single, *common, "train.grad_accum=2") == 0
-    ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssltm"]
-    cmd += ["train", config_file(tmp_path), "--set", *TINY, *common, "--work-dir", str(ddp)]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path, "train", config_file(tmp_path), "--set", *TINY, *common, "--work-dir", str(ddp))
     ckpt = load_checkpoint(ddp / "iter_2.pt", training=True)
     assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rng"]) == 2
     # BatchNorm running statistics are each process's own under DDP: compare the parameters.
     params = {name for name, _ in SSLTM(6, **tiny_model_kwargs()).named_parameters()}
-    a = {k: v for k, v in weights(single / "iter_2.pt").items() if k in params}
-    b = {k: v for k, v in ckpt["model"].items() if k in params}
-    # float rounding apart (an all-reduce average against an accumulated sum), far below what training moved
-    assert_same_weights(a, b, atol=1e-5)
-    initial = SSLTM(6, **tiny_model_kwargs())
-    moved = max((a[k] - v).abs().max().item() for k, v in initial.state_dict().items() if k in params)
-    assert moved > 1e-3
+    trained = {}
+    for run in (single, ddp):
+        for step in (1, 2):
+            trained[run, step] = {k: v for k, v in weights(run / f"iter_{step}.pt").items() if k in params}
+    for step in (1, 2):
+        # float rounding apart (an all-reduce average against an accumulated sum) ...
+        assert_same_weights(trained[single, step], trained[ddp, step], atol=1e-5)
+    # ... far below what one step moves the weights
+    step_size = max((trained[single, 2][k] - trained[single, 1][k]).abs().max().item() for k in params)
+    assert step_size > 1e-3
     losses = lambda work: [r["total"] for r in log_records(work) if "total" in r]
     assert losses(ddp) == pytest.approx(losses(single), rel=1e-5)
+
+    evaluation = ["eval", config_file(tmp_path), "--set", *TINY, "data.synthetic.val_videos=2", "--checkpoint"]
+    evaluation += [str(single / "iter_2.pt"), "--out"]
+    torchrun(tmp_path, *evaluation, str(tmp_path / "ddp.json"))
+    assert main([*evaluation, str(tmp_path / "single.json")]) == 0
+    merged, alone = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("ddp", "single"))
+    assert merged == alone and alone["mVC8"] is not None
 
 
 KILL_DURING_SAVE = """
