@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=1.5, help="training time (default 1.5)")
     p.add_argument("--out", default="work_dirs/demo", help="output folder (default work_dirs/demo)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_set(p)
     return parser
 
 
@@ -169,7 +170,7 @@ def _infer(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
-    demo(max_minutes=args.max_minutes, out=args.out, device=args.device)
+    demo(max_minutes=args.max_minutes, out=args.out, device=args.device, overrides=args.overrides)
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,14 @@ def prediction_picture(cfg, model, device: torch.device, palette) -> np.ndarray:
     return comparison_grid(scaled)
 
 
-def demo(max_minutes: float = 1.5, out: str | Path = "work_dirs/demo", device: str = "auto") -> dict:
-    """Train ``configs/demo.yaml`` for ``max_minutes``, evaluate, write ``out/metrics.json`` and
-    ``out/predictions.png``; return the metrics (percent)."""
+def demo(
+    max_minutes: float = 1.5, out: str | Path = "work_dirs/demo", device: str = "auto", overrides: Sequence[str] = ()
+) -> dict:
+    """Train ``configs/demo.yaml`` (with ``overrides``) for ``max_minutes``, evaluate, write ``out/metrics.json``
+    and ``out/predictions.png``; return the metrics (percent)."""
     out = Path(out)
-    cfg = load_config(
-        DEMO_CONFIG, [f"train.max_minutes={max_minutes}", f"work_dir={out / 'train'}", f"device={device}"]
-    )
+    settings = [f"train.max_minutes={max_minutes}", f"work_dir={out / 'train'}", f"device={device}", *overrides]
+    cfg = load_config(DEMO_CONFIG, settings)
     start = time.perf_counter()
     result = train(cfg)
     info = dataset_info(cfg)

@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from . import distributed as dist
 from .build import build_model
@@ -138,7 +139,7 @@ def infer(
     writer = None
     frames, model_seconds, start = 0, 0.0, time.perf_counter()
     try:
-        for name, rgb in source.frames:
+        for name, rgb in tqdm(source.frames, total=source.count, desc="infer", unit="frame", leave=False):
             tick = time.perf_counter()
             with autocast(dev, dtype):
                 pred = predictor.step(to_input(rgb, dev))

@@ -408,6 +408,30 @@ def test_infer_video_file(tmp_path, trained, capsys):
     assert np.asarray(Image.open(labels[0])).shape == (32, 38)
 
 
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    settings = [*TINY_DATA, "data.synthetic.num_videos=4", "train.batch_size=2", "train.progress=false"]
+    assert main(["demo", "--max-minutes", "0.05", "--out", str(out), "--device", "cpu", "--set", *settings]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"mIoU", "FWIoU", "TC", "mVC8", "mVC16", "per_class", "baseline_mIoU", "baseline_class"} <= set(metrics)
+    assert metrics["iterations"] >= 1 and metrics["device"] == "cpu"
+    # the baseline: the most frequent training class everywhere in the held-out video
+    videos = SyntheticVideos(4, FRAMES, 32, seed=0)
+    counts = sum(np.bincount(videos.read_label(v, t).ravel(), minlength=6) for v in range(3) for t in range(FRAMES))
+    majority = int(np.argmax(counts))
+    ious = []
+    for k in range(6):
+        gt = np.stack([videos.read_label(3, t) for t in range(FRAMES)]) == k
+        if gt.any():
+            ious.append((gt & (k == majority)).sum() / (gt | (k == majority)).sum())
+    assert metrics["baseline_class"] == f"class_{majority}"
+    assert metrics["baseline_mIoU"] == pytest.approx(100 * np.mean(ious), abs=0.01)
+    picture = np.asarray(Image.open(out / "predictions.png"))
+    assert picture.shape == (3 * (14 + 64 + 4), 4 * (64 + 4) - 4, 3)  # 3 rows of 4 frames shown at twice their size
+    printed = capsys.readouterr().out
+    assert f"always predicting the most frequent class (class_{majority})" in printed
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 
 
