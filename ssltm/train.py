@@ -391,6 +391,7 @@ class Trainer:
                 dist.all_reduce_sum(flags)
                 values = (flags[: len(LOSS_TERMS)] / env.world_size).tolist()
                 self._check_finite(values)
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -400,10 +401,10 @@ class Trainer:
                 if self.fit_to_time and len(step_times) > FIT_EVERY and (len(step_times) - 1) % FIT_EVERY == 0:
                     self._fit_to_budget(step_times[1:][-FIT_WINDOW:], budget - state.elapsed)
                     bar.total = self.schedule.max_iters
-                bar.set_postfix_str(_postfix(values, self.optimizer.param_groups[0]["lr"]), refresh=False)
+                bar.set_postfix_str(_postfix(values, lr), refresh=False)
                 bar.update(1)
                 if state.iteration % t.log_every == 0 or state.iteration == self.schedule.max_iters:
-                    self._log_step(values, step_times, data_times)
+                    self._log_step(values, lr, step_times, data_times)
                 last = state.iteration == self.schedule.max_iters
                 if state.iteration % t.checkpoint_every == 0 or last:
                     saved_at = self.save()
@@ -432,7 +433,8 @@ class Trainer:
             {
                 "iter": iteration,
                 "error": f"non-finite loss term {bad[0]!r}",
-                **dict(zip(LOSS_TERMS, values, strict=True)),
+                # JSON has no NaN or infinity: those are written as strings
+                **{k: v if math.isfinite(v) else str(v) for k, v in zip(LOSS_TERMS, values, strict=True)},
             }
         )
         raise NonFiniteLossError(
@@ -452,13 +454,13 @@ class Trainer:
                 "(refitted as the speed changes)"
             )
 
-    def _log_step(self, values: list[float], step_times: list[float], data_times: list[float]) -> None:
+    def _log_step(self, values: list[float], lr: float, step_times: list[float], data_times: list[float]) -> None:
         n = min(self.cfg.train.log_every, len(step_times))
         per_step = sum(step_times[-n:]) / n
         remaining = None if self.schedule.max_iters is None else self.schedule.max_iters - self.state.iteration
         record = {
             "iter": self.state.iteration,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             **{k: round(v, 6) for k, v in zip(LOSS_TERMS, values, strict=True)},
             "s_per_iter": round(per_step, 4),
             "data_s_per_iter": round(sum(data_times[-n:]) / n, 4),

@@ -111,8 +111,8 @@ def test_train_eval_through_cli(tmp_path, capsys):
     for r in steps:
         assert all(np.isfinite(r[k]) for k in ("sup", "mse", "aux", "total"))
         assert r["total"] == pytest.approx(r["sup"] + r["mse"] + 0.5 * r["aux"], rel=1e-4)
-    # the poly schedule: lr_i = 0.01 * (1 - i / 3) ** 0.9 after step i
-    assert [r["lr"] for r in steps] == pytest.approx([0.01 * (1 - i / 3) ** 0.9 for i in (1, 2, 3)])
+    # the poly schedule: step i (from 0) runs at 0.01 * (1 - i / 3) ** 0.9
+    assert [r["lr"] for r in steps] == pytest.approx([0.01 * (1 - i / 3) ** 0.9 for i in (0, 1, 2)])
     assert [r["iter"] for r in records if "val" in r] == [2, 3]
     assert records[-1]["end"] == "finished"
 
@@ -299,6 +299,7 @@ def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, monkeypatch, 
     assert "non-finite loss at iteration 2: loss term 'mse' is nan" in err
     assert load_checkpoint(work / "latest.pt")["iteration"] == 1  # the bad step was not applied or saved
     assert not (work / "iter_2.pt").exists()
+    assert log_records(work)[-1]["mse"] == "nan"
 
 
 needs_camvid = pytest.mark.skipif(not CAMVID.is_dir(), reason=f"CamVid train split not found at {CAMVID}")
