@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError, NotADirectoryError, ValueError, TypeError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # bad configs, paths, files and arguments
         print(f"ssltm {args.command}: error: {err}", file=sys.stderr)
         return EXIT_ERROR
 
