@@ -550,6 +550,28 @@ class VideoMetrics:
         if self.tc:
             self._prev_frame = frame.copy()
 
+    def merge(self, other: VideoMetrics) -> None:
+        """Add the videos ``other`` was fed (e.g. on another process of a distributed evaluation) to these.
+
+        ``other``'s current video is closed first; afterwards the results are those of one
+        ``VideoMetrics`` fed all videos of both. Both must have the same settings and no video in common.
+        """
+        settings = ("num_classes", "ignore_index", "mvc_lengths", "tc", "miou_mode")
+        differ = [s for s in settings if getattr(self, s) != getattr(other, s)]
+        if differ:
+            raise ValueError(f"cannot merge VideoMetrics with different settings: {differ}")
+        other._close_current()
+        mine = self._closed | ({self._video} if self._tracker is not None else set())
+        common = mine & other._closed
+        if common:
+            raise ValueError(f"cannot merge VideoMetrics that both hold video(s) {sorted(map(str, common))[:5]}")
+        self.conf += other.conf
+        self.tc_conf += other.tc_conf
+        for n in self.mvc_lengths:
+            self.mvc_sum[n] += other.mvc_sum[n]
+            self.mvc_windows[n] += other.mvc_windows[n]
+        self._closed |= other._closed
+
     def compute(self) -> dict:
         """The metrics so far (the current video included; it stays open for more frames).
 

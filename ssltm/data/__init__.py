@@ -9,6 +9,7 @@ frames nearest first), ``"reference"`` float32 ``(3, H, W)``, ``"label"`` int64 
 from .base import ClipDataset, FileClipDataset, VideoFiles
 from .camvid import CamVid
 from .cityscapes import CityscapesSequence
+from .holdout import hold_out
 from .sampling import ClipSampler
 from .synthetic import SyntheticVideos
 from .transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, RandomScale, eval_transform, train_transform
@@ -28,5 +29,6 @@ __all__ = [
     "SyntheticVideos",
     "VideoFiles",
     "eval_transform",
+    "hold_out",
     "train_transform",
 ]

@@ -1,0 +1,243 @@
+"""Run configuration: a typed OmegaConf schema, YAML files in ``configs/`` and ``--set key=value`` overrides.
+
+Every key a run reads is declared below with its default; a YAML file or an override that names any
+other key is an error naming it (OmegaConf's struct mode), and values are converted to the declared
+types. :func:`load_config` returns the merged, validated ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+DATASETS = ("synthetic", "vspw", "cityscapes", "camvid")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or an override names an unknown key or holds a bad value."""
+
+
+@dataclass
+class SyntheticConfig:
+    """:class:`~ssltm.data.SyntheticVideos` settings; the last ``val_videos`` videos are held out for validation."""
+
+    num_videos: int = 24
+    val_videos: int = 4
+    num_frames: int = 24
+    size: Any = 96  # int or [H, W]
+    num_classes: int = 6
+    objects: list[int] = field(default_factory=lambda: [2, 5])
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # one of DATASETS
+    root: str | None = None  # dataset folder (not used by "synthetic")
+    train_split: str = "train"
+    val_split: str = "val"
+    # Fraction of every video's frames, from its end, kept out of training and used as the validation
+    # split instead of val_split (for datasets shipped without one, e.g. CamVid's train split alone).
+    holdout: float | None = None
+    mode: str = "full"  # VSPW: "full" or "sf" (only the first frame of each training video is a query)
+    crop_size: Any = field(default_factory=lambda: [479, 479])  # int or [H, W]
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    eval_size: int | None = None  # shorter side frames are resized to for evaluation; None: as stored
+    offsets: list[int] = field(default_factory=lambda: [3, 6, 9])
+    num_workers: int = 2
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet101"
+    pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
+    use_stt: bool = True
+    use_rfce: bool = True
+    use_gcc: bool = True
+    context: str = "reference"  # "reference" (RFCE) or "query" (QFCE)
+    # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # clips per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step and process
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    # Length of the run: max_iters if set, else epochs over the training clips, else as many iterations
+    # as fit in max_minutes at the measured speed (refitted as it changes). max_minutes also stops any run.
+    max_iters: int | None = None
+    epochs: int | None = None
+    max_minutes: float | None = None
+    checkpoint_every: int = 1000
+    validate: bool = True  # evaluate on data.val_split during and after training, keeping best.pt
+    val_every: int | None = None  # None: with every checkpoint; 0: only at the end
+    log_every: int = 10
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU), bf16, fp16 or off
+    sync_bn: bool = True  # SyncBatchNorm under DDP on GPUs
+    seed: int = 0
+    progress: bool = True  # progress bar on the first process
+
+
+@dataclass
+class EvalConfig:
+    tc: bool = True
+    mvc: list[int] = field(default_factory=lambda: [8, 16])
+
+
+@dataclass
+class Config:
+    work_dir: str | None = None  # None: work_dirs/<config file name>
+    device: str = "auto"  # auto (the process's GPU under torchrun, else cuda, else cpu), cpu, cuda, cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def default_config() -> DictConfig:
+    """The schema with its defaults, in struct mode (unknown keys raise)."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.model.kwargs, False)  # free-form: the model's constructor checks these names
+    return cfg
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` as given, or a bare name (``"demo"``) looked up as ``configs/<name>.yaml`` of the source tree."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    if given.suffix == "" and given.parent == Path("."):
+        candidate = CONFIG_DIR / f"{given.name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The defaults, then the YAML file ``path`` (if any), then ``key=value`` overrides, validated.
+
+    Raises:
+        ConfigError: the file is missing or not a YAML mapping, or a key is unknown or a value has the
+            wrong type or is out of range; the message names the file or override and the key.
+    """
+    cfg = default_config()
+    name = None
+    if path is not None:
+        file = resolve_config_path(path)
+        name = file.stem
+        try:
+            content = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {file} is not valid YAML: {err}") from err
+        if content is not None and not isinstance(content, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of keys, got {type(content).__name__}")
+        cfg = _merge(cfg, OmegaConf.create(content or {}), f"config file {file}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"--set {item}")
+    if cfg.work_dir is None:
+        cfg.work_dir = str(Path("work_dirs") / (name or "run"))
+    validate(cfg)
+    return cfg
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except ConfigKeyError as err:
+        key = err.full_key or err.key
+        raise ConfigError(f"{source}: unknown config key {key!r}{_suggestion(cfg, str(key))}") from None
+    except OmegaConfBaseException as err:
+        key = err.full_key or err.key
+        raise ConfigError(f"{source}: bad value for {key!r}: {err.msg.splitlines()[0]}") from None
+
+
+def _suggestion(cfg: DictConfig, key: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    known = [str(k) for k in node]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {(parent + '.' if parent else '') + close[0]!r}?" if close else ""
+    return f" (known keys{' under ' + repr(parent) if parent else ''}: {', '.join(known)}){hint}"
+
+
+def _pair(value: Any, key: str) -> tuple[int, int]:
+    pair = [value, value] if isinstance(value, int) else list(value) if OmegaConf.is_list(value) else value
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and v > 0 for v in pair)):
+        raise ConfigError(f"{key} must be a positive int or a list [H, W] of positive ints, got {value!r}")
+    return pair[0], pair[1]
+
+
+def crop_size(cfg: DictConfig) -> tuple[int, int]:
+    return _pair(cfg.data.crop_size, "data.crop_size")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the values a run depends on; raise :class:`ConfigError` naming the key."""
+    data, train, model = cfg.data, cfg.train, cfg.model
+    if data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset must be one of {DATASETS}, got {data.dataset!r}")
+    if data.dataset != "synthetic" and not data.root:
+        raise ConfigError(f"data.root must name the {data.dataset} folder")
+    crop_size(cfg)
+    _pair(data.synthetic.size, "data.synthetic.size")
+    if len(data.scale_range) != 2 or not 0 < data.scale_range[0] <= data.scale_range[1]:
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {list(data.scale_range)}")
+    if data.holdout is not None and not 0 < data.holdout < 1:
+        raise ConfigError(f"data.holdout must be a fraction in (0, 1) or null, got {data.holdout!r}")
+    if any(o <= 0 for o in data.offsets) or list(data.offsets) != sorted(set(data.offsets)):
+        raise ConfigError(f"data.offsets must be strictly increasing positive ints, got {list(data.offsets)}")
+    synthetic = data.synthetic
+    if not 0 < synthetic.val_videos < synthetic.num_videos:
+        raise ConfigError(
+            f"data.synthetic.val_videos must be in 1..num_videos-1 = 1..{synthetic.num_videos - 1}, "
+            f"got {synthetic.val_videos}"
+        )
+    if model.context not in ("reference", "query"):
+        raise ConfigError(f"model.context must be 'reference' or 'query', got {model.context!r}")
+    for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
+    for key in ("max_iters", "epochs"):
+        if train[key] is not None and train[key] < 1:
+            raise ConfigError(f"train.{key} must be at least 1 or null, got {train[key]}")
+    if train.max_minutes is not None and train.max_minutes <= 0:
+        raise ConfigError(f"train.max_minutes must be positive or null, got {train.max_minutes}")
+    if train.val_every is not None and train.val_every < 0:
+        raise ConfigError(f"train.val_every must be >= 0 or null, got {train.val_every}")
+    if train.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {train.lr}")
+    if train.amp not in AMP_MODES:
+        raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {train.amp!r}")
+    if any(n < 2 for n in cfg.eval.mvc):
+        raise ConfigError(f"eval.mvc lengths must be at least 2, got {list(cfg.eval.mvc)}")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def from_container(container: dict) -> DictConfig:
+    """A config stored in a checkpoint (a plain dict) back as a validated ``DictConfig``."""
+    cfg = _merge(default_config(), OmegaConf.create(container), "checkpoint config")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,98 @@
+"""The demo: train a small SSLTM on synthetic videos for a few minutes on whatever device is there, evaluate
+it on held-out videos and compare its mIoU with always predicting the most frequent class."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .build import build_dataset, dataset_info
+from .config import load_config
+from .distributed import resolve_device
+from .evaluate import results_json, results_table, to_uint8_rgb
+from .infer import load_model
+from .metrics import confusion_matrix, miou
+from .train import train
+from .visualize import colorize, comparison_grid
+
+DEMO_CONFIG = "demo"  # configs/demo.yaml
+PICTURE_FRAMES = 4
+PICTURE_SCALE = 2
+
+
+def majority_baseline(cfg) -> tuple[int, float]:
+    """The most frequent class of the training videos, and the mIoU of predicting it everywhere in the
+    validation videos (the score of a model that learned nothing but the class frequencies)."""
+    dataset, train_indices = build_dataset(cfg, "train", train=False)
+    _, val_indices = build_dataset(cfg, "val", train=False)
+    k = dataset.num_classes
+    counts = np.zeros(k, np.int64)
+    for i in train_indices:
+        counts += np.bincount(dataset.read_label(*dataset.queries[i]).ravel(), minlength=k)
+    majority = int(counts.argmax())
+    conf = np.zeros((k, k), np.int64)
+    for i in val_indices:
+        label = dataset.read_label(*dataset.queries[i])
+        conf += confusion_matrix(np.full_like(label, majority), label, k)
+    return majority, miou(conf)
+
+
+def prediction_picture(cfg, model, device: torch.device, palette) -> np.ndarray:
+    """Frames, ground truth and prediction of a few frames spread over the first validation video."""
+    dataset, indices = build_dataset(cfg, "val", train=False)
+    video = dataset.queries[indices[0]][0]
+    frames = [i for i in indices if dataset.queries[i][0] == video]
+    picks = [frames[round(j * (len(frames) - 1) / (PICTURE_FRAMES - 1))] for j in range(PICTURE_FRAMES)]
+    rows: dict[str, list[np.ndarray]] = {"frame": [], "ground truth": [], "prediction": []}
+    with torch.no_grad():
+        for i in picks:
+            sample = dataset[i]
+            pred = model.predict(sample["frames"][None].to(device), sample["reference"][None].to(device))[0]
+            rows["frame"].append(to_uint8_rgb(sample["frames"][0]))
+            rows["ground truth"].append(colorize(sample["label"].numpy(), palette))
+            rows["prediction"].append(colorize(pred.cpu().numpy(), palette))
+    scaled = [
+        (title, [np.kron(image, np.ones((PICTURE_SCALE, PICTURE_SCALE, 1), np.uint8)) for image in images])
+        for title, images in rows.items()
+    ]
+    return comparison_grid(scaled)
+
+
+def demo(
+    max_minutes: float = 1.5, out: str | Path = "work_dirs/demo", device: str = "auto", overrides: Sequence[str] = ()
+) -> dict:
+    """Train ``configs/demo.yaml`` (with ``overrides``) for ``max_minutes``, evaluate, write ``out/metrics.json``
+    and ``out/predictions.png``; return the metrics (percent)."""
+    out = Path(out)
+    settings = [f"train.max_minutes={max_minutes}", f"work_dir={out / 'train'}", f"device={device}", *overrides]
+    cfg = load_config(DEMO_CONFIG, settings)
+    start = time.perf_counter()
+    result = train(cfg)
+    info = dataset_info(cfg)
+    metrics = results_json(result.val_results, info.classes)
+    majority, baseline = majority_baseline(cfg)
+    dev = resolve_device(device)
+    model, _, _ = load_model(result.checkpoint, dev)
+    picture = out / "predictions.png"
+    Image.fromarray(prediction_picture(cfg, model, dev, info.palette)).save(picture)
+    metrics.update(
+        baseline_mIoU=round(100 * baseline, 2),
+        baseline_class=info.classes[majority],
+        iterations=result.iteration,
+        device=str(dev),
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(results_table(result.val_results, info.classes))
+    print(
+        f"\nheld-out synthetic videos: mIoU {metrics['mIoU']:.2f} % after {result.iteration} iterations on {dev}; "
+        f"always predicting the most frequent class ({info.classes[majority]}) scores {100 * baseline:.2f} %"
+    )
+    print(f"wrote {out / 'metrics.json'} and {picture} (frames / ground truth / prediction)")
+    return metrics

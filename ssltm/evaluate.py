@@ -1,0 +1,193 @@
+"""Evaluation with the paper's inference: whole videos, each labelled frame predicted from its clip with the
+farthest frame of the video as the reference; mIoU, FWIoU, mVC8/16, TC and per-class IoU.
+
+Under ``torchrun`` each process evaluates a share of the videos and the results are merged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision import tv_tensors
+from tqdm import tqdm
+
+from . import distributed as dist
+from .data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
+from .metrics import VideoMetrics, format_table
+from .model import VideoPredictor
+from .visualize import save_label_png
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or nothing when ``dtype`` is None (full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_uint8_rgb(frame: torch.Tensor) -> np.ndarray:
+    """An ImageNet-normalised ``(3, H, W)`` frame back to RGB uint8 ``(H, W, 3)`` (the optical flow's input)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = (frame.float().cpu() * std + mean).mul(255).round().clamp(0, 255)
+    return rgb.to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def videos_of(dataset: ClipDataset, indices: Sequence[int]) -> dict[int, list[int]]:
+    """``indices`` grouped by video, in order of appearance."""
+    videos: dict[int, list[int]] = {}
+    for i in indices:
+        videos.setdefault(dataset.queries[i][0], []).append(i)
+    return videos
+
+
+class _VideoFrames(Sequence):
+    """The frames of one video, every one a query, loaded on demand for ``VideoPredictor.predict_video``
+    (which reads the last frame first, then walks forward): a few stay cached with their labels."""
+
+    def __init__(self, dataset: ClipDataset, video: int, length: int, keep: int):
+        self.dataset, self.video, self.length, self.keep = dataset, video, length, keep
+        self.cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def load(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame ``t`` as the model's input ``(3, H, W)`` and its label ``(H, W)``, through the dataset's transform."""
+        if t not in self.cache:
+            label = self.dataset.read_label(self.video, t)
+            image = torch.from_numpy(self.dataset.read_frame(self.video, t)).permute(2, 0, 1).contiguous()
+            out = self.dataset.transform(
+                {
+                    "frames": tv_tensors.Video(image[None]),
+                    "reference": tv_tensors.Image(image),
+                    "label": tv_tensors.Mask(torch.from_numpy(label)),
+                }
+            )
+            self.cache[t] = (out["frames"][0].as_subclass(torch.Tensor), out["label"].as_subclass(torch.Tensor))
+            if len(self.cache) > self.keep:
+                self.cache.popitem(last=False)
+        return self.cache[t]
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        return self.load(t)[0]
+
+
+def _video_predictions(
+    model: nn.Module,
+    dataset: ClipDataset,
+    video: int,
+    indices: list[int],
+    env: dist.DistEnv,
+    amp_dtype,
+    num_workers: int,
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(frame id, input frame (3, H, W), label (H, W), prediction (H, W))`` for the queries ``indices`` of ``video``.
+
+    Where every frame of the video is a query (VSPW, CamVid, synthetic videos), the model's whole-video
+    predictor sends each frame through the backbone once; otherwise (Cityscapes: one labelled frame per
+    snippet) each query's clip is predicted on its own. Both give the class maps of the paper's inference.
+    """
+    length = dataset.video_length(video)
+    if [dataset.queries[i][1] for i in indices] == list(range(length)):
+        frames = _VideoFrames(dataset, video, length, keep=2 * max(dataset.sampler.offsets, default=0) + 3)
+        predictor = VideoPredictor(model, dataset.sampler.offsets)
+        with autocast(env.device, amp_dtype):
+            for t, pred in enumerate(predictor.predict_video(frames)):
+                image, label = frames.load(t)
+                yield dataset.frame_id(video, t), image, label, pred
+        return
+    loader = DataLoader(Subset(dataset, indices), batch_size=1, num_workers=num_workers)
+    for batch in loader:
+        frames = batch["frames"].to(env.device, non_blocking=True)
+        reference = batch["reference"].to(env.device, non_blocking=True)
+        with autocast(env.device, amp_dtype):
+            pred = model.predict(frames, reference)
+        yield batch["frame"][0], batch["frames"][0, 0], batch["label"][0], pred[0]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: ClipDataset,
+    indices: Sequence[int],
+    num_classes: int,
+    env: dist.DistEnv,
+    *,
+    mvc_lengths: Sequence[int] = (8, 16),
+    tc: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    palette: Sequence[Sequence[int]] | None = None,
+    save_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Predict the queries ``dataset[indices]`` with the paper's inference and score the predictions.
+
+    Under ``torchrun`` each process takes every ``world_size``-th video and the results are merged.
+
+    Args:
+        model: an SSLTM; evaluated in eval mode and left in the mode it was in.
+        dataset: clips with ``reference="farthest"`` and ``causal=False`` (the paper's inference).
+        save_dir: if given, each prediction is written to ``save_dir/<video>/<frame>.png`` (VSPW's
+            submission layout; pixel values are class ids) with ``palette`` as colours.
+
+    Returns:
+        :meth:`VideoMetrics.compute`'s dict (fractions), the same on every process.
+    """
+    videos = list(videos_of(dataset, indices).items())[env.rank :: env.world_size]
+    metrics = VideoMetrics(num_classes, mvc_lengths=tuple(mvc_lengths), tc=tc)
+    bar = tqdm(
+        total=sum(len(v) for _, v in videos),
+        desc="eval",
+        unit="frame",
+        leave=False,
+        disable=not (progress and env.is_main),
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        for video, video_indices in videos:
+            name = dataset.video_name(video)
+            for frame, image, label, pred in _video_predictions(
+                model, dataset, video, video_indices, env, amp_dtype, num_workers
+            ):
+                pred = pred.cpu().numpy()
+                metrics.update(name, pred, label.numpy(), to_uint8_rgb(image) if tc else None)
+                if save_dir is not None:
+                    save_label_png(Path(save_dir) / name / f"{frame}.png", pred, palette or [])
+                bar.update(1)
+    finally:
+        model.train(was_training)
+        bar.close()
+    merged = None
+    for other in dist.all_gather_object(metrics):
+        if merged is None:
+            merged = other
+        else:
+            merged.merge(other)
+    return merged.compute()
+
+
+def _percent(value: float) -> float | None:
+    return None if math.isnan(value) else round(100 * float(value), 2)
+
+
+def results_json(results: dict, classes: Sequence[str]) -> dict:
+    """The metrics file's content (ARCHITECTURE.md §3.4): percent with two decimals, ``null`` for a metric
+    with nothing to average; ``per_class`` maps class names to IoU."""
+    out = {k: _percent(v) for k, v in results.items() if k != "per_class"}
+    out["per_class"] = {name: _percent(v) for name, v in zip(classes, results["per_class"], strict=True)}
+    return out
+
+
+def results_table(results: dict, classes: Sequence[str]) -> str:
+    return format_table(results, class_names=list(classes))

@@ -1,0 +1,511 @@
+"""Training (paper §4.1.2): SGD with momentum, poly learning rate, mixed precision, gradient accumulation,
+DDP under ``torchrun``, checkpoints with exact resume, periodic validation keeping the best checkpoint.
+
+Exact resume: the data order is a function of ``(train.seed, epoch)`` and each clip's augmentation a function
+of ``(seed, epoch, index)``, so a run restarted from the checkpoint of iteration N draws the same batches from
+N on; the model, optimizer, scheduler, gradient scaler and every process's random number generators come back
+from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from . import __version__
+from . import distributed as dist
+from .build import DatasetInfo, build_dataset, build_model, dataset_info
+from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, to_yaml
+from .evaluate import autocast, evaluate, results_json
+
+LOSS_TERMS = ("sup", "mse", "aux", "total")
+# A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
+# first pays one-off costs) and refits it every FIT_EVERY iterations, at the mean speed of the last FIT_WINDOW.
+FIT_EVERY = 3
+FIT_WINDOW = 10
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the run stopped before applying that step."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    work_dir: Path
+    stopped: str  # "finished", "time" (train.max_minutes), "interrupted" (Ctrl-C / SIGTERM)
+    checkpoint: Path | None
+    best: dict[str, Any] | None = None
+    val_results: dict[str, Any] | None = None  # the last validation's metrics (fractions, as VideoMetrics gives)
+
+
+class PolySchedule:
+    """Poly learning-rate factor ``(1 - min_ratio) * (1 - it / max_iters) ** power + min_ratio``.
+
+    A callable object rather than a function so that ``LambdaLR`` saves its state (``max_iters`` may be
+    fitted to a time budget during the run).
+    """
+
+    def __init__(self, max_iters: int | None, power: float, min_ratio: float):
+        self.max_iters, self.power, self.min_ratio = max_iters, power, min_ratio
+
+    def __call__(self, iteration: int) -> float:
+        if self.max_iters is None:
+            return 1.0
+        progress = min(iteration / self.max_iters, 1.0)
+        return (1 - self.min_ratio) * (1 - progress) ** self.power + self.min_ratio
+
+
+class ClipOrder(Sampler[list[tuple[int, int]]]):
+    """The micro-batches of one process, from iteration ``start`` on, forever.
+
+    Each epoch is a permutation of ``indices`` drawn from ``(seed, epoch)``; iteration ``it`` takes the
+    global batch at position ``it % iters_per_epoch`` of epoch ``it // iters_per_epoch`` (the clips that do
+    not fill a batch are left out of that epoch). The global batch is cut into ``grad_accum * world_size``
+    micro-batches; micro-batch ``a * world_size + rank`` is this process's accumulation step ``a``. Items are
+    ``(epoch, index)`` for :class:`EpochIndexed`.
+    """
+
+    def __init__(
+        self,
+        indices: Sequence[int],
+        batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        start: int,
+    ):
+        if len(indices) < batch_size:
+            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} training clips")
+        self.indices = torch.as_tensor(list(indices))
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.world_size, self.rank, self.seed, self.start = world_size, rank, seed, start
+        self.micro = batch_size // (grad_accum * world_size)
+        self.iters_per_epoch = len(self.indices) // batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=generator)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        it, order, order_epoch = self.start, None, -1
+        while True:
+            epoch, step = divmod(it, self.iters_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.epoch_order(epoch), epoch
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size].tolist()
+            for a in range(self.grad_accum):
+                first = (a * self.world_size + self.rank) * self.micro
+                yield [(epoch, i) for i in batch[first : first + self.micro]]
+            it += 1
+
+
+class EpochIndexed(Dataset):
+    """``dataset[(epoch, i)]``: clip ``i`` with the augmentation and reference of ``epoch``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, i = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[i]
+
+
+def _ignore_sigint(_worker: int) -> None:
+    # Ctrl-C reaches the whole process group: loader workers keep serving while the main process saves.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp``: ``auto`` is bf16 on GPUs and full precision on CPUs."""
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+
+class StopRequest:
+    """Turns the first SIGINT / SIGTERM into a request to stop after the current iteration (a second
+    SIGINT interrupts at once)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "
+            "(Ctrl-C again to stop at once, without one)",
+            flush=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class _State:
+    iteration: int = 0
+    elapsed: float = 0.0  # seconds of training over all runs of this work dir, resumes included
+    best: dict[str, Any] | None = None
+
+
+class Trainer:
+    """One training run of a config; :meth:`run` trains and returns how it ended."""
+
+    def __init__(self, cfg: DictConfig, env: dist.DistEnv, resume: str | Path | None = None):
+        self.cfg, self.env = cfg, env
+        self.work_dir = Path(cfg.work_dir)
+        t = cfg.train
+        if t.max_iters is None and t.epochs is None and t.max_minutes is None:
+            raise ConfigError("set the length of the run: train.max_iters, train.epochs or train.max_minutes")
+        if t.batch_size % (t.grad_accum * env.world_size):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum} "
+                f"times the {env.world_size} process(es)"
+            )
+        torch.manual_seed(t.seed + env.rank)
+        np.random.seed(t.seed + env.rank)
+        self.info: DatasetInfo = dataset_info(cfg)
+        self.train_set, self.train_indices = build_dataset(cfg, cfg.data.train_split, train=True)
+        self.validate_every = t.checkpoint_every if t.val_every is None else t.val_every
+        if t.validate:
+            self.val_set, self.val_indices = build_dataset(cfg, cfg.data.val_split, train=False)
+        self.amp_dtype = amp_dtype(t.amp, env.device)
+
+        model = build_model(cfg, self.info.num_classes).to(env.device)
+        if env.distributed:
+            if env.device.type == "cuda" and t.sync_bn:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.model: nn.Module = DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            self.model = model
+        self.module = model  # the bare model (its state_dict, predict)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.schedule = PolySchedule(None, t.poly_power, t.min_lr / t.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
+        self.state = _State()
+        self.rng_to_restore = None
+        self.val_results = None
+        if resume is not None:
+            self._resume(Path(resume))
+        self.order = ClipOrder(
+            self.train_indices, t.batch_size, t.grad_accum, env.world_size, env.rank, t.seed, self.state.iteration
+        )
+        fixed = t.max_iters or (t.epochs * self.order.iters_per_epoch if t.epochs else None)
+        self.fit_to_time = fixed is None  # length from train.max_minutes (see _fit_to_budget)
+        if fixed is not None:
+            self.schedule.max_iters = fixed
+        self.log_file = self.work_dir / "log.jsonl"
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, training=True)
+        load_weights(self.module, ckpt, path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        train_state = ckpt.get("train_state", {})
+        self.state = _State(
+            iteration=int(ckpt["iteration"]),
+            elapsed=float(train_state.get("elapsed", 0.0)),
+            best=train_state.get("best"),
+        )
+        states = ckpt["rng"]
+        if len(states) != self.env.world_size and self.env.is_main:
+            print(f"note: {path} was written by {len(states)} process(es), this run has {self.env.world_size}")
+        self.rng_to_restore = states[self.env.rank % len(states)]
+        differ = [
+            key
+            for key in _config_differences(ckpt["config"], OmegaConf.to_container(self.cfg))
+            if key not in ("work_dir", "train.progress")
+        ]
+        if differ and self.env.is_main:
+            print(f"note: resuming {path} with a config that differs in: {', '.join(differ)}")
+        if self.env.is_main:
+            print(f"resumed from {path} at iteration {self.state.iteration}")
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.state.iteration,
+            "rng": dist.all_gather_object(rng_state()),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "meta": checkpoint_meta(self.info, self.env.world_size),
+            "train_state": {"elapsed": self.state.elapsed, "best": self.state.best},
+        }
+
+    def save(self, name: str | None = None) -> Path:
+        """Write ``iter_<N>.pt`` and point ``latest.pt`` at it (or write ``name``); every process must call this."""
+        state = self.checkpoint_state()  # a collective: all processes take part
+        path = self.work_dir / (name or f"iter_{self.state.iteration}.pt")
+        if self.env.is_main:
+            save_checkpoint(path, state)
+            if name is None:
+                link_checkpoint(path, self.work_dir / "latest.pt")
+        dist.barrier()
+        return path
+
+    # --- logging -----------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with open(self.log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- validation --------------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any]:
+        # Evaluation must not move the training random number generators: a resumed run would diverge.
+        devices = [self.env.device.index] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            results = evaluate(
+                self.module,
+                self.val_set,
+                self.val_indices,
+                self.info.num_classes,
+                self.env,
+                mvc_lengths=tuple(self.cfg.eval.mvc),
+                tc=self.cfg.eval.tc,
+                amp_dtype=self.amp_dtype,
+                num_workers=self.cfg.data.num_workers,
+                progress=self.cfg.train.progress,
+            )
+        self.val_results = results
+        summary = results_json(results, self.info.classes)
+        summary["iteration"] = self.state.iteration
+        self.log({"iter": self.state.iteration, "val": summary})
+        best = self.state.best
+        improved = summary["mIoU"] is not None and (best is None or summary["mIoU"] > best["mIoU"])
+        if improved:
+            self.state.best = {"mIoU": summary["mIoU"], "iteration": self.state.iteration}
+            self.save("best.pt")
+        if self.env.is_main:
+            mark = " (best)" if improved else ""
+            tqdm.write(f"iteration {self.state.iteration}: val mIoU {summary['mIoU']}{mark}")
+        return summary
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        workers = self.cfg.data.num_workers
+        loader = DataLoader(
+            EpochIndexed(self.train_set),
+            batch_sampler=self.order,
+            num_workers=workers,
+            pin_memory=self.env.device.type == "cuda",
+            # Its own generator: creating the loader must not draw from the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(self.cfg.train.seed + self.env.rank),
+            worker_init_fn=_ignore_sigint if workers else None,
+            persistent_workers=workers > 0,
+        )
+        return iter(loader)
+
+    def _step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, float]:
+        """One optimizer step's forward and backward passes; returns the loss terms averaged over its
+        micro-batches and the seconds spent waiting for data."""
+        accum = self.cfg.train.grad_accum
+        terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.env.device)
+        waited = 0.0
+        for a in range(accum):
+            tick = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - tick
+            frames = batch["frames"].to(self.env.device, non_blocking=True)
+            reference = batch["reference"].to(self.env.device, non_blocking=True)
+            labels = batch["label"].to(self.env.device, non_blocking=True)
+            sync = a == accum - 1 or not isinstance(self.model, DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                with autocast(self.env.device, self.amp_dtype):
+                    losses = self.model(frames, reference, labels)["losses"]
+                self.scaler.scale(losses["total"] / accum).backward()
+            terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in LOSS_TERMS]) / accum
+        return terms, waited
+
+    def run(self) -> TrainResult:
+        cfg, env, state = self.cfg, self.env, self.state
+        t = cfg.train
+        if env.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.model.train()
+        batches = self._loader()
+        if self.rng_to_restore is not None:
+            set_rng_state(self.rng_to_restore)
+        bar = tqdm(
+            total=self.schedule.max_iters,
+            initial=state.iteration,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            disable=not (env.is_main and t.progress),
+        )
+        budget = None if t.max_minutes is None else 60 * t.max_minutes
+        start_time, start_elapsed = time.perf_counter(), state.elapsed
+        step_times: list[float] = []
+        data_times: list[float] = []
+        stopped, saved_at = "finished", None
+        if env.is_main:
+            print(
+                f"training {self.work_dir}: {len(self.train_indices)} clips, {env.world_size} process(es) on "
+                f"{env.device.type}, from iteration {state.iteration}"
+            )
+        with StopRequest() as stop:
+            while self.schedule.max_iters is None or state.iteration < self.schedule.max_iters:
+                tick = time.perf_counter()
+                terms, waited = self._step(batches)
+                data_times.append(waited)
+                state.elapsed = start_elapsed + time.perf_counter() - start_time
+                out_of_time = budget is not None and state.elapsed >= budget
+                flags = torch.cat([terms, terms.new_tensor([stop.requested, out_of_time])])
+                dist.all_reduce_sum(flags)
+                values = (flags[: len(LOSS_TERMS)] / env.world_size).tolist()
+                self._check_finite(values)
+                lr = self.optimizer.param_groups[0]["lr"]  # this step's
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                state.iteration += 1
+                step_times.append(time.perf_counter() - tick)
+                if self.fit_to_time and len(step_times) > FIT_EVERY and (len(step_times) - 1) % FIT_EVERY == 0:
+                    self._fit_to_budget(step_times[1:][-FIT_WINDOW:], budget - state.elapsed)
+                    bar.total = self.schedule.max_iters
+                bar.set_postfix_str(_postfix(values, lr), refresh=False)
+                bar.update(1)
+                if state.iteration % t.log_every == 0 or state.iteration == self.schedule.max_iters:
+                    self._log_step(values, lr, step_times, data_times)
+                last = state.iteration == self.schedule.max_iters
+                if state.iteration % t.checkpoint_every == 0 or last:
+                    saved_at = self.save()
+                if t.validate and self.validate_every and state.iteration % self.validate_every == 0 and not last:
+                    self.validate()
+                if flags[-2] > 0 or flags[-1] > 0:
+                    stopped = "interrupted" if flags[-2] > 0 else "time"
+                    break
+        bar.close()
+        if stopped != "finished" and (saved_at is None or saved_at.name != f"iter_{state.iteration}.pt"):
+            saved_at = self.save()
+        if t.validate and stopped != "interrupted":
+            self.validate()
+        self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
+        return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)
+
+    def _check_finite(self, values: list[float]) -> None:
+        bad = [name for name, v in zip(LOSS_TERMS, values, strict=True) if not math.isfinite(v)]
+        if not bad:
+            return
+        iteration = self.state.iteration + 1
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, values, strict=True))
+        latest = self.work_dir / "latest.pt"
+        where = f"the last checkpoint is {latest}" if latest.exists() else "no checkpoint was written"
+        self.log(
+            {
+                "iter": iteration,
+                "error": f"non-finite loss term {bad[0]!r}",
+                # JSON has no NaN or infinity: those are written as strings
+                **{k: v if math.isfinite(v) else str(v) for k, v in zip(LOSS_TERMS, values, strict=True)},
+            }
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {iteration}: loss term {bad[0]!r} is {values[LOSS_TERMS.index(bad[0])]} "
+            f"({terms}); stopped before applying this step, {where}"
+        )
+
+    def _fit_to_budget(self, step_times: list[float], remaining: float) -> None:
+        """Set ``max_iters`` to the iterations that fit the rest of ``train.max_minutes`` at the measured speed."""
+        per_step = sum(step_times) / len(step_times)
+        first = self.schedule.max_iters is None
+        fitted = self.state.iteration + max(1, int(0.9 * remaining / per_step))
+        self.schedule.max_iters = dist.broadcast_object(fitted)
+        if first and self.env.is_main:
+            tqdm.write(
+                f"{per_step:.2f} s per iteration: about {self.schedule.max_iters} iterations fit train.max_minutes "
+                "(refitted as the speed changes)"
+            )
+
+    def _log_step(self, values: list[float], lr: float, step_times: list[float], data_times: list[float]) -> None:
+        n = min(self.cfg.train.log_every, len(step_times))
+        per_step = sum(step_times[-n:]) / n
+        remaining = None if self.schedule.max_iters is None else self.schedule.max_iters - self.state.iteration
+        record = {
+            "iter": self.state.iteration,
+            "lr": lr,
+            **{k: round(v, 6) for k, v in zip(LOSS_TERMS, values, strict=True)},
+            "s_per_iter": round(per_step, 4),
+            "data_s_per_iter": round(sum(data_times[-n:]) / n, 4),
+            "eta_s": None if remaining is None else round(remaining * per_step, 1),
+            "elapsed_s": round(self.state.elapsed, 2),
+        }
+        if self.env.device.type == "cuda":
+            record["max_mem_mb"] = round(torch.cuda.max_memory_allocated(self.env.device) / 2**20)
+        self.log(record)
+
+
+def _postfix(values: Sequence[float], lr: float) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in zip(LOSS_TERMS, values, strict=True)) + f" lr {lr:.2e}"
+
+
+def checkpoint_meta(info: DatasetInfo, world_size: int) -> dict[str, Any]:
+    import torchvision
+
+    return {
+        **info.as_dict(),
+        "versions": {
+            "ssltm": __version__,
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+        },
+        "world_size": world_size,
+    }
+
+
+def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def train(cfg: DictConfig, resume: str | Path | None = None) -> TrainResult:
+    """Train ``cfg`` in this process (one of several under ``torchrun``)."""
+    env = dist.setup(cfg.device)
+    try:
+        return Trainer(cfg, env, resume).run()
+    finally:
+        dist.teardown()
