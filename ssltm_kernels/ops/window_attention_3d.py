@@ -24,10 +24,13 @@ All gradients are deterministic: no floating-point atomics, partial sums are red
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,10 @@ from ssltm_kernels._backend import (
 from ssltm_kernels._ext import _C
 from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
 __all__ = [
     "WindowGeometry",
     "window_geometry",
@@ -61,6 +68,7 @@ __all__ = [
 ]
 
 SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
+LOG2E = 1.4426950408889634  # the Triton kernels compute softmax in base 2: exp(x) = exp2(x * log2(e))
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The Triton kernels' limits (they keep a whole window's keys in one tile); the CUDA kernels' are
 # _C.MAX_WINDOW_TOKENS and _C.MAX_HEAD_DIM, defined in csrc/ beside the kernels
@@ -445,11 +453,124 @@ def can_run_reference(q, k, v, *, window_size, rel_pos_bias_table=None, shift_si
 
 
 # --------------------------------------------------------------------------------------------------
+# Triton block layout: 16-granular tails
+# --------------------------------------------------------------------------------------------------
+def _compile_time(fn):
+    """A function the Triton kernels call at compile time on constexpr arguments (also callable here)."""
+    return triton.constexpr_function(fn) if HAS_TRITON else fn
+
+
+@_compile_time
+def block_pieces(tokens: int, block: int) -> tuple[tuple[int, int], ...]:
+    """``(start, width)`` of the blocks the Triton kernels cut ``tokens`` rows or keys of a window into:
+    full blocks of ``block``, then the rest rounded up to 16 in power-of-2 pieces, largest first
+    (196 tokens in blocks of 64: 64, 64, 64, 16, i.e. 208 rows instead of 256)."""
+    full, rest = divmod(tokens, block)
+    pieces = [(i * block, block) for i in range(full)]
+    rest, start, width = -(-rest // 16) * 16, full * block, block
+    while rest:
+        if rest >= width:
+            pieces.append((start, width))
+            start, rest = start + width, rest - width
+        width //= 2
+    return tuple(pieces)
+
+
+def padded_tokens(tokens: int) -> int:
+    """Rows and keys a window takes in the Triton kernels' blocks (``block_pieces`` cover this many)."""
+    return -(-tokens // 16) * 16
+
+
+# --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
+    _LOG2E = tl.constexpr(LOG2E)
+    _LN2 = tl.constexpr(math.log(2.0))
+    _SHIFT_MASK_2 = tl.constexpr(SHIFT_MASK_VALUE * LOG2E)  # the shift mask in base-2 scores
+
+    @triton.jit
+    def _piece_coords(offs, geo, strides, WH: tl.constexpr, WW: tl.constexpr, WIDE_INDEX: tl.constexpr):
+        """The window-independent part of the tokens at in-window indices ``offs``: coordinates (t, h, w) in the
+        window, element offsets in q/k/v (``strides``, int64) and flat token offsets in contiguous
+        ``(B, T, H, W)`` tensors from the window's first token."""
+        offs = offs.to(tl.int64 if WIDE_INDEX else tl.int32)
+        t = offs // (WH * WW)
+        h = (offs // WW) % WH
+        w = offs % WW
+        elem = t.to(tl.int64) * strides[1] + h.to(tl.int64) * strides[2] + w.to(tl.int64) * strides[3]
+        return t, h, w, elem, (t * geo[1] + h) * geo[2] + w
+
+    @triton.jit
+    def _geometry(T, H, W, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, WIDE_INDEX: tl.constexpr):
+        """The volume's extents and its extents padded to whole windows. ``WIDE_INDEX``: as int64 (the
+        interpreter checks every int32 operation for overflow, which makes index arithmetic slow there;
+        compiled kernels take int32)."""
+        index = tl.int64 if WIDE_INDEX else tl.int32
+        t, h, w = tl.cast(T, index), tl.cast(H, index), tl.cast(W, index)
+        return (t, h, w), ((t + WT - 1) // WT * WT, (h + WH - 1) // WH * WH, (w + WW - 1) // WW * WW)
+
+    @triton.jit
+    def _window_origin(win, geo, padded, strides, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                       ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr):
+        """Window ``win`` (linear over batch and windows) -> where its first token comes from: the volume
+        coordinates (t, h, w) before the wrap of the cyclic shift, its element offset in q/k/v (int64) and
+        its flat token offset."""
+        T, H, W = geo
+        win = tl.cast(win, T.dtype)
+        rest = win // (padded[2] // WW)
+        rest_h = rest // (padded[1] // WH)
+        b = rest_h // (padded[0] // WT)
+        t0 = rest_h % (padded[0] // WT) * WT + ST
+        h0 = rest % (padded[1] // WH) * WH + SH
+        w0 = win % (padded[2] // WW) * WW + SW
+        elem = tl.cast(b, tl.int64) * strides[0] + tl.cast(t0, tl.int64) * strides[1] \
+            + tl.cast(h0, tl.int64) * strides[2] + tl.cast(w0, tl.int64) * strides[3]
+        return t0, h0, w0, elem, ((b * T + t0) * H + h0) * W + w0
+
+    @triton.jit
+    def _tokens(origin, piece, offs, geo, padded, strides, N: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr,
+                SW: tl.constexpr):
+        """The tokens of a piece (``_piece_coords``) in the window at ``origin`` (``_window_origin``): element
+        offsets in q/k/v (int64), flat token offsets, validity (a real token: not padding, not past N) and
+        shift region. The volume is rolled by -shift: the window's padded coordinate p holds token
+        p + shift, wrapped to the start of an axis where it passes the padded extent (Swin's last region
+        along that axis: tokens of one window differ in region exactly where they differ in wraps)."""
+        T, H, W = geo
+        elem = origin[3] + piece[3]
+        tok = origin[4] + piece[4]
+        ot = origin[0] + piece[0]
+        oh = origin[1] + piece[1]
+        ow = origin[2] + piece[2]
+        region = 0
+        if ST > 0:
+            wrap = ot >= padded[0]
+            ot = tl.where(wrap, ot - padded[0], ot)
+            elem = tl.where(wrap, elem - tl.cast(padded[0], tl.int64) * strides[1], elem)
+            tok = tl.where(wrap, tok - padded[0] * H * W, tok)
+            region = region + tl.where(wrap, 4, 0)
+        if SH > 0:
+            wrap = oh >= padded[1]
+            oh = tl.where(wrap, oh - padded[1], oh)
+            elem = tl.where(wrap, elem - tl.cast(padded[1], tl.int64) * strides[2], elem)
+            tok = tl.where(wrap, tok - padded[1] * W, tok)
+            region = region + tl.where(wrap, 2, 0)
+        if SW > 0:
+            wrap = ow >= padded[2]
+            ow = tl.where(wrap, ow - padded[2], ow)
+            elem = tl.where(wrap, elem - tl.cast(padded[2], tl.int64) * strides[3], elem)
+            tok = tl.where(wrap, tok - padded[2], tok)
+            region = region + tl.where(wrap, 1, 0)
+        valid = (offs < N) & (ot < T) & (oh < H) & (ow < W)
+        return elem, tok, valid, region
+
+    @triton.jit
+    def _pad_row(PAD, head, offs_d, HD, HAS_PAD: tl.constexpr):
+        """``PAD[head]`` (the key or value of padded tokens), or 0 without pad rows."""
+        if HAS_PAD:
+            return tl.load(PAD + head * HD + offs_d, mask=offs_d < HD, other=0.0)
+        else:
+            return 0.0
 
     @triton.jit
     def _locate_tokens(win, offs, T, H, W, N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr,
@@ -522,44 +643,160 @@ if HAS_TRITON:
             s += tl.load(mask_ptrs, mask=pair_ok, other=0.0).to(tl.float32)
         return tl.where(offs_n[None, :] < N, s, float("-inf"))
 
+    @triton.constexpr_function
+    def _num_pieces(n, block):
+        return len(block_pieces(n, block))
+
+    @triton.constexpr_function
+    def _full_pieces(n, block):
+        """How many of ``block_pieces(n, block)`` are whole blocks inside the window (the others reach past n
+        or are narrower)."""
+        return n // block
+
+    @triton.constexpr_function
+    def _piece_start(i, n, block):
+        return block_pieces(n, block)[i][0]
+
+    @triton.constexpr_function
+    def _piece_width(i, n, block):
+        return block_pieces(n, block)[i][1]
+
+    @triton.jit
+    def _bias_tile(BIAS, head, offs_m, offs_n, NK: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The dense base-2 bias ``BIAS[head, offs_m, offs_n]`` of a ``(heads, NK, NK)`` tensor padded with
+        zeros (every index is in range), or 0 without a bias table."""
+        if HAS_BIAS:
+            return tl.load(BIAS + (head * NK + offs_m[:, None]).to(tl.int64) * NK + offs_n[None, :])
+        else:
+            return 0.0
+
+    @triton.jit
+    def _scores2(q, k, bias, qk_scale, offs_m, offs_n, region_m, region_n, win, num_masks, MASK,
+                 N: tl.constexpr, SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr, KEY_TAIL: tl.constexpr,
+                 PRECISION: tl.constexpr):
+        """Scores in base 2, ``log2(e) * (scale q k^T + bias + shift mask + attn_mask)`` (fp32; ``bias`` is
+        already in base 2); with ``KEY_TAIL`` (the block reaches past the window) keys beyond N get -inf."""
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
+        if SHIFTED:
+            s += tl.where(region_m[:, None] != region_n[None, :], _SHIFT_MASK_2, 0.0)
+        if HAS_MASK:
+            pair_ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+            mask_ptrs = MASK + (win % num_masks).to(tl.int64) * (N * N) + offs_m[:, None] * N + offs_n[None, :]
+            s += tl.load(mask_ptrs, mask=pair_ok, other=0.0) * _LOG2E
+        if KEY_TAIL:
+            s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _fwd_key_block(m_i, l_i, acc, q, K, V, BIAS, MASK, origin, start_n, head, head_elem, pad_k, pad_v, offs_m,
+                       region_m, offs_d, geo, padded, strides, win, num_masks, qk_scale, HD, N: tl.constexpr,
+                       WH: tl.constexpr, WW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr,
+                       HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
+                       WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+        offs_n = start_n + tl.arange(0, WIDTH)
+        d_ok = offs_d[None, :] < HD
+        NK: tl.constexpr = (N + 15) // 16 * 16
+        piece = _piece_coords(offs_n, geo, strides, WH, WW, WIDE_INDEX)
+        elem_n, _, valid_n, region_n = _tokens(origin, piece, offs_n, geo, padded, strides, N, ST, SH, SW)
+        kv_ptrs = (elem_n + head_elem)[:, None] + offs_d[None, :]
+        k = tl.load(K + kv_ptrs, mask=valid_n[:, None] & d_ok, other=0.0)
+        v = tl.load(V + kv_ptrs, mask=valid_n[:, None] & d_ok, other=0.0)
+        if HAS_PAD_K:
+            k = tl.where(valid_n[:, None], k, pad_k[None, :].to(k.dtype))
+        if HAS_PAD_V:
+            v = tl.where(valid_n[:, None], v, pad_v[None, :].to(v.dtype))
+        bias = _bias_tile(BIAS, head, offs_m, offs_n, NK, HAS_BIAS)
+        s = _scores2(q, k, bias, qk_scale, offs_m, offs_n, region_m, region_n, win, num_masks, MASK, N,
+                     (ST > 0) | (SH > 0) | (SW > 0), HAS_MASK, KEY_TAIL, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _fwd_rows(Q, K, V, Out, Lse, BIAS, PAD_K, PAD_V, MASK, strides, geo, padded, NH, HD, num_masks, num_windows,
+                  qk_scale, start_m, BLOCK_M: tl.constexpr, N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr,
+                  WW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
+                  RESIDENT_BIAS: tl.constexpr, PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Queries ``start_m + arange(BLOCK_M)`` of one head in every ``num_programs(2)``-th window: key
+        blocks of ``block_pieces(N, BLOCK_N)`` with an online softmax in base 2."""
+        head = tl.program_id(1)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < HD
+        NK: tl.constexpr = (N + 15) // 16 * 16
+        KEY_BLOCKS: tl.constexpr = _num_pieces(N, BLOCK_N)
+        head_elem = tl.cast(head, tl.int64) * strides[4]
+        pad_k = _pad_row(PAD_K, head, offs_d, HD, HAS_PAD_K)
+        pad_v = _pad_row(PAD_V, head, offs_d, HD, HAS_PAD_V)
+        rows_m = _piece_coords(offs_m, geo, strides, WH, WW, WIDE_INDEX)
+        keys = ()  # per key block: its window-independent coordinates and, with RESIDENT_BIAS, its bias rows
+        for j in tl.static_range(KEY_BLOCKS):
+            block_n = _piece_start(j, N, BLOCK_N) + tl.arange(0, _piece_width(j, N, BLOCK_N))
+            resident = 0.0
+            if RESIDENT_BIAS:
+                resident = _bias_tile(BIAS, head, offs_m, block_n, NK, HAS_BIAS)
+            keys = keys + (resident,)
+        for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
+            origin = _window_origin(win, geo, padded, strides, WT, WH, WW, ST, SH, SW)
+            elem_m, tok_m, valid_m, region_m = _tokens(origin, rows_m, offs_m, geo, padded, strides, N, ST, SH, SW)
+            q = tl.load(Q + (elem_m + head_elem)[:, None] + offs_d[None, :], mask=valid_m[:, None] & d_ok,
+                        other=0.0)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+            FULL_N: tl.constexpr = _full_pieces(N, BLOCK_N)
+            for start_n in tl.range(0, FULL_N * BLOCK_N, BLOCK_N):
+                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, K, V, BIAS, MASK, origin, start_n, head, head_elem,
+                                               pad_k, pad_v, offs_m, region_m, offs_d, geo, padded, strides, win,
+                                               num_masks, qk_scale, HD, N, WH, WW, ST, SH, SW, HAS_BIAS, HAS_PAD_K,
+                                               HAS_PAD_V, HAS_MASK, PRECISION, WIDE_INDEX, BLOCK_N, False)
+            for j in tl.static_range(FULL_N, KEY_BLOCKS):
+                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, K, V, BIAS, MASK, origin, _piece_start(j, N, BLOCK_N),
+                                               head, head_elem, pad_k, pad_v, offs_m, region_m, offs_d, geo, padded,
+                                               strides, win, num_masks, qk_scale, HD, N, WH, WW, ST, SH, SW, HAS_BIAS,
+                                               HAS_PAD_K, HAS_PAD_V, HAS_MASK, PRECISION, WIDE_INDEX,
+                                               _piece_width(j, N, BLOCK_N),
+                                               _piece_start(j, N, BLOCK_N) + _piece_width(j, N, BLOCK_N) > N)
+            rows = tl.cast(tok_m, tl.int64) * NH + head
+            tl.store(Out + rows[:, None] * HD + offs_d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                     mask=valid_m[:, None] & d_ok)
+            tl.store(Lse + rows, m_i + tl.math.log2(l_i), mask=valid_m)
+
     @triton.jit
     def _window_attn_fwd_kernel(
-        Q, K, V, Out, Lse, TABLE, PAD_K, PAD_V, MASK,
-        sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
-        T, H, W, NH, HD, num_masks, scale,
+        Q, K, V, Out, Lse, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
+        T, H, W, NH, HD, num_masks, num_windows, qk_scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BH: tl.constexpr, BW: tl.constexpr,
-        FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        RESIDENT_BIAS: tl.constexpr, PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program: ``BLOCK_M`` queries of one window and head against all the window's keys."""
-        blocks_m: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-        win = tl.program_id(0) // blocks_m
-        offs_m = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-        head = tl.program_id(1)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        shifted: tl.constexpr = (ST > 0) | (SH > 0) | (SW > 0)
-
-        b, ot, oh, ow, valid_m, region_m = _locate_tokens(win, offs_m, T, H, W, N, WT, WH, WW, ST, SH, SW)
-        q = _load_rows(Q, b, ot, oh, ow, valid_m, head, offs_d, sq_b, sq_t, sq_h, sq_w, sq_n, HD, PAD_K, False)
-        kb, kt, kh, kw, valid_n, region_n = _locate_tokens(win, offs_n, T, H, W, N, WT, WH, WW, ST, SH, SW)
-        k = _load_rows(K, kb, kt, kh, kw, valid_n, head, offs_d, sk_b, sk_t, sk_h, sk_w, sk_n, HD, PAD_K, HAS_PAD_K)
-        v = _load_rows(V, kb, kt, kh, kw, valid_n, head, offs_d, sv_b, sv_t, sv_h, sv_w, sv_n, HD, PAD_V, HAS_PAD_V)
-
-        s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                    N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
-        row_max = tl.max(s, axis=1)
-        p = tl.exp(s - row_max[:, None])
-        row_sum = tl.sum(p, axis=1)
-        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, None]
-
-        rows = _token_rows(b, ot, oh, ow, T, H, W) * NH + head
-        tl.store(Out + rows[:, None] * HD + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=valid_m[:, None] & (offs_d[None, :] < HD))
-        tl.store(Lse + rows, row_max + tl.log(row_sum), mask=valid_m)
+        """Persistent forward: program (query block, head, window group) attends its queries in the
+        group's windows ``program_id(2) + k * num_programs(2)``. Query blocks are ``block_pieces(N,
+        BLOCK_M)``: full blocks, then 16-granular tail pieces (each width its own code path). q, k, v share
+        the strides ``s_*``. Writes the output and the base-2 log-sum-exp of every real query's scores."""
+        pid = tl.program_id(0)
+        strides = (s_b, s_t, s_h, s_w, s_n)
+        geo, padded = _geometry(T, H, W, WT, WH, WW, WIDE_INDEX)
+        FULL: tl.constexpr = _full_pieces(N, BLOCK_M)
+        if FULL > 0:  # noqa: SIM102 (a compile-time condition around a run-time one)
+            if pid < FULL:
+                _fwd_rows(Q, K, V, Out, Lse, BIAS, PAD_K, PAD_V, MASK, strides, geo, padded, NH, HD, num_masks,
+                          num_windows, qk_scale, pid * BLOCK_M, BLOCK_M, N, WT, WH, WW, ST, SH, SW, HAS_BIAS,
+                          HAS_PAD_K, HAS_PAD_V, HAS_MASK, RESIDENT_BIAS, PRECISION, WIDE_INDEX, BLOCK_N, BLOCK_D)
+        for i in tl.static_range(FULL, _num_pieces(N, BLOCK_M)):
+            if pid == i:
+                _fwd_rows(Q, K, V, Out, Lse, BIAS, PAD_K, PAD_V, MASK, strides, geo, padded, NH, HD, num_masks,
+                          num_windows, qk_scale, _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), N, WT, WH,
+                          WW, ST, SH, SW, HAS_BIAS, HAS_PAD_K, HAS_PAD_V, HAS_MASK, RESIDENT_BIAS, PRECISION,
+                          WIDE_INDEX, BLOCK_N, BLOCK_D)
 
     @triton.jit
     def _window_attn_bwd_dq_kernel(
@@ -599,7 +836,7 @@ if HAS_TRITON:
             o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=row_d_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             tl.store(Delta + rows, delta, mask=valid_m)
-            lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
+            lse = tl.load(Lse + rows, mask=valid_m, other=0.0) * _LN2  # the forward stores it in base 2
 
             s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
                         N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
@@ -649,7 +886,7 @@ if HAS_TRITON:
             rows = _token_rows(b, ot, oh, ow, T, H, W) * NH + head
             do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
                          other=0.0)
-            lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
+            lse = tl.load(Lse + rows, mask=valid_m, other=0.0) * _LN2  # the forward stores it in base 2
             delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
             s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
                         N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
@@ -705,6 +942,176 @@ if HAS_TRITON:
 
 def _next_pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (x - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton launch configurations: per-kernel sets, the shipped (measured) choices, defaults
+# --------------------------------------------------------------------------------------------------
+KERNELS = ("fwd", "dq", "dkdv")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Blocks and launch options of one Triton kernel.
+
+    ``fwd`` and ``dq``: a program takes ``block_m`` query rows (one of ``block_pieces(N, block_m)``) of one
+    head in a group of windows and runs over the keys in blocks of ``block_n``. ``dkdv``: a program takes
+    ``block_n`` keys and runs over the queries in blocks of ``block_m``. ``num_stages``: software
+    pipelining of the window loop (the next window's loads in flight). ``resident_bias`` (fwd, dq): the
+    program's bias rows stay in registers over its windows instead of being re-read (from L1/L2) per
+    window. ``group_mult`` (dq): the number of window groups times this (more programs, a larger dS
+    partial)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    resident_bias: bool = False
+    group_mult: int = 1
+
+    @property
+    def label(self) -> str:
+        extra = (" resident-bias" if self.resident_bias else "") + (f" groups-x{self.group_mult}"
+                                                                      if self.group_mult > 1 else "")
+        return f"m{self.block_m} n{self.block_n} w{self.num_warps} s{self.num_stages}{extra}"
+
+
+@dataclass(frozen=True)
+class LaunchConfigs:
+    """One configuration per kernel: forward, dq (+ delta + dS partial) and dk/dv (+ pad partial)."""
+
+    fwd: KernelConfig
+    dq: KernelConfig
+    dkdv: KernelConfig
+
+    def to_json(self) -> dict:
+        return {name: asdict(getattr(self, name)) for name in KERNELS}
+
+    @classmethod
+    def from_json(cls, record: dict) -> LaunchConfigs:
+        return cls(**{name: KernelConfig(**record[name]) for name in KERNELS})
+
+
+# The configurations a GPU sweep (benchmarks/wmsa_decide.py) chooses from, per kernel, for windows of up
+# to 256 tokens and head_dim up to 64 (SSLTM's 4x7x7, head_dim 32); compile_check proves every one.
+CONFIG_SETS = {
+    "fwd": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 8, 2),
+            KernelConfig(32, 64, 4, 2, resident_bias=True), KernelConfig(128, 64, 8, 2), KernelConfig(64, 32, 4, 3)),
+    "dq": (KernelConfig(32, 64, 4, 2), KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2),
+           KernelConfig(64, 32, 4, 2), KernelConfig(128, 64, 8, 1), KernelConfig(64, 64, 8, 2, group_mult=2)),
+    "dkdv": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
+             KernelConfig(64, 128, 8, 1), KernelConfig(32, 64, 4, 3)),
+}
+CONFIG_SET_LIMITS = (256, 64)  # (tokens, head_dim) up to which CONFIG_SETS apply; larger windows take defaults
+# The interpreter pays per block step, not per element: large blocks, whole groups of windows
+INTERPRETER_CONFIGS = LaunchConfigs(KernelConfig(128, 128, 4, 1), KernelConfig(128, 128, 4, 1),
+                                    KernelConfig(128, 128, 4, 1))
+CONFIG_FILE = Path(__file__).with_name("window_attention_3d_configs.json")
+
+
+def default_configs(tokens_per_window: int, head_dim: int) -> LaunchConfigs:
+    """Configurations before any measurement, sized by registers: the dq kernel holds its rows' dS sums,
+    ``block_m x padded_tokens`` fp32, over its windows (at most 64 per thread), and wide heads take
+    32-row/key blocks."""
+    nk, wide = padded_tokens(tokens_per_window), _next_pow2(head_dim) >= 128
+    block = 32 if wide else 64
+    warps = 8 if wide else 4
+    dq_m = max(16, min(block, 1 << (64 * 32 * 8 // nk).bit_length() - 1))
+    return LaunchConfigs(
+        fwd=KernelConfig(block, 64 if head_dim <= 64 else 32, warps, 2),
+        dq=KernelConfig(dq_m, block, 8, 2),
+        dkdv=KernelConfig(block, block, warps, 2),
+    )
+
+
+def config_key(device: str, tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype,
+               shifted: bool) -> str:
+    """The shipped configuration file's key of one problem (``device``: the GPU's name, or ``*`` for any)."""
+    return f"{device}|N={tokens_per_window}|hd={head_dim}|heads={heads}|{_DTYPE_NAMES[dtype]}|" + \
+        ("shifted" if shifted else "unshifted")
+
+
+@functools.cache
+def shipped_configs(path: Path = CONFIG_FILE) -> dict[str, LaunchConfigs]:
+    """The configurations ``benchmarks/wmsa_decide.py`` measured and wrote, by ``config_key``."""
+    if not path.exists():
+        return {}
+    return {key: LaunchConfigs.from_json(record) for key, record in json.loads(path.read_text())["configs"].items()}
+
+
+def pipeline_stage_bytes(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int,
+                         dtype: torch.dtype) -> int:
+    """Shared memory one stage of a kernel's window-loop pipeline takes (the loads of one window that
+    feed its products: all its keys and values, the program's query-side rows; fp32 bias rows unless
+    resident), an upper estimate that compile_check holds against the compiled kernels."""
+    nk, d, e = padded_tokens(tokens_per_window), _next_pow2(head_dim), dtype.itemsize
+    if kernel == "dkdv":
+        return 2 * cfg.block_n * d * e + 2 * nk * d * e + nk * cfg.block_n * 4
+    rows = 3 if kernel == "dq" else 1  # q (dq: and dO, O)
+    return 2 * nk * d * e + rows * cfg.block_m * d * e + (0 if cfg.resident_bias else cfg.block_m * nk * 4)
+
+
+def fit_stages(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int, dtype: torch.dtype,
+               shared_memory: int) -> KernelConfig:
+    """``cfg`` with as many pipeline stages as fit ``shared_memory`` (at least 1: no prefetch)."""
+    stage = pipeline_stage_bytes(kernel, cfg, tokens_per_window, head_dim, dtype)
+    stages = max(1, min(cfg.num_stages, (shared_memory - PIPELINE_MARGIN_BYTES) // stage))
+    return cfg if stages == cfg.num_stages else replace(cfg, num_stages=stages)
+
+
+PIPELINE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the products' operand tiles and reductions
+
+
+def launch_configs(tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype, shifted: bool,
+                   device: str = "*", shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
+                   interpreting: bool = False) -> LaunchConfigs:
+    """The configurations for one problem: fixed ones under the interpreter; else the shipped measured
+    ones for the device (or for any device), else ``default_configs``; pipeline stages cut to what fits
+    the device's ``shared_memory``."""
+    if interpreting:
+        return INTERPRETER_CONFIGS
+    shipped = shipped_configs()
+    keys = [config_key(name, tokens_per_window, head_dim, heads, dtype, shifted) for name in (device, "*")]
+    configs = next((shipped[key] for key in keys if key in shipped), None) or default_configs(tokens_per_window,
+                                                                                              head_dim)
+    return LaunchConfigs(**{name: fit_stages(name, getattr(configs, name), tokens_per_window, head_dim, dtype,
+                                             shared_memory) for name in KERNELS})
+
+
+def _launch_configs(q: torch.Tensor, geom: WindowGeometry) -> LaunchConfigs:
+    """The configurations for windows of ``q`` (B, T, H, W, heads, head_dim) on its device."""
+    device = torch.cuda.get_device_name(q.device) if q.is_cuda else "*"
+    return launch_configs(geom.tokens_per_window, q.shape[-1], q.shape[-2], q.dtype, geom.shifted, device,
+                          device_shared_memory(q.device), triton_interpreting())
+
+
+PROGRAMS_PER_SM = 4  # window groups fill the device with this many programs per multiprocessor
+INTERPRETER_GROUPS = 3  # the interpreter runs programs one after another; several groups test the partial sums
+
+
+def window_groups(num_windows: int, programs_per_group: int, device: torch.device, mult: int = 1) -> int:
+    """How many window groups the persistent kernels split the windows into: the fewest that give the
+    device ``PROGRAMS_PER_SM`` programs per multiprocessor (times ``mult``)."""
+    if device.type != "cuda":
+        return min(num_windows, INTERPRETER_GROUPS * mult)
+    target = PROGRAMS_PER_SM * mult * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_windows, -(-target // programs_per_group)))
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_index(table_window: tuple, tokens: int, bias_window: tuple, device: torch.device) -> torch.Tensor:
+    return relative_position_index(table_window, tokens, bias_window, device)
+
+
+def dense_bias(table: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """``(heads, Np, Np)`` fp32 bias of one call in base 2: ``log2(e) * table[index[i, j], head]`` for
+    ``i, j < N`` with ``index = relative_position_index(...)`` of the geometry (so exact for both
+    ``rel_pos_mode``), zeros in the rows and keys up to ``Np = padded_tokens(N)``."""
+    n = geom.tokens_per_window
+    index = _bias_index(geom.table_window, n, geom.bias_window, table.device)
+    bias = table.detach().t().float()[:, index] * LOG2E
+    pad = padded_tokens(n) - n
+    return F.pad(bias, (0, pad, 0, pad)).contiguous()
 
 
 @dataclass(frozen=True)
@@ -764,11 +1171,15 @@ def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, p
         N=geom.tokens_per_window,
         WT=geom.window[0], WH=geom.window[1], WW=geom.window[2],
         ST=geom.shift[0], SH=geom.shift[1], SW=geom.shift[2],
-        BH=geom.bias_window[1], BW=geom.bias_window[2],
-        FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2],
         HAS_BIAS=bias, HAS_PAD_K=pad_k, HAS_PAD_V=pad_v, HAS_MASK=mask,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
     )
+
+
+def _table_constants(geom: WindowGeometry) -> dict:
+    """How the table-gradient kernel decodes bias coordinates: ``bias_window`` strides, ``table_window``."""
+    return dict(BH=geom.bias_window[1], BW=geom.bias_window[2],
+                FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2])
 
 
 def _present(table, pad_k, pad_v, attn_mask) -> dict:
@@ -779,21 +1190,32 @@ def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return x.stride()[:5]
 
 
+def _same_strides(q, k, v):
+    """q, k, v with one set of strides, as the kernels take them: views of one projection have it; other
+    layouts become contiguous copies."""
+    if q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
 def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometry, scale: float):
+    q, k, v = _same_strides(q, k, v)
     batch, t, h, w, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)
-    cfg = _launch_config(q, geom.tokens_per_window)
+    lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # base 2
+    cfg = _launch_configs(q, geom).fwd
+    num_windows = batch * geom.num_windows
+    pieces = len(block_pieces(geom.tokens_per_window, cfg.block_m))
+    groups = window_groups(num_windows, pieces * heads, q.device)
     dummy = q.new_empty(0)
-    grid = (batch * geom.num_windows * triton.cdiv(geom.tokens_per_window, cfg.fwd_block_m), heads)
-    _window_attn_fwd_kernel[grid](
+    _window_attn_fwd_kernel[(pieces, heads, groups)](
         q, k, v, out, lse,
-        dummy if table is None else table, dummy if pad_k is None else pad_k,
-        dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask,
-        *_strides(q), *_strides(k), *_strides(v),
-        t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], scale,
+        dummy if table is None else dense_bias(table, geom), dummy if pad_k is None else pad_k,
+        dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
+        t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows, scale * LOG2E,
         **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        RESIDENT_BIAS=cfg.resident_bias, WIDE_INDEX=triton_interpreting(), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=_next_pow2(head_dim), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
@@ -850,7 +1272,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
         dummy if attn_mask is None else attn_mask, *_strides(q), *_strides(k), *_strides(v),
         t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0],
     )
-    constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
+    constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)) | _table_constants(geom)
 
     blocks_m = triton.cdiv(n, cfg.dq_block_m)
     groups = _dbias_groups(num_windows, blocks_m, heads, q.device)  # parallelism over windows, dS partials or not
@@ -873,13 +1295,14 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     return dq, dk, dv, dtable, dpad_k, dpad_v
 
 
-_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE", "DTABLE"}
+_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE", "DTABLE", "BIAS"}
 _TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
 
 
 def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
                          pad: bool = True, mask: bool = False, key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES,
-                         window_batches: bool = False, int_arg=None, aligned_pointers: bool = True):
+                         window_batches: bool = False, int_arg=None, aligned_pointers: bool = True,
+                         shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0], configs: LaunchConfigs | None = None):
     """The kernels as the GPU launcher would specialise them for one configuration on a device whose key
     tiles may reach ``key_tile_limit`` bytes, as ``(name, kernel, signature, constexprs, attrs, options)``
     for ``triton.compile`` ahead of time.
@@ -903,9 +1326,14 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     else:
         geom = WindowGeometry(window, window, shift, window, window)
     cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False, key_tile_limit=key_tile_limit)
-    constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask)
+    configs = configs or launch_configs(geom.tokens_per_window, head_dim, 1, dtype, geom.shifted,
+                                        shared_memory=shared_memory)
+    constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask) | _table_constants(geom)
+    constants["WIDE_INDEX"] = False
+    fwd = configs.fwd
     kernels = (
-        (_window_attn_fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n), {}),
+        (_window_attn_fwd_kernel, dict(RESIDENT_BIAS=fwd.resident_bias, BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n),
+         {"num_warps": fwd.num_warps, "num_stages": fwd.num_stages}),
         (_window_attn_bwd_dq_kernel, dict(NEED_DBIAS=bias, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n),
          {"num_stages": cfg.dq_num_stages}),
         (_window_attn_bwd_dkdv_kernel, dict(NEED_DPAD=pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n),
@@ -917,7 +1345,7 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     pointer_types = {name: "fp32" if name in _TRITON_FP32_POINTERS else TYPE_NAMES[dtype] for name in _TRITON_POINTERS}
     for kernel, blocks, options in kernels:
         yield kernel_spec(kernel, {**constants, **blocks, "BLOCK_D": cfg.block_d}, pointer_types,
-                          float_args=("scale",), int_arg=int_arg, aligned_pointers=aligned_pointers,
+                          float_args=("scale", "qk_scale"), int_arg=int_arg, aligned_pointers=aligned_pointers,
                           options={"num_warps": cfg.num_warps} | options)
 
 
