@@ -284,6 +284,12 @@ def test_triton_backward_is_deterministic_and_skips_unneeded_grads():
     second = run(window_attention_3d, *inputs, **kw)[1]
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+    # GPU blocks (query and key pieces, three window groups of unequal sizes): still bit-identical
+    blocked = make_inputs(*CONFIG_CASES[0].values[:5])
+    blocked_kw = dict(window_size=CONFIG_CASES[0].values[4], shift_size=CONFIG_CASES[0].values[5], backend="triton")
+    with op.forced_launch_configs(op.default_configs(70, 16)):
+        runs = [run(window_attention_3d, *blocked, **blocked_kw)[1] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
     qkv, table, _, _ = inputs
     q, k, v = qkv.unbind(-3)
     out = window_attention_3d(q, k, v, rel_pos_bias_table=table.detach(), window_size=(2, 3, 3), backend="triton")
@@ -525,6 +531,26 @@ def test_gpu_cuda_equals_triton(dtype):
     for name, a, b in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads),
                           (triton_out, *triton_grads), strict=True):
         assert_close(a.float(), b.float(), 2e-2 * max(1.0, b.abs().max().item()), f"cuda vs triton {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("index", range(len(op.sweep_configs())))
+def test_gpu_every_shipped_config_matches_fp32_reference_and_is_deterministic(index, dtype):
+    """Each configuration a GPU sweep may ship, compiled, on SSLTM's shifted windows padded on every axis:
+    the 2x-reference-error rule, and a second backward bit-identical (no atomics, fixed-order sums)."""
+    inputs = make_inputs(2, (5, 30, 23), 4, 32, (4, 7, 7), dtype=dtype, device="cuda")
+    kw = dict(window_size=(4, 7, 7), shift_size=(2, 3, 3))
+    with op.forced_launch_configs(op.sweep_configs()[index]):
+        out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+        again = run(window_attention_3d, *inputs, backend="triton", **kw)
+    assert all(torch.equal(a, b) for a, b in zip((out, *grads), (again[0], *again[1]), strict=True))
+    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    fp32 = tuple(x.detach().float().requires_grad_() for x in inputs)
+    ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
+    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
+                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype,
+                                            f"config {index}")
 
 
 @pytest.mark.gpu

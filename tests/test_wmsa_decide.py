@@ -80,3 +80,43 @@ def test_cpu_smoke_run_writes_records_not_configs(tmp_path):
     assert {r["kernel"] for r in sweeps} == set(op.KERNELS) and all(r["ms"] > 0 for r in sweeps)
     best = next(r for r in records if r["section"] == "sweep-best")
     assert op.LaunchConfigs.from_json(best["configs"]) in op.sweep_configs()[:1]
+
+
+def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkeypatch):
+    """The winners go into the config file under the device's keys (the dispatch then takes them on that
+    device), with the default backend and the run's provenance; other entries stay."""
+    path = tmp_path / "configs.json"
+    path.write_text(op.CONFIG_FILE.read_text())
+    monkeypatch.setattr(op, "CONFIG_FILE", path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    env = {"commit": "abc", "torch": "t", "triton": "3", "cuda": "c"}
+    run = type("R", (), {"dtype": torch.bfloat16, "full": True, "device": torch.device("cuda"),
+                         "harness": type("H", (), {"env": env})})()
+    winner = op.LaunchConfigs(*(op.KernelConfig(32, 64, 4, 2) for _ in op.KERNELS))
+    decide.write_configs(run, {"large": winner}, "triton")
+    doc = json.loads(path.read_text())
+    key = op.config_key("GPU X", 196, 32, 8, torch.bfloat16, False)
+    assert op.LaunchConfigs.from_json(doc["configs"][key]) == winner
+    assert doc["default_backend"] == {"GPU X": "triton"} and doc["measured"][key]["commit"] == "abc"
+    assert set(json.loads(op.CONFIG_FILE.read_text())["configs"]) >= set(json.loads(
+        (ROOT / "ssltm_kernels/ops/window_attention_3d_configs.json").read_text())["configs"])
+    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    assert op.launch_configs(196, 32, 8, torch.bfloat16, False, "GPU X") == winner
+
+
+def test_precompile_unit_compiles_the_launch_specialisation_without_a_gpu():
+    """A sweep's compile unit builds the kernel as the shape's launch specialises it (here the reduction,
+    the quickest to compile) for sm_90, in a process without the interpreter."""
+    code = ("import torch, wmsa_decide as d; s = d.SHAPES['stride16']; "
+            "c = d.default_configs(196, 32, torch.bfloat16); "
+            "q = d.split_qkv(torch.empty(s.B, s.T, s.H, s.W, 3 * s.C, device='meta'), s.heads)[0]; "
+            "from ssltm_kernels.compile_check import _launch_ints; "
+            "ints = _launch_ints(q, s.B * s.geom.num_windows, 1); "
+            "n = len(list(d.op.triton_compile_specs(torch.bfloat16, s.geom.window, 32, s.geom.shift, pad=False, "
+            "configs=c))); print(d._compile_unit(90, torch.bfloat16, s, c, ints, 227 * 1024, n - 1))")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCH_DIR), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok _window_attn_bwd_reduce_kernel", \
+        proc.stdout[-2000:] + proc.stderr[-2000:]
