@@ -1685,7 +1685,8 @@ def window_attention_3d(
             uses ``attn_mask[i % num_masks]``. Not differentiated.
         dropout_p: dropout on the attention probabilities (training); only the reference has it.
         backend: ``"cuda"``, ``"triton"`` or ``"reference"``; default ``SSLTM_BACKEND`` or the first
-            that can run (cuda -> triton -> reference).
+            that can run (cuda -> triton -> reference; triton first where ``preferred_backend`` says so,
+            sm_90 by default, and over CUDA kernels that would run on CUDA cores).
 
     Returns:
         ``(B, T, H, W, heads, head_dim)`` in q's dtype.
