@@ -455,6 +455,8 @@ def write_configs(run: Run, winners: dict, backend: str | None) -> Path:
         doc.setdefault("default_backend", {})[name] = backend
         doc.setdefault("measured", {})[f"default_backend|{name}"] = stamp
     path.write_text(json.dumps(doc, indent=1) + "\n")
+    op._config_file.cache_clear()  # this process's later launches take what was written
+    op.launch_configs.cache_clear()
     return path
 
 

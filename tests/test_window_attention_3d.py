@@ -677,6 +677,7 @@ def test_launch_configs_take_the_shipped_file_for_the_device_then_any_device_the
     path = tmp_path / "configs.json"
     path.write_text(json.dumps({"configs": {key("GPU A"): device_cfg.to_json(), key("*"): any_cfg.to_json()}}))
     monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
 
     def chosen(device, shifted=False, tokens=196):
         return op.launch_configs(tokens, 32, 4, torch.bfloat16, shifted, device)

@@ -101,6 +101,7 @@ def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkey
     assert set(json.loads(op.CONFIG_FILE.read_text())["configs"]) >= set(json.loads(
         (ROOT / "ssltm_kernels/ops/window_attention_3d_configs.json").read_text())["configs"])
     monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
     assert op.launch_configs(196, 32, 8, torch.bfloat16, False, "GPU X") == winner
 
 

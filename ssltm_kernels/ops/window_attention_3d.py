@@ -1200,6 +1200,7 @@ def fit_stages(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim:
 PIPELINE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the products' operand tiles and reductions
 
 
+@functools.lru_cache(maxsize=1024)
 def launch_configs(tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype, shifted: bool,
                    device: str = "*", shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
                    interpreting: bool = False) -> LaunchConfigs:
