@@ -1105,15 +1105,15 @@ class LaunchConfigs:
 
 # The configurations a GPU sweep (benchmarks/wmsa_decide.py) chooses from, per kernel, for SSLTM's windows
 # (4x7x7, head_dim 32); compile_check proves every one (``--set full``) and the tests run each.
-CONFIG_SETS = {
+CONFIG_SETS = {  # the first of each: the default for SSLTM's windows in 16-bit (default_configs)
     "fwd": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 8, 2),
             KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 32, 4, 3)),
-    "dq": (KernelConfig(64, 64, 4, 2), KernelConfig(32, 64, 4, 2), KernelConfig(64, 64, 8, 2),
+    "dq": (KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(64, 64, 4, 2),
            KernelConfig(64, 32, 4, 2), KernelConfig(128, 64, 8, 1)),
-    "dbias": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2),
-              KernelConfig(64, 32, 4, 3), KernelConfig(64, 64, 4, 2, group_mult=2)),
-    "dkdv": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
-             KernelConfig(64, 128, 8, 1), KernelConfig(32, 64, 4, 3)),
+    "dbias": (KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 4, 2),
+              KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2, group_mult=2)),
+    "dkdv": (KernelConfig(64, 64, 8, 1), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
+             KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 4, 3)),
 }
 
 
@@ -1132,13 +1132,12 @@ CONFIG_FILE = Path(__file__).with_name("window_attention_3d_configs.json")
 
 def default_configs(tokens_per_window: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> LaunchConfigs:
     """Configurations before any measurement, by what compile_check reports: at SSLTM's windows in 16-bit
-    none of the kernels spills registers on sm_90 with these; fp32 (three tf32 products per product) and
-    head dims from 128 take 32-row/key blocks, the fewest spills compiled."""
+    the first of each ``CONFIG_SETS`` (none spills registers on sm_90); fp32 (three tf32 products per
+    product) and head dims from 128 take 32-row/key blocks, the fewest spills compiled."""
     if dtype == torch.float32 or _next_pow2(head_dim) >= 128:
         warps = 4 if dtype == torch.float32 else 8
         return LaunchConfigs(*(KernelConfig(32, 32, warps, 1) for _ in KERNELS))
-    return LaunchConfigs(fwd=KernelConfig(64, 64, 4, 2), dq=KernelConfig(64, 64, 8, 2),
-                         dbias=KernelConfig(64, 64, 8, 2), dkdv=KernelConfig(64, 64, 8, 1))
+    return LaunchConfigs(**{name: CONFIG_SETS[name][0] for name in KERNELS})
 
 
 def config_key(device: str, tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype,
