@@ -203,12 +203,18 @@ def format_rows(rows: Sequence[Row]) -> str:
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
     """One JSON object per row: ``benchmark``, the provenance, the row; non-finite floats become null."""
+    append_records(path, [asdict(row) for row in rows], env, benchmark)
+
+
+def append_records(path: Path, records: Sequence[dict], env: dict, benchmark: str) -> None:
+    """One JSON object per record (any JSON-able dict): ``benchmark``, the provenance, the record; non-finite
+    floats become null."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
-        for row in rows:
-            record = {"benchmark": benchmark, **env, **asdict(row)}
+        for row in records:
+            record = {"benchmark": benchmark, **env, **row}
             f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                for k, v in record.items()}) + "\n")
+                                for k, v in record.items()}, default=str) + "\n")
 
 
 class Unavailable(Exception):

@@ -281,7 +281,9 @@ def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table
 
 
 def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor, scale: float, *,
-                   compiled: bool) -> Impl:
+                   compiled: bool, kernel_options: dict | None = None) -> Impl:
+    """FlexAttention on the partitioned windows with the bias (and shift mask) as a ``score_mod``;
+    ``kernel_options`` as flex_attention takes them (block sizes, ...)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     index, region, windows = partition.rel_index, partition.region, partition.geom.num_windows
@@ -305,7 +307,8 @@ def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor,
     def forward() -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return partition.reverse(attend(*partition(qkv), score_mod=score_mod, scale=scale))
+            return partition.reverse(attend(*partition(qkv), score_mod=score_mod, scale=scale,
+                                            kernel_options=kernel_options))
 
     if cpu:
         return Impl(forward, modes=("fwd",), reason="FlexAttention does not support backward on CPU",

@@ -23,6 +23,7 @@ import argparse
 import itertools
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -33,8 +34,12 @@ import torch
 
 from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
+    KERNELS,
     MAX_WINDOW_TOKENS,
+    LaunchConfigs,
+    fit_stages,
     key_tile_bytes,
+    sweep_configs,
     triton_compile_specs,
     triton_key_tile_limit,
     window_geometry,
@@ -54,7 +59,7 @@ WINDOW_ATTENTION_CONFIGS = (
 SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT = (4, 7, 7), 32, (2, 3, 3)
 SSLTM_VOLUME, SSLTM_HEADS = (2, 4, 30, 30), 4  # (clips, frames, H, W) of one stage, as in the benchmark
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SETS = ("full", "representative")
+SETS = ("full", "representative", "sweep")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Config:
     mask: bool = False
     window_batches: bool = False
     launch: str = "aligned"
+    configs: LaunchConfigs | None = None  # the kernels' launch configurations; None: those the dispatch takes
 
     def specs(self, arch: int) -> list[tuple]:
         return compile_specs(arch, self)
@@ -88,6 +94,7 @@ class Config:
         label += f" shift={self.shift}" if any(self.shift) else ""
         label += " window-batches" if self.window_batches else ""
         label += " mask" if self.mask else ""
+        label += "".join(f" {name}=({getattr(self.configs, name).label})" for name in KERNELS) if self.configs else ""
         return f"{label} launch={self.launch}"
 
 
@@ -105,9 +112,8 @@ def _launch_ints(q: torch.Tensor, num_windows: int, num_masks: int) -> dict[str,
     """The launcher's integer arguments for q, k, v of q's layout (views into one qkv projection), whose
     backward writes one packed gradient (rows of ``3 * heads * head_dim`` per token)."""
     batch, t, h, w, heads, head_dim = q.shape
-    return {**_strides("sq", q), **_strides("sk", q), **_strides("sv", q), "T": t, "H": h, "W": w, "NH": heads,
-            "HD": head_dim, "num_masks": num_masks, "num_windows": num_windows,
-            "sg_tok": 3 * heads * head_dim, "sg_head": head_dim}
+    return {**_strides("s", q), "T": t, "H": h, "W": w, "NH": heads, "HD": head_dim, "num_masks": num_masks,
+            "num_windows": num_windows, "sg_tok": 3 * heads * head_dim, "sg_head": head_dim}
 
 
 def ssltm_launch_ints(config: Config) -> dict[str, int]:
@@ -199,24 +205,34 @@ def window_attention_configs(arch: int, config_set: str = "full") -> list[Config
 
     ``full``: every tuned configuration in every dtype and the largest windows the dispatch takes on
     ``arch`` (with the window-batch mask, the variant that takes the most shared memory), each for the
-    aligned and the unaligned launch, and SSLTM's configurations for its own launches.
+    aligned and the unaligned launch, SSLTM's configurations for its own launches, and every launch
+    configuration a GPU sweep may ship (``sweep_configs``) on SSLTM's shifted volumes.
 
-    ``representative`` (a few minutes for three architectures on two cores): SSLTM's configurations
-    for its own launches; its shifted volumes (the code path with every feature) in bf16 and fp32 for
-    the unaligned launch; per dtype family (fp16 has bf16's tiles) the largest window the dispatch accepts, and bf16's
-    widest (``_representative_largest``), for the aligned launch, the most specialised, whose software
-    pipelining takes the most shared memory."""
+    ``sweep``: only the latter, in bf16 and fp32 (the registers and spills of each configuration).
+
+    ``representative`` (a few minutes for three architectures on two cores): SSLTM's configurations for
+    its own launches in bf16, and in fp16 (which compiles as bf16 does) and fp32 (whose three-product
+    tf32x3 kernels compile slowest) those with every feature, its shifted volumes and (fp32) its window
+    batches; its shifted volumes in bf16 for the unaligned launch; per dtype family (fp16 has bf16's tiles)
+    the largest window the dispatch accepts, and bf16's widest (``_representative_largest``), for the
+    aligned launch, the most specialised, whose software pipelining takes the most shared memory."""
     if config_set not in SETS:
         raise ValueError(f"config_set must be one of {SETS}, got {config_set!r}")
     largest = list(largest_window_configs(triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])))
     configs = list(_ssltm_configs(arch, "ssltm"))
     if config_set == "representative":
-        # fp16 compiles as bf16 does: the unaligned launch in bf16 and fp32 stands for it
+        configs = [config for config in configs if config.dtype == torch.bfloat16 or config.shift == SSLTM_SHIFT
+                   or (config.dtype == torch.float32 and config.window_batches)]
         configs += [config for config in _ssltm_configs(arch, "unaligned", shifted_volumes_only=True)
-                    if config.dtype != torch.float16]
+                    if config.dtype == torch.bfloat16]
         configs += [Config(dtype, window, head_dim, mask=True, launch="aligned")
                     for dtype, window, head_dim in _representative_largest(largest)]
         return configs
+    sweep = [Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, configs=configs)
+             for dtype in DTYPES if _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype) for configs in sweep_configs()]
+    if config_set == "sweep":  # fp16 compiles as bf16 does
+        return [config for config in sweep if config.dtype != torch.float16]
+    configs += sweep
     for launch in ("aligned", "unaligned"):
         configs += _ssltm_configs(arch, launch)
         configs += [Config(dtype, window, head_dim, shift, launch=launch)
@@ -235,13 +251,22 @@ def compile_specs(arch: int, config: Config) -> list[tuple]:
     int_arg = _with_default(LAUNCHES[config.launch][1](config), 16)
     return list(triton_compile_specs(
         config.dtype, config.window, config.head_dim, config.shift, bias=True, pad=not config.window_batches,
-        mask=config.mask, key_tile_limit=triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch]),
-        window_batches=config.window_batches, int_arg=int_arg, aligned_pointers=True))
+        mask=config.mask, window_batches=config.window_batches, int_arg=int_arg, aligned_pointers=True,
+        shared_memory=SHARED_MEMORY_LIMIT[arch], configs=_fitted(arch, config)))
+
+
+def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
+    """``config.configs`` with the pipeline stages the launcher would cut for ``arch``'s shared memory."""
+    if config.configs is None:
+        return None
+    tokens = math.prod(config.window)
+    return LaunchConfigs(**{name: fit_stages(name, getattr(config.configs, name), tokens, config.head_dim,
+                                             config.dtype, SHARED_MEMORY_LIMIT[arch]) for name in KERNELS})
 
 
 def compile_report(arch: int, config: Config, index: int) -> str:
-    """Compile kernel ``index`` of ``config.specs(arch)``: a report line, ``ok`` or ``FAIL``,
-    with the kernel's shared memory or the compiler's error."""
+    """Compile kernel ``index`` of ``config.specs(arch)``: a report line, ``ok`` or ``FAIL``, with the
+    kernel's shared memory, registers and spills or the compiler's error."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -255,8 +280,33 @@ def compile_report(arch: int, config: Config, index: int) -> str:
         return f"FAIL sm_{arch} {name} [{config.label}]: {type(error).__name__}: {error}"
     shared = compiled.metadata.shared
     status = "FAIL" if shared > SHARED_MEMORY_LIMIT[arch] else "ok  "
-    return (f"{status} sm_{arch} {name} [{config.label}]: shared memory {shared} B, {options}, "
-            f"{time.perf_counter() - start:.1f} s")
+    return (f"{status} sm_{arch} {name} [{config.label}]: shared memory {shared} B, {resource_usage(compiled)}, "
+            f"{options}, {time.perf_counter() - start:.1f} s")
+
+
+def resource_usage(compiled) -> str:
+    """Registers per thread and spills of a compiled kernel, read from its cubin without a GPU (the
+    ``n_regs``/``n_spills`` of a ``CompiledKernel`` need a driver to load it): ``cuobjdump`` (shipped with
+    Triton) gives the registers and the local memory per thread (spill slots), and the SASS the local
+    stores and loads (spill instructions)."""
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    cuobjdump = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([cuobjdump, "--dump-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(item.split(":") for item in next(line for line in usage.splitlines() if "REG:" in line).split()
+                  if ":" in item and item.split(":")[1].isdigit())
+    spill_stores, spill_loads = len(re.findall(r"\bSTL\b", sass)), len(re.findall(r"\bLDL\b", sass))
+    return (f"{fields['REG']} registers, {int(fields['STACK']) + int(fields['LOCAL'])} B local per thread, "
+            f"spills {spill_stores} STL / {spill_loads} LDL")
 
 
 # op -> its configurations for (arch, config set); every configuration has ``label``, ``specs(arch)``
@@ -279,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_MEMORY_LIMIT),
                         help="compute capabilities as ints, e.g. 90 (several share one pool of compilers)")
     parser.add_argument("--set", dest="config_set", default="full", choices=SETS,
-                        help="every configuration (default) or the representative set the tests compile")
+                        help="every configuration (default), the representative set the tests compile, or the "
+                             "launch configurations a GPU sweep may ship")
     parser.add_argument("--op", dest="ops", nargs="+", choices=sorted(OP_CONFIGS),
                         help="the ops whose kernels to compile (default: every op)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")

@@ -4,7 +4,9 @@ custom-op registration, module compatibility and input errors. GPU tests run onl
 from __future__ import annotations
 
 import copy
+import json
 import math
+import types
 import warnings
 
 import pytest
@@ -183,21 +185,79 @@ def test_triton_matches_reference_fp32(batch, sizes, heads, head_dim, window, sh
         assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
 
 
-@pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode", [TRITON_CASES[1], TRITON_CASES[2]])
-def test_triton_gpu_block_configuration_in_interpreter(monkeypatch, batch, sizes, heads, head_dim, window, shift, mode):
-    """The interpreter normally runs whole windows per program; here the GPU's block sizes (several query
-    and key blocks per window) and several dS groups per head run instead, so those code paths are checked."""
-    monkeypatch.setattr(op, "triton_interpreting", lambda: False)
-    monkeypatch.setattr(op, "_dbias_groups", lambda num_windows, *_: min(3, num_windows))
-    cfg = op.triton_config(math.prod(window), head_dim, torch.float32, interpreting=False)
-    assert cfg.dq_block_m < math.prod(window)  # several query blocks per window at least in the dq kernel
-    inputs = make_inputs(batch, sizes, heads, head_dim, window)
-    kw = dict(window_size=window, shift_size=shift, rel_pos_mode=mode)
-    out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
-    ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs), **kw)
-    assert_close(out, ref_out, 2e-5, "out")
-    for name, g, r in zip(("dqkv", "dtable", "dpad_k", "dpad_v"), grads, ref_grads, strict=True):
-        assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
+# Every launch configuration a GPU sweep may ship (each kernel's set, op.sweep_configs) on windows that take
+# several blocks and 16-granular tails: 70 tokens (2x5x7) padded on every axis and shifted, and a spatially
+# shrunk window (H = 4 < 5: 56 tokens, whose bias coordinates decode by the full window in "swin" mode)
+CONFIG_CASES = [
+    pytest.param(1, (3, 6, 9), 1, 16, (2, 5, 7), (1, 2, 3), "swin", id="pad-all-axes-shift"),
+    pytest.param(1, (3, 4, 9), 2, 16, (2, 5, 7), (1, 2, 3), "swin", id="shrunk-swin-shift"),
+]
+
+
+@pytest.mark.parametrize("index", range(len(op.sweep_configs())))
+def test_every_shipped_config_matches_reference_fp32(index):
+    """Each configuration (query/key blocks of 32, 64 or 128 over 56- and 70-token windows: whole blocks,
+    tail pieces, a block wider than the window, several window groups) in the interpreter, forward and every
+    gradient against the float64 reference."""
+    for case in CONFIG_CASES:
+        batch, sizes, heads, head_dim, window, shift, mode = case.values
+        inputs = make_inputs(batch, sizes, heads, head_dim, window)
+        kw = dict(window_size=window, shift_size=shift, rel_pos_mode=mode)
+        with op.forced_launch_configs(op.sweep_configs()[index]):
+            out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+        ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs), **kw)
+        assert_close(out, ref_out, 2e-5, f"out {case.id}")
+        for name, g, r in zip(("dqkv", "dtable", "dpad_k", "dpad_v"), grads, ref_grads, strict=True):
+            assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), f"{name} {case.id}")
+
+
+@pytest.mark.parametrize("index", range(len(op.sweep_configs())))
+def test_every_shipped_config_matches_reference_fp16(index):
+    """Each configuration in fp16 (the interpreter has no bf16 dot) on the shrunk, shifted window in
+    "exact" mode: within twice the fp16 reference's own error of the fp32 reference."""
+    batch, sizes, heads, head_dim, window, shift, _ = CONFIG_CASES[1].values
+    inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=torch.float16)
+    kw = dict(window_size=window, shift_size=shift, rel_pos_mode="exact")
+    with op.forced_launch_configs(op.sweep_configs()[index]):
+        out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    fp32 = tuple(x.detach().float().requires_grad_() for x in inputs)
+    ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
+    assert out.dtype == torch.float16
+    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
+                                            (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "fp16")
+
+
+def test_block_pieces_cover_the_window_in_16_granular_tails():
+    assert op.block_pieces(196, 64) == ((0, 64), (64, 64), (128, 64), (192, 16))  # 208 rows, not 256
+    assert op.block_pieces(196, 32) == (*((i * 32, 32) for i in range(6)), (192, 16))
+    assert op.block_pieces(98, 64) == ((0, 64), (64, 32), (96, 16))  # the rest, 34 -> 48 = 32 + 16
+    assert op.block_pieces(60, 64) == ((0, 64),)  # one block, past the window
+    assert op.block_pieces(18, 128) == ((0, 32),)
+    assert op.block_pieces(196, op.WHOLE_WINDOW_BLOCK) == ((0, 256),)  # the interpreter's whole windows
+    for tokens in (1, 15, 16, 17, 70, 196, 392, 1024):
+        for block in (16, 32, 64, 128):
+            pieces = op.block_pieces(tokens, block)
+            assert sum(width for _, width in pieces) == -(-tokens // 16) * 16 <= op.padded_tokens(tokens)
+            assert all(start == prev + width for (prev, width), (start, _) in zip(pieces, pieces[1:], strict=False))
+            assert all(width <= block and width & (width - 1) == 0 for _, width in pieces)
+
+
+@pytest.mark.parametrize("sizes, mode", [((4, 7, 7), "swin"), ((2, 4, 7), "swin"), ((2, 4, 7), "exact")])
+def test_dense_bias_is_the_reference_bias_over_the_scale(sizes, mode):
+    """The call's dense bias: the reference's table gather by the op's relative_position_index (both modes,
+    shrunk windows) over the scale (the kernels start the scaled product at it), zero-padded to 16-granular
+    rows and keys."""
+    window, heads = (4, 7, 7), 3
+    table = torch.randn(table_size(window), heads, dtype=torch.float64)
+    geom = window_geometry(sizes, window, rel_pos_mode=mode)
+    n = geom.tokens_per_window
+    bias = op.dense_bias(table, geom, 0.25)
+    index = relative_position_index(window, n, geom.bias_window)
+    expected = table[index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1).float() / 0.25
+    assert bias.shape == (heads, op.padded_tokens(n), op.padded_tokens(n)) and bias.dtype == torch.float32
+    assert torch.equal(bias[:, :n, :n], expected)
+    assert not bias[:, n:].any() and not bias[:, :, n:].any()
 
 
 @pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode",
@@ -224,6 +284,12 @@ def test_triton_backward_is_deterministic_and_skips_unneeded_grads():
     second = run(window_attention_3d, *inputs, **kw)[1]
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
+    # GPU blocks (query and key pieces, three window groups of unequal sizes): still bit-identical
+    blocked = make_inputs(*CONFIG_CASES[0].values[:5])
+    blocked_kw = dict(window_size=CONFIG_CASES[0].values[4], shift_size=CONFIG_CASES[0].values[5], backend="triton")
+    with op.forced_launch_configs(op.default_configs(70, 16)):
+        runs = [run(window_attention_3d, *blocked, **blocked_kw)[1] for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
     qkv, table, _, _ = inputs
     q, k, v = qkv.unbind(-3)
     out = window_attention_3d(q, k, v, rel_pos_bias_table=table.detach(), window_size=(2, 3, 3), backend="triton")
@@ -398,6 +464,18 @@ def test_module_bad_inputs():
         module(torch.randn(1, 2, 2, 2, 8), torch.zeros(1, 8, 8))
 
 
+def test_scale_zero_runs_outside_the_triton_kernels():
+    """The Triton kernels start each product at bias / scale: a zero scale goes to the reference, and forcing
+    Triton says why."""
+    q, k, v = _qkv()
+    table = torch.randn(table_size((2, 2, 2)), 2)
+    out = window_attention_3d(q, k, v, window_size=2, rel_pos_bias_table=table, scale=0.0)
+    ref = window_attention_3d_reference(q, k, v, window_size=2, rel_pos_bias_table=table, scale=0.0)
+    assert_close(out, ref, 0.0, "scale 0")
+    with pytest.raises(BackendUnavailableError, match="scale 0"):
+        window_attention_3d(q, k, v, window_size=2, rel_pos_bias_table=table, scale=0.0, backend="triton")
+
+
 def test_env_backend_variable_forces_backend(monkeypatch):
     q, k, v = _qkv()
     monkeypatch.setenv("SSLTM_BACKEND", "cuda")
@@ -453,6 +531,26 @@ def test_gpu_cuda_equals_triton(dtype):
     for name, a, b in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads),
                           (triton_out, *triton_grads), strict=True):
         assert_close(a.float(), b.float(), 2e-2 * max(1.0, b.abs().max().item()), f"cuda vs triton {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("index", range(len(op.sweep_configs())))
+def test_gpu_every_shipped_config_matches_fp32_reference_and_is_deterministic(index, dtype):
+    """Each configuration a GPU sweep may ship, compiled, on SSLTM's shifted windows padded on every axis:
+    the 2x-reference-error rule, and a second backward bit-identical (no atomics, fixed-order sums)."""
+    inputs = make_inputs(2, (5, 30, 23), 4, 32, (4, 7, 7), dtype=dtype, device="cuda")
+    kw = dict(window_size=(4, 7, 7), shift_size=(2, 3, 3))
+    with op.forced_launch_configs(op.sweep_configs()[index]):
+        out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+        again = run(window_attention_3d, *inputs, backend="triton", **kw)
+    assert all(torch.equal(a, b) for a, b in zip((out, *grads), (again[0], *again[1]), strict=True))
+    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    fp32 = tuple(x.detach().float().requires_grad_() for x in inputs)
+    ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
+    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
+                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype,
+                                            f"config {index}")
 
 
 @pytest.mark.gpu
@@ -557,17 +655,67 @@ def test_triton_refuses_tiles_beyond_the_devices_limit(monkeypatch, shared_kb, w
     assert bool(op.can_run_triton(half, half, half, window_size=half_window)) == (shared_kb >= 99)
 
 
-def test_dq_kernel_double_buffers_key_tiles_up_to_half_the_devices_limit():
-    from ssltm_kernels.ops.window_attention_3d import triton_config
+def test_pipeline_stages_follow_the_devices_shared_memory():
+    """A configuration's software pipeline keeps as many stages as fit the device (a stage: one iteration's
+    loads of the innermost loop, e.g. a key block's keys, values and fp32 bias rows)."""
+    def stages(kernel, cfg, head_dim, dtype, shared_kb):
+        return op.fit_stages(kernel, cfg, 196, head_dim, dtype, shared_kb * 1024).num_stages
 
-    def stages(tokens, head_dim, dtype, limit_kb):
-        return triton_config(tokens, head_dim, dtype, interpreting=False, key_tile_limit=limit_kb * 1024).dq_num_stages
+    fwd = op.KernelConfig(64, 64, 4, 3)  # 8 KB of keys and values, 16 KB of bias rows per stage
+    assert op.fit_stages("fwd", fwd, 196, 32, torch.bfloat16, 227 * 1024) is fwd
+    assert stages("fwd", fwd, 32, torch.bfloat16, 99) == 2
+    assert stages("dq", fwd, 32, torch.bfloat16, 99) == 2
+    assert stages("fwd", fwd, 256, torch.float32, 99) == 1
+    assert stages("dkdv", op.KernelConfig(64, 128, 8, 3), 256, torch.float32, 163) == 1
+    assert stages("dbias", op.KernelConfig(64, 64, 8, 3), 256, torch.float32, 227) == 1
 
-    # (8,7,7) bf16 head_dim 32 is a 32 KB key tile: double-buffered on sm_90, not on sm_80
-    assert stages(8 * 7 * 7, 32, torch.bfloat16, 64) == 2
-    assert stages(8 * 7 * 7, 32, torch.bfloat16, 32) == 1
-    assert stages(4 * 7 * 7, 32, torch.bfloat16, 32) == 2
-    assert stages(16 * 7 * 7, 16, torch.bfloat16, 64) == 1  # 1024 keys: one buffer whatever the tile
+
+def test_launch_configs_take_the_shipped_file_for_the_device_then_any_device_then_defaults(tmp_path, monkeypatch):
+    device_cfg = op.LaunchConfigs(*(op.KernelConfig(32, 32, 4, 1) for _ in op.KERNELS))
+    any_cfg = op.LaunchConfigs(*(op.KernelConfig(64, 32, 4, 1) for _ in op.KERNELS))
+    key = lambda device, shifted=False: op.config_key(device, 196, 32, 4, torch.bfloat16, shifted)
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"configs": {key("GPU A"): device_cfg.to_json(), key("*"): any_cfg.to_json()}}))
+    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
+
+    def chosen(device, shifted=False, tokens=196):
+        return op.launch_configs(tokens, 32, 4, torch.bfloat16, shifted, device)
+
+    assert chosen("GPU A") == device_cfg
+    assert chosen("GPU B") == any_cfg
+    assert chosen("GPU A", shifted=True) == op.default_configs(196, 32)  # other keys: the defaults
+    assert chosen("GPU A", tokens=98) == op.default_configs(98, 32)
+    assert op.launch_configs(196, 32, 4, torch.bfloat16, False, "GPU A", interpreting=True) == op.INTERPRETER_CONFIGS
+    assert op.LaunchConfigs.from_json(json.loads(json.dumps(device_cfg.to_json()))) == device_cfg
+
+
+def test_shipped_config_file_holds_valid_configurations():
+    """The shipped file parses, names known dtypes and backends, and ships SSLTM's 4x7x7 bf16 windows."""
+    shipped = op.shipped_configs()
+    assert op.config_key("*", 196, 32, 4, torch.bfloat16, True) in shipped
+    for key, configs in shipped.items():
+        _, tokens, head_dim, heads, dtype, shift = key.split("|")
+        assert tokens.startswith("N=") and head_dim.startswith("hd=") and heads.startswith("heads="), key
+        assert dtype in ("bfloat16", "float16", "float32") and shift in ("shifted", "unshifted"), key
+        assert all(getattr(configs, name).num_warps in (2, 4, 8) for name in op.KERNELS), key
+    assert set(op._config_file().get("default_backend", {}).values()) <= {"triton", "cuda"}
+
+
+def test_triton_comes_first_on_sm_90_until_a_measurement_says_otherwise(monkeypatch, tmp_path):
+    props = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props["value"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: props["name"])
+    gpu = torch.device("cuda", 0)
+    for name, (major, minor), first in (("H100", (9, 0), "triton"), ("A100", (8, 0), "cuda"), ("L4", (8, 9), "cuda")):
+        props.update(value=types.SimpleNamespace(major=major, minor=minor), name=name)
+        assert op.preferred_backend(gpu) == first, name
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps({"default_backend": {"H100": "cuda"}}))
+    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    props.update(value=types.SimpleNamespace(major=9, minor=0), name="H100")
+    assert op.preferred_backend(gpu) == "cuda"
+    assert op.preferred_backend(torch.device("cpu")) == "cuda"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -721,6 +869,21 @@ def test_dispatch_prefers_triton_over_cuda_core_kernels(monkeypatch, kernels, ch
     monkeypatch.setattr(op, "triton_unavailable_reason", lambda q: "no triton")
     window_attention_3d(q, k, v, window_size=2)  # CUDA cores beat the reference
     assert calls[-1] == "cuda"
+
+
+def test_dispatch_takes_triton_first_where_preferred(monkeypatch):
+    """Where Triton comes first (sm_90 by default), automatic dispatch takes it over the tensor-core CUDA
+    kernels; backend="cuda" still forces them, and without Triton the CUDA kernels run."""
+    _pretend_cuda_backend_runs_on_cpu(monkeypatch)
+    monkeypatch.setattr(op, "preferred_backend", lambda device: "triton")
+    q, k, v = _qkv()
+    calls = []
+    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[9]) or q)
+    window_attention_3d(q, k, v, window_size=2)
+    window_attention_3d(q, k, v, window_size=2, backend="cuda")
+    monkeypatch.setattr(op, "triton_unavailable_reason", lambda q: "no triton")
+    window_attention_3d(q, k, v, window_size=2)
+    assert calls == ["triton", "cuda", "cuda"]
 
 
 @pytest.mark.gpu

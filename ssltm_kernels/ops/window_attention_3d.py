@@ -24,10 +24,14 @@ All gradients are deterministic: no floating-point atomics, partial sums are red
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,10 @@ from ssltm_kernels._backend import (
 from ssltm_kernels._ext import _C
 from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
 
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
 __all__ = [
     "WindowGeometry",
     "window_geometry",
@@ -61,13 +69,15 @@ __all__ = [
 ]
 
 SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
+LOG2E = 1.4426950408889634  # the Triton kernels compute softmax in base 2: exp(x) = exp2(x * log2(e))
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The Triton kernels' limits (they keep a whole window's keys in one tile); the CUDA kernels' are
-# _C.MAX_WINDOW_TOKENS and _C.MAX_HEAD_DIM, defined in csrc/ beside the kernels
+# The Triton kernels' limits; the CUDA kernels' are _C.MAX_WINDOW_TOKENS and _C.MAX_HEAD_DIM, defined in
+# csrc/ beside the kernels
 MAX_WINDOW_TOKENS = 1024
 MAX_HEAD_DIM = 256
-# Shared memory a block may opt in to -> the largest key tile (one head's keys of a window, held in shared
-# memory by the Triton kernels) taken there; compile_check proves each row for sm_90, sm_80 and sm_86
+# Shared memory a block may opt in to -> the largest "key tile" (one head's keys of a window padded to
+# powers of 2, key_tile_bytes: a measure of the window's size) the Triton dispatch takes there; compile_check
+# compiles the largest such windows for sm_90, sm_80 and sm_86 (their shared memory and registers)
 TRITON_KEY_TILE_LIMITS = ((227 * 1024, 64 * 1024), (163 * 1024, 32 * 1024), (99 * 1024, 16 * 1024))
 MAX_TRITON_KEY_TILE_BYTES = TRITON_KEY_TILE_LIMITS[0][1]
 
@@ -341,10 +351,12 @@ def device_shared_memory(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> str | None:
+def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype, scale: float | None) -> str | None:
     reason = triton_unavailable_reason(q) or _dtype_reason(dtype)
     if reason is not None:
         return reason
+    if scale == 0:
+        return "scale 0: the Triton kernels start each product at bias / scale"
     if geom.tokens_per_window > MAX_WINDOW_TOKENS:
         return f"a window of {geom.tokens_per_window} tokens exceeds the Triton kernels' {MAX_WINDOW_TOKENS}"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -399,13 +411,13 @@ def _warn_dropout_fallback(dropout_p: float) -> None:
                       stacklevel=4)
 
 
-def _checks(q, geom: WindowGeometry, dropout_p: float) -> dict[str, BackendCheck]:
+def _checks(q, geom: WindowGeometry, dropout_p: float, scale: float | None = None) -> dict[str, BackendCheck]:
     dtype = compute_dtype(q)
     dropout = _dropout_reason(dropout_p)
     cuda_reason = dropout or _cuda_reason(q, geom, dtype)
     return {
         "cuda": BackendCheck("cuda", cuda_reason, None if cuda_reason else _cuda_kernels(q, geom, dtype)),
-        "triton": BackendCheck("triton", dropout or _triton_reason(q, geom, dtype)),
+        "triton": BackendCheck("triton", dropout or _triton_reason(q, geom, dtype, scale)),
         "reference": BackendCheck("reference", None),
     }
 
@@ -445,316 +457,820 @@ def can_run_reference(q, k, v, *, window_size, rel_pos_bias_table=None, shift_si
 
 
 # --------------------------------------------------------------------------------------------------
+# Triton block layout: 16-granular tails
+# --------------------------------------------------------------------------------------------------
+def _compile_time(fn):
+    """A function the Triton kernels call at compile time on constexpr arguments (also callable here)."""
+    return triton.constexpr_function(fn) if HAS_TRITON else fn
+
+
+WHOLE_WINDOW_BLOCK = 1024  # a block this wide takes a window in one power-of-2 piece (the interpreter's)
+
+
+@_compile_time
+def block_pieces(tokens: int, block: int) -> tuple[tuple[int, int], ...]:
+    """``(start, width)`` of the blocks the Triton kernels cut ``tokens`` rows or keys of a window into:
+    full blocks of ``block``, then the rest rounded up to 16 in power-of-2 pieces, largest first (196 tokens
+    in blocks of 64: 64, 64, 64, 16, i.e. 208 rows instead of 256). A block of ``WHOLE_WINDOW_BLOCK`` takes
+    the window in one piece (the interpreter pays per block step, not per element)."""
+    if block >= WHOLE_WINDOW_BLOCK:
+        return ((0, max(16, 1 << (tokens - 1).bit_length())),)
+    full, rest = divmod(tokens, block)
+    pieces = [(i * block, block) for i in range(full)]
+    rest, start, width = -(-rest // 16) * 16, full * block, block
+    while rest:
+        if rest >= width:
+            pieces.append((start, width))
+            start, rest = start + width, rest - width
+        width //= 2
+    return tuple(pieces)
+
+
+@_compile_time
+def padded_tokens(tokens: int) -> int:
+    """Rows and keys the dense bias and the dS partials are padded to: a power of 2, so that every
+    ``block_pieces`` (at most that many) indexes inside them."""
+    return max(16, 1 << (tokens - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
+    _LOG2E = tl.constexpr(LOG2E)
+    _SHIFT_MASK_2 = tl.constexpr(SHIFT_MASK_VALUE * LOG2E)  # the shift mask in base-2 scores
+
+    @triton.constexpr_function
+    def _num_pieces(n, block):
+        return len(block_pieces(n, block))
+
+    @triton.constexpr_function
+    def _full_pieces(n, block):
+        """How many of ``block_pieces(n, block)`` are whole blocks inside the window (the others reach past n
+        or are narrower)."""
+        return n // block
+
+    @triton.constexpr_function
+    def _piece_start(i, n, block):
+        return block_pieces(n, block)[i][0]
+
+    @triton.constexpr_function
+    def _piece_width(i, n, block):
+        return block_pieces(n, block)[i][1]
+
+    @triton.constexpr_function
+    def _past_window(i, n, block):
+        """Whether piece ``i`` of ``block_pieces(n, block)`` reaches past the window's n tokens."""
+        start, width = block_pieces(n, block)[i]
+        return start + width > n
+
+    # ----------------------------------------------------------------------------------------------
+    # Where tokens are: padding, cyclic shift, window partition and crop as address arithmetic.
+    # ``vol`` = ((T, H, W), padded (T, H, W), q/k/v strides (b, t, h, w, head)); ``WIN`` = the constexpr tuple
+    # (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX) (constexpr tuples keep their items constexpr when indexed).
+    # ----------------------------------------------------------------------------------------------
+    @triton.jit
+    def _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                WIDE_INDEX: tl.constexpr):
+        """``vol``: the extents, the extents padded to whole windows and the strides. ``WIDE_INDEX``: index
+        arithmetic in int64 (the interpreter checks every int32 operation for overflow, which makes it slow
+        there; compiled kernels take int32)."""
+        index = tl.int64 if WIDE_INDEX else tl.int32
+        t, h, w = tl.cast(T, index), tl.cast(H, index), tl.cast(W, index)
+        padded = ((t + WT - 1) // WT * WT, (h + WH - 1) // WH * WH, (w + WW - 1) // WW * WW)
+        return (t, h, w), padded, (s_b, s_t, s_h, s_w, s_n)
 
     @triton.jit
-    def _locate_tokens(win, offs, T, H, W, N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr,
-                       WW: tl.constexpr, ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr):
-        """Window ``win`` (linear over batch and windows), in-window indices ``offs`` -> batch, original
-        coordinates, validity (real token, not padding or block overhang) and shift-region id."""
-        TP = tl.cdiv(T, WT) * WT
-        HP = tl.cdiv(H, WH) * WH
-        WP = tl.cdiv(W, WW) * WW
-        iw = win % (WP // WW)
-        rest = win // (WP // WW)
-        ih = rest % (HP // WH)
-        rest = rest // (HP // WH)
-        it = rest % (TP // WT)
-        b = rest // (TP // WT)
-        pt = it * WT + offs // (WH * WW)
-        ph = ih * WH + (offs // WW) % WH
-        pw = iw * WW + offs % WW
-        ot = (pt + ST) % TP
-        oh = (ph + SH) % HP
-        ow = (pw + SW) % WP
-        valid = (offs < N) & (ot < T) & (oh < H) & (ow < W)
-        region = offs * 0
-        if ST > 0:
-            region += 9 * ((pt >= TP - WT).to(tl.int32) + (pt >= TP - ST).to(tl.int32))
-        if SH > 0:
-            region += 3 * ((ph >= HP - WH).to(tl.int32) + (ph >= HP - SH).to(tl.int32))
-        if SW > 0:
-            region += (pw >= WP - WW).to(tl.int32) + (pw >= WP - SW).to(tl.int32)
-        return b.to(tl.int64), ot, oh, ow, valid, region
+    def _window_origin(win, vol, WIN: tl.constexpr):
+        """Window ``win`` (linear over batch and windows) -> where its first token comes from: the volume
+        coordinates (t, h, w) before the wrap of the cyclic shift, its element offset in q/k/v (int64) and
+        its flat token offset in contiguous ``(B, T, H, W)`` tensors."""
+        (T, H, W), padded, strides = vol
+        WT: tl.constexpr = WIN[1]
+        WH: tl.constexpr = WIN[2]
+        WW: tl.constexpr = WIN[3]
+        win = tl.cast(win, T.dtype)
+        rest = win // (padded[2] // WW)
+        rest_h = rest // (padded[1] // WH)
+        b = rest_h // (padded[0] // WT)
+        t0 = rest_h % (padded[0] // WT) * WT + WIN[4]
+        h0 = rest % (padded[1] // WH) * WH + WIN[5]
+        w0 = win % (padded[2] // WW) * WW + WIN[6]
+        elem = tl.cast(b, tl.int64) * strides[0] + tl.cast(t0, tl.int64) * strides[1] \
+            + tl.cast(h0, tl.int64) * strides[2] + tl.cast(w0, tl.int64) * strides[3]
+        return t0, h0, w0, elem, ((b * T + t0) * H + h0) * W + w0
 
     @triton.jit
-    def _token_rows(b, ot, oh, ow, T, H, W):
-        """Flat token index into a contiguous ``(B, T, H, W, ...)`` tensor."""
-        return ((b * T + ot) * H + oh) * W + ow
+    def _tokens(origin, offs, vol, WIN: tl.constexpr):
+        """The tokens at in-window indices ``offs`` of the window at ``origin`` (``_window_origin``): element
+        offsets in q/k/v (int64, without the head's), flat token offsets, validity (a real token: not padding,
+        not past N) and shift region. The volume is rolled by -shift: the window's padded coordinate p holds
+        token p + shift, wrapped to the start of an axis where it passes the padded extent (Swin's last
+        region along that axis: tokens of one window differ in region exactly where they differ in wraps)."""
+        (T, H, W), padded, strides = vol
+        WH: tl.constexpr = WIN[2]
+        WW: tl.constexpr = WIN[3]
+        offs = offs.to(tl.int64 if WIN[7] else tl.int32)
+        t = offs // (WH * WW)
+        h = (offs // WW) % WH
+        w = offs % WW
+        elem = origin[3] + (t.to(tl.int64) * strides[1] + h.to(tl.int64) * strides[2] + w.to(tl.int64) * strides[3])
+        tok = origin[4] + (t * H + h) * W + w
+        ot = origin[0] + t
+        oh = origin[1] + h
+        ow = origin[2] + w
+        region = 0
+        if WIN[4] > 0:
+            wrap = ot >= padded[0]
+            ot = tl.where(wrap, ot - padded[0], ot)
+            elem = tl.where(wrap, elem - tl.cast(padded[0], tl.int64) * strides[1], elem)
+            tok = tl.where(wrap, tok - padded[0] * H * W, tok)
+            region = region + tl.where(wrap, 4, 0)
+        if WIN[5] > 0:
+            wrap = oh >= padded[1]
+            oh = tl.where(wrap, oh - padded[1], oh)
+            elem = tl.where(wrap, elem - tl.cast(padded[1], tl.int64) * strides[2], elem)
+            tok = tl.where(wrap, tok - padded[1] * W, tok)
+            region = region + tl.where(wrap, 2, 0)
+        if WIN[6] > 0:
+            wrap = ow >= padded[2]
+            ow = tl.where(wrap, ow - padded[2], ow)
+            elem = tl.where(wrap, elem - tl.cast(padded[2], tl.int64) * strides[3], elem)
+            tok = tl.where(wrap, tok - padded[2], tok)
+            region = region + tl.where(wrap, 1, 0)
+        valid = (offs < WIN[0]) & (ot < T) & (oh < H) & (ow < W)
+        return elem, tok, valid, region
 
     @triton.jit
-    def _load_rows(X, b, ot, oh, ow, valid, head, offs_d, s_b, s_t, s_h, s_w, s_n, HD,
-                   PAD, HAS_PAD: tl.constexpr):
-        """``(len(rows), BLOCK_D)`` rows of a strided ``(B, T, H, W, heads, hd)`` tensor; padded tokens
-        take ``PAD[head]`` when given, else zeros."""
-        # int64 offsets: one batch element of a qkv projection may span more than 2**31 elements
-        ptrs = X + b[:, None] * s_b + ot[:, None].to(tl.int64) * s_t + oh[:, None].to(tl.int64) * s_h \
-            + ow[:, None].to(tl.int64) * s_w + head.to(tl.int64) * s_n + offs_d[None, :]
-        d_ok = offs_d[None, :] < HD
-        x = tl.load(ptrs, mask=valid[:, None] & d_ok, other=0.0)
+    def _pad_row(PAD, head, offs_d, HD, HAS_PAD: tl.constexpr):
+        """``PAD[head]`` (the key or value of padded tokens), or 0 without pad rows."""
         if HAS_PAD:
-            pad = tl.load(PAD + head * HD + offs_d, mask=offs_d < HD, other=0.0).to(x.dtype)
-            x = tl.where(valid[:, None], x, pad[None, :])
+            return tl.load(PAD + head * HD + offs_d, mask=offs_d < HD, other=0.0)
+        else:
+            return 0.0
+
+    @triton.jit
+    def _load_rows(X, elem, valid, offs_d, HD, pad, HAS_PAD: tl.constexpr):
+        """Rows of head_dim at element offsets ``elem`` (the head's included); rows of invalid tokens take
+        ``pad`` (a row) with ``HAS_PAD``, else zeros."""
+        x = tl.load(X + elem[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < HD), other=0.0)
+        if HAS_PAD:
+            x = tl.where(valid[:, None], x, pad[None, :].to(x.dtype))
         return x
 
+    # ----------------------------------------------------------------------------------------------
+    # Scores in base 2. ``FEAT`` = the constexpr tuple (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V);
+    # ``bias_c`` = (BIAS, MASK, num_masks, qk_scale): the call's dense bias (``dense_bias``: bias / scale per
+    # head, zero-padded to (NK, NK)), the attn_mask, and scale * log2(e).
+    # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks,
-                TABLE, MASK, N: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-                FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                SHIFTED: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-        """fp32 scores ``scale * q k^T + bias + shift mask + attn_mask``; keys beyond N get -inf."""
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        pair_ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    def _bias_tile(BIAS, head, offs_m, offs_n, N: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The dense bias at (queries ``offs_m``, keys ``offs_n``) of ``head`` (every index is inside the
+        zero-padded slice), or 0 without a bias table."""
+        NK: tl.constexpr = padded_tokens(N)
         if HAS_BIAS:
-            dt = offs_m[:, None] // (BH * BW) - offs_n[None, :] // (BH * BW)
-            dh = (offs_m[:, None] // BW) % BH - (offs_n[None, :] // BW) % BH
-            dw = offs_m[:, None] % BW - offs_n[None, :] % BW
-            idx = (dt + FT - 1) * ((2 * FH - 1) * (2 * FW - 1)) + (dh + FH - 1) * (2 * FW - 1) + (dw + FW - 1)
-            s += tl.load(TABLE + idx * NH + head, mask=pair_ok, other=0.0).to(tl.float32)
+            return tl.load(BIAS + (head * NK + offs_m[:, None]) * NK + offs_n[None, :])
+        else:
+            return 0.0
+
+    @triton.jit
+    def _scores2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N: tl.constexpr,
+                 SHIFTED: tl.constexpr, KEY_TAIL: tl.constexpr, FEAT: tl.constexpr):
+        """``log2(e) * (scale q k^T + bias + shift mask + attn_mask)`` in fp32: the bias tile (``_bias_tile``)
+        initialises the product's accumulator, ``qk_scale`` scales both; with ``KEY_TAIL`` (the block
+        reaches past the window) keys beyond N get -inf."""
+        _, MASK, num_masks, qk_scale = bias_c
+        if FEAT[0]:
+            s = tl.dot(q, tl.trans(k), acc=bias, input_precision=FEAT[2]) * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=FEAT[2]) * qk_scale
         if SHIFTED:
-            s += tl.where(region_m[:, None] != region_n[None, :], -100.0, 0.0)
-        if HAS_MASK:
+            s += tl.where(region_m[:, None] != region_n[None, :], _SHIFT_MASK_2, 0.0)
+        if FEAT[1]:
+            pair_ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
             mask_ptrs = MASK + (win % num_masks).to(tl.int64) * (N * N) + offs_m[:, None] * N + offs_n[None, :]
-            s += tl.load(mask_ptrs, mask=pair_ok, other=0.0).to(tl.float32)
-        return tl.where(offs_n[None, :] < N, s, float("-inf"))
+            s += tl.load(mask_ptrs, mask=pair_ok, other=0.0) * _LOG2E
+        if KEY_TAIL:
+            s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        return s
+
+    # ----------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------
+    @triton.jit
+    def _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN: tl.constexpr,
+                       FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+        """One key block of the online softmax: keys ``start_n + arange(WIDTH)``."""
+        offs_m, region_m, head = rows
+        pad_k, pad_v, head_elem, offs_d, HD = kv_c
+        offs_n = start_n + tl.arange(0, WIDTH)
+        elem_n, _, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
+        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
+        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
+                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), KEY_TAIL, FEAT)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=FEAT[2])
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _fwd_rows(Q, K, V, Out, Lse, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
+                  BLOCK_M: tl.constexpr, N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Queries ``start_m + arange(BLOCK_M)`` of one head in every ``num_programs(2)``-th window: the full
+        key blocks in a loop, then the 16-granular tail pieces of ``block_pieces(N, BLOCK_N)``."""
+        head = tl.program_id(1)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        head_elem = tl.cast(head, tl.int64) * vol[2][4]
+        kv_c = (_pad_row(PAD_K, head, offs_d, HD, FEAT[3]), _pad_row(PAD_V, head, offs_d, HD, FEAT[4]), head_elem,
+                offs_d, HD)
+        for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
+            origin = _window_origin(win, vol, WIN)
+            elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
+            q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+            rows = (offs_m, region_m, head)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+            acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+            for start_n in tl.range(0, _full_pieces(N, BLOCK_N) * BLOCK_N, BLOCK_N):
+                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin, start_n, vol, win, bias_c,
+                                               WIN, FEAT, BLOCK_N, False)
+            for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
+                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin,
+                                               _piece_start(j, N, BLOCK_N), vol, win, bias_c, WIN, FEAT,
+                                               _piece_width(j, N, BLOCK_N), _past_window(j, N, BLOCK_N))
+            rows_out = tl.cast(tok_m, tl.int64) * NH + head
+            tl.store(Out + rows_out[:, None] * HD + offs_d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                     mask=valid_m[:, None] & (offs_d[None, :] < HD))
+            tl.store(Lse + rows_out, m_i + tl.math.log2(l_i), mask=valid_m)
 
     @triton.jit
     def _window_attn_fwd_kernel(
-        Q, K, V, Out, Lse, TABLE, PAD_K, PAD_V, MASK,
-        sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
-        T, H, W, NH, HD, num_masks, scale,
+        Q, K, V, Out, Lse, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
+        T, H, W, NH, HD, num_masks, num_windows, qk_scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BH: tl.constexpr, BW: tl.constexpr,
-        FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """One program: ``BLOCK_M`` queries of one window and head against all the window's keys."""
-        blocks_m: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
-        win = tl.program_id(0) // blocks_m
-        offs_m = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-        head = tl.program_id(1)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        shifted: tl.constexpr = (ST > 0) | (SH > 0) | (SW > 0)
-
-        b, ot, oh, ow, valid_m, region_m = _locate_tokens(win, offs_m, T, H, W, N, WT, WH, WW, ST, SH, SW)
-        q = _load_rows(Q, b, ot, oh, ow, valid_m, head, offs_d, sq_b, sq_t, sq_h, sq_w, sq_n, HD, PAD_K, False)
-        kb, kt, kh, kw, valid_n, region_n = _locate_tokens(win, offs_n, T, H, W, N, WT, WH, WW, ST, SH, SW)
-        k = _load_rows(K, kb, kt, kh, kw, valid_n, head, offs_d, sk_b, sk_t, sk_h, sk_w, sk_n, HD, PAD_K, HAS_PAD_K)
-        v = _load_rows(V, kb, kt, kh, kw, valid_n, head, offs_d, sv_b, sv_t, sv_h, sv_w, sv_n, HD, PAD_V, HAS_PAD_V)
-
-        s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                    N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
-        row_max = tl.max(s, axis=1)
-        p = tl.exp(s - row_max[:, None])
-        row_sum = tl.sum(p, axis=1)
-        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / row_sum[:, None]
-
-        rows = _token_rows(b, ot, oh, ow, T, H, W) * NH + head
-        tl.store(Out + rows[:, None] * HD + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=valid_m[:, None] & (offs_d[None, :] < HD))
-        tl.store(Lse + rows, row_max + tl.log(row_sum), mask=valid_m)
-
-    @triton.jit
-    def _window_attn_bwd_dq_kernel(
-        Q, K, V, Out, DO, Lse, Delta, DQ, DBIAS, TABLE, PAD_K, PAD_V, MASK,
-        sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
-        T, H, W, NH, HD, num_masks, num_windows, sg_tok, sg_head, scale,
-        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BH: tl.constexpr, BW: tl.constexpr,
-        FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        NEED_DBIAS: tl.constexpr, PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """dq for ``BLOCK_M`` queries of every ``num_programs(2)``-th window; the summed dS of those
-        windows goes to ``DBIAS[group, head]`` (an (N, N) slice), reduced later in fixed order.
-        Also writes ``Delta = rowsum(dO * O)`` of its queries for the dk/dv kernel. Gradient rows sit
-        ``sg_tok`` elements apart per token and ``sg_head`` per head (contiguous, or one packed dqkv)."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        """Persistent forward: program (query piece, head, window group) attends its queries in the group's
+        windows ``program_id(2) + k * num_programs(2)``. Query pieces are ``block_pieces(N, BLOCK_M)``: whole
+        blocks, then 16-granular tail pieces (each width its own code path). q, k, v share the strides
+        ``s_*``. Writes the output and the base-2 log-sum-exp of every real query's scores."""
+        pid = tl.program_id(0)
+        vol = _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT, WH, WW, WIDE_INDEX)
+        WIN: tl.constexpr = (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX)
+        FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
+        bias_c = (BIAS, MASK, num_masks, qk_scale)
+        if _full_pieces(N, BLOCK_M) > 0 and pid < _full_pieces(N, BLOCK_M):
+            _fwd_rows(Q, K, V, Out, Lse, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, pid * BLOCK_M, BLOCK_M, N,
+                      WIN, FEAT, BLOCK_N, BLOCK_D)
+        for i in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
+            if pid == i:
+                _fwd_rows(Q, K, V, Out, Lse, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c,
+                          _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), N, WIN, FEAT, BLOCK_N, BLOCK_D)
+
+    # ----------------------------------------------------------------------------------------------
+    # Backward A: dq and delta = rowsum(dO * O)
+    # ----------------------------------------------------------------------------------------------
+    @triton.jit
+    def _dq_key_block(dq, q, do, lse, delta, rows, K, V, kv_c, origin, start_n, vol, win, bias_c,
+                      WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+        """dq contribution of the keys ``start_n + arange(WIDTH)``."""
+        offs_m, region_m, head, valid_m = rows
+        pad_k, pad_v, head_elem, offs_d, HD = kv_c
+        offs_n = start_n + tl.arange(0, WIDTH)
+        elem_n, _, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
+        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
+        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
+                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), KEY_TAIL, FEAT)
+        p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=FEAT[2]) - delta[:, None])
+        return dq + tl.dot(ds.to(k.dtype), k, input_precision=FEAT[2])
+
+    @triton.jit
+    def _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
+                 start_m, BLOCK_M: tl.constexpr, N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dq and delta of queries ``start_m + arange(BLOCK_M)`` of one head in the group's windows: the full
+        key blocks in a loop, then the tail pieces."""
+        sg_tok, sg_head, scale = grad_c
         head = tl.program_id(1)
-        group = tl.program_id(2)
-        offs_n = tl.arange(0, BLOCK_N)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        shifted: tl.constexpr = (ST > 0) | (SH > 0) | (SW > 0)
-        dbias = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for win in range(group, num_windows, tl.num_programs(2)):
-            b, ot, oh, ow, valid_m, region_m = _locate_tokens(win, offs_m, T, H, W, N, WT, WH, WW, ST, SH, SW)
-            kb, kt, kh, kw, valid_n, region_n = _locate_tokens(win, offs_n, T, H, W, N, WT, WH, WW, ST, SH, SW)
-            q = _load_rows(Q, b, ot, oh, ow, valid_m, head, offs_d, sq_b, sq_t, sq_h, sq_w, sq_n, HD, PAD_K, False)
-            k = _load_rows(K, kb, kt, kh, kw, valid_n, head, offs_d, sk_b, sk_t, sk_h, sk_w, sk_n, HD,
-                           PAD_K, HAS_PAD_K)
-            v = _load_rows(V, kb, kt, kh, kw, valid_n, head, offs_d, sv_b, sv_t, sv_h, sv_w, sv_n, HD,
-                           PAD_V, HAS_PAD_V)
-            rows = _token_rows(b, ot, oh, ow, T, H, W) * NH + head
-            row_d_ok = valid_m[:, None] & (offs_d[None, :] < HD)
-            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=row_d_ok, other=0.0)
-            o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=row_d_ok, other=0.0)
+        d_ok = offs_d[None, :] < HD
+        head_elem = tl.cast(head, tl.int64) * vol[2][4]
+        kv_c = (_pad_row(PAD_K, head, offs_d, HD, FEAT[3]), _pad_row(PAD_V, head, offs_d, HD, FEAT[4]), head_elem,
+                offs_d, HD)
+        for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
+            origin = _window_origin(win, vol, WIN)
+            elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
+            q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+            rows = tl.cast(tok_m, tl.int64) * NH + head
+            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
+            o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             tl.store(Delta + rows, delta, mask=valid_m)
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
-
-            s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                        N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
-            p = tl.where(valid_m[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-            grad_rows = _token_rows(b, ot, oh, ow, T, H, W) * sg_tok + head * sg_head
-            tl.store(DQ + grad_rows[:, None] + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_d_ok)
-            if NEED_DBIAS:
-                dbias += ds
-        if NEED_DBIAS:
-            ptrs = DBIAS + ((group * NH + head) * N).to(tl.int64) * N + offs_m[:, None] * N + offs_n[None, :]
-            tl.store(ptrs, dbias, mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
+            query = (offs_m, region_m, head, valid_m)
+            dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
+            for start_n in tl.range(0, _full_pieces(N, BLOCK_N) * BLOCK_N, BLOCK_N):
+                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN,
+                                   FEAT, BLOCK_N, False)
+            for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
+                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, kv_c, origin, _piece_start(j, N, BLOCK_N), vol,
+                                   win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_N), _past_window(j, N, BLOCK_N))
+            grad_rows = tl.cast(tok_m, tl.int64) * sg_tok + head * sg_head
+            tl.store(DQ + grad_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                     mask=valid_m[:, None] & d_ok)
 
     @triton.jit
-    def _window_attn_bwd_dkdv_kernel(
-        Q, K, V, DO, Lse, Delta, DK, DV, DPAD, TABLE, PAD_K, PAD_V, MASK,
-        sq_b, sq_t, sq_h, sq_w, sq_n, sk_b, sk_t, sk_h, sk_w, sk_n, sv_b, sv_t, sv_h, sv_w, sv_n,
-        T, H, W, NH, HD, num_masks, sg_tok, sg_head, scale,
+    def _window_attn_bwd_dq_kernel(
+        Q, K, V, Out, DO, Lse, Delta, DQ, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
+        T, H, W, NH, HD, num_masks, num_windows, sg_tok, sg_head, scale, qk_scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        BH: tl.constexpr, BW: tl.constexpr,
-        FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        NEED_DPAD: tl.constexpr, PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """dk, dv for ``BLOCK_N`` keys of one window and head, looping over the window's queries.
-        The summed dk/dv of the window's padded keys go to ``DPAD[window, 0|1, head]``."""
-        blocks_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        win = tl.program_id(0) // blocks_n
-        offs_n = (tl.program_id(0) % blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        head = tl.program_id(1)
-        offs_d = tl.arange(0, BLOCK_D)
-        shifted: tl.constexpr = (ST > 0) | (SH > 0) | (SW > 0)
+        """Persistent backward A: program (query piece, head, window group) writes dq and ``Delta`` of its
+        queries in the group's windows. Gradient rows sit ``sg_tok`` elements apart per token and ``sg_head``
+        per head (contiguous, or one packed dqkv)."""
+        pid = tl.program_id(0)
+        vol = _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT, WH, WW, WIDE_INDEX)
+        WIN: tl.constexpr = (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX)
+        FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
+        bias_c = (BIAS, MASK, num_masks, qk_scale)
+        grad_c = (sg_tok, sg_head, scale)
+        if _full_pieces(N, BLOCK_M) > 0 and pid < _full_pieces(N, BLOCK_M):
+            _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
+                     pid * BLOCK_M, BLOCK_M, N, WIN, FEAT, BLOCK_N, BLOCK_D)
+        for i in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
+            if pid == i:
+                _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
+                         _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), N, WIN, FEAT, BLOCK_N, BLOCK_D)
 
-        kb, kt, kh, kw, valid_n, region_n = _locate_tokens(win, offs_n, T, H, W, N, WT, WH, WW, ST, SH, SW)
-        k = _load_rows(K, kb, kt, kh, kw, valid_n, head, offs_d, sk_b, sk_t, sk_h, sk_w, sk_n, HD, PAD_K, HAS_PAD_K)
-        v = _load_rows(V, kb, kt, kh, kw, valid_n, head, offs_d, sv_b, sv_t, sv_h, sv_w, sv_n, HD, PAD_V, HAS_PAD_V)
-        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        for start_m in range(0, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            b, ot, oh, ow, valid_m, region_m = _locate_tokens(win, offs_m, T, H, W, N, WT, WH, WW, ST, SH, SW)
-            q = _load_rows(Q, b, ot, oh, ow, valid_m, head, offs_d, sq_b, sq_t, sq_h, sq_w, sq_n, HD, PAD_K, False)
-            rows = _token_rows(b, ot, oh, ow, T, H, W) * NH + head
-            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
-                         other=0.0)
+    # ----------------------------------------------------------------------------------------------
+    # Backward A2: per window group the dS sums, the bias gradient's partial
+    # ----------------------------------------------------------------------------------------------
+    @triton.jit
+    def _dbias_tile(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
+                    BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """dS of queries ``start_m + arange(BLOCK_M)`` and keys ``start_n + arange(BLOCK_N)`` of one head summed
+        over the group's windows in registers, stored once into ``DBIAS[group, head]`` (a zero-padded (NK, NK)
+        slice); the bias tile stays in registers for all the windows."""
+        N: tl.constexpr = WIN[0]
+        NK: tl.constexpr = padded_tokens(N)
+        head = tl.program_id(1)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < HD
+        head_elem = tl.cast(head, tl.int64) * vol[2][4]
+        pad_k = _pad_row(PAD_K, head, offs_d, HD, FEAT[3])
+        pad_v = _pad_row(PAD_V, head, offs_d, HD, FEAT[4])
+        bias = _bias_tile(bias_c[0], head, offs_m, offs_n, N, FEAT[0])
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
+            origin = _window_origin(win, vol, WIN)
+            elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
+            elem_n, _, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
+            q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+            k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
+            v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+            rows = tl.cast(tok_m, tl.int64) * NH + head
+            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
             delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
-            s = _scores(q, k, scale, offs_m, offs_n, region_m, region_n, win, head, NH, num_masks, TABLE, MASK,
-                        N, BH, BW, FT, FH, FW, HAS_BIAS, shifted, HAS_MASK, PRECISION)
-            p = tl.where(valid_m[:, None], tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dk = dk * scale
-        grad_rows = _token_rows(kb, kt, kh, kw, T, H, W) * sg_tok + head * sg_head
-        key_d_ok = valid_n[:, None] & (offs_d[None, :] < HD)
-        tl.store(DK + grad_rows[:, None] + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=key_d_ok)
-        tl.store(DV + grad_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=key_d_ok)
+            # keys past N need no -inf: their sums are never read
+            s = _scores2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N,
+                         (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), False, FEAT)
+            p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+            acc += p * (tl.dot(do, tl.trans(v), input_precision=FEAT[2]) - delta[:, None])
+        base = DBIAS + ((tl.program_id(2) * NH + head) * NK).to(tl.int64) * NK
+        tl.store(base + offs_m[:, None] * NK + offs_n[None, :], acc)
+
+    @triton.jit
+    def _dbias_rows(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
+                    BLOCK_M: tl.constexpr, key_piece, WIN: tl.constexpr, FEAT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """``_dbias_tile`` of the program's key piece ``key_piece`` of ``block_pieces(N, BLOCK_N)``."""
+        N: tl.constexpr = WIN[0]
+        if _full_pieces(N, BLOCK_N) > 0 and key_piece < _full_pieces(N, BLOCK_N):
+            _dbias_tile(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
+                        BLOCK_M, key_piece * BLOCK_N, BLOCK_N, WIN, FEAT, BLOCK_D)
+        for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
+            if key_piece == j:
+                _dbias_tile(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
+                            BLOCK_M, _piece_start(j, N, BLOCK_N), _piece_width(j, N, BLOCK_N), WIN, FEAT, BLOCK_D)
+
+    @triton.jit
+    def _window_attn_bwd_dbias_kernel(
+        Q, K, V, DO, Lse, Delta, DBIAS, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
+        T, H, W, NH, HD, num_masks, num_windows, qk_scale,
+        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
+        PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Persistent backward A2: program (query piece x key piece, head, window group) sums the dS tile of
+        its queries and keys over the group's windows into ``DBIAS (groups, NH, NK, NK)``; reads ``Delta``
+        from backward A. (Holding a whole query row of dS sums per program, as backward A would have to,
+        spills registers; this recomputes the tile's scores instead: a third pass of exps.)"""
+        vol = _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT, WH, WW, WIDE_INDEX)
+        WIN: tl.constexpr = (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX)
+        FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
+        bias_c = (BIAS, MASK, num_masks, qk_scale)
+        query_piece = tl.program_id(0) // _num_pieces(N, BLOCK_N)
+        key_piece = tl.program_id(0) % _num_pieces(N, BLOCK_N)
+        if _full_pieces(N, BLOCK_M) > 0 and query_piece < _full_pieces(N, BLOCK_M):
+            _dbias_rows(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c,
+                        query_piece * BLOCK_M, BLOCK_M, key_piece, WIN, FEAT, BLOCK_N, BLOCK_D)
+        for i in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
+            if query_piece == i:
+                _dbias_rows(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c,
+                            _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), key_piece, WIN, FEAT, BLOCK_N,
+                            BLOCK_D)
+
+    # ----------------------------------------------------------------------------------------------
+    # Backward B: dk, dv, and per program the pad rows' gradient sums
+    # ----------------------------------------------------------------------------------------------
+    @triton.jit
+    def _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, HD, offs_d, head_elem,
+                          win, bias_c, WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr):
+        """dk and dv contributions of the queries ``start_m + arange(WIDTH)`` to the program's keys."""
+        offs_n, region_n, head = keys
+        offs_m = start_m + tl.arange(0, WIDTH)
+        elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
+        q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+        rows = tl.cast(tok_m, tl.int64) * NH + head
+        do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
+                     other=0.0)
+        lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
+        delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
+        # keys past N need no -inf: their dk/dv rows are neither stored nor summed into the pad gradients
+        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
+                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), False, FEAT)
+        p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=FEAT[2])
+        dp = tl.dot(do, tl.trans(v), input_precision=FEAT[2])
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=FEAT[2])
+        return dk, dv
+
+    @triton.jit
+    def _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
+                   dpad_row, start_n, BLOCK_N: tl.constexpr, N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
+                   NEED_DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dk, dv of keys ``start_n + arange(BLOCK_N)`` of one head in the group's windows, the full query
+        blocks in a loop, then the tail pieces. The pad rows' gradients of the keys that are padding are summed
+        over the group's windows and stored once into ``DPAD[dpad_row, 0|1, head]``."""
+        sg_tok, sg_head, scale = grad_c
+        head = tl.program_id(1)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d[None, :] < HD
+        head_elem = tl.cast(head, tl.int64) * vol[2][4]
+        pad_k = _pad_row(PAD_K, head, offs_d, HD, FEAT[3])
+        pad_v = _pad_row(PAD_V, head, offs_d, HD, FEAT[4])
+        dpad_k = tl.full((BLOCK_D,), 0.0, tl.float32)
+        dpad_v = tl.full((BLOCK_D,), 0.0, tl.float32)
+        for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
+            origin = _window_origin(win, vol, WIN)
+            elem_n, tok_n, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
+            k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
+            v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+            keys = (offs_n, region_n, head)
+            dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
+            dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
+            for start_m in tl.range(0, _full_pieces(N, BLOCK_M) * BLOCK_M, BLOCK_M):
+                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, HD, offs_d,
+                                           head_elem, win, bias_c, WIN, FEAT, BLOCK_M)
+            for j in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
+                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, _piece_start(j, N, BLOCK_M),
+                                           vol, NH, HD, offs_d, head_elem, win, bias_c, WIN, FEAT,
+                                           _piece_width(j, N, BLOCK_M))
+            dk = dk * scale
+            grad_ptrs = (tl.cast(tok_n, tl.int64) * sg_tok + head * sg_head)[:, None] + offs_d[None, :]
+            tl.store(DK + grad_ptrs, dk.to(DK.dtype.element_ty), mask=valid_n[:, None] & d_ok)
+            tl.store(DV + grad_ptrs, dv.to(DV.dtype.element_ty), mask=valid_n[:, None] & d_ok)
+            if NEED_DPAD:
+                padding = ((offs_n < N) & (valid_n == 0))[:, None]
+                dpad_k += tl.sum(tl.where(padding, dk, 0.0), axis=0)
+                dpad_v += tl.sum(tl.where(padding, dv, 0.0), axis=0)
         if NEED_DPAD:
-            padded = (offs_n < N) & (valid_n == 0)
-            dpad_k = tl.sum(tl.where(padded[:, None], dk, 0.0), axis=0)
-            dpad_v = tl.sum(tl.where(padded[:, None], dv, 0.0), axis=0)
-            base = DPAD + (tl.program_id(0).to(tl.int64) * 2 * NH + head) * HD
+            base = DPAD + ((dpad_row * 2 * NH + head) * HD).to(tl.int64)
             tl.store(base + offs_d, dpad_k, mask=offs_d < HD)
             tl.store(base + NH * HD + offs_d, dpad_v, mask=offs_d < HD)
 
     @triton.jit
-    def _window_attn_table_grad_kernel(
-        DBIAS, DTABLE, groups, NH,
+    def _window_attn_bwd_dkdv_kernel(
+        Q, K, V, DO, Lse, Delta, DK, DV, DPAD, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
+        T, H, W, NH, HD, num_masks, num_windows, sg_tok, sg_head, scale, qk_scale,
+        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
+        NEED_DPAD: tl.constexpr, PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Persistent backward B: program (key piece, head, window group) writes dk, dv of its keys in the
+        group's windows and, with ``NEED_DPAD``, its pad-row gradient sums into ``DPAD (groups * pieces, 2,
+        NH, HD)``. Key pieces are ``block_pieces(N, BLOCK_N)``; reads ``Delta`` from backward A."""
+        pid = tl.program_id(0)
+        vol = _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT, WH, WW, WIDE_INDEX)
+        WIN: tl.constexpr = (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX)
+        FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
+        bias_c = (BIAS, MASK, num_masks, qk_scale)
+        grad_c = (sg_tok, sg_head, scale)
+        dpad_row = tl.program_id(2) * _num_pieces(N, BLOCK_N) + pid
+        if _full_pieces(N, BLOCK_N) > 0 and pid < _full_pieces(N, BLOCK_N):
+            _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c,
+                       bias_c, dpad_row, pid * BLOCK_N, BLOCK_N, N, WIN, FEAT, NEED_DPAD, BLOCK_M, BLOCK_D)
+        for i in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
+            if pid == i:
+                _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c,
+                           bias_c, dpad_row, _piece_start(i, N, BLOCK_N), _piece_width(i, N, BLOCK_N), N, WIN,
+                           FEAT, NEED_DPAD, BLOCK_M, BLOCK_D)
+
+    # ----------------------------------------------------------------------------------------------
+    # Backward C: the fixed-order reductions of the partials
+    # ----------------------------------------------------------------------------------------------
+    @triton.jit
+    def _window_attn_bwd_reduce_kernel(
+        DBIAS, DTABLE, DPAD, DPAD_K, DPAD_V, groups, pad_rows, NH, HD,
         N: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
         FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+        NEED_DTABLE: tl.constexpr, NEED_DPAD: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Bias-table gradient ``DTABLE[e, head]`` for ``BLOCK_E`` table entries: the sum over the window
-        groups' dS partials ``DBIAS (groups, NH, N, N)`` and over queries m of ``dS[m, key]``, where the key
-        sits at m's bias coordinates minus entry e's offset (when that is a token of the window). Fixed
-        summation order: deterministic."""
+        """Backward C, one launch for every partial; fixed summation orders, so deterministic.
+
+        Programs ``(e, head)`` below ``cdiv(table_size, BLOCK_E)``: bias-table gradient ``DTABLE[e, head]`` of
+        ``BLOCK_E`` entries, the sum over the window groups' dS sums ``DBIAS (groups, NH, NK, NK)`` and over
+        queries m of ``dS[m, key]``, where the key sits at m's bias coordinates minus entry e's offset (when
+        that is a token of the window). The last program per head: the pad rows' gradients ``DPAD_K, DPAD_V
+        (NH, HD)``, the sums of ``DPAD``'s ``pad_rows`` rows."""
         head = tl.program_id(1)
-        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         table_size: tl.constexpr = (2 * FT - 1) * (2 * FH - 1) * (2 * FW - 1)
-        dt = offs_e // ((2 * FH - 1) * (2 * FW - 1)) - (FT - 1)
-        dh = (offs_e // (2 * FW - 1)) % (2 * FH - 1) - (FH - 1)
-        dw = offs_e % (2 * FW - 1) - (FW - 1)
-        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for group in range(0, groups):
-            base = DBIAS + ((group * NH + head) * N).to(tl.int64) * N
-            for start_m in range(0, N, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                kt = (offs_m // (BH * BW))[None, :] - dt[:, None]
-                kh = ((offs_m // BW) % BH)[None, :] - dh[:, None]
-                kw = (offs_m % BW)[None, :] - dw[:, None]
-                key = (kt * BH + kh) * BW + kw
-                ok = (offs_e[:, None] < table_size) & (offs_m[None, :] < N) & (kt >= 0) & (kh >= 0) & (kh < BH) \
-                    & (kw >= 0) & (kw < BW) & (key < N)
-                acc += tl.sum(tl.load(base + offs_m[None, :] * N + key, mask=ok, other=0.0), axis=1)
-        tl.store(DTABLE + offs_e * NH + head, acc, mask=offs_e < table_size)
+        table_blocks: tl.constexpr = (table_size + BLOCK_E - 1) // BLOCK_E
+        NK: tl.constexpr = padded_tokens(N)
+        if NEED_DTABLE and tl.program_id(0) < table_blocks:
+            offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+            dt = offs_e // ((2 * FH - 1) * (2 * FW - 1)) - (FT - 1)
+            dh = (offs_e // (2 * FW - 1)) % (2 * FH - 1) - (FH - 1)
+            dw = offs_e % (2 * FW - 1) - (FW - 1)
+            acc = tl.full((BLOCK_E,), 0.0, tl.float32)
+            for group in range(0, groups):
+                base = DBIAS + ((group * NH + head) * NK).to(tl.int64) * NK
+                for start_m in range(0, N, BLOCK_M):
+                    offs_m = start_m + tl.arange(0, BLOCK_M)
+                    kt = (offs_m // (BH * BW))[None, :] - dt[:, None]
+                    kh = ((offs_m // BW) % BH)[None, :] - dh[:, None]
+                    kw = (offs_m % BW)[None, :] - dw[:, None]
+                    key = (kt * BH + kh) * BW + kw
+                    ok = (offs_e[:, None] < table_size) & (offs_m[None, :] < N) & (kt >= 0) & (kh >= 0) \
+                        & (kh < BH) & (kw >= 0) & (kw < BW) & (key < N)
+                    acc += tl.sum(tl.load(base + offs_m[None, :] * NK + key, mask=ok, other=0.0), axis=1)
+            tl.store(DTABLE + offs_e * NH + head, acc, mask=offs_e < table_size)
+        if NEED_DPAD and tl.program_id(0) == tl.num_programs(0) - 1:
+            offs_d = tl.arange(0, BLOCK_D)
+            dpad_k = tl.full((BLOCK_D,), 0.0, tl.float32)
+            dpad_v = tl.full((BLOCK_D,), 0.0, tl.float32)
+            for row in range(0, pad_rows):
+                base = DPAD + ((row * 2 * NH + head) * HD).to(tl.int64)
+                dpad_k += tl.load(base + offs_d, mask=offs_d < HD, other=0.0)
+                dpad_v += tl.load(base + NH * HD + offs_d, mask=offs_d < HD, other=0.0)
+            tl.store(DPAD_K + head * HD + offs_d, dpad_k, mask=offs_d < HD)
+            tl.store(DPAD_V + head * HD + offs_d, dpad_v, mask=offs_d < HD)
 
 
 def _next_pow2(x: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (x - 1).bit_length())
 
 
+# --------------------------------------------------------------------------------------------------
+# Triton launch configurations: per-kernel sets, the shipped (measured) choices, defaults
+# --------------------------------------------------------------------------------------------------
+KERNELS = ("fwd", "dq", "dbias", "dkdv")
+
+
 @dataclass(frozen=True)
-class TritonConfig:
-    """Block sizes and launch options of the forward, dq and dk/dv kernels for one window size / head dim / dtype."""
+class KernelConfig:
+    """Blocks and launch options of one Triton kernel.
 
-    block_n: int  # all keys of a window (forward and dq kernels)
-    block_d: int
-    fwd_block_m: int
-    dq_block_m: int
-    dkdv_block_m: int
-    dkdv_block_n: int
+    ``fwd`` and ``dq``: a program takes ``block_m`` query rows (one of ``block_pieces(N, block_m)``) of one
+    head in a group of windows and runs over the keys in blocks of ``block_n``. ``dbias``: a program takes a
+    ``block_m x block_n`` tile of (query, key) pairs. ``dkdv``: a program takes ``block_n`` keys and runs over
+    the queries in blocks of ``block_m``. ``num_stages``: software pipelining of the innermost loop (fwd and
+    dq: key blocks; dbias: windows; dkdv: query blocks). ``group_mult`` (dbias): the number of window groups
+    times this (more programs, a larger dS partial)."""
+
+    block_m: int
+    block_n: int
     num_warps: int
-    dq_num_stages: int  # the dq kernel's window loop: double-buffering large key tiles overflows shared memory
-    dkdv_num_stages: int  # the dkdv kernel's query loop: Triton's default three buffers need sm_90's memory
+    num_stages: int
+    group_mult: int = 1
+
+    @property
+    def label(self) -> str:
+        groups = f" groups-x{self.group_mult}" if self.group_mult > 1 else ""
+        return f"m{self.block_m} n{self.block_n} w{self.num_warps} s{self.num_stages}{groups}"
 
 
-def triton_config(tokens_per_window: int, head_dim: int, dtype: torch.dtype, interpreting: bool,
-                  key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES) -> TritonConfig:
-    """Blocks for a window of ``tokens_per_window`` tokens on a device whose key tiles may reach
-    ``key_tile_limit`` bytes (``triton_key_tile_limit``)."""
-    block_n = _next_pow2(tokens_per_window)
-    block_d = _next_pow2(head_dim)
-    if interpreting:  # the interpreter pays per block step, not per element: use whole windows
-        return TritonConfig(block_n, block_d, block_n, block_n, block_n, block_n, 4, 1, 1)
-    wide = block_n * block_d > 256 * 64
-    wide_rows = block_d * dtype.itemsize >= 512
-    return TritonConfig(
-        block_n=block_n,
-        block_d=block_d,
-        # the (BLOCK_M, BLOCK_N) fp32 scores pass through shared memory: at most 16K of them
-        fwd_block_m=min(block_n, 32 if wide else 64, max(16, 16384 // block_n)),
-        dq_block_m=16,
-        dkdv_block_m=min(block_n, 32 if wide else 64),
-        dkdv_block_n=min(block_n, 32 if wide_rows else 64),
-        num_warps=8 if block_n >= 256 else 4,
-        dq_num_stages=2 if block_n <= 512 and key_tile_bytes(tokens_per_window, head_dim, dtype) <= key_tile_limit // 2
-        else 1,
-        dkdv_num_stages=3 if key_tile_limit >= MAX_TRITON_KEY_TILE_BYTES else 2,
-    )
+@dataclass(frozen=True)
+class LaunchConfigs:
+    """One configuration per kernel: forward, dq (+ delta), dbias (the dS partial), dk/dv (+ pad partial)."""
+
+    fwd: KernelConfig
+    dq: KernelConfig
+    dbias: KernelConfig
+    dkdv: KernelConfig
+
+    def to_json(self) -> dict:
+        return {name: asdict(getattr(self, name)) for name in KERNELS}
+
+    @classmethod
+    def from_json(cls, record: dict) -> LaunchConfigs:
+        return cls(**{name: KernelConfig(**record[name]) for name in KERNELS})
 
 
-def _launch_config(q: torch.Tensor, tokens_per_window: int) -> TritonConfig:
-    """The blocks for windows of ``q`` (B, T, H, W, heads, head_dim) on its device."""
-    return triton_config(tokens_per_window, q.shape[-1], q.dtype, triton_interpreting(),
-                         triton_key_tile_limit(device_shared_memory(q.device)))
+# The configurations a GPU sweep (benchmarks/wmsa_decide.py) chooses from, per kernel, for SSLTM's windows
+# (4x7x7, head_dim 32); compile_check proves every one (``--set full``) and the tests run each.
+CONFIG_SETS = {  # the first of each: the default for SSLTM's windows in 16-bit (default_configs)
+    "fwd": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 8, 2),
+            KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 32, 4, 3)),
+    "dq": (KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(64, 64, 4, 2),
+           KernelConfig(64, 32, 4, 2), KernelConfig(128, 64, 8, 1)),
+    "dbias": (KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 4, 2),
+              KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2, group_mult=2)),
+    "dkdv": (KernelConfig(64, 64, 8, 1), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
+             KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 4, 3)),
+}
+
+
+def sweep_configs() -> list[LaunchConfigs]:
+    """Every kernel's configuration set as launch configurations: the i-th of each set together (a shorter
+    set starts again), so that compiling or testing these covers every configuration of every kernel."""
+    count = max(len(configs) for configs in CONFIG_SETS.values())
+    return [LaunchConfigs(**{name: CONFIG_SETS[name][i % len(CONFIG_SETS[name])] for name in KERNELS})
+            for i in range(count)]
+
+
+# The interpreter pays per block step, not per element: whole windows per program
+INTERPRETER_CONFIGS = LaunchConfigs(*(KernelConfig(WHOLE_WINDOW_BLOCK, WHOLE_WINDOW_BLOCK, 4, 1) for _ in KERNELS))
+CONFIG_FILE = Path(__file__).with_name("window_attention_3d_configs.json")
+
+
+def default_configs(tokens_per_window: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> LaunchConfigs:
+    """Configurations before any measurement, by what compile_check reports: at SSLTM's windows in 16-bit
+    the first of each ``CONFIG_SETS`` (none spills registers on sm_90); fp32 (three tf32 products per
+    product) and head dims from 128 take 32-row/key blocks, the fewest spills compiled."""
+    if dtype == torch.float32 or _next_pow2(head_dim) >= 128:
+        warps = 4 if dtype == torch.float32 else 8
+        return LaunchConfigs(*(KernelConfig(32, 32, warps, 1) for _ in KERNELS))
+    return LaunchConfigs(**{name: CONFIG_SETS[name][0] for name in KERNELS})
+
+
+def config_key(device: str, tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype,
+               shifted: bool) -> str:
+    """The shipped configuration file's key of one problem (``device``: the GPU's name, or ``*`` for any)."""
+    return f"{device}|N={tokens_per_window}|hd={head_dim}|heads={heads}|{_DTYPE_NAMES[dtype]}|" + \
+        ("shifted" if shifted else "unshifted")
+
+
+@functools.cache
+def _config_file(path: Path = CONFIG_FILE) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def shipped_configs() -> dict[str, LaunchConfigs]:
+    """The configurations ``benchmarks/wmsa_decide.py`` measured and wrote, by ``config_key``."""
+    return {key: LaunchConfigs.from_json(record) for key, record in _config_file().get("configs", {}).items()}
+
+
+# Automatic dispatch prefers the Triton kernels to the CUDA ones on these compute capabilities (10 * major +
+# minor) until a measurement on the device (benchmarks/wmsa_decide.py, "default_backend" in the config file)
+# says otherwise: the design analysis (research/wmsa-perf-design.md) expects the redesigned Triton kernels
+# to beat the WMMA kernels on Hopper; elsewhere the CUDA kernels keep their place before Triton.
+TRITON_FIRST_ARCHS = (90,)
+
+
+def preferred_backend(device: torch.device) -> str:
+    """``"triton"`` or ``"cuda"``: which fused backend automatic dispatch tries first on ``device``."""
+    if device.type != "cuda":
+        return "cuda"
+    measured = _config_file().get("default_backend", {}).get(torch.cuda.get_device_name(device))
+    if measured is not None:
+        return measured
+    props = torch.cuda.get_device_properties(device)
+    return "triton" if 10 * props.major + props.minor in TRITON_FIRST_ARCHS else "cuda"
+
+
+def pipeline_stage_bytes(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int,
+                         dtype: torch.dtype) -> int:
+    """Shared memory one stage of a kernel's software pipeline takes, what one iteration of its innermost
+    loop loads (fwd and dq: a key block's keys, values and fp32 bias rows; dbias: a window's query, dO, key
+    and value rows; dkdv: a query block's query and dO rows and fp32 bias rows), an upper estimate that
+    compile_check holds against the compiled kernels."""
+    d, e = _next_pow2(head_dim), dtype.itemsize
+    if kernel == "dbias":
+        return 2 * (cfg.block_m + cfg.block_n) * d * e
+    rows = cfg.block_m if kernel == "dkdv" else cfg.block_n
+    return 2 * rows * d * e + cfg.block_m * cfg.block_n * 4
+
+
+def fit_stages(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int, dtype: torch.dtype,
+               shared_memory: int) -> KernelConfig:
+    """``cfg`` with as many pipeline stages as fit ``shared_memory`` (at least 1: no prefetch)."""
+    stage = pipeline_stage_bytes(kernel, cfg, tokens_per_window, head_dim, dtype)
+    stages = max(1, min(cfg.num_stages, (shared_memory - PIPELINE_MARGIN_BYTES) // stage))
+    return cfg if stages == cfg.num_stages else replace(cfg, num_stages=stages)
+
+
+PIPELINE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the products' operand tiles and reductions
+
+
+@functools.lru_cache(maxsize=1024)
+def launch_configs(tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype, shifted: bool,
+                   device: str = "*", shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
+                   interpreting: bool = False) -> LaunchConfigs:
+    """The configurations for one problem: fixed ones under the interpreter; else the shipped measured
+    ones for the device (or for any device), else ``default_configs``; pipeline stages cut to what fits
+    the device's ``shared_memory``."""
+    if interpreting:
+        return INTERPRETER_CONFIGS
+    shipped = shipped_configs()
+    keys = [config_key(name, tokens_per_window, head_dim, heads, dtype, shifted) for name in (device, "*")]
+    configs = next((shipped[key] for key in keys if key in shipped), None) or default_configs(tokens_per_window,
+                                                                                              head_dim, dtype)
+    return LaunchConfigs(**{name: fit_stages(name, getattr(configs, name), tokens_per_window, head_dim, dtype,
+                                             shared_memory) for name in KERNELS})
+
+
+_FORCED_CONFIGS: list[LaunchConfigs] = []
+
+
+@contextlib.contextmanager
+def forced_launch_configs(configs: LaunchConfigs):
+    """Every Triton launch inside the context takes ``configs`` (GPU sweeps and tests; not thread-safe)."""
+    _FORCED_CONFIGS.append(configs)
+    try:
+        yield configs
+    finally:
+        _FORCED_CONFIGS.pop()
+
+
+def _launch_configs(q: torch.Tensor, geom: WindowGeometry) -> LaunchConfigs:
+    """The configurations for windows of ``q`` (B, T, H, W, heads, head_dim) on its device."""
+    if _FORCED_CONFIGS:
+        return _FORCED_CONFIGS[-1]
+    device = torch.cuda.get_device_name(q.device) if q.is_cuda else "*"
+    return launch_configs(geom.tokens_per_window, q.shape[-1], q.shape[-2], q.dtype, geom.shifted, device,
+                          device_shared_memory(q.device), triton_interpreting())
+
+
+PROGRAMS_PER_SM = 4  # window groups fill the device with this many programs per multiprocessor
+INTERPRETER_GROUPS = 3  # the interpreter runs programs one after another; several groups test the partial sums
+
+
+def window_groups(num_windows: int, programs_per_group: int, device: torch.device, mult: int = 1) -> int:
+    """How many window groups the persistent kernels split the windows into: the fewest that give the
+    device ``PROGRAMS_PER_SM`` programs per multiprocessor (times ``mult``)."""
+    if device.type != "cuda":
+        return min(num_windows, INTERPRETER_GROUPS * mult)
+    target = PROGRAMS_PER_SM * mult * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_windows, -(-target // programs_per_group)))
+
+
+@functools.lru_cache(maxsize=64)
+def _bias_index(table_window: tuple, tokens: int, bias_window: tuple, device: torch.device) -> torch.Tensor:
+    return relative_position_index(table_window, tokens, bias_window, device)
+
+
+def dense_bias(table: torch.Tensor, geom: WindowGeometry, scale: float) -> torch.Tensor:
+    """``(heads, Np, Np)`` fp32 bias of one call in units of the scaled product, ``table[index[i, j], head] /
+    scale`` for ``i, j < N`` with ``index = relative_position_index(...)`` of the geometry (so exact for both
+    ``rel_pos_mode``), zeros in the rows and keys up to ``Np = padded_tokens(N)``. The kernels start each
+    product's accumulator at it: ``(q k^T + bias / scale) * scale * log2(e)`` are the base-2 scores."""
+    n = geom.tokens_per_window
+    index = _bias_index(geom.table_window, n, geom.bias_window, table.device)
+    bias = table.detach().t().float()[:, index] / scale
+    pad = padded_tokens(n) - n
+    return F.pad(bias, (0, pad, 0, pad)).contiguous()
 
 
 def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes of one head's keys of a window as the forward and dq kernels hold them (one tile)."""
+    """Bytes of one head's keys of a window padded to powers of 2: the size the Triton dispatch limits per
+    device (``TRITON_KEY_TILE_LIMITS``)."""
     return _next_pow2(tokens_per_window) * _next_pow2(head_dim) * dtype.itemsize
 
 
@@ -764,10 +1280,9 @@ def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, p
         N=geom.tokens_per_window,
         WT=geom.window[0], WH=geom.window[1], WW=geom.window[2],
         ST=geom.shift[0], SH=geom.shift[1], SW=geom.shift[2],
-        BH=geom.bias_window[1], BW=geom.bias_window[2],
-        FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2],
         HAS_BIAS=bias, HAS_PAD_K=pad_k, HAS_PAD_V=pad_v, HAS_MASK=mask,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        WIDE_INDEX=triton_interpreting(),
     )
 
 
@@ -779,110 +1294,138 @@ def _strides(x: torch.Tensor) -> tuple[int, ...]:
     return x.stride()[:5]
 
 
+def _same_strides(q, k, v):
+    """q, k, v with one set of strides, as the kernels take them: views of one projection have it; other
+    layouts become contiguous copies."""
+    if q.stride() == k.stride() == v.stride():
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
 def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometry, scale: float):
+    q, k, v = _same_strides(q, k, v)
     batch, t, h, w, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)
-    cfg = _launch_config(q, geom.tokens_per_window)
+    lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # base 2
+    cfg = _launch_configs(q, geom).fwd
+    num_windows = batch * geom.num_windows
+    pieces = len(block_pieces(geom.tokens_per_window, cfg.block_m))
+    groups = window_groups(num_windows, pieces * heads, q.device)
     dummy = q.new_empty(0)
-    grid = (batch * geom.num_windows * triton.cdiv(geom.tokens_per_window, cfg.fwd_block_m), heads)
-    _window_attn_fwd_kernel[grid](
+    _window_attn_fwd_kernel[(pieces, heads, groups)](
         q, k, v, out, lse,
-        dummy if table is None else table, dummy if pad_k is None else pad_k,
-        dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask,
-        *_strides(q), *_strides(k), *_strides(v),
-        t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], scale,
+        dummy if table is None else dense_bias(table, geom, scale), dummy if pad_k is None else pad_k,
+        dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
+        t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows, scale * LOG2E,
         **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
-        BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_next_pow2(head_dim), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out, lse
 
 
-def _dbias_groups(num_windows: int, blocks_m: int, heads: int, device: torch.device) -> int:
-    """How many window groups the dq kernel splits the windows into (each writes one dS partial)."""
-    if device.type != "cuda":
-        return 1
-    target_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(num_windows, -(-target_programs // (blocks_m * heads))))
-
-
-TABLE_GRAD_BLOCKS = (32, 64)  # (BLOCK_E, BLOCK_M) of the table-gradient kernel on a GPU: ~40 programs per head at 4x7x7
-
-
-def _table_grad_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int]:
-    """(BLOCK_E, BLOCK_M) of the table-gradient kernel; the interpreter takes whole tables and windows."""
-    if triton_interpreting():
-        return _next_pow2(table_size), _next_pow2(tokens_per_window)
-    return TABLE_GRAD_BLOCKS
-
-
-def _triton_table_grad(dbias: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
-    """``(groups, heads, N, N)`` dS partials -> ``(table_size, heads)`` fp32 bias-table gradient."""
-    groups, heads = dbias.shape[:2]
-    dtable = torch.empty((geom.table_size, heads), dtype=torch.float32, device=dbias.device)
-    block_e, block_m = _table_grad_blocks(geom.table_size, geom.tokens_per_window)
-    _window_attn_table_grad_kernel[(triton.cdiv(geom.table_size, block_e), heads)](
-        dbias, dtable, groups, heads, N=geom.tokens_per_window, BH=geom.bias_window[1], BW=geom.bias_window[2],
-        FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2],
-        BLOCK_E=block_e, BLOCK_M=block_m, num_warps=4,
-    )
-    return dtable
-
-
 def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom: WindowGeometry,
                      scale: float, need_table_grad: bool, need_pad_grad: bool, grad_qkv: torch.Tensor | None):
+    """Backward A (dq, delta), A2 (dS sums per window group), B (dk, dv, pad sums per program), C (the
+    fixed-order reductions of the partials)."""
+    q, k, v = _same_strides(q, k, v)
     batch, t, h, w, heads, head_dim = q.shape
-    n = geom.tokens_per_window
-    num_windows = batch * geom.num_windows
+    n, num_windows = geom.tokens_per_window, batch * geom.num_windows
     grad_out = grad_out.contiguous()
-    delta = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # written by the dq kernel
+    delta = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # written by backward A
     if grad_qkv is None:
         dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     else:
         dq, dk, dv = grad_qkv.unbind(-3)
-    grad_strides = dq.stride(3), dq.stride(4)  # per token, per head: the kernels write rows of head_dim
-    cfg = _launch_config(q, n)
+    configs = _launch_configs(q, geom)
     need_table_grad = need_table_grad and table is not None
     need_pad_grad = need_pad_grad and (pad_k is not None or pad_v is not None)
     dummy = q.new_empty(0)
-    common = (
-        dummy if table is None else table, dummy if pad_k is None else pad_k, dummy if pad_v is None else pad_v,
-        dummy if attn_mask is None else attn_mask, *_strides(q), *_strides(k), *_strides(v),
-        t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0],
-    )
+    operands = (dummy if table is None else dense_bias(table, geom, scale), dummy if pad_k is None else pad_k,
+                dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
+                t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows)
+    grads = (dq.stride(3), dq.stride(4), scale)  # gradient rows: elements per token, per head
     constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
+    block_d = _next_pow2(head_dim)
 
-    blocks_m = triton.cdiv(n, cfg.dq_block_m)
-    groups = _dbias_groups(num_windows, blocks_m, heads, q.device)  # parallelism over windows, dS partials or not
-    dbias = torch.empty((groups, heads, n, n), dtype=torch.float32, device=q.device) if need_table_grad else dummy
-    _window_attn_bwd_dq_kernel[(blocks_m, heads, groups)](
-        q, k, v, out, grad_out, lse, delta, dq, dbias, *common, num_windows, *grad_strides, scale, **constants,
-        NEED_DBIAS=need_table_grad, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.dq_num_stages,
-    )
-    blocks_n = triton.cdiv(n, cfg.dkdv_block_n)
-    dpad = (torch.empty((num_windows * blocks_n, 2, heads, head_dim), dtype=torch.float32, device=q.device)
+    def launch(kernel, cfg, grid, *args, **extra):
+        kernel[grid](*args, **constants, **extra, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    cfg = configs.dq
+    pieces = len(block_pieces(n, cfg.block_m))
+    launch(_window_attn_bwd_dq_kernel, cfg, (pieces, heads, window_groups(num_windows, pieces * heads, q.device)),
+           q, k, v, out, grad_out, lse, delta, dq, *operands, *grads, scale * LOG2E)
+    dbias = dummy
+    if need_table_grad:
+        cfg = configs.dbias
+        pieces = len(block_pieces(n, cfg.block_m)) * len(block_pieces(n, cfg.block_n))
+        groups = window_groups(num_windows, pieces * heads, q.device, cfg.group_mult)
+        dbias = torch.empty((groups, heads, padded_tokens(n), padded_tokens(n)), dtype=torch.float32,
+                            device=q.device)
+        launch(_window_attn_bwd_dbias_kernel, cfg, (pieces, heads, groups), q, k, v, grad_out, lse, delta, dbias,
+               *operands, scale * LOG2E)
+    cfg = configs.dkdv
+    pieces = len(block_pieces(n, cfg.block_n))
+    groups = window_groups(num_windows, pieces * heads, q.device)
+    dpad = (torch.empty((groups * pieces, 2, heads, head_dim), dtype=torch.float32, device=q.device)
             if need_pad_grad else dummy)
-    _window_attn_bwd_dkdv_kernel[(num_windows * blocks_n, heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, dpad, *common, *grad_strides, scale, **constants,
-        NEED_DPAD=need_pad_grad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.dkdv_num_stages,
+    launch(_window_attn_bwd_dkdv_kernel, cfg, (pieces, heads, groups), q, k, v, grad_out, lse, delta, dk, dv, dpad,
+           *operands, *grads, scale * LOG2E, NEED_DPAD=need_pad_grad)
+    return dq, dk, dv, *_triton_reduce(dbias, dpad, geom, heads, head_dim, need_table_grad, need_pad_grad)
+
+
+REDUCE_BLOCKS = (32, 64)  # (BLOCK_E, BLOCK_M) of backward C's table gradient on a GPU: ~40 programs per head at 4x7x7
+
+
+def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_M) of backward C; the interpreter takes whole tables and windows."""
+    if triton_interpreting():
+        return _next_pow2(table_size), _next_pow2(tokens_per_window)
+    return REDUCE_BLOCKS
+
+
+def _reduce_constants(geom: WindowGeometry) -> dict:
+    """How backward C decodes bias coordinates: ``bias_window`` strides, ``table_window``."""
+    return dict(N=geom.tokens_per_window, BH=geom.bias_window[1], BW=geom.bias_window[2],
+                FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2])
+
+
+def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int, need_table_grad: bool,
+                   need_pad_grad: bool):
+    """Backward C: ``(dtable (table_size, heads), dpad_k, dpad_v (heads, head_dim))``, fp32, None where not
+    needed, from the dS sums ``dbias (groups, heads, NK, NK)`` and the pad sums ``dpad (rows, 2, heads,
+    head_dim)``."""
+    if not (need_table_grad or need_pad_grad):
+        return None, None, None
+    dummy = dbias.new_empty(0) if need_table_grad else dpad.new_empty(0)
+    block_e, block_m = _reduce_blocks(geom.table_size, geom.tokens_per_window)
+    table_blocks = triton.cdiv(geom.table_size, block_e) if need_table_grad else 0
+    dtable = torch.empty((geom.table_size, heads), dtype=torch.float32, device=dummy.device) if need_table_grad \
+        else dummy
+    dpad_k, dpad_v = (torch.empty((heads, head_dim), dtype=torch.float32, device=dummy.device) if need_pad_grad
+                      else dummy for _ in range(2))
+    _window_attn_bwd_reduce_kernel[(table_blocks + need_pad_grad, heads)](
+        dbias, dtable, dpad, dpad_k, dpad_v, dbias.shape[0] if need_table_grad else 0,
+        dpad.shape[0] if need_pad_grad else 0, heads, head_dim, **_reduce_constants(geom),
+        NEED_DTABLE=need_table_grad, NEED_DPAD=need_pad_grad, BLOCK_E=block_e, BLOCK_M=block_m,
+        BLOCK_D=_next_pow2(head_dim), num_warps=4,
     )
-    dtable = _triton_table_grad(dbias, geom) if need_table_grad else None
-    dpad_k, dpad_v = (dpad[:, 0].sum(0), dpad[:, 1].sum(0)) if need_pad_grad else (None, None)
-    return dq, dk, dv, dtable, dpad_k, dpad_v
+    return (dtable if need_table_grad else None, *((dpad_k, dpad_v) if need_pad_grad else (None, None)))
 
 
-_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "MASK", "TABLE", "DTABLE"}
+_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "DPAD_K", "DPAD_V", "MASK", "DTABLE", "BIAS"}
 _TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
 
 
 def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
-                         pad: bool = True, mask: bool = False, key_tile_limit: int = MAX_TRITON_KEY_TILE_BYTES,
-                         window_batches: bool = False, int_arg=None, aligned_pointers: bool = True):
-    """The kernels as the GPU launcher would specialise them for one configuration on a device whose key
-    tiles may reach ``key_tile_limit`` bytes, as ``(name, kernel, signature, constexprs, attrs, options)``
-    for ``triton.compile`` ahead of time.
+                         pad: bool = True, mask: bool = False, window_batches: bool = False, int_arg=None,
+                         aligned_pointers: bool = True, shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
+                         configs: LaunchConfigs | None = None):
+    """The kernels as the GPU launcher would specialise them for one configuration on a device whose blocks
+    may opt in to ``shared_memory`` bytes, as ``(name, kernel, signature, constexprs, attrs, options)`` for
+    ``triton.compile`` ahead of time. ``configs``: the launch configurations (default: those the dispatch
+    takes, ``launch_configs``).
 
     ``window_batches``: the geometry ``window_attention_3d_windows`` launches (rows of ``prod(window)``
     tokens whose bias coordinates decode by ``window``; no shift, no pad rows) instead of a volume's.
@@ -902,23 +1445,25 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
         geom = WindowGeometry((1, 1, tokens), (1, 1, tokens), (0, 0, 0), window, window)
     else:
         geom = WindowGeometry(window, window, shift, window, window)
-    cfg = triton_config(geom.tokens_per_window, head_dim, dtype, interpreting=False, key_tile_limit=key_tile_limit)
-    constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask)
-    kernels = (
-        (_window_attn_fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.block_n), {}),
-        (_window_attn_bwd_dq_kernel, dict(NEED_DBIAS=bias, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.block_n),
-         {"num_stages": cfg.dq_num_stages}),
-        (_window_attn_bwd_dkdv_kernel, dict(NEED_DPAD=pad, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n),
-         {"num_stages": cfg.dkdv_num_stages}),
-    )
-    if bias:
-        block_e, block_m = TABLE_GRAD_BLOCKS
-        kernels += ((_window_attn_table_grad_kernel, dict(BLOCK_E=block_e, BLOCK_M=block_m), {"num_warps": 4}),)
+    configs = configs or launch_configs(geom.tokens_per_window, head_dim, 1, dtype, geom.shifted,
+                                        shared_memory=shared_memory)
+    constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask) | {"WIDE_INDEX": False}
+    block_d = _next_pow2(head_dim)
+    kernels = ((_window_attn_fwd_kernel, configs.fwd, {}), (_window_attn_bwd_dq_kernel, configs.dq, {}))
+    kernels += ((_window_attn_bwd_dbias_kernel, configs.dbias, {}),) if bias else ()
+    kernels += ((_window_attn_bwd_dkdv_kernel, configs.dkdv, {"NEED_DPAD": pad}),)
     pointer_types = {name: "fp32" if name in _TRITON_FP32_POINTERS else TYPE_NAMES[dtype] for name in _TRITON_POINTERS}
-    for kernel, blocks, options in kernels:
-        yield kernel_spec(kernel, {**constants, **blocks, "BLOCK_D": cfg.block_d}, pointer_types,
-                          float_args=("scale",), int_arg=int_arg, aligned_pointers=aligned_pointers,
-                          options={"num_warps": cfg.num_warps} | options)
+    for kernel, cfg, extra in kernels:
+        blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+        yield kernel_spec(kernel, {**constants, **extra, **blocks}, pointer_types, float_args=("scale", "qk_scale"),
+                          int_arg=int_arg, aligned_pointers=aligned_pointers,
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    if bias or pad:
+        block_e, block_m = REDUCE_BLOCKS
+        yield kernel_spec(_window_attn_bwd_reduce_kernel,
+                          {**_reduce_constants(geom), "NEED_DTABLE": bias, "NEED_DPAD": pad, "BLOCK_E": block_e,
+                           "BLOCK_M": block_m, "BLOCK_D": block_d}, pointer_types, int_arg=int_arg,
+                          aligned_pointers=aligned_pointers, options={"num_warps": 4})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1087,12 +1632,16 @@ def _fused_window_attention(q, k, v, geom: WindowGeometry, table, scale, pad_k, 
 
 
 def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv=None):
-    checks = _checks(q, geom, dropout_p)
+    checks = _checks(q, geom, dropout_p, scale)
     cuda, triton_check = checks["cuda"], checks["triton"]
 
     def cuda_passed_over():
-        if "cuda_cores" in cuda.kernels and triton_check:
+        if not triton_check:
+            return None
+        if "cuda_cores" in cuda.kernels:
             return f"the CUDA kernels would run on CUDA cores (forward, backward: {cuda.kernels}) and Triton can run"
+        if preferred_backend(q.device) == "triton":
+            return "Triton comes first on this device (preferred_backend) and can run"
         return None
 
     chosen = choose_backend("window_attention_3d", {name: (lambda c=c: c.reason) for name, c in checks.items()},
@@ -1136,7 +1685,8 @@ def window_attention_3d(
             uses ``attn_mask[i % num_masks]``. Not differentiated.
         dropout_p: dropout on the attention probabilities (training); only the reference has it.
         backend: ``"cuda"``, ``"triton"`` or ``"reference"``; default ``SSLTM_BACKEND`` or the first
-            that can run (cuda -> triton -> reference).
+            that can run (cuda -> triton -> reference; triton first where ``preferred_backend`` says so,
+            sm_90 by default, and over CUDA kernels that would run on CUDA cores).
 
     Returns:
         ``(B, T, H, W, heads, head_dim)`` in q's dtype.
