@@ -157,6 +157,22 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert steps(resumed) == steps(whole)[2:]
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_resumes_exactly(tmp_path, amp):
+    """Autocast training (bf16, and fp16 with its grad scaler) on CPU: finite losses, the scaler's state
+    in the checkpoint, and a resumed run equal to the uninterrupted one."""
+    common = ["train.max_iters=2", "train.batch_size=2", "train.checkpoint_every=1", "train.validate=false",
+              f"train.amp={amp}"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train_cli(tmp_path, whole, *common) == 0
+    steps = [r for r in log_records(whole) if "total" in r]
+    assert len(steps) == 2 and all(np.isfinite(r["total"]) for r in steps)
+    scaler = load_checkpoint(whole / "iter_2.pt", training=True)["scaler"]
+    assert (scaler["scale"] > 0) if amp == "fp16" else not scaler
+    assert train_cli(tmp_path, resumed, *common, resume=str(whole / "iter_1.pt")) == 0
+    assert_same_weights(load_checkpoint(whole / "iter_2.pt")["model"], load_checkpoint(resumed / "iter_2.pt")["model"])
+
+
 def torchrun(tmp_path: Path, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssltm", *args]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
