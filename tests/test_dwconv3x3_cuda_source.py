@@ -8,21 +8,12 @@ autograd. GPU tests compare the real kernels with the emulation.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
+from extension import built_extension
 
-import ssltm_kernels  # noqa: F401  (a broken package import must fail, not skip)
-
-try:
-    _C = importlib.import_module("ssltm_kernels._C")
-except ModuleNotFoundError as error:  # pragma: no cover - depends on the build
-    if error.name != "ssltm_kernels._C":
-        raise
-    pytest.skip("ssltm_kernels._C is not built: run `pip install -e . --no-build-isolation` "
-                "(or `python setup.py build_ext --inplace`)", allow_module_level=True)
+_C = built_extension()
 
 fwd = _C.dwconv3x3_forward
 bwd = _C.dwconv3x3_backward

@@ -9,21 +9,13 @@ from slices), with gradients from autograd. GPU tests compare the real kernels w
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
+from extension import built_extension
 
-import ssltm_kernels  # noqa: F401  (a broken package import must fail, not skip)
-
-try:
-    _C = importlib.import_module("ssltm_kernels._C")
-except ModuleNotFoundError as error:  # pragma: no cover - depends on the build
-    if error.name != "ssltm_kernels._C":
-        raise
-    pytest.skip("ssltm_kernels._C is not built: run `pip install -e . --no-build-isolation` "
-                "(or `python setup.py build_ext --inplace`)", allow_module_level=True)
+_C = built_extension()
 
 fwd = _C.window_attention_3d_forward
 bwd = _C.window_attention_3d_backward
