@@ -618,6 +618,31 @@ if HAS_TRITON:
             x = tl.where(valid[:, None], x, pad[None, :].to(x.dtype))
         return x
 
+    @triton.jit
+    def _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT: tl.constexpr):
+        """``kv_c`` of ``_key_rows`` for ``head``: its pad rows, its element offset, ``offs_d`` and head_dim."""
+        return (_pad_row(PAD_K, head, offs_d, HD, FEAT[3]), _pad_row(PAD_V, head, offs_d, HD, FEAT[4]),
+                tl.cast(head, tl.int64) * vol[2][4], offs_d, HD)
+
+    @triton.jit
+    def _key_rows(K, V, kv_c, origin, offs_n, vol, WIN: tl.constexpr, FEAT: tl.constexpr):
+        """Keys and values of tokens ``offs_n`` of the window at ``origin`` (pad rows where the token is padding),
+        with the tokens' indices, validity and shift regions; ``kv_c`` = (pad_k, pad_v, head_elem, offs_d, HD)."""
+        pad_k, pad_v, head_elem, offs_d, HD = kv_c
+        elem_n, tok_n, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
+        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
+        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+        return k, v, tok_n, valid_n, region_n
+
+    @triton.jit
+    def _query_grad_rows(DO, Lse, Delta, rows, valid_m, offs_d, HD):
+        """dO, the base-2 log-sum-exp and delta of the query rows ``rows`` (token * heads + head)."""
+        do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
+                     other=0.0)
+        lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
+        delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
+        return do, lse, delta
+
     # ----------------------------------------------------------------------------------------------
     # Scores in base 2. ``FEAT`` = the constexpr tuple (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V);
     # ``bias_c`` = (BIAS, MASK, num_masks, qk_scale): the call's dense bias (``dense_bias``: bias / scale per
@@ -658,17 +683,23 @@ if HAS_TRITON:
     # Forward
     # ----------------------------------------------------------------------------------------------
     @triton.jit
+    def _key_block_scores(q, offs_m, region_m, head, K, V, kv_c, origin, start_n, vol, win, bias_c,
+                          WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+        """Keys and values ``start_n + arange(WIDTH)`` of the window and the base-2 scores of the queries
+        ``offs_m`` against them."""
+        offs_n = start_n + tl.arange(0, WIDTH)
+        k, v, _, _, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
+        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
+                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), KEY_TAIL, FEAT)
+        return k, v, s
+
+    @triton.jit
     def _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN: tl.constexpr,
                        FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
         """One key block of the online softmax: keys ``start_n + arange(WIDTH)``."""
         offs_m, region_m, head = rows
-        pad_k, pad_v, head_elem, offs_d, HD = kv_c
-        offs_n = start_n + tl.arange(0, WIDTH)
-        elem_n, _, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
-        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
-        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
-        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
-                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), KEY_TAIL, FEAT)
+        _, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN,
+                                    FEAT, WIDTH, KEY_TAIL)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -685,9 +716,8 @@ if HAS_TRITON:
         head = tl.program_id(1)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        head_elem = tl.cast(head, tl.int64) * vol[2][4]
-        kv_c = (_pad_row(PAD_K, head, offs_d, HD, FEAT[3]), _pad_row(PAD_V, head, offs_d, HD, FEAT[4]), head_elem,
-                offs_d, HD)
+        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_elem = kv_c[2]
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
             elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
@@ -743,13 +773,8 @@ if HAS_TRITON:
                       WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
         """dq contribution of the keys ``start_n + arange(WIDTH)``."""
         offs_m, region_m, head, valid_m = rows
-        pad_k, pad_v, head_elem, offs_d, HD = kv_c
-        offs_n = start_n + tl.arange(0, WIDTH)
-        elem_n, _, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
-        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
-        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
-        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
-                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), KEY_TAIL, FEAT)
+        k, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN,
+                                    FEAT, WIDTH, KEY_TAIL)
         p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=FEAT[2]) - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k, input_precision=FEAT[2])
@@ -765,9 +790,8 @@ if HAS_TRITON:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < HD
-        head_elem = tl.cast(head, tl.int64) * vol[2][4]
-        kv_c = (_pad_row(PAD_K, head, offs_d, HD, FEAT[3]), _pad_row(PAD_V, head, offs_d, HD, FEAT[4]), head_elem,
-                offs_d, HD)
+        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_elem = kv_c[2]
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
             elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
@@ -833,23 +857,17 @@ if HAS_TRITON:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d[None, :] < HD
-        head_elem = tl.cast(head, tl.int64) * vol[2][4]
-        pad_k = _pad_row(PAD_K, head, offs_d, HD, FEAT[3])
-        pad_v = _pad_row(PAD_V, head, offs_d, HD, FEAT[4])
+        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_elem = kv_c[2]
         bias = _bias_tile(bias_c[0], head, offs_m, offs_n, N, FEAT[0])
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
             elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
-            elem_n, _, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
             q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
-            k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
-            v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
-            rows = tl.cast(tok_m, tl.int64) * NH + head
-            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
-            lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
-            delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
+            k, v, _, _, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
+            do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d,
+                                              HD)
             # keys past N need no -inf: their sums are never read
             s = _scores2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N,
                          (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), False, FEAT)
@@ -912,11 +930,7 @@ if HAS_TRITON:
         offs_m = start_m + tl.arange(0, WIDTH)
         elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
         q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
-        rows = tl.cast(tok_m, tl.int64) * NH + head
-        do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
-                     other=0.0)
-        lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
-        delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
+        do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d, HD)
         # keys past N need no -inf: their dk/dv rows are neither stored nor summed into the pad gradients
         s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
                      region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), False, FEAT)
@@ -939,16 +953,13 @@ if HAS_TRITON:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < HD
-        head_elem = tl.cast(head, tl.int64) * vol[2][4]
-        pad_k = _pad_row(PAD_K, head, offs_d, HD, FEAT[3])
-        pad_v = _pad_row(PAD_V, head, offs_d, HD, FEAT[4])
+        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_elem = kv_c[2]
         dpad_k = tl.full((BLOCK_D,), 0.0, tl.float32)
         dpad_v = tl.full((BLOCK_D,), 0.0, tl.float32)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            elem_n, tok_n, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
-            k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
-            v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+            k, v, tok_n, valid_n, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
             keys = (offs_n, region_n, head)
             dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
