@@ -287,6 +287,35 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert load_checkpoint(work / "latest.pt")["iteration"] == done + 1
 
 
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_all_processes_agree_on(tmp_path):
+    """Ctrl-C in a terminal reaches torchrun and both workers (the whole process group): the processes agree
+    on the iteration to stop after, the first saves it, and the run resumes from it."""
+    work = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssltm",
+           "train", config_file(tmp_path), "--set", *TINY, "train.max_iters=1000", "train.batch_size=2",
+           "train.checkpoint_every=1000", "train.validate=false", "--work-dir", str(work)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (work / "log.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpt = load_checkpoint(work / "latest.pt", training=True)
+    done = ckpt["iteration"]
+    assert done >= 1 and ckpt["meta"]["world_size"] == 2, stderr[-3000:]
+    assert f"interrupted at iteration {done}" in stderr
+    last = log_records(work)[-1]
+    assert last["iter"] == done and last["end"] == "interrupted"
+    torchrun(tmp_path, "train", config_file(tmp_path), "--set", *TINY, f"train.max_iters={done + 1}",
+             "train.batch_size=2", "train.validate=false", "--work-dir", str(work), "--resume", str(work / "latest.pt"))
+    assert load_checkpoint(work / "latest.pt")["iteration"] == done + 1
+
+
 def test_non_finite_loss_stops_naming_iteration_and_term(tmp_path, monkeypatch, capsys):
     forward = SSLTM.forward
     calls = []
