@@ -1,5 +1,6 @@
 """The benchmark harness on the CPU (device table and roofline on known numbers, modes, failure rows,
-JSON lines and their provenance) and the window-attention benchmark: its work formulas on hand-computed
+JSON lines and their provenance, target checks and the closing summary on hand-made rows) and the
+window-attention benchmark: its work formulas on hand-computed
 shapes, its sdpa / flex peers against the op's reference, its targets, and a CPU smoke run."""
 
 from __future__ import annotations
