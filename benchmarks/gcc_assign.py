@@ -38,14 +38,17 @@ from harness import (  # noqa: E402
     Case,
     Impl,
     Row,
+    RowIndex,
     TargetResult,
     TwiceReferenceError,
     Unavailable,
     Work,
     benchmark_arguments,
-    format_speedups,
-    format_targets,
+    peer_speedup_checks,
+    print_summary,
     start_run,
+    target_results,
+    untimed,
 )
 
 from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference  # noqa: E402
@@ -128,19 +131,11 @@ def build_providers(names: Sequence[str], feats, centers, valid) -> dict:
 
 def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[TargetResult]:
     """fwd+bwd >= 5x eager on every case, for each of our backends; "n/a" where a time is missing."""
-    timed = {(r.case, r.provider): r for r in rows if r.mode == "fwd+bwd"}
-    results = []
-    for (case, provider), row in timed.items():
-        if provider not in ours:
-            continue
-        target, eager = f"fwd+bwd >= {TARGET_SPEEDUP:g}x eager", timed.get((case, "eager"))
-        if not row.ok or eager is None or not eager.ok:
-            why = f"{provider}: {row.error or 'no time'}" if not row.ok else "eager has no time"
-            results.append(TargetResult(case, target, provider, "-", f"n/a ({why})"))
-            continue
-        speedup = eager.ms / row.ms
-        status = "FAIL (output mismatch)" if row.match is False else "PASS" if speedup >= TARGET_SPEEDUP else "FAIL"
-        results.append(TargetResult(case, target, provider, f"{speedup:.2f}x", status))
+    index, results = RowIndex(rows), []
+    for row in rows:
+        if row.mode == "fwd+bwd" and row.provider in ours:
+            checks = peer_speedup_checks(index, row.case, row, {"eager": TARGET_SPEEDUP}, own_why=untimed(row))
+            results += target_results(row.case, row.provider, checks, row.match)
     return results
 
 
@@ -165,15 +160,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                                tolerance=TwiceReferenceError(dtype, partial(reference_fp32, feats, centers, valid)))
         del providers, feats, centers, valid
 
-    print()
-    for ours in (p for p in OURS if p in args.providers):
-        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
-        print(speedups, end="\n\n" if speedups else "")
-    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
-    if mismatched:
-        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
-    print(format_targets(evaluate_targets(rows), ", ".join(GPU_SHAPES)) if on_gpu else "targets: defined for bf16 "
-          "on a GPU; not evaluated on this CPU run")
+    print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(GPU_SHAPES))
     return rows
 
 

@@ -1,10 +1,11 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
 quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory and kernel launches per
 call, the GPUs' peaks, the roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the
-low-precision output check, speed-up and target tables, the compiled peers' settings, command-line helpers,
-and JSON lines with provenance appended to ``benchmarks/results/<name>.jsonl``. A provider that fails or
-cannot run becomes a row saying why. No call is interrupted (a signal could land inside torch.compile or an
-autotuner): a provider slower than ``slow_ms`` per call has its remaining modes skipped."""
+low-precision output check, speed-up tables, target checks and the summary that ends a run, the compiled
+peers' settings, command-line helpers, and JSON lines with provenance appended to
+``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes a row saying why. No call is
+interrupted (a signal could land inside torch.compile or an autotuner): a provider slower than ``slow_ms`` per
+call has its remaining modes skipped."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import platform
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -431,6 +432,147 @@ def format_targets(results: Sequence[TargetResult], target_cases: str) -> str:
     return f"targets (from the measured numbers above)\n{table}\n{passed}/{len(results)} targets pass"
 
 
+class RowIndex:
+    """A run's rows by (case, provider, mode), for judging targets."""
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self._rows = {(r.case, r.provider, r.mode): r for r in rows}
+
+    def get(self, case: str, provider: str, mode: str) -> Row | None:
+        return self._rows.get((case, provider, mode))
+
+    def timed(self, case: str, provider: str, mode: str) -> Row | None:
+        """The row if it has a time, else None."""
+        row = self.get(case, provider, mode)
+        return row if row is not None and row.ok else None
+
+    def own(self, case: str, provider: str) -> Row | None:
+        """The provider's fwd+bwd row on the case, else its fwd row: the row whose output check marks its
+        targets and whose error says why they are n/a."""
+        return self.get(case, provider, "fwd+bwd") or self.get(case, provider, "fwd")
+
+    def ran(self, cases: Sequence[str]) -> list[str]:
+        """Those of ``cases`` that have rows, in their order."""
+        run = {case for case, _, _ in self._rows}
+        return [case for case in cases if case in run]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target judged on measured numbers: the value shown and whether it meets the target, or why it
+    cannot be judged (a number is missing: the target is n/a)."""
+
+    target: str
+    value: str = "-"
+    ok: bool | None = None
+    why: str | None = None
+
+
+def _has_time(row: Row | None) -> bool:
+    return row is not None and row.ok
+
+
+def untimed(row: Row, otherwise: str = "no time") -> str:
+    """Why ``row`` has no time, as an n/a reason: "provider: error" (``otherwise`` without an error)."""
+    return f"{row.provider}: {row.error or otherwise}"
+
+
+def speedup_check(target: str, own: Row | None, peers: Sequence[Row | None], factor: float, *, own_why: str,
+                  peer_why: str) -> Check:
+    """``peer ms / own ms >= factor`` against the fastest of ``peers`` with a time (the value names it when
+    there are several). n/a: ``own_why`` when ``own`` has no time, else ``peer_why`` when no peer has one."""
+    timed = [row for row in peers if _has_time(row)]
+    if not _has_time(own) or not timed:
+        return Check(target, why=peer_why if _has_time(own) else own_why)
+    best = min(timed, key=lambda row: row.ms)
+    speedup = best.ms / own.ms
+    return Check(target, f"{speedup:.2f}x" + (f" vs {best.provider}" if len(peers) > 1 else ""), speedup >= factor)
+
+
+def peer_speedup_checks(index: RowIndex, case: str, own: Row | None, factors: dict[str, float], *, own_why: str,
+                        mode: str = "fwd+bwd", prefix: str = "") -> list[Check]:
+    """One :func:`speedup_check` per peer of ``factors`` (name -> factor): ``own`` (a ``mode`` row on the case)
+    at least that many times as fast as the peer in ``mode``. Targets read "``prefix``fwd+bwd >= 3x eager"; n/a
+    reasons are ``own_why`` or "eager has no time"."""
+    return [speedup_check(f"{prefix}{mode} >= {factor:g}x {peer}", own, [index.timed(case, peer, mode)], factor,
+                          own_why=own_why, peer_why=f"{peer} has no time") for peer, factor in factors.items()]
+
+
+def peak_memory_check(target: str, own: Row | None, eager: Row | None, at_most: float, *,
+                      mib_digits: int = 0) -> Check:
+    """Peak memory of ``own`` over that of ``eager`` (the same case and mode) ``<= at_most``."""
+    if not (_has_time(own) and own.peak_mib is not None and _has_time(eager) and eager.peak_mib):
+        return Check(target, why="no memory measurement")
+    ratio = own.peak_mib / eager.peak_mib
+    mib = f"{own.peak_mib:.{mib_digits}f} / {eager.peak_mib:.{mib_digits}f} MiB"
+    return Check(target, f"{ratio:.2f}x ({mib})", ratio <= at_most)
+
+
+def bandwidth_check(target: str, row: Row | None, bytes_per_s: float | None, at_least_pct: float, *, own_why: str,
+                    peak_why: str) -> Check:
+    """``row``'s GB/s (its least traffic over its time) as a share of the device's DRAM bandwidth
+    ``bytes_per_s`` ``>= at_least_pct`` %. n/a: ``own_why`` without a time, ``peak_why`` without a peak."""
+    if not _has_time(row) or row.gbps is None or not bytes_per_s:
+        return Check(target, why=peak_why if _has_time(row) else own_why)
+    pct = 100.0 * row.gbps * 1e9 / bytes_per_s
+    return Check(target, f"{pct:.1f}% ({row.gbps:.0f} GB/s)", pct >= at_least_pct)
+
+
+def roofline_check(target: str, row: Row | None, at_least_pct: float, *, own_why: str) -> Check:
+    """``row``'s share of its roofline bound ``>= at_least_pct`` %; n/a: ``own_why`` without a time."""
+    if not _has_time(row) or row.roofline_pct is None:
+        return Check(target, why="no roofline for this device" if _has_time(row) else own_why)
+    return Check(target, f"{row.roofline_pct:.1f}% ({row.limiter}-bound)", row.roofline_pct >= at_least_pct)
+
+
+def target_results(case: str, provider: str, checks: Sequence[Check], match: bool | None) -> list[TargetResult]:
+    """The checks as results: "n/a (why)" where a number is missing, else "FAIL (output mismatch)" where the
+    provider's output did not match (``match`` False), else PASS or FAIL."""
+    return [TargetResult(case, c.target, provider, c.value,
+                         f"n/a ({c.why})" if c.why is not None else "FAIL (output mismatch)" if match is False
+                         else "PASS" if c.ok else "FAIL") for c in checks]
+
+
+def check_targets(rows: Sequence[Row], cases: Sequence[str], ours: Sequence[str],
+                  judge: Callable[[RowIndex, str, str, Row], list[TargetResult]], *,
+                  one_line_when_untimed: bool = True) -> list[TargetResult]:
+    """The targets of each of ``ours`` on each of ``cases`` that ran: ``judge(index, case, provider, own)``,
+    ``own`` being the provider's :meth:`RowIndex.own` row (providers without one are left out). With
+    ``one_line_when_untimed``, a provider with neither a fwd nor a fwd+bwd time gets one "all targets" n/a."""
+    index = RowIndex(rows)
+    results = []
+    for case in index.ran(cases):
+        for provider in ours:
+            own = index.own(case, provider)
+            if own is None:
+                continue
+            measured = index.timed(case, provider, "fwd+bwd") or index.timed(case, provider, "fwd")
+            if one_line_when_untimed and measured is None:
+                results.append(TargetResult(case, "all targets", provider, "-", f"n/a ({untimed(own)})"))
+            else:
+                results += judge(index, case, provider, own)
+    return results
+
+
+def print_summary(rows: Sequence[Row], providers: Sequence[str], ours: Sequence[str],
+                  targets: Sequence[TargetResult] | None, target_cases: str,
+                  labels: Sequence[dict[str, str]] = ()) -> None:
+    """What a benchmark prints after its cases: for each of ``ours`` among ``providers``, its speed-up table
+    against the other providers (then again under each of ``labels``: the same providers under other names,
+    on other cases), the providers whose output did not match, and the targets (None: a CPU run, not
+    evaluated)."""
+    print()
+    for own in (p for p in ours if p in providers):
+        for names in ({}, *labels):
+            table = format_speedups(rows, names.get(own, own), [names.get(p, p) for p in providers if p != own])
+            print(table, end="\n\n" if table else "")
+    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
+    if mismatched:
+        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
+    print(format_targets(targets, target_cases) if targets is not None
+          else "targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+
+
 # -------------------------------------------------------------------------------------- command line
 def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
     """An argparse ``type``: a comma-separated subset of ``choices``."""
@@ -446,11 +588,12 @@ def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]
 
 def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
                         quick_help: str = "shorter timing budgets (CI smoke run)",
-                        dtype_option: bool = True, modes_option: bool = True) -> argparse.ArgumentParser:
+                        dtype_option: bool = True, modes_option: bool = True,
+                        shapes: Collection[str] = ()) -> argparse.ArgumentParser:
     """The options every benchmark takes (``--quick``, ``--providers``, ``--modes``, ``--dtype`` (these two
-    optional), ``--no-save``, ``--results-dir``, ``--cpu``, ``--threads``); ``doc`` is the script's
-    docstring (summary, then usage, then details for the epilog). A benchmark adds its own options to the
-    returned parser."""
+    optional), ``--no-save``, ``--results-dir``, ``--cpu``, ``--threads``, and ``--shapes`` when given the
+    ``shapes`` names to choose from); ``doc`` is the script's docstring (summary, then usage, then details
+    for the epilog). A benchmark adds its own options to the returned parser."""
     summary, details = doc.split("\n\n", 1)
     p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,6 +612,10 @@ def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
     p.add_argument("--threads", type=int, default=1,
                    help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a "
                         "loaded machine)")
+    if shapes:
+        p.add_argument("--shapes", type=csv_choices(tuple(shapes), "shape"), default=None,
+                       help=f"comma-separated subset of {','.join(shapes)} (default: the GPU shapes, or the CPU "
+                            "shapes without a GPU)")
     return p
 
 

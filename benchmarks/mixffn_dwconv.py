@@ -53,16 +53,21 @@ from harness import (  # noqa: E402
     Case,
     Impl,
     Row,
+    RowIndex,
     TargetResult,
     TwiceReferenceError,
     Unavailable,
     Work,
+    bandwidth_check,
     benchmark_arguments,
+    check_targets,
     chosen_shapes,
-    csv_choices,
-    format_speedups,
-    format_targets,
+    peer_speedup_checks,
+    print_summary,
+    speedup_check,
     start_run,
+    target_results,
+    untimed,
 )
 
 from ssltm_kernels.modules import MixFFN  # noqa: E402
@@ -252,66 +257,33 @@ def reference_fp32_module(segformer: SegFormerMlp, x: torch.Tensor) -> torch.Ten
         return fp32(x.detach().float())
 
 
-# ----------------------------------------------------------------------------- speed-ups and targets
+# ----------------------------------------------------------------------------------------------- targets
 def evaluate_targets(rows: Sequence[Row], hbm_bytes_per_s: float | None, cases: Sequence[str] = TARGET_SHAPES,
                      ours: Sequence[str] = OURS) -> list[TargetResult]:
     """The issue's targets, from the measured rows, on each target case: conv + GELU forward >= 70% of the
     HBM bandwidth; conv + GELU fwd+bwd >= 3x eager and >= 1.3x compile; MixFFN fwd+bwd >= 1.3x SegFormer's
     eager module. A target whose numbers are missing is "n/a"."""
-    by_key = {(r.case, r.provider, r.mode): r for r in rows}
+    def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
+        fwd, fb = index.timed(case, provider, "fwd"), index.timed(case, provider, "fwd+bwd")
+        conv = [bandwidth_check("conv+GELU fwd >= 70% of HBM bandwidth", fwd, hbm_bytes_per_s, 70.0,
+                                own_why=untimed(own, "no forward time"), peak_why="no HBM peak for this device"),
+                *peer_speedup_checks(index, case, fb, {"eager": 3.0, "compile": 1.3}, own_why=untimed(own),
+                                     prefix="conv+GELU ")]
+        module_case, label = f"{case}-mixffn", MODULE_PROVIDERS[provider]
+        mine = index.get(module_case, label, "fwd+bwd")
+        module = speedup_check("MixFFN fwd+bwd >= 1.3x SegFormer eager", mine,
+                               [index.timed(module_case, "segformer-eager", "fwd+bwd")], 1.3,
+                               own_why=untimed(mine) if mine else f"{label}: not run", peer_why="no eager time")
+        return [*target_results(case, provider, conv, own.match),
+                *target_results(module_case, provider, [module], mine.match if mine else None)]
 
-    def timed(case, provider, mode):
-        r = by_key.get((case, provider, mode))
-        return r if r is not None and r.ok else None
-
-    results = []
-    for case in (c for c in cases if any(r.case == c for r in rows)):
-        for provider in ours:
-            own = by_key.get((case, provider, "fwd+bwd")) or by_key.get((case, provider, "fwd"))
-            if own is None:
-                continue
-            checks = []  # (case, target, provider, value, ok, why n/a, mismatch)
-            fwd = timed(case, provider, "fwd")
-            target = "conv+GELU fwd >= 70% of HBM bandwidth"
-            if fwd is None or hbm_bytes_per_s is None:
-                why = f"{provider}: {own.error or 'no forward time'}" if fwd is None else "no HBM peak for this device"
-                checks.append((case, target, "-", None, why, own.match))
-            else:
-                pct = 100.0 * fwd.gbps * 1e9 / hbm_bytes_per_s
-                checks.append((case, target, f"{pct:.1f}% ({fwd.gbps:.0f} GB/s)", pct >= 70.0, None, own.match))
-            fb = timed(case, provider, "fwd+bwd")
-            for peer, factor in (("eager", 3.0), ("compile", 1.3)):
-                target, peer_row = f"conv+GELU fwd+bwd >= {factor:g}x {peer}", timed(case, peer, "fwd+bwd")
-                if fb is None or peer_row is None:
-                    why = f"{provider}: {own.error or 'no time'}" if fb is None else f"{peer} has no time"
-                    checks.append((case, target, "-", None, why, own.match))
-                else:
-                    checks.append((case, target, f"{peer_row.ms / fb.ms:.2f}x", peer_row.ms / fb.ms >= factor, None,
-                                   own.match))
-            module_case, label = f"{case}-mixffn", MODULE_PROVIDERS[provider]
-            mine, eager = timed(module_case, label, "fwd+bwd"), timed(module_case, "segformer-eager", "fwd+bwd")
-            mine_row = by_key.get((module_case, label, "fwd+bwd"))
-            target = "MixFFN fwd+bwd >= 1.3x SegFormer eager"
-            if mine is None or eager is None:
-                why = f"{label}: {mine_row.error if mine_row else 'not run'}" if mine is None else "no eager time"
-                checks.append((module_case, target, "-", None, why, None))
-            else:
-                checks.append((module_case, target, f"{eager.ms / mine.ms:.2f}x", eager.ms / mine.ms >= 1.3, None,
-                               mine_row.match))
-            for row_case, target, value, ok, why, match in checks:
-                status = (f"n/a ({why})" if why is not None else "FAIL (output mismatch)" if match is False
-                          else "PASS" if ok else "FAIL")
-                results.append(TargetResult(row_case, target, provider, value, status))
-    return results
+    return check_targets(rows, cases, ours, judge, one_line_when_untimed=False)
 
 
 # -------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS,
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
-                   help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
-                        "shapes without a GPU)")
     p.add_argument("--compile-all", action="store_true", help="run the compiled peers on every case")
     p.add_argument("--no-module", action="store_true", help="only the conv, not the whole MixFFN")
     return p.parse_args(argv)
@@ -347,21 +319,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                                tolerance=TwiceReferenceError(dtype, partial(reference_fp32_module, segformer, volume)))
         del segformer, volume
 
-    print()
-    for ours in (p for p in OURS if p in args.providers):
-        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
-        print(speedups, end="\n\n" if speedups else "")
-        module = format_speedups(rows, MODULE_PROVIDERS[ours], [MODULE_PROVIDERS[p] for p in args.providers
-                                                                 if p != ours])
-        print(module, end="\n\n" if module else "")
-    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
-    if mismatched:
-        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
-    if on_gpu:
-        peak = bench.spec.bytes_per_s if bench.spec else None
-        print(format_targets(evaluate_targets(rows, peak), ", ".join(TARGET_SHAPES)))
-    else:
-        print("targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+    targets = evaluate_targets(rows, bench.spec.bytes_per_s if bench.spec else None) if on_gpu else None
+    print_summary(rows, args.providers, OURS, targets, ", ".join(TARGET_SHAPES), labels=[MODULE_PROVIDERS])
     return rows
 
 

@@ -42,17 +42,20 @@ from harness import (  # noqa: E402
     Case,
     Impl,
     Row,
+    RowIndex,
     TargetResult,
     TwiceReferenceError,
     Unavailable,
     Work,
+    bandwidth_check,
     benchmark_arguments,
+    check_targets,
     chosen_shapes,
-    csv_choices,
-    format_speedups,
-    format_targets,
-    match_device_spec,
+    peak_memory_check,
+    peer_speedup_checks,
+    print_summary,
     start_run,
+    target_results,
 )
 
 from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference  # noqa: E402
@@ -160,56 +163,22 @@ def evaluate_targets(rows: Sequence[Row], bytes_per_s: float | None, cases: Sequ
     """The issue's targets from the measured rows, per case and each of ours: forward >= 70% of the HBM
     bandwidth (``bytes_per_s``, the device's peak), fwd+bwd >= 2x eager and >= 1.3x compile, forward peak
     memory <= 0.5x eager's. A target whose numbers are missing is "n/a"."""
-    by_key = {(r.case, r.provider, r.mode): r for r in rows}
+    def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
+        fb, fwd = index.timed(case, provider, "fwd+bwd"), index.timed(case, provider, "fwd")
+        checks = [bandwidth_check("fwd >= 70% of HBM bandwidth", fwd, bytes_per_s, 70.0, own_why="no forward time",
+                                  peak_why="no bandwidth for this device"),
+                  *peer_speedup_checks(index, case, fb, {"eager": 2.0, "compile": 1.3}, own_why="no fwd+bwd time"),
+                  peak_memory_check("fwd peak memory <= 0.5x eager", fwd, index.timed(case, "eager", "fwd"), 0.5,
+                                    mib_digits=1)]
+        return target_results(case, provider, checks, own.match)
 
-    def timed(case, provider, mode):
-        r = by_key.get((case, provider, mode))
-        return r if r is not None and r.ok else None
-
-    results = []
-    for case in (c for c in cases if any(r.case == c for r in rows)):
-        for provider in ours:
-            own = by_key.get((case, provider, "fwd+bwd")) or by_key.get((case, provider, "fwd"))
-            if own is None:
-                continue
-            fb, fwd = timed(case, provider, "fwd+bwd"), timed(case, provider, "fwd")
-            if fb is None and fwd is None:
-                results.append(TargetResult(case, "all targets", provider, "-", f"n/a ({provider}: {own.error})"))
-                continue
-            checks: list[tuple[str, str, bool | None, str | None]] = []  # target, value, ok, why n/a
-            target = "fwd >= 70% of HBM bandwidth"
-            if fwd is None or fwd.gbps is None or not bytes_per_s:
-                checks.append((target, "-", None, "no forward time" if fwd is None else "no bandwidth for this device"))
-            else:
-                share = fwd.gbps * 1e9 / bytes_per_s
-                checks.append((target, f"{100 * share:.1f}% ({fwd.gbps:.0f} GB/s)", share >= 0.7, None))
-            for peer, factor in (("eager", 2.0), ("compile", 1.3)):
-                target, peer_row = f"fwd+bwd >= {factor:g}x {peer}", timed(case, peer, "fwd+bwd")
-                if fb is None or peer_row is None:
-                    checks.append((target, "-", None, "no fwd+bwd time" if fb is None else f"{peer} has no time"))
-                else:
-                    checks.append((target, f"{peer_row.ms / fb.ms:.2f}x", peer_row.ms / fb.ms >= factor, None))
-            target, eager_fwd = "fwd peak memory <= 0.5x eager", timed(case, "eager", "fwd")
-            if fwd is None or fwd.peak_mib is None or eager_fwd is None or not eager_fwd.peak_mib:
-                checks.append((target, "-", None, "no memory measurement"))
-            else:
-                ratio = fwd.peak_mib / eager_fwd.peak_mib
-                checks.append((target, f"{ratio:.2f}x ({fwd.peak_mib:.1f} / {eager_fwd.peak_mib:.1f} MiB)",
-                               ratio <= 0.5, None))
-            for target, value, ok, why in checks:
-                status = (f"n/a ({why})" if why is not None else "FAIL (output mismatch)" if own.match is False
-                          else "PASS" if ok else "FAIL")
-                results.append(TargetResult(case, target, provider, value, status))
-    return results
+    return check_targets(rows, cases, ours, judge)
 
 
 # -------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS,
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
-                   help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
-                        "shapes without a GPU)")
     return p.parse_args(argv)
 
 
@@ -229,19 +198,8 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                                reference="eager" if "eager" in providers else None,
                                tolerance=TwiceReferenceError(dtype, partial(reference_fp32, logits, feats)))
         del providers, logits, feats
-
-    print()
-    for ours in (p for p in OURS if p in args.providers):
-        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
-        print(speedups, end="\n\n" if speedups else "")
-    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
-    if mismatched:
-        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
-    if on_gpu:
-        spec = match_device_spec(bench.env["gpu"])
-        print(format_targets(evaluate_targets(rows, spec.bytes_per_s if spec else None), ", ".join(TARGET_SHAPES)))
-    else:
-        print("targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+    targets = evaluate_targets(rows, bench.spec.bytes_per_s if bench.spec else None) if on_gpu else None
+    print_summary(rows, args.providers, OURS, targets, ", ".join(TARGET_SHAPES))
     return rows
 
 

@@ -51,16 +51,22 @@ from harness import (  # noqa: E402
     Case,
     Impl,
     Row,
+    RowIndex,
     TargetResult,
     TwiceReferenceError,
     Unavailable,
     Work,
     benchmark_arguments,
+    check_targets,
     chosen_shapes,
-    csv_choices,
-    format_speedups,
-    format_targets,
+    peak_memory_check,
+    peer_speedup_checks,
+    print_summary,
+    roofline_check,
+    speedup_check,
     start_run,
+    target_results,
+    untimed,
 )
 
 from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
@@ -316,70 +322,30 @@ def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor,
     return Impl(forward, note=COMPILE_NOTE if compiled else None)
 
 
-# ----------------------------------------------------------------------------- speed-ups and targets
+# ----------------------------------------------------------------------------------------------- targets
 def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
                      ours: Sequence[str] = OURS) -> list[TargetResult]:
     """The performance targets, from the measured rows: on each target case (fwd+bwd unless noted) ours
     >= 3x eager, >= 1.5x compile, >= 1.3x the faster of sdpa and flex; forward >= 50% of the roofline;
     fwd+bwd peak memory <= 0.3x eager's. A target whose numbers are missing is "n/a"."""
-    by_key = {(r.case, r.provider, r.mode): r for r in rows}
+    def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
+        fb, fwd = index.timed(case, provider, "fwd+bwd"), index.timed(case, provider, "fwd")
+        fused = [index.timed(case, peer, "fwd+bwd") for peer in ("sdpa", "flex")]
+        checks = [*peer_speedup_checks(index, case, fb, {"eager": 3.0, "compile": 1.5}, own_why=untimed(own)),
+                  speedup_check("fwd+bwd >= 1.3x faster of sdpa/flex", fb, fused, 1.3, own_why=untimed(own),
+                                peer_why="neither sdpa nor flex has a time"),
+                  roofline_check("fwd >= 50% of roofline", fwd, 50.0, own_why=f"{provider}: no forward time"),
+                  peak_memory_check("fwd+bwd peak memory <= 0.3x eager", fb, index.timed(case, "eager", "fwd+bwd"),
+                                    0.3)]
+        return target_results(case, provider, checks, own.match)
 
-    def timed(case, provider, mode):
-        r = by_key.get((case, provider, mode))
-        return r if r is not None and r.ok else None
-
-    results = []
-    for case in (c for c in cases if any(r.case == c for r in rows)):
-        for provider in ours:
-            fb, fwd = timed(case, provider, "fwd+bwd"), timed(case, provider, "fwd")
-            own_row = by_key.get((case, provider, "fwd+bwd")) or by_key.get((case, provider, "fwd"))
-            if own_row is None:
-                continue
-            own_why = f"{provider}: {own_row.error or 'no time'}"
-            if fb is None and fwd is None:  # nothing measured: one line instead of five
-                results.append(TargetResult(case, "all targets", provider, "-", f"n/a ({own_why})"))
-                continue
-            checks: list[tuple[str, str, bool | None, str | None]] = []  # target, value, ok, why n/a
-            for peer, factor in (("eager", 3.0), ("compile", 1.5)):
-                target, peer_row = f"fwd+bwd >= {factor:g}x {peer}", timed(case, peer, "fwd+bwd")
-                if fb is None or peer_row is None:
-                    checks.append((target, "-", None, own_why if fb is None else f"{peer} has no time"))
-                else:
-                    checks.append((target, f"{peer_row.ms / fb.ms:.2f}x", peer_row.ms / fb.ms >= factor, None))
-            target = "fwd+bwd >= 1.3x faster of sdpa/flex"
-            fused = [r for r in (timed(case, "sdpa", "fwd+bwd"), timed(case, "flex", "fwd+bwd")) if r]
-            if fb is None or not fused:
-                checks.append((target, "-", None, own_why if fb is None else "neither sdpa nor flex has a time"))
-            else:
-                best = min(fused, key=lambda r: r.ms)
-                checks.append((target, f"{best.ms / fb.ms:.2f}x vs {best.provider}", best.ms / fb.ms >= 1.3, None))
-            target = "fwd >= 50% of roofline"
-            if fwd is None or fwd.roofline_pct is None:
-                why = f"{provider}: no forward time" if fwd is None else "no roofline for this device"
-                checks.append((target, "-", None, why))
-            else:
-                checks.append((target, f"{fwd.roofline_pct:.1f}% ({fwd.limiter}-bound)", fwd.roofline_pct >= 50, None))
-            target, eager_fb = "fwd+bwd peak memory <= 0.3x eager", timed(case, "eager", "fwd+bwd")
-            if fb is None or fb.peak_mib is None or eager_fb is None or not eager_fb.peak_mib:
-                checks.append((target, "-", None, "no memory measurement"))
-            else:
-                ratio = fb.peak_mib / eager_fb.peak_mib
-                checks.append((target, f"{ratio:.2f}x ({fb.peak_mib:.0f} / {eager_fb.peak_mib:.0f} MiB)",
-                               ratio <= 0.3, None))
-            for target, value, ok, why in checks:
-                status = (f"n/a ({why})" if why is not None else "FAIL (output mismatch)" if own_row.match is False
-                          else "PASS" if ok else "FAIL")
-                results.append(TargetResult(case, target, provider, value, status))
-    return results
+    return check_targets(rows, cases, ours, judge)
 
 
 # -------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS,
+    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
                             quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    p.add_argument("--shapes", type=csv_choices(tuple(ALL_SHAPES), "shape"), default=None,
-                   help=f"comma-separated subset of {','.join(ALL_SHAPES)} (default: the GPU shapes, or the CPU "
-                        "shapes without a GPU)")
     return p.parse_args(argv)
 
 
@@ -399,16 +365,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                                reference="eager" if "eager" in providers else None,
                                tolerance=TwiceReferenceError(dtype, partial(reference_fp32, shape, qkv, table)))
         del providers, qkv, table
-
-    print()
-    for ours in (p for p in OURS if p in args.providers):
-        speedups = format_speedups(rows, ours, [p for p in args.providers if p != ours])
-        print(speedups, end="\n\n" if speedups else "")
-    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
-    if mismatched:
-        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
-    print(format_targets(evaluate_targets(rows), ", ".join(TARGET_SHAPES)) if on_gpu else "targets: defined for bf16 "
-          "on a GPU; not evaluated on this CPU run")
+    print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(TARGET_SHAPES))
     return rows
 
 

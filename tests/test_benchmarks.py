@@ -1,5 +1,6 @@
 """The benchmark harness on the CPU (device table and roofline on known numbers, modes, failure rows,
-JSON lines and their provenance) and the window-attention benchmark: its work formulas on hand-computed
+JSON lines and their provenance, target checks and the closing summary on hand-made rows) and the
+window-attention benchmark: its work formulas on hand-computed
 shapes, its sdpa / flex peers against the op's reference, its targets, and a CPU smoke run."""
 
 from __future__ import annotations
@@ -234,6 +235,117 @@ def _row(case, provider, mode, ms, **kw):
     return Row(case, provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
 
 
+def _untimed(case, provider, mode, error):
+    return Row(case, provider, mode, {}, "bfloat16", error=error)
+
+
+TARGET_ROWS = [
+    _row("c", "eager", "fwd+bwd", 6.0, peak_mib=400.0),
+    _row("c", "sdpa", "fwd+bwd", 4.5),
+    _row("c", "flex", "fwd+bwd", 3.0),
+    _untimed("c", "compile", "fwd+bwd", "unavailable: no compiler"),
+    _row("c", "ours", "fwd+bwd", 2.0, peak_mib=100.0, match=True),
+    _row("c", "ours", "fwd", 1.0, gbps=2400.0, roofline_pct=40.0, limiter="memory", match=True),
+    _row("d", "eager", "fwd+bwd", 5.0),
+    _row("d", "ours", "fwd+bwd", 1.0, match=False),
+    _untimed("d", "broken", "fwd", "RuntimeError: boom"),
+    _untimed("d", "broken", "fwd+bwd", "RuntimeError: boom"),
+]
+
+
+def test_row_index():
+    index = harness.RowIndex(TARGET_ROWS)
+    assert index.timed("c", "ours", "fwd+bwd") is TARGET_ROWS[4] and index.own("c", "ours") is TARGET_ROWS[4]
+    assert index.get("c", "compile", "fwd+bwd") is TARGET_ROWS[3] and index.timed("c", "compile", "fwd+bwd") is None
+    assert index.get("c", "ours", "bwd") is None and index.own("c", "nobody") is None
+    assert index.own("d", "broken") is TARGET_ROWS[9]  # fwd+bwd first, else fwd
+    assert harness.RowIndex(TARGET_ROWS[8:9]).own("d", "broken") is TARGET_ROWS[8]
+    assert index.ran(["x", "d", "c"]) == ["d", "c"]  # the order asked for, only cases that ran
+    assert harness.untimed(TARGET_ROWS[9]) == "broken: RuntimeError: boom"
+    assert harness.untimed(Row("c", "p", "fwd", {}, "bfloat16"), "no forward time") == "p: no forward time"
+
+
+def test_target_checks_and_their_statuses():
+    index = harness.RowIndex(TARGET_ROWS)
+    fb, fwd, eager = (index.timed("c", p, m) for p, m in (("ours", "fwd+bwd"), ("ours", "fwd"), ("eager", "fwd+bwd")))
+    fused = [index.timed("c", p, "fwd+bwd") for p in ("sdpa", "flex")]
+    checks = [
+        *harness.peer_speedup_checks(index, "c", fb, {"eager": 3.0, "compile": 1.5}, own_why="ours: no time"),
+        harness.speedup_check("faster of sdpa/flex", fb, fused, 1.6, own_why="ours: no time", peer_why="no peer"),
+        harness.speedup_check("vs sdpa", fb, fused[:1], 2.25, own_why="ours: no time", peer_why="no peer"),
+        harness.bandwidth_check("bandwidth", fwd, 4.8e12, 50.0, own_why="no forward time", peak_why="no peak"),
+        harness.bandwidth_check("bandwidth", fwd, None, 50.0, own_why="no forward time", peak_why="no peak"),
+        harness.roofline_check("roofline", fwd, 40.5, own_why="ours: no forward time"),
+        harness.roofline_check("roofline", _row("c", "ours", "fwd", 1.0), 40.5, own_why="ours: no forward time"),
+        harness.peak_memory_check("memory", fb, eager, 0.25),
+        harness.peak_memory_check("memory", fb, eager, 0.3, mib_digits=1),
+        harness.peak_memory_check("memory", fwd, eager, 0.3),  # the forward row has no peak memory
+    ]
+    results = harness.target_results("c", "ours", checks, match=True)
+    assert [(r.case, r.provider) for r in results] == [("c", "ours")] * len(checks)
+    assert [(r.target, r.value, r.status) for r in results] == [
+        ("fwd+bwd >= 3x eager", "3.00x", "PASS"),  # 6 ms / 2 ms: the factor itself passes
+        ("fwd+bwd >= 1.5x compile", "-", "n/a (compile has no time)"),
+        ("faster of sdpa/flex", "1.50x vs flex", "FAIL"),  # the fastest peer counts and is named
+        ("vs sdpa", "2.25x", "PASS"),
+        ("bandwidth", "50.0% (2400 GB/s)", "PASS"),
+        ("bandwidth", "-", "n/a (no peak)"),
+        ("roofline", "40.0% (memory-bound)", "FAIL"),
+        ("roofline", "-", "n/a (no roofline for this device)"),
+        ("memory", "0.25x (100 / 400 MiB)", "PASS"),
+        ("memory", "0.25x (100.0 / 400.0 MiB)", "PASS"),
+        ("memory", "-", "n/a (no memory measurement)"),
+    ]
+    # an output mismatch fails every target that was measured; one that was not stays n/a
+    statuses = [r.status for r in harness.target_results("c", "ours", checks, match=False)]
+    assert statuses == [r.status if r.status.startswith("n/a") else "FAIL (output mismatch)" for r in results]
+    assert statuses.count("FAIL (output mismatch)") == 7
+    # no reference ran (match None): nothing to fail on
+    assert harness.target_results("c", "ours", checks, match=None) == results
+    # a row without a time (or none at all) is n/a with the reason given for it
+    broken = index.get("d", "broken", "fwd+bwd")
+    assert harness.speedup_check("t", broken, [index.timed("d", "eager", "fwd+bwd")], 1.0,
+                                 own_why=harness.untimed(broken), peer_why="-") == \
+        harness.Check("t", "-", None, "broken: RuntimeError: boom")
+    assert harness.speedup_check("t", None, [], 1.0, own_why="o", peer_why="p").why == "o"
+    assert harness.speedup_check("t", fb, [None, broken], 1.0, own_why="o", peer_why="p").why == "p"
+    assert harness.bandwidth_check("t", broken, 4.8e12, 1.0, own_why="o", peak_why="p").why == "o"
+    assert harness.roofline_check("t", None, 1.0, own_why="o").why == "o"
+    assert harness.peak_memory_check("t", fb, None, 1.0).why == "no memory measurement"
+
+
+def test_check_targets_per_case_and_provider():
+    def judge(index, case, provider, own):
+        fb = index.timed(case, provider, "fwd+bwd")
+        checks = harness.peer_speedup_checks(index, case, fb, {"eager": 3.0}, own_why=harness.untimed(own))
+        return harness.target_results(case, provider, checks, own.match)
+
+    table = lambda results: [(r.case, r.target, r.provider, r.value, r.status) for r in results]
+    results = harness.check_targets(TARGET_ROWS, ["d", "c", "absent"], ["ours", "broken", "nobody"], judge)
+    assert table(results) == [
+        ("d", "fwd+bwd >= 3x eager", "ours", "5.00x", "FAIL (output mismatch)"),
+        ("d", "all targets", "broken", "-", "n/a (broken: RuntimeError: boom)"),  # nothing timed: one line
+        ("c", "fwd+bwd >= 3x eager", "ours", "3.00x", "PASS"),
+    ]
+    results = harness.check_targets(TARGET_ROWS, ["d"], ["broken"], judge, one_line_when_untimed=False)
+    assert table(results) == [("d", "fwd+bwd >= 3x eager", "broken", "-", "n/a (broken: RuntimeError: boom)")]
+
+
+def test_print_summary(capsys):
+    rows = [_row("c", "eager", "fwd", 4.0), _row("c", "ours", "fwd", 2.0, match=False),
+            _row("c-module", "module-eager", "fwd", 9.0), _row("c-module", "module-ours", "fwd", 3.0, match=True)]
+    targets = [harness.TargetResult("c", "fwd >= 1x eager", "ours", "2.00x", "PASS")]
+    labels = {"eager": "module-eager", "ours": "module-ours"}
+    harness.print_summary(rows, ["eager", "ours"], ["ours", "theirs"], targets, "c", labels=[labels])
+    conv, module = harness.format_speedups(rows, "ours", ["eager"]), harness.format_speedups(rows, "module-ours",
+                                                                                              ["module-eager"])
+    assert "2.00x" in conv and "3.00x" in module and "module" not in conv
+    assert capsys.readouterr().out == (f"\n{conv}\n\n{module}\n\n!!! OUTPUT MISMATCH vs eager: ours on c\n"
+                                       f"{harness.format_targets(targets, 'c')}\n")
+    harness.print_summary(rows[:1], ["eager", "ours"], ["ours"], None, "c")
+    assert capsys.readouterr().out == "\ntargets: defined for bf16 on a GPU; not evaluated on this CPU run\n"
+
+
 def test_targets_from_measured_numbers():
     rows = [
         _row("large", "eager", "fwd+bwd", 30.0, peak_mib=1000.0),
@@ -258,8 +370,8 @@ def test_targets_from_measured_numbers():
     # stride16: 2x eager would fail, but an output mismatch marks every measured target as failed
     assert results[("stride16", "triton", "fwd+bwd >= 3x eager")].status == "FAIL (output mismatch)"
     assert results[("stride16", "triton", "fwd+bwd >= 1.5x compile")].status.startswith("n/a")
-    assert "5/" in bench.format_targets(bench.evaluate_targets(rows), "large")
-    speedups = bench.format_speedups(rows, "triton", ["eager", "cuda"])
+    assert "5/" in harness.format_targets(bench.evaluate_targets(rows), "large")
+    speedups = harness.format_speedups(rows, "triton", ["eager", "cuda"])
     assert "3.33x" in speedups and "2.00x" in speedups
 
 
