@@ -635,6 +635,14 @@ if HAS_TRITON:
         return k, v, tok_n, valid_n, region_n
 
     @triton.jit
+    def _query_rows(Q, kv_c, origin, offs_m, vol, WIN: tl.constexpr):
+        """Queries of tokens ``offs_m`` of the window at ``origin`` (zeros where padding), with the tokens'
+        indices, validity and shift regions."""
+        _, _, head_elem, offs_d, HD = kv_c
+        elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
+        return _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False), tok_m, valid_m, region_m
+
+    @triton.jit
     def _query_grad_rows(DO, Lse, Delta, rows, valid_m, offs_d, HD):
         """dO, the base-2 log-sum-exp and delta of the query rows ``rows`` (token * heads + head)."""
         do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
@@ -717,11 +725,9 @@ if HAS_TRITON:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
-        head_elem = kv_c[2]
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
-            q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+            q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
             rows = (offs_m, region_m, head)
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
@@ -791,11 +797,9 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < HD
         kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
-        head_elem = kv_c[2]
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
-            q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+            q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
             rows = tl.cast(tok_m, tl.int64) * NH + head
             do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
             o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
@@ -858,13 +862,11 @@ if HAS_TRITON:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
-        head_elem = kv_c[2]
         bias = _bias_tile(bias_c[0], head, offs_m, offs_n, N, FEAT[0])
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
-            q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+            q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
             k, v, _, _, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
             do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d,
                                               HD)
@@ -923,13 +925,13 @@ if HAS_TRITON:
     # Backward B: dk, dv, and per program the pad rows' gradient sums
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, HD, offs_d, head_elem,
-                          win, bias_c, WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr):
+    def _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, kv_c, win, bias_c,
+                          WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr):
         """dk and dv contributions of the queries ``start_m + arange(WIDTH)`` to the program's keys."""
         offs_n, region_n, head = keys
         offs_m = start_m + tl.arange(0, WIDTH)
-        elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
-        q = _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False)
+        q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
+        offs_d, HD = kv_c[3], kv_c[4]
         do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d, HD)
         # keys past N need no -inf: their dk/dv rows are neither stored nor summed into the pad gradients
         s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
@@ -954,7 +956,6 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < HD
         kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
-        head_elem = kv_c[2]
         dpad_k = tl.full((BLOCK_D,), 0.0, tl.float32)
         dpad_v = tl.full((BLOCK_D,), 0.0, tl.float32)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
@@ -964,12 +965,11 @@ if HAS_TRITON:
             dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             for start_m in tl.range(0, _full_pieces(N, BLOCK_M) * BLOCK_M, BLOCK_M):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, HD, offs_d,
-                                           head_elem, win, bias_c, WIN, FEAT, BLOCK_M)
+                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, kv_c, win,
+                                           bias_c, WIN, FEAT, BLOCK_M)
             for j in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
                 dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, _piece_start(j, N, BLOCK_M),
-                                           vol, NH, HD, offs_d, head_elem, win, bias_c, WIN, FEAT,
-                                           _piece_width(j, N, BLOCK_M))
+                                           vol, NH, kv_c, win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_M))
             dk = dk * scale
             grad_ptrs = (tl.cast(tok_n, tl.int64) * sg_tok + head * sg_head)[:, None] + offs_d[None, :]
             tl.store(DK + grad_ptrs, dk.to(DK.dtype.element_ty), mask=valid_n[:, None] & d_ok)
