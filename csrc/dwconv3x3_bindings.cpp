@@ -15,6 +15,7 @@
 #include <string>
 #include <tuple>
 
+#include "bindings_common.h"
 #include "dwconv3x3_core.cuh"
 #include "include/ssltm_kernels/dwconv3x3.h"
 
@@ -30,12 +31,6 @@ int multiprocessors_cuda(int device_index);
 }  // namespace dwc
 
 namespace {
-
-#ifdef SSLTM_WITH_CUDA
-constexpr bool kWithCuda = true;
-#else
-constexpr bool kWithCuda = false;
-#endif
 
 // Pixel groups of the weight/bias partial sums: on a GPU about 8 blocks per multiprocessor in all; the
 // CPU emulation takes a few, so that the reduction across groups is exercised.
@@ -53,15 +48,9 @@ Checked check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::o
                      const std::string& activation) {
   TORCH_CHECK(x.dim() == 4 || x.dim() == 5, "dwconv3x3: x must be 4-D (B, H, W, C) or 5-D (B, T, H, W, C), got "
               "shape ", x.sizes());
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "dwconv3x3: x must be a CPU or CUDA tensor, got ", x.device(),
-              " (shape ", x.sizes(), ")");
+  check_kernel_device(x, "dwconv3x3", "x");
+  check_kernel_dtype(x, "dwconv3x3", "x", /*float64_on_cpu=*/true);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  (dtype == at::kDouble && x.is_cpu()),
-              "dwconv3x3: x must be float32, float16 or bfloat16 (float64 on CPU only), got ", dtype, " on ",
-              x.device(), " (shape ", x.sizes(), ")");
-  TORCH_CHECK(!x.is_cuda() || kWithCuda, "dwconv3x3: ssltm_kernels._C was built without CUDA kernels; rebuild "
-              "with a CUDA build of torch and nvcc (SSLTM_CUDA=on pip install -e . --no-build-isolation)");
   TORCH_CHECK(x.numel() > 0, "dwconv3x3: x must not be empty, got shape ", x.sizes());
   const int64_t C = x.size(-1);
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 && weight.size(2) == 3 &&
@@ -154,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> dwconv3x3_backward
   const at::Tensor dout = grad_out.contiguous();  // autograd may hand over a broadcast gradient
   c10::OptionalDeviceGuard guard(x.device());
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  const auto acc_opts = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
   const int64_t C = c.s.C;
   dwc::Problem p = make_problem(c, x);
   p.groups = choose_groups(x, c.s, num_groups);

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <utility>
 
+#include "bindings_common.h"
 #include "gcc_assign_core.cuh"
 #include "include/ssltm_kernels/gcc_assign.h"
 
@@ -32,12 +33,6 @@ void backward_cuda(const Problem& p);
 }  // namespace gcc
 
 namespace {
-
-#ifdef SSLTM_WITH_CUDA
-constexpr bool kWithCuda = true;
-#else
-constexpr bool kWithCuda = false;
-#endif
 
 gcc::Strides3 strides3(const at::Tensor& t) { return gcc::Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -54,20 +49,15 @@ void check_inputs(const at::Tensor& feats, const at::Tensor& centers, const at::
               " of shape ", valid.sizes());
   TORCH_CHECK(feats.numel() > 0 && centers.numel() > 0, "gcc_assign: feats and centers must not be empty, got "
               "feats ", feats.sizes(), " and centers ", centers.sizes());
+  check_kernel_dtype(feats, "gcc_assign", "feats", /*float64_on_cpu=*/false);
   const auto dtype = feats.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "gcc_assign: feats must be float32, float16 or bfloat16, got ", dtype, " of shape ", feats.sizes());
   TORCH_CHECK(centers.scalar_type() == dtype, "gcc_assign: centers must have the dtype of feats (", dtype,
               "), got ", centers.scalar_type(), " of shape ", centers.sizes());
-  TORCH_CHECK(feats.is_cpu() || feats.is_cuda(), "gcc_assign: feats must be a CPU or CUDA tensor, got ",
-              feats.device());
+  check_kernel_device(feats, "gcc_assign", "feats");
   TORCH_CHECK(centers.device() == feats.device(), "gcc_assign: centers must be on the device of feats (",
               feats.device(), "), got ", centers.device(), " (shape ", centers.sizes(), ")");
   TORCH_CHECK(valid.device() == feats.device(), "gcc_assign: valid must be on the device of feats (",
               feats.device(), "), got ", valid.device(), " (shape ", valid.sizes(), ")");
-  TORCH_CHECK(!feats.is_cuda() || kWithCuda,
-              "gcc_assign: ssltm_kernels._C was built without CUDA kernels; rebuild with a CUDA build of torch "
-              "and nvcc (SSLTM_CUDA=on pip install -e . --no-build-isolation)");
   TORCH_CHECK(gcc::fwd_blocks(gcc::Sizes{feats.size(0), feats.size(1), 1, 1}) <= std::numeric_limits<int32_t>::max() &&
                   gcc::bwd_blocks(gcc::Sizes{1, feats.size(1), 1, feats.size(2)}) <= std::numeric_limits<int32_t>::max() &&
                   feats.size(0) * feats.size(1) < (int64_t(1) << 31),

@@ -16,6 +16,7 @@
 #include <optional>
 #include <tuple>
 
+#include "bindings_common.h"
 #include "include/ssltm_kernels/soft_region_pool.h"
 #include "soft_region_pool_core.cuh"
 
@@ -35,14 +36,6 @@ namespace {
 using srp::Problem;
 using srp::Strides3;
 
-#ifdef SSLTM_WITH_CUDA
-constexpr bool kWithCuda = true;
-#else
-constexpr bool kWithCuda = false;
-#endif
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 Strides3 strides3(const at::Tensor& t) { return Strides3{t.stride(0), t.stride(1), t.stride(2)}; }
 
 // H and W of a (B, X, H, W) tensor read as one axis of H*W positions without a copy
@@ -58,16 +51,8 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& feats, double scal
               logits.scalar_type(), "), got ", feats.scalar_type(), " (feats shape ", feats.sizes(), ")");
   TORCH_CHECK(feats.device() == logits.device(), "soft_region_pool: feats must be on the device of logits (",
               logits.device(), "), got ", feats.device(), " (feats shape ", feats.sizes(), ")");
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(logits.is_cpu() || logits.is_cuda(), "soft_region_pool: logits must be a CPU or CUDA tensor, got ",
-              logits.device());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  (dtype == at::kDouble && logits.is_cpu()),
-              "soft_region_pool: logits/feats must be float32, float16 or bfloat16 (float64 on CPU only), got ",
-              dtype, " on ", logits.device());
-  TORCH_CHECK(!logits.is_cuda() || kWithCuda,
-              "soft_region_pool: ssltm_kernels._C was built without CUDA kernels; rebuild with a CUDA build of "
-              "torch and nvcc (SSLTM_CUDA=on pip install -e . --no-build-isolation)");
+  check_kernel_device(logits, "soft_region_pool", "logits");
+  check_kernel_dtype(logits, "soft_region_pool", "logits/feats", /*float64_on_cpu=*/true);
   TORCH_CHECK(logits.numel() > 0, "soft_region_pool: logits must not be empty, got shape ", logits.sizes());
   TORCH_CHECK(feats.numel() > 0, "soft_region_pool: feats must not be empty, got shape ", feats.sizes());
   const int64_t int_max = std::numeric_limits<int32_t>::max();

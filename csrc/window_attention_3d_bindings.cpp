@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bindings_common.h"
 #include "include/ssltm_kernels/window_attention_3d.h"
 #include "window_attention_3d_core.cuh"
 
@@ -40,16 +41,6 @@ namespace {
 using wa3d::Geometry;
 using wa3d::Problem;
 using wa3d::Strides5;
-
-#ifdef SSLTM_WITH_CUDA
-constexpr bool kWithCuda = true;
-#else
-constexpr bool kWithCuda = false;
-#endif
-
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 wa3d::InputType input_type(at::ScalarType t) {
   switch (t) {
@@ -117,16 +108,8 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               q.sizes());
   check_qkv_like(k, q, "k");
   check_qkv_like(v, q, "v");
-  const auto dtype = q.scalar_type();
-  TORCH_CHECK(q.is_cpu() || q.is_cuda(), "window_attention_3d: q must be a CPU or CUDA tensor, got ",
-              q.device());
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  (dtype == at::kDouble && q.is_cpu()),
-              "window_attention_3d: q/k/v must be float32, float16 or bfloat16 (float64 on CPU only), got ",
-              dtype, " on ", q.device());
-  TORCH_CHECK(!q.is_cuda() || kWithCuda,
-              "window_attention_3d: ssltm_kernels._C was built without CUDA kernels; rebuild with a CUDA "
-              "build of torch and nvcc (SSLTM_CUDA=on pip install -e . --no-build-isolation)");
+  check_kernel_device(q, "window_attention_3d", "q");
+  check_kernel_dtype(q, "window_attention_3d", "q/k/v", /*float64_on_cpu=*/true);
   check_last_stride(q, "q");
   check_last_stride(k, "k");
   check_last_stride(v, "v");
@@ -165,7 +148,7 @@ Checked check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   TORCH_CHECK(std::isfinite(scale), "window_attention_3d: scale must be finite, got ", scale);
 
   Checked c;
-  c.acc = acc_dtype(dtype);
+  c.acc = acc_dtype(q.scalar_type());
   int64_t nMask = 0;
   if (bias_table.has_value()) {
     const at::Tensor& t = *bias_table;

@@ -151,7 +151,7 @@ def _small():
     (dict(valid=torch.ones(2, 4, dtype=torch.bool)), r"valid must have shape \(B, K\) = \(2, 3\) .* got \[2, 4\]"),
     (dict(valid=torch.ones(2, 3)), r"valid must be bool, got Float of shape \[2, 3\]"),
     (dict(feats=torch.randn(2, 3, 4).double(), centers=torch.randn(5, 3, 4).double()),
-     r"feats must be float32, float16 or bfloat16, got Double of shape \[2, 3, 4\]"),
+     r"feats must be float32, float16 or bfloat16, got Double on cpu \(shape \[2, 3, 4\]\)"),
     (dict(centers=torch.randn(5, 3, 4).half()), r"centers must have the dtype of feats \(Float\), got Half"),
     (dict(feats=torch.randn(0, 3, 4), valid=torch.ones(0, 3, dtype=torch.bool)), r"must not be empty"),
     (dict(centers=torch.randn(5, 3, 4, device="meta")), r"centers must be on the device of feats \(cpu\)"),
