@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_close, assert_within_twice_low_precision_error, upcast
 from torch import nn
 
 import ssltm_kernels
@@ -36,27 +37,6 @@ def run(fn, x, weight, bias, activation, grad_seed=1, **kwargs):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
     leaves = [t for t in (x, weight, bias) if t is not None]
     return out, torch.autograd.grad(out, leaves, grad)
-
-
-def upcast(inputs, dtype=torch.float64):
-    return tuple(None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs)
-
-
-def assert_close(actual, expected, atol, what):
-    err = (actual.double() - expected.double()).abs()
-    worst = err.argmax().item()
-    assert err.max().item() <= atol, (
-        f"{what}: max abs error {err.max().item():.3e} > {atol:.1e} at flat index {worst} "
-        f"(got {actual.flatten()[worst].item():.6f}, expected {expected.flatten()[worst].item():.6f})")
-
-
-def assert_within_twice_low_precision_error(names, results, low_results, ref_results, dtype, what):
-    """The 2x-reference-error rule: each result is at most twice as far from the fp32 reference as the
-    reference run in ``dtype``, plus a floor relative to the reference's magnitude."""
-    for name, g, low, r in zip(names, results, low_results, ref_results, strict=True):
-        low_err = (low.float() - r).abs().max().item()
-        floor = (1e-4 if dtype == torch.float32 else 1e-6) * r.abs().max().item()
-        assert_close(g.float(), r, 2 * low_err + floor, f"{what} {name} (same-precision ref err {low_err:.2e})")
 
 
 def grad_names(bias):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_close
 
 import ssltm_kernels
 import ssltm_kernels.ops.gcc_assign as op
@@ -43,11 +44,6 @@ def run(fn, feats, centers, valid, grad_seed=1, **kwargs):
 
 def upcast(feats, centers, valid, dtype=torch.float64):
     return feats.detach().to(dtype), centers.detach().to(dtype).requires_grad_(), valid
-
-
-def assert_close(actual, expected, atol, what):
-    err = (actual.double() - expected.double()).abs()
-    assert err.max().item() <= atol, f"{what}: max abs error {err.max().item():.3e} > {atol:.1e}"
 
 
 def assert_matches_reference(result, ref, what, atol=1e-5):

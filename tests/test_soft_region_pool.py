@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_close, assert_within_twice_low_precision_error, upcast
 
 import ssltm_kernels
 import ssltm_kernels.ops.soft_region_pool as op
@@ -35,27 +36,6 @@ def run(fn, logits, feats, scale=1.0, grad_seed=1, **kwargs):
     out = fn(logits, feats, scale, **kwargs)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
     return out, torch.autograd.grad(out, (logits, feats), grad)
-
-
-def upcast(inputs, dtype=torch.float64):
-    return tuple(x.detach().to(dtype).requires_grad_() for x in inputs)
-
-
-def assert_close(actual, expected, atol, what):
-    err = (actual.double() - expected.double()).abs()
-    worst = err.argmax().item()
-    assert err.max().item() <= atol, (
-        f"{what}: max abs error {err.max().item():.3e} > {atol:.1e} at flat index {worst} "
-        f"(got {actual.flatten()[worst].item():.6f}, expected {expected.flatten()[worst].item():.6f})")
-
-
-def assert_within_twice_low_precision_error(names, results, low_results, ref_results, dtype, what):
-    """The 2x-reference-error rule: each result is at most twice as far from the exact reference as the
-    reference run in ``dtype`` (low_results), plus a floor relative to the reference's magnitude."""
-    for name, g, low, r in zip(names, results, low_results, ref_results, strict=True):
-        low_err = (low.double() - r.double()).abs().max().item()
-        floor = (1e-4 if dtype == torch.float32 else 1e-6) * r.abs().max().item()
-        assert_close(g, r, 2 * low_err + floor, f"{what} {name} (same-precision ref err {low_err:.2e})")
 
 
 def ocrnet_spatial_gather(feats, probs, scale):

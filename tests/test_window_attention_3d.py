@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from numerics import assert_close, assert_within_twice_low_precision_error
 from video_swin_oracle import (
     video_swin_block_attention,
     video_swin_relative_position_index,
@@ -57,14 +58,6 @@ def attend_windows(qkv, table, **kwargs):
     the table for the loss sum(out**2)."""
     out = window_attention_3d_windows(*qkv.unbind(2), rel_pos_bias_table=table, **kwargs)
     return out, torch.autograd.grad(out.float().square().sum(), (qkv, table))
-
-
-def assert_close(actual, expected, atol, what):
-    err = (actual.double() - expected.double()).abs()
-    worst = err.argmax().item()
-    assert err.max().item() <= atol, (
-        f"{what}: max abs error {err.max().item():.3e} > {atol:.1e} at flat index {worst} "
-        f"(got {actual.flatten()[worst].item():.6f}, expected {expected.flatten()[worst].item():.6f})")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -495,15 +488,6 @@ GPU_CASES = [
     pytest.param(1, (2, 20, 17), 3, 64, (4, 7, 7), (2, 3, 3), id="shrunk-time-hd64"),
     pytest.param(1, (8, 14, 14), 2, 32, (8, 7, 7), (4, 3, 3), id="window-392"),
 ]
-
-
-def assert_within_twice_low_precision_error(names, results, low_results, ref_results, dtype, what):
-    """The 2x-reference-error rule: each result is at most twice as far from the fp32 reference as the
-    reference run in ``dtype`` (low_results), plus a floor relative to the reference's magnitude."""
-    for name, g, low, r in zip(names, results, low_results, ref_results, strict=True):
-        low_err = (low.float() - r).abs().max().item()
-        floor = (1e-4 if dtype == torch.float32 else 1e-6) * r.abs().max().item()
-        assert_close(g.float(), r, 2 * low_err + floor, f"{what} {name} (same-precision ref err {low_err:.2e})")
 
 
 @pytest.mark.gpu
