@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,7 +396,11 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule counts iterations: one the fp16 grad scaler skipped (inf/NaN gradients
+                    # at its current scale) still advances it, which torch's order check would flag.
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                    self.scheduler.step()
                 state.iteration += 1
                 step_times.append(time.perf_counter() - tick)
                 if self.fit_to_time and len(step_times) > FIT_EVERY and (len(step_times) - 1) % FIT_EVERY == 0:
