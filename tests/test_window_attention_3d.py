@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from numerics import assert_close, assert_within_twice_low_precision_error
+from numerics import assert_close, assert_within_twice_low_precision_error, upcast
 from video_swin_oracle import (
     video_swin_block_attention,
     video_swin_relative_position_index,
@@ -47,10 +47,6 @@ def run(fn, qkv, table, pad_k, pad_v, grad_seed=1, **kwargs):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out)
     leaves = [x for x in (qkv, table, pad_k, pad_v) if x is not None]
     return out, torch.autograd.grad(out, leaves, grad)
-
-
-def upcast(inputs):
-    return tuple(None if x is None else x.detach().double().requires_grad_() for x in inputs)
 
 
 def attend_windows(qkv, table, **kwargs):
