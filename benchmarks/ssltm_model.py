@@ -78,8 +78,8 @@ class Setup:
 
 GPU = Setup(clips=2, size=(480, 480), stream_size=(480, 854), num_classes=124, model=dict(backbone="resnet50"),
             stream_model=dict(backbone="resnet101"))
-TINY = dict(backbone="resnet18", fpn_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(1, 1, 1, 1), context_dim=32,
-            head_channels=16, aux_channels=16)
+TINY = dict(backbone="resnet18", fpn_dim=32, ppm_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(1, 1, 1, 1),
+            context_dim=32, head_channels=16, aux_channels=16)
 CPU = Setup(clips=1, size=(64, 64), stream_size=(64, 64), num_classes=5, model=TINY, stream_model=TINY)
 
 

@@ -102,12 +102,26 @@ def load_checkpoint(path: str | Path, training: bool = False) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Load ``ckpt["model"]`` into ``model``; a mismatch (another model configuration or version) is a
-    ValueError naming the checkpoint."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit the model its config builds: {err}") from err
+    """Load ``ckpt["model"]`` into ``model``. Keys and shapes are compared first, so a mismatch (another model
+    configuration or version) is a ValueError naming the checkpoint and the first mismatched key (with both
+    shapes), and the model is left untouched (``load_state_dict`` would copy the fitting tensors first)."""
+    mismatch = state_dict_mismatch(model.state_dict(), ckpt["model"])
+    if mismatch:
+        raise ValueError(f"checkpoint {path} does not fit the model its config builds: {mismatch}")
+    model.load_state_dict(ckpt["model"])
+
+
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """The first difference between a model's ``state_dict`` and a saved one, in the model's key order
+    (then the saved one's), or None when every key and shape agrees."""
+    for key, value in expected.items():
+        if key not in given:
+            return f"key {key!r} {tuple(value.shape)} is missing from the checkpoint"
+        if tuple(given[key].shape) != tuple(value.shape):
+            return (f"key {key!r} has shape {tuple(given[key].shape)} in the checkpoint but {tuple(value.shape)} "
+                    "in the model")
+    unexpected = [key for key in given if key not in expected]
+    return f"key {unexpected[0]!r} of the checkpoint is not in the model" if unexpected else None
 
 
 def rng_state() -> dict[str, Any]:

@@ -34,6 +34,7 @@ EMPTY_CONFIG = "config.yaml"  # written into each test's tmp_path: everything co
 TINY_MODEL = [
     "model.backbone=resnet18",
     "model.kwargs.fpn_dim=32",
+    "model.kwargs.ppm_dim=32",
     "model.kwargs.stt_dims=[8,8,16,16]",
     "model.kwargs.stt_depths=[1,1,1,1]",
     "model.kwargs.head_dim=8",

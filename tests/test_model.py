@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torchvision
 
 from ssltm import SSLTM, VideoPredictor
+from ssltm.checkpoint import load_weights
 from ssltm.data import ClipSampler
 from ssltm.model.backbone import ResNetTrunk
 from ssltm.model.heads import cross_entropy, present_classes
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 K = 5
 # ResNet-18 with narrow heads: the structure of the paper's model at a fraction of the cost. Two units at
 # stride 4 so that shifted windows have a unit to shift.
-TINY = dict(backbone="resnet18", fpn_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(2, 1, 1, 1),
+TINY = dict(backbone="resnet18", fpn_dim=32, ppm_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(2, 1, 1, 1),
             context_dim=32, head_channels=16, aux_channels=16)
 
 
@@ -358,18 +360,70 @@ def test_predictor_errors(checked_model):
 
 
 # --------------------------------------------------------------------------------------------- size
-@pytest.mark.parametrize(("num_classes", "backbone", "paper"), [(124, "resnet101", 62.1e6), (19, "resnet50", 43.1e6)])
-def test_paper_configurations_match_the_paper_parameter_count(num_classes, backbone, paper):
+# The paper's counts (Tables 1 and 3): UperNet, its image baseline, and SSLTM, per scale.
+PAPER_SCALES = [(124, "resnet101", 60.9e6, 62.1e6), (19, "resnet50", 41.9e6, 43.1e6)]
+BASELINE = dict(use_stt=False, use_rfce=False, use_gcc=False)
+
+
+def upernet_head_parameters(in_channels, num_classes, fpn_dim=256, ppm_dim=512, scales=4):
+    """VSPW's UPerNet head counted from its layer list (every conv bias-free and followed by BN, but the
+    classifier): PPM branches (1x1), ppm_last_conv (3x3), fpn_in (1x1), fpn_out (3x3), conv_last (3x3 over the
+    four concatenated levels), classifier (1x1 with bias)."""
+    conv_bn = lambda c_in, c_out, k: c_in * c_out * k * k + 2 * c_out
+    *fine, coarse = in_channels
+    return (scales * conv_bn(coarse, ppm_dim, 1) + conv_bn(coarse + scales * ppm_dim, fpn_dim, 3)
+            + sum(conv_bn(c, fpn_dim, 1) for c in fine) + len(fine) * conv_bn(fpn_dim, fpn_dim, 3)
+            + conv_bn(len(in_channels) * fpn_dim, fpn_dim, 3) + fpn_dim * num_classes + num_classes)
+
+
+@pytest.mark.parametrize(("num_classes", "backbone", "paper_baseline", "paper_ssltm"), PAPER_SCALES)
+def test_baseline_is_vspw_upernet_and_ssltm_adds_the_paper_budget(num_classes, backbone, paper_baseline, paper_ssltm):
     with torch.device("meta"):
+        baseline = SSLTM(num_classes, backbone, **BASELINE)
         model = SSLTM(num_classes, backbone)
-    counts = model.parameter_breakdown()
-    assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
-    assert abs(counts["total"] / paper - 1) < 0.05, counts
-    # the paper's two counts both leave about 19.6M outside the trunk
-    assert abs((counts["total"] - counts["backbone"]) / 19.6e6 - 1) < 0.05, counts
-    with torch.device("meta"):
         resnet = torchvision.models.get_model(backbone)
-    assert counts["backbone"] == sum(p.numel() for n, p in resnet.named_parameters() if not n.startswith("fc."))
+    trunk = sum(p.numel() for n, p in resnet.named_parameters() if not n.startswith("fc."))
+    base, full = baseline.parameter_breakdown(), model.parameter_breakdown()
+    for counts in (base, full):
+        assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
+        assert counts["backbone"] == trunk
+    # VSPW's UPerNet layer for layer; its ResNet's deep stem is the 123,776 parameters more of the paper's count
+    assert base["total"] == trunk + upernet_head_parameters((256, 512, 1024, 2048), num_classes)
+    assert base["total"] + 123_776 == {124: 60_883_004, 19: 41_863_891}[num_classes]
+    assert abs(base["total"] / paper_baseline - 1) < 0.005, base
+    assert abs(full["total"] / paper_ssltm - 1) < 0.01, full
+    # SSLTM reuses the trunk, PPM and FPN and is 1.2M above the baseline, as in the paper
+    assert full["backbone"] == base["backbone"] and full["neck (PPM + FPN)"] == base["neck (PPM + FPN)"]
+    assert abs(full["total"] - base["total"] - 1.2e6) < 0.3e6, (full, base)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(ppm_dim=0), "ppm_dim must be a positive integer, got 0"),
+    (dict(fpn_dim=2.5), "fpn_dim must be a positive integer, got 2.5"),
+    (dict(pool_scales=(1, 0)), r"pool_scales must be positive integers, got \(1, 0\)"),
+    (dict(ocr_kernel_size=2), "ocr_kernel_size must be a positive odd integer"),
+    (dict(head_channels=0), "head_channels must be a positive integer, got 0"),
+])
+def test_impossible_widths_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match), torch.device("meta"):
+        SSLTM(K, **{**TINY, **kwargs})
+
+
+def test_checkpoint_of_other_widths_fails_before_loading_anything(tmp_path):
+    old = tiny_model(seed=1, ppm_dim=16)  # a checkpoint of other PPM widths
+    model = tiny_model(seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = {"model": old.state_dict()}
+    first = next(k for k, v in model.state_dict().items() if old.state_dict()[k].shape != v.shape)
+    with pytest.raises(ValueError, match=rf"key '{re.escape(first)}' has shape \(16, 512, 1, 1\) in the checkpoint "
+                                         r"but \(32, 512, 1, 1\) in the model"):
+        load_weights(model, ckpt, tmp_path / "old.pt")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was copied
+    state = model.state_dict()
+    with pytest.raises(ValueError, match=r"key 'seg_head.2.bias' \(5,\) is missing from the checkpoint"):
+        load_weights(model, {"model": {k: v for k, v in state.items() if k != "seg_head.2.bias"}}, "x")
+    with pytest.raises(ValueError, match="key 'extra' of the checkpoint is not in the model"):
+        load_weights(model, {"model": {**state, "extra": torch.zeros(1)}}, "x")
 
 
 # ------------------------------------------------------------------------------------------- benchmark

@@ -1,5 +1,6 @@
-"""FPN with a PPM on the coarsest level, UperNet style (paper §4.1.2: "ResNet + FPN as backbone, PPM as
-the neck"; Xiao et al., Unified Perceptual Parsing)."""
+"""UperNet's neck (Xiao et al., Unified Perceptual Parsing; paper §4.1.2: "ResNet + FPN as backbone, PPM as
+the neck"), laid out as VSPW's reference UPerNet: a PPM on the coarsest level, an FPN, and the fusion input
+of the four levels."""
 
 from __future__ import annotations
 
@@ -18,9 +19,16 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def fuse_levels(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Channels-last levels ``[(B, h_i, w_i, d_i)]`` -> ``(B, sum d_i, h_0, w_0)``: each level upsampled to the
+    first's size and concatenated (the input of UperNet's fusion conv)."""
+    size = levels[0].shape[1:3]
+    return torch.cat([resize(x.permute(0, 3, 1, 2), size) for x in levels], dim=1)
+
+
 class PyramidPooling(nn.Module):
     """PPM (PSPNet): ``(N, C, h, w)`` -> ``(N, C + len(scales) * channels, h, w)``, the input concatenated
-    with its average-pooled (to ``s x s``), projected and upsampled copies."""
+    with its average-pooled (to ``s x s``), projected (1x1 conv + BN + ReLU) and upsampled copies."""
 
     def __init__(self, in_channels: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
@@ -32,18 +40,25 @@ class PyramidPooling(nn.Module):
 
 
 class FPNNeck(nn.Module):
-    """UperNet's FPN + PPM without its fusion conv: C2..C5 -> four ``(N, dim, h_i, w_i)`` maps, strides 4..32.
+    """UperNet's PPM + FPN: C2..C5 -> four ``(N, dim, h_i, w_i)`` maps, strides 4..32.
 
-    C5 goes through the PPM and a 3x3 bottleneck (the top of the pyramid); C2..C4 through 1x1 laterals
-    that receive the upsampled coarser level (top-down path), then a 3x3 conv each. UperNet concatenates
-    the four outputs and fuses them with one more conv; SSLTM feeds them to its STT blocks instead.
+    C5 goes through the PPM (branches ``ppm_dim`` wide: 512 in UperNet) and a 3x3 conv to ``dim`` (the top
+    of the pyramid); C2..C4 through 1x1 laterals that receive the upsampled coarser level (top-down path),
+    then a 3x3 conv each. Every conv is conv + BN + ReLU, as VSPW's UPerNet. UperNet's fusion (the four
+    levels upsampled and concatenated, ``fuse_levels``, then a 3x3 conv) is the segmentation head's job.
     """
 
-    def __init__(self, in_channels: Sequence[int], dim: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6)) -> None:
+    def __init__(self, in_channels: Sequence[int], dim: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6),
+                 ppm_dim: int = 512) -> None:
         super().__init__()
+        for name, value in (("fpn_dim", dim), ("ppm_dim", ppm_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not pool_scales or any(not isinstance(s, int) or s < 1 for s in pool_scales):
+            raise ValueError(f"pool_scales must be positive integers, got {tuple(pool_scales)}")
         *fine, coarse = in_channels
-        self.ppm = PyramidPooling(coarse, dim, pool_scales)
-        self.bottleneck = Conv2dNormActivation(coarse + len(pool_scales) * dim, dim, 3)
+        self.ppm = PyramidPooling(coarse, ppm_dim, pool_scales)
+        self.bottleneck = Conv2dNormActivation(coarse + len(pool_scales) * ppm_dim, dim, 3)
         self.laterals = nn.ModuleList(Conv2dNormActivation(c, dim, 1) for c in fine)
         self.fpn_convs = nn.ModuleList(Conv2dNormActivation(dim, dim, 3) for _ in fine)
 

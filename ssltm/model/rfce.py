@@ -20,16 +20,16 @@ class ObjectContext(nn.Module):
     ``phi_aux`` is conv + BN + ReLU + 1x1 classifier; its conv is 1x1 by default as in OCRNet's HRNet
     model (its input, ``F_q^st``, has already been mixed spatially by the FPN and the STT).
 
-    The pixel features are mapped to ``D`` channels by a 3x3 conv + BN + ReLU (OCRNet's ``conv3x3_ocr``),
-    then pooled per class with weights ``softmax`` over the positions of the class's coarse scores
-    (``ssltm_kernels.soft_region_pool``, OCRNet's ``SpatialGather`` with scale 1).
+    The pixel features are mapped to ``D`` channels by a ``pixel_kernel_size`` conv + BN + ReLU (OCRNet's
+    ``conv3x3_ocr`` is 3x3), then pooled per class with weights ``softmax`` over the positions of the class's
+    coarse scores (``ssltm_kernels.soft_region_pool``, OCRNet's ``SpatialGather`` with scale 1).
     """
 
     def __init__(self, in_channels: int, num_classes: int, dim: int, aux_channels: int, dropout: float,
-                 aux_kernel_size: int = 1) -> None:
+                 aux_kernel_size: int = 1, pixel_kernel_size: int = 3) -> None:
         super().__init__()
         self.aux_head = SegHead(in_channels, aux_channels, num_classes, dropout, aux_kernel_size)
-        self.pixels = Conv2dNormActivation(in_channels, dim, 3)
+        self.pixels = Conv2dNormActivation(in_channels, dim, pixel_kernel_size)
 
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, C, h, w)`` -> ``(aux_logits (B, K, h, w), categories (B, K, D))``."""

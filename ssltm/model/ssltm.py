@@ -10,7 +10,7 @@ from torch import nn
 
 from .backbone import ResNetTrunk
 from .heads import SegHead, cross_entropy, present_classes
-from .neck import FPNNeck, resize
+from .neck import FPNNeck, fuse_levels, resize
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
 from .stt import ShortTermTransformer
 
@@ -28,43 +28,59 @@ class SSLTM(nn.Module):
     ``{"sup", "mse", "aux", "total"}``, ``total = sup + alpha * mse + beta * aux`` (Eq. 10), every term
     skipping ``ignore_index`` pixels. Any ``H, W >= 32``.
 
-    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet + FPN + PPM,
-    one batch) and a per-stride projection to the STT dims; STT blocks over the stacked clip give the query
-    frame's ``F_q^st`` at stride 4; the shared OCR module turns ``F_q^st`` and the reference's features into
-    category representations; multi-head attention of ``F_q^st``'s pixels over [reference categories, G]
-    gives ``F_q^lt``; ``phi_seg([F_q^st, F_q^lt])`` gives the logits. GCC's ``G`` is trained by the MSE term
-    and used in the attention.
+    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet + UperNet's
+    PPM and FPN, one batch) and a per-stride projection to the STT dims; STT blocks over the stacked clip
+    give the query frame's ``F_q^st`` at stride 4 (its four levels upsampled and concatenated); the shared
+    OCR module turns ``F_q^st`` and the reference's features into category representations; multi-head
+    attention of ``F_q^st``'s pixels over [reference categories, G] gives ``F_q^lt``;
+    ``phi_seg([F_q^st, F_q^lt])`` gives the logits. GCC's ``G`` is trained by the MSE term and used in the
+    attention.
 
-    Args (the paper's configuration by default):
+    The image baseline (``use_stt``, ``use_rfce`` and ``use_gcc`` off) is VSPW's UPerNet, the paper's
+    baseline: the query frame's four FPN levels are upsampled, concatenated (4 x 256 channels) and fused by
+    ``phi_seg`` (3x3 conv + BN + ReLU, then the classifier), UperNet's ``conv_last``. SSLTM reuses UperNet's
+    trunk, PPM and FPN and replaces its fusion by STT, RFCE, GCC and ``phi_seg`` over ``[F_q^st, F_q^lt]``.
+    Parameters (torchvision's 7x7 stem; VSPW's ResNet has a deep stem, 123,776 parameters more):
+    baseline 60,759,228 (ResNet-101, 124 classes; paper 60.9M) and 41,740,115 (ResNet-50, 19 classes; paper
+    41.9M); SSLTM 62,000,841 (paper 62.1M) and 42,874,103 (paper 43.1M), i.e. 1.24M and 1.13M on top of
+    the baseline (paper: 1.2M at both scales). ``parameter_breakdown()`` gives the counts per component.
+
+    Args (the paper's settings, or UperNet's where SSLTM builds on it):
         num_classes: K (VSPW 124, Cityscapes 19).
         backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"`` (torchvision's classes).
-        fpn_dim: FPN / PPM channels (256).
+        fpn_dim: FPN channels (256, the paper's).
         stt_dims: channels of the four STT blocks, strides 4, 8, 16, 32 (32, 64, 128, 256).
         window_size: 3D W-MSA window ``(t, h, w)`` (4, 7, 7).
         num_adjacent: n, adjacent frames per clip (3).
         num_clusters: T, centres per class in G (3).
         alpha, beta: weights of the MSE and auxiliary terms in Eq. 10 (1.0, 0.5).
         ignore_index: label value without a class (255).
-        use_stt, use_rfce, use_gcc: the ablation switches of Table 4. Without STT the query frame's projected
-            FPN levels are fused directly (all three off: the UperNet-style image baseline with the same
-            head). GCC needs RFCE (its G is attended to there).
+        use_stt, use_rfce, use_gcc: the ablation switches of Table 4. Without STT the query frame's four FPN
+            levels, upsampled and concatenated, take the place of ``F_q^st`` (all three off: UperNet). GCC
+            needs RFCE (its G is attended to there).
         context: ``"reference"`` (RFCE) or ``"query"`` (QFCE, supplementary §2.6: the query frame's own
             categories replace the reference's; no reference frame needed).
         pretrained: local path to a torchvision ImageNet checkpoint of the ResNet (loaded as is).
 
-    Choices where the paper is silent (keyword-only; the defaults land the parameter count within 1% of
-    the paper's 62.1M for ResNet-101 / 124 classes and 43.1M for ResNet-50 / 19 classes):
-        stt_depths: STT units per stride (2 each).
-        head_dim: head width of the W-MSA (paper: 32) and of the category attention.
+    UperNet's settings (VSPW's UPerNet, keyword-only):
+        ppm_dim: width of each PPM branch (512).
+        pool_scales: PPM bins (1, 2, 3, 6).
+        head_channels: hidden width of ``phi_seg`` (256, UperNet's fusion conv; 3x3).
+
+    Choices where the paper is silent (keyword-only; the defaults put SSLTM about 1.2M parameters above the
+    baseline at both scales, as in the paper, and its total within 1% of the paper's 62.1M and 43.1M):
+        stt_depths: STT units per stride (1 each: the paper's Fig. 3 shows one base unit per block).
+        head_dim: head width of the W-MSA and of the category attention (32; not given in the paper).
         mlp_ratio: Mix-FFN hidden width / dim (4, SegFormer's).
         shifted_windows: shift the windows of every second unit (Video Swin). Off: the paper's unit connects
             windows through the Mix-FFN's depthwise conv instead (supplementary §1), and with 4 frames and a
             temporal window of 4 only a spatial shift would remain.
-        context_dim: D, the width of the category representations, G and ``F_q^lt`` (512, OCRNet's).
-        head_channels, aux_channels: hidden widths of ``phi_seg`` and ``phi_aux`` (256 each).
-        aux_kernel_size: kernel of ``phi_aux``'s conv (1, as OCRNet's HRNet aux head; ``phi_seg``'s is 3x3).
-        dropout: dropout before the 1x1 classifiers (0.1, mmsegmentation's default).
-        pool_scales: PPM bins (1, 2, 3, 6).
+        context_dim: D, the width of the category representations, G and ``F_q^lt`` (256, FPN's width;
+            OCRNet's 512 would add 1.9M).
+        aux_channels: hidden width of ``phi_aux`` (256).
+        aux_kernel_size: kernel of ``phi_aux``'s conv (1, as OCRNet's HRNet aux head).
+        ocr_kernel_size: kernel of the OCR's pixel conv to D channels (1; OCRNet's is 3x3, 1.0M more).
+        dropout: dropout before the 1x1 classifiers (0.1, mmsegmentation's default; no parameters).
         reference_stt: how the reference frame's features reach the shared OCR. Off (default, Eq. 3:
             ``F_ref = f_FE(I_ref)``): its projected FPN levels are fused exactly as the query's STT outputs
             are, without STT units. On: it also passes the STT blocks as a one-frame clip.
@@ -75,10 +91,11 @@ class SSLTM(nn.Module):
                  num_adjacent: int = 3, num_clusters: int = 3, alpha: float = 1.0, beta: float = 0.5,
                  ignore_index: int = 255, use_stt: bool = True, use_rfce: bool = True, use_gcc: bool = True,
                  context: str = "reference", pretrained: str | os.PathLike | None = None, *,
-                 stt_depths: Sequence[int] = (2, 2, 2, 2), head_dim: int = 32, mlp_ratio: float = 4.0,
-                 shifted_windows: bool = False, context_dim: int = 512, head_channels: int = 256,
-                 aux_channels: int = 256, aux_kernel_size: int = 1, dropout: float = 0.1,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), reference_stt: bool = False) -> None:
+                 ppm_dim: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), head_channels: int = 256,
+                 stt_depths: Sequence[int] = (1, 1, 1, 1), head_dim: int = 32, mlp_ratio: float = 4.0,
+                 shifted_windows: bool = False, context_dim: int = 256, aux_channels: int = 256,
+                 aux_kernel_size: int = 1, ocr_kernel_size: int = 1, dropout: float = 0.1,
+                 reference_stt: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -91,18 +108,28 @@ class SSLTM(nn.Module):
         if len(stt_dims) != 4 or len(tuple(window_size)) != 3:
             raise ValueError(f"stt_dims needs 4 entries (strides 4..32) and window_size 3 (t, h, w), got "
                              f"{tuple(stt_dims)} and {tuple(window_size)}")
+        for name, value in (("head_channels", head_channels), ("aux_channels", aux_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("aux_kernel_size", aux_kernel_size), ("ocr_kernel_size", ocr_kernel_size)):
+            if not isinstance(value, int) or value < 1 or value % 2 == 0:
+                raise ValueError(f"{name} must be a positive odd integer (a size-preserving conv), got {value!r}")
         self.num_classes, self.num_adjacent, self.ignore_index = num_classes, num_adjacent, ignore_index
         self.alpha, self.beta = alpha, beta
         self.use_stt, self.use_rfce, self.use_gcc = use_stt, use_rfce, use_gcc
         self.context, self.reference_stt = context, reference_stt
 
         self.backbone = ResNetTrunk(backbone, pretrained)
-        self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales)
-        self.stt = ShortTermTransformer(fpn_dim, stt_dims, stt_depths if use_stt else (0,) * 4, head_dim,
-                                        window_size, mlp_ratio, shifted_windows)
-        st_channels = self.stt.out_channels
+        self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
+        if use_stt:
+            self.stt = ShortTermTransformer(fpn_dim, stt_dims, stt_depths, head_dim, window_size, mlp_ratio,
+                                            shifted_windows)
+            st_channels = self.stt.out_channels
+        else:
+            st_channels = len(self.backbone.channels) * fpn_dim
         if use_rfce:
-            self.ocr = ObjectContext(st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size)
+            self.ocr = ObjectContext(st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size,
+                                     ocr_kernel_size)
             self.attention = CategoryAttention(st_channels, context_dim, head_dim)
             if use_gcc:
                 self.gcc = GlobalCategoryContext(num_clusters, num_classes, context_dim)
@@ -115,9 +142,10 @@ class SSLTM(nn.Module):
 
     # ------------------------------------------------------------------------------------ stages
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``f_FE`` and the per-stride projection, per image: ``(N, 3, H, W)`` -> ``[(N, h_i, w_i, d_i)]``
-        at strides 4, 8, 16, 32 (what a streaming predictor caches per frame)."""
-        return self.stt.project(self.neck(self.backbone(images)))
+        """``f_FE`` and, with STT, the per-stride projection, per image: ``(N, 3, H, W)`` ->
+        ``[(N, h_i, w_i, d_i)]`` at strides 4, 8, 16, 32 (what a streaming predictor caches per frame)."""
+        levels = self.neck(self.backbone(images))
+        return self.stt.project(levels) if self.use_stt else [x.permute(0, 2, 3, 1) for x in levels]
 
     def reference_context(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """A reference frame's encoded levels ``[(B, h_i, w_i, d_i)]`` -> its categories ``F_ref^c (B, K, D)``."""
@@ -125,7 +153,7 @@ class SSLTM(nn.Module):
             raise RuntimeError("reference_context needs use_rfce=True")
         if self.reference_stt and self.use_stt:
             levels = self.stt([x[:, None] for x in levels])
-        return self.ocr(self.stt.fuse(levels))[1]
+        return self.ocr(fuse_levels(levels))[1]
 
     def decode(self, clip: Sequence[torch.Tensor], reference_categories: torch.Tensor | None = None,
                size: Sequence[int] | None = None) -> torch.Tensor:
@@ -136,7 +164,7 @@ class SSLTM(nn.Module):
 
     def _short_term(self, clip: Sequence[torch.Tensor]) -> torch.Tensor:
         """``F_q^st (B, sum(stt_dims), H/4, W/4)``."""
-        return self.stt.fuse(self.stt(clip) if self.use_stt else [x[:, 0] for x in clip])
+        return fuse_levels(self.stt(clip) if self.use_stt else [x[:, 0] for x in clip])
 
     def _heads(self, st: torch.Tensor, reference_categories: torch.Tensor | None):
         """``F_q^st`` -> (seg logits, aux logits | None, query categories | None), all at stride 4."""
@@ -217,8 +245,9 @@ class SSLTM(nn.Module):
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter count per component (``"total"`` included)."""
-        parts = {"backbone": self.backbone, "neck (FPN + PPM)": self.neck, "stt projections": self.stt.proj,
-                 "stt blocks": self.stt.blocks}
+        parts = {"backbone": self.backbone, "neck (PPM + FPN)": self.neck}
+        if self.use_stt:
+            parts.update({"stt projections": self.stt.proj, "stt blocks": self.stt.blocks})
         if self.use_rfce:
             parts.update({"ocr aux head (phi_aux)": self.ocr.aux_head, "ocr pixel conv": self.ocr.pixels,
                           "category attention": self.attention})

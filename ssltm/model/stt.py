@@ -10,8 +10,6 @@ from torch import nn
 
 from ssltm_kernels import MixFFN, WindowAttention3D
 
-from .neck import resize
-
 
 class STTUnit(nn.Module):
     """``x + W-MSA(LN(x))``, then ``x + MixFFN(LN(x))`` on a ``(B, T, H, W, C)`` volume.
@@ -50,19 +48,18 @@ class STTBlock(nn.Sequential):
 
 
 class ShortTermTransformer(nn.Module):
-    """Per-stride projections, STT blocks and the fusion of the query frame's outputs into ``F_q^st``.
+    """Per-stride projections and STT blocks; ``neck.fuse_levels`` of the query frame's outputs is ``F_q^st``.
 
     ``project`` maps each FPN level ``(N, in_dim, h, w)`` to channels-last ``(N, h, w, dims[i])`` (a
     linear layer, i.e. a 1x1 conv: the paper gives FPN 256 channels and the STT blocks 32..256 but not
     the map between them; a bias-carrying linear map is the cheapest that fits, and every unit starts
     with a LayerNorm, so no norm is added here). It runs once per frame, which is what a streaming
     predictor caches. ``forward`` runs the STT blocks over the stacked query + adjacent frames and keeps
-    the query frame (index 0); ``fuse`` upsamples per-stride maps to the finest one and concatenates
-    them. ``depths[i] = 0`` (or ``use_stt=False`` in the model) leaves a stride without STT units.
+    the query frame (index 0). ``depths[i] = 0`` leaves a stride without STT units.
     """
 
     def __init__(self, in_dim: int = 256, dims: Sequence[int] = (32, 64, 128, 256),
-                 depths: Sequence[int] = (2, 2, 2, 2), head_dim: int = 32,
+                 depths: Sequence[int] = (1, 1, 1, 1), head_dim: int = 32,
                  window_size: Sequence[int] = (4, 7, 7), mlp_ratio: float = 4.0, shifted_windows: bool = False) -> None:
         super().__init__()
         if len(dims) != len(depths):
@@ -81,8 +78,3 @@ class ShortTermTransformer(nn.Module):
         """``[(B, T, h_i, w_i, dims[i])]`` (query frame first) -> the query frame's ``[(B, h_i, w_i, dims[i])]``."""
         return [block(x)[:, 0] for block, x in zip(self.blocks, clip, strict=True)]
 
-    @staticmethod
-    def fuse(levels: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``[(B, h_i, w_i, d_i)]`` -> ``(B, sum d_i, h_0, w_0)``: each level upsampled to the first's size."""
-        size = levels[0].shape[1:3]
-        return torch.cat([resize(x.permute(0, 3, 1, 2), size) for x in levels], dim=1)
