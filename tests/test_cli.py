@@ -204,8 +204,8 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         for step in (1, 2):
             trained[run, step] = {k: v for k, v in weights(run / f"iter_{step}.pt").items() if k in params}
     for step in (1, 2):
-        # float rounding apart (an all-reduce average against an accumulated sum) ...
-        assert_same_weights(trained[single, step], trained[ddp, step], atol=1e-5)
+        # float rounding apart (an all-reduce average against an accumulated sum, amplified by a step) ...
+        assert_same_weights(trained[single, step], trained[ddp, step], atol=3e-5)
     # ... far below what one step moves the weights
     step_size = max((trained[single, 2][k] - trained[single, 1][k]).abs().max().item() for k in params)
     assert step_size > 1e-3
