@@ -397,11 +397,12 @@ class Harness:
         return rows
 
     @staticmethod
-    def _results(forward: Callable[[], torch.Tensor], named: dict, grad_out: torch.Tensor | None,
-                 grads: bool) -> tuple[dict, torch.Tensor | None]:
+    def _results(forward: Callable[[], torch.Tensor], named: dict, grad_out: torch.Tensor | None, grads: bool,
+                 autograd: bool = True) -> tuple[dict, torch.Tensor | None]:
         """``{"out": output, "grad <leaf>": gradient or None}`` (gradients with ``grads`` only, and only of a
-        floating output) and the upstream gradient (made from the first output: the same for every provider)."""
-        with torch.enable_grad():
+        floating output) and the upstream gradient (made from the first output: the same for every provider).
+        The forward runs with autograd on, as in the timed modes, unless ``autograd`` is False."""
+        with torch.set_grad_enabled(autograd):
             out = forward()
         results = {"out": out.detach()}
         if not out.is_floating_point():  # e.g. a predicted class map: nothing to differentiate
@@ -417,11 +418,12 @@ class Harness:
 
     def _exact(self, exact: Exact, named: dict, dtype: torch.dtype, grad_out: torch.Tensor | None,
                grads: bool) -> dict:
-        """The yardstick's results: ``exact.fn`` on widened copies of the leaves."""
+        """The yardstick's results: ``exact.fn`` on widened copies of the leaves (without autograd when no
+        gradient is checked: a model's leaves are its parameters, whose graph would only cost memory)."""
         wide = exact_dtype(dtype)
         copies = {n: x.detach().to(wide).requires_grad_(grads) for n, x in named.items()}
         results, _ = self._results(lambda: exact.fn(*copies.values()), copies,
-                                   None if grad_out is None else grad_out.to(wide), grads)
+                                   None if grad_out is None else grad_out.to(wide), grads, autograd=grads)
         return results
 
     @staticmethod
