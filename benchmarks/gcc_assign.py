@@ -36,11 +36,11 @@ from harness import (  # noqa: E402
     COMPILE_NOTE,
     MODES,
     Case,
+    Exact,
     Impl,
     Row,
     RowIndex,
     TargetResult,
-    TwiceReferenceError,
     Unavailable,
     Work,
     benchmark_arguments,
@@ -109,10 +109,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return feats, centers.requires_grad_(), valid
 
 
-def reference_fp32(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The op's reference loss on fp32 copies of the inputs (the yardstick of the low-precision rule)."""
-    with torch.no_grad():
-        return gcc_assign_reference(feats.float(), centers.detach().float(), valid)[2]
+def exact_loss(feats: torch.Tensor, valid: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The op's reference loss with ``feats`` widened to the dtype of ``centers`` (the gate's yardstick)."""
+    return gcc_assign_reference(feats.to(centers.dtype), centers, valid)[2]
 
 
 def build_providers(names: Sequence[str], feats, centers, valid) -> dict:
@@ -135,7 +134,7 @@ def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[Ta
     for row in rows:
         if row.mode == "fwd+bwd" and row.provider in ours:
             checks = peer_speedup_checks(index, row.case, row, {"eager": TARGET_SPEEDUP}, own_why=untimed(row))
-            results += target_results(row.case, row.provider, checks, row.match)
+            results += target_results(row.case, row.provider, checks, row.correct)
     return results
 
 
@@ -157,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         providers = build_providers(args.providers, feats, centers, valid)
         rows += bench.run_case(case, providers, leaves=[centers], modes=args.modes,
                                reference="eager" if "eager" in providers else None,
-                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32, feats, centers, valid)))
+                               exact=Exact(partial(exact_loss, feats, valid)))
         del providers, feats, centers, valid
 
     print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(GPU_SHAPES))

@@ -1,8 +1,10 @@
 """What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
-quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, peak memory and kernel launches per
-call, the GPUs' peaks, the roofline bound of a :class:`Work` (each benchmark brings its op's formulas), the
-low-precision output check, speed-up tables, target checks and the summary that ends a run, the compiled
-peers' settings, command-line helpers, and JSON lines with provenance appended to
+quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, CUDA-graph replays of the calls that
+take little time, peak memory and kernel launches per call, the GPUs' peaks, the roofline bound of a
+:class:`Work` (each benchmark brings its op's formulas), the correctness gate (every provider's output and
+gradients against an :class:`Exact` yardstick under the 2x-reference-error rule, before it is timed; a wrong
+provider is marked and never ranked), speed-up tables, target checks and the summary that ends a run, the
+compiled peers' settings, command-line helpers, and JSON lines with provenance appended to
 ``benchmarks/results/<name>.jsonl``. A provider that fails or cannot run becomes a row saying why. No call is
 interrupted (a signal could land inside torch.compile or an autotuner): a provider slower than ``slow_ms`` per
 call has its remaining modes skipped."""
@@ -25,7 +27,11 @@ from pathlib import Path
 
 import torch
 
+from ssltm_kernels.numerics import exact_dtype, twice_reference_bound
+
 MODES = ("fwd", "bwd", "fwd+bwd")
+GRAPH_MODES = ("fwd", "fwd+bwd")  # the modes replayed as CUDA graphs (bwd replays a retained graph already)
+GRAPH_BELOW_MS = 2.0  # calls faster than this are also timed as CUDA-graph replays: their host overhead shows
 QUANTILES = (0.5, 0.2, 0.8)  # median first (the reported ms), then the spread
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 UNAVAILABLE, SKIPPED = "unavailable: ", "skipped: "  # rows without a time that are not failures
@@ -168,8 +174,12 @@ class Row:
     peak_mib: float | None = None
     items_per_s: float | None = None
     launches: int | None = None  # GPU kernels one call launches (count_kernel_launches)
-    max_abs_err: float | None = None
-    match: bool | None = None
+    graph_ms: float | None = None  # median of CUDA-graph replays of the call (calls under GRAPH_BELOW_MS)
+    graph_error: str | None = None  # why the call has no graph time although it qualified
+    max_err: float | None = None  # the output's largest absolute error against the exact yardstick
+    correct: bool | None = None  # output and gradients within the 2x-reference-error rule; None: not checked
+    errors: dict | None = None  # each checked tensor ("out", "grad <leaf>"): [error, bound]
+    info: dict | None = None  # what the provider reports about itself (e.g. the SDPA kernel that ran)
     error: str | None = None
     note: str | None = None
 
@@ -192,14 +202,22 @@ def format_rows(rows: Sequence[Row]) -> str:
     for r in sorted(rows, key=lambda r: MODES.index(r.mode)):  # mode-major: providers side by side
         if not r.ok:  # a row without a time always says why
             why = r.error if r.error.startswith((UNAVAILABLE, SKIPPED)) else f"FAILED: {r.error}"
-            body.append((r.provider, r.mode, *"-" * 10, why))
+            body.append((r.provider, r.mode, *"-" * 11, why))
             continue
-        body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", f(r.tflops, ".3g"),
+        graph = f(r.graph_ms, ".3f") if r.graph_error is None else "failed"
+        body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", graph, f(r.tflops, ".3g"),
                      f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
-                     f(r.items_per_s, ".3g"), f(r.launches, "d"),
-                     f(r.max_abs_err, ".1e") + (" MISMATCH" if r.match is False else ""), r.note or ""))
-    return text_table(("provider", "mode", "ms", "p20-p80", "TFLOP/s", "GB/s", "%roof", "bound", "peak MiB",
-                       "items/s", "launches", "max|err|", "note"), body)
+                     f(r.items_per_s, ".3g"), f(r.launches, "d"), f(r.max_err, ".1e") + _verdict(r), r.note or ""))
+    return text_table(("provider", "mode", "ms", "p20-p80", "graph ms", "TFLOP/s", "GB/s", "%roof", "bound",
+                       "peak MiB", "items/s", "launches", "max|err|", "note"), body)
+
+
+def _verdict(row: Row) -> str:
+    """" WRONG (what)" for an incorrect row, naming the tensors beyond their bound; "" otherwise."""
+    if row.correct is not False:
+        return ""
+    wrong = [name for name, (err, bound) in (row.errors or {}).items() if not err <= bound]
+    return f" WRONG ({', '.join(wrong)})" if wrong else " WRONG"
 
 
 def append_jsonl(path: Path, rows: Sequence[Row], env: dict, benchmark: str) -> None:
@@ -224,30 +242,86 @@ class Unavailable(Exception):
 
 @dataclass
 class Impl:
-    """A no-argument forward of the case's leaves, the modes it supports (others: ``reason``), a row note."""
+    """A no-argument forward of the case's leaves, the modes it supports (others: ``reason``), a row note,
+    whether its calls may be captured as CUDA graphs, and ``describe``: called once after the correctness
+    gate, its dict (what the provider reports about itself, e.g. the kernel that ran) goes into every row."""
 
     fn: Callable[[], torch.Tensor]
     modes: tuple = MODES
     reason: str = "mode not supported by this provider"
     note: str | None = None
+    graphs: bool = True
+    describe: Callable[[], dict] | None = None
 
 
-def _default_tolerance(name: str, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
-    err = (out.float() - ref.float()).abs().max().item() if out.shape == ref.shape else math.inf
-    return err, err <= (1e-2 if out.element_size() <= 2 else 1e-4)
+@dataclass
+class Exact:
+    """The yardstick of the correctness gate: ``fn(*leaves)`` computes the case's output from detached copies
+    of its leaves in :func:`~ssltm_kernels.numerics.exact_dtype` of the case dtype (float64 for float32 cases,
+    float32 for 16-bit ones); inputs that are not leaves it widens itself. ``grads``: the gradients of the
+    leaves are checked too (else the output only)."""
+
+    fn: Callable[..., torch.Tensor]
+    grads: bool = True
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The correctness gate's finding on one provider: the output's error, whether every checked tensor is
+    within its bound, and each tensor's ``[error, bound]``."""
+
+    max_err: float | None = None
+    correct: bool | None = None
+    errors: dict | None = None
+
+
+def gate_verdict(results: dict, low: dict, exact: dict, dtype: torch.dtype) -> Verdict:
+    """The 2x-reference-error rule on each tensor of ``results`` (name -> tensor, None: no gradient) that the
+    exact yardstick and the reference run in ``dtype`` (``low``) both have: error against ``exact`` at most
+    :func:`~ssltm_kernels.numerics.twice_reference_bound`. A shape that differs, a missing gradient or a
+    non-finite error fails."""
+    errors = {}
+    for name, want in exact.items():
+        if name not in results or want is None or low.get(name) is None:
+            continue
+        got = results[name]
+        same = got is not None and got.shape == want.shape
+        err = (got.double() - want.double()).abs().max().item() if same and want.numel() else 0.0 if same else math.inf
+        errors[name] = [err, twice_reference_bound(low[name], want, dtype)]
+    correct = all(err <= bound for err, bound in errors.values())  # NaN compares False: incorrect
+    return Verdict(errors["out"][0] if "out" in errors else None, correct, errors)
+
+
+def graph_replay(run: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``run`` captured as a CUDA graph (after ``warmup`` calls on a side stream, as capture requires); returns
+    the replay. Raises what the capture raises (a call that syncs with the host, a pageable copy...)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
 
 
 class Harness:
     """Prints the provenance, runs cases on ``device`` (CUDA: ``do_bench``, CPU: :func:`cpu_bench`), prints
-    their rows and, with ``save``, appends them to ``results_dir / f"{name}.jsonl"``."""
+    their rows and, with ``save``, appends them to ``results_dir / f"{name}.jsonl"``. Calls of the modes
+    GRAPH_MODES faster than ``graph_below_ms`` are also timed as replays of ``graph_capture(run)`` (CUDA
+    graphs on a GPU; None, the CPU's default, times none)."""
 
     def __init__(self, name: str, *, device: torch.device | str | None = None, quick: bool = False,
                  save: bool = True, results_dir: Path = RESULTS_DIR, note: str | None = None,
-                 slow_ms: float = 2000.0) -> None:
-        self.name, self.save, self.slow_ms = name, save, slow_ms
+                 slow_ms: float = 2000.0, graph_below_ms: float = GRAPH_BELOW_MS) -> None:
+        self.name, self.save, self.slow_ms, self.graph_below_ms = name, save, slow_ms, graph_below_ms
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
         self.path = Path(results_dir) / f"{name}.jsonl"
         on_gpu = self.device.type == "cuda"
+        self.graph_capture: Callable[[Callable[[], object]], Callable[[], object]] | None = \
+            graph_replay if on_gpu else None
         # do_bench's defaults are 25 / 100 ms; the CPU loop needs no warm-up of its own (see _measure)
         self.warmup_ms, self.rep_ms = ((10, 40) if quick else (25, 100)) if on_gpu else (0, 100 if quick else 300)
         self.env = {**environment(self.device), "run_note": note}
@@ -256,44 +330,62 @@ class Harness:
         print("  ".join(f"{k} {v}" for k, v in self.env.items() if v is not None),
               f"roofline peaks: {peaks}; rows {f'appended to {self.path}' if save else 'not saved'}", sep="\n")
 
-    def run_case(self, case: Case, providers: dict, leaves: Sequence[torch.Tensor], modes: Sequence[str] = MODES,
-                 reference: str | None = None, tolerance: Callable | None = None) -> list[Row]:
-        """Run each provider's forward once (it compiles), compare it with ``reference``'s by ``tolerance(name,
-        out, ref) -> (max_abs_err, match)``, then time it in each mode. ``providers``: name -> forward,
-        :class:`Impl` or the exception saying why it cannot run; ``leaves``: what the backward differentiates."""
+    def run_case(self, case: Case, providers: dict, leaves: Sequence[torch.Tensor] | dict[str, torch.Tensor],
+                 modes: Sequence[str] = MODES, reference: str | None = None, exact: Exact | None = None,
+                 tolerance: Callable | None = None) -> list[Row]:
+        """The correctness gate, then the timings. ``providers``: name -> forward, :class:`Impl` or the exception
+        saying why it cannot run; ``leaves`` (a list, or names -> tensors): what the backward differentiates.
+
+        Gate: each provider runs once (it compiles), and so does its backward (upstream gradient: one seeded
+        random tensor) where it has a backward mode among ``modes``. Its output and leaf gradients are judged
+        against ``exact`` (:func:`gate_verdict`: at most twice the error of the ``reference`` provider's own run in the
+        case dtype, plus a floor); without ``exact``, the reference's results are the yardstick. ``tolerance(name,
+        out, reference_out) -> (max_err, correct)`` replaces the rule for outputs that are not differentiable
+        (e.g. class maps). Every provider is then timed in each mode; an incorrect one is marked, not ranked."""
         print(f"\n== {case.name}  {case.title}", flush=True)
         impls = {n: p if isinstance(p, (Impl, BaseException)) else Impl(p) for n, p in providers.items()}
-        skip, outputs = {}, {}
-        for name, impl in impls.items():
+        named = dict(leaves) if isinstance(leaves, dict) else {str(i): x for i, x in enumerate(leaves)}
+        leaves = list(named.values())
+        backward = bool(leaves) and any(m != "fwd" for m in modes) and (exact is None or exact.grads)
+        skip, verdicts, infos = {}, {}, {}
+        grad_out = low = yardstick = None
+        for name in sorted(impls, key=lambda n: n != reference):  # the reference first: it bounds the others
+            impl = impls[name]
             try:
                 if isinstance(impl, BaseException):
                     raise impl
-                with torch.enable_grad():
-                    outputs[name] = impl.fn().detach()
+                grads = backward and tolerance is None and any(m in impl.modes for m in MODES[1:])
+                results, grad_out = self._results(impl.fn, named, grad_out, grads)
+                if name == reference:
+                    low = results
+                    yardstick = self._exact(exact, named, case.dtype, grad_out, grads) if exact else results
+                if tolerance is not None and low is not None:
+                    verdicts[name] = Verdict(*tolerance(name, results["out"], low["out"]))
+                elif yardstick is not None:
+                    verdicts[name] = gate_verdict(results, low, yardstick, case.dtype)
+                del results
+                if impl.describe is not None:
+                    infos[name] = impl.describe()
+                    print(f"{name}: {json.dumps(infos[name], default=str)}")
             except Exception as error:  # a broken provider must not stop the run
                 skip[name] = self._failure(error)
-            self._release()
-        ref = outputs.get(reference)
-        if reference and ref is None:
-            print(f"!!! {case.name}: the reference {reference!r} did not run: outputs are NOT checked")
-        checks = {n: (tolerance or _default_tolerance)(n, out, ref) for n, out in outputs.items() if ref is not None}
-        like = next(iter(outputs.values()), None)  # the upstream gradient: same values for every provider
-        differentiable = like is not None and like.is_floating_point()  # not, e.g., a predicted class map
-        grad_out = None if not differentiable else torch.randn(like.shape, dtype=like.dtype, device=like.device,
-                                                         generator=torch.Generator(like.device).manual_seed(0))
-        del outputs, ref, like
+            self._release(leaves)
+        if reference and low is None:
+            print(f"!!! {case.name}: the reference {reference!r} did not run: results are NOT checked")
+        del low, yardstick
 
         rows = []
         for name, impl in impls.items():
             for mode in modes:
-                err, match = checks.get(name, (None, None))
+                verdict = verdicts.get(name, Verdict())
                 rows.append(row := Row(case.name, name, mode, case.shape, str(case.dtype).removeprefix("torch."),
-                                       max_abs_err=err, match=match, note=getattr(impl, "note", None)))
+                                       max_err=verdict.max_err, correct=verdict.correct, errors=verdict.errors,
+                                       info=infos.get(name), note=getattr(impl, "note", None)))
                 if name in skip or mode not in impl.modes:
                     row.error = skip.get(name) or UNAVAILABLE + impl.reason
                     continue
                 try:
-                    self._measure(row, impl.fn, mode, leaves, grad_out, case)
+                    self._measure(row, impl, mode, leaves, grad_out, case)
                 except Exception as error:
                     row.error = self._failure(error)
                 if row.ms is not None and row.ms > self.slow_ms:  # a cheap time budget that interrupts nothing
@@ -303,6 +395,36 @@ class Harness:
         if self.save:
             append_jsonl(self.path, rows, self.env, self.name)
         return rows
+
+    @staticmethod
+    def _results(forward: Callable[[], torch.Tensor], named: dict, grad_out: torch.Tensor | None, grads: bool,
+                 autograd: bool = True) -> tuple[dict, torch.Tensor | None]:
+        """``{"out": output, "grad <leaf>": gradient or None}`` (gradients with ``grads`` only, and only of a
+        floating output) and the upstream gradient (made from the first output: the same for every provider).
+        The forward runs with autograd on, as in the timed modes, unless ``autograd`` is False."""
+        with torch.set_grad_enabled(autograd):
+            out = forward()
+        results = {"out": out.detach()}
+        if not out.is_floating_point():  # e.g. a predicted class map: nothing to differentiate
+            return results, grad_out
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, dtype=out.dtype, device=out.device,
+                                   generator=torch.Generator(out.device).manual_seed(0))
+        if grads:
+            got = torch.autograd.grad(out, list(named.values()), grad_out, allow_unused=True) \
+                if out.requires_grad else (None,) * len(named)
+            results |= {f"grad {n}": None if g is None else g.detach() for n, g in zip(named, got, strict=True)}
+        return results, grad_out
+
+    def _exact(self, exact: Exact, named: dict, dtype: torch.dtype, grad_out: torch.Tensor | None,
+               grads: bool) -> dict:
+        """The yardstick's results: ``exact.fn`` on widened copies of the leaves (without autograd when no
+        gradient is checked: a model's leaves are its parameters, whose graph would only cost memory)."""
+        wide = exact_dtype(dtype)
+        copies = {n: x.detach().to(wide).requires_grad_(grads) for n, x in named.items()}
+        results, _ = self._results(lambda: exact.fn(*copies.values()), copies,
+                                   None if grad_out is None else grad_out.to(wide), grads, autograd=grads)
+        return results
 
     @staticmethod
     def _failure(error: BaseException) -> str:
@@ -319,10 +441,18 @@ class Harness:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
 
-    def _measure(self, row: Row, forward, mode: str, leaves, grad_out, case: Case) -> None:
+    def _bench(self, run: Callable[[], object], leaves: Sequence[torch.Tensor]) -> list[float]:
+        """QUANTILES (ms) of ``run``: ``do_bench`` on a GPU, :func:`cpu_bench` on the CPU."""
+        if self.device.type == "cuda":
+            from triton.testing import do_bench  # here: a CPU-only install may lack triton
+            return do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
+                            quantiles=list(QUANTILES))
+        return cpu_bench(run, self.rep_ms, leaves)
+
+    def _measure(self, row: Row, impl: Impl, mode: str, leaves, grad_out, case: Case) -> None:
         on_gpu = self.device.type == "cuda"
         base = torch.cuda.memory_allocated(self.device) if on_gpu else 0  # inputs and the upstream gradient
-        run = mode_runner(forward, mode, grad_out)
+        run = mode_runner(impl.fn, mode, grad_out)
         run()  # warm-up: compiles a compiled provider's backward, once; fills the caching allocator
         self._release(leaves)
         if on_gpu:
@@ -333,12 +463,7 @@ class Harness:
             self._release(leaves)  # the counted call starts without gradients, as the timed ones
             row.launches = count_kernel_launches(run)
             self._release(leaves)
-            from triton.testing import do_bench  # here: a CPU-only install may lack triton
-            times = do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
-                             quantiles=list(QUANTILES))
-        else:
-            times = cpu_bench(run, self.rep_ms, leaves)
-        row.ms, row.ms_p20, row.ms_p80 = times
+        row.ms, row.ms_p20, row.ms_p80 = self._bench(run, leaves)
         if case.items:
             row.items_per_s = case.items * 1e3 / row.ms
         work = case.work.get(mode)
@@ -348,7 +473,21 @@ class Harness:
             if bound is not None:
                 row.roofline_ms, row.limiter = bound
                 row.roofline_pct = 100.0 * bound[0] / row.ms
+        if self.graph_capture is not None and mode in GRAPH_MODES and row.ms < self.graph_below_ms:
+            self._release(leaves)
+            self._graph_time(row, impl, run, leaves)
 
+    def _graph_time(self, row: Row, impl: Impl, run: Callable[[], object], leaves: Sequence[torch.Tensor]) -> None:
+        """``row.graph_ms``: the median replay of the captured call (the GPU time without the host's launch
+        overhead), else ``row.graph_error`` saying why there is none. The replays write the gradients into the
+        graph's own memory, so they are not reset between them."""
+        if not impl.graphs:
+            row.graph_error = "not capturable: " + (impl.note or "the provider says so")
+            return
+        try:
+            row.graph_ms = self._bench(self.graph_capture(run), ())[0]
+        except Exception as error:  # a call that cannot be captured keeps its eager time
+            row.graph_error = f"capture failed: {type(error).__name__}: {error}".splitlines()[0][:300]
 
 
 def count_kernel_launches(fn: Callable[[], object]) -> int | None:
@@ -362,30 +501,6 @@ def count_kernel_launches(fn: Callable[[], object]) -> int | None:
         torch.cuda.synchronize()
     device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     return sum(not e.name.startswith(("Memcpy", "Memset")) for e in device) if device else None
-
-
-class TwiceReferenceError:
-    """``run_case``'s tolerance under the repository's low-precision rule: a provider matches when its
-    error against an fp32 run of the reference (``reference_fp32()``, computed once, on first use) is at
-    most twice the error of the reference itself run in the benchmark dtype, plus a small floor. The
-    reported error is against the reference provider's output in the benchmark dtype."""
-
-    FLOOR = {torch.float32: 1e-4, torch.float64: 1e-9}
-
-    def __init__(self, dtype: torch.dtype, reference_fp32: Callable[[], torch.Tensor]) -> None:
-        self.dtype, self.reference_fp32 = dtype, reference_fp32
-        self._ref32: torch.Tensor | None = None
-
-    def __call__(self, name: str, out: torch.Tensor, reference_out: torch.Tensor) -> tuple[float, bool]:
-        if out.shape != reference_out.shape:
-            return math.inf, False
-        if self._ref32 is None:
-            exact = self.dtype in (torch.float32, torch.float64)
-            self._ref32 = reference_out.float() if exact else self.reference_fp32().float()
-        err = (out.float() - reference_out.float()).abs().max().item()
-        own = (out.float() - self._ref32).abs().max().item()
-        base = (reference_out.float() - self._ref32).abs().max().item()
-        return err, bool(own <= 2.0 * base + self.FLOOR.get(self.dtype, 1e-3))
 
 
 def configure_compile() -> None:
@@ -405,10 +520,20 @@ def configure_compile() -> None:
 
 # ----------------------------------------------------------------------------- speed-ups and targets
 def format_speedups(rows: Sequence[Row], ours: str, peers: Sequence[str]) -> str:
-    """``peer ms / ours ms`` per case and mode (> 1: ours is faster); empty when ours has no time."""
+    """``peer ms / ours ms`` per case and mode (> 1: ours is faster); empty when ours has no time. A row that
+    failed the correctness gate is not ranked: "wrong" stands in its place."""
     ms = {(r.case, r.mode, r.provider): r.ms for r in rows if r.ok}
-    body = [(case, mode, f"{ms[case, mode, ours]:.3f}",
-             *(f"{ms[case, mode, p] / ms[case, mode, ours]:.2f}x" if (case, mode, p) in ms else "-" for p in peers), "")
+    wrong = {(r.case, r.mode, r.provider) for r in rows if r.correct is False}
+
+    def ratio(case: str, mode: str, peer: str) -> str:
+        if (case, mode, peer) not in ms:
+            return "-"
+        if (case, mode, ours) in wrong or (case, mode, peer) in wrong:
+            return "wrong"
+        return f"{ms[case, mode, peer] / ms[case, mode, ours]:.2f}x"
+
+    body = [(case, mode, f"{ms[case, mode, ours]:.3f}" + (" WRONG" if (case, mode, ours) in wrong else ""),
+             *(ratio(case, mode, p) for p in peers), "")
             for case in dict.fromkeys(r.case for r in rows) for mode in MODES if (case, mode, ours) in ms]
     header = ("case", "mode", f"{ours} ms", *(f"vs {p}" for p in peers), "")
     return f"speedup of {ours} (peer ms / {ours} ms; > 1: {ours} is faster)\n{text_table(header, body)}" if body else ""
@@ -472,6 +597,11 @@ def _has_time(row: Row | None) -> bool:
     return row is not None and row.ok
 
 
+def _rankable(row: Row | None) -> bool:
+    """A peer row that may be compared with: timed and not failed by the correctness gate."""
+    return _has_time(row) and row.correct is not False
+
+
 def untimed(row: Row, otherwise: str = "no time") -> str:
     """Why ``row`` has no time, as an n/a reason: "provider: error" (``otherwise`` without an error)."""
     return f"{row.provider}: {row.error or otherwise}"
@@ -479,11 +609,14 @@ def untimed(row: Row, otherwise: str = "no time") -> str:
 
 def speedup_check(target: str, own: Row | None, peers: Sequence[Row | None], factor: float, *, own_why: str,
                   peer_why: str) -> Check:
-    """``peer ms / own ms >= factor`` against the fastest of ``peers`` with a time (the value names it when
-    there are several). n/a: ``own_why`` when ``own`` has no time, else ``peer_why`` when no peer has one."""
-    timed = [row for row in peers if _has_time(row)]
+    """``peer ms / own ms >= factor`` against the fastest of ``peers`` with a time that passed the correctness
+    gate (the value names it when there are several). n/a: ``own_why`` when ``own`` has no time, else
+    ``peer_why`` when no peer has one (naming the peers left out as incorrect)."""
+    timed = [row for row in peers if _rankable(row)]
     if not _has_time(own) or not timed:
-        return Check(target, why=peer_why if _has_time(own) else own_why)
+        wrong = [row.provider for row in peers if _has_time(row) and row.correct is False]
+        why = peer_why + (f"; incorrect, not ranked: {', '.join(wrong)}" if wrong else "")
+        return Check(target, why=why if _has_time(own) else own_why)
     best = min(timed, key=lambda row: row.ms)
     speedup = best.ms / own.ms
     return Check(target, f"{speedup:.2f}x" + (f" vs {best.provider}" if len(peers) > 1 else ""), speedup >= factor)
@@ -501,7 +634,7 @@ def peer_speedup_checks(index: RowIndex, case: str, own: Row | None, factors: di
 def peak_memory_check(target: str, own: Row | None, eager: Row | None, at_most: float, *,
                       mib_digits: int = 0) -> Check:
     """Peak memory of ``own`` over that of ``eager`` (the same case and mode) ``<= at_most``."""
-    if not (_has_time(own) and own.peak_mib is not None and _has_time(eager) and eager.peak_mib):
+    if not (_has_time(own) and own.peak_mib is not None and _rankable(eager) and eager.peak_mib):
         return Check(target, why="no memory measurement")
     ratio = own.peak_mib / eager.peak_mib
     mib = f"{own.peak_mib:.{mib_digits}f} / {eager.peak_mib:.{mib_digits}f} MiB"
@@ -525,11 +658,11 @@ def roofline_check(target: str, row: Row | None, at_least_pct: float, *, own_why
     return Check(target, f"{row.roofline_pct:.1f}% ({row.limiter}-bound)", row.roofline_pct >= at_least_pct)
 
 
-def target_results(case: str, provider: str, checks: Sequence[Check], match: bool | None) -> list[TargetResult]:
-    """The checks as results: "n/a (why)" where a number is missing, else "FAIL (output mismatch)" where the
-    provider's output did not match (``match`` False), else PASS or FAIL."""
+def target_results(case: str, provider: str, checks: Sequence[Check], correct: bool | None) -> list[TargetResult]:
+    """The checks as results: "n/a (why)" where a number is missing, else "FAIL (incorrect)" where the
+    provider failed the correctness gate (``correct`` False), else PASS or FAIL."""
     return [TargetResult(case, c.target, provider, c.value,
-                         f"n/a ({c.why})" if c.why is not None else "FAIL (output mismatch)" if match is False
+                         f"n/a ({c.why})" if c.why is not None else "FAIL (incorrect)" if correct is False
                          else "PASS" if c.ok else "FAIL") for c in checks]
 
 
@@ -559,18 +692,24 @@ def print_summary(rows: Sequence[Row], providers: Sequence[str], ours: Sequence[
                   labels: Sequence[dict[str, str]] = ()) -> None:
     """What a benchmark prints after its cases: for each of ``ours`` among ``providers``, its speed-up table
     against the other providers (then again under each of ``labels``: the same providers under other names,
-    on other cases), the providers whose output did not match, and the targets (None: a CPU run, not
+    on other cases), the providers that failed the correctness gate, and the targets (None: a CPU run, not
     evaluated)."""
     print()
     for own in (p for p in ours if p in providers):
         for names in ({}, *labels):
             table = format_speedups(rows, names.get(own, own), [names.get(p, p) for p in providers if p != own])
             print(table, end="\n\n" if table else "")
-    mismatched = sorted({(r.case, r.provider) for r in rows if r.match is False})
-    if mismatched:
-        print("!!! OUTPUT MISMATCH vs eager: " + ", ".join(f"{p} on {c}" for c, p in mismatched))
+    print_incorrect(rows)
     print(format_targets(targets, target_cases) if targets is not None
           else "targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+
+
+def print_incorrect(rows: Sequence[Row]) -> None:
+    """The providers that failed the correctness gate, one line, if any."""
+    wrong = sorted({(r.case, r.provider) for r in rows if r.correct is False})
+    if wrong:
+        print("!!! INCORRECT (output or gradients beyond twice the reference's error; not ranked): "
+              + ", ".join(f"{p} on {c}" for c, p in wrong))
 
 
 # -------------------------------------------------------------------------------------- command line

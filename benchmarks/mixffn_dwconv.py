@@ -51,11 +51,11 @@ from harness import (  # noqa: E402
     COMPILE_NOTE,
     MODES,
     Case,
+    Exact,
     Impl,
     Row,
     RowIndex,
     TargetResult,
-    TwiceReferenceError,
     Unavailable,
     Work,
     bandwidth_check,
@@ -245,16 +245,11 @@ def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, segfor
     return providers
 
 
-def reference_fp32_conv(x, weight, bias) -> torch.Tensor:
-    with torch.no_grad():
-        return dwconv3x3_reference(x.detach().float(), weight.detach().float(), bias.detach().float(), "gelu")
-
-
-def reference_fp32_module(segformer: SegFormerMlp, x: torch.Tensor) -> torch.Tensor:
-    fp32 = SegFormerMlp(segformer.fc1.in_features, segformer.fc1.out_features).to(x.device)
-    fp32.load_state_dict({k: v.float() for k, v in segformer.state_dict().items()})
-    with torch.no_grad():
-        return fp32(x.detach().float())
+def exact_module(segformer: SegFormerMlp) -> Exact:
+    """The gate's yardstick of the module case: SegFormer's module on the leaves ``(volume, *parameters)``."""
+    names = [name for name, _ in segformer.named_parameters()]
+    return Exact(lambda volume, *params: torch.func.functional_call(segformer, dict(zip(names, params, strict=True)),
+                                                                    (volume,)))
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -274,8 +269,8 @@ def evaluate_targets(rows: Sequence[Row], hbm_bytes_per_s: float | None, cases: 
         module = speedup_check("MixFFN fwd+bwd >= 1.3x SegFormer eager", mine,
                                [index.timed(module_case, "segformer-eager", "fwd+bwd")], 1.3,
                                own_why=untimed(mine) if mine else f"{label}: not run", peer_why="no eager time")
-        return [*target_results(case, provider, conv, own.match),
-                *target_results(module_case, provider, [module], mine.match if mine else None)]
+        return [*target_results(case, provider, conv, own.correct),
+                *target_results(module_case, provider, [module], mine.correct if mine else None)]
 
     return check_targets(rows, cases, ours, judge, one_line_when_untimed=False)
 
@@ -303,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         rows += bench.run_case(case, conv_providers(args.providers, shape, x, weight, bias, args.compile_all),
                                leaves=[x, weight, bias], modes=args.modes,
                                reference="eager" if "eager" in args.providers else None,
-                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32_conv, x, weight, bias)))
+                               exact=Exact(partial(dwconv3x3_reference, activation="gelu")))
         del x, weight, bias
         if args.no_module:
             continue
@@ -316,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         rows += bench.run_case(case, module_providers(args.providers, shape, volume, segformer, args.compile_all),
                                leaves=[volume, *segformer.parameters()], modes=args.modes,
                                reference="segformer-eager" if "eager" in args.providers else None,
-                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32_module, segformer, volume)))
+                               exact=exact_module(segformer))
         del segformer, volume
 
     targets = evaluate_targets(rows, bench.spec.bytes_per_s if bench.spec else None) if on_gpu else None

@@ -40,11 +40,11 @@ from harness import (  # noqa: E402
     COMPILE_NOTE,
     MODES,
     Case,
+    Exact,
     Impl,
     Row,
     RowIndex,
     TargetResult,
-    TwiceReferenceError,
     Unavailable,
     Work,
     bandwidth_check,
@@ -132,12 +132,6 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return logits.to(dtype).requires_grad_(), feats.to(dtype).requires_grad_()
 
 
-def reference_fp32(logits: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """The reference on fp32 copies (the yardstick of the low-precision rule)."""
-    with torch.no_grad():
-        return soft_region_pool_reference(logits.detach().float(), feats.detach().float(), SCALE)
-
-
 def build_providers(names: Sequence[str], logits: torch.Tensor, feats: torch.Tensor) -> dict:
     """A forward (or the reason it cannot run) for every requested provider."""
     cpu = logits.device.type == "cpu"
@@ -170,7 +164,7 @@ def evaluate_targets(rows: Sequence[Row], bytes_per_s: float | None, cases: Sequ
                   *peer_speedup_checks(index, case, fb, {"eager": 2.0, "compile": 1.3}, own_why="no fwd+bwd time"),
                   peak_memory_check("fwd peak memory <= 0.5x eager", fwd, index.timed(case, "eager", "fwd"), 0.5,
                                     mib_digits=1)]
-        return target_results(case, provider, checks, own.match)
+        return target_results(case, provider, checks, own.correct)
 
     return check_targets(rows, cases, ours, judge)
 
@@ -196,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
                     title=shape.title(dtype))
         rows += bench.run_case(case, providers, leaves=[logits, feats], modes=args.modes,
                                reference="eager" if "eager" in providers else None,
-                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32, logits, feats)))
+                               exact=Exact(partial(soft_region_pool_reference, scale=SCALE)))
         del providers, logits, feats
     targets = evaluate_targets(rows, bench.spec.bytes_per_s if bench.spec else None) if on_gpu else None
     print_summary(rows, args.providers, OURS, targets, ", ".join(TARGET_SHAPES))

@@ -1,40 +1,52 @@
 """Benchmark: fused 3D window attention of the SSLTM STT blocks against its peers.
 
     python benchmarks/stt_window_attn.py [--quick] [--providers eager,sdpa,...] [--modes fwd,bwd,fwd+bwd]
-                                          [--shapes stride16,large] [--no-save] [--results-dir DIR] [--cpu]
+                                          [--shapes stride16,large] [--no-module] [--no-save]
+                                          [--results-dir DIR] [--cpu]
 
-Providers (all take q/k/v as strided views of one ``(B, T, H, W, 3C)`` tensor and a learnable relative
-position bias table, and return ``(B, T, H, W, heads, head_dim)``):
+Providers of the op case (all take q/k/v as strided views of one ``(B, T, H, W, 3C)`` tensor and a learnable
+relative position bias table, and return ``(B, T, H, W, heads, head_dim)``):
 
-    eager    ``window_attention_3d_reference``: pad + roll + partition + QK^T + bias (+ shift mask) +
-             softmax + PV + reverse + crop, in PyTorch ops (Video Swin's way)
-    compile  ``torch.compile`` of that same function (compilation excluded from the timing)
-    sdpa     partition into ``(B*nW, heads, N, hd)``, ``F.scaled_dot_product_attention`` with the gathered
-             ``(heads, N, N)`` bias (+ shift mask) as ``attn_mask``, reverse
-    flex     the same partition + ``flex_attention`` (compiled) with a ``score_mod`` adding the bias through
-             the ``(N, N)`` index and the shift mask
-    triton   ``window_attention_3d(..., backend="triton")``
-    cuda     ``window_attention_3d(..., backend="cuda")``
+    eager       ``window_attention_3d_reference``: pad + roll + partition + QK^T + bias (+ shift mask) +
+                softmax + PV + reverse + crop, in PyTorch ops (Video Swin's way)
+    compile     ``torch.compile`` of that same function (compilation excluded from the timing)
+    sdpa        partition into ``(B*nW, heads, N, hd)``, ``F.scaled_dot_product_attention`` with the gathered
+                ``(heads, N, N)`` bias (+ shift mask) as ``attn_mask``, reverse; its rows record the SDPA
+                kernel that ran and what each ``sdpa_kernel`` backend does with the shape (``info``)
+    flex        the same partition + ``flex_attention`` (compiled) with a ``score_mod`` that looks the bias
+                up in the table through the ``(N, N)`` index, and the shift mask
+    flex-dense  the same, the ``score_mod`` reading a dense ``(heads, N, N)`` bias gathered before the call
+    triton      ``window_attention_3d(..., backend="triton")``
+    cuda        ``window_attention_3d(..., backend="cuda")``
+
+The module case (``<shape>-module``; ``--no-module`` skips it): torchvision's ``ShiftedWindowAttention3d``
+(``shifted_window_attention_3d``, projections included) against our ``WindowAttention3D`` on the reference
+(``module-reference``, from ``eager``), Triton and CUDA backends, all on the same parameters; ``torchvision``
+in ``--providers`` selects it.
 
 Every count and partition comes from the op's own ``window_geometry`` (padded extents, windows, tokens,
-shrunk windows) and ``relative_position_index``.
+shrunk windows) and ``relative_position_index``. Every provider's output and gradients pass the harness's
+correctness gate (float64/fp32 yardstick, 2x-reference-error rule) before they are timed; a wrong one is
+marked, not ranked.
 
 On a GPU: bf16, the four SSLTM STT strides for two 4-frame 480x480 clips and a large shape with and
 without shift (requested (2, 3, 3); with T = 4 frames Video Swin drops the temporal shift, so it is
-(0, 3, 3)), modes fwd / bwd / fwd+bwd, then the issue's performance targets with PASS / FAIL.
+(0, 3, 3)), modes fwd / bwd / fwd+bwd, the module case on stride16 and large-shift, CUDA-graph replays of
+the calls under 2 ms, then the issue's performance targets with PASS / FAIL.
 
 Without a GPU (or with ``--cpu``): a small fp32 CPU comparison of the providers that run on the CPU
 (triton only under TRITON_INTERPRET=1). FlexAttention runs uncompiled there: its CPU compile takes about
-a minute on 2 cores, and it has no CPU backward either way; the score_mod and the partition are checked.
+a minute on 2 cores, and it has no CPU backward either way; the score_mods and the partition are checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -49,11 +61,11 @@ from harness import (  # noqa: E402
     COMPILE_NOTE,
     MODES,
     Case,
+    Exact,
     Impl,
     Row,
     RowIndex,
     TargetResult,
-    TwiceReferenceError,
     Unavailable,
     Work,
     benchmark_arguments,
@@ -69,6 +81,7 @@ from harness import (  # noqa: E402
     untimed,
 )
 
+from ssltm_kernels.modules import WindowAttention3D  # noqa: E402
 from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
     WindowGeometry,
     relative_position_index,
@@ -78,8 +91,12 @@ from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
 )
 
 BENCHMARK = "stt_window_attn"
-PROVIDERS = ("eager", "compile", "sdpa", "flex", "triton", "cuda")
+PROVIDERS = ("eager", "torchvision", "compile", "sdpa", "flex", "flex-dense", "triton", "cuda")
 OURS = ("triton", "cuda")
+FUSED_PEERS = ("sdpa", "flex", "flex-dense")
+# the module case: torchvision's ShiftedWindowAttention3d against our WindowAttention3D per backend
+MODULE_PROVIDERS = {"torchvision": "torchvision", "eager": "module-reference", "triton": "module-triton",
+                    "cuda": "module-cuda"}
 SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
 # ------------------------------------------------------------------------------------ shapes, their work
 @dataclass(frozen=True)
@@ -134,6 +151,7 @@ GPU_SHAPES = {s.name: s for s in (
     Shape("large-shift", B=8, T=4, H=56, W=56, C=256, heads=8, shift=(2, 3, 3)),
 )}
 QUICK_GPU_SHAPES = ("stride16", "large", "large-shift")
+MODULE_SHAPES = ("stride16", "large-shift")  # GPU shapes that also run the module case (CPU: every shape)
 CPU_SHAPES = {s.name: s for s in (
     Shape("cpu-small", B=1, T=4, H=14, W=14, C=64, heads=2),
     # padded in every axis (6 -> 8, 10 -> 14) and shifted: exercises padding and the region mask
@@ -224,6 +242,11 @@ class Partition:
         t, h, w = g.sizes
         return x[:, :t, :h, :w]
 
+    def dense_bias(self, table: torch.Tensor) -> torch.Tensor:
+        """The table gathered into the dense ``(heads, N, N)`` bias of every window (differentiable)."""
+        n = self.geom.tokens_per_window
+        return table[self.rel_index.reshape(-1)].reshape(n, n, self.shape.heads).permute(2, 0, 1).contiguous()
+
     def sdpa_mask(self, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Additive ``attn_mask`` ``(B*nW, heads, N, N)``: the gathered bias (+ shift mask); a stride-0
         broadcast of the ``(heads, N, N)`` bias without a shift, materialized with one. Rows are stored
@@ -231,7 +254,7 @@ class Partition:
         16-byte aligned mask strides and would otherwise copy the (expanded) mask."""
         n, heads, windows = self.geom.tokens_per_window, self.shape.heads, self.shape.B * self.geom.num_windows
         pad = -n % 8
-        bias = table[self.rel_index.reshape(-1)].reshape(n, n, heads).permute(2, 0, 1).to(dtype).contiguous()
+        bias = self.dense_bias(table).to(dtype)
         if self.shift_mask is None:
             return F.pad(bias, (0, pad))[None, :, :, :n].expand(windows, heads, n, n)
         mask = F.pad(bias[None] + self.shift_mask[:, None].to(dtype), (0, pad))  # (nW, heads, N, N + pad)
@@ -254,31 +277,36 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return qkv.requires_grad_(), table.requires_grad_()
 
 
-def reference_fp32(shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The op's reference on fp32 copies of the inputs (the yardstick of the low-precision rule)."""
-    with torch.no_grad():
-        return window_attention_3d_reference(
-            *split_qkv(qkv.detach().float(), shape.heads), window_size=shape.window,
-            rel_pos_bias_table=table.detach().float(), shift_size=shape.shift, scale=shape.head_dim**-0.5)
+def exact_attention(shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The op's reference on the gate's widened leaves (its yardstick)."""
+    return window_attention_3d_reference(*split_qkv(qkv, shape.heads), window_size=shape.window,
+                                         rel_pos_bias_table=table, shift_size=shape.shift,
+                                         scale=shape.head_dim**-0.5)
 
 
 def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> dict:
-    """A forward (or the reason it cannot run) for every requested provider."""
+    """A forward (or the reason it cannot run) for every requested provider of the op case (``torchvision``
+    belongs to the module case: :func:`module_providers`)."""
     heads, scale, cpu = shape.heads, shape.head_dim**-0.5, qkv.device.type == "cpu"
     kwargs = dict(window_size=shape.window, rel_pos_bias_table=table, shift_size=shape.shift, scale=scale)
     partition = Partition(shape, qkv.device)
     providers: dict[str, Impl | BaseException] = {}
     for name in names:
+        if name == "torchvision":
+            continue
         if name in ("eager", "compile"):
             fn = window_attention_3d_reference
             fn = torch.compile(fn, dynamic=False) if name == "compile" else fn
             providers[name] = Impl(lambda fn=fn: fn(*split_qkv(qkv, heads), **kwargs),
                                    note=COMPILE_NOTE if name == "compile" else None)
         elif name == "sdpa":
-            providers[name] = Impl(lambda: partition.reverse(F.scaled_dot_product_attention(
-                *partition(qkv), attn_mask=partition.sdpa_mask(table, qkv.dtype), scale=scale)))
-        elif name == "flex":
-            providers[name] = _flex_provider(partition, qkv, table, scale, compiled=not cpu)
+            def sdpa() -> torch.Tensor:
+                return partition.reverse(F.scaled_dot_product_attention(
+                    *partition(qkv), attn_mask=partition.sdpa_mask(table, qkv.dtype), scale=scale))
+            providers[name] = Impl(sdpa, describe=partial(sdpa_kernels, sdpa))
+        elif name in ("flex", "flex-dense"):
+            providers[name] = _flex_provider(partition, qkv, table, scale, compiled=not cpu,
+                                             dense=name == "flex-dense")
         elif name == "triton" and cpu and os.environ.get("TRITON_INTERPRET") != "1":
             providers[name] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
         else:  # ours; the op says itself why a backend cannot run here
@@ -286,10 +314,54 @@ def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table
     return providers
 
 
+# the SDPA backends torch.nn.attention.sdpa_kernel chooses from, by the names their aten ops carry
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa_kernels(forward: Callable[[], torch.Tensor]) -> dict:
+    """Which SDPA kernel ``forward`` ran, from the aten ops torch.profiler records during one forward and
+    backward (``sdpa_kernel``: the backend its forward op names, ``sdpa_ops``: every ``_scaled_dot_product``
+    op), and what each backend of ``torch.nn.attention.sdpa_kernel`` does with this shape, dtype and
+    mask alone (``sdpa_backends``: "fwd+bwd", "fwd only: why", or "no: why")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    def call() -> None:
+        with warnings.catch_warnings():  # "... kernel not used because": the record below says it
+            warnings.simplefilter("ignore")
+            out = forward()
+            if out.requires_grad:
+                out.sum().backward()
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    ops = sorted({e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product_")})
+    ran = next((b for op in ops if not op.endswith("backward") for b in SDPA_BACKENDS if b in op), None)
+    backends = {}
+    for name in SDPA_BACKENDS:
+        with sdpa_kernel(getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                                              "cudnn": "CUDNN_ATTENTION", "math": "MATH"}[name])):
+            try:
+                call()
+                backends[name] = "fwd+bwd"
+            except Exception as error:  # "No available kernel" and its kin: a record, not a failure
+                why = str(error).strip().splitlines()[0][:120]
+                try:
+                    with torch.no_grad(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        forward()
+                    backends[name] = f"fwd only: {why}"
+                except Exception:
+                    backends[name] = f"no: {why}"
+    return {"sdpa_kernel": ran, "sdpa_ops": ops, "sdpa_backends": backends}
+
+
 def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor, scale: float, *,
-                   compiled: bool, kernel_options: dict | None = None) -> Impl:
-    """FlexAttention on the partitioned windows with the bias (and shift mask) as a ``score_mod``;
-    ``kernel_options`` as flex_attention takes them (block sizes, ...)."""
+                   compiled: bool, kernel_options: dict | None = None, dense: bool = False) -> Impl:
+    """FlexAttention on the partitioned windows with the bias (and shift mask) in a ``score_mod``;
+    ``kernel_options`` as flex_attention takes them (block sizes, ...). The bias: looked up through the
+    ``(N, N)`` index in the table (the table gather), or with ``dense`` read from the ``(heads, N, N)`` bias
+    gathered before the call (one more ``heads * N * N`` tensor per call, no index lookup per score)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     index, region, windows = partition.rel_index, partition.region, partition.geom.num_windows
@@ -297,24 +369,24 @@ def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor,
     if cpu:  # FlexAttention has no CPU backward: forward only, on detached inputs
         qkv, table = qkv.detach(), table.detach()
 
-    # score_mod(score, batch, head, q_idx, kv_idx): "batch" runs over the B*nW windows, window-major
-    # within each batch item, so its window is batch % nW.
-    if region is None:
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # score_mod(score, batch, head, q_idx, kv_idx): "batch" runs over the B*nW windows, window-major
+        # within each batch item, so its window is batch % nW.
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + table[index[q_idx, kv_idx], h]
-    else:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            score = score + table[index[q_idx, kv_idx], h]
+            score = score + (bias[h, q_idx, kv_idx] if dense else bias[index[q_idx, kv_idx], h])
+            if region is None:
+                return score
             w = b % windows
             return torch.where(region[w, q_idx] == region[w, kv_idx], score, score + SHIFT_MASK_VALUE)
 
-    attend = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+        return flex_attention(q, k, v, score_mod=score_mod, scale=scale, kernel_options=kernel_options)
+
+    attend = torch.compile(attention, dynamic=False) if compiled else attention
 
     def forward() -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-            return partition.reverse(attend(*partition(qkv), score_mod=score_mod, scale=scale,
-                                            kernel_options=kernel_options))
+            return partition.reverse(attend(*partition(qkv), partition.dense_bias(table) if dense else table))
 
     if cpu:
         return Impl(forward, modes=("fwd",), reason="FlexAttention does not support backward on CPU",
@@ -322,22 +394,85 @@ def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor,
     return Impl(forward, note=COMPILE_NOTE if compiled else None)
 
 
+# ------------------------------------------------------------------------- the module case (torchvision)
+def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, module: WindowAttention3D) -> dict:
+    """The module case's providers (labels: MODULE_PROVIDERS): torchvision's ``ShiftedWindowAttention3d``
+    (its ``shifted_window_attention_3d``: qkv projection, pad, roll, partition, attention with the bias and
+    shift mask, reverse, output projection) and our ``WindowAttention3D`` on the volume, per backend, all on
+    the same parameters (``module``'s)."""
+    providers: dict[str, Impl | BaseException] = {}
+    for name in names:
+        label = MODULE_PROVIDERS.get(name)
+        if label is None:
+            continue
+        if name == "torchvision":
+            try:
+                from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
+            except ImportError as error:
+                providers[label] = Unavailable(f"torchvision: {error}")
+                continue
+            theirs = ShiftedWindowAttention3d(shape.C, list(shape.window), list(shape.shift), shape.heads)
+            theirs.qkv, theirs.proj = module.qkv, module.proj
+            theirs.relative_position_bias_table = module.relative_position_bias_table
+            theirs.relative_position_index = theirs.relative_position_index.to(x.device)
+            providers[label] = Impl(lambda m=theirs: m(x))
+        elif name == "triton" and x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            providers[label] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
+        else:
+            ours = copy.copy(module)  # the same parameters, another backend
+            ours.backend = "reference" if name == "eager" else name
+            providers[label] = Impl(lambda m=ours: m(x, shift_size=shape.shift))
+    return providers
+
+
+def make_module(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """A volume ``x (B, T, H, W, C)`` requiring grad and a ``WindowAttention3D`` with qkv and projection
+    biases (Video Swin's), its bias table drawn like the op case's."""
+    torch.manual_seed(seed)
+    module = WindowAttention3D(shape.C, shape.window, shape.heads, qkv_bias=True).to(device, dtype)
+    with torch.no_grad():
+        module.relative_position_bias_table.normal_()
+    x = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.C, device=device, dtype=dtype)
+    return x.requires_grad_(), module
+
+
+def exact_module(shape: Shape, module: WindowAttention3D) -> Exact:
+    """The module case's yardstick: our module on the reference backend, on the leaves ``(x, *parameters)``."""
+    reference = copy.copy(module)
+    reference.backend = "reference"
+    names = [name for name, _ in module.named_parameters()]
+    return Exact(lambda x, *params: torch.func.functional_call(
+        reference, dict(zip(names, params, strict=True)), (x,), {"shift_size": shape.shift}))
+
+
+def module_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+    """The attention's work plus the qkv and output projections (``8 * M * C^2`` FLOPs forward, twice that
+    backward, M tokens); bytes: the module's input and output (forward), input, output gradient and input
+    gradient (backward), the weights left out."""
+    attention = window_attention_work(shape, dtype, mode)
+    m, e = shape.B * shape.T * shape.H * shape.W, torch.finfo(dtype).bits // 8
+    linear = 8.0 * m * shape.C**2 * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+    nbytes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * m * shape.C * e
+    return Work(flops=attention.flops + linear, bytes=float(nbytes), exps=attention.exps)
+
+
 # ----------------------------------------------------------------------------------------------- targets
 def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
                      ours: Sequence[str] = OURS) -> list[TargetResult]:
     """The performance targets, from the measured rows: on each target case (fwd+bwd unless noted) ours
     >= 3x eager, >= 1.5x compile, >= 1.3x the faster of sdpa and flex; forward >= 50% of the roofline;
-    fwd+bwd peak memory <= 0.3x eager's. A target whose numbers are missing is "n/a"."""
+    fwd+bwd peak memory <= 0.3x eager's. A target whose numbers are missing is "n/a"; a peer that failed the
+    correctness gate is not compared with."""
     def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
         fb, fwd = index.timed(case, provider, "fwd+bwd"), index.timed(case, provider, "fwd")
-        fused = [index.timed(case, peer, "fwd+bwd") for peer in ("sdpa", "flex")]
+        fused = [index.timed(case, peer, "fwd+bwd") for peer in FUSED_PEERS]
         checks = [*peer_speedup_checks(index, case, fb, {"eager": 3.0, "compile": 1.5}, own_why=untimed(own)),
                   speedup_check("fwd+bwd >= 1.3x faster of sdpa/flex", fb, fused, 1.3, own_why=untimed(own),
                                 peer_why="neither sdpa nor flex has a time"),
                   roofline_check("fwd >= 50% of roofline", fwd, 50.0, own_why=f"{provider}: no forward time"),
                   peak_memory_check("fwd+bwd peak memory <= 0.3x eager", fb, index.timed(case, "eager", "fwd+bwd"),
                                     0.3)]
-        return target_results(case, provider, checks, own.match)
+        return target_results(case, provider, checks, own.correct)
 
     return check_targets(rows, cases, ours, judge)
 
@@ -346,6 +481,7 @@ def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
                             quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+    p.add_argument("--no-module", action="store_true", help="only the op, not the module case against torchvision")
     return p.parse_args(argv)
 
 
@@ -361,11 +497,22 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         providers = build_providers(args.providers, shape, qkv, table)
         case = Case(shape.name, shape.record(), dtype, {m: window_attention_work(shape, dtype, m) for m in MODES},
                     title=shape.title(dtype))
-        rows += bench.run_case(case, providers, leaves=[qkv, table], modes=args.modes,
+        rows += bench.run_case(case, providers, leaves={"qkv": qkv, "table": table}, modes=args.modes,
                                reference="eager" if "eager" in providers else None,
-                               tolerance=TwiceReferenceError(dtype, partial(reference_fp32, shape, qkv, table)))
+                               exact=Exact(partial(exact_attention, shape)))
         del providers, qkv, table
-    print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(TARGET_SHAPES))
+        if args.no_module or (on_gpu and shape.name not in MODULE_SHAPES):
+            continue
+        x, module = make_module(shape, dtype, device)
+        providers = module_providers(args.providers, shape, x, module)
+        case = Case(f"{shape.name}-module", shape.record(), dtype, {m: module_work(shape, dtype, m) for m in MODES},
+                    title=f"WindowAttention3D module (qkv + attention + proj)  {shape.title(dtype)}")
+        reference = next((p for p in ("torchvision", "module-reference") if p in providers), None)
+        rows += bench.run_case(case, providers, leaves={"x": x, **dict(module.named_parameters())}, modes=args.modes,
+                               reference=reference, exact=exact_module(shape, module))
+        del providers, x, module
+    print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(TARGET_SHAPES),
+                  labels=[MODULE_PROVIDERS])
     return rows
 
 

@@ -55,10 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     RESULTS_DIR,
     Case,
+    Exact,
     Harness,
     Impl,
     Row,
-    TwiceReferenceError,
     append_records,
     configure_compile,
     csv_choices,
@@ -72,8 +72,8 @@ from stt_window_attn import (  # noqa: E402
     _flex_provider,
     build_providers,
     evaluate_targets,
+    exact_attention,
     make_inputs,
-    reference_fp32,
     split_qkv,
     window_attention_work,
 )
@@ -266,8 +266,7 @@ def peers(run: Run, shapes: Sequence[Shape]) -> list[Row]:
                     title=shape.title(run.dtype))
         rows += run.harness.run_case(case, peer_providers(run, shape, qkv, table), leaves=[qkv, table],
                                      modes=("fwd", "fwd+bwd"), reference="eager",
-                                     tolerance=TwiceReferenceError(run.dtype,
-                                                                   partial(reference_fp32, shape, qkv, table)))
+                                     exact=Exact(partial(exact_attention, shape)))
     return rows
 
 
@@ -406,7 +405,7 @@ def default_backend(rows: Sequence[Row], gates: Sequence[dict]) -> tuple[str | N
     """The faster of triton and cuda in fwd+bwd on at least 4 of the 6 shapes (only a backend that passed
     the gate on the shape counts); CUDA stays the default only if it wins large or stride4."""
     failed = {(g["case"], g["backend"]) for g in gates if g.get("ok") is False}
-    ms = {(r.case, r.provider): r.ms for r in rows if r.ok and r.mode == "fwd+bwd" and r.match is not False
+    ms = {(r.case, r.provider): r.ms for r in rows if r.ok and r.mode == "fwd+bwd" and r.correct is not False
           and (r.case, r.provider) not in failed}
     wins = {"triton": [], "cuda": []}
     for case in dict.fromkeys(r.case for r in rows):

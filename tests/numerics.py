@@ -1,5 +1,6 @@
-"""The numeric checks the op tests share: float64 leaves for the oracle, an absolute-error assertion that
-names the worst element, and the 2x-reference-error rule for low-precision results."""
+"""The numeric checks the op tests share: float64 leaves for the oracle (``upcast``), an absolute-error
+assertion that names the worst element, and the 2x-reference-error rule for low-precision results (its
+bound is ``ssltm_kernels.numerics.twice_reference_bound``, which the benchmarks' correctness gate uses too)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ssltm_kernels.numerics import twice_reference_bound, upcast
 
-def upcast(inputs: Sequence[torch.Tensor | None], dtype: torch.dtype = torch.float64) -> tuple:
-    """Detached copies of ``inputs`` in ``dtype`` that require grad (``None`` stays ``None``)."""
-    return tuple(None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs)
+__all__ = ["assert_close", "assert_within_twice_low_precision_error", "upcast"]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what: str) -> None:
@@ -30,5 +30,5 @@ def assert_within_twice_low_precision_error(names: Sequence[str], results: Seque
     reference's magnitude."""
     for name, got, low, ref in zip(names, results, low_results, ref_results, strict=True):
         low_err = (low.double() - ref.double()).abs().max().item()
-        floor = (1e-4 if dtype == torch.float32 else 1e-6) * ref.abs().max().item()
-        assert_close(got, ref, 2 * low_err + floor, f"{what} {name} (same-precision ref err {low_err:.2e})")
+        assert_close(got, ref, twice_reference_bound(low, ref, dtype),
+                     f"{what} {name} (same-precision ref err {low_err:.2e})")

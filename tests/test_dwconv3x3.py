@@ -425,9 +425,9 @@ def test_benchmark_cpu_smoke(tmp_path):
     for provider in ("eager", "eager-channels-last"):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             row = by[(conv_case, provider, mode)]
-            assert row["error"] is None and row["ms"] > 0 and row["match"] is True, row
+            assert row["error"] is None and row["ms"] > 0 and row["correct"] is True, row
     assert by[(conv_case, "triton", "fwd")]["error"].startswith("unavailable: triton on CPU")
-    assert by[(module_case, "segformer-eager", "fwd")]["match"] is True
+    assert by[(module_case, "segformer-eager", "fwd")]["correct"] is True
     assert by[(module_case, "mixffn-reference", "fwd+bwd")]["ms"] > 0
 
 

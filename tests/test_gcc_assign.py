@@ -352,7 +352,7 @@ def test_benchmark_cpu_smoke(tmp_path):
     by = {(r["provider"], r["mode"]): r for r in rows}
     for mode in ("fwd", "bwd", "fwd+bwd"):
         eager = by[("eager", mode)]
-        assert eager["error"] is None and eager["ms"] > 0 and eager["match"] is True, eager
+        assert eager["error"] is None and eager["ms"] > 0 and eager["correct"] is True, eager
         assert eager["launches"] is None  # counted on a GPU only
     assert by[("triton", "fwd")]["error"].startswith("unavailable: triton on CPU")
     assert by[("cuda", "fwd")]["error"].startswith("unavailable")

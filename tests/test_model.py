@@ -435,12 +435,12 @@ def test_benchmark_targets_from_measured_numbers():
     def row(case, provider, mode, ms, **kw):
         return Row(case, provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
 
-    rows = [row("train", "kernels", "fwd+bwd", 100.0, peak_mib=600.0, match=True),
-            row("train", "reference", "fwd+bwd", 160.0, peak_mib=1000.0, match=True),
-            row("stream", "kernels", "fwd", 50.0, items_per_s=20.0, match=False)]
+    rows = [row("train", "kernels", "fwd+bwd", 100.0, peak_mib=600.0, correct=True),
+            row("train", "reference", "fwd+bwd", 160.0, peak_mib=1000.0, correct=True),
+            row("stream", "kernels", "fwd", 50.0, items_per_s=20.0, correct=False)]
     results = {r.target: r for r in bench.evaluate_targets(rows)}
     assert [(r.value, r.status) for r in results.values()] == [
-        ("1.60x", "PASS"), ("0.60x (600 / 1000 MiB)", "PASS"), ("20.0 frames/s", "FAIL (output mismatch)")]
+        ("1.60x", "PASS"), ("0.60x (600 / 1000 MiB)", "PASS"), ("20.0 frames/s", "FAIL (incorrect)")]
     rows[0].ms, rows[0].peak_mib = 120.0, 800.0
     statuses = [r.status for r in bench.evaluate_targets(rows[:2])]
     assert statuses == ["FAIL", "FAIL", "n/a (no streaming time)"]
@@ -458,9 +458,9 @@ def test_benchmark_cpu_smoke(tmp_path):
     assert all(r["device"] == "cpu" and r["benchmark"] == "ssltm_model" for r in rows)
     for provider in ("kernels", "reference"):
         train = by[("train-cpu", provider, "fwd+bwd")]
-        assert train["error"] is None and train["ms"] > 0 and train["match"] is True, train
+        assert train["error"] is None and train["ms"] > 0 and train["correct"] is True, train
         infer = by[("infer-cpu", provider, "fwd")]
-        assert infer["error"] is None and infer["ms"] > 0 and infer["match"] is True, infer
+        assert infer["error"] is None and infer["ms"] > 0 and infer["correct"] is True, infer
     stream = by[("stream-cpu", "kernels", "fwd")]
     assert stream["error"] is None and stream["items_per_s"] == pytest.approx(1e3 / stream["ms"]), stream
-    assert stream["match"] is True and stream["max_abs_err"] == 0.0  # same class maps on the CPU
+    assert stream["correct"] is True and stream["max_err"] == 0.0  # same class maps on the CPU

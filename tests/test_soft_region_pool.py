@@ -438,7 +438,7 @@ def test_benchmark_work_and_targets():
         return Row("k124-120", provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
 
     rows = [row("eager", "fwd", 0.2, peak_mib=60.0), row("eager", "fwd+bwd", 1.0), row("compile", "fwd+bwd", 0.6),
-            row("triton", "fwd", 0.05, gbps=3500.0, peak_mib=12.0, match=True), row("triton", "fwd+bwd", 0.4),
+            row("triton", "fwd", 0.05, gbps=3500.0, peak_mib=12.0, correct=True), row("triton", "fwd+bwd", 0.4),
             Row("k124-120", "cuda", "fwd+bwd", {}, "bfloat16", error="unavailable: not built")]
     results = {(r.provider, r.target): r for r in bench.evaluate_targets(rows, 4.8e12)}
     assert results[("triton", "fwd >= 70% of HBM bandwidth")].value.startswith("72.9%")
@@ -471,6 +471,6 @@ def test_benchmark_cpu_smoke(tmp_path):
     for provider in ("eager", "triton"):
         for mode in ("fwd", "bwd", "fwd+bwd"):
             r = by[(provider, mode)]
-            assert r["error"] is None and r["ms"] > 0 and r["match"] is True and "launches" in r, r
-    assert by[("triton", "fwd")]["max_abs_err"] < 1e-5
+            assert r["error"] is None and r["ms"] > 0 and r["correct"] is True and "launches" in r, r
+    assert by[("triton", "fwd")]["max_err"] < 1e-5
     assert by[("cuda", "fwd")]["error"].startswith("unavailable: the CUDA kernels need a GPU")

@@ -22,8 +22,8 @@ from harness import Row  # noqa: E402
 import ssltm_kernels.ops.window_attention_3d as op  # noqa: E402
 
 
-def _row(case, provider, ms, match=True):
-    return Row(case, provider, "fwd+bwd", {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, match=match)
+def _row(case, provider, ms, correct=True):
+    return Row(case, provider, "fwd+bwd", {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, correct=correct)
 
 
 SHAPES = ("stride4", "stride8", "stride16", "stride32", "large", "large-shift")
@@ -31,7 +31,7 @@ SHAPES = ("stride4", "stride8", "stride16", "stride32", "large", "large-shift")
 
 def _rows(triton_wins, mismatch=()):
     """fwd+bwd rows: triton 1 ms on ``triton_wins``, else 3 ms; cuda 2 ms everywhere."""
-    return [_row(c, "triton", 1.0 if c in triton_wins else 3.0, match=c not in mismatch) for c in SHAPES] + \
+    return [_row(c, "triton", 1.0 if c in triton_wins else 3.0, correct=c not in mismatch) for c in SHAPES] + \
         [_row(c, "cuda", 2.0) for c in SHAPES]
 
 
