@@ -488,14 +488,16 @@ def _warp_vspw(labels: np.ndarray, f: np.ndarray, h: int, w: int) -> np.ndarray:
     ``grid_sample`` (nearest, zero padding) with ``align_corners=False``, which reads the grid as if it
     had been normalised by ``(W, H)``: the pixel read is ``rint((x + f) * W / (W - 1) - 0.5)`` (and
     likewise in y), and class 0 where that is outside the frame. The same float32 operations in the
-    same order, on the CPU, so that rounding ties fall the same way."""
+    same order, on the CPU and in float32 whatever autocast the caller runs under, so that rounding ties
+    fall the same way."""
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     flow = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     gx = 2.0 * (xs + flow[..., 0]) / max(w - 1, 1) - 1.0
     gy = 2.0 * (ys + flow[..., 1]) / max(h - 1, 1) - 1.0
     source = torch.from_numpy(labels.astype(np.float32))[None, None]
     grid = torch.stack([gx, gy], dim=-1)[None]
-    warped = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    with torch.autocast("cpu", enabled=False):
+        warped = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return warped[0, 0].numpy()
 
 
