@@ -145,7 +145,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{cfg.data.dataset} {split}: {len(indices)} frames, checkpoint {args.checkpoint}")
         if "TC_protocol" in results:
             settings = (results["TC_protocol"], results["TC_flow"], results["TC_videos"])
-            print("TC: protocol {}, flow {}, first {} videos".format(*settings))
+            print("TC: protocol {}, flow {}, on {} video(s)".format(*settings))
         print(results_table(results, info.classes))
         if args.out:
             out = Path(args.out)

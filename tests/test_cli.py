@@ -127,7 +127,7 @@ def test_train_eval_through_cli(tmp_path, capsys):
     assert (metrics["TC_protocol"], metrics["TC_flow"], metrics["TC_videos"]) == ("vspw", "dis", 1)
     assert list(metrics["per_class"]) == [f"class_{k}" for k in range(6)]
     printed = capsys.readouterr().out
-    assert "| mIoU" in printed and "TC: protocol vspw, flow dis, first 1 videos" in printed
+    assert "| mIoU" in printed and "TC: protocol vspw, flow dis, on 1 video(s)" in printed
     # VSPW's submission layout: <video>/<frame>.png holding class ids; the held-out video is synthetic_4
     pngs = sorted(preds.glob("*/*.png"))
     assert [p.relative_to(preds).as_posix() for p in pngs] == [f"synthetic_4/{t:05d}.png" for t in range(FRAMES)]
