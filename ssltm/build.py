@@ -11,6 +11,7 @@ from torch import nn
 
 from . import data as D
 from .config import ConfigError, crop_size
+from .metrics import load_raft
 from .model import SSLTM
 from .visualize import make_palette
 
@@ -167,3 +168,28 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model settings (model.*, model.kwargs {kwargs}) rejected by SSLTM: {err}") from err
+
+
+def eval_options(cfg: DictConfig) -> dict:
+    """:func:`~ssltm.evaluate.evaluate`'s keyword arguments for TC and mVC from the config's ``eval`` section.
+
+    With ``eval.flow: raft`` the weights file is loaded once here, so that a missing or wrong file is
+    reported under its config key before any training or evaluation starts.
+
+    Raises:
+        ConfigError: ``eval.raft_weights`` names no file, or not a state dict of torchvision's raft_large.
+    """
+    e = cfg.eval
+    if e.tc and e.flow == "raft":
+        try:
+            load_raft(e.raft_weights)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"eval.raft_weights = {e.raft_weights}: {err}") from None
+    return {
+        "mvc_lengths": tuple(e.mvc),
+        "tc": e.tc,
+        "tc_protocol": e.tc_protocol,
+        "flow": e.flow,
+        "raft_weights": e.raft_weights,
+        "tc_videos": e.tc_videos,
+    }

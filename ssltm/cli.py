@@ -107,11 +107,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from . import distributed as dist
-    from .build import build_dataset, build_model, dataset_info
+    from .build import build_dataset, build_model, dataset_info, eval_options
     from .evaluate import evaluate, results_json, results_table
     from .train import amp_dtype
 
     cfg = load_config(args.config, args.overrides)
+    options = eval_options(cfg)
     ckpt = load_checkpoint(args.checkpoint)
     info = dataset_info(cfg)
     if ckpt["meta"].get("num_classes") != info.num_classes:
@@ -132,17 +133,19 @@ def _eval(args: argparse.Namespace) -> int:
             indices,
             info.num_classes,
             env,
-            mvc_lengths=tuple(cfg.eval.mvc),
-            tc=cfg.eval.tc,
             amp_dtype=amp_dtype(cfg.train.amp, env.device),
             num_workers=cfg.data.num_workers,
             palette=info.palette,
             save_dir=args.save_predictions,
+            **options,
         )
     finally:
         dist.teardown()
     if env.is_main:
         print(f"{cfg.data.dataset} {split}: {len(indices)} frames, checkpoint {args.checkpoint}")
+        if "TC_protocol" in results:
+            settings = (results["TC_protocol"], results["TC_flow"], results["TC_videos"])
+            print("TC: protocol {}, flow {}, on {} video(s)".format(*settings))
         print(results_table(results, info.classes))
         if args.out:
             out = Path(args.out)

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .metrics import FLOWS, TC_PROTOCOLS
+
 DATASETS = ("synthetic", "vspw", "cityscapes", "camvid")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -96,6 +98,10 @@ class TrainConfig:
 class EvalConfig:
     tc: bool = True
     mvc: list[int] = field(default_factory=lambda: [8, 16])
+    tc_protocol: str = "vspw"  # one of TC_PROTOCOLS: "vspw" (TC_cal.py's sampling, the paper's) or "exact"
+    flow: str = "dis"  # one of FLOWS: TC's optical flow, OpenCV DIS or RAFT (VSPW's; needs raft_weights)
+    raft_weights: str | None = None  # local state dict file of torchvision's raft_large (nothing is downloaded)
+    tc_videos: int | None = None  # TC on the first N videos only (VSPW's script: 100); None: all
 
 
 @dataclass
@@ -228,8 +234,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr must be positive, got {train.lr}")
     if train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {train.amp!r}")
-    if any(n < 2 for n in cfg.eval.mvc):
-        raise ConfigError(f"eval.mvc lengths must be at least 2, got {list(cfg.eval.mvc)}")
+    ev = cfg.eval
+    if any(n < 2 for n in ev.mvc):
+        raise ConfigError(f"eval.mvc lengths must be at least 2, got {list(ev.mvc)}")
+    if ev.tc_protocol not in TC_PROTOCOLS:
+        raise ConfigError(f"eval.tc_protocol must be one of {TC_PROTOCOLS}, got {ev.tc_protocol!r}")
+    if ev.flow not in FLOWS:
+        raise ConfigError(f"eval.flow must be one of {FLOWS}, got {ev.flow!r}")
+    if ev.tc and ev.flow == "raft" and not ev.raft_weights:
+        raise ConfigError(
+            "eval.flow 'raft' needs eval.raft_weights: a local state dict file of torchvision's raft_large"
+        )
+    if ev.tc_videos is not None and ev.tc_videos < 1:
+        raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,6 +1,8 @@
 """Evaluation with the paper's inference: whole videos, each labelled frame predicted from its clip with the
 farthest frame of the video as the reference; mIoU, FWIoU, mVC8/16, TC and per-class IoU.
 
+TC follows VSPW's ``TC_cal.py`` by default (``tc_protocol="vspw"``); the flow is OpenCV DIS or, as VSPW,
+RAFT from a local weights file; ``tc_videos`` scores TC on the first N videos only (VSPW: 100).
 Under ``torchrun`` each process evaluates a share of the videos and the results are merged.
 """
 
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
-from .metrics import VideoMetrics, format_table
+from .metrics import VideoMetrics, format_table, make_flow
 from .model import VideoPredictor
 from .visualize import save_label_png
 
@@ -124,6 +126,10 @@ def evaluate(
     *,
     mvc_lengths: Sequence[int] = (8, 16),
     tc: bool = True,
+    tc_protocol: str = "vspw",
+    flow: str = "dis",
+    raft_weights: str | Path | None = None,
+    tc_videos: int | None = None,
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
     palette: Sequence[Sequence[int]] | None = None,
@@ -137,14 +143,33 @@ def evaluate(
     Args:
         model: an SSLTM; evaluated in eval mode and left in the mode it was in.
         dataset: clips with ``reference="farthest"`` and ``causal=False`` (the paper's inference).
+        tc: compute TC.
+        tc_protocol: ``"vspw"`` (TC_cal.py's sampling) or ``"exact"``, see :func:`ssltm.metrics.tc`.
+        flow: TC's optical flow, ``"dis"`` (OpenCV DIS) or ``"raft"`` (torchvision's ``raft_large``, 20
+            iterations, on ``env.device``, with the weights of the local file ``raft_weights``).
+        tc_videos: compute TC on the first ``tc_videos`` videos of ``indices`` only (VSPW's script: 100);
+            ``None``: on all. mIoU, FWIoU and mVC always use every video.
         save_dir: if given, each prediction is written to ``save_dir/<video>/<frame>.png`` (VSPW's
             submission layout; pixel values are class ids) with ``palette`` as colours.
 
     Returns:
-        :meth:`VideoMetrics.compute`'s dict (fractions), the same on every process.
+        :meth:`VideoMetrics.compute`'s dict (fractions), the same on every process; with TC also
+        ``"TC_protocol"``, ``"TC_flow"`` and ``"TC_videos"`` (the number of videos TC was computed on).
     """
-    videos = list(videos_of(dataset, indices).items())[env.rank :: env.world_size]
-    metrics = VideoMetrics(num_classes, mvc_lengths=tuple(mvc_lengths), tc=tc)
+    if tc_videos is not None and (isinstance(tc_videos, bool) or not isinstance(tc_videos, int) or tc_videos < 1):
+        raise ValueError(f"tc_videos must be a positive int or None, got {tc_videos!r}")
+    all_videos = list(videos_of(dataset, indices).items())
+    tc_ids = [dataset.video_name(v) for v, _ in all_videos[:tc_videos]] if tc else []
+    flow_fn = make_flow(flow, raft_weights, env.device) if tc else None
+    videos = all_videos[env.rank :: env.world_size]
+    metrics = VideoMetrics(
+        num_classes,
+        mvc_lengths=tuple(mvc_lengths),
+        tc=tc,
+        flow=flow_fn,
+        tc_protocol=tc_protocol,
+        tc_video_ids=tc_ids,
+    )
     bar = tqdm(
         total=sum(len(v) for _, v in videos),
         desc="eval",
@@ -161,7 +186,7 @@ def evaluate(
                 model, dataset, video, video_indices, env, amp_dtype, num_workers
             ):
                 pred = pred.cpu().numpy()
-                metrics.update(name, pred, label.numpy(), to_uint8_rgb(image) if tc else None)
+                metrics.update(name, pred, label.numpy(), to_uint8_rgb(image) if metrics.scores_tc(name) else None)
                 if save_dir is not None:
                     save_label_png(Path(save_dir) / name / f"{frame}.png", pred, palette or [])
                 bar.update(1)
@@ -174,17 +199,24 @@ def evaluate(
             merged = other
         else:
             merged.merge(other)
-    return merged.compute()
+    results = merged.compute()
+    if tc:
+        results.update(TC_protocol=tc_protocol, TC_flow=flow, TC_videos=len(tc_ids))
+    return results
 
 
 def _percent(value: float) -> float | None:
     return None if math.isnan(value) else round(100 * float(value), 2)
 
 
+# evaluate()'s report of how TC was computed: passed to the metrics file as they are.
+TC_SETTINGS = ("TC_protocol", "TC_flow", "TC_videos")
+
+
 def results_json(results: dict, classes: Sequence[str]) -> dict:
     """The metrics file's content (ARCHITECTURE.md §3.4): percent with two decimals, ``null`` for a metric
-    with nothing to average; ``per_class`` maps class names to IoU."""
-    out = {k: _percent(v) for k, v in results.items() if k != "per_class"}
+    with nothing to average; ``per_class`` maps class names to IoU; the TC settings as they are."""
+    out = {k: v if k in TC_SETTINGS else _percent(v) for k, v in results.items() if k != "per_class"}
     out["per_class"] = {name: _percent(v) for name, v in zip(classes, results["per_class"], strict=True)}
     return out
 

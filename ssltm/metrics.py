@@ -14,7 +14,8 @@ results can be compared with the paper's tables:
   mmsegmentation's ``nanmean``; such a class counts with IoU 0.
 - **FWIoU** (the paper's "WIoU"): ``sum_k (row_k / total) * IoU_k`` over the classes present in
   the ground truth.
-- **mVC_n**: see :func:`mvc`. **TC**: see :func:`tc`.
+- **mVC_n**: see :func:`mvc`. **TC**: see :func:`tc` (``protocol="vspw"``, the default, is
+  ``TC_cal.py``'s arithmetic; the flow is OpenCV DIS by default, VSPW's is RAFT: :class:`RaftFlow`).
 
 Every metric is a fraction in [0, 1] returned as a Python ``float``; a metric with nothing to
 average (no valid pixel, no window, no frame pair) is ``nan``. :func:`format_table` prints
@@ -28,18 +29,28 @@ state.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import pickle
+from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
+    "FLOWS",
+    "RAFT_FLOW_UPDATES",
+    "TC_PROTOCOLS",
+    "RaftFlow",
     "VideoMetrics",
     "confusion_matrix",
     "dis_flow",
     "format_table",
     "fwiou",
+    "load_raft",
+    "make_flow",
     "miou",
     "mvc",
     "per_class_iou",
@@ -53,8 +64,18 @@ FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # mVC8 as well as mVC16), so the default keeps only videos of 17 frames or more.
 VSPW_MVC_MIN_FRAMES = 17
 
-# cv2.remap works on float32 label maps; integers up to 2**24 are exact in float32.
+# cv2.remap and grid_sample work on float32 label maps; integers up to 2**24 are exact in float32.
 _MAX_TC_CLASSES = 2**24
+
+# How TC samples the warped prediction: "vspw" is TC_cal.py's arithmetic (the paper's numbers), "exact" the
+# nearest pixel of p + f(p) with the points that left the frame not counted. See tc().
+TC_PROTOCOLS = ("vspw", "exact")
+# The optical flows TC can use: OpenCV DIS (dis_flow) or torchvision's RAFT (RaftFlow, VSPW's choice).
+FLOWS = ("dis", "raft")
+# TC_cal.py runs RAFT with iters=20.
+RAFT_FLOW_UPDATES = 20
+# torchvision's RAFT refuses frames under 128 px a side (its correlation pyramid needs 16 px at 1/8 scale).
+_RAFT_MIN_SIZE = 128
 
 
 def _to_numpy(x, name: str) -> np.ndarray:
@@ -329,8 +350,167 @@ def dis_flow(frame_t, frame_t1) -> np.ndarray:
     return dis.calc(a, b, None)
 
 
+def load_raft(path: str | Path) -> nn.Module:
+    """torchvision's ``raft_large`` with the weights of the local file ``path`` (nothing is downloaded).
+
+    ``path`` holds a state dict of ``torchvision.models.optical_flow.raft_large``, as torchvision's
+    weight files do: ``Raft_Large_Weights.C_T_V1`` (``raft_large_C_T_V1-22a6c225.pth``) is the
+    original RAFT-things checkpoint that VSPW's ``TC_cal.py`` uses, ported.
+
+    Returns:
+        The model on the CPU, in eval mode.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a ``raft_large`` state dict (not a torch file, missing or unexpected
+            keys, other shapes); the message names the path and the first offending key.
+    """
+    from torchvision.models.optical_flow import raft_large
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"RAFT weights not found: no file at {path} (expected a state dict of torchvision's raft_large, "
+            "e.g. raft_large_C_T_V1-22a6c225.pth)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"RAFT weights {path} are not a torch state dict: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"RAFT weights {path} are not a state dict (a mapping of names to tensors)")
+    model = raft_large(weights=None, progress=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} keys missing, e.g. {missing[0]!r}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{k!r} has shape {tuple(state[k].shape)}, raft_large's {tuple(expected[k].shape)}")
+    if problems:
+        raise ValueError(f"RAFT weights {path} are not a state dict of torchvision's raft_large: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _rgb_float(frame: np.ndarray, name: str) -> torch.Tensor:
+    """A uint8 gray or RGB image as float32 ``(3, H, W)`` in [-1, 1], as ``Raft_Large_Weights.transforms()``."""
+    if frame.dtype != np.uint8:
+        raise TypeError(f"{name} must be uint8 images for the RAFT flow, got dtype {frame.dtype}")
+    if frame.ndim == 2:
+        frame = frame[..., None]
+    if frame.ndim != 3 or frame.shape[2] not in (1, 3):
+        raise ValueError(f"{name} must be (H, W) gray or (H, W, 3) RGB images, got shape {frame.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).expand(3, -1, -1)
+    return (x.float() / 255 - 0.5) / 0.5
+
+
+class RaftFlow:
+    """Optical flow with torchvision's RAFT (``raft_large``), the flow of VSPW's ``TC_cal.py``.
+
+    A flow function for :func:`tc` and :class:`VideoMetrics`. Frames are scaled to [-1, 1] (what
+    ``Raft_Large_Weights.transforms()`` does) and padded to a multiple of 8 in height and width by
+    repeating the edge pixels, split evenly between both sides, as the input padder of VSPW's RAFT
+    does (frames under 128 px a side, which torchvision's RAFT refuses, are padded up to 128 the same
+    way); the flow of the padded frames is cropped back, so it needs no rescaling. RAFT runs in
+    float32 (autocast off) under ``no_grad``.
+
+    Args:
+        weights: a local ``raft_large`` state dict file (see :func:`load_raft`) or the loaded model.
+        device: where RAFT runs (a GPU makes it fast; on a CPU a 480x854 pair takes seconds).
+        num_flow_updates: RAFT's refinement iterations (``TC_cal.py``: 20).
+    """
+
+    def __init__(
+        self,
+        weights: str | Path | nn.Module,
+        device: str | torch.device = "cpu",
+        num_flow_updates: int = RAFT_FLOW_UPDATES,
+    ):
+        if isinstance(num_flow_updates, bool) or not isinstance(num_flow_updates, int) or num_flow_updates < 1:
+            raise ValueError(f"num_flow_updates must be a positive int, got {num_flow_updates!r}")
+        self.device = torch.device(device)
+        model = weights if isinstance(weights, nn.Module) else load_raft(weights)
+        self.model = model.eval().to(self.device)
+        self.num_flow_updates = num_flow_updates
+
+    @torch.no_grad()
+    def __call__(self, frame_t, frame_t1) -> np.ndarray:
+        """float32 ``(H, W, 2)`` flow from ``frame_t`` to ``frame_t1`` (uint8 ``(H, W)`` or ``(H, W, 3)`` RGB)."""
+        a = _rgb_float(_to_numpy(frame_t, "frame_t"), "frame_t")
+        b = _rgb_float(_to_numpy(frame_t1, "frame_t1"), "frame_t1")
+        if a.shape != b.shape:
+            raise ValueError(f"frame_t and frame_t1 must have the same size, got {a.shape[1:]} and {b.shape[1:]}")
+        h, w = a.shape[1:]
+        pad_h, pad_w = max(-h % 8, _RAFT_MIN_SIZE - h), max(-w % 8, _RAFT_MIN_SIZE - w)
+        top, left = pad_h // 2, pad_w // 2
+        pair = F.pad(torch.stack([a, b]).to(self.device), (left, pad_w - left, top, pad_h - top), mode="replicate")
+        with torch.autocast(self.device.type, enabled=False):
+            flow = self.model(pair[:1], pair[1:], num_flow_updates=self.num_flow_updates)[-1]
+        return flow[0, :, top : top + h, left : left + w].permute(1, 2, 0).float().cpu().numpy()
+
+
+def make_flow(name: str = "dis", raft_weights: str | Path | None = None, device: str | torch.device = "cpu") -> FlowFn:
+    """The flow function called ``name``: ``"dis"`` (:func:`dis_flow`) or ``"raft"`` (:class:`RaftFlow`
+    with the weights file ``raft_weights``, run on ``device``)."""
+    if name not in FLOWS:
+        raise ValueError(f"flow must be one of {FLOWS}, got {name!r}")
+    if name == "dis":
+        return dis_flow
+    if raft_weights is None:
+        raise ValueError("flow 'raft' needs raft_weights: a local state dict file of torchvision's raft_large")
+    return RaftFlow(raft_weights, device)
+
+
+def _check_protocol(protocol) -> str:
+    if protocol not in TC_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {TC_PROTOCOLS}, got {protocol!r}")
+    return protocol
+
+
+def _warp_exact(labels: np.ndarray, f: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``labels(round(p + f(p)))`` as float32, -1 where ``p + f(p)`` is outside the frame."""
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    map_x = xs + f[..., 0].astype(np.float32)
+    map_y = ys + f[..., 1].astype(np.float32)
+    return cv2.remap(
+        labels.astype(np.float32), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=-1
+    )
+
+
+def _warp_vspw(labels: np.ndarray, f: np.ndarray, h: int, w: int) -> np.ndarray:
+    """TC_cal.py's ``flowwarp``: ``p + f(p)`` normalised by ``(W - 1, H - 1)`` to [-1, 1], then sampled by
+    ``grid_sample`` (nearest, zero padding) with ``align_corners=False``, which reads the grid as if it
+    had been normalised by ``(W, H)``: the pixel read is ``rint((x + f) * W / (W - 1) - 0.5)`` (and
+    likewise in y), and class 0 where that is outside the frame. The same float32 operations in the
+    same order, on the CPU and in float32 whatever autocast the caller runs under, so that rounding ties
+    fall the same way."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    flow = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+    gx = 2.0 * (xs + flow[..., 0]) / max(w - 1, 1) - 1.0
+    gy = 2.0 * (ys + flow[..., 1]) / max(h - 1, 1) - 1.0
+    source = torch.from_numpy(labels.astype(np.float32))[None, None]
+    grid = torch.stack([gx, gy], dim=-1)[None]
+    with torch.autocast("cpu", enabled=False):
+        warped = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return warped[0, 0].numpy()
+
+
 def _pair_confusion(
-    pred_t, pred_t1, frame_t, frame_t1, num_classes: int, flow: FlowFn, ignore_index: int, name: str = "preds"
+    pred_t,
+    pred_t1,
+    frame_t,
+    frame_t1,
+    num_classes: int,
+    flow: FlowFn,
+    ignore_index: int,
+    protocol: str,
+    name: str = "preds",
 ):
     """Confusion of ``pred_t`` (rows) against ``pred_t1`` warped back to frame t (columns)."""
     # Checked here, under the caller's argument name, since below the maps play gt and pred.
@@ -340,18 +520,15 @@ def _pair_confusion(
     h, w = pred_t.shape
     if f.shape != (h, w, 2):
         raise ValueError(f"flow must return an (H, W, 2) = ({h}, {w}, 2) array, got shape {tuple(f.shape)}")
-    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    map_x = xs + f[..., 0].astype(np.float32)
-    map_y = ys + f[..., 1].astype(np.float32)
-    # Backward warping: warped(p) = pred_t1(round(p + f(p))), the label of the point p moved to.
-    # Labels are >= 0, so the -1 border value marks points that left the frame.
-    warped = cv2.remap(
-        pred_t1.astype(np.float32), map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=-1
-    )
     reference = pred_t.astype(np.int64)
-    # Points that left the frame have no label to compare; they are not counted (VSPW's
-    # grid_sample gives them label 0 instead, which biases TC towards class 0).
-    lost = (warped < 0) | (warped == ignore_index)
+    if protocol == "exact":
+        warped = _warp_exact(pred_t1, f, h, w)
+        # Points that left the frame have no label to compare: not counted.
+        lost = (warped < 0) | (warped == ignore_index)
+    else:
+        # Points that left the frame read class 0 and count, as in TC_cal.py.
+        warped = _warp_vspw(pred_t1, f, h, w)
+        lost = warped == ignore_index
     reference[lost] = ignore_index
     warped[lost] = 0
     return confusion_matrix(warped.astype(np.int64), reference, num_classes, ignore_index)
@@ -376,7 +553,14 @@ def _check_tc_classes(num_classes) -> int:
     return k
 
 
-def tc_confusion(preds, frames, num_classes: int, flow: FlowFn | None = None, ignore_index: int = 255) -> np.ndarray:
+def tc_confusion(
+    preds,
+    frames,
+    num_classes: int,
+    flow: FlowFn | None = None,
+    ignore_index: int = 255,
+    protocol: str = "vspw",
+) -> np.ndarray:
     """The confusion matrix behind :func:`tc`, summed over all consecutive frame pairs of a video.
 
     Summing these over several videos and taking :func:`miou` (``mode="vspw"``) gives the TC of
@@ -388,38 +572,60 @@ def tc_confusion(preds, frames, num_classes: int, flow: FlowFn | None = None, ig
         int64 ``(K, K)``; rows: labels of ``preds[t]``, columns: ``preds[t + 1]`` warped to frame t.
     """
     k = _check_tc_classes(num_classes)
+    protocol = _check_protocol(protocol)
     preds, frames = _video_inputs(preds, frames)
     flow = dis_flow if flow is None else flow
     total = np.zeros((k, k), np.int64)
     for t in range(len(preds) - 1):
-        total += _pair_confusion(preds[t], preds[t + 1], frames[t], frames[t + 1], k, flow, ignore_index)
+        total += _pair_confusion(preds[t], preds[t + 1], frames[t], frames[t + 1], k, flow, ignore_index, protocol)
     return total
 
 
-def tc(preds, frames, num_classes: int, flow: FlowFn | None = None, ignore_index: int = 255) -> float:
+def tc(
+    preds,
+    frames,
+    num_classes: int,
+    flow: FlowFn | None = None,
+    ignore_index: int = 255,
+    protocol: str = "vspw",
+) -> float:
     """Temporal consistency of one video, VSPW's definition (``TC_cal.py``, after ETC).
 
     For each consecutive pair (t, t+1): the flow ``f = flow(frames[t], frames[t+1])`` from frame t
     to frame t+1 (``frames[t](p)`` is seen at ``p + f(p)`` in ``frames[t+1]``) backward-warps
-    ``preds[t+1]`` to frame t with nearest-neighbour sampling, ``warped(p) = preds[t+1](p + f(p))``
-    (``cv2.remap``, ``INTER_NEAREST``); pixels whose ``p + f(p)`` falls outside the frame are not
-    counted. The confusion of ``warped`` against ``preds[t]`` (as the ground truth) is summed over
-    all pairs, and TC is its mIoU (``mode="vspw"``: over the classes present in ``preds[t]``).
-    VSPW pools the pairs this way rather than averaging a per-pair mIoU.
+    ``preds[t+1]`` to frame t with nearest-neighbour sampling. The confusion of the warped map
+    against ``preds[t]`` (as the ground truth) is summed over all pairs, and TC is its mIoU
+    (``mode="vspw"``: over the classes present in ``preds[t]``). VSPW pools the pairs this way
+    rather than averaging a per-pair mIoU. Where the sample is taken, per ``protocol``:
+
+    - ``"vspw"`` (default; the paper's numbers): TC_cal.py's ``flowwarp``, bit for bit. It normalises
+      ``p + f(p)`` by ``(W - 1, H - 1)`` but samples with ``grid_sample(..., align_corners=False)``,
+      so the pixel read at ``p = (x, y)`` is ``rint((x + f_x) * W / (W - 1) - 0.5)`` (likewise in y,
+      ties to even): up to half a pixel off ``p + f(p)``, towards the image's edges. Pixels whose
+      sample falls outside the frame read class 0 (``grid_sample``'s zero padding) and count. With
+      zero flow and an even ``W``, the last column reads outside, hence class 0 (the same for rows).
+    - ``"exact"``: ``warped(p) = preds[t+1](round(p + f(p)))`` (``cv2.remap``, ``INTER_NEAREST``);
+      pixels whose ``p + f(p)`` falls outside the frame are not counted. With the same flow its TC is
+      usually a little higher than ``"vspw"``'s (no class-0 border, no half-pixel offset).
+
+    VSPW computes the flow with RAFT (``raft-things``, 20 iterations): :class:`RaftFlow`. The default
+    here, OpenCV DIS, needs no weights but is a different flow, so TC values differ from RAFT's.
 
     Args:
         preds: ``T`` integer label maps ``(H, W)`` (a sequence, or one ``(T, H, W)`` array).
-        frames: the ``T`` images; ``(H, W)`` gray or ``(H, W, 3)`` RGB, uint8 for the default flow.
+        frames: the ``T`` images; ``(H, W)`` gray or ``(H, W, 3)`` RGB, uint8 for the built-in flows.
         num_classes: ``K``; predictions must be in [0, K) or ``ignore_index`` (not counted).
         flow: ``flow(frame_t, frame_t1) -> (H, W, 2)`` float flow from frame t to t+1 (x, y), given
             the frames as numpy arrays exactly as passed; default :func:`dis_flow` (OpenCV DIS,
-            medium preset, on 8-bit gray frames).
-        ignore_index: label never counted, in ``preds[t]`` or in the warped ``preds[t+1]``.
+            medium preset, on 8-bit gray frames); :class:`RaftFlow` or :func:`make_flow` for RAFT.
+        ignore_index: label never counted, in ``preds[t]`` or in the warped ``preds[t+1]`` (VSPW's
+            predictions hold none).
+        protocol: ``"vspw"`` or ``"exact"``, see above.
 
     Returns:
         TC in [0, 1]; ``nan`` for fewer than two frames.
     """
-    return miou(tc_confusion(preds, frames, num_classes, flow, ignore_index), mode="vspw")
+    return miou(tc_confusion(preds, frames, num_classes, flow, ignore_index, protocol), mode="vspw")
 
 
 class VideoMetrics:
@@ -434,16 +640,22 @@ class VideoMetrics:
 
     mIoU and FWIoU pool all frames' pixels; mVC_n follows :func:`mvc` (videos of at least 17
     frames, VSPW's rule; ignore pixels not treated specially); TC follows :func:`tc`, pooling the
-    frame pairs of all videos into one confusion matrix, so it equals
-    ``miou(sum of tc_confusion over the videos)``.
+    frame pairs of all TC videos into one confusion matrix, so it equals
+    ``miou(sum of tc_confusion over those videos)``.
+
+    A copy made by pickling (e.g. gathered from another process) leaves the flow function out: it
+    can be merged and computed, not fed more frames for TC.
 
     Args:
         num_classes: ``K``.
         ignore_index: ground-truth label not counted in mIoU / FWIoU (and in TC, see :func:`tc`).
         mvc_lengths: the window lengths n of the mVC_n reported (keys ``"mVC{n}"``); may be empty.
-        tc: compute TC; then every ``update`` needs the frames.
+        tc: compute TC; then every ``update`` of a TC video needs the frames.
         flow: flow function for TC, see :func:`tc`; default OpenCV DIS.
         miou_mode: ``"vspw"`` or ``"mmseg"``, see :func:`miou`.
+        tc_protocol: ``"vspw"`` or ``"exact"``, see :func:`tc`.
+        tc_video_ids: the ids of the videos TC is computed on (VSPW's script scores the first 100
+            validation videos); ``None``: every video. The other videos need no frames.
     """
 
     def __init__(
@@ -454,10 +666,16 @@ class VideoMetrics:
         tc: bool = True,
         flow: FlowFn | None = None,
         miou_mode: str = "vspw",
+        tc_protocol: str = "vspw",
+        tc_video_ids: Collection | None = None,
     ):
         self.num_classes = _check_tc_classes(num_classes) if tc else _check_num_classes(num_classes)
         if miou_mode not in ("vspw", "mmseg"):
             raise ValueError(f"miou_mode must be 'vspw' or 'mmseg', got {miou_mode!r}")
+        if tc_protocol not in TC_PROTOCOLS:
+            raise ValueError(f"tc_protocol must be one of {TC_PROTOCOLS}, got {tc_protocol!r}")
+        if isinstance(tc_video_ids, (str, bytes)):
+            raise TypeError(f"tc_video_ids must be a collection of video ids or None, got the string {tc_video_ids!r}")
         lengths = tuple(_check_window(n, "mvc_lengths entries") for n in mvc_lengths)
         if len(set(lengths)) != len(lengths):
             raise ValueError(f"mvc_lengths must not repeat a length, got {mvc_lengths!r}")
@@ -466,6 +684,8 @@ class VideoMetrics:
         self.tc = tc
         self.flow = dis_flow if flow is None else flow
         self.miou_mode = miou_mode
+        self.tc_protocol = tc_protocol
+        self.tc_video_ids = None if tc_video_ids is None else frozenset(tc_video_ids)
         k = self.num_classes
         self.conf = np.zeros((k, k), np.int64)
         self.tc_conf = np.zeros((k, k), np.int64)
@@ -483,17 +703,20 @@ class VideoMetrics:
             video_id: any hashable naming the video.
             pred: integer labels, ``(H, W)`` for one frame or ``(T, H, W)`` for T consecutive frames.
             gt: ground truth of the same shape (``ignore_index`` where unlabelled).
-            frame: the image(s), required when TC is on: ``(H, W)`` / ``(H, W, 3)`` for one frame,
-                a leading ``T`` axis (or a length-T sequence) for T frames; uint8 for the default
-                flow.
+            frame: the image(s), required when TC is computed on this video: ``(H, W)`` /
+                ``(H, W, 3)`` for one frame, a leading ``T`` axis (or a length-T sequence) for T
+                frames; uint8 for the built-in flows. Not used for the other videos.
         """
         p, g = _labels(pred, "pred"), _labels(gt, "gt")
         if p.shape != g.shape:
             raise ValueError(f"pred and gt must have the same shape, got pred {p.shape} and gt {g.shape}")
         if p.ndim not in (2, 3):
             raise ValueError(f"pred must be (H, W) or (T, H, W), got shape {p.shape}")
-        if self.tc and frame is None:
-            raise ValueError("frame is required when TC is computed (tc=True)")
+        if self.scores_tc(video_id):
+            if frame is None:
+                raise ValueError(f"frame is required when TC is computed (tc=True) on video {video_id!r}")
+        else:
+            frame = None
         if p.ndim == 2:
             p, g = p[None], g[None]
             frames = None if frame is None else [_to_numpy(frame, "frame")]
@@ -513,6 +736,10 @@ class VideoMetrics:
             )
         for i in range(len(p)):
             self._add(p[i], g[i], None if frames is None else frames[i])
+
+    def scores_tc(self, video_id) -> bool:
+        """Whether TC is computed on video ``video_id``."""
+        return self.tc and (self.tc_video_ids is None or video_id in self.tc_video_ids)
 
     def _start(self, video_id) -> None:
         if video_id in self._closed:
@@ -543,11 +770,13 @@ class VideoMetrics:
         k, ign = self.num_classes, self.ignore_index
         conf = confusion_matrix(pred, gt, k, ign)
         prev_pred = self._tracker.prev_pred  # None at a video's first frame
-        if self.tc and prev_pred is not None:
-            self.tc_conf += _pair_confusion(prev_pred, pred, self._prev_frame, frame, k, self.flow, ign, "pred")
+        if frame is not None and prev_pred is not None:
+            self.tc_conf += _pair_confusion(
+                prev_pred, pred, self._prev_frame, frame, k, self.flow, ign, self.tc_protocol, "pred"
+            )
         self.conf += conf
         self._tracker.push(pred, gt)
-        if self.tc:
+        if frame is not None:
             self._prev_frame = frame.copy()
 
     def merge(self, other: VideoMetrics) -> None:
@@ -556,7 +785,7 @@ class VideoMetrics:
         ``other``'s current video is closed first; afterwards the results are those of one
         ``VideoMetrics`` fed all videos of both. Both must have the same settings and no video in common.
         """
-        settings = ("num_classes", "ignore_index", "mvc_lengths", "tc", "miou_mode")
+        settings = ("num_classes", "ignore_index", "mvc_lengths", "tc", "miou_mode", "tc_protocol", "tc_video_ids")
         differ = [s for s in settings if getattr(self, s) != getattr(other, s)]
         if differ:
             raise ValueError(f"cannot merge VideoMetrics with different settings: {differ}")
@@ -571,6 +800,10 @@ class VideoMetrics:
             self.mvc_sum[n] += other.mvc_sum[n]
             self.mvc_windows[n] += other.mvc_windows[n]
         self._closed |= other._closed
+
+    def __getstate__(self) -> dict:
+        # Merging and computing need no flow, and a RAFT flow would pickle its whole model.
+        return {**self.__dict__, "flow": None}
 
     def compute(self) -> dict:
         """The metrics so far (the current video included; it stays open for more frames).

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .build import DatasetInfo, build_dataset, build_model, dataset_info
+from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, to_yaml
 from .evaluate import autocast, evaluate, results_json
@@ -200,6 +200,7 @@ class Trainer:
         self.validate_every = t.checkpoint_every if t.val_every is None else t.val_every
         if t.validate:
             self.val_set, self.val_indices = build_dataset(cfg, cfg.data.val_split, train=False)
+            self.eval_options = eval_options(cfg)
         self.amp_dtype = amp_dtype(t.amp, env.device)
 
         model = build_model(cfg, self.info.num_classes).to(env.device)
@@ -297,8 +298,7 @@ class Trainer:
                 self.val_indices,
                 self.info.num_classes,
                 self.env,
-                mvc_lengths=tuple(self.cfg.eval.mvc),
-                tc=self.cfg.eval.tc,
+                **self.eval_options,
                 amp_dtype=self.amp_dtype,
                 num_workers=self.cfg.data.num_workers,
                 progress=self.cfg.train.progress,

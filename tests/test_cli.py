@@ -26,6 +26,7 @@ from ssltm.cli import EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, main
 from ssltm.data import SyntheticVideos, eval_transform
 from ssltm.distributed import DistEnv
 from ssltm.evaluate import evaluate
+from ssltm.metrics import tc
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
@@ -122,10 +123,12 @@ def test_train_eval_through_cli(tmp_path, capsys):
     args = ["eval", config_file(tmp_path), "--set", *TINY, "--checkpoint", str(work / "latest.pt")]
     assert main([*args, "--out", str(out), "--save-predictions", str(preds)]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"mIoU", "FWIoU", "mVC8", "mVC16", "TC", "per_class"}
+    assert set(metrics) == {"mIoU", "FWIoU", "mVC8", "mVC16", "TC", "per_class", "TC_protocol", "TC_flow", "TC_videos"}
     assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["TC"] <= 100 and 0 <= metrics["mVC8"] <= 100
+    assert (metrics["TC_protocol"], metrics["TC_flow"], metrics["TC_videos"]) == ("vspw", "dis", 1)
     assert list(metrics["per_class"]) == [f"class_{k}" for k in range(6)]
-    assert "| mIoU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| mIoU" in printed and "TC: protocol vspw, flow dis, on 1 video(s)" in printed
     # VSPW's submission layout: <video>/<frame>.png holding class ids; the held-out video is synthetic_4
     pngs = sorted(preds.glob("*/*.png"))
     assert [p.relative_to(preds).as_posix() for p in pngs] == [f"synthetic_4/{t:05d}.png" for t in range(FRAMES)]
@@ -403,6 +406,35 @@ def test_whole_video_and_clip_evaluation_agree(tmp_path, trained):
         assert (a == b).mean() > 0.995, f"{path.name}: {(a != b).sum()} pixels differ"  # float ties aside
 
 
+def test_evaluate_tc_protocol_and_first_videos(tmp_path, trained):
+    """TC on the first N videos only (mIoU on all), with the protocol asked for, and both reported."""
+    model = SSLTM(6, **tiny_model_kwargs())
+    model.load_state_dict(weights(trained))
+    length = 5
+    dataset = SyntheticVideos(2, length, 32, seed=1, reference="farthest", transform=eval_transform())
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    both = list(range(2 * length))
+
+    def run(indices, **kwargs):
+        return evaluate(model, dataset, indices, 6, env, mvc_lengths=(), progress=False, **kwargs)
+
+    first = run(both[:length], save_dir=tmp_path)
+    preds = [np.asarray(Image.open(tmp_path / "synthetic_0" / f"{t:05d}.png")) for t in range(length)]
+    frames = [dataset.read_frame(0, t) for t in range(length)]
+    assert first["TC"] == pytest.approx(tc(preds, frames, 6))
+    assert (first["TC_protocol"], first["TC_flow"], first["TC_videos"]) == ("vspw", "dis", 1)
+    every, limited = run(both), run(both, tc_videos=1, tc_protocol="exact")
+    assert every["TC_videos"] == 2 and every["TC"] != first["TC"]
+    assert (limited["TC_protocol"], limited["TC_videos"]) == ("exact", 1)
+    assert limited["TC"] == pytest.approx(tc(preds, frames, 6, protocol="exact")) and limited["TC"] != first["TC"]
+    assert repr(limited["per_class"]) == repr(every["per_class"])  # mIoU and the rest: every video
+    assert "TC_protocol" not in run([], tc=False)
+    with pytest.raises(ValueError, match="tc_videos must be a positive int or None, got 0"):
+        run(both, tc_videos=0)
+    with pytest.raises(ValueError, match=r"flow must be one of \('dis', 'raft'\), got 'farneback'"):
+        run(both, flow="farneback")
+
+
 def test_infer_frame_folder_streams_like_causal_clips(tmp_path, trained, capsys):
     videos = SyntheticVideos(5, FRAMES, 32, seed=0, causal=True, reference="farthest", transform=eval_transform())
     frames = tmp_path / "frames"
@@ -513,6 +545,30 @@ def test_unknown_and_bad_keys_are_named(tmp_path, capsys):
         capsys, ["train", cfg, "--set", *TINY, "train.max_iters=3", "train.batch_size=3", "train.grad_accum=2"]
     )
     assert "train.batch_size=3 must be a multiple of train.grad_accum=2" in err
+
+
+def test_eval_tc_settings_are_checked(tmp_path, capsys):
+    cfg = config_file(tmp_path)
+    eval_args = ["eval", cfg, "--checkpoint", str(tmp_path / "never_read.pt"), "--set", *TINY]
+    err = run_error(capsys, [*eval_args, "eval.flow=farneback"])
+    assert "eval.flow must be one of ('dis', 'raft'), got 'farneback'" in err
+    err = run_error(capsys, [*eval_args, "eval.tc_protocol=etc"])
+    assert "eval.tc_protocol must be one of ('vspw', 'exact'), got 'etc'" in err
+    assert "eval.tc_videos must be at least 1" in run_error(capsys, [*eval_args, "eval.tc_videos=0"])
+    assert "eval.flow 'raft' needs eval.raft_weights" in run_error(capsys, [*eval_args, "eval.flow=raft"])
+    missing = tmp_path / "raft.pth"
+    err = run_error(capsys, [*eval_args, "eval.flow=raft", f"eval.raft_weights={missing}"])
+    assert f"eval.raft_weights = {missing}: RAFT weights not found: no file at {missing}" in err
+    junk = tmp_path / "junk.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, junk)
+    err = run_error(capsys, [*eval_args, "eval.flow=raft", f"eval.raft_weights={junk}"])
+    assert f"eval.raft_weights = {junk}: RAFT weights {junk} are not a state dict of torchvision's raft_large" in err
+    # training checks the file before its first step, not at its first validation
+    work = tmp_path / "run"
+    train_args = ["train", cfg, "--set", *TINY, "train.max_iters=1", "eval.flow=raft", f"eval.raft_weights={missing}"]
+    err = run_error(capsys, [*train_args, "--work-dir", str(work)])
+    assert f"eval.raft_weights = {missing}: RAFT weights not found" in err
+    assert not (work / "latest.pt").exists()
 
 
 def test_bad_paths_are_named(tmp_path, trained, capsys):

@@ -186,6 +186,30 @@ def test_vspw_random_reference_is_seeded_per_sample(tmp_path):
     assert [frame_indices(a[i])[-1] for i in range(12)] != forward
 
 
+def test_reference_defaults_to_the_papers_protocol(tmp_path):
+    """Default arguments give the paper's inference on val / test (the farthest frame) and training's
+    random reference elsewhere; an explicit reference wins."""
+    make_vspw(tmp_path, {"train": {"vid_a": 12}, "val": {"vid_c": 9, "vid_d": 6}})
+    val = VSPW(tmp_path, "val")
+    assert val.sampler.reference == "farthest"
+    assert [frame_indices(val[i])[-1] for i in range(len(val))] == [8, 8, 8, 8, 0, 0, 0, 0, 0] + [5, 5, 5, 0, 0, 0]
+    train = VSPW(tmp_path, "train", seed=0)
+    assert train.sampler.reference == "random"
+    assert len({frame_indices(train[i])[-1] for i in range(12)}) > 2
+    assert VSPW(tmp_path, "val", reference="random").sampler.reference == "random"
+    assert VSPW(tmp_path, "train", reference="farthest").sampler.reference == "farthest"
+
+    camvid = tmp_path / "camvid"
+    for split in ("train", "val", "test"):
+        for t, number in enumerate((30, 60, 90)):
+            write_grey(camvid / split / f"0001TP_{number:06d}.png", t)
+            write_palette_mask(camvid / f"{split}annot" / f"0001TP_{number:06d}.png", np.zeros(SIZE))
+    assert frame_indices(CamVid(camvid, "val", offsets=(1,))[0]) == [0, 1, 2]
+    assert CamVid(camvid, "test").sampler.reference == "farthest"
+    assert CamVid(camvid, "train").sampler.reference == "random"
+    assert CityscapesSequence(make_cityscapes(tmp_path / "cityscapes"), "train").sampler.reference == "random"
+
+
 def test_vspw_root_may_be_the_release_folder(tmp_path):
     release = make_vspw(tmp_path)
     assert len(VSPW(release, "val")) == len(VSPW(tmp_path, "val")) == 5

@@ -1,18 +1,26 @@
 """ssltm.metrics against hand-computed values and a direct transliteration of VSPW's definitions."""
 
 import math
+import pickle
+import re
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torchvision.models.optical_flow import raft_large, raft_small
 
 from ssltm.metrics import (
+    RAFT_FLOW_UPDATES,
+    RaftFlow,
     VideoMetrics,
     confusion_matrix,
     dis_flow,
     format_table,
     fwiou,
+    load_raft,
+    make_flow,
     miou,
     mvc,
     per_class_iou,
@@ -207,20 +215,25 @@ def test_mvc_bad_arguments():
 def test_tc_hand_computed_with_pluggable_flow():
     frames = np.zeros((2, 1, 4), np.uint8)  # ignored by the pluggable flow
     preds = np.array([[[0, 0, 1, 1]], [[0, 1, 1, 1]]])
-    # zero flow: preds[1] against preds[0]: IoU0 = 1/2, IoU1 = 2/3
-    assert tc(preds, frames, 2, flow=constant_flow(0)) == pytest.approx((1 / 2 + 2 / 3) / 2)
-    # flow +1: warped(x) = preds[1](x + 1) = [1, 1, 1, out]; x = 3 left the frame and is not counted
+    # exact, zero flow: preds[1] against preds[0]: IoU0 = 1/2, IoU1 = 2/3
+    assert tc(preds, frames, 2, flow=constant_flow(0), protocol="exact") == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # exact, flow +1: warped(x) = preds[1](x + 1) = [1, 1, 1, out]; x = 3 left the frame and is not counted
     #   against preds[0][:3] = [0, 0, 1]: IoU0 = 0, IoU1 = 1/3
-    assert tc(preds, frames, 2, flow=constant_flow(1)) == pytest.approx(1 / 6)
+    assert tc(preds, frames, 2, flow=constant_flow(1), protocol="exact") == pytest.approx(1 / 6)
+    # vspw, zero flow: x reads rint(x * 4/3 - 0.5) = 0, 1, 2, 4 (3.5 ties to even): the last pixel reads
+    #   outside, class 0: warped = [0, 1, 1, 0] against [0, 0, 1, 1]: IoU0 = IoU1 = 1/3
+    assert tc(preds, frames, 2, flow=constant_flow(0)) == pytest.approx(1 / 3)
+    # vspw, flow +1: rint((x + 1) * 4/3 - 0.5) = 1, 2, 4, 5: warped = [1, 1, 0, 0]: no pixel agrees
+    assert tc(preds, frames, 2, flow=constant_flow(1), protocol="vspw") == 0.0
 
 
 def test_tc_pools_the_pairs_of_a_video():
     frames = np.zeros((3, 1, 4), np.uint8)
     preds = np.array([[[0, 0, 1, 1]], [[0, 1, 1, 1]], [[0, 1, 1, 1]]])
-    conf = tc_confusion(preds, frames, 2, flow=constant_flow(0))
+    conf = tc_confusion(preds, frames, 2, flow=constant_flow(0), protocol="exact")
     np.testing.assert_array_equal(conf, [[2, 1], [0, 5]])
     # mIoU of the pooled confusion (2/3, 5/6), not the mean of the per-pair mIoUs ((7/12 + 1) / 2)
-    assert tc(preds, frames, 2, flow=constant_flow(0)) == pytest.approx((2 / 3 + 5 / 6) / 2)
+    assert tc(preds, frames, 2, flow=constant_flow(0), protocol="exact") == pytest.approx((2 / 3 + 5 / 6) / 2)
     assert math.isnan(tc(preds[:1], frames[:1], 2, flow=constant_flow(0)))
 
 
@@ -233,12 +246,14 @@ def test_dis_flow_and_tc_on_a_5px_shift():
     assert np.median(np.abs(flow[..., 1])) < 0.1
     stripes = (np.arange(width + 5) // 16 % 4)[None].repeat(64, axis=0)
     preds = [stripes[:, 5:], stripes[:, :width]]  # the labels move with the content
-    assert tc(preds, [frame0, frame1], 4) > 0.99
+    assert tc(preds, [frame0, frame1], 4, protocol="exact") > 0.99
     rgb = [np.dstack([f] * 3) for f in (frame0, frame1)]
-    assert tc([torch.from_numpy(p) for p in preds], rgb, 4) > 0.99
+    assert tc([torch.from_numpy(p) for p in preds], rgb, 4, protocol="exact") > 0.99
     # the exact flow gives exactly 1; the opposite direction (-5) does not
-    assert tc(preds, [frame0, frame1], 4, flow=constant_flow(5)) == pytest.approx(1.0)
-    assert tc(preds, [frame0, frame1], 4, flow=constant_flow(-5)) < 0.6
+    assert tc(preds, [frame0, frame1], 4, flow=constant_flow(5), protocol="exact") == pytest.approx(1.0)
+    assert tc(preds, [frame0, frame1], 4, flow=constant_flow(-5), protocol="exact") < 0.6
+    # VSPW's sampling reads class 0 where the moved points leave the frame
+    assert 0.8 < tc(preds, [frame0, frame1], 4, flow=constant_flow(5)) < 0.99
 
 
 def test_tc_bad_arguments():
@@ -254,6 +269,172 @@ def test_tc_bad_arguments():
         tc(preds, np.zeros((2, 5, 4), np.uint8), 2)
     with pytest.raises(ValueError, match="preds holds label 7"):
         tc(np.full((2, 3, 4), 7), frames, 2, flow=constant_flow(0))
+    for fn in (tc, tc_confusion):
+        with pytest.raises(ValueError, match=r"protocol must be one of \('vspw', 'exact'\), got 'etc'"):
+            fn(preds, frames, 2, flow=constant_flow(0), protocol="etc")
+
+
+def vspw_tc_reference(preds, flows, k):
+    """TC_cal.py's confusion matrix, transcribed from its arithmetic in float64: the grid ``p + f`` normalised by
+    (W - 1, H - 1) and read by ``grid_sample(mode="nearest", align_corners=False)``, i.e. at
+    ``rint((x + f) * W / (W - 1) - 0.5)`` (ties to even), class 0 outside the frame (zero padding); the
+    Evaluator counts every pixel whose preds[t] is in [0, k) against the warped preds[t + 1]."""
+    total = np.zeros((k, k), np.int64)
+    for t in range(len(preds) - 1):
+        h, w = preds[t].shape
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+        ix = np.rint((xs + flows[t][..., 0]) * w / (w - 1) - 0.5).astype(np.int64)
+        iy = np.rint((ys + flows[t][..., 1]) * h / (h - 1) - 0.5).astype(np.int64)
+        inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+        warped = np.zeros((h, w), np.int64)
+        warped[inside] = preds[t + 1][iy[inside], ix[inside]]
+        gt = preds[t]
+        counted = (gt >= 0) & (gt < k)
+        total += np.bincount(k * gt[counted] + warped[counted], minlength=k * k).reshape(k, k)
+    return total
+
+
+def flows_by_frame(flows):
+    """A flow function returning ``flows[t]`` for the pair (t, t+1): frame t is an image filled with t."""
+    return lambda frame_t, frame_t1: flows[int(frame_t[0, 0])]
+
+
+def away_from_ties(flows):
+    """Sub-pixel flows moved by 0.01 px where the sample (x + f) * W / (W - 1) - 0.5 is within 1e-3 of a
+    rounding tie, where float32 and float64 arithmetic could round to different pixels."""
+    out = []
+    for f in flows:
+        f = f.copy()
+        h, w = f.shape[:2]
+        for axis, size in ((0, w), (1, h)):
+            grid = np.mgrid[0:h, 0:w][1 - axis].astype(np.float64)
+            sample = (grid + f[..., axis]) * size / (size - 1) - 0.5
+            near = np.abs(sample - np.floor(sample) - 0.5) < 1e-3
+            f[..., axis][near] += np.float32(0.01)
+            sample = (grid + f[..., axis]) * size / (size - 1) - 0.5
+            assert (np.abs(sample - np.floor(sample) - 0.5) >= 1e-3).all()
+        out.append(f)
+    return out
+
+
+@pytest.mark.parametrize("h,w", [(6, 8), (7, 9), (5, 12)])
+@pytest.mark.parametrize("kind", ["zero", "integer", "subpixel"])
+def test_tc_vspw_matches_tc_cal_arithmetic(h, w, kind):
+    rng = np.random.default_rng([h, w, len(kind)])
+    k, t = 5, 4
+    preds = rng.integers(0, k, (t, h, w))
+    frames = np.stack([np.full((h, w), i, np.uint8) for i in range(t)])
+    if kind == "zero":
+        flows = [np.zeros((h, w, 2), np.float32)] * (t - 1)
+    elif kind == "integer":
+        flows = [rng.integers(-3, 4, (h, w, 2)).astype(np.float32) for _ in range(t - 1)]
+    else:
+        flows = away_from_ties([rng.uniform(-3, 3, (h, w, 2)).astype(np.float32) for _ in range(t - 1)])
+    expected = vspw_tc_reference(preds, flows, k)
+    got = tc_confusion(preds, frames, k, flow=flows_by_frame(flows), protocol="vspw")
+    np.testing.assert_array_equal(got, expected)
+    assert got.sum() == (t - 1) * h * w  # VSPW counts every pixel, those read from outside as class 0
+    assert tc(preds, frames, k, flow=flows_by_frame(flows)) == pytest.approx(miou(expected))
+    exact = tc_confusion(preds, frames, k, flow=flows_by_frame(flows), protocol="exact")
+    # With zero flow VSPW's sampling is the identity when W and H are odd (the last pixel, at W - 0.5, ties
+    # down to W - 1); when one is even its last column or row reads outside, class 0.
+    identity = kind == "zero" and h % 2 == 1 and w % 2 == 1
+    assert np.array_equal(exact, expected) == identity
+
+
+def test_tc_exact_is_100_on_an_integer_shift():
+    rng = np.random.default_rng(7)
+    h, w, t, (dx, dy) = 9, 11, 4, (2, -1)
+    canvas = rng.integers(0, 4, (h + 2 * t, w + 2 * t))
+    ys, xs = np.mgrid[0:h, 0:w]
+    # frame i shows the canvas moved by i * (dx, dy): the label at p in frame i is at p + (dx, dy) in frame i + 1
+    preds = np.stack([canvas[ys - i * dy + t, xs - i * dx + t] for i in range(t)])
+    np.testing.assert_array_equal(preds[1][: h + dy, dx:], preds[0][-dy:, : w - dx])
+    frames = np.zeros((t, h, w), np.uint8)
+    assert tc(preds, frames, 4, flow=constant_flow(dx, dy), protocol="exact") == 1.0
+    assert tc(preds, frames, 4, flow=constant_flow(dx, dy)) < 0.95  # VSPW: class 0 where points leave the frame
+
+
+class FakeRaft(nn.Module):
+    """Records RAFT's inputs and returns, as the final flow, each padded pixel's own (x, y) coordinates."""
+
+    def forward(self, image1, image2, num_flow_updates=12):
+        self.inputs = (image1, image2, num_flow_updates)
+        ys, xs = torch.meshgrid(torch.arange(image1.shape[2]), torch.arange(image1.shape[3]), indexing="ij")
+        return [torch.zeros(1, 2, *xs.shape), torch.stack([xs, ys]).float()[None]]
+
+
+def test_raft_flow_scales_pads_and_crops():
+    fake = FakeRaft()
+    h, w = 133, 141  # padded to 136 x 144: rows 1 above and 2 below, columns 1 left and 2 right
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[1, 1] = 0, 255
+    gray = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    out = RaftFlow(fake, num_flow_updates=3)(rgb, gray)
+    assert out.shape == (h, w, 2) and out.dtype == np.float32
+    ys, xs = np.mgrid[0:h, 0:w]
+    np.testing.assert_array_equal(out[..., 0], xs + 1)  # the padded frame's pixel (x + 1, y + 1) is (x, y)
+    np.testing.assert_array_equal(out[..., 1], ys + 1)
+    image1, image2, updates = fake.inputs
+    assert updates == 3 and image1.shape == image2.shape == (1, 3, 136, 144)
+    # [-1, 1] as Raft_Large_Weights.transforms(); gray repeated to 3 channels
+    scaled = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(image1[0, :, 1 : 1 + h, 1 : 1 + w], scaled, atol=1e-6, rtol=0)
+    assert image1.min() == -1.0 and image1.max() == 1.0
+    assert torch.equal(image2[0, 0], image2[0, 1]) and torch.equal(image2[0, 0], image2[0, 2])
+    # edge pixels repeated into the padding
+    assert torch.equal(image1[0, :, 0], image1[0, :, 1]) and torch.equal(image1[0, :, -1], image1[0, :, -3])
+    assert torch.equal(image1[0, :, :, 0], image1[0, :, :, 1]) and torch.equal(image1[0, :, :, -1], image1[0, :, :, -3])
+    assert RaftFlow(fake).num_flow_updates == RAFT_FLOW_UPDATES == 20
+
+
+@pytest.fixture(scope="module")
+def raft_file(tmp_path_factory):
+    """A randomly initialised raft_large saved as a state dict, as torchvision's weight files are."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("raft") / "raft_large.pth"
+    torch.save(raft_large(weights=None, progress=False).state_dict(), path)
+    return path
+
+
+def test_raft_from_a_local_file(raft_file):
+    model = load_raft(raft_file)
+    assert not model.training
+    saved = torch.load(raft_file, weights_only=True)
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
+    flow = make_flow("raft", raft_file)
+    assert isinstance(flow, RaftFlow) and flow.num_flow_updates == 20
+    frame0, frame1 = textured_frames(60, height=44)  # padded to 128 x 128, the least torchvision's RAFT takes
+    # one refinement step keeps this test fast (seconds on a CPU); evaluation uses RAFT_FLOW_UPDATES
+    out = RaftFlow(model, num_flow_updates=1)(frame0, frame1)
+    assert out.shape == (44, 60, 2) and out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_raft_and_flow_errors(tmp_path):
+    missing = tmp_path / "raft.pth"
+    for load in (load_raft, lambda p: make_flow("raft", p)):
+        with pytest.raises(FileNotFoundError, match=f"RAFT weights not found: no file at {re.escape(str(missing))}"):
+            load(missing)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"RAFT weights {re.escape(str(garbage))} are not a torch state dict"):
+        load_raft(garbage)
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(ValueError, match="are not a state dict"):
+        load_raft(tensor)
+    small = tmp_path / "raft_small.pth"
+    torch.save(raft_small(weights=None, progress=False).state_dict(), small)
+    with pytest.raises(ValueError, match=f"{re.escape(str(small))} are not a state dict of torchvision's raft_large: "):
+        load_raft(small)
+    with pytest.raises(ValueError, match=r"flow must be one of \('dis', 'raft'\), got 'farneback'"):
+        make_flow("farneback")
+    with pytest.raises(ValueError, match="flow 'raft' needs raft_weights"):
+        make_flow("raft")
+    assert make_flow("dis") is dis_flow
+    with pytest.raises(ValueError, match="num_flow_updates must be a positive int"):
+        RaftFlow(FakeRaft(), num_flow_updates=0)
 
 
 # --- VideoMetrics -------------------------------------------------------------------------------------
@@ -328,6 +509,40 @@ def test_video_metrics_equals_one_shot_functions():
     assert set(out) == {"mIoU", "FWIoU", "mVC8", "mVC16", "TC", "per_class"}
     # compute() leaves the last video open: more frames of it can follow
     metrics.update("v2", videos[2][0][:1], videos[2][1][:1], videos[2][2][:1])
+
+
+def test_video_metrics_tc_protocol_and_tc_videos():
+    rng = np.random.default_rng(4)
+    k = 4
+    videos = random_dataset(rng, lengths=(5, 6, 4))
+    flow = constant_flow(1.0, -1.0)
+    conf = sum(confusion_matrix(p, g, k) for p, g, _ in videos)
+    results = {}
+    for protocol in ("vspw", "exact"):
+        metrics = VideoMetrics(k, flow=flow, tc_protocol=protocol, tc_video_ids={"v0", "v2"})
+        for vid, (preds, gts, frames) in enumerate(videos):
+            metrics.update(f"v{vid}", preds, gts, None if vid == 1 else frames)  # v1 is not a TC video
+        out = metrics.compute()
+        tc_conf = sum(tc_confusion(videos[v][0], videos[v][2], k, flow=flow, protocol=protocol) for v in (0, 2))
+        assert out["TC"] == pytest.approx(miou(tc_conf))
+        assert out["mIoU"] == pytest.approx(miou(conf))  # every video
+        results[protocol] = out
+        # a pickled copy (what distributed evaluation gathers) leaves the flow out and computes the same
+        copy = pickle.loads(pickle.dumps(metrics))
+        assert copy.flow is None and repr(copy.compute()) == repr(out)
+    assert results["vspw"]["TC"] != results["exact"]["TC"]
+    everything = VideoMetrics(k, flow=flow)
+    for vid, (preds, gts, frames) in enumerate(videos):
+        everything.update(f"v{vid}", preds, gts, frames)
+    assert everything.compute()["TC"] != results["vspw"]["TC"]
+    with pytest.raises(ValueError, match="frame is required when TC is computed .* on video 'v0'"):
+        VideoMetrics(k, tc_video_ids=["v0"]).update("v0", videos[0][0], videos[0][1])
+    with pytest.raises(ValueError, match=r"cannot merge .*\['tc_protocol', 'tc_video_ids'\]"):
+        VideoMetrics(k).merge(VideoMetrics(k, tc_protocol="exact", tc_video_ids=["v0"]))
+    with pytest.raises(ValueError, match=r"tc_protocol must be one of \('vspw', 'exact'\), got 'etc'"):
+        VideoMetrics(k, tc_protocol="etc")
+    with pytest.raises(TypeError, match="tc_video_ids must be a collection"):
+        VideoMetrics(k, tc_video_ids="v0")
 
 
 def test_video_metrics_per_class_nan_for_classes_outside_the_mean():

@@ -19,6 +19,17 @@ from .transforms import eval_transform
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
+# Splits scored with the paper's inference: their clips default to the farthest frame as the reference.
+EVAL_SPLITS = ("val", "test")
+
+
+def default_reference(split: str, reference: str | None) -> str:
+    """``reference`` if given, else the paper's protocol for ``split``: ``"farthest"`` on the evaluation
+    splits (``"val"``, ``"test"``), ``"random"`` on any other (training) split."""
+    if reference is not None:
+        return reference
+    return "farthest" if split in EVAL_SPLITS else "random"
+
 
 class ClipDataset(Dataset):
     """A ``Dataset`` of clips (ARCHITECTURE.md §3.1); subclasses say what the videos are.

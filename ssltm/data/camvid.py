@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 
-from .base import FileClipDataset, Transform, VideoFiles, index_lut, require_dir
+from .base import FileClipDataset, Transform, VideoFiles, default_reference, index_lut, require_dir
 
 NUM_CLASSES = 11  # value 11 is "void"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,7 +35,9 @@ class CamVid(FileClipDataset):
     Args:
         root: the folder holding ``<split>/`` and ``<split>annot/``.
         split: ``"train"``, ``"val"`` or ``"test"`` (any folder name present).
-        offsets, causal, reference, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
+            paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
+        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
 
     Labels: 0..10 as they are; 11 (void) and anything else becomes 255.
     """
@@ -49,11 +51,17 @@ class CamVid(FileClipDataset):
         split: str = "train",
         offsets: Sequence[int] = (3, 6, 9),
         causal: bool = False,
-        reference: str = "random",
+        reference: str | None = None,
         transform: Transform | None = None,
         seed: int | None = None,
     ):
-        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
+        super().__init__(
+            offsets=offsets,
+            causal=causal,
+            reference=default_reference(split, reference),
+            transform=transform,
+            seed=seed,
+        )
         self.root, self.split = Path(root), split
         require_dir(self.root, "CamVid root")
         image_dir = require_dir(self.root / split, f"CamVid {split!r} images")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import FileClipDataset, Transform, VideoFiles, index_lut, require_dir
+from .base import FileClipDataset, Transform, VideoFiles, default_reference, index_lut, require_dir
 
 NUM_CLASSES = 19
 # The labelled frame is the 20th of its snippet: 19 frames before it and 10 after.
@@ -30,7 +30,9 @@ class CityscapesSequence(FileClipDataset):
     Args:
         root: the folder holding ``leftImg8bit_sequence/`` and ``gtFine/``.
         split: a split folder name, e.g. ``"train"`` or ``"val"``.
-        offsets, causal, reference, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
+            paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
+        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
 
     Labels: train ids 0..18 as they are, everything else (255) ignored.
     """
@@ -44,11 +46,17 @@ class CityscapesSequence(FileClipDataset):
         split: str = "train",
         offsets: Sequence[int] = (3, 6, 9),
         causal: bool = False,
-        reference: str = "random",
+        reference: str | None = None,
         transform: Transform | None = None,
         seed: int | None = None,
     ):
-        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
+        super().__init__(
+            offsets=offsets,
+            causal=causal,
+            reference=default_reference(split, reference),
+            transform=transform,
+            seed=seed,
+        )
         self.root, self.split = Path(root), split
         require_dir(self.root, "Cityscapes root")
         frames_dir = require_dir(self.root / "leftImg8bit_sequence" / split, f"Cityscapes {split!r} sequence frames")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import FileClipDataset, Transform, VideoFiles, index_lut, require_dir
+from .base import FileClipDataset, Transform, VideoFiles, default_reference, index_lut, require_dir
 
 SPLITS = ("train", "val", "test")
 MODES = ("full", "sf")
@@ -29,7 +29,9 @@ class VSPW(FileClipDataset):
         mode: ``"full"``: every labelled frame is a query; ``"sf"`` (VSPW-SF, paper §4.1.1): only
             the first frame of each training video is. Validation and test frames are all labelled
             in both versions, so ``mode`` changes only the train split.
-        offsets, causal, reference, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
+            paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
+        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
 
     Labels: raw 0 ("others") and 255 become 255 (ignore), raw ``k`` in 1..124 becomes ``k - 1``;
     other raw values are not VSPW classes and become 255 rather than crash the loss. Unlabelled
@@ -46,11 +48,17 @@ class VSPW(FileClipDataset):
         mode: str = "full",
         offsets: Sequence[int] = (3, 6, 9),
         causal: bool = False,
-        reference: str = "random",
+        reference: str | None = None,
         transform: Transform | None = None,
         seed: int | None = None,
     ):
-        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
+        super().__init__(
+            offsets=offsets,
+            causal=causal,
+            reference=default_reference(split, reference),
+            transform=transform,
+            seed=seed,
+        )
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if mode not in MODES:
