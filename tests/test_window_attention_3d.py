@@ -8,6 +8,7 @@ import json
 import math
 import types
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -247,6 +248,7 @@ def test_dense_bias_is_the_reference_bias_over_the_scale(sizes, mode):
     assert bias.shape == (heads, op.padded_tokens(n), op.padded_tokens(n)) and bias.dtype == torch.float32
     assert torch.equal(bias[:, :n, :n], expected)
     assert not bias[:, n:].any() and not bias[:, :, n:].any()
+    assert torch.equal(op.dense_bias(table, geom, 0.25, torch.float16), bias.half())  # bias_dtype="input"
 
 
 @pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode",
@@ -298,6 +300,92 @@ def test_triton_additive_attn_mask_window_batches():
     assert_close(out, ref, 2e-5, "out")
     for name, g, r in zip(("dqkv", "dtable"), grads, ref_grads, strict=True):
         assert_close(g, r, 1e-4, name)
+
+
+# The kernels' variants (op.VARIANTS), each against the reference on 4 windows: T and H padded and shifted, W
+# shrunk to 4 (its shift dropped; "swin" bias coordinates), 40 tokens, head_dim 12 (not a power of 2)
+VARIANT_CASE = (1, (3, 6, 4), 2, 12, (2, 5, 7), (1, 2, 3))
+VARIANT_CHOICES = [pytest.param({name: choices[1]}, id=f"{name}-{choices[1]}") for name, choices in op.VARIANTS.items()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("variant", VARIANT_CHOICES)
+def test_triton_variants_match_reference_and_are_deterministic(variant, dtype, monkeypatch):
+    """Each non-default variant, with the interpreter's whole windows and with GPU-like blocks (32 rows and
+    keys: a full block and a 16-wide tail; backward C in its GPU blocks, its first stage over several
+    programs), three window groups of unequal sizes: forward and every gradient (qkv, bias table, pad rows)
+    against the float64 reference (fp32) or within twice the fp16 reference's own error (fp16), and a second
+    backward bit-identical."""
+    batch, sizes, heads, head_dim, window, shift = VARIANT_CASE
+    inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=dtype)
+    kw = dict(window_size=window, shift_size=shift)
+    ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs, torch.float64), **kw)
+    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    names = ("out", "dqkv", "dtable", "dpad_k", "dpad_v")
+    gpu_blocks = op.LaunchConfigs(*(op.KernelConfig(32, 32, 4, 1) for _ in op.KERNELS))
+    for blocks in (op.INTERPRETER_CONFIGS, gpu_blocks):
+        with monkeypatch.context() as patch, op.forced_launch_configs(replace(blocks, **variant)):
+            if blocks is gpu_blocks:
+                patch.setattr(op, "_reduce_blocks", lambda table_size, tokens: (
+                    *op.REDUCE_BLOCKS, min(op.DSUM_BLOCK, op.padded_tokens(tokens) ** 2) // 2))
+            out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+            again = run(window_attention_3d, *inputs, backend="triton", **kw)
+        what = f"{variant} {blocks.fwd.label}"
+        assert all(torch.equal(a, b) for a, b in zip((out, *grads), (again[0], *again[1]), strict=True)), what
+        if dtype == torch.float32:
+            assert_close(out, ref_out, 2e-5, f"{what} out")
+            for name, g, r in zip(names[1:], grads, ref_grads, strict=True):
+                assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), f"{what} {name}")
+        else:
+            assert out.dtype == torch.float16
+            assert_within_twice_low_precision_error(names, (out, *grads), (low_out, *low_grads),
+                                                    (ref_out, *ref_grads), dtype, what)
+
+
+def test_launch_config_variants_validate_and_round_trip_the_config_file(tmp_path, monkeypatch):
+    """The variants are fields of the launch configurations: checked, written to and read from the config file
+    (a record written before they existed takes the defaults), kept by the dispatch's stage fitting, and each
+    choice is in the configurations a GPU sweep may ship (the first: the defaults)."""
+    defaults = op.default_configs(196, 32)
+    chosen = replace(defaults, bias_dtype="input", dbias_sum="owner", reduce_stages=2)
+    assert chosen.variant_label == "bias_dtype=input dbias_sum=owner reduce_stages=2" and defaults.variant_label == ""
+    assert op.LaunchConfigs.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
+    older = {name: record for name, record in chosen.to_json().items() if name in op.KERNELS}
+    assert op.LaunchConfigs.from_json(older) == defaults
+    for name, bad in (("bias_dtype", "float16"), ("dbias_sum", "atomics"), ("reduce_stages", 3)):
+        with pytest.raises(ValueError, match=f"{name} must be one of"):
+            replace(defaults, **{name: bad})
+    assert op.sweep_configs()[0] == defaults
+    for name, choices in op.VARIANTS.items():
+        assert {getattr(configs, name) for configs in op.sweep_configs()} == set(choices), name
+    path = tmp_path / "configs.json"
+    key = op.config_key("GPU A", 196, 32, 4, torch.bfloat16, True)
+    path.write_text(json.dumps({"configs": {key: chosen.to_json()}}))
+    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
+    fitted = op.launch_configs(196, 32, 4, torch.bfloat16, True, "GPU A", shared_memory=99 * 1024)
+    assert (fitted.bias_dtype, fitted.dbias_sum, fitted.reduce_stages) == ("input", "owner", 2)
+
+
+def test_compile_specs_follow_the_variants():
+    """What a launch of each variant compiles: the bias pointer in the input's dtype, backward C's first stage
+    (only over groups' partials), and backward C specialised on its one group."""
+    def specs(**variant):
+        configs = replace(op.default_configs(196, 32), **variant)
+        return {name: (signature, constexprs) for name, _, signature, constexprs, _, _ in
+                op.triton_compile_specs(torch.bfloat16, (4, 7, 7), 32, (2, 3, 3), configs=configs)}
+
+    attention = ("_window_attn_fwd_kernel", "_window_attn_bwd_dq_kernel", "_window_attn_bwd_dbias_kernel",
+                 "_window_attn_bwd_dkdv_kernel")
+    reduce, dsum = "_window_attn_bwd_reduce_kernel", "_window_attn_bwd_dsum_kernel"
+    default, bias_input = specs(), specs(bias_dtype="input")
+    assert all(default[k][0]["BIAS"] == "*fp32" and bias_input[k][0]["BIAS"] == "*bf16" for k in attention)
+    assert dsum not in default and default[reduce][0]["groups"] == "i32"
+    two_stage, owner = specs(reduce_stages=2), specs(dbias_sum="owner")
+    assert two_stage[dsum][1] == {"N": 196, "BLOCK_S": op.DSUM_BLOCK} and dsum not in owner
+    assert two_stage[reduce][1]["groups"] == owner[reduce][1]["groups"] == 1
+    assert owner["_window_attn_bwd_dbias_kernel"] == default["_window_attn_bwd_dbias_kernel"]
+    assert dsum not in specs(dbias_sum="owner", reduce_stages=2)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -659,10 +659,11 @@ if HAS_TRITON:
     @triton.jit
     def _bias_tile(BIAS, head, offs_m, offs_n, N: tl.constexpr, HAS_BIAS: tl.constexpr):
         """The dense bias at (queries ``offs_m``, keys ``offs_n``) of ``head`` (every index is inside the
-        zero-padded slice), or 0 without a bias table."""
+        zero-padded slice) in fp32 (the products' accumulators), whatever dtype it is stored in; or 0 without a
+        bias table."""
         NK: tl.constexpr = padded_tokens(N)
         if HAS_BIAS:
-            return tl.load(BIAS + (head * NK + offs_m[:, None]) * NK + offs_n[None, :])
+            return tl.load(BIAS + (head * NK + offs_m[:, None]) * NK + offs_n[None, :]).to(tl.float32)
         else:
             return 0.0
 
@@ -1016,6 +1017,20 @@ if HAS_TRITON:
     # Backward C: the fixed-order reductions of the partials
     # ----------------------------------------------------------------------------------------------
     @triton.jit
+    def _window_attn_bwd_dsum_kernel(DBIAS, DSUM, groups, NH, N: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Backward C's first stage (``reduce_stages=2``): program ``(block, head)`` sums ``BLOCK_S`` consecutive
+        elements of the groups' dS sums ``DBIAS (groups, NH, NK, NK)`` over the groups, in group order, into
+        ``DSUM (1, NH, NK, NK)``: coalesced loads, no gathers; elements of rows or keys past N are zeros."""
+        NK: tl.constexpr = padded_tokens(N)
+        head = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        inside = (offs // NK < N) & (offs % NK < N)
+        acc = tl.full((BLOCK_S,), 0.0, tl.float32)
+        for group in range(0, groups):
+            acc += tl.load(DBIAS + ((group * NH + head) * NK).to(tl.int64) * NK + offs, mask=inside, other=0.0)
+        tl.store(DSUM + (head * NK).to(tl.int64) * NK + offs, acc)
+
+    @triton.jit
     def _window_attn_bwd_reduce_kernel(
         DBIAS, DTABLE, DPAD, DPAD_K, DPAD_V, groups, pad_rows, NH, HD,
         N: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
@@ -1083,7 +1098,7 @@ class KernelConfig:
     ``block_m x block_n`` tile of (query, key) pairs. ``dkdv``: a program takes ``block_n`` keys and runs over
     the queries in blocks of ``block_m``. ``num_stages``: software pipelining of the innermost loop (fwd and
     dq: key blocks; dbias: windows; dkdv: query blocks). ``group_mult`` (dbias): the number of window groups
-    times this (more programs, a larger dS partial)."""
+    times this (more programs, a larger dS partial; ignored with ``LaunchConfigs.dbias_sum="owner"``)."""
 
     block_m: int
     block_n: int
@@ -1097,21 +1112,52 @@ class KernelConfig:
         return f"m{self.block_m} n{self.block_n} w{self.num_warps} s{self.num_stages}{groups}"
 
 
+# The kernels' variants a GPU measurement chooses between, per problem (fields of LaunchConfigs; the first of
+# each is the default):
+#   bias_dtype     the dense bias tile every attention kernel reads per window-head: "float32", or "input",
+#                  the input's dtype (half the bytes in fp16/bf16; products still accumulate in fp32)
+#   dbias_sum      backward A2's dS sums: "groups", per window group (more programs, a (groups, heads, Np, Np)
+#                  partial that backward C reduces), or "owner", one program per (query piece x key piece, head)
+#                  over every window, writing the final per-head sums (fewer programs, no partial)
+#   reduce_stages  backward C over the groups' partials: 1, the table gather over every group's partial, or 2,
+#                  a dense coalesced sum over the groups first, then the gather from that one sum
+VARIANTS = {"bias_dtype": ("float32", "input"), "dbias_sum": ("groups", "owner"), "reduce_stages": (1, 2)}
+
+
 @dataclass(frozen=True)
 class LaunchConfigs:
-    """One configuration per kernel: forward, dq (+ delta), dbias (the dS partial), dk/dv (+ pad partial)."""
+    """One configuration per kernel: forward, dq (+ delta), dbias (the dS partial), dk/dv (+ pad partial), and
+    the kernels' variants (``VARIANTS``)."""
 
     fwd: KernelConfig
     dq: KernelConfig
     dbias: KernelConfig
     dkdv: KernelConfig
+    bias_dtype: str = VARIANTS["bias_dtype"][0]
+    dbias_sum: str = VARIANTS["dbias_sum"][0]
+    reduce_stages: int = VARIANTS["reduce_stages"][0]
+
+    def __post_init__(self) -> None:
+        for name, choices in VARIANTS.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    @property
+    def variant_label(self) -> str:
+        """The variants that differ from the defaults, e.g. ``"bias_dtype=input dbias_sum=owner"`` ("" if none)."""
+        return " ".join(f"{name}={getattr(self, name)}" for name, choices in VARIANTS.items()
+                        if getattr(self, name) != choices[0])
 
     def to_json(self) -> dict:
-        return {name: asdict(getattr(self, name)) for name in KERNELS}
+        return {**{name: asdict(getattr(self, name)) for name in KERNELS},
+                **{name: getattr(self, name) for name in VARIANTS}}
 
     @classmethod
     def from_json(cls, record: dict) -> LaunchConfigs:
-        return cls(**{name: KernelConfig(**record[name]) for name in KERNELS})
+        """The configurations of a ``to_json`` record; a record without the variants (written before they
+        existed) takes their defaults."""
+        return cls(**{name: KernelConfig(**record[name]) for name in KERNELS},
+                   **{name: record[name] for name in VARIANTS if name in record})
 
 
 # The configurations a GPU sweep (benchmarks/wmsa_decide.py) chooses from, per kernel, for SSLTM's windows
@@ -1128,12 +1174,22 @@ CONFIG_SETS = {  # the first of each: the default for SSLTM's windows in 16-bit 
 }
 
 
+def _variants(index: int) -> dict:
+    """The ``index``-th combination of ``VARIANTS`` (mixed radix, the first variant fastest; 0: the defaults)."""
+    chosen = {}
+    for name, choices in VARIANTS.items():
+        index, digit = divmod(index, len(choices))
+        chosen[name] = choices[digit]
+    return chosen
+
+
 def sweep_configs() -> list[LaunchConfigs]:
     """Every kernel's configuration set as launch configurations: the i-th of each set together (a shorter
-    set starts again), so that compiling or testing these covers every configuration of every kernel."""
+    set starts again) with the i-th combination of the variants, so that compiling or testing these covers
+    every configuration of every kernel and every variant (the first: the defaults)."""
     count = max(len(configs) for configs in CONFIG_SETS.values())
-    return [LaunchConfigs(**{name: CONFIG_SETS[name][i % len(CONFIG_SETS[name])] for name in KERNELS})
-            for i in range(count)]
+    return [LaunchConfigs(**{name: CONFIG_SETS[name][i % len(CONFIG_SETS[name])] for name in KERNELS},
+                          **_variants(i)) for i in range(count)]
 
 
 # The interpreter pays per block step, not per element: whole windows per program
@@ -1223,8 +1279,8 @@ def launch_configs(tokens_per_window: int, head_dim: int, heads: int, dtype: tor
     keys = [config_key(name, tokens_per_window, head_dim, heads, dtype, shifted) for name in (device, "*")]
     configs = next((shipped[key] for key in keys if key in shipped), None) or default_configs(tokens_per_window,
                                                                                               head_dim, dtype)
-    return LaunchConfigs(**{name: fit_stages(name, getattr(configs, name), tokens_per_window, head_dim, dtype,
-                                             shared_memory) for name in KERNELS})
+    return replace(configs, **{name: fit_stages(name, getattr(configs, name), tokens_per_window, head_dim, dtype,
+                                                shared_memory) for name in KERNELS})
 
 
 _FORCED_CONFIGS: list[LaunchConfigs] = []
@@ -1267,16 +1323,27 @@ def _bias_index(table_window: tuple, tokens: int, bias_window: tuple, device: to
     return relative_position_index(table_window, tokens, bias_window, device)
 
 
-def dense_bias(table: torch.Tensor, geom: WindowGeometry, scale: float) -> torch.Tensor:
-    """``(heads, Np, Np)`` fp32 bias of one call in units of the scaled product, ``table[index[i, j], head] /
+def dense_bias(table: torch.Tensor, geom: WindowGeometry, scale: float,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(heads, Np, Np)`` bias of one call in units of the scaled product, ``table[index[i, j], head] /
     scale`` for ``i, j < N`` with ``index = relative_position_index(...)`` of the geometry (so exact for both
-    ``rel_pos_mode``), zeros in the rows and keys up to ``Np = padded_tokens(N)``. The kernels start each
-    product's accumulator at it: ``(q k^T + bias / scale) * scale * log2(e)`` are the base-2 scores."""
+    ``rel_pos_mode``), zeros in the rows and keys up to ``Np = padded_tokens(N)``, computed in fp32 and
+    stored in ``dtype``. The kernels start each product's fp32 accumulator at it: ``(q k^T + bias / scale)
+    * scale * log2(e)`` are the base-2 scores."""
     n = geom.tokens_per_window
     index = _bias_index(geom.table_window, n, geom.bias_window, table.device)
     bias = table.detach().t().float()[:, index] / scale
     pad = padded_tokens(n) - n
-    return F.pad(bias, (0, pad, 0, pad)).contiguous()
+    return F.pad(bias, (0, pad, 0, pad)).to(dtype).contiguous()
+
+
+def _bias_operand(table: torch.Tensor | None, geom: WindowGeometry, scale: float, configs: LaunchConfigs,
+                  dtype: torch.dtype, dummy: torch.Tensor) -> torch.Tensor:
+    """The kernels' ``BIAS``: the dense bias in the dtype ``configs.bias_dtype`` asks for (``dtype``: the
+    inputs'), or ``dummy`` without a table."""
+    if table is None:
+        return dummy
+    return dense_bias(table, geom, scale, dtype if configs.bias_dtype == "input" else torch.float32)
 
 
 def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -1318,14 +1385,15 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
     batch, t, h, w, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # base 2
-    cfg = _launch_configs(q, geom).fwd
+    configs = _launch_configs(q, geom)
+    cfg = configs.fwd
     num_windows = batch * geom.num_windows
     pieces = len(block_pieces(geom.tokens_per_window, cfg.block_m))
     groups = window_groups(num_windows, pieces * heads, q.device)
     dummy = q.new_empty(0)
     _window_attn_fwd_kernel[(pieces, heads, groups)](
         q, k, v, out, lse,
-        dummy if table is None else dense_bias(table, geom, scale), dummy if pad_k is None else pad_k,
+        _bias_operand(table, geom, scale, configs, q.dtype, dummy), dummy if pad_k is None else pad_k,
         dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
         t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows, scale * LOG2E,
         **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
@@ -1337,8 +1405,8 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
 
 def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom: WindowGeometry,
                      scale: float, need_table_grad: bool, need_pad_grad: bool, grad_qkv: torch.Tensor | None):
-    """Backward A (dq, delta), A2 (dS sums per window group), B (dk, dv, pad sums per program), C (the
-    fixed-order reductions of the partials)."""
+    """Backward A (dq, delta), A2 (dS sums per window group, or per head with ``dbias_sum="owner"``), B (dk,
+    dv, pad sums per program), C (the fixed-order reductions of the partials)."""
     q, k, v = _same_strides(q, k, v)
     batch, t, h, w, heads, head_dim = q.shape
     n, num_windows = geom.tokens_per_window, batch * geom.num_windows
@@ -1352,7 +1420,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     need_table_grad = need_table_grad and table is not None
     need_pad_grad = need_pad_grad and (pad_k is not None or pad_v is not None)
     dummy = q.new_empty(0)
-    operands = (dummy if table is None else dense_bias(table, geom, scale), dummy if pad_k is None else pad_k,
+    operands = (_bias_operand(table, geom, scale, configs, q.dtype, dummy), dummy if pad_k is None else pad_k,
                 dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
                 t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows)
     grads = (dq.stride(3), dq.stride(4), scale)  # gradient rows: elements per token, per head
@@ -1371,7 +1439,9 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     if need_table_grad:
         cfg = configs.dbias
         pieces = len(block_pieces(n, cfg.block_m)) * len(block_pieces(n, cfg.block_n))
-        groups = window_groups(num_windows, pieces * heads, q.device, cfg.group_mult)
+        # "owner": one group, each program sums its tile over every window into the final per-head sums
+        groups = 1 if configs.dbias_sum == "owner" else window_groups(num_windows, pieces * heads, q.device,
+                                                                         cfg.group_mult)
         dbias = torch.empty((groups, heads, padded_tokens(n), padded_tokens(n)), dtype=torch.float32,
                             device=q.device)
         launch(_window_attn_bwd_dbias_kernel, cfg, (pieces, heads, groups), q, k, v, grad_out, lse, delta, dbias,
@@ -1383,17 +1453,21 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
             if need_pad_grad else dummy)
     launch(_window_attn_bwd_dkdv_kernel, cfg, (pieces, heads, groups), q, k, v, grad_out, lse, delta, dk, dv, dpad,
            *operands, *grads, scale * LOG2E, NEED_DPAD=need_pad_grad)
-    return dq, dk, dv, *_triton_reduce(dbias, dpad, geom, heads, head_dim, need_table_grad, need_pad_grad)
+    return dq, dk, dv, *_triton_reduce(dbias, dpad, geom, heads, head_dim, need_table_grad, need_pad_grad,
+                                       configs.reduce_stages)
 
 
 REDUCE_BLOCKS = (32, 64)  # (BLOCK_E, BLOCK_M) of backward C's table gradient on a GPU: ~40 programs per head at 4x7x7
+DSUM_BLOCK = 1024  # dS-sum elements per program of backward C's first stage (reduce_stages=2) on a GPU
 
 
-def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int]:
-    """(BLOCK_E, BLOCK_M) of backward C; the interpreter takes whole tables and windows."""
+def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int, int]:
+    """(BLOCK_E, BLOCK_M) of backward C and BLOCK_S of its first stage (at most one head's ``Np**2`` sums);
+    the interpreter takes whole tables, windows and sums."""
+    sums = padded_tokens(tokens_per_window) ** 2
     if triton_interpreting():
-        return _next_pow2(table_size), _next_pow2(tokens_per_window)
-    return REDUCE_BLOCKS
+        return _next_pow2(table_size), _next_pow2(tokens_per_window), sums
+    return (*REDUCE_BLOCKS, min(DSUM_BLOCK, sums))
 
 
 def _reduce_constants(geom: WindowGeometry) -> dict:
@@ -1403,14 +1477,20 @@ def _reduce_constants(geom: WindowGeometry) -> dict:
 
 
 def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int, need_table_grad: bool,
-                   need_pad_grad: bool):
+                   need_pad_grad: bool, stages: int = 1):
     """Backward C: ``(dtable (table_size, heads), dpad_k, dpad_v (heads, head_dim))``, fp32, None where not
     needed, from the dS sums ``dbias (groups, heads, NK, NK)`` and the pad sums ``dpad (rows, 2, heads,
-    head_dim)``."""
+    head_dim)``. ``stages=2``: the groups' dS sums are first summed densely into one ``(1, heads, NK, NK)``
+    (many programs, coalesced), then the table gathers from that."""
     if not (need_table_grad or need_pad_grad):
         return None, None, None
     dummy = dbias.new_empty(0) if need_table_grad else dpad.new_empty(0)
-    block_e, block_m = _reduce_blocks(geom.table_size, geom.tokens_per_window)
+    block_e, block_m, block_s = _reduce_blocks(geom.table_size, geom.tokens_per_window)
+    if need_table_grad and stages == 2 and dbias.shape[0] > 1:
+        dsum = torch.empty((1, *dbias.shape[1:]), dtype=torch.float32, device=dbias.device)
+        _window_attn_bwd_dsum_kernel[(dbias[0, 0].numel() // block_s, heads)](
+            dbias, dsum, dbias.shape[0], heads, N=geom.tokens_per_window, BLOCK_S=block_s, num_warps=4)
+        dbias = dsum
     table_blocks = triton.cdiv(geom.table_size, block_e) if need_table_grad else 0
     dtable = torch.empty((geom.table_size, heads), dtype=torch.float32, device=dummy.device) if need_table_grad \
         else dummy
@@ -1425,7 +1505,7 @@ def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int,
     return (dtable if need_table_grad else None, *((dpad_k, dpad_v) if need_pad_grad else (None, None)))
 
 
-_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DPAD", "DPAD_K", "DPAD_V", "MASK", "DTABLE", "BIAS"}
+_TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DSUM", "DPAD", "DPAD_K", "DPAD_V", "MASK", "DTABLE", "BIAS"}
 _TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
 
 
@@ -1436,7 +1516,8 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     """The kernels as the GPU launcher would specialise them for one configuration on a device whose blocks
     may opt in to ``shared_memory`` bytes, as ``(name, kernel, signature, constexprs, attrs, options)`` for
     ``triton.compile`` ahead of time. ``configs``: the launch configurations (default: those the dispatch
-    takes, ``launch_configs``).
+    takes, ``launch_configs``), variants included (the bias pointer's dtype, backward C's first stage, one
+    group where backward C takes per-head sums).
 
     ``window_batches``: the geometry ``window_attention_3d_windows`` launches (rows of ``prod(window)``
     tokens whose bias coordinates decode by ``window``; no shift, no pad rows) instead of a volume's.
@@ -1464,16 +1545,26 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     kernels += ((_window_attn_bwd_dbias_kernel, configs.dbias, {}),) if bias else ()
     kernels += ((_window_attn_bwd_dkdv_kernel, configs.dkdv, {"NEED_DPAD": pad}),)
     pointer_types = {name: "fp32" if name in _TRITON_FP32_POINTERS else TYPE_NAMES[dtype] for name in _TRITON_POINTERS}
+    if configs.bias_dtype == "input":
+        pointer_types["BIAS"] = TYPE_NAMES[dtype]
     for kernel, cfg, extra in kernels:
         blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
         yield kernel_spec(kernel, {**constants, **extra, **blocks}, pointer_types, float_args=("scale", "qk_scale"),
                           int_arg=int_arg, aligned_pointers=aligned_pointers,
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    # the launcher passes backward C one group where A2 wrote per-head sums or C's first stage summed the groups
+    one_group = bias and (configs.dbias_sum == "owner" or configs.reduce_stages == 2)
+    if bias and configs.dbias_sum == "groups" and configs.reduce_stages == 2:
+        block_s = min(DSUM_BLOCK, padded_tokens(geom.tokens_per_window) ** 2)
+        yield kernel_spec(_window_attn_bwd_dsum_kernel, {"N": geom.tokens_per_window, "BLOCK_S": block_s},
+                          pointer_types, int_arg=int_arg, aligned_pointers=aligned_pointers, options={"num_warps": 4})
     if bias or pad:
         block_e, block_m = REDUCE_BLOCKS
+        reduce_ints = int_arg if not one_group else (
+            lambda name: 1 if name == "groups" else 16 if int_arg is None else int_arg(name))
         yield kernel_spec(_window_attn_bwd_reduce_kernel,
                           {**_reduce_constants(geom), "NEED_DTABLE": bias, "NEED_DPAD": pad, "BLOCK_E": block_e,
-                           "BLOCK_M": block_m, "BLOCK_D": block_d}, pointer_types, int_arg=int_arg,
+                           "BLOCK_M": block_m, "BLOCK_D": block_d}, pointer_types, int_arg=reduce_ints,
                           aligned_pointers=aligned_pointers, options={"num_warps": 4})
 
 
