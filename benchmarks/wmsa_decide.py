@@ -13,9 +13,10 @@ The plan of research/wmsa-perf-design.md section 4, in one run (``--full``: abou
     peers     ours against eager, torch.compile (large and stride4), SDPA with the memory-efficient kernel
               (bias gradient) and with cuDNN (forward only), FlexAttention with default and 64x64 blocks, on
               the six shapes of benchmarks/stt_window_attn.py, fwd and fwd+bwd, with peak memory
-    sweep     every configuration of every Triton kernel (CONFIG_SETS; compiled first in parallel processes
-              into the Triton cache) timed on large and stride4 with the other kernels at their defaults; the
-              winners together timed twice (noise); registers and spills from the compiled SASS
+    sweep     every configuration of every Triton kernel (CONFIG_SETS) and every choice of the kernels' variants
+              (VARIANTS: the bias tile's dtype, owner-written dS sums with each dbias configuration, the
+              two-stage reduction), compiled first in parallel processes into the Triton cache, timed on large
+              and stride4 with the rest at the defaults; the winners together timed twice (noise)
     counters  Nsight Compute counters of the kernels on large, where ncu runs here (tried once, skipped else)
 
 and, last, the decision table: the default backend (the faster in fwd+bwd on at least 4 of the 6 shapes
@@ -25,7 +26,8 @@ ssltm_kernels/ops/window_attention_3d_configs.json), each shape's bound (time ov
 exp floors) and the issue's targets.
 
 Without ``--full`` (what ``make gpu-check`` runs with every benchmark): ceilings, the gate on stride16 and
-large-shift, and the sweep's defaults, within about a minute; benchmarks/stt_window_attn.py times the peers.
+large-shift, and the sweep's default kernel configurations with every variant's choices, within about a
+minute; benchmarks/stt_window_attn.py times the peers.
 Without a GPU (or with ``--cpu``): the same sections on small fp32 CPU shapes (the Triton kernels only under
 TRITON_INTERPRET=1), a smoke run of the code paths, not a decision: nothing is written to the config file.
 JSON lines go to benchmarks/results/wmsa_decide.jsonl.
@@ -82,6 +84,7 @@ import ssltm_kernels.ops.window_attention_3d as op  # noqa: E402
 from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
     CONFIG_SETS,
     KERNELS,
+    VARIANTS,
     LaunchConfigs,
     config_key,
     default_configs,
@@ -99,6 +102,9 @@ GATE_SHAPES, QUICK_GATE_SHAPES = ("large", "large-shift", "stride4", "odd"), ("s
 PEER_SHAPES = tuple(GPU_SHAPES)
 COMPILE_SHAPES = ("large", "stride4")  # torch.compile is the slow peer: two shapes only
 SWEEP_SHAPES = ("large", "stride4")
+# What the sweep chooses, one after another: each kernel's configuration (dbias: with the owner-written dS sums
+# too) and the variants that are not a kernel's
+KNOBS = (*KERNELS, *(name for name in VARIANTS if name != "dbias_sum"))
 CPU_GATE = Shape("cpu-gate", B=1, T=3, H=8, W=9, C=16, heads=1, window=(2, 5, 7), shift=(1, 2, 3))
 BACKENDS = ("triton", "cuda")
 NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,"
@@ -329,40 +335,80 @@ def _time_kernel(run: Run, shape: Shape, configs: LaunchConfigs, kernel: str, in
         return run.bench(lambda: torch.autograd.grad(out, (qkv, table), grad, retain_graph=True))
 
 
-def sweep(run: Run, shapes: Sequence[Shape]) -> dict:
-    """Per shape: each kernel's configurations timed (the others at their defaults), the winners together
-    timed twice. Returns {shape: LaunchConfigs of the winners}."""
-    winners = {}
+def candidates(knob: str, defaults: LaunchConfigs, every: bool) -> list[dict]:
+    """The choices the sweep times for ``knob``, as ``replace`` arguments of the defaults: a kernel's
+    configurations (``every``: its whole set, else its default), for dbias each also with the owner-written dS
+    sums (one group: its blocks set its parallelism), or a variant's choices."""
+    if knob in VARIANTS:
+        return [{knob: choice} for choice in VARIANTS[knob]]
+    configs = CONFIG_SETS[knob] if every else (getattr(defaults, knob),)
+    choices = [{knob: cfg} for cfg in configs]
+    if knob == "dbias":
+        choices += [{knob: cfg, "dbias_sum": "owner"} for cfg in configs if cfg.group_mult == 1]
+    return choices
+
+
+def candidate_label(choice: dict) -> str:
+    return " ".join(value.label if name in KERNELS else f"{name}={value}" for name, value in choice.items())
+
+
+def _time_knob(run: Run, shape: Shape, configs: LaunchConfigs, knob: str, inputs, timed: dict) -> float:
+    """ms of what ``knob`` changes: the forward (fwd), forward plus backward (the bias tile's dtype, which
+    every kernel reads), else the backward. ``timed``: the shape's times so far by (configurations, forward),
+    so that a configuration several knobs share (the defaults) is timed once."""
+    total = 0.0
+    for forward in (True, False) if knob == "bias_dtype" else (knob == "fwd",):
+        if (configs, forward) not in timed:
+            timed[configs, forward] = _time_kernel(run, shape, configs, "fwd" if forward else "bwd", inputs)
+        total += timed[configs, forward]
+    return total
+
+
+def sweep_plans(run: Run, shapes: Sequence[Shape]) -> dict:
+    """{shape: (its default configurations, {knob: the choices to time})} of the shapes Triton runs here."""
+    plans = {}
     for shape in shapes:
         if not op.can_run_triton(*split_qkv(torch.empty(1, *shape.geom.sizes, 3 * shape.C, device=run.device,
                                                        dtype=run.dtype), shape.heads), window_size=shape.window):
             print(f"sweep: triton cannot run {shape.name} here")
             continue
-        if run.full:
-            precompile(run, [(shape, replace(default_configs(shape.geom.tokens_per_window, shape.head_dim,
-                                                             run.dtype), **{kernel: cfg}))
-                             for kernel in KERNELS for cfg in CONFIG_SETS[kernel]])
+        defaults = default_configs(shape.geom.tokens_per_window, shape.head_dim, run.dtype)
+        plans[shape] = defaults, {knob: candidates(knob, defaults, run.full) for knob in KNOBS}
+    return plans
+
+
+def sweep_work(plans: dict) -> list[tuple[Shape, LaunchConfigs]]:
+    """Every (shape, configurations) the sweep of ``plans`` launches, for ``precompile``."""
+    return [(shape, replace(defaults, **choice)) for shape, (defaults, plan) in plans.items()
+            for choices in plan.values() for choice in choices]
+
+
+def sweep(run: Run, plans: dict) -> dict:
+    """Per shape of ``plans`` (``sweep_plans``): each knob's choices timed (the rest at the defaults), the
+    winners together timed twice. Returns {shape: LaunchConfigs of the winners}."""
+    winners = {}
+    for shape, (defaults, plan) in plans.items():
         qkv, table = make_inputs(shape, run.dtype, run.device)
         grad = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.heads, shape.head_dim, device=run.device,
                            dtype=run.dtype, generator=torch.Generator(run.device).manual_seed(2))
-        defaults = default_configs(shape.geom.tokens_per_window, shape.head_dim, run.dtype)
-        best = {}
-        for kernel in KERNELS:
-            candidates = CONFIG_SETS[kernel] if run.full or not run.on_gpu else (getattr(defaults, kernel),)
-            times = {}
-            for cfg in candidates[: None if run.on_gpu else 1]:
+        best, timed = {}, {}
+        for knob, choices in plan.items():
+            times = []
+            for choice in choices:
+                label = candidate_label(choice)
                 try:
-                    configs = replace(defaults, **{kernel: cfg})
-                    times[cfg] = _time_kernel(run, shape, configs, kernel, (qkv, table, grad))
+                    ms = _time_knob(run, shape, replace(defaults, **choice), knob, (qkv, table, grad), timed)
                 except Exception as error:  # a configuration that fails is reported, not chosen
-                    print(f"sweep: {shape.name} {kernel} {cfg.label}: {type(error).__name__}: {error}")
-                    times[cfg] = math.inf
-                run.record("sweep", case=shape.name, kernel=kernel, config=cfg.label, ms=times[cfg])
-            best[kernel] = min(times, key=times.get)
+                    print(f"sweep: {shape.name} {knob} {label}: {type(error).__name__}: {error}")
+                    ms = math.inf
+                times.append((choice, label, ms))
+                run.record("sweep", case=shape.name, kernel=knob, config=label, ms=ms)
+            fastest = min(times, key=lambda timed: timed[2])[0]
+            best.update(fastest)
             print(text_table(("case", "kernel", "config", "ms", ""),
-                             [(shape.name, kernel, c.label, f"{t:.4f}", "<- best" if c == best[kernel] else "")
-                              for c, t in times.items()]))
-        winners[shape.name] = chosen = LaunchConfigs(**best)
+                             [(shape.name, knob, label, f"{ms:.4f}", "<- best" if choice is fastest else "")
+                              for choice, label, ms in times]))
+        winners[shape.name] = chosen = replace(defaults, **best)
         twice = [_time_kernel(run, shape, chosen, kernel, (qkv, table, grad)) for kernel in ("fwd", "dq") * 2]
         noise = abs(twice[1] - twice[3]) / max(twice[1], 1e-9)
         print(f"sweep: {shape.name} winners fwd {twice[0]:.4f}/{twice[2]:.4f} ms, bwd {twice[1]:.4f}/"
@@ -464,7 +510,8 @@ def decide(run: Run, ceilings: dict, gates: list[dict], rows: list[Row], winners
     backend, why = default_backend(rows, gates) if rows else (None, "peers not run")
     print(f"default backend: {backend or '-'} ({why})")
     for case, configs in winners.items():
-        print(f"winning configurations on {case}: " + ", ".join(f"{k} {getattr(configs, k).label}" for k in KERNELS))
+        print(f"winning configurations on {case}: " + ", ".join(f"{k} {getattr(configs, k).label}" for k in KERNELS)
+              + (f", {configs.variant_label}" if configs.variant_label else ""))
     table = bounds(run, rows, ceilings)
     if table:
         print(text_table(("case", "backend", "mode", "ms", "floor ms", "bound", "time / floor"), table, left=3))
@@ -515,8 +562,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "not a decision")
     start = time.perf_counter()
     gate_names = GATE_SHAPES if run.full else QUICK_GATE_SHAPES
+    plans = sweep_plans(run, [SHAPES[n] for n in SWEEP_SHAPES] if run.on_gpu else [CPU_GATE]) \
+        if "sweep" in sections else {}
     precompile(run, [(SHAPES[n], default_configs(SHAPES[n].geom.tokens_per_window, SHAPES[n].head_dim, run.dtype))
-                     for n in (*gate_names, *SWEEP_SHAPES, *(PEER_SHAPES if "peers" in sections else ()))])
+                     for n in (*gate_names, *(PEER_SHAPES if "peers" in sections else ()))] + sweep_work(plans))
     ceilings = measure_ceilings(run) if "ceilings" in sections else {}
     gates, rows, winners = [], [], {}
     if "gate" in sections:
@@ -529,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "peers" in sections:
         rows = peers(run, [SHAPES[n] for n in PEER_SHAPES] if run.on_gpu else [CPU_GATE])
     if "sweep" in sections:
-        winners = sweep(run, [SHAPES[n] for n in SWEEP_SHAPES] if run.on_gpu else [CPU_GATE])
+        winners = sweep(run, plans)
     if "counters" in sections:
         counters(run)
     decision = decide(run, ceilings, gates, rows, winners, args.write_configs)

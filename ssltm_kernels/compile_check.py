@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,7 +36,9 @@ from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     KERNELS,
     MAX_WINDOW_TOKENS,
+    VARIANTS,
     LaunchConfigs,
+    default_configs,
     fit_stages,
     key_tile_bytes,
     sweep_configs,
@@ -78,9 +80,11 @@ class Config:
     window_batches: bool = False
     launch: str = "aligned"
     configs: LaunchConfigs | None = None  # the kernels' launch configurations; None: those the dispatch takes
+    kernels: tuple[str, ...] | None = None  # the names of the kernels to compile; None: every one it launches
 
     def specs(self, arch: int) -> list[tuple]:
-        return compile_specs(arch, self)
+        specs = compile_specs(arch, self)
+        return specs if self.kernels is None else [spec for spec in specs if spec[0] in self.kernels]
 
     @property
     def cost(self) -> int:
@@ -94,7 +98,10 @@ class Config:
         label += f" shift={self.shift}" if any(self.shift) else ""
         label += " window-batches" if self.window_batches else ""
         label += " mask" if self.mask else ""
-        label += "".join(f" {name}=({getattr(self.configs, name).label})" for name in KERNELS) if self.configs else ""
+        if self.configs:
+            label += "".join(f" {name}=({getattr(self.configs, name).label})" for name in KERNELS)
+            label += f" {self.configs.variant_label}" if self.configs.variant_label else ""
+        label += f" only {','.join(self.kernels)}" if self.kernels is not None else ""
         return f"{label} launch={self.launch}"
 
 
@@ -200,13 +207,39 @@ def _ssltm_configs(arch: int, launch: str, *, shifted_volumes_only: bool = False
             yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, mask=True, window_batches=True, launch=launch)
 
 
+def _spec_key(spec: tuple) -> tuple:
+    """What makes two compile specs the same cubin: name, signature, constexprs, attrs, options."""
+    name, _, signature, constexprs, attrs, options = spec
+    return name, *(repr(sorted(d.items(), key=repr)) for d in (signature, constexprs, attrs, options))
+
+
+def variant_configs(arch: int) -> list[Config]:
+    """Each non-default kernel variant (``VARIANTS``) on SSLTM's shifted volumes in bf16 for its own launches,
+    restricted to the kernels no earlier configuration compiles (the others are the defaults' cubins): the
+    bias pointer in bf16 changes the four attention kernels, "owner" dS sums give backward C one group (a
+    constant; A2 is the default kernel launched with one group), two stages add backward C's first stage."""
+    base = Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, launch="ssltm")
+    if not _fits(arch, base.window, base.head_dim, base.dtype):
+        return []
+    compiled, configs = {_spec_key(spec) for spec in base.specs(arch)}, []
+    defaults = default_configs(math.prod(SSLTM_WINDOW), SSLTM_HEAD_DIM, torch.bfloat16)
+    for name, choices in VARIANTS.items():
+        for choice in choices[1:]:
+            config = replace(base, configs=replace(defaults, **{name: choice}))
+            new = [spec for spec in config.specs(arch) if _spec_key(spec) not in compiled]
+            compiled |= {_spec_key(spec) for spec in new}
+            configs.append(replace(config, kernels=tuple(spec[0] for spec in new)))
+    return configs
+
+
 def window_attention_configs(arch: int, config_set: str = "full") -> list[Config]:
     """The configurations the check compiles for ``arch``.
 
     ``full``: every tuned configuration in every dtype and the largest windows the dispatch takes on
     ``arch`` (with the window-batch mask, the variant that takes the most shared memory), each for the
     aligned and the unaligned launch, SSLTM's configurations for its own launches, and every launch
-    configuration a GPU sweep may ship (``sweep_configs``) on SSLTM's shifted volumes.
+    configuration a GPU sweep may ship (``sweep_configs``, the kernel variants included) on SSLTM's shifted
+    volumes.
 
     ``sweep``: only the latter, in bf16 and fp32 (the registers and spills of each configuration).
 
@@ -215,7 +248,9 @@ def window_attention_configs(arch: int, config_set: str = "full") -> list[Config
     tf32x3 kernels compile slowest) those with every feature, its shifted volumes and (fp32) its window
     batches; its shifted volumes in bf16 for the unaligned launch; per dtype family (fp16 has bf16's tiles)
     the largest window the dispatch accepts, and bf16's widest (``_representative_largest``), for the
-    aligned launch, the most specialised, whose software pipelining takes the most shared memory."""
+    aligned launch, the most specialised, whose software pipelining takes the most shared memory; for sm_90
+    the kernels of the kernel variants that the defaults do not compile (``variant_configs``; ``full``
+    compiles every variant for every architecture in its sweep configurations)."""
     if config_set not in SETS:
         raise ValueError(f"config_set must be one of {SETS}, got {config_set!r}")
     largest = list(largest_window_configs(triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])))
@@ -227,7 +262,7 @@ def window_attention_configs(arch: int, config_set: str = "full") -> list[Config
                     if config.dtype == torch.bfloat16]
         configs += [Config(dtype, window, head_dim, mask=True, launch="aligned")
                     for dtype, window, head_dim in _representative_largest(largest)]
-        return configs
+        return configs + (variant_configs(arch) if arch == 90 else [])
     sweep = [Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, configs=configs)
              for dtype in DTYPES if _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype) for configs in sweep_configs()]
     if config_set == "sweep":  # fp16 compiles as bf16 does
@@ -239,6 +274,7 @@ def window_attention_configs(arch: int, config_set: str = "full") -> list[Config
                     for dtype, (window, head_dim, shift) in itertools.product(DTYPES, WINDOW_ATTENTION_CONFIGS)
                     if _fits(arch, window, head_dim, dtype)]
         configs += [Config(dtype, window, head_dim, mask=True, launch=launch) for dtype, window, head_dim in largest]
+    configs += variant_configs(arch) if arch == 90 else []  # the representative set's (its sweep has them all)
     return list(dict.fromkeys(configs))  # the tuned configurations repeat SSLTM's
 
 
@@ -260,8 +296,9 @@ def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
     if config.configs is None:
         return None
     tokens = math.prod(config.window)
-    return LaunchConfigs(**{name: fit_stages(name, getattr(config.configs, name), tokens, config.head_dim,
-                                             config.dtype, SHARED_MEMORY_LIMIT[arch]) for name in KERNELS})
+    return replace(config.configs, **{name: fit_stages(name, getattr(config.configs, name), tokens,
+                                                       config.head_dim, config.dtype, SHARED_MEMORY_LIMIT[arch])
+                                      for name in KERNELS})
 
 
 def compile_report(arch: int, config: Config, index: int) -> str:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -77,9 +78,16 @@ def test_cpu_smoke_run_writes_records_not_configs(tmp_path):
     assert gates["triton"]["ok"] is True and gates["triton"]["deterministic"] is True  # the interpreter's kernels
     assert gates["cuda"]["ok"] is None and "cannot run" in gates["cuda"]["error"]
     sweeps = [r for r in records if r["section"] == "sweep"]
-    assert {r["kernel"] for r in sweeps} == set(op.KERNELS) and all(r["ms"] > 0 for r in sweeps)
-    best = next(r for r in records if r["section"] == "sweep-best")
-    assert op.LaunchConfigs.from_json(best["configs"]) in op.sweep_configs()[:1]
+    assert {r["kernel"] for r in sweeps} == set(decide.KNOBS) and all(r["ms"] > 0 for r in sweeps)
+    # every variant's every choice timed (the owner-written dS sums with dbias's configuration)
+    labels = {(r["kernel"], r["config"]) for r in sweeps}
+    defaults = op.default_configs(70, 16, torch.float32)  # the CPU gate shape's 70-token windows, fp32
+    dbias = defaults.dbias.label
+    assert {("bias_dtype", "bias_dtype=input"), ("reduce_stages", "reduce_stages=2"),
+            ("dbias", f"{dbias} dbias_sum=owner"), ("dbias", dbias)} <= labels
+    best = op.LaunchConfigs.from_json(next(r for r in records if r["section"] == "sweep-best")["configs"])
+    # the CPU run times only the default kernel configurations; the variants' winners are whichever ran faster
+    assert best == replace(defaults, **{name: getattr(best, name) for name in op.VARIANTS})
 
 
 def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkeypatch):
@@ -92,7 +100,8 @@ def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkey
     env = {"commit": "abc", "torch": "t", "triton": "3", "cuda": "c"}
     run = type("R", (), {"dtype": torch.bfloat16, "full": True, "device": torch.device("cuda"),
                          "harness": type("H", (), {"env": env})})()
-    winner = op.LaunchConfigs(*(op.KernelConfig(32, 64, 4, 2) for _ in op.KERNELS))
+    winner = op.LaunchConfigs(*(op.KernelConfig(32, 64, 4, 2) for _ in op.KERNELS), bias_dtype="input",
+                              dbias_sum="owner")
     decide.write_configs(run, {"large": winner}, "triton")
     doc = json.loads(path.read_text())
     key = op.config_key("GPU X", 196, 32, 8, torch.bfloat16, False)
