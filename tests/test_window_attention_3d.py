@@ -311,35 +311,31 @@ VARIANT_CHOICES = [pytest.param({name: choices[1]}, id=f"{name}-{choices[1]}") f
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("variant", VARIANT_CHOICES)
 def test_triton_variants_match_reference_and_are_deterministic(variant, dtype, monkeypatch):
-    """Each non-default variant, with the interpreter's whole windows and with GPU-like blocks (32 rows and
-    keys: a full block and a 16-wide tail; backward C in its GPU blocks, its first stage over several
-    programs), three window groups of unequal sizes: forward and every gradient (qkv, bias table, pad rows)
-    against the float64 reference (fp32) or within twice the fp16 reference's own error (fp16), and a second
-    backward bit-identical."""
+    """Each non-default variant with GPU-like blocks (32 rows and keys: a full block and a 16-wide tail;
+    backward C in its GPU blocks, its first stage over several programs) and three window groups of unequal
+    sizes: forward and every gradient (qkv, bias table, pad rows) against the float64 reference (fp32) or
+    within twice the fp16 reference's own error (fp16), and a second backward bit-identical."""
     batch, sizes, heads, head_dim, window, shift = VARIANT_CASE
     inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=dtype)
     kw = dict(window_size=window, shift_size=shift)
-    ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs, torch.float64), **kw)
-    low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+    monkeypatch.setattr(op, "_reduce_blocks", lambda table_size, tokens: (
+        *op.REDUCE_BLOCKS, min(op.DSUM_BLOCK, op.padded_tokens(tokens) ** 2) // 2))
+    configs = replace(op.LaunchConfigs(*(op.KernelConfig(32, 32, 4, 1) for _ in op.KERNELS)), **variant)
+    with op.forced_launch_configs(configs):
+        out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
+        again = run(window_attention_3d, *inputs, backend="triton", **kw)
+    assert all(torch.equal(a, b) for a, b in zip((out, *grads), (again[0], *again[1]), strict=True))
     names = ("out", "dqkv", "dtable", "dpad_k", "dpad_v")
-    gpu_blocks = op.LaunchConfigs(*(op.KernelConfig(32, 32, 4, 1) for _ in op.KERNELS))
-    for blocks in (op.INTERPRETER_CONFIGS, gpu_blocks):
-        with monkeypatch.context() as patch, op.forced_launch_configs(replace(blocks, **variant)):
-            if blocks is gpu_blocks:
-                patch.setattr(op, "_reduce_blocks", lambda table_size, tokens: (
-                    *op.REDUCE_BLOCKS, min(op.DSUM_BLOCK, op.padded_tokens(tokens) ** 2) // 2))
-            out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
-            again = run(window_attention_3d, *inputs, backend="triton", **kw)
-        what = f"{variant} {blocks.fwd.label}"
-        assert all(torch.equal(a, b) for a, b in zip((out, *grads), (again[0], *again[1]), strict=True)), what
-        if dtype == torch.float32:
-            assert_close(out, ref_out, 2e-5, f"{what} out")
-            for name, g, r in zip(names[1:], grads, ref_grads, strict=True):
-                assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), f"{what} {name}")
-        else:
-            assert out.dtype == torch.float16
-            assert_within_twice_low_precision_error(names, (out, *grads), (low_out, *low_grads),
-                                                    (ref_out, *ref_grads), dtype, what)
+    ref_out, ref_grads = run(window_attention_3d_reference, *upcast(inputs), **kw)
+    if dtype == torch.float32:
+        assert_close(out, ref_out, 2e-5, "out")
+        for name, g, r in zip(names[1:], grads, ref_grads, strict=True):
+            assert_close(g, r, 5e-5 * max(1.0, r.abs().max().item()), name)
+    else:
+        assert out.dtype == torch.float16
+        low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
+        assert_within_twice_low_precision_error(names, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads),
+                                                dtype, str(variant))
 
 
 def test_launch_config_variants_validate_and_round_trip_the_config_file(tmp_path, monkeypatch):
