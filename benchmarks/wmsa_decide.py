@@ -298,22 +298,27 @@ def _compile_unit(arch: int, dtype: torch.dtype, shape: Shape, configs: LaunchCo
 def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
     """The kernels of each (shape, configurations) compiled in parallel processes into the Triton cache that
     the launches then hit, specialised on the shape's launch integers (best effort: a launch whose
-    specialisation differs compiles itself)."""
+    specialisation differs compiles itself); a kernel several configurations share (configurations that
+    differ in one kernel or variant) is compiled once."""
     if not run.on_gpu:
         return
     import multiprocessing
 
-    from ssltm_kernels.compile_check import _launch_ints
+    from ssltm_kernels.compile_check import _launch_ints, _spec_key
 
     props = torch.cuda.get_device_properties(run.device)
     arch, shared = 10 * props.major + props.minor, props.shared_memory_per_block_optin
-    units = []
+    units, seen = [], set()
     for shape, configs in dict.fromkeys(work):
         q = split_qkv(torch.empty(shape.B, shape.T, shape.H, shape.W, 3 * shape.C, device="meta"), shape.heads)[0]
         ints = _launch_ints(q, shape.B * shape.geom.num_windows, 1) | {"sg_tok": shape.C, "sg_head": shape.head_dim}
-        count = len(list(op.triton_compile_specs(run.dtype, shape.geom.window, shape.head_dim, shape.geom.shift,
-                                                 pad=False, configs=configs)))
-        units += [(arch, run.dtype, shape, configs, ints, shared, index) for index in range(count)]
+        specs = op.triton_compile_specs(run.dtype, shape.geom.window, shape.head_dim, shape.geom.shift, pad=False,
+                                        int_arg=lambda name, ints=ints: ints.get(name, 16), shared_memory=shared,
+                                        configs=configs)
+        for index, spec in enumerate(specs):
+            if _spec_key(spec) not in seen:
+                seen.add(_spec_key(spec))
+                units.append((arch, run.dtype, shape, configs, ints, shared, index))
     start = time.perf_counter()
     with ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
         reports = list(pool.map(_compile_unit, *zip(*units, strict=True)))
@@ -403,7 +408,7 @@ def sweep(run: Run, plans: dict) -> dict:
                     ms = math.inf
                 times.append((choice, label, ms))
                 run.record("sweep", case=shape.name, kernel=knob, config=label, ms=ms)
-            fastest = min(times, key=lambda timed: timed[2])[0]
+            fastest = min(times, key=lambda entry: entry[2])[0]
             best.update(fastest)
             print(text_table(("case", "kernel", "config", "ms", ""),
                              [(shape.name, knob, label, f"{ms:.4f}", "<- best" if choice is fastest else "")
