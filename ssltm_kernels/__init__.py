@@ -8,7 +8,13 @@ module each, with their ``can_run_cuda`` / ``can_run_triton`` / ``can_run_refere
 
 from ssltm_kernels._backend import BACKENDS, BackendCheck, BackendUnavailableError, choose_backend
 from ssltm_kernels._ext import HAS_CUDA_EXT
-from ssltm_kernels.modules import MixFFN, SpatialGather, WindowAttention3D
+from ssltm_kernels.modules import (
+    MixFFN,
+    ShiftedWindowAttention3d,
+    SpatialGather,
+    WindowAttention3D,
+    replace_torchvision_attention,
+)
 from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference
 from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference
 from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference
@@ -28,6 +34,7 @@ __all__ = [
     "BackendUnavailableError",
     "HAS_CUDA_EXT",
     "MixFFN",
+    "ShiftedWindowAttention3d",
     "SpatialGather",
     "WindowAttention3D",
     "choose_backend",
@@ -36,6 +43,7 @@ __all__ = [
     "gcc_assign",
     "gcc_assign_reference",
     "relative_position_index",
+    "replace_torchvision_attention",
     "soft_region_pool",
     "soft_region_pool_reference",
     "window_attention_3d",

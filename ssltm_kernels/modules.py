@@ -16,19 +16,20 @@ from ssltm_kernels.ops.window_attention_3d import (
     window_attention_3d_windows,
 )
 
-__all__ = ["WindowAttention3D", "DWConv", "MixFFN", "SpatialGather"]
+__all__ = ["WindowAttention3D", "ShiftedWindowAttention3d", "replace_torchvision_attention", "DWConv", "MixFFN",
+           "SpatialGather"]
 
 
 class WindowAttention3D(nn.Module):
     """Drop-in for Video Swin's ``WindowAttention3D`` (same constructor, defaults, ``state_dict``).
 
     ``forward(x, mask=None)`` takes Video Swin's window batches ``(B*nW, N, C)`` with an optional
-    additive ``(nW, N, N)`` mask, or whole volumes ``(B, T, H, W, C)`` (``shift_size=`` keyword), for
-    which padding, shift, window partition and reverse happen inside the fused kernel. Padded tokens
-    of a volume are zero vectors before ``qkv``, exactly as in Video Swin's block, so they attend as
-    the qkv bias. ``window_size`` is 3 ints or one int (a cube). ``rel_pos_mode`` and ``backend`` are
-    passed to the op; ``rel_pos_mode="exact"`` needs volumes wherever a window shrinks. Both paths hand
-    the op the packed qkv projection, so the backward writes one packed gradient.
+    ``(nW, N, N)`` mask (additive float, or a bool keep-mask), or whole volumes ``(B, T, H, W, C)``
+    (``shift_size=`` keyword), for which padding, shift, window partition and reverse happen inside the
+    fused kernel. Padded tokens of a volume are zero vectors before ``qkv``, exactly as in Video Swin's
+    block, so they attend as the qkv bias. ``window_size`` is 3 ints or one int (a cube). ``rel_pos_mode``
+    and ``backend`` are passed to the op; ``rel_pos_mode="exact"`` needs volumes wherever a window
+    shrinks. Both paths hand the op the packed qkv projection, so the backward writes one packed gradient.
     """
 
     def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None,
@@ -39,7 +40,7 @@ class WindowAttention3D(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim
         self.window_size = _triple(window_size if isinstance(window_size, int) else tuple(window_size),
-                                   "window_size")
+                                   "window_size", minimum=1)
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim**-0.5
@@ -59,14 +60,16 @@ class WindowAttention3D(nn.Module):
         # so a checkpoint whose index differs would silently attend with other biases: refuse it.
         key = prefix + "relative_position_index"
         if key in state_dict:
-            loaded = state_dict[key]
-            expected = self.relative_position_index
-            if loaded.numel() != expected.numel() or not torch.equal(loaded.reshape(expected.shape).cpu(),
-                                                                     expected.cpu()):
-                raise ValueError(f"{key} in the checkpoint does not match the relative position index of window "
-                                 f"{self.window_size} (shape {tuple(loaded.shape)})")
-            state_dict[key] = loaded.reshape(expected.shape)
+            state_dict[key] = self._checked_index(state_dict[key], key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _checked_index(self, loaded: torch.Tensor, key: str) -> torch.Tensor:
+        """``loaded`` as the ``(N, N)`` relative position index of the window; an error if it is another."""
+        expected = relative_position_index(self.window_size, device=loaded.device)
+        if loaded.numel() != expected.numel() or not torch.equal(loaded.reshape(expected.shape), expected):
+            raise ValueError(f"{key} in the checkpoint does not match the relative position index of window "
+                             f"{self.window_size} (shape {tuple(loaded.shape)})")
+        return loaded.reshape(expected.shape)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_size=(0, 0, 0)) -> torch.Tensor:
         """``(B*nW, N, C) -> (B*nW, N, C)`` or ``(B, T, H, W, C) -> (B, T, H, W, C)``."""
@@ -94,6 +97,85 @@ class WindowAttention3D(nn.Module):
                 shift_size=shift_size, scale=self.scale, pad_k=pad_k, pad_v=pad_v, rel_pos_mode=self.rel_pos_mode,
                 dropout_p=dropout_p, backend=self.backend)
         return self.proj_drop(self.proj(out.flatten(-2)))
+
+
+class ShiftedWindowAttention3d(WindowAttention3D):
+    """Drop-in for torchvision's ``torchvision.models.video.swin_transformer.ShiftedWindowAttention3d``:
+    same constructor, ``forward(x (B, T, H, W, C)) -> (B, T, H, W, C)`` and ``state_dict`` keys, run by
+    the fused op on the volume (padding, the block's own ``shift_size``, partition and reverse inside the
+    kernel). As torchvision does, an axis not larger than the window shrinks the window to it and drops
+    its shift, and a shrunk window takes ``relative_position_index[:N, :N]`` (``rel_pos_mode="swin"``).
+
+    :meth:`from_torchvision` takes over one module (its parameters and mode);
+    :func:`replace_torchvision_attention` swaps every one of a model. ``backend`` is passed to the op.
+    """
+
+    def __init__(self, dim: int, window_size, shift_size, num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0, *,
+                 backend: str | None = None) -> None:
+        super().__init__(dim, window_size, num_heads, qkv_bias=qkv_bias, attn_drop=attention_dropout,
+                         proj_drop=dropout, backend=backend)
+        self.shift_size = _triple(shift_size if isinstance(shift_size, int) else tuple(shift_size), "shift_size")
+        if any(s >= w for s, w in zip(self.shift_size, self.window_size, strict=True)):
+            raise ValueError(f"shift_size must satisfy 0 <= shift < window per axis, got {self.shift_size} for "
+                             f"window_size {self.window_size}")
+        if not proj_bias:
+            self.proj = nn.Linear(dim, dim, bias=False)
+
+    @property
+    def attention_dropout(self) -> float:
+        return self.attn_drop.p
+
+    @attention_dropout.setter
+    def attention_dropout(self, p: float) -> None:
+        self.attn_drop.p = p
+
+    @property
+    def dropout(self) -> float:
+        return self.proj_drop.p
+
+    @dropout.setter
+    def dropout(self, p: float) -> None:
+        self.proj_drop.p = p
+
+    @classmethod
+    def from_torchvision(cls, module: nn.Module, *, backend: str | None = None) -> ShiftedWindowAttention3d:
+        """This module in place of torchvision's ``ShiftedWindowAttention3d`` ``module``: its configuration,
+        train/eval mode and its own ``qkv``, ``proj`` and ``relative_position_bias_table`` (the same
+        parameters, so an optimizer built on the model goes on training them)."""
+        with torch.device("meta"):  # nothing to initialise: the weights are module's
+            new = cls(module.qkv.in_features, tuple(module.window_size), tuple(module.shift_size), module.num_heads,
+                      qkv_bias=module.qkv.bias is not None, proj_bias=module.proj.bias is not None,
+                      attention_dropout=module.attention_dropout, dropout=module.dropout, backend=backend)
+        new.qkv, new.proj = module.qkv, module.proj
+        new.relative_position_bias_table = module.relative_position_bias_table
+        new.relative_position_index = new._checked_index(module.relative_position_index, "relative_position_index")
+        return new.train(module.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, H, W, C) -> (B, T, H, W, C)``."""
+        if x.dim() != 5:
+            raise ValueError(f"x must be (B, T, H, W, {self.dim}) volumes, got shape {tuple(x.shape)}")
+        return super().forward(x, shift_size=self.shift_size)
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}"
+
+
+def replace_torchvision_attention(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Swap every torchvision ``ShiftedWindowAttention3d`` in ``model`` (e.g. each block's ``attn`` of
+    ``torchvision.models.video.swin3d_t``) for :class:`ShiftedWindowAttention3d` with the same shift,
+    parameters (the same tensors) and mode, in place; returns ``model``. Raises ``ValueError`` when there is none."""
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d as TorchvisionAttention
+
+    targets = [(name, m) for name, m in model.named_modules() if name and type(m) is TorchvisionAttention]
+    if not targets:
+        raise ValueError(f"model ({type(model).__name__}) holds no torchvision ShiftedWindowAttention3d submodule "
+                         "(convert a single one with ShiftedWindowAttention3d.from_torchvision)")
+    for name, module in targets:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, ShiftedWindowAttention3d.from_torchvision(module, backend=backend))
+    return model
 
 
 def _check_layout(x: torch.Tensor, dim: int, H: int | None, W: int | None) -> None:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from numerics import assert_close, assert_within_twice_low_precision_error, upcast
 from video_swin_oracle import (
     video_swin_block_attention,
@@ -483,6 +484,76 @@ def test_attention_dropout_in_training_uses_reference_and_eval_is_deterministic(
 
 
 # ------------------------------------------------------------------------------------------------------
+# Drop-in for torchvision's Video Swin (ShiftedWindowAttention3d carries its shift)
+# ------------------------------------------------------------------------------------------------------
+def _swap(model, backend):
+    """Every attention of ``model`` swapped in place; the same parameters, state_dict keys and shifts."""
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d as TorchvisionAttention
+
+    originals = [m for m in model.modules() if isinstance(m, TorchvisionAttention)]
+    keys, params = model.state_dict().keys(), list(model.parameters())
+    assert ssltm_kernels.replace_torchvision_attention(model, backend=backend) is model
+    swapped = [m for m in model.modules() if isinstance(m, ssltm_kernels.ShiftedWindowAttention3d)]
+    assert len(swapped) == len(originals) > 0
+    assert not any(isinstance(m, TorchvisionAttention) for m in model.modules())
+    assert [m.shift_size for m in swapped] == [tuple(m.shift_size) for m in originals]
+    assert model.state_dict().keys() == keys
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+
+
+def test_swin3d_t_with_every_attention_swapped_matches_torchvision_float64():
+    """(1, 3, 2, 64, 64) gives 16x16 then 8x8 tokens in one frame: shifted windows over padded volumes in the
+    first two stages (7x7 windows, shift 3), windows shrunk to the volume (shift dropped) on every axis after."""
+    from torchvision.models.video import swin3d_t
+
+    torch.manual_seed(0)
+    model = swin3d_t(weights=None).double().eval()
+    x = torch.randn(1, 3, 2, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        _swap(model, "reference")
+        got = model(x)
+    assert expected.shape == (1, 400)
+    assert_close(got, expected, 1e-10, "swin3d_t logits")
+
+
+def test_video_swin_with_every_attention_swapped_matches_torchvision_fp32_triton():
+    """A small torchvision SwinTransformer3d whose (3, 5, 5) tokens shift and pad on every axis of a (2, 3, 3)
+    window, attention by the Triton kernels in fp32: within twice torchvision's own fp32 error."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(0)
+    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                              window_size=[2, 3, 3], num_classes=5).eval()
+    x = torch.randn(1, 3, 6, 20, 20)
+    with torch.no_grad():
+        exact, low = copy.deepcopy(model).double()(x.double()), model(x)
+        _swap(model, "triton")
+        assert_within_twice_low_precision_error(("logits",), (model(x),), (low,), (exact,), torch.float32,
+                                                "triton drop-in")
+
+
+def test_torchvision_drop_in_constructor_and_errors():
+    from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d as TorchvisionAttention
+
+    torch.manual_seed(0)
+    theirs = TorchvisionAttention(16, [2, 3, 3], [1, 1, 1], 2, proj_bias=False, attention_dropout=0.1, dropout=0.2)
+    ours = ssltm_kernels.ShiftedWindowAttention3d(16, [2, 3, 3], [1, 1, 1], 2, proj_bias=False,
+                                                  attention_dropout=0.1, dropout=0.2)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    assert (ours.attention_dropout, ours.dropout) == (0.1, 0.2)
+    x = torch.randn(2, 3, 5, 4, 16)
+    assert_close(ours.eval()(x), theirs.eval()(x), 1e-5, "module")
+    with pytest.raises(ValueError, match=r"shift_size must satisfy .* \(1, 3, 1\)"):
+        ssltm_kernels.ShiftedWindowAttention3d(16, [2, 3, 3], [1, 3, 1], 2)
+    with pytest.raises(ValueError, match=r"x must be \(B, T, H, W, 16\) volumes"):
+        ours(torch.randn(4, 18, 16))
+    with pytest.raises(ValueError, match="holds no torchvision ShiftedWindowAttention3d"):
+        ssltm_kernels.replace_torchvision_attention(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+# ------------------------------------------------------------------------------------------------------
 # Bad input
 # ------------------------------------------------------------------------------------------------------
 def _qkv(shape=(1, 2, 3, 3, 2, 4), dtype=torch.float32):
@@ -514,6 +585,59 @@ def test_bad_inputs_raise_clear_errors(mutate, error, match):
     mutate(args)
     with pytest.raises(error, match=match):
         window_attention_3d(**args)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), "0.5"])
+@pytest.mark.parametrize("fn", ["window_attention_3d", "window_attention_3d_reference", "window_attention_3d_windows"])
+def test_non_finite_scale_is_an_error_naming_scale(fn, scale):
+    q, k, v = _qkv()
+    if fn == "window_attention_3d_windows":
+        q, k, v = (x.flatten(1, 3) for x in (q, k, v))
+    with pytest.raises(ValueError, match=r"scale must be a finite real number"):
+        getattr(op, fn)(q, k, v, window_size=(2, 3, 3), scale=scale)
+
+
+@pytest.mark.parametrize("window_size", [0, (2, 0, 2), (2, 3, -1)])
+def test_window_size_below_one_is_an_error_naming_window_size(window_size):
+    q, k, v = _qkv()
+    match = r"window_size values must be at least 1"
+    with pytest.raises(ValueError, match=match):
+        window_attention_3d(q, k, v, window_size=window_size)
+    with pytest.raises(ValueError, match=match):
+        window_attention_3d_windows(*(x.flatten(1, 3) for x in (q, k, v)), window_size=window_size)
+    with pytest.raises(ValueError, match=match):
+        WindowAttention3D(8, window_size, 2)
+    with pytest.raises(ValueError, match=match):
+        ssltm_kernels.ShiftedWindowAttention3d(8, window_size, 0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.complex64])
+def test_attn_mask_of_another_dtype_is_an_error_naming_attn_mask(dtype):
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"attn_mask must be a float additive mask or a bool keep-mask"):
+        window_attention_3d(q, k, v, window_size=(2, 3, 3), attn_mask=torch.zeros(1, 18, 18, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bool_attn_mask_keeps_where_true_like_sdpa(backend):
+    """A bool mask is SDPA's keep-mask; a query with no key kept, or with only -inf in a float mask, attends
+    as if unmasked (finite) in every backend."""
+    torch.manual_seed(0)
+    qkv = torch.randn(6, 18, 3, 2, 8)
+    keep = torch.rand(3, 18, 18) > 0.5
+    keep[:, torch.arange(18), torch.arange(18)] = True  # every query keeps a key ...
+    keep[1, 4] = False  # ... but one
+    out = window_attention_3d_windows(qkv, window_size=(2, 3, 3), attn_mask=keep, backend=backend)
+    q, k, v = (x.transpose(1, 2).unflatten(0, (2, 3)) for x in qkv.unbind(2))  # (B, nW, heads, N, hd)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None, :, None]).flatten(0, 1).transpose(1, 2)
+    partly = torch.ones(6, 18, dtype=torch.bool)
+    partly[1::3, 4] = False
+    assert_close(out[partly], sdpa[partly], 1e-5, "bool mask vs SDPA")
+    unmasked = window_attention_3d_windows(qkv, window_size=(2, 3, 3), backend=backend)
+    assert_close(out[~partly], unmasked[~partly], 2e-3, "query with every key masked")
+    additive = torch.where(keep, 0.0, -float("inf"))
+    assert_close(window_attention_3d_windows(qkv, window_size=(2, 3, 3), attn_mask=additive, backend=backend), out,
+                 1e-6, "-inf float mask vs bool mask")
 
 
 def test_empty_and_integer_inputs_raise():

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import json
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -69,6 +70,10 @@ __all__ = [
 ]
 
 SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
+# What every backend adds for a key that attn_mask masks out (False in a bool mask; the floor of a float mask):
+# finite, because the online softmax of the kernels turns a row of -inf scores into NaN; -1e4 leaves masked keys
+# a weight of exp(-1e4) = 0 and stays finite in fp16 scores beside the shift mask
+MASKED_SCORE = -1e4
 LOG2E = 1.4426950408889634  # the Triton kernels compute softmax in base 2: exp(x) = exp2(x * log2(e))
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The Triton kernels' limits; the CUDA kernels' are _C.MAX_WINDOW_TOKENS and _C.MAX_HEAD_DIM, defined in
@@ -125,11 +130,14 @@ class WindowGeometry:
         return any(self.shift)
 
 
-def _triple(value, name: str) -> tuple[int, int, int]:
+def _triple(value, name: str, minimum: int = 0) -> tuple[int, int, int]:
+    """``value`` as 3 ints (t, h, w), each at least ``minimum``; one int stands for all three."""
     if isinstance(value, int):
         value = (value,) * 3
     if not isinstance(value, Sequence) or len(value) != 3 or not all(isinstance(x, int) for x in value):
         raise ValueError(f"{name} must be an int or 3 ints (t, h, w), got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} values must be at least {minimum}, got {tuple(value)}")
     return tuple(value)
 
 
@@ -137,10 +145,8 @@ def window_geometry(
     sizes: Sequence[int], window_size, shift_size=(0, 0, 0), rel_pos_mode: str = "swin"
 ) -> WindowGeometry:
     """Video Swin's ``get_window_size`` plus padding: the geometry for a ``(T, H, W)`` volume."""
-    window_size = _triple(window_size, "window_size")
+    window_size = _triple(window_size, "window_size", minimum=1)
     shift_size = _triple(shift_size, "shift_size")
-    if min(window_size) < 1:
-        raise ValueError(f"window_size must be positive, got {window_size}")
     if any(not 0 <= s < w for s, w in zip(shift_size, window_size, strict=True)):
         raise ValueError(f"shift_size must satisfy 0 <= shift < window per axis, got {shift_size} "
                          f"for window_size {window_size}")
@@ -263,8 +269,8 @@ def window_attention_3d_reference(
     differentiable by autograd in every input, any dtype.
     """
     geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _reference_with_geometry(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p)
+    return _reference_with_geometry(q, k, v, geom, rel_pos_bias_table, _scale(scale, q.shape[-1]), pad_k, pad_v,
+                                    _additive_mask(attn_mask), dropout_p)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,6 +314,11 @@ def _check_extras(q, geom: WindowGeometry, batch: int, table, pad_k, pad_v, attn
         if pad.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {pad.device}")
     if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be a float additive mask or a bool keep-mask (True = attend, as "
+                            f"SDPA's), got {attn_mask.dtype}")
         n = geom.tokens_per_window
         if attn_mask.dim() != 3 or attn_mask.shape[1:] != (n, n):
             raise ValueError(f"attn_mask must have shape (num_masks, N, N) with N = {n}, got {tuple(attn_mask.shape)}")
@@ -316,6 +327,27 @@ def _check_extras(q, geom: WindowGeometry, batch: int, table, pad_k, pad_v, attn
                              f"windows {batch * geom.num_windows}")
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+
+
+def _scale(scale, head_dim: int) -> float:
+    """The score scale: ``head_dim ** -0.5`` for None, else ``scale``, a finite real number."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _additive_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask every backend adds to the scores: a bool keep-mask (True = attend, SDPA's meaning) gives 0
+    where True and ``MASKED_SCORE`` where False; a float mask is raised to at least ``MASKED_SCORE`` (-inf
+    becomes it). A query whose keys are all masked therefore gets the attention of an unmasked row (all its
+    scores move by the same amount), finite in every backend, where SDPA would return zeros."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.where(attn_mask, 0.0, MASKED_SCORE)
+    return attn_mask.clamp_min(MASKED_SCORE)
 
 
 def _validate(q, k, v, window_size, shift_size, table, pad_k, pad_v, rel_pos_mode, attn_mask) -> WindowGeometry:
@@ -1734,6 +1766,7 @@ def _fused_window_attention(q, k, v, geom: WindowGeometry, table, scale, pad_k, 
 
 
 def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv=None):
+    attn_mask = _additive_mask(attn_mask)
     checks = _checks(q, geom, dropout_p, scale)
     cuda, triton_check = checks["cuda"], checks["triton"]
 
@@ -1780,11 +1813,14 @@ def window_attention_3d(
         window_size: ``(wt, wh, ww)`` (or one int); shrinks per axis to the volume like Video Swin.
         rel_pos_bias_table: ``((2wt-1)(2wh-1)(2ww-1), heads)`` relative position bias, or None.
         shift_size: cyclic shift ``(st, sh, sw)``, ``0 <= s < w``; adds Swin's -100 region mask.
-        scale: score scale, default ``head_dim ** -0.5``.
+        scale: score scale, a finite real number; default ``head_dim ** -0.5``.
         pad_k, pad_v: ``(heads, head_dim)`` key / value of padded tokens (the qkv bias), default zeros.
         rel_pos_mode: ``"swin"`` (checkpoint parity) or ``"exact"``, see the module docstring.
-        attn_mask: optional additive ``(num_masks, N, N)`` mask; window ``i`` (over batch and windows)
-            uses ``attn_mask[i % num_masks]``. Not differentiated.
+        attn_mask: optional ``(num_masks, N, N)`` mask; window ``i`` (over batch and windows) uses
+            ``attn_mask[i % num_masks]``. Float: added to the scores; bool: a keep-mask (True = attend, as
+            SDPA's), False adds ``MASKED_SCORE`` (-1e4). Float values below ``MASKED_SCORE`` (-inf) count as
+            it, so a query with every key masked attends as if unmasked (finite; SDPA gives zeros there).
+            Not differentiated.
         dropout_p: dropout on the attention probabilities (training); only the reference has it.
         backend: ``"cuda"``, ``"triton"`` or ``"reference"``; default ``SSLTM_BACKEND`` or the first
             that can run (cuda -> triton -> reference; triton first where ``preferred_backend`` says so,
@@ -1794,7 +1830,7 @@ def window_attention_3d(
         ``(B, T, H, W, heads, head_dim)`` in q's dtype.
     """
     geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     return _dispatch(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p, backend)
 
 
@@ -1818,7 +1854,7 @@ def window_attention_3d_qkvpacked(
     stacks. Other arguments and the result as :func:`window_attention_3d`."""
     q, k, v = _unpack_qkv(qkv, 7, "(B, T, H, W, 3, heads, head_dim)")
     geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     return _dispatch(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv)
 
 
@@ -1853,7 +1889,8 @@ def window_attention_3d_windows(
         window_size: the ``(wt, wh, ww)`` the bias table was built for.
         rel_pos_mode: ``"swin"``; ``"exact"`` only for full windows (``N = wt*wh*ww``, where both modes
             agree): a batch of N tokens does not say which axes of a window shrank.
-        attn_mask: optional additive ``(nW, N, N)`` mask, window ``i`` uses ``attn_mask[i % nW]``.
+        attn_mask: optional ``(nW, N, N)`` mask (float additive or bool keep-mask, as for
+            :func:`window_attention_3d`), window ``i`` uses ``attn_mask[i % nW]``.
         Other arguments as :func:`window_attention_3d`.
 
     Returns:
@@ -1864,7 +1901,7 @@ def window_attention_3d_windows(
         qkv = q
         q, k, v = _unpack_qkv(qkv, 5, "(B*nW, N, 3, heads, head_dim) when k and v are not given")
     _check_qkv(q, k, v, 4, "(B*nW, N, heads, head_dim)")
-    window_size = _triple(window_size, "window_size")
+    window_size = _triple(window_size, "window_size", minimum=1)
     windows, n = q.shape[:2]
     if n > math.prod(window_size):
         raise ValueError(f"q has {n} tokens per window, more than window_size {window_size} holds")
@@ -1876,7 +1913,7 @@ def window_attention_3d_windows(
                          "the exact coordinates, or use rel_pos_mode='swin' (Video Swin's index[:N, :N])")
     geom = WindowGeometry((1, 1, n), (1, 1, n), (0, 0, 0), window_size, window_size)
     _check_extras(q, geom, windows, rel_pos_bias_table, None, None, attn_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     as_volume = [x.unsqueeze(1).unsqueeze(1) for x in (q, k, v)]
     packed = None if qkv is None else qkv.unsqueeze(1).unsqueeze(1)
     out = _dispatch(*as_volume, geom, rel_pos_bias_table, scale, None, None, attn_mask, dropout_p, backend, packed)
