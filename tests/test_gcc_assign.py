@@ -191,6 +191,28 @@ def test_exact_ties_take_the_lowest_cluster(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, value", [("centers", float("nan")), ("feats", float("nan")), ("centers", float("inf")),
+                                         ("feats", -float("inf"))])
+def test_non_finite_inputs_are_an_error_in_every_backend(monkeypatch, backend, name, value):
+    """A NaN centre used to give a finite loss in the kernels (a NaN distance is never the minimum there) and a
+    NaN loss in the reference: every backend, the reference and a compiled graph now refuse it before the work."""
+    if backend == "cuda":
+        pretend_cuda_backend_runs_on_cpu(monkeypatch)
+    args = dict(zip(("feats", "centers", "valid"), make_inputs(3, 4, 2, 9), strict=True))
+    args[name] = args[name].detach().clone()
+    args[name][1, 2, 3] = value
+    match = rf"{name} must be finite, got 1 NaN or infinite values of {args[name].numel()} \(shape"
+    with pytest.raises(ValueError, match=match):
+        gcc_assign(**args, backend=backend)
+    with pytest.raises(ValueError, match=match):
+        gcc_assign_reference(**args)
+    if backend == "reference" and name == "centers" and value != value:  # once: the check is in the compiled graph
+        compiled = torch.compile(lambda f, c, v: gcc_assign(f, c, v, backend)[2], fullgraph=True, backend="aot_eager")
+        with pytest.raises(ValueError, match=match):
+            compiled(args["feats"], args["centers"], args["valid"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_of_one_output_only(monkeypatch, backend):
     """Only the loss, or only nearest, carries a gradient (the kernels skip the other one)."""
     if backend == "cuda":

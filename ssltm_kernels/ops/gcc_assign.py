@@ -21,8 +21,11 @@ Semantics. ``feats (B, K, D)`` are the category representations of the query fra
   through the loss or the index. ``centers`` receives the loss's gradient and, when the caller
   backpropagates through ``nearest``, that of the gather.
 
-Inputs are expected to be finite (a NaN distance is never the minimum in the kernels, while the
-reference's argmin would pick it).
+Non-finite inputs are an error in every backend: a NaN or infinite element of ``feats`` or ``centers``
+raises ``ValueError`` before any work (the kernels would skip a NaN distance where the reference's argmin
+picks it, so the results would depend on the backend). The check is one ``isfinite`` reduction over
+both inputs and one device synchronisation per call; it runs inside the forward op, so a compiled graph
+keeps it.
 
 Kernels: the forward is one launch: each program takes a block of frames of one category, computes
 the T distances, the argmin, writes index and nearest, and stores its share of the loss; the program
@@ -105,6 +108,7 @@ def gcc_assign_reference(feats: torch.Tensor, centers: torch.Tensor,
     """Eager implementation (distance, argmin, gather, masked MSE), differentiable by autograd in
     ``centers``; same arguments and results as :func:`gcc_assign`, any float dtype."""
     _validate(feats, centers, valid)
+    _check_finite(feats, centers)
     index = _nearest_index(feats, centers)
     nearest = _gather(centers, index)
     loss, _ = _masked_mse(nearest, feats, valid)
@@ -168,6 +172,17 @@ def _validate(feats, centers, valid) -> None:
     if centers.dtype != feats.dtype and not _autocast_promotes(feats, centers):
         raise TypeError(f"centers must have feats' dtype {feats.dtype}, got {centers.dtype} (shape "
                         f"{_shape(centers)}); under torch.autocast both are promoted to the wider one")
+
+
+def _check_finite(feats: torch.Tensor, centers: torch.Tensor) -> None:
+    """``ValueError`` naming the input that holds NaN or infinite values (one device synchronisation)."""
+    if bool(torch.isfinite(feats).all() & torch.isfinite(centers).all()):
+        return
+    for name, x in (("feats", feats), ("centers", centers)):
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values of {x.numel()} (shape "
+                             f"{_shape(x)})")
 
 
 def _autocast_promotes(feats: torch.Tensor, centers: torch.Tensor) -> bool:
@@ -473,6 +488,7 @@ def _gcc_assign_fwd(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Ten
     """``(nearest (B,K,D), loss, index (B,K) int64, norm)``: ``norm = 1 / (n_valid * D)`` (0 without a
     valid entry), the backward's scale; loss and norm 0-dim in the accumulation dtype. (The float
     outputs come first: ``opcheck`` adds up the outputs in order, which fails from an integer start.)"""
+    _check_finite(feats, centers)  # here rather than in gcc_assign, so that compiled graphs check too
     if backend == "cuda":
         index, nearest, loss, norm = _C.gcc_assign_forward(feats, centers, valid)
     elif backend == "triton":
@@ -567,6 +583,10 @@ def gcc_assign(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
         valid: ``(B, K)`` bool, the categories present in each frame's label: the loss's entries.
         backend: ``"cuda"``, ``"triton"`` or ``"reference"``; default ``SSLTM_BACKEND`` or the first that
             can run (cuda -> triton -> reference). The kernels take fp32, fp16 and bf16 (fp32 accumulation).
+
+    Raises:
+        ValueError: ``feats`` or ``centers`` holds a NaN or infinite value, in every backend, before any work
+            (one device synchronisation per call).
 
     Returns:
         ``(index, nearest, loss)``: ``index (B, K)`` int64, the argmin over the T clusters of category j
