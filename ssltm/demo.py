@@ -19,7 +19,7 @@ from .evaluate import results_json, results_table, to_uint8_rgb
 from .infer import load_model
 from .metrics import confusion_matrix, miou
 from .train import train
-from .visualize import colorize, comparison_grid
+from .visualize import class_legend, colorize, comparison_grid
 
 DEMO_CONFIG = "demo"  # configs/demo.yaml
 PICTURE_FRAMES = 4
@@ -43,8 +43,9 @@ def majority_baseline(cfg) -> tuple[int, float]:
     return majority, miou(conf)
 
 
-def prediction_picture(cfg, model, device: torch.device, palette) -> np.ndarray:
-    """Frames, ground truth and prediction of a few frames spread over the first validation video."""
+def prediction_picture(cfg, model, device: torch.device, classes: Sequence[str], palette) -> np.ndarray:
+    """Frames, ground truth and prediction of a few frames spread over the first validation video, above the
+    colour key of the classes."""
     dataset, indices = build_dataset(cfg, "val", train=False)
     video = dataset.queries[indices[0]][0]
     frames = [i for i in indices if dataset.queries[i][0] == video]
@@ -61,7 +62,8 @@ def prediction_picture(cfg, model, device: torch.device, palette) -> np.ndarray:
         (title, [np.kron(image, np.ones((PICTURE_SCALE, PICTURE_SCALE, 1), np.uint8)) for image in images])
         for title, images in rows.items()
     ]
-    return comparison_grid(scaled)
+    grid = comparison_grid(scaled)
+    return np.concatenate([grid, class_legend(classes, palette, grid.shape[1])])
 
 
 def demo(
@@ -80,7 +82,7 @@ def demo(
     dev = resolve_device(device)
     model, _, _ = load_model(result.checkpoint, dev)
     picture = out / "predictions.png"
-    Image.fromarray(prediction_picture(cfg, model, dev, info.palette)).save(picture)
+    Image.fromarray(prediction_picture(cfg, model, dev, info.classes, info.palette)).save(picture)
     metrics.update(
         baseline_mIoU=round(100 * baseline, 2),
         baseline_class=info.classes[majority],
@@ -94,5 +96,5 @@ def demo(
         f"\nheld-out synthetic videos: mIoU {metrics['mIoU']:.2f} % after {result.iteration} iterations on {dev}; "
         f"always predicting the most frequent class ({info.classes[majority]}) scores {100 * baseline:.2f} %"
     )
-    print(f"wrote {out / 'metrics.json'} and {picture} (frames / ground truth / prediction)")
+    print(f"wrote {out / 'metrics.json'} and {picture} (frames / ground truth / prediction, class colours)")
     return metrics

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,4 +84,28 @@ def comparison_grid(
         for c, image in enumerate(images):
             canvas.paste(Image.fromarray(image), (c * (w + gap), y))
         y += h + gap
+    return np.asarray(canvas)
+
+
+def class_legend(
+    classes: Sequence[str], palette: Sequence[Sequence[int]], width: int, swatch: int = 12, gap: int = 4,
+    line_height: int = 16,
+) -> np.ndarray:
+    """The colour key of a picture: each class's name after a ``swatch``-pixel square of its palette colour,
+    left to right, wrapped into lines of at most ``width`` pixels; RGB uint8 ``(lines * line_height, width, 3)``
+    on white."""
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    places, x, y = [], 0, 0
+    for name, colour in zip(classes, palette, strict=True):
+        entry = swatch + gap + math.ceil(measure.textlength(name))
+        if x > 0 and x + entry > width:
+            x, y = 0, y + line_height
+        places.append((x, y, name, tuple(int(c) for c in colour)))
+        x += entry + 3 * gap
+    canvas = Image.new("RGB", (width, y + line_height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for x, y, name, colour in places:
+        top = y + (line_height - swatch) // 2
+        draw.rectangle((x, top, x + swatch - 1, top + swatch - 1), fill=colour)
+        draw.text((x + swatch + gap, y + 2), name, fill=(0, 0, 0))
     return np.asarray(canvas)

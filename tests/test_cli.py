@@ -27,6 +27,7 @@ from ssltm.data import SyntheticVideos, eval_transform
 from ssltm.distributed import DistEnv
 from ssltm.evaluate import evaluate
 from ssltm.metrics import tc
+from ssltm.visualize import class_legend, make_palette
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = REPO.parent / "shared" / "data" / "camvid"
@@ -489,6 +490,21 @@ def test_infer_video_file(tmp_path, trained, capsys):
     assert np.asarray(Image.open(labels[0])).shape == (32, 38)
 
 
+def assert_legend_shows(legend: np.ndarray, palette) -> None:
+    """Every class colour fills a 12x12 swatch of the legend, and the legend has dark text pixels."""
+    for colour in palette:
+        assert (legend == np.asarray(colour, np.uint8)).all(-1).sum() == 12 * 12, f"no swatch of colour {colour}"
+    assert (legend.max(-1) < 100).sum() > 0, "no class names"
+
+
+def test_class_legend_wraps_the_classes_into_the_width():
+    classes, palette = [f"class_{k}" for k in range(6)], make_palette(6)
+    wide, narrow = class_legend(classes, palette, 400), class_legend(classes, palette, 120)
+    assert wide.shape == (16, 400, 3) and narrow.shape[1] == 120 and narrow.shape[0] >= 3 * 16
+    assert_legend_shows(wide, palette)
+    assert_legend_shows(narrow, palette)
+
+
 def test_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     settings = [*TINY_DATA, "data.synthetic.num_videos=4", "train.batch_size=2", "train.progress=false"]
@@ -508,7 +524,10 @@ def test_demo(tmp_path, capsys):
     assert metrics["baseline_class"] == f"class_{majority}"
     assert metrics["baseline_mIoU"] == pytest.approx(100 * np.mean(ious), abs=0.01)
     picture = np.asarray(Image.open(out / "predictions.png"))
-    assert picture.shape == (3 * (14 + 64 + 4), 4 * (64 + 4) - 4, 3)  # 3 rows of 4 frames shown at twice their size
+    grid_height = 3 * (14 + 64 + 4)  # 3 rows of 4 frames shown at twice their size ...
+    assert picture.shape[1:] == (4 * (64 + 4) - 4, 3)
+    assert picture.shape[0] > grid_height and (picture.shape[0] - grid_height) % 16 == 0  # ... above the class colours
+    assert_legend_shows(picture[grid_height:], make_palette(6))
     printed = capsys.readouterr().out
     assert f"always predicting the most frequent class (class_{majority})" in printed
 
