@@ -333,7 +333,8 @@ def _scale(scale, head_dim: int) -> float:
     """The score scale: ``head_dim ** -0.5`` for None, else ``scale``, a finite real number."""
     if scale is None:
         return head_dim**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # abs(nan) < inf is False too; a comparison, not math.isfinite, so that torch.compile traces a symbolic float
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) < math.inf:
         raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 
