@@ -16,8 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import config_differences
+
 REQUIRED_KEYS = ("model", "config", "meta")
 TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "rng")
+MISMATCHES_SHOWN = 3  # mismatched keys a "does not fit" error names
+# Config keys that decide a model's parameter shapes: the classes (through the dataset) and the model settings.
+MODEL_SHAPING_KEYS = ("data.dataset", "data.synthetic.num_classes", "model.")
+NOT_MODEL_SHAPING = ("model.pretrained",)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -78,50 +84,96 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, training: bool = False) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU.
+    """Read a checkpoint onto the CPU, with ``torch.load(weights_only=True)`` (a file that needs more is refused:
+    loading it could run arbitrary code).
 
     Args:
         training: also require the keys that resuming needs (optimizer, scheduler, scaler, iteration, rng).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint of this package (unreadable, or keys missing).
+        ValueError: ``not an ssltm checkpoint: PATH (why)``: unreadable, foreign, or keys missing.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise ValueError(f"not an ssltm checkpoint: {path} ({_unreadable_reason(path, err)})") from None
     required = REQUIRED_KEYS + (TRAINING_KEYS if training else ())
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{path} is not an ssltm checkpoint{' to resume from' if training else ''}: missing {missing}")
+        what = "a dict" if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"not an ssltm checkpoint{' to resume from' if training else ''}: {path} ({what} without {missing})"
+        )
     return state
 
 
-def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    # torch's own messages run to many lines and suggest weights_only=False, an unsafe load: say it briefly.
+    if path.stat().st_size == 0:
+        return "an empty file"
+    if "Weights only load failed" in str(err):
+        return "it holds Python objects besides tensors and plain values, e.g. a whole pickled model"
+    if "zip archive" in str(err):
+        return "a truncated or damaged file: its zip archive cannot be read"
+    return "not a file torch.save wrote"
+
+
+def load_weights(
+    model: torch.nn.Module, ckpt: dict[str, Any], path: str | Path, config: dict[str, Any] | None = None
+) -> None:
     """Load ``ckpt["model"]`` into ``model``. Keys and shapes are compared first, so a mismatch (another model
-    configuration or version) is a ValueError naming the checkpoint and the first mismatched key (with both
-    shapes), and the model is left untouched (``load_state_dict`` would copy the fitting tensors first)."""
-    mismatch = state_dict_mismatch(model.state_dict(), ckpt["model"])
-    if mismatch:
-        raise ValueError(f"checkpoint {path} does not fit the model its config builds: {mismatch}")
+    configuration or version) is a ValueError naming the checkpoint, the first mismatched keys (with both
+    shapes) and, given the current ``config`` (a plain dict), the config keys that differ from the checkpoint's
+    and shape the model; the model is left untouched (``load_state_dict`` would copy the fitting tensors first).
+    """
+    mismatches = state_dict_mismatches(model.state_dict(), ckpt["model"])
+    if mismatches:
+        shown = "; ".join(mismatches[:MISMATCHES_SHOWN])
+        more = f" (and {len(mismatches) - MISMATCHES_SHOWN} more)" if len(mismatches) > MISMATCHES_SHOWN else ""
+        hint = _model_config_hint(ckpt.get("config"), config)
+        raise ValueError(f"checkpoint {path} does not fit the model its config builds: {shown}{more}{hint}")
     model.load_state_dict(ckpt["model"])
 
 
-def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
-    """The first difference between a model's ``state_dict`` and a saved one, in the model's key order
-    (then the saved one's), or None when every key and shape agrees."""
+def _model_config_hint(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> str:
+    """A line naming the config keys that shape the model and differ between ``saved`` and ``current``."""
+    if not isinstance(saved, dict) or current is None:
+        return ""
+    keys = [
+        k
+        for k in config_differences(saved, current)
+        if k.startswith(MODEL_SHAPING_KEYS) and not k.startswith(NOT_MODEL_SHAPING)
+    ]
+    if not keys:
+        return ""
+    differ = ", ".join(f"{k} ({_lookup(saved, k)!r} in the checkpoint, {_lookup(current, k)!r} now)" for k in keys[:6])
+    return f"\nconfig keys that differ from the checkpoint's: {differ}{' ...' if len(keys) > 6 else ''}"
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def state_dict_mismatches(expected: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """Every difference between a model's ``state_dict`` and a saved one, in the model's key order (then the
+    saved one's): missing keys, shapes that differ, keys the model does not have."""
+    out = []
     for key, value in expected.items():
         if key not in given:
-            return f"key {key!r} {tuple(value.shape)} is missing from the checkpoint"
-        if tuple(given[key].shape) != tuple(value.shape):
-            return (f"key {key!r} has shape {tuple(given[key].shape)} in the checkpoint but {tuple(value.shape)} "
-                    "in the model")
-    unexpected = [key for key in given if key not in expected]
-    return f"key {unexpected[0]!r} of the checkpoint is not in the model" if unexpected else None
+            out.append(f"key {key!r} {tuple(value.shape)} is missing from the checkpoint")
+        elif tuple(given[key].shape) != tuple(value.shape):
+            out.append(
+                f"key {key!r} has shape {tuple(given[key].shape)} in the checkpoint but {tuple(value.shape)} "
+                "in the model"
+            )
+    out += [f"key {key!r} of the checkpoint is not in the model" for key in given if key not in expected]
+    return out
 
 
 def rng_state() -> dict[str, Any]:

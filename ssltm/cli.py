@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
+from ssltm_kernels._backend import HAS_TRITON, requested_backend, triton_interpreting
+from ssltm_kernels._ext import _C, BUILD_HINT, HAS_CUDA_EXT
+
 from .checkpoint import load_checkpoint, load_weights
 from .config import ConfigError, load_config
+from .distributed import resolve_device
+from .outputs import check_output_file, check_output_folder
 
 EXIT_ERROR = 2  # bad config, path or argument
 EXIT_FAILED = 1  # the run itself failed (a non-finite loss)
@@ -33,19 +43,36 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train a model (under torchrun: on several GPUs or nodes)")
-    p.add_argument("config", help="config file (YAML), or the name of one in configs/ (e.g. camvid)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="config file (YAML), or the name of one in configs/ (e.g. camvid); with --work-dir and --resume "
+        "it defaults to the run's WORK_DIR/config.yaml",
+    )
     _add_set(p)
     p.add_argument("--work-dir", help="folder for checkpoints and logs (default: the config's work_dir)")
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         nargs="?",
         const=True,
         metavar="PATH",
         help="continue from a checkpoint (default: WORK_DIR/latest.pt)",
     )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in a work dir that holds an earlier run's checkpoints, moving its files to "
+        "WORK_DIR/old-<time>/ first",
+    )
 
     p = commands.add_parser("eval", help="evaluate a checkpoint on whole videos (mIoU, FWIoU, mVC, TC)")
-    p.add_argument("config", help="config file (YAML), or the name of one in configs/")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="config file (YAML) or the name of one in configs/, whose keys override the checkpoint's config "
+        "(default: the checkpoint's config alone)",
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     p.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
     p.add_argument("--out", help="write the metrics to this JSON file")
@@ -56,10 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
     p.add_argument("--input", required=True, help="a video file (anything OpenCV reads) or a folder of frames")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, overlay.mp4)")
-    p.add_argument("--size", type=int, help="resize frames to this shorter side first (default: as they are)")
-    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.add_argument(
+        "--size",
+        type=int,
+        help="resize frames to this shorter side first (default: the config's data.eval_size, else as they are)",
+    )
+    p.add_argument("--max-frames", type=int, help="stop after this many frames (at least 1)")
     p.add_argument("--fps", type=float, help="frame rate of overlay.mp4 (default: the input video's, else 10)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--config", help="config file (YAML) whose keys override the checkpoint's config")
+    _add_set(p)
 
     p = commands.add_parser("demo", help="train and evaluate a small model on synthetic videos (no data needed)")
     p.add_argument("--max-minutes", type=float, default=1.5, help="training time (default 1.5)")
@@ -78,25 +111,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def kernel_speed_warning(device: torch.device) -> str | None:
+    """What running the model's kernels on ``device`` costs when they cannot run at full speed, and how to
+    avoid it: Triton in its CPU interpreter, or a GPU with neither Triton nor the CUDA extension."""
+    forced = requested_backend(None)
+    if triton_interpreting() and forced in (None, "triton"):
+        return (
+            "TRITON_INTERPRET=1: the Triton kernels run in the CPU interpreter, which makes the model 5-14x slower; "
+            "unset TRITON_INTERPRET (the compiled kernels then run on a GPU, the PyTorch reference on a CPU)"
+        )
+    if device.type == "cuda" and forced is None and not HAS_TRITON and not (HAS_CUDA_EXT and _C.WITH_CUDA):
+        return (
+            f"no kernel backend for {device}: triton is not installed and the CUDA extension is not built, so the "
+            f"kernels run as their PyTorch reference (slower, more GPU memory); pip install triton, or {BUILD_HINT}"
+        )
+    return None
+
+
+def _warn_if_slow(device: str) -> None:
+    message = kernel_speed_warning(resolve_device(device))
+    if message and os.environ.get("RANK", "0") == "0":  # under torchrun: once, from the first process
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train import NonFiniteLossError, train
 
+    config = args.config
+    if config is None:
+        if not (args.resume and args.work_dir):
+            raise ConfigError("give a config file, or --work-dir DIR --resume to continue the run in DIR")
+        config = Path(args.work_dir) / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"--resume: {args.work_dir} holds no config.yaml of a run to continue")
     overrides = list(args.overrides) + ([f"work_dir={args.work_dir}"] if args.work_dir else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(config, overrides)
     resume = args.resume
     if resume is True:
         resume = Path(cfg.work_dir) / "latest.pt"
         if not resume.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint to resume at {resume} (train once first, or give a path)")
+    _warn_if_slow(cfg.device)
     try:
-        result = train(cfg, resume)
+        result = train(cfg, resume, overwrite=args.overwrite)
     except NonFiniteLossError as err:
         print(f"ssltm train: {err}", file=sys.stderr)
         return EXIT_FAILED
     if result.stopped == "interrupted":
+        torchrun = " (under torchrun, as this run)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(
             f"interrupted at iteration {result.iteration}; checkpoint {result.checkpoint}. "
-            f"Continue with: ssltm train {args.config} --resume {result.checkpoint}",
+            f"Continue with: ssltm train --work-dir {shlex.quote(str(result.work_dir))} --resume{torchrun}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -111,9 +176,12 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, results_json, results_table
     from .train import amp_dtype
 
-    cfg = load_config(args.config, args.overrides)
-    options = eval_options(cfg)
+    out = None if args.out is None else check_output_file(args.out, "--out")
+    if args.save_predictions is not None:
+        check_output_folder(args.save_predictions, "--save-predictions")
     ckpt = load_checkpoint(args.checkpoint)
+    cfg = load_config(args.config, args.overrides, base=ckpt["config"])
+    options = eval_options(cfg)
     info = dataset_info(cfg)
     if ckpt["meta"].get("num_classes") != info.num_classes:
         raise ConfigError(
@@ -122,10 +190,11 @@ def _eval(args: argparse.Namespace) -> int:
         )
     split = args.split or cfg.data.val_split
     dataset, indices = build_dataset(cfg, split, train=False)
+    _warn_if_slow(cfg.device)
     env = dist.setup(cfg.device)
     try:
         model = build_model(cfg, info.num_classes, pretrained=False)
-        load_weights(model, ckpt, args.checkpoint)
+        load_weights(model, ckpt, args.checkpoint, OmegaConf.to_container(cfg))
         model.to(env.device)
         results = evaluate(
             model,
@@ -147,8 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
             settings = (results["TC_protocol"], results["TC_flow"], results["TC_videos"])
             print("TC: protocol {}, flow {}, on {} video(s)".format(*settings))
         print(results_table(results, info.classes))
-        if args.out:
-            out = Path(args.out)
+        if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results_json(results, info.classes), indent=2) + "\n")
             print(f"metrics written to {out}")
@@ -158,6 +226,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _infer(args: argparse.Namespace) -> int:
     from .infer import infer
 
+    _warn_if_slow(args.device)
     infer(
         args.checkpoint,
         args.input,
@@ -166,6 +235,8 @@ def _infer(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         fps=args.fps,
         device=args.device,
+        config=args.config,
+        overrides=args.overrides,
     )
     return 0
 
@@ -173,6 +244,7 @@ def _infer(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
+    _warn_if_slow(args.device)
     demo(max_minutes=args.max_minutes, out=args.out, device=args.device, overrides=args.overrides)
     return 0
 

@@ -134,14 +134,17 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError(f"config file not found: {path}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The defaults, then the YAML file ``path`` (if any), then ``key=value`` overrides, validated.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> DictConfig:
+    """The defaults, then ``base`` (a config stored in a checkpoint, if any), then the YAML file ``path`` (if
+    any), then ``key=value`` overrides, validated.
 
     Raises:
         ConfigError: the file is missing or not a YAML mapping, or a key is unknown or a value has the
             wrong type or is out of range; the message names the file or override and the key.
     """
-    cfg = default_config()
+    cfg = default_config() if base is None else _merge(default_config(), OmegaConf.create(base), "checkpoint config")
     name = None
     if path is not None:
         file = resolve_config_path(path)
@@ -255,6 +258,16 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def from_container(container: dict) -> DictConfig:
     """A config stored in a checkpoint (a plain dict) back as a validated ``DictConfig``."""
-    cfg = _merge(default_config(), OmegaConf.create(container), "checkpoint config")
-    validate(cfg)
-    return cfg
+    return load_config(base=container)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two plain-dict configs (keys of either), sorted."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out

@@ -18,7 +18,7 @@ from .distributed import resolve_device
 from .evaluate import results_json, results_table, to_uint8_rgb
 from .infer import load_model
 from .metrics import confusion_matrix, miou
-from .train import train
+from .train import run_files, train
 from .visualize import class_legend, colorize, comparison_grid
 
 DEMO_CONFIG = "demo"  # configs/demo.yaml
@@ -74,6 +74,8 @@ def demo(
     out = Path(out)
     settings = [f"train.max_minutes={max_minutes}", f"work_dir={out / 'train'}", f"device={device}", *overrides]
     cfg = load_config(DEMO_CONFIG, settings)
+    for path in run_files(Path(cfg.work_dir)):  # an earlier demo's: each demo trains afresh and rewrites ``out``
+        path.unlink()
     start = time.perf_counter()
     result = train(cfg)
     info = dataset_info(cfg)

@@ -4,28 +4,31 @@ colourised overlays, an overlay video and the frame rate."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from . import distributed as dist
 from .build import build_model
 from .checkpoint import load_checkpoint, load_weights
-from .config import from_container
+from .config import load_config
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .evaluate import autocast
 from .model import VideoPredictor
+from .outputs import check_output_folder, staged_folder
 from .train import amp_dtype
 from .visualize import overlay, save_label_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_FPS = 10.0
+OUTPUTS = ("labels", "overlays", "overlay.mp4")  # what infer writes into its output folder
 
 
 @dataclass
@@ -37,9 +40,9 @@ class FrameSource:
     count: int | None
 
 
-def open_frames(path: str | Path, size: int | None = None, max_frames: int | None = None) -> FrameSource:
-    """A folder of images (sorted by name) or a video file OpenCV can decode, optionally resized so that
-    the shorter side is ``size``.
+def open_frames(path: str | Path, max_frames: int | None = None) -> FrameSource:
+    """A folder of images (sorted by name) or a video file OpenCV can decode, its first ``max_frames`` (at least 1)
+    frames if given.
 
     Raises:
         FileNotFoundError: nothing at ``path``, or a folder without images.
@@ -51,7 +54,7 @@ def open_frames(path: str | Path, size: int | None = None, max_frames: int | Non
         if not files:
             raise FileNotFoundError(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
         files = files[:max_frames]
-        return FrameSource(_folder_frames(files, size), None, len(files))
+        return FrameSource(_folder_frames(files), None, len(files))
     if not path.is_file():
         raise FileNotFoundError(f"--input: no video file or folder of frames at {path}")
     capture = cv2.VideoCapture(str(path))
@@ -61,27 +64,25 @@ def open_frames(path: str | Path, size: int | None = None, max_frames: int | Non
     count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     if count is not None and max_frames is not None:
         count = min(count, max_frames)
-    return FrameSource(_video_frames(capture, size, max_frames), fps, count)
+    return FrameSource(_video_frames(capture, max_frames), fps, count)
 
 
-def _folder_frames(files: list[Path], size: int | None) -> Iterator[tuple[str, np.ndarray]]:
+def _folder_frames(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     for file in files:
         bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
         if bgr is None:
             raise ValueError(f"--input: cannot read the image {file}")
-        yield file.stem, _resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size)
+        yield file.stem, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _video_frames(
-    capture: cv2.VideoCapture, size: int | None, max_frames: int | None
-) -> Iterator[tuple[str, np.ndarray]]:
+def _video_frames(capture: cv2.VideoCapture, max_frames: int | None) -> Iterator[tuple[str, np.ndarray]]:
     index = 0
     try:
         while max_frames is None or index < max_frames:
             ok, bgr = capture.read()
             if not ok:
                 break
-            yield f"frame_{index:06d}", _resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size)
+            yield f"frame_{index:06d}", cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             index += 1
     finally:
         capture.release()
@@ -104,13 +105,41 @@ def to_input(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     return (x - mean) / std
 
 
-def load_model(checkpoint: str | Path, device: torch.device):
-    """The model of a checkpoint, its config and its meta (classes, palette), in eval mode on ``device``."""
+def load_model(
+    checkpoint: str | Path,
+    device: torch.device,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+):
+    """The model of a checkpoint, its config and its meta (classes, palette), in eval mode on ``device``.
+
+    The config is the one stored in the checkpoint, with the keys of the YAML file ``config`` and then
+    ``overrides`` (``key=value``) over it.
+    """
     ckpt = load_checkpoint(checkpoint)
-    cfg = from_container(ckpt["config"])
+    cfg = load_config(config, overrides, base=ckpt["config"])
     model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
-    load_weights(model, ckpt, checkpoint)
+    load_weights(model, ckpt, checkpoint, OmegaConf.to_container(cfg))
     return model.to(device).eval(), cfg, ckpt["meta"]
+
+
+def check_infer_args(
+    out: str | Path, size: int | None = None, max_frames: int | None = None, fps: float | None = None
+) -> None:
+    """Raise a ValueError naming the option for a value :func:`infer` cannot use, before any work."""
+    for name, value in (("--size", size), ("--max-frames", max_frames)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"--fps must be positive, got {fps}")
+    out = check_output_folder(out, "--out")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
+        if others:
+            raise ValueError(
+                f"--out: {out} holds other files than an earlier inference's ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
+            )
 
 
 def infer(
@@ -121,41 +150,51 @@ def infer(
     max_frames: int | None = None,
     fps: float | None = None,
     device: str = "auto",
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """Segment every frame of ``input_path`` (a video file or a folder of frames).
 
+    Frames are resized to the shorter side ``size`` (default: the config's ``data.eval_size``, else as they
+    are). The config is the checkpoint's, with ``config`` (a YAML file) and ``overrides`` over it.
+
     Writes ``out/labels/<frame>.png`` (class ids, palette PNG), ``out/overlays/<frame>.jpg`` and
-    ``out/overlay.mp4``; prints and returns the frame rates.
+    ``out/overlay.mp4`` into a folder beside ``out`` that replaces ``out`` (an earlier inference's) only when
+    every frame is done; prints and returns the frame rates.
     """
+    check_infer_args(out, size, max_frames, fps)
     dev = dist.resolve_device(device)
-    source = open_frames(input_path, size, max_frames)
-    model, cfg, meta = load_model(checkpoint, dev)
+    source = open_frames(input_path, max_frames=max_frames)
+    model, cfg, meta = load_model(checkpoint, dev, config, overrides)
+    size = size or cfg.data.eval_size
     palette = meta["palette"]
     # Streaming: one backbone pass per frame; the class maps equal clip prediction on causal clips.
     predictor = VideoPredictor(model, tuple(cfg.data.offsets))
     dtype = amp_dtype(cfg.train.amp, dev)
-    out = Path(out)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    writer = None
     frames, model_seconds, start = 0, 0.0, time.perf_counter()
-    try:
-        for name, rgb in tqdm(source.frames, total=source.count, desc="infer", unit="frame", leave=False):
-            tick = time.perf_counter()
-            with autocast(dev, dtype):
-                pred = predictor.step(to_input(rgb, dev))
-            pred = pred.cpu().numpy()
-            model_seconds += time.perf_counter() - tick
-            save_label_png(out / "labels" / f"{name}.png", pred, palette)
-            blended = overlay(rgb, pred, palette)
-            Image.fromarray(blended).save(out / "overlays" / f"{name}.jpg", quality=90)
-            if writer is None:
-                writer = _video_writer(out / "overlay.mp4", fps or source.fps or DEFAULT_FPS, blended.shape)
+    with staged_folder(out) as staging:
+        (staging / "overlays").mkdir()
+        (staging / "labels").mkdir()
+        writer = None
+        try:
+            for name, rgb in tqdm(source.frames, total=source.count, desc="infer", unit="frame", leave=False):
+                rgb = _resize(rgb, size)
+                tick = time.perf_counter()
+                with autocast(dev, dtype):
+                    pred = predictor.step(to_input(rgb, dev))
+                pred = pred.cpu().numpy()
+                model_seconds += time.perf_counter() - tick
+                save_label_png(staging / "labels" / f"{name}.png", pred, palette)
+                blended = overlay(rgb, pred, palette)
+                Image.fromarray(blended).save(staging / "overlays" / f"{name}.jpg", quality=90)
+                if writer is None:
+                    writer = _video_writer(staging / "overlay.mp4", fps or source.fps or DEFAULT_FPS, blended.shape)
+                if writer is not None:
+                    writer.write(cv2.cvtColor(blended, cv2.COLOR_RGB2BGR))
+                frames += 1
+        finally:
             if writer is not None:
-                writer.write(cv2.cvtColor(blended, cv2.COLOR_RGB2BGR))
-            frames += 1
-    finally:
-        if writer is not None:
-            writer.release()
+                writer.release()
     total = time.perf_counter() - start
     rates = {"frames": frames, "model_fps": frames / max(model_seconds, 1e-9), "total_fps": frames / max(total, 1e-9)}
     print(
@@ -168,6 +207,6 @@ def infer(
 def _video_writer(path: Path, fps: float, shape: tuple[int, ...]) -> cv2.VideoWriter | None:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (shape[1], shape[0]))
     if not writer.isOpened():
-        print(f"note: OpenCV cannot write {path} here (no mp4v encoder); the frames are in {path.parent / 'overlays'}")
+        print(f"note: OpenCV cannot write {path.name} here (no mp4v encoder); the frames are in overlays/")
         return None
     return writer

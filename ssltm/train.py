@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import re
 import signal
 import threading
 import time
@@ -33,7 +35,7 @@ from . import __version__
 from . import distributed as dist
 from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, to_yaml
+from .config import ConfigError, config_differences, to_yaml
 from .evaluate import autocast, evaluate, results_json
 
 LOSS_TERMS = ("sup", "mse", "aux", "total")
@@ -41,6 +43,8 @@ LOSS_TERMS = ("sup", "mse", "aux", "total")
 # first pays one-off costs) and refits it every FIT_EVERY iterations, at the mean speed of the last FIT_WINDOW.
 FIT_EVERY = 3
 FIT_WINDOW = 10
+CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pt")
+RUN_FILES = ("latest.pt", "best.pt", "log.jsonl", "config.yaml")  # besides the iter_<N>.pt checkpoints
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,7 +186,9 @@ class _State:
 class Trainer:
     """One training run of a config; :meth:`run` trains and returns how it ended."""
 
-    def __init__(self, cfg: DictConfig, env: dist.DistEnv, resume: str | Path | None = None):
+    def __init__(
+        self, cfg: DictConfig, env: dist.DistEnv, resume: str | Path | None = None, overwrite: bool = False
+    ):
         self.cfg, self.env = cfg, env
         self.work_dir = Path(cfg.work_dir)
         t = cfg.train
@@ -193,6 +199,8 @@ class Trainer:
                 f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum} "
                 f"times the {env.world_size} process(es)"
             )
+        if resume is None:
+            _claim_work_dir(self.work_dir, overwrite, env)
         torch.manual_seed(t.seed + env.rank)
         np.random.seed(t.seed + env.rank)
         self.info: DatasetInfo = dataset_info(cfg)
@@ -219,8 +227,9 @@ class Trainer:
         self.state = _State()
         self.rng_to_restore = None
         self.val_results = None
-        if resume is not None:
-            self._resume(Path(resume))
+        self.resumed_from = None if resume is None else Path(resume)
+        if self.resumed_from is not None:
+            self._resume(self.resumed_from)
         self.order = ClipOrder(
             self.train_indices, t.batch_size, t.grad_accum, env.world_size, env.rank, t.seed, self.state.iteration
         )
@@ -233,7 +242,7 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, training=True)
-        load_weights(self.module, ckpt, path)
+        load_weights(self.module, ckpt, path, OmegaConf.to_container(self.cfg))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -249,7 +258,7 @@ class Trainer:
         self.rng_to_restore = states[self.env.rank % len(states)]
         differ = [
             key
-            for key in _config_differences(ckpt["config"], OmegaConf.to_container(self.cfg))
+            for key in config_differences(ckpt["config"], OmegaConf.to_container(self.cfg))
             if key not in ("work_dir", "train.progress")
         ]
         if differ and self.env.is_main:
@@ -270,16 +279,21 @@ class Trainer:
             "train_state": {"elapsed": self.state.elapsed, "best": self.state.best},
         }
 
-    def save(self, name: str | None = None) -> Path:
-        """Write ``iter_<N>.pt`` and point ``latest.pt`` at it (or write ``name``); every process must call this."""
+    def save(self) -> Path:
+        """Write ``iter_<N>.pt`` and point ``latest.pt`` at it, and ``best.pt`` too when iteration N validated
+        best (links, not copies); every process must call this."""
         state = self.checkpoint_state()  # a collective: all processes take part
-        path = self.work_dir / (name or f"iter_{self.state.iteration}.pt")
+        path = self.work_dir / f"iter_{self.state.iteration}.pt"
         if self.env.is_main:
             save_checkpoint(path, state)
-            if name is None:
-                link_checkpoint(path, self.work_dir / "latest.pt")
+            link_checkpoint(path, self.work_dir / "latest.pt")
+            if self._best_now():
+                link_checkpoint(path, self.work_dir / "best.pt")
         dist.barrier()
         return path
+
+    def _best_now(self) -> bool:
+        return self.state.best is not None and self.state.best["iteration"] == self.state.iteration
 
     # --- logging -----------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
@@ -309,9 +323,8 @@ class Trainer:
         self.log({"iter": self.state.iteration, "val": summary})
         best = self.state.best
         improved = summary["mIoU"] is not None and (best is None or summary["mIoU"] > best["mIoU"])
-        if improved:
+        if improved:  # best.pt: with this iteration's checkpoint (Trainer.save), which then records it
             self.state.best = {"mIoU": summary["mIoU"], "iteration": self.state.iteration}
-            self.save("best.pt")
         if self.env.is_main:
             mark = " (best)" if improved else ""
             tqdm.write(f"iteration {self.state.iteration}: val mIoU {summary['mIoU']}{mark}")
@@ -359,6 +372,11 @@ class Trainer:
         if env.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             (self.work_dir / "config.yaml").write_text(to_yaml(cfg))
+            if self.resumed_from is None:
+                self.log_file.unlink(missing_ok=True)  # a log of a run that never wrote a checkpoint
+            else:
+                _trim_log(self.log_file, state.iteration)
+                self.log({"iter": state.iteration, "resumed_from": str(self.resumed_from)})
         self.model.train()
         batches = self._loader()
         if self.rng_to_restore is not None:
@@ -410,19 +428,18 @@ class Trainer:
                 bar.update(1)
                 if state.iteration % t.log_every == 0 or state.iteration == self.schedule.max_iters:
                     self._log_step(values, lr, step_times, data_times)
-                last = state.iteration == self.schedule.max_iters
-                if state.iteration % t.checkpoint_every == 0 or last:
-                    saved_at = self.save()
-                if t.validate and self.validate_every and state.iteration % self.validate_every == 0 and not last:
-                    self.validate()
                 if flags[-2] > 0 or flags[-1] > 0:
                     stopped = "interrupted" if flags[-2] > 0 else "time"
+                end = stopped != "finished" or state.iteration == self.schedule.max_iters
+                # Validation first, so that this iteration's checkpoint records its result (and best.pt links it).
+                due = bool(self.validate_every) and state.iteration % self.validate_every == 0
+                if t.validate and (due or (end and stopped != "interrupted")):
+                    self.validate()
+                if state.iteration % t.checkpoint_every == 0 or end or self._best_now():
+                    saved_at = self.save()
+                if end:
                     break
         bar.close()
-        if stopped != "finished" and (saved_at is None or saved_at.name != f"iter_{state.iteration}.pt"):
-            saved_at = self.save()
-        if t.validate and stopped != "interrupted":
-            self.validate()
         self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
         return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)
 
@@ -495,22 +512,66 @@ def checkpoint_meta(info: DatasetInfo, world_size: int) -> dict[str, Any]:
     }
 
 
-def _config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    out = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
+def run_files(work_dir: Path) -> list[Path]:
+    """The files a training run leaves in ``work_dir``: its checkpoints, ``log.jsonl`` and ``config.yaml``."""
+    if not work_dir.is_dir():
+        return []
+    return sorted(
+        p for p in work_dir.iterdir() if p.is_file() and (p.name in RUN_FILES or CHECKPOINT_NAME.fullmatch(p.name))
+    )
 
 
-def train(cfg: DictConfig, resume: str | Path | None = None) -> TrainResult:
-    """Train ``cfg`` in this process (one of several under ``torchrun``)."""
+def _claim_work_dir(work_dir: Path, overwrite: bool, env: dist.DistEnv) -> None:
+    """Make ``work_dir`` ready for a run from iteration 0: an earlier run's checkpoints there are an error,
+    or with ``overwrite`` its files move to ``work_dir/old-<time>/`` first."""
+    files = run_files(work_dir)
+    checkpoints = sorted((int(m[1]), p.name) for p in files if (m := CHECKPOINT_NAME.fullmatch(p.name)))
+    if not overwrite and any(p.suffix == ".pt" for p in files):
+        newest = f", the newest {checkpoints[-1][1]}" if checkpoints else ""
+        raise FileExistsError(
+            f"work dir {work_dir} holds the checkpoints of an earlier run{newest}: continue it with --resume, "
+            f"or start again with --overwrite (moves its files to {work_dir / 'old-<time>'})"
+        )
+    if overwrite and files and env.is_main:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        old = work_dir / f"old-{stamp}"
+        n = 1
+        while old.exists():
+            n += 1
+            old = work_dir / f"old-{stamp}-{n}"
+        old.mkdir()
+        for path in files:
+            os.replace(path, old / path.name)
+        print(f"moved the earlier run's {len(files)} files in {work_dir} to {old}")
+    dist.barrier()
+
+
+def _trim_log(path: Path, iteration: int) -> None:
+    """Drop the records of ``log.jsonl`` after ``iteration`` (a run killed after its checkpoint wrote them; the
+    resumed run writes them again) and any line a kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iter", 0) <= iteration:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = False) -> TrainResult:
+    """Train ``cfg`` in this process (one of several under ``torchrun``).
+
+    Without ``resume`` the run starts at iteration 0, which a work dir holding an earlier run's checkpoints
+    refuses (FileExistsError) unless ``overwrite`` moves that run's files to ``work_dir/old-<time>/``.
+    """
     env = dist.setup(cfg.device)
     try:
-        return Trainer(cfg, env, resume).run()
+        return Trainer(cfg, env, resume, overwrite).run()
     finally:
         dist.teardown()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +109,11 @@ def test_train_eval_through_cli(tmp_path, capsys):
     assert os.path.samefile(work / "latest.pt", work / "iter_3.pt")
     ckpt = load_checkpoint(work / "latest.pt", training=True)
     assert ckpt["iteration"] == 3
+    # best.pt is a link to the checkpoint of the best validation, which records that validation
+    best = ckpt["train_state"]["best"]["iteration"]
+    assert best in (2, 3) and os.path.samefile(work / "best.pt", work / f"iter_{best}.pt")
+    val = {r["iter"]: r["val"]["mIoU"] for r in log_records(work) if "val" in r}
+    assert load_checkpoint(work / "best.pt")["train_state"]["best"] == {"mIoU": max(val.values()), "iteration": best}
     assert ckpt["meta"]["num_classes"] == 6 and len(ckpt["meta"]["palette"]) == 6
     assert ckpt["config"]["train"]["max_iters"] == 3
     records = log_records(work)
@@ -160,6 +168,27 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
     steps = lambda work: [(r["iter"], r["total"], r["lr"]) for r in log_records(work) if "total" in r]
     assert steps(resumed) == steps(whole)[2:]
+
+
+def test_a_work_dir_with_checkpoints_is_not_started_again_by_accident(tmp_path, capsys):
+    work = tmp_path / "run"
+    common = ["train.max_iters=1", "train.batch_size=2", "train.validate=false"]
+    assert train_cli(tmp_path, work, *common) == 0
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    capsys.readouterr()
+    assert train_cli(tmp_path, work, *common) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"work dir {work} holds the checkpoints of an earlier run" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before  # nothing touched
+    assert main(["train", config_file(tmp_path), "--set", *TINY, *common, "--work-dir", str(work), "--overwrite"]) == 0
+    old = [p for p in work.iterdir() if p.is_dir()]
+    assert [p.name[:4] for p in old] == ["old-"] and f"to {old[0]}" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in old[0].iterdir()} == before  # the earlier run, moved aside whole
+    assert [r["iter"] for r in log_records(work) if "total" in r] == [1]  # a new log
+    with pytest.raises(SystemExit):
+        main(["train", config_file(tmp_path), "--work-dir", str(work), "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 # a step the fp16 scaler skips still advances the per-iteration schedule, without torch's order warning
@@ -260,7 +289,9 @@ def test_checkpoint_survives_kill_during_save(tmp_path):
     assert torch.equal(load_checkpoint(tmp_path / "latest.pt")["model"]["w"], torch.zeros(3))
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path, monkeypatch):
+    """Ctrl-C saves a checkpoint and prints the command that continues the run; that command alone (the work
+    dir's config, here bounded by two --set values) resumes it, and log.jsonl holds every iteration once."""
     work = tmp_path / "run"
     cmd = [sys.executable, "-m", "ssltm", "train", config_file(tmp_path), "--set", *TINY, "train.max_iters=1000"]
     cmd += ["train.batch_size=2", "train.checkpoint_every=1000", "--work-dir", str(work)]
@@ -279,19 +310,20 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert done >= 1 and f"interrupted at iteration {done}" in stderr
     last = log_records(work)[-1]
     assert last["iter"] == done and last["end"] == "interrupted"
-    assert (
-        train_cli(
-            tmp_path,
-            work,
-            "train.max_iters=" + str(done + 1),
-            "train.batch_size=2",
-            "train.val_every=0",
-            "eval.tc=false",
-            resume=str(work / "latest.pt"),
-        )
-        == 0
-    )
+    hint = re.search(r"Continue with: (ssltm train .*)$", stderr, re.MULTILINE)
+    assert hint, stderr[-3000:]
+    command = shlex.split(hint[1])
+    assert command == ["ssltm", "train", "--work-dir", str(work), "--resume"]
+    # as if the run had been killed after its checkpoint: log lines past it, the last one cut short
+    with open(work / "log.jsonl", "a") as log:
+        log.write(json.dumps({"iter": done + 1, "total": 123.0}) + '\n{"iter": ')
+    monkeypatch.chdir(tmp_path.parent)  # the command works from another folder too
+    assert main([*command[1:], "--set", f"train.max_iters={done + 1}", "train.validate=false"]) == 0
     assert load_checkpoint(work / "latest.pt")["iteration"] == done + 1
+    records = log_records(work)
+    steps = [r["iter"] for r in records if "total" in r]
+    assert steps == list(range(1, done + 2)) and 123.0 not in [r["total"] for r in records if "total" in r]
+    assert {"iter": done, "resumed_from": str(work / "latest.pt")} in records
 
 
 def test_ctrl_c_under_torchrun_saves_one_checkpoint_all_processes_agree_on(tmp_path):
@@ -505,6 +537,99 @@ def test_class_legend_wraps_the_classes_into_the_width():
     assert_legend_shows(narrow, palette)
 
 
+def frame_folder(tmp_path: Path, count: int, broken: int | None = None, size: int = 32) -> Path:
+    """``count`` frames of the held-out synthetic video as PNGs, frame ``broken`` (if given) not an image."""
+    videos = SyntheticVideos(5, FRAMES, size, seed=0)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t in range(count):
+        if t == broken:
+            (folder / f"{t:03d}.png").write_bytes(b"not a png")
+        else:
+            Image.fromarray(videos.read_frame(4, t)).save(folder / f"{t:03d}.png")
+    return folder
+
+
+def test_eval_and_infer_use_the_checkpoints_config(tmp_path, trained, capsys):
+    """The checkpoint's config (the run's --set values included) is the default; a config file's keys and --set
+    override it. Infer resizes to its data.eval_size."""
+    assert main(["eval", "--checkpoint", str(trained), "--set", "eval.tc=false"]) == 0
+    assert "synthetic val: 17 frames" in capsys.readouterr().out  # the run's 5 tiny videos, one held out
+    two = tmp_path / "two.yaml"
+    two.write_text("data:\n  synthetic:\n    val_videos: 2\n")
+    assert main(["eval", str(two), "--checkpoint", str(trained), "--set", "eval.tc=false"]) == 0
+    assert "synthetic val: 34 frames" in capsys.readouterr().out
+
+    ckpt = load_checkpoint(trained)
+    ckpt["config"]["data"]["eval_size"] = 32
+    small = save_checkpoint(tmp_path / "eval_size_32.pt", ckpt)
+    frames = frame_folder(tmp_path, 2, size=48)
+    for name, args, shape in (("default", [], (32, 32)), ("size", ["--size", "40"], (40, 40)),
+                              ("native", ["--set", "data.eval_size=null"], (48, 48))):
+        out = tmp_path / name
+        assert main(["infer", "--checkpoint", str(small), "--input", str(frames), "--out", str(out), *args]) == 0
+        assert np.asarray(Image.open(out / "labels" / "000.png")).shape == shape, name
+
+
+def test_outputs_are_checked_before_the_work(tmp_path, trained, capsys, monkeypatch):
+    import ssltm.evaluate
+
+    monkeypatch.setattr(ssltm.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before the outputs' check"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    evaluation = ["eval", config_file(tmp_path), "--set", *TINY, "--checkpoint", str(trained)]
+    err = run_error(capsys, [*evaluation, "--out", str(a_file / "m.json")])
+    assert err == f"ssltm eval: error: --out: cannot create {a_file / 'm.json'}: {a_file} is a file, not a folder\n"
+    err = run_error(capsys, [*evaluation, "--out", str(tmp_path)])
+    assert f"--out: {tmp_path} is a folder, not a file" in err
+    err = run_error(capsys, [*evaluation, "--save-predictions", str(a_file)])
+    assert f"--save-predictions: {a_file} is a file, not a folder" in err
+
+    frames = frame_folder(tmp_path, 3, broken=2)
+    out = tmp_path / "seg"
+    infer = ["infer", "--checkpoint", str(trained), "--input", str(frames), "--out", str(out)]
+    for option, value, message in (("--max-frames", "0", "at least 1"), ("--max-frames", "-1", "at least 1"),
+                                   ("--size", "0", "at least 1"), ("--fps", "0", "positive")):
+        assert f"{option} must be {message}, got {value}" in run_error(capsys, [*infer, option, value])
+    err = run_error(capsys, [*infer[:-1], str(a_file / "seg")])
+    assert f"--out: cannot create {a_file / 'seg'}: {a_file} is a file, not a folder" in err
+    err = run_error(capsys, [*infer[:-1], str(tmp_path)])
+    assert f"--out: {tmp_path} holds other files than an earlier inference's" in err
+    # a failure mid-video (frame 2 is not an image) leaves the earlier output as it was, and nothing else
+    assert main([*infer, "--max-frames", "2"]) == 0
+    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert "--input: cannot read the image" in run_error(capsys, infer)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    shutil.rmtree(out)
+    assert "--input: cannot read the image" in run_error(capsys, infer)
+    assert not out.exists()
+
+
+def test_warns_once_when_the_kernels_cannot_run_at_full_speed(tmp_path, trained, capsys, monkeypatch):
+    from ssltm import cli
+
+    frames = frame_folder(tmp_path, 1)
+    monkeypatch.delenv("SSLTM_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as tests/conftest.py sets it: the kernels run in the interpreter
+    assert main(["infer", "--checkpoint", str(trained), "--input", str(frames), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: TRITON_INTERPRET=1") == 1 and "5-14x slower" in err
+    assert "unset TRITON_INTERPRET" in err
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setenv("SSLTM_BACKEND", "reference")  # the interpreter is not used
+    assert cli.kernel_speed_warning(cpu) is None and cli.kernel_speed_warning(gpu) is None
+    monkeypatch.delenv("SSLTM_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli.kernel_speed_warning(cpu) is None  # the reference is the CPU's backend
+    monkeypatch.setattr(cli, "HAS_TRITON", False)
+    monkeypatch.setattr(cli, "HAS_CUDA_EXT", False)
+    message = cli.kernel_speed_warning(gpu)
+    assert message.startswith("no kernel backend for cuda:0") and "pip install triton" in message
+    monkeypatch.setattr(cli, "HAS_TRITON", True)
+    assert cli.kernel_speed_warning(gpu) is None
+
+
 def test_demo(tmp_path, capsys):
     out = tmp_path / "demo"
     settings = [*TINY_DATA, "data.synthetic.num_videos=4", "train.batch_size=2", "train.progress=false"]
@@ -605,9 +730,19 @@ def test_bad_paths_are_named(tmp_path, trained, capsys):
     not_a_checkpoint = tmp_path / "junk.pt"
     not_a_checkpoint.write_bytes(b"junk")
     err = run_error(capsys, ["eval", cfg, "--set", *TINY, "--checkpoint", str(not_a_checkpoint)])
-    assert f"cannot read checkpoint {not_a_checkpoint}" in err
+    assert f"not an ssltm checkpoint: {not_a_checkpoint} (" in err and len(err.splitlines()) == 1
+    pickled_module = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled_module)
+    err = run_error(capsys, ["eval", "--checkpoint", str(pickled_module)])
+    assert f"not an ssltm checkpoint: {pickled_module} (" in err and "weights_only" not in err
     err = run_error(capsys, ["eval", cfg, "--set", *TINY, "model.use_gcc=false", "--checkpoint", str(trained)])
     assert f"checkpoint {trained} does not fit the model its config builds" in err and "gcc" in err
+    # the first mismatched keys with both shapes, and the config keys that differ from the checkpoint's
+    err = run_error(capsys, ["eval", cfg, "--set", *TINY, "model.backbone=resnet50", "--checkpoint", str(trained)])
+    assert len(err.splitlines()) <= 3, err
+    shapes = re.findall(r"key '[\w.]+' has shape \([\d, ]+\) in the checkpoint but \([\d, ]+\) in the model", err)
+    assert shapes and "more)" in err
+    assert "config keys that differ from the checkpoint's: model.backbone ('resnet18' in the checkpoint, " in err
     err = run_error(capsys, ["infer", "--checkpoint", str(not_a_checkpoint), "--input", str(missing), "--out", "x"])
     assert f"--input: no video file or folder of frames at {missing}" in err
     (tmp_path / "empty").mkdir()

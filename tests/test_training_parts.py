@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from ssltm.checkpoint import load_checkpoint
 from ssltm.config import ConfigError, load_config
 from ssltm.data import CamVid, hold_out
 from ssltm.metrics import VideoMetrics
-from ssltm.train import ClipOrder, PolySchedule
+from ssltm.outputs import check_output_file, check_output_folder, staged_folder
+from ssltm.train import ClipOrder, PolySchedule, _trim_log
 
 
 def take(order: ClipOrder, micro_batches: int) -> list[list[tuple[int, int]]]:
@@ -135,3 +140,75 @@ def test_config_files_load(tmp_path):
     assert cfg.data.root == "/x" and cfg.data.crop_size == [7, 9] and cfg.data.offsets == [2, 4]
     assert cfg.model.pretrained == "/w.pth" and not cfg.model.use_gcc and cfg.train.max_minutes == 3.5
     assert (cfg.train.batch_size, cfg.train.max_iters, cfg.train.seed, cfg.work_dir) == (16, 7, 11, "/tmp/w")
+
+
+def test_config_over_a_checkpoints_config():
+    stored = load_config(None, ["model.backbone=resnet50", "data.eval_size=240", "train.lr=0.5"])
+    stored = OmegaConf.to_container(stored)
+    cfg = load_config("demo", ["train.lr=0.1"], base=stored)
+    # the file's keys (demo.yaml sets model.backbone and crop_size, not eval_size), then --set, over the stored ones
+    assert (cfg.model.backbone, cfg.data.crop_size, cfg.data.eval_size) == ("resnet18", [64, 64], 240)
+    assert cfg.train.lr == 0.1
+    with pytest.raises(ConfigError, match="checkpoint config: unknown config key 'train.speed'"):
+        load_config(None, base={"train": {"speed": 1}})
+
+
+def write_bad_checkpoints(folder: Path) -> dict[str, str]:
+    """Files that are not checkpoints, and what their error says in brackets."""
+    torch.save({"model": {}, "config": {}}, folder / "state.pt")
+    data = (folder / "state.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (folder / "empty.pt").write_bytes(b"")
+    (folder / "text.pt").write_text("hello")
+    torch.save(torch.nn.Linear(2, 2), folder / "module.pt")
+    torch.save(torch.nn.Linear(2, 2).state_dict(), folder / "weights.pt")
+    return {
+        "truncated.pt": "a truncated or damaged file",
+        "empty.pt": "an empty file",
+        "text.pt": "not a file torch.save wrote",
+        "module.pt": "it holds Python objects besides tensors and plain values",
+        "weights.pt": "a dict without ['model', 'config', 'meta']",
+        "state.pt": "a dict without ['meta']",
+    }
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path):
+    for name, reason in write_bad_checkpoints(tmp_path).items():
+        with pytest.raises(ValueError) as info:
+            load_checkpoint(tmp_path / name)
+        assert str(info.value).startswith(f"not an ssltm checkpoint: {tmp_path / name} ({reason}")
+        assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+    with pytest.raises(ValueError, match=r"not an ssltm checkpoint to resume from: .* without \['optimizer'"):
+        torch.save({"model": {}, "config": {}, "meta": {}}, tmp_path / "weights_only.pt")
+        load_checkpoint(tmp_path / "weights_only.pt", training=True)
+
+
+def test_trim_log_keeps_the_records_up_to_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [{"iter": 1, "total": 1.0}, {"iter": 2, "total": 0.5}, {"iter": 2, "val": {}}, {"iter": 3, "total": 0.4}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"iter": 4, "tot')  # killed mid-line
+    _trim_log(log, 2)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == records[:3]
+    _trim_log(tmp_path / "none.jsonl", 2)  # no log: nothing to do
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_outputs_checked_and_staged(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert check_output_file(tmp_path / "new" / "deeper" / "m.json", "--out") == tmp_path / "new" / "deeper" / "m.json"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    with pytest.raises(ValueError, match=f"--out: cannot create {a_file / 'm.json'}: {a_file} is a file, not a folder"):
+        check_output_file(a_file / "m.json", "--out")
+    with pytest.raises(ValueError, match=f"--save-predictions: {a_file} is a file, not a folder"):
+        check_output_folder(a_file, "--save-predictions")
+    target = tmp_path / "out"
+    with pytest.raises(KeyError), staged_folder(target) as staging:
+        (staging / "half.png").write_text("written")
+        raise KeyError("fails midway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing half written, nothing left over
+    for text in ("first", "second"):
+        with staged_folder(target) as staging:
+            (staging / "a.txt").write_text(text)
+        assert [(p.name, p.read_text()) for p in target.iterdir()] == [("a.txt", text)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
