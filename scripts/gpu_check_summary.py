@@ -156,10 +156,10 @@ def target_lines(records: list[dict], why_not_run: dict[str, str]) -> list[str]:
             ran = {r.case for r in rows}
             for t in results:
                 lines.append(f"| {benchmark} | {t.case} | {t.target} | {t.provider} | {t.value} | {t.status} |")
+            why = "not in this run's cases" if rows else why_not_run.get(benchmark, "no GPU rows")
             for case in cases_of(module):
                 if case not in ran:
-                    lines.append(f"| {benchmark} | {case} | all targets | - | - | not run "
-                                 f"({why_not_run.get(benchmark, 'no GPU rows')}) |")
+                    lines.append(f"| {benchmark} | {case} | all targets | - | - | not run ({why}) |")
         except Exception as error:  # one benchmark's broken judge must not hide the others' targets
             lines.append(f"| {benchmark} | - | all targets | - | - | not judged ({type(error).__name__}: "
                          f"{str(error)[:120]}) |")

@@ -104,6 +104,8 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     records = [{**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
                {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "match": True},
                {**env, "provider": "cuda", "ms": 0.4, "ms_p20": 0.4, "ms_p80": 0.4, "match": True},
+               {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "eager", "ms": 2.0},
+               {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "triton", "ms": 0.5},
                {"benchmark": "wmsa_decide", "section": "gate", "case": "stride16", "backend": "triton", "ok": False}]
     summary = _summarise(tmp_path, stages, records, log)
     rows = _stage_rows(summary)
@@ -116,6 +118,8 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     assert "| gcc_assign | ssltm | fwd+bwd >= 5x eager | cuda | 2.50x | FAIL |" in summary
     assert "| stt_window_attn | large | all targets | - | - | not run (stage c: TIMEOUT (55 s)) |" in summary
     assert "| ssltm_model | train | all targets | - | - | not run (no GPU rows) |" in summary
+    assert "| ocr_region_pool | k124-120 | all targets | - | - | not run (not in this run's cases) |" in summary
+    assert "| ocr_region_pool | k19-60 | fwd+bwd >= 2x eager | triton | 4.00x | PASS |" in summary
     assert "- gate stride16 triton: FAIL" in summary
     assert "- gcc_assign ssltm fwd+bwd ms: eager 1 10 MiB, triton 0.1, cuda 0.4" in summary
 
