@@ -182,8 +182,8 @@ install_project() {
 }
 export -f install_project
 export PY
-step install "pip install" "$(limit 30)" bash -c install_project
-step install "imports" "$(limit 10)" "$PY" -c '
+step install "pip install" "$(limit 25)" bash -c install_project
+step install "imports" "$(limit 20)" "$PY" -c '
 import omegaconf, ssltm, ssltm_kernels
 for module in (ssltm_kernels, ssltm, omegaconf):
     print(module.__name__, getattr(module, "__version__", ""), module.__file__)'
@@ -193,7 +193,7 @@ if ! grep -q "^install"$'\t'"imports"$'\t'"0"$'\t' "$STAGES"; then
 fi
 
 # ------------------------------------------------------------------------------------------ a: environment
-step a "ssltm_kernels.env" "$(limit 10)" bash -c 'set -o pipefail; "$1" -m ssltm_kernels.env | tee "$2"' _ "$PY" "$WORK/env.txt"
+step a "ssltm_kernels.env" "$(limit 15)" bash -c 'set -o pipefail; "$1" -m ssltm_kernels.env | tee "$2"' _ "$PY" "$WORK/env.txt"
 if command -v nvidia-smi >/dev/null; then
   step a "nvidia-smi" "$(limit 5)" bash -c 'set -o pipefail; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,temperature.gpu --format=csv | tee -a "$1"; (nvcc --version | tail -1) 2>/dev/null | tee -a "$1"' _ "$WORK/env.txt"
 else
@@ -218,7 +218,7 @@ else
   declare -A BENCH_ARGS=([stt_window_attn]="--modes fwd,fwd+bwd" [mixffn_dwconv]="--modes fwd,fwd+bwd"
     [ocr_region_pool]="--modes fwd,fwd+bwd" [gcc_assign]="--modes fwd,fwd+bwd")
 fi
-declare -A BENCH_LIMIT=([stt_window_attn]=55 [mixffn_dwconv]=20 [ocr_region_pool]=20 [gcc_assign]=15)
+declare -A BENCH_LIMIT=([stt_window_attn]=50 [mixffn_dwconv]=20 [ocr_region_pool]=15 [gcc_assign]=15)
 OP_BENCHMARKS="stt_window_attn mixffn_dwconv ocr_region_pool gcc_assign"
 for bench in $OP_BENCHMARKS; do
   # shellcheck disable=SC2086

@@ -106,7 +106,7 @@ def stage_status(steps: list[Step]) -> str:
 def step_detail(s: Step) -> str:
     counts = Counter(s.tests.values())
     tests = ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items()))
-    note = s.note if s.rc != "-" else ""
+    note = s.note if s.rc not in ("-", INJECTED) else ""  # the status says it
     return "; ".join(x for x in (f"{s.name}: {s.status}", tests, note) if x)
 
 
