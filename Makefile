@@ -1,4 +1,6 @@
-.PHONY: test test-gpu gpu-check bench lint compile-check env
+.PHONY: test test-gpu gpu-check gpu-wheels bench lint compile-check env
+
+PYTHON ?= python3
 
 # every op's and the model's benchmark (benchmarks/harness.py is their shared harness)
 BENCHMARKS := $(filter-out benchmarks/harness.py,$(sort $(wildcard benchmarks/*.py)))
@@ -9,13 +11,22 @@ test:
 test-gpu:
 	python -m pytest -m gpu
 
-# everything a GPU machine should prove, in one command: build, GPU tests, every benchmark (results
-# appended to benchmarks/results/)
+# everything a lent GPU machine should prove, in one run of at most 7 minutes: offline install, environment,
+# the gpu_quick tests, every benchmark quick, wmsa_decide quick, the model, the CUDA extension built in the
+# background (scripts/gpu_check.sh; results and summary.md under $OUT, else benchmarks/results/)
 gpu-check:
-	SSLTM_CUDA=on pip install -e . --no-build-isolation
-	python -m ssltm_kernels.env
-	python -m pytest -m gpu -q
-	for benchmark in $(BENCHMARKS); do python $$benchmark || exit 1; done
+	bash scripts/gpu_check.sh
+
+# what the GPU machine lacks for `pip install -e .` (it has torch, triton, numpy, einops, pyyaml, pillow,
+# opencv-python-headless, tqdm, torchvision, not omegaconf; omegaconf 2.4 carries its own antlr4 runtime), as
+# wheels for its Python 3.12 on x86-64 Linux, into .whl/ (carry it to that machine; pure-Python wheels, so
+# scripts/gpu_check.sh --rehearse installs them here too)
+GPU_WHEELS := omegaconf==2.4.0
+GPU_WHEEL_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_WHEEL_PLATFORMS)) -d .whl $(GPU_WHEELS)
 
 bench:
 	for benchmark in $(BENCHMARKS); do python $$benchmark || exit 1; done

@@ -1,7 +1,8 @@
 """Benchmark: the whole SSLTM model with the kernels against the same model on the reference backend.
 
     python benchmarks/ssltm_model.py [--quick] [--cases train,infer,stream] [--providers kernels,reference]
-                                     [--no-save] [--results-dir DIR] [--cpu] [--threads N]
+                                     [--backbone NAME] [--size N] [--no-save] [--results-dir DIR] [--cpu]
+                                     [--threads N]
 
 Providers (one model, the same weights):
 
@@ -16,6 +17,9 @@ Cases on a GPU, under bf16 autocast, dropout off (so that the providers' outputs
     infer   the same model and clips in eval mode: one forward without gradients (fwd), the logits compared
     stream  ResNet-101, 124 classes: ``VideoPredictor.step`` on 480x854 (480p) frames once its cache is full
             (one backbone pass per frame); items/s is frames/s; class maps compared by pixel agreement
+
+``--backbone`` and ``--size`` change the train and infer cases' backbone and square input side
+(scripts/gpu_check.sh: ``--backbone resnet101 --size 479``, the VSPW model on an odd size).
 
 Step time, peak memory and frames/s go to JSON lines in ``benchmarks/results/ssltm_model.jsonl``, then the
 targets are evaluated: training step >= 1.5x faster than the reference backend with peak memory <= 0.7x of
@@ -33,7 +37,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +59,7 @@ from harness import (  # noqa: E402
 )
 
 from ssltm import SSLTM, VideoPredictor  # noqa: E402
+from ssltm.model.backbone import RESNETS  # noqa: E402
 
 BENCHMARK = "ssltm_model"
 PROVIDERS = ("kernels", "reference")
@@ -215,14 +220,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             modes_option=False)
     p.add_argument("--cases", type=csv_choices(CASES, "case"), default=list(CASES),
                    help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--backbone", choices=tuple(RESNETS), default=None,
+                   help=f"backbone of the train and infer cases (default {GPU.model['backbone']} on a GPU, "
+                        f"{CPU.model['backbone']} on the CPU)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help=f"square input side of the train and infer cases (default {GPU.size[0]} on a GPU, "
+                        f"{CPU.size[0]} on the CPU)")
     return p.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def chosen_setup(args: argparse.Namespace, on_gpu: bool) -> Setup:
+    """The device's :class:`Setup` with ``--backbone`` and ``--size`` applied to the train and infer cases."""
+    setup = GPU if on_gpu else CPU
+    if args.backbone:
+        setup = replace(setup, model={**setup.model, "backbone": args.backbone})
+    if args.size:
+        setup = replace(setup, size=(args.size, args.size))
+    return setup
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     bench, dtype = start_run(args, BENCHMARK, cpu_run="tiny")
     device, on_gpu = bench.device, bench.device.type == "cuda"
-    setup, tag = (GPU, "") if on_gpu else (CPU, "-cpu")
+    setup, tag = chosen_setup(args, on_gpu), "" if on_gpu else "-cpu"
     precision = str(dtype).removeprefix("torch.") + (" autocast" if on_gpu else "")
     rows: list[Row] = []
     if {"train", "infer"} & set(args.cases):

@@ -434,15 +434,16 @@ def test_benchmark_cpu_smoke(tmp_path):
 # ------------------------------------------------------------------------------------------------------
 # GPU: CUDA and Triton backends in low precision (skipped without a GPU)
 # ------------------------------------------------------------------------------------------------------
+QUICK = pytest.mark.gpu_quick
 GPU_CASES = [
     # shape, dtype, activation: SSLTM's hidden activations in every dtype, odd shapes (each a compile)
-    pytest.param((2, 4, 30, 30, 512), torch.bfloat16, "gelu", id="ssltm-stride16-bf16-gelu"),
-    pytest.param((2, 4, 30, 30, 512), torch.float16, "gelu", id="ssltm-stride16-fp16-gelu"),
-    pytest.param((2, 4, 30, 30, 512), torch.float32, "gelu", id="ssltm-stride16-fp32-gelu"),
+    pytest.param((2, 4, 30, 30, 512), torch.bfloat16, "gelu", id="ssltm-stride16-bf16-gelu", marks=QUICK),
+    pytest.param((2, 4, 30, 30, 512), torch.float16, "gelu", id="ssltm-stride16-fp16-gelu", marks=QUICK),
+    pytest.param((2, 4, 30, 30, 512), torch.float32, "gelu", id="ssltm-stride16-fp32-gelu", marks=QUICK),
     pytest.param((2, 4, 15, 15, 1024), torch.bfloat16, "gelu", id="ssltm-stride32-bf16-gelu"),
     pytest.param((1, 3, 1, 1, 1), torch.bfloat16, None, id="1x1-C1-bf16"),
     pytest.param((2, 5, 13, 33), torch.float16, None, id="frames-5x13-C33-fp16"),
-    pytest.param((2, 5, 13, 33), torch.bfloat16, "gelu", id="frames-5x13-C33-bf16-gelu"),
+    pytest.param((2, 5, 13, 33), torch.bfloat16, "gelu", id="frames-5x13-C33-bf16-gelu", marks=QUICK),
 ]
 
 
@@ -454,6 +455,8 @@ def test_gpu_backend_matches_fp32_reference(backend, shape, dtype, activation):
     may run an fp32 conv in TF32)."""
     inputs = make_inputs(shape, dtype=dtype, device="cuda", channel_stride=2 if len(shape) == 4 else 1)
     out, grads = run(dwconv3x3, *inputs, activation, backend=backend)
+    again = run(dwconv3x3, *inputs, activation, backend=backend)[1]
+    assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True)), "a second backward differs"
     low_out, low_grads = run(dwconv3x3_reference, *inputs, activation)
     high = torch.float64 if dtype == torch.float32 else torch.float32
     ref_out, ref_grads = run(dwconv3x3_reference, *upcast(inputs, high), activation)

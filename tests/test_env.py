@@ -48,3 +48,12 @@ def test_command_reports_triton_mode(interpret):
     assert ("CPU interpreter" in line) == (interpret == "1"), result.stdout
     assert ("compiled kernels" in line) == (interpret == "0"), result.stdout
     assert _line(result.stdout, "cuda extension") == _line(env_report(), "cuda extension")
+
+
+def test_report_gives_each_gpu_its_arch_memory_sms_and_l2(monkeypatch):
+    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
+                                  multi_processor_count=132, L2_cache_size=50 * 2**20)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda index: props)
+    assert _line(env_report(), "gpu 0").split(None, 2)[2] == "NVIDIA H100 80GB HBM3 (sm_90, 80 GiB, 132 SMs, L2 50 MiB)"

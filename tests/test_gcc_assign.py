@@ -394,8 +394,8 @@ def assert_within_twice_low_precision_error(result, low, ref, dtype, what):
 
 
 GPU_SHAPES = [
-    pytest.param(8, 124, 3, 512, id="ssltm"),
-    pytest.param(3, 19, 5, 100, id="odd"),
+    pytest.param(8, 124, 3, 512, id="ssltm", marks=pytest.mark.gpu_quick),
+    pytest.param(3, 19, 5, 100, id="odd", marks=pytest.mark.gpu_quick),
     pytest.param(37, 2, 1, 1000, id="many-frames-T1"),
 ]
 

@@ -446,6 +446,21 @@ def test_benchmark_targets_from_measured_numbers():
     assert statuses == ["FAIL", "FAIL", "n/a (no streaming time)"]
 
 
+def test_benchmark_backbone_and_size_options_change_the_step_cases_only():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ssltm_model as bench
+
+    gpu = bench.chosen_setup(bench.parse_args(["--backbone", "resnet101", "--size", "479"]), on_gpu=True)
+    assert gpu.model == {"backbone": "resnet101"} and gpu.size == (479, 479) and gpu.clips == 2
+    assert gpu.stream_model == bench.GPU.stream_model and gpu.stream_size == (480, 854)
+    cpu = bench.chosen_setup(bench.parse_args(["--size", "48"]), on_gpu=False)
+    assert cpu.size == (48, 48) and cpu.model == bench.TINY and cpu.stream_size == bench.CPU.stream_size
+    assert bench.chosen_setup(bench.parse_args([]), on_gpu=True) == bench.GPU
+    for bad in (["--size", "0"], ["--backbone", "resnet34"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+
+
 def test_benchmark_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SSLTM_BACKEND")}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ssltm_model.py"), "--cpu", "--quick",

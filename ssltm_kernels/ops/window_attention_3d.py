@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from ssltm_kernels._backend import (
     HAS_TRITON,
@@ -194,16 +193,19 @@ def _shift_region_ids(geom: WindowGeometry, device) -> torch.Tensor:
 # Reference (pure PyTorch, the ground truth)
 # --------------------------------------------------------------------------------------------------
 def _partition(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
-    """``(B, Tp, Hp, Wp, nh, hd)`` -> ``(B*nW, nh, N, hd)``."""
+    """``(B, Tp, Hp, Wp, nh, hd)`` -> ``(B*nW, nh, N, hd)``, windows in (t, h, w) order, tokens likewise."""
+    b, tp, hp, wp, heads, hd = x.shape
     wt, wh, ww = window
-    return rearrange(x, "b (nt wt) (nh wh) (nw ww) h d -> (b nt nh nw) h (wt wh ww) d", wt=wt, wh=wh, ww=ww)
+    x = x.reshape(b, tp // wt, wt, hp // wh, wh, wp // ww, ww, heads, hd).permute(0, 1, 3, 5, 7, 2, 4, 6, 8)
+    return x.reshape(-1, heads, wt * wh * ww, hd)
 
 
 def _reverse(x: torch.Tensor, window: Sequence[int], batch: int, padded: Sequence[int]) -> torch.Tensor:
     """``(B*nW, nh, N, hd)`` -> ``(B, Tp, Hp, Wp, nh, hd)``."""
-    wt, wh, ww = window
-    return rearrange(x, "(b nt nh nw) h (wt wh ww) d -> b (nt wt) (nh wh) (nw ww) h d", b=batch,
-                     nt=padded[0] // wt, nh=padded[1] // wh, wt=wt, wh=wh, ww=ww)
+    (wt, wh, ww), (tp, hp, wp) = window, padded
+    heads, hd = x.shape[1], x.shape[3]
+    x = x.reshape(batch, tp // wt, hp // wh, wp // ww, heads, wt, wh, ww, hd).permute(0, 1, 5, 2, 6, 3, 7, 4, 8)
+    return x.reshape(batch, tp, hp, wp, heads, hd)
 
 
 def _pad_volume(x: torch.Tensor, geom: WindowGeometry, fill: torch.Tensor | None) -> torch.Tensor:
