@@ -545,7 +545,8 @@ if HAS_TRITON:
         """Window ``win`` (linear over batch and windows) -> where its first token comes from: the volume
         coordinates (t, h, w) before the wrap of the cyclic shift, its element offset in q/k/v (int64) and
         its flat token offset in contiguous ``(B, T, H, W)`` tensors."""
-        (T, H, W), padded, strides = vol
+        extents, padded, strides = vol
+        T, H, W = extents
         WT: tl.constexpr = WIN[1]
         WH: tl.constexpr = WIN[2]
         WW: tl.constexpr = WIN[3]
@@ -567,7 +568,8 @@ if HAS_TRITON:
         not past N) and shift region. The volume is rolled by -shift: the window's padded coordinate p holds
         token p + shift, wrapped to the start of an axis where it passes the padded extent (Swin's last
         region along that axis: tokens of one window differ in region exactly where they differ in wraps)."""
-        (T, H, W), padded, strides = vol
+        extents, padded, strides = vol
+        T, H, W = extents
         WH: tl.constexpr = WIN[2]
         WW: tl.constexpr = WIN[3]
         offs = offs.to(tl.int64 if WIN[7] else tl.int32)
