@@ -585,19 +585,19 @@ if HAS_TRITON:
         if WIN[4] > 0:
             wrap = ot >= padded[0]
             ot = tl.where(wrap, ot - padded[0], ot)
-            elem = tl.where(wrap, elem - tl.cast(padded[0], tl.int64) * strides[1], elem)
+            elem -= wrap.to(tl.int64) * (tl.cast(padded[0], tl.int64) * strides[1])
             tok = tl.where(wrap, tok - padded[0] * H * W, tok)
             region = region + tl.where(wrap, 4, 0)
         if WIN[5] > 0:
             wrap = oh >= padded[1]
             oh = tl.where(wrap, oh - padded[1], oh)
-            elem = tl.where(wrap, elem - tl.cast(padded[1], tl.int64) * strides[2], elem)
+            elem -= wrap.to(tl.int64) * (tl.cast(padded[1], tl.int64) * strides[2])
             tok = tl.where(wrap, tok - padded[1] * W, tok)
             region = region + tl.where(wrap, 2, 0)
         if WIN[6] > 0:
             wrap = ow >= padded[2]
             ow = tl.where(wrap, ow - padded[2], ow)
-            elem = tl.where(wrap, elem - tl.cast(padded[2], tl.int64) * strides[3], elem)
+            elem -= wrap.to(tl.int64) * (tl.cast(padded[2], tl.int64) * strides[3])
             tok = tl.where(wrap, tok - padded[2], tok)
             region = region + tl.where(wrap, 1, 0)
         valid = (offs < WIN[0]) & (ot < T) & (oh < H) & (ow < W)
