@@ -614,7 +614,8 @@ if HAS_TRITON:
     @triton.jit
     def _load_rows(X, elem, valid, offs_d, HD, pad, HAS_PAD: tl.constexpr):
         """Rows of head_dim at element offsets ``elem`` (the head's included); rows of invalid tokens take
-        ``pad`` (a row) with ``HAS_PAD``, else zeros."""
+        ``pad`` (a row) with ``HAS_PAD``, else zeros. Every q/k/v/o/dO row load goes through here: compile_check
+        asserts that its loads are as wide as the launch's alignment and the tile allow."""
         x = tl.load(X + elem[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < HD), other=0.0)
         if HAS_PAD:
             x = tl.where(valid[:, None], x, pad[None, :].to(x.dtype))
@@ -647,8 +648,7 @@ if HAS_TRITON:
     @triton.jit
     def _query_grad_rows(DO, Lse, Delta, rows, valid_m, offs_d, HD):
         """dO, the base-2 log-sum-exp and delta of the query rows ``rows`` (token * heads + head)."""
-        do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
-                     other=0.0)
+        do = _load_rows(DO, rows * HD, valid_m, offs_d, HD, 0.0, False)
         lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
         delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
         return do, lse, delta
@@ -803,8 +803,8 @@ if HAS_TRITON:
             origin = _window_origin(win, vol, WIN)
             q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
             rows = tl.cast(tok_m, tl.int64) * NH + head
-            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
-            o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
+            do = _load_rows(DO, rows * HD, valid_m, offs_d, HD, 0.0, False)
+            o = _load_rows(Out, rows * HD, valid_m, offs_d, HD, 0.0, False)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             tl.store(Delta + rows, delta, mask=valid_m)
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
