@@ -3,8 +3,11 @@
 ``python -m ssltm_kernels.compile_check --arch 90`` builds the cubins for sm_90 (H100/H200) of the
 tuned configurations and of the largest windows the Triton dispatch accepts on that architecture
 (``triton_key_tile_limit``), each specialised as real launches specialise it (``LAUNCHES``: all
-integers multiples of 16, none, and SSLTM's own), prints each kernel's shared-memory use and exits
-non-zero if any kernel fails to compile or needs more shared memory than the architecture has.
+integers multiples of 16, none, and SSLTM's own), prints each kernel's shared-memory use, registers,
+spills and global-load widths (``ldg``/``ldgsts`` instructions per width, read from the SASS), and exits
+non-zero if any kernel fails to compile, needs more shared memory than the architecture has, or, for a
+launch whose rows are aligned, loads window attention's q/k/v/o/dO rows narrower than its tiles allow
+(``row_load_problem``).
 ``--arch 90 80 86`` checks several architectures with one pool of compiler processes.
 
 ``--set full`` (the default; ``make compile-check`` runs it for sm_90, sm_80 and sm_86) compiles every
