@@ -580,7 +580,8 @@ if HAS_TRITON:
         """Window ``win`` (linear over batch and windows) -> where its first token comes from: the volume
         coordinates (t, h, w) before the wrap of the cyclic shift, its element offset in q/k/v (int64) and
         its flat token offset in contiguous ``(B, T, H, W)`` tensors."""
-        (T, H, W), padded, strides = vol
+        extents, padded, strides = vol
+        T, H, W = extents
         WT: tl.constexpr = WIN[1]
         WH: tl.constexpr = WIN[2]
         WW: tl.constexpr = WIN[3]
@@ -602,7 +603,8 @@ if HAS_TRITON:
         not past N) and shift region. The volume is rolled by -shift: the window's padded coordinate p holds
         token p + shift, wrapped to the start of an axis where it passes the padded extent (Swin's last
         region along that axis: tokens of one window differ in region exactly where they differ in wraps)."""
-        (T, H, W), padded, strides = vol
+        extents, padded, strides = vol
+        T, H, W = extents
         WH: tl.constexpr = WIN[2]
         WW: tl.constexpr = WIN[3]
         offs = offs.to(tl.int64 if WIN[7] else tl.int32)
@@ -618,19 +620,19 @@ if HAS_TRITON:
         if WIN[4] > 0:
             wrap = ot >= padded[0]
             ot = tl.where(wrap, ot - padded[0], ot)
-            elem = tl.where(wrap, elem - tl.cast(padded[0], tl.int64) * strides[1], elem)
+            elem -= wrap.to(tl.int64) * (tl.cast(padded[0], tl.int64) * strides[1])
             tok = tl.where(wrap, tok - padded[0] * H * W, tok)
             region = region + tl.where(wrap, 4, 0)
         if WIN[5] > 0:
             wrap = oh >= padded[1]
             oh = tl.where(wrap, oh - padded[1], oh)
-            elem = tl.where(wrap, elem - tl.cast(padded[1], tl.int64) * strides[2], elem)
+            elem -= wrap.to(tl.int64) * (tl.cast(padded[1], tl.int64) * strides[2])
             tok = tl.where(wrap, tok - padded[1] * W, tok)
             region = region + tl.where(wrap, 2, 0)
         if WIN[6] > 0:
             wrap = ow >= padded[2]
             ow = tl.where(wrap, ow - padded[2], ow)
-            elem = tl.where(wrap, elem - tl.cast(padded[2], tl.int64) * strides[3], elem)
+            elem -= wrap.to(tl.int64) * (tl.cast(padded[2], tl.int64) * strides[3])
             tok = tl.where(wrap, tok - padded[2], tok)
             region = region + tl.where(wrap, 1, 0)
         valid = (offs < WIN[0]) & (ot < T) & (oh < H) & (ow < W)
@@ -647,7 +649,8 @@ if HAS_TRITON:
     @triton.jit
     def _load_rows(X, elem, valid, offs_d, HD, pad, HAS_PAD: tl.constexpr):
         """Rows of head_dim at element offsets ``elem`` (the head's included); rows of invalid tokens take
-        ``pad`` (a row) with ``HAS_PAD``, else zeros."""
+        ``pad`` (a row) with ``HAS_PAD``, else zeros. Every q/k/v/o/dO row load goes through here: compile_check
+        asserts that its loads are as wide as the launch's alignment and the tile allow."""
         x = tl.load(X + elem[:, None] + offs_d[None, :], mask=valid[:, None] & (offs_d[None, :] < HD), other=0.0)
         if HAS_PAD:
             x = tl.where(valid[:, None], x, pad[None, :].to(x.dtype))
@@ -680,8 +683,7 @@ if HAS_TRITON:
     @triton.jit
     def _query_grad_rows(DO, Lse, Delta, rows, valid_m, offs_d, HD):
         """dO, the base-2 log-sum-exp and delta of the query rows ``rows`` (token * heads + head)."""
-        do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & (offs_d[None, :] < HD),
-                     other=0.0)
+        do = _load_rows(DO, rows * HD, valid_m, offs_d, HD, 0.0, False)
         lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
         delta = tl.load(Delta + rows, mask=valid_m, other=0.0)
         return do, lse, delta
@@ -837,8 +839,8 @@ if HAS_TRITON:
             origin = _window_origin(win, vol, WIN)
             q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
             rows = tl.cast(tok_m, tl.int64) * NH + head
-            do = tl.load(DO + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
-            o = tl.load(Out + rows[:, None] * HD + offs_d[None, :], mask=valid_m[:, None] & d_ok, other=0.0)
+            do = _load_rows(DO, rows * HD, valid_m, offs_d, HD, 0.0, False)
+            o = _load_rows(Out, rows * HD, valid_m, offs_d, HD, 0.0, False)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             tl.store(Delta + rows, delta, mask=valid_m)
             lse = tl.load(Lse + rows, mask=valid_m, other=0.0)
