@@ -184,7 +184,7 @@ def timing_lines(records: list[dict]) -> list[str]:
                 cells.append(f"{provider} -" + ("" if error.startswith(("unavailable", "skipped")) else " FAILED"))
                 continue
             peak = f" {r['peak_mib']:.0f} MiB" if r.get("peak_mib") is not None else ""
-            wrong = " MISMATCH" if r.get("match") is False else ""
+            wrong = " WRONG" if r.get("correct") is False else ""
             cells.append(f"{provider} {r['ms']:.3g}{peak}{wrong}")
         lines.append(f"- {benchmark} {case} {mode} ms: " + ", ".join(cells))
     return lines

@@ -102,8 +102,8 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     env = {"benchmark": "gcc_assign", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "case": "ssltm",
            "shape": {}, "dtype": "bfloat16", "mode": "fwd+bwd"}
     records = [{**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
-               {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "match": True},
-               {**env, "provider": "cuda", "ms": 0.4, "ms_p20": 0.4, "ms_p80": 0.4, "match": True},
+               {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "correct": True},
+               {**env, "provider": "cuda", "ms": 0.4, "ms_p20": 0.4, "ms_p80": 0.4, "correct": True},
                {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "eager", "ms": 2.0},
                {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "triton", "ms": 0.5},
                {"benchmark": "wmsa_decide", "section": "gate", "case": "stride16", "backend": "triton", "ok": False}]
@@ -170,5 +170,5 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
     assert benchmarks == {"stt_window_attn", "mixffn_dwconv", "ocr_region_pool", "gcc_assign", "wmsa_decide",
                           "ssltm_model"}
     triton = [r for r in records if r.get("provider") == "triton"]
-    assert triton and all(r["ms"] > 0 and r["match"] is True for r in triton)  # ran in the interpreter
+    assert triton and all(r["ms"] > 0 and r["correct"] is True for r in triton)  # ran in the interpreter
     assert any(r.get("section") == "gate" and r["backend"] == "triton" and r["ok"] is True for r in records)
