@@ -691,9 +691,13 @@ def test_unknown_and_bad_keys_are_named(tmp_path, capsys):
     assert "train.batch_size=3 must be a multiple of train.grad_accum=2" in err
 
 
-def test_eval_tc_settings_are_checked(tmp_path, capsys):
+def test_eval_tc_settings_are_checked(tmp_path, trained, capsys, monkeypatch):
+    import ssltm.evaluate
+
+    never = lambda *a, **k: pytest.fail("evaluated before the TC settings' check")
+    monkeypatch.setattr(ssltm.evaluate, "evaluate", never)
     cfg = config_file(tmp_path)
-    eval_args = ["eval", cfg, "--checkpoint", str(tmp_path / "never_read.pt"), "--set", *TINY]
+    eval_args = ["eval", cfg, "--checkpoint", str(trained), "--set", *TINY, "eval.tc=true"]
     err = run_error(capsys, [*eval_args, "eval.flow=farneback"])
     assert "eval.flow must be one of ('dis', 'raft'), got 'farneback'" in err
     err = run_error(capsys, [*eval_args, "eval.tc_protocol=etc"])
