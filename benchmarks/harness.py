@@ -735,12 +735,12 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def output_arguments(p: argparse.ArgumentParser, benchmark: str, *, what: str = "rows",
-                     cpu_run: str = "CPU comparison") -> None:
-    """``--no-save``, ``--results-dir`` and ``--cpu``: where a run's ``what`` go, and the ``cpu_run`` on a GPU."""
+                     cpu_help: str = "run the CPU comparison even when a GPU is present") -> None:
+    """``--no-save`` and ``--results-dir`` (where a run's ``what`` go), and ``--cpu``."""
     p.add_argument("--no-save", action="store_true", help=f"do not append the {what} to the results file")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                    help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)")
-    p.add_argument("--cpu", action="store_true", help=f"run the {cpu_run} even when a GPU is present")
+    p.add_argument("--cpu", action="store_true", help=cpu_help)
 
 
 def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import harness
+from benchmarks import stt_window_attn as bench
+from benchmarks.harness import Case, Exact, Harness, Impl, Row, Unavailable, Work
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import harness  # noqa: E402
-import stt_window_attn as bench  # noqa: E402
-from harness import Case, Exact, Harness, Impl, Row, Unavailable, Work  # noqa: E402
 
 PROVENANCE = ("benchmark", "date", "commit", "torch", "triton", "cuda", "python", "device", "gpu", "run_note")
 
@@ -534,6 +533,7 @@ def test_stt_window_attn_cpu_quick(tmp_path):
     repo_results = BENCH_DIR / "results" / f"{bench.BENCHMARK}.jsonl"
     before = repo_results.stat().st_size if repo_results.exists() else None
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))  # this checkout's package
     proc = subprocess.run(
         # the shape that pads every axis and shifts; the peers test covers shrunk windows and odd sizes
         [sys.executable, str(BENCH_DIR / "stt_window_attn.py"), "--cpu", "--quick", "--providers",
