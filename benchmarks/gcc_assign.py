@@ -26,24 +26,20 @@ from functools import partial
 
 import torch
 
+from benchmarks import harness
 from benchmarks.harness import (
     MODES,
-    BenchmarkSpec,
     Case,
-    Context,
     Exact,
     Impl,
-    Measurement,
     Row,
     RowIndex,
-    ShapeSet,
     TargetResult,
     Unavailable,
     Work,
     backend_provider,
     eager_or_compiled,
     peer_speedup_checks,
-    run_benchmark,
     target_results,
     untimed,
 )
@@ -117,14 +113,14 @@ def build_providers(names: Sequence[str], feats, centers, valid) -> dict[str, Im
             for name in names}
 
 
-def cases(shape: Shape, run: Context):
+def cases(shape: Shape, run: harness.Context):
     """The one case of a shape: the loss of ``centers`` (the leaf) against the reference loss."""
     feats, centers, valid = make_inputs(shape, run.dtype, run.device)
     record = {"B": shape.B, "K": shape.K, "T": shape.T, "D": shape.D, "n_valid": int(valid.sum())}
     case = Case(shape.name, record, run.dtype, {m: gcc_work(shape, run.dtype, m) for m in MODES},
                 title=shape.title(run.dtype))
-    yield Measurement(case, build_providers(run.args.providers, feats, centers, valid), leaves=[centers],
-                      exact=Exact(partial(exact_loss, feats, valid)))
+    yield harness.Measurement(case, build_providers(run.args.providers, feats, centers, valid), leaves=[centers],
+                              exact=Exact(partial(exact_loss, feats, valid)))
 
 
 def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[TargetResult]:
@@ -137,8 +133,9 @@ def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[Ta
     return results
 
 
-SPEC = BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, ShapeSet(GPU_SHAPES, CPU_SHAPES, option=False), cases,
-                     targets=lambda rows, _: evaluate_targets(rows), target_cases=tuple(GPU_SHAPES))
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, option=False)
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases,
+                             targets=lambda rows, _: evaluate_targets(rows), target_cases=tuple(GPU_SHAPES))
 
 if __name__ == "__main__":
-    run_benchmark(SPEC)
+    harness.run_benchmark(SPEC)

@@ -41,17 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import harness
 from benchmarks.harness import (
     MODES,
-    BenchmarkSpec,
     Case,
-    Context,
     Exact,
     Impl,
-    Measurement,
     Row,
     RowIndex,
-    ShapeSet,
     TargetResult,
     Unavailable,
     Work,
@@ -60,7 +57,6 @@ from benchmarks.harness import (
     check_targets,
     eager_or_compiled,
     peer_speedup_checks,
-    run_benchmark,
     speedup_check,
     target_results,
     triton_unavailable,
@@ -118,7 +114,7 @@ SSLTM_SHAPES = (
 GPU_SHAPES = {s.name: s for s in (*SSLTM_SHAPES, Shape("large", 8, 4, 56, 56, 1024))}
 QUICK_GPU_SHAPES = ("stride16", "large")
 CPU_SHAPES = {s.name: s for s in (Shape("cpu-small", 1, 2, 9, 13, 40),)}
-SHAPES = ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = ("large", "stride16")
 
 
@@ -238,15 +234,15 @@ def exact_module(segformer: SegFormerMlp) -> Exact:
                                                                     (volume,)))
 
 
-def conv_case(shape: Shape, run: Context) -> Measurement:
+def conv_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     x, weight, bias = make_inputs(shape, run.dtype, run.device)
     case = Case(shape.name, shape.record(), run.dtype, {m: dwconv_work(shape, run.dtype, m) for m in MODES},
                 title=f"dwconv3x3 + GELU  {shape.title(run.dtype)}")
-    return Measurement(case, conv_providers(run.args.providers, shape, x, weight, bias, run.args.compile_all),
-                       leaves=[x, weight, bias], exact=Exact(partial(dwconv3x3_reference, activation="gelu")))
+    return harness.Measurement(case, conv_providers(run.args.providers, shape, x, weight, bias, run.args.compile_all),
+                               leaves=[x, weight, bias], exact=Exact(partial(dwconv3x3_reference, activation="gelu")))
 
 
-def module_case(shape: Shape, run: Context) -> Measurement:
+def module_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     torch.manual_seed(0)
     segformer = SegFormerMlp(shape.dim, shape.C).to(run.device, run.dtype)
     volume = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.dim, device=run.device, dtype=run.dtype,
@@ -254,12 +250,12 @@ def module_case(shape: Shape, run: Context) -> Measurement:
     case = Case(f"{shape.name}-mixffn", shape.record(), run.dtype,
                 {m: mixffn_work(shape, run.dtype, m) for m in MODES},
                 title=f"Mix-FFN {shape.dim} -> {shape.C} -> {shape.dim}  {shape.title(run.dtype)}")
-    return Measurement(case, module_providers(run.args.providers, shape, volume, segformer, run.args.compile_all),
-                       leaves=[volume, *segformer.parameters()], exact=exact_module(segformer),
-                       references=("segformer-eager",))
+    providers = module_providers(run.args.providers, shape, volume, segformer, run.args.compile_all)
+    return harness.Measurement(case, providers, leaves=[volume, *segformer.parameters()], exact=exact_module(segformer),
+                               references=("segformer-eager",))
 
 
-def cases(shape: Shape, run: Context):
+def cases(shape: Shape, run: harness.Context):
     """The conv + GELU, then (without ``--no-module``) the whole MixFFN."""
     yield conv_case(shape, run)
     if not run.args.no_module:
@@ -294,9 +290,9 @@ def options(p) -> None:
     p.add_argument("--no-module", action="store_true", help="only the conv, not the whole MixFFN")
 
 
-SPEC = BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
-                     target_cases=TARGET_SHAPES, labels=[MODULE_PROVIDERS], options=options,
-                     quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
+                             target_cases=TARGET_SHAPES, labels=[MODULE_PROVIDERS], options=options,
+                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
 
 if __name__ == "__main__":
-    run_benchmark(SPEC)
+    harness.run_benchmark(SPEC)

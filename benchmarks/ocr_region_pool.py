@@ -30,17 +30,14 @@ from functools import partial
 
 import torch
 
+from benchmarks import harness
 from benchmarks.harness import (
     MODES,
-    BenchmarkSpec,
     Case,
-    Context,
     Exact,
     Impl,
-    Measurement,
     Row,
     RowIndex,
-    ShapeSet,
     TargetResult,
     Unavailable,
     Work,
@@ -50,7 +47,6 @@ from benchmarks.harness import (
     eager_or_compiled,
     peak_memory_check,
     peer_speedup_checks,
-    run_benchmark,
     target_results,
 )
 from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference
@@ -95,7 +91,7 @@ CPU_SHAPES = {s.name: s for s in (
     Shape("cpu-k19", B=2, K=19, C=48, H=12, W=13),
     Shape("cpu-k124", B=1, K=124, C=20, H=9, W=7),
 )}
-SHAPES = ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = tuple(GPU_SHAPES)
 
 
@@ -141,13 +137,13 @@ def build_providers(names: Sequence[str], logits: torch.Tensor, feats: torch.Ten
     return providers
 
 
-def cases(shape: Shape, run: Context):
+def cases(shape: Shape, run: harness.Context):
     logits, feats = make_inputs(shape, run.dtype, run.device)
     providers = build_providers(run.args.providers, logits, feats)
     case = Case(shape.name, shape.record(), run.dtype, {m: region_pool_work(shape, run.dtype, m) for m in MODES},
                 title=shape.title(run.dtype))
-    yield Measurement(case, providers, leaves=[logits, feats], exact=Exact(partial(soft_region_pool_reference,
-                                                                                   scale=SCALE)))
+    yield harness.Measurement(case, providers, leaves=[logits, feats],
+                              exact=Exact(partial(soft_region_pool_reference, scale=SCALE)))
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -168,9 +164,9 @@ def evaluate_targets(rows: Sequence[Row], bytes_per_s: float | None, cases: Sequ
     return check_targets(rows, cases, ours, judge)
 
 
-SPEC = BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
-                     target_cases=TARGET_SHAPES,
-                     quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
+                             target_cases=TARGET_SHAPES,
+                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
 
 if __name__ == "__main__":
-    run_benchmark(SPEC)
+    harness.run_benchmark(SPEC)

@@ -40,17 +40,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from benchmarks import harness
 from benchmarks.harness import (
-    BenchmarkSpec,
     Case,
-    Context,
     Exact,
     Impl,
-    Measurement,
     Row,
     TargetResult,
     csv_choices,
-    run_benchmark,
 )
 from ssltm import SSLTM, VideoPredictor
 from ssltm.model.backbone import RESNETS
@@ -246,19 +243,14 @@ def models(args: argparse.Namespace, on_gpu: bool) -> list[tuple[str, Setup]]:
             if needs & set(args.cases)]
 
 
-def cases(model_setup: tuple[str, Setup], run: Context):
-    model_name, setup = model_setup
-    tag = "" if run.on_gpu else "-cpu"
-    precision = str(run.dtype).removeprefix("torch.") + (" autocast" if run.on_gpu else "")
-    if model_name == "stream":
-        model = build_model(setup, setup.stream_model, run.device)
-        h, w = setup.stream_size
-        title = f"streaming VideoPredictor.step: {setup.stream_model['backbone']}, {h}x{w} frames, {precision}"
-        case = Case("stream" + tag, {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes,
-                                     **setup.stream_model}, run.dtype, title=title, items=1)
-        yield Measurement(case, stream_providers(run.args.providers, model, setup, run.device, run.dtype), leaves=[],
-                          references=("reference",), modes=("fwd",), tolerance=class_agreement)
-        return
+def _labels(run: harness.Context) -> tuple[str, str]:
+    """The case names' suffix ("-cpu" on the CPU) and the precision the titles name."""
+    return "" if run.on_gpu else "-cpu", str(run.dtype).removeprefix("torch.") + (" autocast" if run.on_gpu else "")
+
+
+def step_cases(setup: Setup, run: harness.Context):
+    """The train and infer cases of ``--cases`` on one model: inference after the training steps."""
+    tag, precision = _labels(run)
     model = build_model(setup, setup.model, run.device)
     inputs = make_clips(setup, run.device)
     leaves = list(model.parameters())
@@ -269,14 +261,33 @@ def cases(model_setup: tuple[str, Setup], run: Context):
         title = (f"{'training step' if train else 'inference'}: {setup.model['backbone']}, {setup.clips} clips "
                  f"of {len(OFFSETS) + 1}+1 frames at {setup.size[0]}x{setup.size[1]}, {precision}")
         case = Case(case_name + tag, shape, run.dtype, title=title, items=setup.clips)
-        yield Measurement(case, step_providers(run.args.providers, model, inputs, run.device, run.dtype, train),
-                          leaves=leaves, exact=fp32_reference(model, inputs, train), references=("reference",),
-                          modes=("fwd+bwd",) if train else ("fwd",))
+        yield harness.Measurement(case, step_providers(run.args.providers, model, inputs, run.device, run.dtype, train),
+                                  leaves=leaves, exact=fp32_reference(model, inputs, train), references=("reference",),
+                                  modes=("fwd+bwd",) if train else ("fwd",))
 
 
-SPEC = BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, ("kernels",), models, cases,
-                     targets=lambda rows, _: evaluate_targets(rows), target_cases=("train", "stream"), options=options,
-                     quick_help="shorter timing budgets", dtype_option=False, modes_option=False, cpu_run="tiny")
+def stream_cases(setup: Setup, run: harness.Context):
+    """The streaming case."""
+    tag, precision = _labels(run)
+    model = build_model(setup, setup.stream_model, run.device)
+    h, w = setup.stream_size
+    title = f"streaming VideoPredictor.step: {setup.stream_model['backbone']}, {h}x{w} frames, {precision}"
+    case = Case("stream" + tag, {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes,
+                                 **setup.stream_model}, run.dtype, title=title, items=1)
+    providers = stream_providers(run.args.providers, model, setup, run.device, run.dtype)
+    yield harness.Measurement(case, providers, leaves=[], references=("reference",), modes=("fwd",),
+                              tolerance=class_agreement)
+
+
+def cases(model: tuple[str, Setup], run: harness.Context):
+    name, setup = model
+    return (stream_cases if name == "stream" else step_cases)(setup, run)
+
+
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, ("kernels",), models, cases,
+                             targets=lambda rows, _: evaluate_targets(rows), target_cases=("train", "stream"),
+                             options=options, quick_help="shorter timing budgets", dtype_option=False,
+                             modes_option=False, cpu_run="tiny")
 
 if __name__ == "__main__":
-    run_benchmark(SPEC)
+    harness.run_benchmark(SPEC)

@@ -51,18 +51,15 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from benchmarks import harness
 from benchmarks.harness import (
     COMPILE_NOTE,
     MODES,
-    BenchmarkSpec,
     Case,
-    Context,
     Exact,
     Impl,
-    Measurement,
     Row,
     RowIndex,
-    ShapeSet,
     TargetResult,
     Unavailable,
     Work,
@@ -72,7 +69,6 @@ from benchmarks.harness import (
     peak_memory_check,
     peer_speedup_checks,
     roofline_check,
-    run_benchmark,
     speedup_check,
     target_results,
     triton_unavailable,
@@ -156,7 +152,7 @@ CPU_SHAPES = {s.name: s for s in (
     # padded in every axis (6 -> 8, 10 -> 14) and shifted: exercises padding and the region mask
     Shape("cpu-pad-shift", B=1, T=6, H=10, W=10, C=64, heads=2, shift=(2, 3, 3)),
 )}
-SHAPES = ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = ("large", "stride16")
 
 # Flash-attention's convention: the backward does 5 matmuls of the forward's size (recompute S = QK^T,
@@ -478,26 +474,26 @@ def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
 
 
 # ----------------------------------------------------------------------------------------------- cases
-def op_case(shape: Shape, run: Context) -> Measurement:
+def op_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     qkv, table = make_inputs(shape, run.dtype, run.device)
     providers = build_providers(run.args.providers, shape, qkv, table)
     case = Case(shape.name, shape.record(), run.dtype, {m: window_attention_work(shape, run.dtype, m) for m in MODES},
                 title=shape.title(run.dtype))
-    return Measurement(case, providers, leaves={"qkv": qkv, "table": table},
-                       exact=Exact(partial(exact_attention, shape)))
+    return harness.Measurement(case, providers, leaves={"qkv": qkv, "table": table},
+                               exact=Exact(partial(exact_attention, shape)))
 
 
-def module_case(shape: Shape, run: Context) -> Measurement:
+def module_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     x, module = make_module(shape, run.dtype, run.device)
     providers = module_providers(run.args.providers, shape, x, module)
     case = Case(f"{shape.name}-module", shape.record(), run.dtype,
                 {m: module_work(shape, run.dtype, m) for m in MODES},
                 title=f"WindowAttention3D module (qkv + attention + proj)  {shape.title(run.dtype)}")
-    return Measurement(case, providers, leaves={"x": x, **dict(module.named_parameters())},
-                       exact=exact_module(shape, module), references=("torchvision", "module-reference"))
+    return harness.Measurement(case, providers, leaves={"x": x, **dict(module.named_parameters())},
+                               exact=exact_module(shape, module), references=("torchvision", "module-reference"))
 
 
-def cases(shape: Shape, run: Context):
+def cases(shape: Shape, run: harness.Context):
     """The op, then (on a GPU for MODULE_SHAPES only; not with ``--no-module``) the module case."""
     yield op_case(shape, run)
     if not (run.args.no_module or (run.on_gpu and shape.name not in MODULE_SHAPES)):
@@ -508,9 +504,10 @@ def options(p) -> None:
     p.add_argument("--no-module", action="store_true", help="only the op, not the module case against torchvision")
 
 
-SPEC = BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=lambda rows, _: evaluate_targets(rows),
-                     target_cases=TARGET_SHAPES, labels=[MODULE_PROVIDERS], options=options,
-                     quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases,
+                             targets=lambda rows, _: evaluate_targets(rows), target_cases=TARGET_SHAPES,
+                             labels=[MODULE_PROVIDERS], options=options,
+                             quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
 
 if __name__ == "__main__":
-    run_benchmark(SPEC)
+    harness.run_benchmark(SPEC)
