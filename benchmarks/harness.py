@@ -883,8 +883,9 @@ class BenchmarkSpec:
     ``doc``: the script's docstring (its ``--help``); ``providers``: every provider's name (``--providers``);
     ``ours``: those whose speed-ups and targets are reported; ``shapes(args, on_gpu)``: the shapes to measure
     (a :class:`ShapeSet`, whose names ``--shapes`` takes when its ``option`` is set); ``cases(shape,
-    context)``: the :class:`Measurement` of each case of a shape, made one at a time (the inputs of one are
-    freed before the next's are made); ``targets(rows, dram_bytes_per_s)``: the targets judged on a GPU run's
+    context)``: the :class:`Measurement` of each case of a shape, made one at a time (each is dropped once run,
+    so that the next is made without its inputs; a generator holding inputs in its locals keeps them until
+    it resumes); ``targets(rows, dram_bytes_per_s)``: the targets judged on a GPU run's
     rows, on ``target_cases``; ``labels``: other names of the providers in other cases (their speed-up tables
     are printed too); ``options(parser)``: adds the script's own options; ``cpu_run``: what a CPU run's
     shapes are called."""

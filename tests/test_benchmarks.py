@@ -261,6 +261,15 @@ def test_slow_provider_skips_its_remaining_modes_without_interrupting_it():
     assert "FAILED" not in harness.format_rows(rows)
 
 
+def test_shape_set_chooses_the_requested_the_quick_gpu_or_the_cpu_shapes():
+    shapes = harness.ShapeSet({"a": 1, "b": 2, "c": 3}, {"x": 9}, quick=("c", "a"))
+    args = lambda quick=False, requested=None: type("A", (), {"quick": quick, "shapes": requested})()
+    assert shapes(args(), on_gpu=True) == [1, 2, 3] and shapes(args(quick=True), on_gpu=True) == [3, 1]
+    assert shapes(args(quick=True), on_gpu=False) == [9] and shapes(args(requested=["x", "b"]), on_gpu=True) == [9, 2]
+    assert harness.ShapeSet({"a": 1}, {"x": 9})(args(quick=True), on_gpu=True) == [1]  # no quick subset: all
+    assert shapes.all == {"a": 1, "b": 2, "c": 3, "x": 9}
+
+
 def test_git_commit_outside_a_repository(tmp_path):
     assert harness.git_commit(tmp_path) == "unknown"
     assert harness.git_commit().split("+")[0] != "unknown"
