@@ -3,7 +3,7 @@
 PYTHON ?= python3
 
 # every op's and the model's benchmark (benchmarks/harness.py is their shared harness)
-BENCHMARKS := $(filter-out benchmarks/harness.py,$(sort $(wildcard benchmarks/*.py)))
+BENCHMARKS := $(filter-out benchmarks/__init__.py benchmarks/harness.py,$(sort $(wildcard benchmarks/*.py)))
 
 test:
 	python -m pytest

@@ -20,20 +20,14 @@ only under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (  # noqa: E402
-    COMPILE_NOTE,
+from benchmarks import harness
+from benchmarks.harness import (
     MODES,
     Case,
     Exact,
@@ -43,15 +37,13 @@ from harness import (  # noqa: E402
     TargetResult,
     Unavailable,
     Work,
-    benchmark_arguments,
+    backend_provider,
+    eager_or_compiled,
     peer_speedup_checks,
-    print_summary,
-    start_run,
     target_results,
     untimed,
 )
-
-from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference  # noqa: E402
+from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference
 
 BENCHMARK = "gcc_assign"
 PROVIDERS = ("eager", "compile", "triton", "cuda")
@@ -114,18 +106,21 @@ def exact_loss(feats: torch.Tensor, valid: torch.Tensor, centers: torch.Tensor) 
     return gcc_assign_reference(feats.to(centers.dtype), centers, valid)[2]
 
 
-def build_providers(names: Sequence[str], feats, centers, valid) -> dict:
-    providers: dict[str, Impl | BaseException] = {}
-    for name in names:
-        if name in ("eager", "compile"):
-            fn = torch.compile(eager_gcc_loss, dynamic=False) if name == "compile" else eager_gcc_loss
-            providers[name] = Impl(lambda fn=fn: fn(feats, centers, valid),
-                                   note=COMPILE_NOTE if name == "compile" else None)
-        elif name == "triton" and feats.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            providers[name] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
-        else:  # ours; the op says itself why a backend cannot run here
-            providers[name] = Impl(lambda b=name: gcc_assign(feats, centers, valid, backend=b)[2])
-    return providers
+def build_providers(names: Sequence[str], feats, centers, valid) -> dict[str, Impl | Unavailable]:
+    return {name: eager_or_compiled(name, eager_gcc_loss, lambda fn: fn(feats, centers, valid))
+            if name in ("eager", "compile") else
+            backend_provider(name, feats.device, lambda b: gcc_assign(feats, centers, valid, backend=b)[2])
+            for name in names}
+
+
+def cases(shape: Shape, run: harness.Context):
+    """The one case of a shape: the loss of ``centers`` (the leaf) against the reference loss."""
+    feats, centers, valid = make_inputs(shape, run.dtype, run.device)
+    record = {"B": shape.B, "K": shape.K, "T": shape.T, "D": shape.D, "n_valid": int(valid.sum())}
+    case = Case(shape.name, record, run.dtype, {m: gcc_work(shape, run.dtype, m) for m in MODES},
+                title=shape.title(run.dtype))
+    yield harness.Measurement(case, build_providers(run.args.providers, feats, centers, valid), leaves=[centers],
+                              exact=Exact(partial(exact_loss, feats, valid)))
 
 
 def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[TargetResult]:
@@ -138,30 +133,9 @@ def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[Ta
     return results
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS)
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    args = parse_args(argv)
-    bench, dtype = start_run(args, BENCHMARK)
-    device, on_gpu = bench.device, bench.device.type == "cuda"
-    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
-    rows: list[Row] = []
-    for shape in shapes.values():
-        feats, centers, valid = make_inputs(shape, dtype, device)
-        record = {"B": shape.B, "K": shape.K, "T": shape.T, "D": shape.D, "n_valid": int(valid.sum())}
-        case = Case(shape.name, record, dtype, {m: gcc_work(shape, dtype, m) for m in MODES}, title=shape.title(dtype))
-        providers = build_providers(args.providers, feats, centers, valid)
-        rows += bench.run_case(case, providers, leaves=[centers], modes=args.modes,
-                               reference="eager" if "eager" in providers else None,
-                               exact=Exact(partial(exact_loss, feats, valid)))
-        del providers, feats, centers, valid
-
-    print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(GPU_SHAPES))
-    return rows
-
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, option=False)
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases,
+                             targets=lambda rows, _: evaluate_targets(rows), target_cases=tuple(GPU_SHAPES))
 
 if __name__ == "__main__":
-    main()
+    harness.run_benchmark(SPEC)

@@ -1,4 +1,5 @@
-"""What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use): ``do_bench``
+"""What every ``ssltm_kernels`` op benchmark shares (``stt_window_attn.py`` shows the use: a script declares a
+:class:`BenchmarkSpec`, :func:`run_benchmark` runs it): ``do_bench``
 quantiles (a CPU loop without a GPU), the modes fwd / bwd / fwd+bwd, CUDA-graph replays of the calls that
 take little time, peak memory and kernel launches per call, the GPUs' peaks, the roofline bound of a
 :class:`Work` (each benchmark brings its op's formulas), the correctness gate (every provider's output and
@@ -17,11 +18,12 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -725,17 +727,31 @@ def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]
     return parse
 
 
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser whose help is the script's docstring ``doc``: summary, then usage, then details (the epilog)."""
+    summary, details = doc.split("\n\n", 1)
+    return argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def output_arguments(p: argparse.ArgumentParser, benchmark: str, *, what: str = "rows",
+                     cpu_help: str = "run the CPU comparison even when a GPU is present") -> None:
+    """``--no-save`` and ``--results-dir`` (where a run's ``what`` go), and ``--cpu``."""
+    p.add_argument("--no-save", action="store_true", help=f"do not append the {what} to the results file")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                   help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)")
+    p.add_argument("--cpu", action="store_true", help=cpu_help)
+
+
 def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
                         quick_help: str = "shorter timing budgets (CI smoke run)",
                         dtype_option: bool = True, modes_option: bool = True,
                         shapes: Collection[str] = ()) -> argparse.ArgumentParser:
     """The options every benchmark takes (``--quick``, ``--providers``, ``--modes``, ``--dtype`` (these two
     optional), ``--no-save``, ``--results-dir``, ``--cpu``, ``--threads``, and ``--shapes`` when given the
-    ``shapes`` names to choose from); ``doc`` is the script's docstring (summary, then usage, then details
-    for the epilog). A benchmark adds its own options to the returned parser."""
-    summary, details = doc.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ``shapes`` names to choose from); ``doc`` is the script's docstring (see :func:`script_parser`). A
+    benchmark adds its own options to the returned parser."""
+    p = script_parser(doc)
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--providers", type=csv_choices(providers, "provider"), default=list(providers),
                    help=f"comma-separated subset of {','.join(providers)}")
@@ -744,10 +760,7 @@ def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
                        help=f"comma-separated subset of {','.join(MODES)}")
     if dtype_option:
         p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--no-save", action="store_true", help="do not append the rows to the results file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                   help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)")
-    p.add_argument("--cpu", action="store_true", help="run the CPU comparison even when a GPU is present")
+    output_arguments(p, benchmark)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a "
                         "loaded machine)")
@@ -780,12 +793,143 @@ def start_run(args: argparse.Namespace, benchmark: str, *, cpu_run: str = "small
     return bench, dtype
 
 
-def chosen_shapes(requested: Sequence[str] | None, *, on_gpu: bool, quick: bool, all_shapes: dict, gpu: dict,
-                  quick_gpu: Sequence[str], cpu: dict) -> list:
-    """The shapes a run measures: those requested by name, else the GPU shapes (``quick_gpu`` of them with
-    ``--quick``), or the CPU shapes without a GPU."""
-    if requested:
-        return [all_shapes[name] for name in requested]
-    if on_gpu:
-        return [gpu[name] for name in (quick_gpu if quick else gpu)]
-    return list(cpu.values())
+# ------------------------------------------------------------------------------- a benchmark script
+# Each op's script declares a BenchmarkSpec (its shapes, its cases with their providers, work and yardstick,
+# its targets) and ends with ``run_benchmark(SPEC)``, which owns the rest.
+TRITON_ON_CPU = "triton on CPU runs only under TRITON_INTERPRET=1"
+
+
+def eager_or_compiled(name: str, fn: Callable, call: Callable[[Callable], torch.Tensor]) -> Impl:
+    """The eager peer (``name`` "eager": ``call(fn)``) or its compiled twin (any other ``name``: ``call`` of
+    ``torch.compile(fn, dynamic=False)``, its rows noting :data:`COMPILE_NOTE`)."""
+    if name == "eager":
+        return Impl(lambda: call(fn))
+    compiled = torch.compile(fn, dynamic=False)
+    return Impl(lambda: call(compiled), note=COMPILE_NOTE)
+
+
+def triton_unavailable(backend: str, device: torch.device) -> Unavailable | None:
+    """Why ``backend`` cannot run on ``device`` when it is triton on the CPU outside the interpreter, else None
+    (the op says itself why one of its backends cannot run)."""
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return Unavailable(TRITON_ON_CPU)
+    return None
+
+
+def backend_provider(backend: str, device: torch.device, forward: Callable[[str], torch.Tensor]) -> Impl | Unavailable:
+    """One of our backends as a provider: ``forward(backend)``, unless :func:`triton_unavailable`."""
+    return triton_unavailable(backend, device) or Impl(lambda: forward(backend))
+
+
+@dataclass(frozen=True)
+class ShapeSet:
+    """A benchmark's shapes by name: those of a GPU run (``quick``: the ones ``--quick`` keeps; empty: all), those
+    of a CPU run, and whether ``--shapes`` chooses among them all. Called with the parsed arguments and whether
+    the run is on a GPU, it returns the shapes to measure."""
+
+    gpu: dict
+    cpu: dict
+    quick: tuple[str, ...] = ()
+    option: bool = True
+
+    @property
+    def all(self) -> dict:
+        return {**self.gpu, **self.cpu}
+
+    def __call__(self, args: argparse.Namespace, on_gpu: bool) -> list:
+        requested = getattr(args, "shapes", None)
+        if requested:
+            return [self.all[name] for name in requested]
+        if on_gpu:
+            return [self.gpu[name] for name in (self.quick if args.quick and self.quick else self.gpu)]
+        return list(self.cpu.values())
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a benchmark's cases are built with: the parsed arguments, the run's harness and dtype."""
+
+    args: argparse.Namespace
+    harness: Harness
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.harness.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class Measurement:
+    """One case as :meth:`Harness.run_case` takes it. ``references``: the reference provider, the first of these
+    names among ``providers``; ``modes``: None for those of ``--modes`` (all without the option)."""
+
+    case: Case
+    providers: dict
+    leaves: Sequence[torch.Tensor] | dict[str, torch.Tensor]
+    exact: Exact | None = None
+    references: tuple[str, ...] = ("eager",)
+    modes: Sequence[str] | None = None
+    tolerance: Callable | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What an op's benchmark script declares; :func:`run_benchmark` runs it.
+
+    ``doc``: the script's docstring (its ``--help``); ``providers``: every provider's name (``--providers``);
+    ``ours``: those whose speed-ups and targets are reported; ``shapes(args, on_gpu)``: the shapes to measure
+    (a :class:`ShapeSet`, whose names ``--shapes`` takes when its ``option`` is set); ``cases(shape,
+    context)``: the :class:`Measurement` of each case of a shape, made one at a time (each is dropped once run,
+    so that the next is made without its inputs; a generator holding inputs in its locals keeps them until
+    it resumes); ``targets(rows, dram_bytes_per_s)``: the targets judged on a GPU run's
+    rows, on ``target_cases``; ``labels``: other names of the providers in other cases (their speed-up tables
+    are printed too); ``options(parser)``: adds the script's own options; ``cpu_run``: what a CPU run's
+    shapes are called."""
+
+    name: str
+    doc: str
+    providers: tuple[str, ...]
+    ours: tuple[str, ...]
+    shapes: Callable[[argparse.Namespace, bool], Sequence]
+    cases: Callable[[object, Context], Iterable[Measurement]]
+    targets: Callable[[Sequence[Row], float | None], list[TargetResult]]
+    target_cases: tuple[str, ...]
+    labels: Sequence[dict[str, str]] = ()
+    options: Callable[[argparse.ArgumentParser], None] | None = None
+    quick_help: str = "shorter timing budgets (CI smoke run)"
+    dtype_option: bool = True
+    modes_option: bool = True
+    cpu_run: str = "small"
+
+    def parse_args(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        shapes = self.shapes.all if isinstance(self.shapes, ShapeSet) and self.shapes.option else ()
+        p = benchmark_arguments(self.doc, self.name, self.providers, quick_help=self.quick_help,
+                                dtype_option=self.dtype_option, modes_option=self.modes_option, shapes=shapes)
+        if self.options is not None:
+            self.options(p)
+        return p.parse_args(argv)
+
+
+def run_benchmark(spec: BenchmarkSpec, argv: Sequence[str] | None = None) -> list[Row]:
+    """A benchmark script's run: its arguments, the harness (GPU, or the CPU comparison), every case of every
+    chosen shape through the correctness gate and the timings, then the speed-ups, the providers found
+    incorrect and, on a GPU, the targets. Returns the rows."""
+    args = spec.parse_args(argv)
+    bench, dtype = start_run(args, spec.name, cpu_run=spec.cpu_run)
+    context = Context(args, bench, dtype)
+    rows: list[Row] = []
+    for shape in spec.shapes(args, context.on_gpu):
+        for measurement in spec.cases(shape, context):
+            providers = measurement.providers
+            rows += bench.run_case(measurement.case, providers, leaves=measurement.leaves,
+                                   modes=measurement.modes or getattr(args, "modes", MODES),
+                                   reference=next((p for p in measurement.references if p in providers), None),
+                                   exact=measurement.exact, tolerance=measurement.tolerance)
+            del measurement, providers  # the next case's inputs are made without this one's
+    targets = spec.targets(rows, bench.spec.bytes_per_s if bench.spec else None) if context.on_gpu else None
+    print_summary(rows, args.providers, spec.ours, targets, ", ".join(spec.target_cases), labels=spec.labels)
+    return rows

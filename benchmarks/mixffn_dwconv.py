@@ -33,22 +33,16 @@ Without a GPU (or with ``--cpu``): a small fp32 CPU comparison of the providers 
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (  # noqa: E402
-    COMPILE_NOTE,
+from benchmarks import harness
+from benchmarks.harness import (
     MODES,
     Case,
     Exact,
@@ -58,20 +52,18 @@ from harness import (  # noqa: E402
     TargetResult,
     Unavailable,
     Work,
+    backend_provider,
     bandwidth_check,
-    benchmark_arguments,
     check_targets,
-    chosen_shapes,
+    eager_or_compiled,
     peer_speedup_checks,
-    print_summary,
     speedup_check,
-    start_run,
     target_results,
+    triton_unavailable,
     untimed,
 )
-
-from ssltm_kernels.modules import MixFFN  # noqa: E402
-from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference  # noqa: E402
+from ssltm_kernels.modules import MixFFN
+from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference
 
 BENCHMARK = "mixffn_dwconv"
 PROVIDERS = ("eager", "eager-channels-last", "compile", "triton", "cuda")
@@ -122,7 +114,7 @@ SSLTM_SHAPES = (
 GPU_SHAPES = {s.name: s for s in (*SSLTM_SHAPES, Shape("large", 8, 4, 56, 56, 1024))}
 QUICK_GPU_SHAPES = ("stride16", "large")
 CPU_SHAPES = {s.name: s for s in (Shape("cpu-small", 1, 2, 9, 13, 40),)}
-ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = ("large", "stride16")
 
 
@@ -193,55 +185,45 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
 
 
-def _compiled(fn, name: str, shape: Shape, compile_all: bool):
+def _compile_skipped(name: str, shape: Shape, compile_all: bool) -> Unavailable | None:
     if shape.name not in TARGET_SHAPES and not compile_all:
         return Unavailable(f"{name} runs on the target cases ({', '.join(TARGET_SHAPES)}); --compile-all: every case")
-    return torch.compile(fn, dynamic=False)
-
-
-def _triton_unavailable(device: torch.device) -> Unavailable | None:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
     return None
 
 
 def conv_providers(names: Sequence[str], shape: Shape, x, weight, bias, compile_all: bool) -> dict:
-    providers: dict[str, Impl | BaseException] = {}
+    providers: dict[str, Impl | Unavailable] = {}
     for name in names:
-        if name == "eager":
-            providers[name] = lambda: eager_dwconv_gelu(x, weight, bias)
-        elif name == "eager-channels-last":
-            providers[name] = lambda: dwconv3x3_reference(x, weight, bias, "gelu")
-        elif name == "compile":
-            fn = _compiled(eager_dwconv_gelu, name, shape, compile_all)
-            providers[name] = fn if isinstance(fn, Unavailable) else Impl(lambda fn=fn: fn(x, weight, bias),
-                                                                          note=COMPILE_NOTE)
-        else:  # ours; the op says itself why a backend cannot run here
-            providers[name] = (name == "triton" and _triton_unavailable(x.device)) or Impl(
-                lambda b=name: dwconv3x3(x, weight, bias, "gelu", backend=b))
+        if name == "eager-channels-last":
+            providers[name] = Impl(lambda: dwconv3x3_reference(x, weight, bias, "gelu"))
+        elif name in ("eager", "compile"):
+            providers[name] = (name == "compile" and _compile_skipped(name, shape, compile_all)) or eager_or_compiled(
+                name, eager_dwconv_gelu, lambda fn: fn(x, weight, bias))
+        else:
+            providers[name] = backend_provider(name, x.device, lambda b: dwconv3x3(x, weight, bias, "gelu", backend=b))
     return providers
+
+
+def _mixffn(shape: Shape, segformer: SegFormerMlp, backend: str) -> MixFFN:
+    """Our ``MixFFN`` on ``backend`` with SegFormer's layers themselves: the same parameters, whose gradients the
+    harness resets."""
+    module = MixFFN(shape.dim, shape.C, backend=backend)
+    module.fc1, module.dwconv.dwconv, module.fc2 = segformer.fc1, segformer.dwconv.dwconv, segformer.fc2
+    return module
 
 
 def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, segformer: SegFormerMlp,
                      compile_all: bool) -> dict:
-    providers: dict[str, Impl | BaseException] = {}
+    providers: dict[str, Impl | Unavailable] = {}
     for name in names:
         label = MODULE_PROVIDERS[name]
-        if name == "eager":
-            providers[label] = lambda: segformer(x)
-        elif name == "compile":
-            fn = _compiled(segformer, label, shape, compile_all)
-            providers[label] = fn if isinstance(fn, Unavailable) else Impl(lambda fn=fn: fn(x), note=COMPILE_NOTE)
+        if name in ("eager", "compile"):
+            providers[label] = (name == "compile" and _compile_skipped(label, shape, compile_all)) or \
+                eager_or_compiled(name, segformer, lambda fn: fn(x))
         else:
             backend = "reference" if name == "eager-channels-last" else name
-            unavailable = backend == "triton" and _triton_unavailable(x.device)
-            if unavailable:
-                providers[label] = unavailable
-                continue
-            module = MixFFN(shape.dim, shape.C, backend=backend)
-            # SegFormer's layers themselves: same parameters, whose gradients the harness resets
-            module.fc1, module.dwconv.dwconv, module.fc2 = segformer.fc1, segformer.dwconv.dwconv, segformer.fc2
-            providers[label] = Impl(lambda m=module: m(x))
+            providers[label] = triton_unavailable(backend, x.device) or Impl(
+                partial(_mixffn(shape, segformer, backend), x))
     return providers
 
 
@@ -250,6 +232,34 @@ def exact_module(segformer: SegFormerMlp) -> Exact:
     names = [name for name, _ in segformer.named_parameters()]
     return Exact(lambda volume, *params: torch.func.functional_call(segformer, dict(zip(names, params, strict=True)),
                                                                     (volume,)))
+
+
+def conv_case(shape: Shape, run: harness.Context) -> harness.Measurement:
+    x, weight, bias = make_inputs(shape, run.dtype, run.device)
+    case = Case(shape.name, shape.record(), run.dtype, {m: dwconv_work(shape, run.dtype, m) for m in MODES},
+                title=f"dwconv3x3 + GELU  {shape.title(run.dtype)}")
+    return harness.Measurement(case, conv_providers(run.args.providers, shape, x, weight, bias, run.args.compile_all),
+                               leaves=[x, weight, bias], exact=Exact(partial(dwconv3x3_reference, activation="gelu")))
+
+
+def module_case(shape: Shape, run: harness.Context) -> harness.Measurement:
+    torch.manual_seed(0)
+    segformer = SegFormerMlp(shape.dim, shape.C).to(run.device, run.dtype)
+    volume = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.dim, device=run.device, dtype=run.dtype,
+                         requires_grad=True)
+    case = Case(f"{shape.name}-mixffn", shape.record(), run.dtype,
+                {m: mixffn_work(shape, run.dtype, m) for m in MODES},
+                title=f"Mix-FFN {shape.dim} -> {shape.C} -> {shape.dim}  {shape.title(run.dtype)}")
+    providers = module_providers(run.args.providers, shape, volume, segformer, run.args.compile_all)
+    return harness.Measurement(case, providers, leaves=[volume, *segformer.parameters()], exact=exact_module(segformer),
+                               references=("segformer-eager",))
+
+
+def cases(shape: Shape, run: harness.Context):
+    """The conv + GELU, then (without ``--no-module``) the whole MixFFN."""
+    yield conv_case(shape, run)
+    if not run.args.no_module:
+        yield module_case(shape, run)
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -275,49 +285,14 @@ def evaluate_targets(rows: Sequence[Row], hbm_bytes_per_s: float | None, cases: 
     return check_targets(rows, cases, ours, judge, one_line_when_untimed=False)
 
 
-# -------------------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
-                            quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+def options(p) -> None:
     p.add_argument("--compile-all", action="store_true", help="run the compiled peers on every case")
     p.add_argument("--no-module", action="store_true", help="only the conv, not the whole MixFFN")
-    return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    args = parse_args(argv)
-    bench, dtype = start_run(args, BENCHMARK)
-    device, on_gpu = bench.device, bench.device.type == "cuda"
-    shapes = chosen_shapes(args.shapes, on_gpu=on_gpu, quick=args.quick, all_shapes=ALL_SHAPES, gpu=GPU_SHAPES,
-                           quick_gpu=QUICK_GPU_SHAPES, cpu=CPU_SHAPES)
-    rows: list[Row] = []
-    for shape in shapes:
-        x, weight, bias = make_inputs(shape, dtype, device)
-        case = Case(shape.name, shape.record(), dtype, {m: dwconv_work(shape, dtype, m) for m in MODES},
-                    title=f"dwconv3x3 + GELU  {shape.title(dtype)}")
-        rows += bench.run_case(case, conv_providers(args.providers, shape, x, weight, bias, args.compile_all),
-                               leaves=[x, weight, bias], modes=args.modes,
-                               reference="eager" if "eager" in args.providers else None,
-                               exact=Exact(partial(dwconv3x3_reference, activation="gelu")))
-        del x, weight, bias
-        if args.no_module:
-            continue
-        torch.manual_seed(0)
-        segformer = SegFormerMlp(shape.dim, shape.C).to(device, dtype)
-        volume = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.dim, device=device, dtype=dtype,
-                             requires_grad=True)
-        case = Case(f"{shape.name}-mixffn", shape.record(), dtype, {m: mixffn_work(shape, dtype, m) for m in MODES},
-                    title=f"Mix-FFN {shape.dim} -> {shape.C} -> {shape.dim}  {shape.title(dtype)}")
-        rows += bench.run_case(case, module_providers(args.providers, shape, volume, segformer, args.compile_all),
-                               leaves=[volume, *segformer.parameters()], modes=args.modes,
-                               reference="segformer-eager" if "eager" in args.providers else None,
-                               exact=exact_module(segformer))
-        del segformer, volume
-
-    targets = evaluate_targets(rows, bench.spec.bytes_per_s if bench.spec else None) if on_gpu else None
-    print_summary(rows, args.providers, OURS, targets, ", ".join(TARGET_SHAPES), labels=[MODULE_PROVIDERS])
-    return rows
-
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
+                             target_cases=TARGET_SHAPES, labels=[MODULE_PROVIDERS], options=options,
+                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
 
 if __name__ == "__main__":
-    main()
+    harness.run_benchmark(SPEC)

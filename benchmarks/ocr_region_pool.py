@@ -24,20 +24,14 @@ only under TRITON_INTERPRET=1; cuda never: its CPU emulation is a test vehicle, 
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (  # noqa: E402
-    COMPILE_NOTE,
+from benchmarks import harness
+from benchmarks.harness import (
     MODES,
     Case,
     Exact,
@@ -47,18 +41,15 @@ from harness import (  # noqa: E402
     TargetResult,
     Unavailable,
     Work,
+    backend_provider,
     bandwidth_check,
-    benchmark_arguments,
     check_targets,
-    chosen_shapes,
+    eager_or_compiled,
     peak_memory_check,
     peer_speedup_checks,
-    print_summary,
-    start_run,
     target_results,
 )
-
-from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference  # noqa: E402
+from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference
 
 BENCHMARK = "ocr_region_pool"
 PROVIDERS = ("eager", "compile", "triton", "cuda")
@@ -100,7 +91,7 @@ CPU_SHAPES = {s.name: s for s in (
     Shape("cpu-k19", B=2, K=19, C=48, H=12, W=13),
     Shape("cpu-k124", B=1, K=124, C=20, H=9, W=7),
 )}
-ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = tuple(GPU_SHAPES)
 
 
@@ -132,23 +123,27 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return logits.to(dtype).requires_grad_(), feats.to(dtype).requires_grad_()
 
 
-def build_providers(names: Sequence[str], logits: torch.Tensor, feats: torch.Tensor) -> dict:
+def build_providers(names: Sequence[str], logits: torch.Tensor, feats: torch.Tensor) -> dict[str, Impl | Unavailable]:
     """A forward (or the reason it cannot run) for every requested provider."""
-    cpu = logits.device.type == "cpu"
-    providers: dict[str, Impl | BaseException] = {}
+    providers: dict[str, Impl | Unavailable] = {}
     for name in names:
         if name in ("eager", "compile"):
-            fn = soft_region_pool_reference
-            fn = torch.compile(fn, dynamic=False) if name == "compile" else fn
-            providers[name] = Impl(lambda fn=fn: fn(logits, feats, SCALE),
-                                   note=COMPILE_NOTE if name == "compile" else None)
-        elif name == "triton" and cpu and os.environ.get("TRITON_INTERPRET") != "1":
-            providers[name] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
-        elif name == "cuda" and cpu:
+            providers[name] = eager_or_compiled(name, soft_region_pool_reference, lambda fn: fn(logits, feats, SCALE))
+        elif name == "cuda" and logits.device.type == "cpu":
             providers[name] = Unavailable("the CUDA kernels need a GPU (on CPU tensors they are a test emulation)")
-        else:  # ours; the op says itself why a backend cannot run here
-            providers[name] = Impl(lambda b=name: soft_region_pool(logits, feats, SCALE, backend=b))
+        else:
+            providers[name] = backend_provider(name, logits.device,
+                                               lambda b: soft_region_pool(logits, feats, SCALE, backend=b))
     return providers
+
+
+def cases(shape: Shape, run: harness.Context):
+    logits, feats = make_inputs(shape, run.dtype, run.device)
+    providers = build_providers(run.args.providers, logits, feats)
+    case = Case(shape.name, shape.record(), run.dtype, {m: region_pool_work(shape, run.dtype, m) for m in MODES},
+                title=shape.title(run.dtype))
+    yield harness.Measurement(case, providers, leaves=[logits, feats],
+                              exact=Exact(partial(soft_region_pool_reference, scale=SCALE)))
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -169,33 +164,9 @@ def evaluate_targets(rows: Sequence[Row], bytes_per_s: float | None, cases: Sequ
     return check_targets(rows, cases, ours, judge)
 
 
-# -------------------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
-                            quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    args = parse_args(argv)
-    bench, dtype = start_run(args, BENCHMARK)
-    device, on_gpu = bench.device, bench.device.type == "cuda"
-    shapes = chosen_shapes(args.shapes, on_gpu=on_gpu, quick=args.quick, all_shapes=ALL_SHAPES, gpu=GPU_SHAPES,
-                           quick_gpu=QUICK_GPU_SHAPES, cpu=CPU_SHAPES)
-    rows: list[Row] = []
-    for shape in shapes:
-        logits, feats = make_inputs(shape, dtype, device)
-        providers = build_providers(args.providers, logits, feats)
-        case = Case(shape.name, shape.record(), dtype, {m: region_pool_work(shape, dtype, m) for m in MODES},
-                    title=shape.title(dtype))
-        rows += bench.run_case(case, providers, leaves=[logits, feats], modes=args.modes,
-                               reference="eager" if "eager" in providers else None,
-                               exact=Exact(partial(soft_region_pool_reference, scale=SCALE)))
-        del providers, logits, feats
-    targets = evaluate_targets(rows, bench.spec.bytes_per_s if bench.spec else None) if on_gpu else None
-    print_summary(rows, args.providers, OURS, targets, ", ".join(TARGET_SHAPES))
-    return rows
-
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
+                             target_cases=TARGET_SHAPES,
+                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
 
 if __name__ == "__main__":
-    main()
+    harness.run_benchmark(SPEC)

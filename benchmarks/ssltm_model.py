@@ -35,31 +35,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import (
     Case,
     Exact,
     Impl,
     Row,
     TargetResult,
-    benchmark_arguments,
     csv_choices,
-    format_speedups,
-    format_targets,
-    print_incorrect,
-    start_run,
 )
-
-from ssltm import SSLTM, VideoPredictor  # noqa: E402
-from ssltm.model.backbone import RESNETS  # noqa: E402
+from ssltm import SSLTM, VideoPredictor
+from ssltm.model.backbone import RESNETS
 
 BENCHMARK = "ssltm_model"
 PROVIDERS = ("kernels", "reference")
@@ -215,9 +206,7 @@ def evaluate_targets(rows: Sequence[Row]) -> list[TargetResult]:
 
 
 # ------------------------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, quick_help="shorter timing budgets", dtype_option=False,
-                            modes_option=False)
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=csv_choices(CASES, "case"), default=list(CASES),
                    help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--backbone", choices=tuple(RESNETS), default=None,
@@ -226,7 +215,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=positive_int, default=None,
                    help=f"square input side of the train and infer cases (default {GPU.size[0]} on a GPU, "
                         f"{CPU.size[0]} on the CPU)")
-    return p.parse_args(argv)
 
 
 def positive_int(text: str) -> int:
@@ -246,49 +234,60 @@ def chosen_setup(args: argparse.Namespace, on_gpu: bool) -> Setup:
     return setup
 
 
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    args = parse_args(argv)
-    bench, dtype = start_run(args, BENCHMARK, cpu_run="tiny")
-    device, on_gpu = bench.device, bench.device.type == "cuda"
-    setup, tag = chosen_setup(args, on_gpu), "" if on_gpu else "-cpu"
-    precision = str(dtype).removeprefix("torch.") + (" autocast" if on_gpu else "")
-    rows: list[Row] = []
-    if {"train", "infer"} & set(args.cases):
-        model = build_model(setup, setup.model, device)
-        inputs = make_clips(setup, device)
-        leaves = list(model.parameters())
-        shape = {"clips": setup.clips, "frames": 1 + len(OFFSETS) + 1, "size": setup.size,
-                 "classes": setup.num_classes, **setup.model}
-        for case_name in (c for c in ("train", "infer") if c in args.cases):
-            train = case_name == "train"
-            title = (f"{'training step' if train else 'inference'}: {setup.model['backbone']}, {setup.clips} clips "
-                     f"of {len(OFFSETS) + 1}+1 frames at {setup.size[0]}x{setup.size[1]}, {precision}")
-            case = Case(case_name + tag, shape, dtype, title=title, items=setup.clips)
-            rows += bench.run_case(case, step_providers(args.providers, model, inputs, device, dtype, train),
-                                   leaves=leaves, modes=("fwd+bwd",) if train else ("fwd",),
-                                   reference="reference" if "reference" in args.providers else None,
-                                   exact=fp32_reference(model, inputs, train))
-        del model, inputs, leaves
-    if "stream" in args.cases:
-        model = build_model(setup, setup.stream_model, device)
-        h, w = setup.stream_size
-        title = f"streaming VideoPredictor.step: {setup.stream_model['backbone']}, {h}x{w} frames, {precision}"
-        case = Case("stream" + tag, {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes,
-                                     **setup.stream_model}, dtype, title=title, items=1)
-        rows += bench.run_case(case, stream_providers(args.providers, model, setup, device, dtype), leaves=[],
-                               modes=("fwd",), reference="reference" if "reference" in args.providers else None,
-                               tolerance=class_agreement)
-        del model
+# ------------------------------------------------------------------------------------------------- cases
+def models(args: argparse.Namespace, on_gpu: bool) -> list[tuple[str, Setup]]:
+    """The models the ``--cases`` need, each with the device's setup: "steps" (the train and infer cases share
+    one model, inference after the training steps) and "stream"."""
+    setup = chosen_setup(args, on_gpu)
+    return [(model, setup) for model, needs in (("steps", {"train", "infer"}), ("stream", {"stream"}))
+            if needs & set(args.cases)]
 
-    print()
-    if "kernels" in args.providers:
-        speedups = format_speedups(rows, "kernels", [p for p in args.providers if p != "kernels"])
-        print(speedups, end="\n\n" if speedups else "")
-    print_incorrect(rows)
-    print(format_targets(evaluate_targets(rows), "train, stream") if on_gpu else
-          "targets: defined for the bf16 GPU cases; not evaluated on this CPU run")
-    return rows
 
+def _labels(run: harness.Context) -> tuple[str, str]:
+    """The case names' suffix ("-cpu" on the CPU) and the precision the titles name."""
+    return "" if run.on_gpu else "-cpu", str(run.dtype).removeprefix("torch.") + (" autocast" if run.on_gpu else "")
+
+
+def step_cases(setup: Setup, run: harness.Context):
+    """The train and infer cases of ``--cases`` on one model: inference after the training steps."""
+    tag, precision = _labels(run)
+    model = build_model(setup, setup.model, run.device)
+    inputs = make_clips(setup, run.device)
+    leaves = list(model.parameters())
+    shape = {"clips": setup.clips, "frames": 1 + len(OFFSETS) + 1, "size": setup.size,
+             "classes": setup.num_classes, **setup.model}
+    for case_name in (c for c in ("train", "infer") if c in run.args.cases):
+        train = case_name == "train"
+        title = (f"{'training step' if train else 'inference'}: {setup.model['backbone']}, {setup.clips} clips "
+                 f"of {len(OFFSETS) + 1}+1 frames at {setup.size[0]}x{setup.size[1]}, {precision}")
+        case = Case(case_name + tag, shape, run.dtype, title=title, items=setup.clips)
+        yield harness.Measurement(case, step_providers(run.args.providers, model, inputs, run.device, run.dtype, train),
+                                  leaves=leaves, exact=fp32_reference(model, inputs, train), references=("reference",),
+                                  modes=("fwd+bwd",) if train else ("fwd",))
+
+
+def stream_cases(setup: Setup, run: harness.Context):
+    """The streaming case."""
+    tag, precision = _labels(run)
+    model = build_model(setup, setup.stream_model, run.device)
+    h, w = setup.stream_size
+    title = f"streaming VideoPredictor.step: {setup.stream_model['backbone']}, {h}x{w} frames, {precision}"
+    case = Case("stream" + tag, {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes,
+                                 **setup.stream_model}, run.dtype, title=title, items=1)
+    providers = stream_providers(run.args.providers, model, setup, run.device, run.dtype)
+    yield harness.Measurement(case, providers, leaves=[], references=("reference",), modes=("fwd",),
+                              tolerance=class_agreement)
+
+
+def cases(model: tuple[str, Setup], run: harness.Context):
+    name, setup = model
+    return (stream_cases if name == "stream" else step_cases)(setup, run)
+
+
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, ("kernels",), models, cases,
+                             targets=lambda rows, _: evaluate_targets(rows), target_cases=("train", "stream"),
+                             options=options, quick_help="shorter timing budgets", dtype_option=False,
+                             modes_option=False, cpu_run="tiny")
 
 if __name__ == "__main__":
-    main()
+    harness.run_benchmark(SPEC)

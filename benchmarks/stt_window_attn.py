@@ -41,23 +41,18 @@ a minute on 2 cores, and it has no CPU backward either way; the score_mods and t
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import (
     COMPILE_NOTE,
     MODES,
     Case,
@@ -68,21 +63,20 @@ from harness import (  # noqa: E402
     TargetResult,
     Unavailable,
     Work,
-    benchmark_arguments,
+    backend_provider,
     check_targets,
-    chosen_shapes,
+    eager_or_compiled,
     peak_memory_check,
     peer_speedup_checks,
-    print_summary,
     roofline_check,
     speedup_check,
-    start_run,
     target_results,
+    triton_unavailable,
     untimed,
 )
-
-from ssltm_kernels.modules import WindowAttention3D  # noqa: E402
-from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
+from ssltm_kernels.modules import WindowAttention3D
+from ssltm_kernels.ops.window_attention_3d import (
+    SHIFT_MASK_VALUE,
     WindowGeometry,
     relative_position_index,
     window_attention_3d,
@@ -97,7 +91,8 @@ FUSED_PEERS = ("sdpa", "flex", "flex-dense")
 # the module case: torchvision's ShiftedWindowAttention3d against our WindowAttention3D per backend
 MODULE_PROVIDERS = {"torchvision": "torchvision", "eager": "module-reference", "triton": "module-triton",
                     "cuda": "module-cuda"}
-SHIFT_MASK_VALUE = -100.0  # Video Swin's additive mask between tokens of different shift regions
+
+
 # ------------------------------------------------------------------------------------ shapes, their work
 @dataclass(frozen=True)
 class Shape:
@@ -157,7 +152,7 @@ CPU_SHAPES = {s.name: s for s in (
     # padded in every axis (6 -> 8, 10 -> 14) and shifted: exercises padding and the region mask
     Shape("cpu-pad-shift", B=1, T=6, H=10, W=10, C=64, heads=2, shift=(2, 3, 3)),
 )}
-ALL_SHAPES = {**GPU_SHAPES, **CPU_SHAPES}
+SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = ("large", "stride16")
 
 # Flash-attention's convention: the backward does 5 matmuls of the forward's size (recompute S = QK^T,
@@ -290,15 +285,13 @@ def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table
     heads, scale, cpu = shape.heads, shape.head_dim**-0.5, qkv.device.type == "cpu"
     kwargs = dict(window_size=shape.window, rel_pos_bias_table=table, shift_size=shape.shift, scale=scale)
     partition = Partition(shape, qkv.device)
-    providers: dict[str, Impl | BaseException] = {}
+    providers: dict[str, Impl | Unavailable] = {}
     for name in names:
         if name == "torchvision":
             continue
         if name in ("eager", "compile"):
-            fn = window_attention_3d_reference
-            fn = torch.compile(fn, dynamic=False) if name == "compile" else fn
-            providers[name] = Impl(lambda fn=fn: fn(*split_qkv(qkv, heads), **kwargs),
-                                   note=COMPILE_NOTE if name == "compile" else None)
+            providers[name] = eager_or_compiled(name, window_attention_3d_reference,
+                                                lambda fn: fn(*split_qkv(qkv, heads), **kwargs))
         elif name == "sdpa":
             def sdpa() -> torch.Tensor:
                 return partition.reverse(F.scaled_dot_product_attention(
@@ -307,10 +300,9 @@ def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table
         elif name in ("flex", "flex-dense"):
             providers[name] = _flex_provider(partition, qkv, table, scale, compiled=not cpu,
                                              dense=name == "flex-dense")
-        elif name == "triton" and cpu and os.environ.get("TRITON_INTERPRET") != "1":
-            providers[name] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
-        else:  # ours; the op says itself why a backend cannot run here
-            providers[name] = Impl(lambda b=name: window_attention_3d(*split_qkv(qkv, heads), backend=b, **kwargs))
+        else:
+            providers[name] = backend_provider(name, qkv.device, lambda b: window_attention_3d(
+                *split_qkv(qkv, heads), backend=b, **kwargs))
     return providers
 
 
@@ -400,7 +392,7 @@ def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, module
     (its ``shifted_window_attention_3d``: qkv projection, pad, roll, partition, attention with the bias and
     shift mask, reverse, output projection) and our ``WindowAttention3D`` on the volume, per backend, all on
     the same parameters (``module``'s)."""
-    providers: dict[str, Impl | BaseException] = {}
+    providers: dict[str, Impl | Unavailable] = {}
     for name in names:
         label = MODULE_PROVIDERS.get(name)
         if label is None:
@@ -416,13 +408,18 @@ def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, module
             theirs.relative_position_bias_table = module.relative_position_bias_table
             theirs.relative_position_index = theirs.relative_position_index.to(x.device)
             providers[label] = Impl(lambda m=theirs: m(x))
-        elif name == "triton" and x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            providers[label] = Unavailable("triton on CPU runs only under TRITON_INTERPRET=1")
         else:
-            ours = copy.copy(module)  # the same parameters, another backend
-            ours.backend = "reference" if name == "eager" else name
-            providers[label] = Impl(lambda m=ours: m(x, shift_size=shape.shift))
+            ours = "reference" if name == "eager" else name
+            providers[label] = triton_unavailable(ours, x.device) or Impl(
+                partial(_on_backend(module, ours), x, shift_size=shape.shift))
     return providers
+
+
+def _on_backend(module: WindowAttention3D, backend: str) -> WindowAttention3D:
+    """``module`` on ``backend``: the same parameters, another backend."""
+    ours = copy.copy(module)
+    ours.backend = backend
+    return ours
 
 
 def make_module(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -438,8 +435,7 @@ def make_module(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 
 def exact_module(shape: Shape, module: WindowAttention3D) -> Exact:
     """The module case's yardstick: our module on the reference backend, on the leaves ``(x, *parameters)``."""
-    reference = copy.copy(module)
-    reference.backend = "reference"
+    reference = _on_backend(module, "reference")
     names = [name for name, _ in module.named_parameters()]
     return Exact(lambda x, *params: torch.func.functional_call(
         reference, dict(zip(names, params, strict=True)), (x,), {"shift_size": shape.shift}))
@@ -477,44 +473,41 @@ def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
     return check_targets(rows, cases, ours, judge)
 
 
-# -------------------------------------------------------------------------------------- command line
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = benchmark_arguments(__doc__, BENCHMARK, PROVIDERS, shapes=ALL_SHAPES,
-                            quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
-    p.add_argument("--no-module", action="store_true", help="only the op, not the module case against torchvision")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> list[Row]:
-    args = parse_args(argv)
-    bench, dtype = start_run(args, BENCHMARK)
-    device, on_gpu = bench.device, bench.device.type == "cuda"
-    shapes = chosen_shapes(args.shapes, on_gpu=on_gpu, quick=args.quick, all_shapes=ALL_SHAPES, gpu=GPU_SHAPES,
-                           quick_gpu=QUICK_GPU_SHAPES, cpu=CPU_SHAPES)
-    rows: list[Row] = []
-    for shape in shapes:
-        qkv, table = make_inputs(shape, dtype, device)
-        providers = build_providers(args.providers, shape, qkv, table)
-        case = Case(shape.name, shape.record(), dtype, {m: window_attention_work(shape, dtype, m) for m in MODES},
-                    title=shape.title(dtype))
-        rows += bench.run_case(case, providers, leaves={"qkv": qkv, "table": table}, modes=args.modes,
-                               reference="eager" if "eager" in providers else None,
+# ----------------------------------------------------------------------------------------------- cases
+def op_case(shape: Shape, run: harness.Context) -> harness.Measurement:
+    qkv, table = make_inputs(shape, run.dtype, run.device)
+    providers = build_providers(run.args.providers, shape, qkv, table)
+    case = Case(shape.name, shape.record(), run.dtype, {m: window_attention_work(shape, run.dtype, m) for m in MODES},
+                title=shape.title(run.dtype))
+    return harness.Measurement(case, providers, leaves={"qkv": qkv, "table": table},
                                exact=Exact(partial(exact_attention, shape)))
-        del providers, qkv, table
-        if args.no_module or (on_gpu and shape.name not in MODULE_SHAPES):
-            continue
-        x, module = make_module(shape, dtype, device)
-        providers = module_providers(args.providers, shape, x, module)
-        case = Case(f"{shape.name}-module", shape.record(), dtype, {m: module_work(shape, dtype, m) for m in MODES},
-                    title=f"WindowAttention3D module (qkv + attention + proj)  {shape.title(dtype)}")
-        reference = next((p for p in ("torchvision", "module-reference") if p in providers), None)
-        rows += bench.run_case(case, providers, leaves={"x": x, **dict(module.named_parameters())}, modes=args.modes,
-                               reference=reference, exact=exact_module(shape, module))
-        del providers, x, module
-    print_summary(rows, args.providers, OURS, evaluate_targets(rows) if on_gpu else None, ", ".join(TARGET_SHAPES),
-                  labels=[MODULE_PROVIDERS])
-    return rows
 
+
+def module_case(shape: Shape, run: harness.Context) -> harness.Measurement:
+    x, module = make_module(shape, run.dtype, run.device)
+    providers = module_providers(run.args.providers, shape, x, module)
+    case = Case(f"{shape.name}-module", shape.record(), run.dtype,
+                {m: module_work(shape, run.dtype, m) for m in MODES},
+                title=f"WindowAttention3D module (qkv + attention + proj)  {shape.title(run.dtype)}")
+    return harness.Measurement(case, providers, leaves={"x": x, **dict(module.named_parameters())},
+                               exact=exact_module(shape, module), references=("torchvision", "module-reference"))
+
+
+def cases(shape: Shape, run: harness.Context):
+    """The op, then (on a GPU for MODULE_SHAPES only; not with ``--no-module``) the module case."""
+    yield op_case(shape, run)
+    if not (run.args.no_module or (run.on_gpu and shape.name not in MODULE_SHAPES)):
+        yield module_case(shape, run)
+
+
+def options(p) -> None:
+    p.add_argument("--no-module", action="store_true", help="only the op, not the module case against torchvision")
+
+
+SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases,
+                             targets=lambda rows, _: evaluate_targets(rows), target_cases=TARGET_SHAPES,
+                             labels=[MODULE_PROVIDERS], options=options,
+                             quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
 
 if __name__ == "__main__":
-    main()
+    harness.run_benchmark(SPEC)

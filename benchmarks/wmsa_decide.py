@@ -52,10 +52,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import (  # noqa: E402
-    RESULTS_DIR,
+import ssltm_kernels.ops.window_attention_3d as op
+from benchmarks.harness import (
     Case,
     Exact,
     Harness,
@@ -65,9 +63,11 @@ from harness import (  # noqa: E402
     configure_compile,
     csv_choices,
     format_targets,
+    output_arguments,
+    script_parser,
     text_table,
 )
-from stt_window_attn import (  # noqa: E402
+from benchmarks.stt_window_attn import (
     GPU_SHAPES,
     Partition,
     Shape,
@@ -79,10 +79,8 @@ from stt_window_attn import (  # noqa: E402
     split_qkv,
     window_attention_work,
 )
-
-import ssltm_kernels.ops.window_attention_3d as op  # noqa: E402
-from ssltm_kernels.numerics import twice_reference_bound  # noqa: E402
-from ssltm_kernels.ops.window_attention_3d import (  # noqa: E402
+from ssltm_kernels.numerics import twice_reference_bound
+from ssltm_kernels.ops.window_attention_3d import (
     CONFIG_SETS,
     KERNELS,
     VARIANTS,
@@ -295,6 +293,14 @@ def _compile_unit(arch: int, dtype: torch.dtype, shape: Shape, configs: LaunchCo
     return f"ok {name}"
 
 
+def launch_ints(shape: Shape) -> dict:
+    """The integer arguments a launch on ``shape`` passes the Triton kernels (those it specialises them on)."""
+    from ssltm_kernels.compile_check import _launch_ints
+
+    q = split_qkv(torch.empty(shape.B, shape.T, shape.H, shape.W, 3 * shape.C, device="meta"), shape.heads)[0]
+    return _launch_ints(q, shape.B * shape.geom.num_windows, 1) | {"sg_tok": shape.C, "sg_head": shape.head_dim}
+
+
 def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
     """The kernels of each (shape, configurations) compiled in parallel processes into the Triton cache that
     the launches then hit, specialised on the shape's launch integers (best effort: a launch whose
@@ -304,14 +310,13 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
         return
     import multiprocessing
 
-    from ssltm_kernels.compile_check import _launch_ints, _spec_key
+    from ssltm_kernels.compile_check import _spec_key
 
     props = torch.cuda.get_device_properties(run.device)
     arch, shared = 10 * props.major + props.minor, props.shared_memory_per_block_optin
     units, seen = [], set()
     for shape, configs in dict.fromkeys(work):
-        q = split_qkv(torch.empty(shape.B, shape.T, shape.H, shape.W, 3 * shape.C, device="meta"), shape.heads)[0]
-        ints = _launch_ints(q, shape.B * shape.geom.num_windows, 1) | {"sg_tok": shape.C, "sg_head": shape.head_dim}
+        ints = launch_ints(shape)
         specs = op.triton_compile_specs(run.dtype, shape.geom.window, shape.head_dim, shape.geom.shift, pad=False,
                                         int_arg=lambda name, ints=ints: ints.get(name, 16), shared_memory=shared,
                                         configs=configs)
@@ -536,9 +541,7 @@ def decide(run: Run, ceilings: dict, gates: list[dict], rows: list[Row], winners
 
 # -------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    summary, details = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--full", action="store_true", help="the whole decision run (about 8 minutes on an H100/H200)")
     p.add_argument("--sections", type=csv_choices(SECTIONS, "section"), default=None,
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all with --full, else "
@@ -546,9 +549,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-configs", action="store_true",
                    help="write the winning configurations (and, with --full, the default backend) into the "
                         "shipped config file")
-    p.add_argument("--no-save", action="store_true", help="do not append the records to the results file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where wmsa_decide.jsonl is appended to")
-    p.add_argument("--cpu", action="store_true", help="the CPU smoke run even when a GPU is present")
+    output_arguments(p, BENCHMARK, what="records", cpu_help="the CPU smoke run even when a GPU is present")
     p.add_argument("--ncu-target", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -184,7 +184,7 @@ export -f install_project
 export PY
 step install "pip install" "$(limit 25)" bash -c install_project
 step install "imports" "$(limit 20)" "$PY" -c '
-import omegaconf, ssltm, ssltm_kernels
+import benchmarks, omegaconf, ssltm, ssltm_kernels
 for module in (ssltm_kernels, ssltm, omegaconf):
     print(module.__name__, getattr(module, "__version__", ""), module.__file__)'
 if ! grep -q "^install"$'\t'"imports"$'\t'"0"$'\t' "$STAGES"; then

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import harness
+from benchmarks import stt_window_attn as bench
+from benchmarks.harness import Case, Exact, Harness, Impl, Row, Unavailable, Work
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import harness  # noqa: E402
-import stt_window_attn as bench  # noqa: E402
-from harness import Case, Exact, Harness, Impl, Row, Unavailable, Work  # noqa: E402
 
 PROVENANCE = ("benchmark", "date", "commit", "torch", "triton", "cuda", "python", "device", "gpu", "run_note")
 
@@ -260,6 +259,15 @@ def test_slow_provider_skips_its_remaining_modes_without_interrupting_it():
     assert by[("slow", "fwd")].ok and by[("slow", "fwd")].ms >= 10.0
     assert by[("slow", "bwd")].error.startswith("skipped: fwd took")
     assert "FAILED" not in harness.format_rows(rows)
+
+
+def test_shape_set_chooses_the_requested_the_quick_gpu_or_the_cpu_shapes():
+    shapes = harness.ShapeSet({"a": 1, "b": 2, "c": 3}, {"x": 9}, quick=("c", "a"))
+    args = lambda quick=False, requested=None: type("A", (), {"quick": quick, "shapes": requested})()
+    assert shapes(args(), on_gpu=True) == [1, 2, 3] and shapes(args(quick=True), on_gpu=True) == [3, 1]
+    assert shapes(args(quick=True), on_gpu=False) == [9] and shapes(args(requested=["x", "b"]), on_gpu=True) == [9, 2]
+    assert harness.ShapeSet({"a": 1}, {"x": 9})(args(quick=True), on_gpu=True) == [1]  # no quick subset: all
+    assert shapes.all == {"a": 1, "b": 2, "c": 3, "x": 9}
 
 
 def test_git_commit_outside_a_repository(tmp_path):
@@ -534,6 +542,7 @@ def test_stt_window_attn_cpu_quick(tmp_path):
     repo_results = BENCH_DIR / "results" / f"{bench.BENCHMARK}.jsonl"
     before = repo_results.stat().st_size if repo_results.exists() else None
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))  # this checkout's package
     proc = subprocess.run(
         # the shape that pads every axis and shifts; the peers test covers shrunk windows and odd sizes
         [sys.executable, str(BENCH_DIR / "stt_window_attn.py"), "--cpu", "--quick", "--providers",

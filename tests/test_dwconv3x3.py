@@ -393,8 +393,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def test_benchmark_work_formulas():
-    sys.path.insert(0, str(BENCH_DIR))
-    import mixffn_dwconv as bench
+    from benchmarks import mixffn_dwconv as bench
 
     shape = bench.Shape("t", B=2, T=4, H=15, W=15, C=1024)
     elements = 2 * 4 * 15 * 15 * 1024

@@ -361,8 +361,7 @@ def test_op_submodule_is_a_module_and_the_package_exports_the_functions():
 # Benchmark: CPU smoke run
 # ------------------------------------------------------------------------------------------------------
 def test_benchmark_cpu_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gcc_assign as bench
+    from benchmarks import gcc_assign as bench
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gcc_assign.py"), "--cpu", "--quick",

@@ -428,9 +428,8 @@ def test_checkpoint_of_other_widths_fails_before_loading_anything(tmp_path):
 
 # ------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_targets_from_measured_numbers():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ssltm_model as bench
-    from harness import Row
+    from benchmarks import ssltm_model as bench
+    from benchmarks.harness import Row
 
     def row(case, provider, mode, ms, **kw):
         return Row(case, provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
@@ -447,18 +446,18 @@ def test_benchmark_targets_from_measured_numbers():
 
 
 def test_benchmark_backbone_and_size_options_change_the_step_cases_only():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import ssltm_model as bench
+    from benchmarks import ssltm_model as bench
 
-    gpu = bench.chosen_setup(bench.parse_args(["--backbone", "resnet101", "--size", "479"]), on_gpu=True)
+    parse_args = bench.SPEC.parse_args
+    gpu = bench.chosen_setup(parse_args(["--backbone", "resnet101", "--size", "479"]), on_gpu=True)
     assert gpu.model == {"backbone": "resnet101"} and gpu.size == (479, 479) and gpu.clips == 2
     assert gpu.stream_model == bench.GPU.stream_model and gpu.stream_size == (480, 854)
-    cpu = bench.chosen_setup(bench.parse_args(["--size", "48"]), on_gpu=False)
+    cpu = bench.chosen_setup(parse_args(["--size", "48"]), on_gpu=False)
     assert cpu.size == (48, 48) and cpu.model == bench.TINY and cpu.stream_size == bench.CPU.stream_size
-    assert bench.chosen_setup(bench.parse_args([]), on_gpu=True) == bench.GPU
+    assert bench.chosen_setup(parse_args([]), on_gpu=True) == bench.GPU
     for bad in (["--size", "0"], ["--backbone", "resnet34"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(bad)
+            parse_args(bad)
 
 
 def test_benchmark_cpu_smoke(tmp_path):

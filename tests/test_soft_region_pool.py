@@ -413,19 +413,16 @@ def test_compile_configs_specialise_as_ssltm_launches():
 # Benchmark (benchmarks/ocr_region_pool.py): work formulas, targets, CPU smoke run
 # ------------------------------------------------------------------------------------------------------
 def _benchmark_module():
-    import importlib
-    import sys
     from pathlib import Path
 
-    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
-    if str(bench_dir) not in sys.path:
-        sys.path.insert(0, str(bench_dir))
-    return importlib.import_module("ocr_region_pool"), bench_dir
+    from benchmarks import ocr_region_pool
+
+    return ocr_region_pool, Path(ocr_region_pool.__file__).resolve().parent
 
 
 def test_benchmark_work_and_targets():
     bench, _ = _benchmark_module()
-    from harness import Row
+    from benchmarks.harness import Row
 
     shape = bench.GPU_SHAPES["k124-120"]
     fwd = bench.region_pool_work(shape, torch.bfloat16, "fwd")

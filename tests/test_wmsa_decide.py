@@ -13,14 +13,12 @@ from pathlib import Path
 
 import torch
 
+import ssltm_kernels.ops.window_attention_3d as op
+from benchmarks import wmsa_decide as decide
+from benchmarks.harness import Row
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import wmsa_decide as decide  # noqa: E402
-from harness import Row  # noqa: E402
-
-import ssltm_kernels.ops.window_attention_3d as op  # noqa: E402
 
 
 def _row(case, provider, ms, correct=True):
@@ -117,15 +115,12 @@ def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkey
 def test_precompile_unit_compiles_the_launch_specialisation_without_a_gpu():
     """A sweep's compile unit builds the kernel as the shape's launch specialises it (here the reduction,
     the quickest to compile) for sm_90, in a process without the interpreter."""
-    code = ("import torch, wmsa_decide as d; s = d.SHAPES['stride16']; "
+    code = ("import torch; from benchmarks import wmsa_decide as d; s = d.SHAPES['stride16']; "
             "c = d.default_configs(196, 32, torch.bfloat16); "
-            "q = d.split_qkv(torch.empty(s.B, s.T, s.H, s.W, 3 * s.C, device='meta'), s.heads)[0]; "
-            "from ssltm_kernels.compile_check import _launch_ints; "
-            "ints = _launch_ints(q, s.B * s.geom.num_windows, 1); "
             "n = len(list(d.op.triton_compile_specs(torch.bfloat16, s.geom.window, 32, s.geom.shift, pad=False, "
-            "configs=c))); print(d._compile_unit(90, torch.bfloat16, s, c, ints, 227 * 1024, n - 1))")
+            "configs=c))); print(d._compile_unit(90, torch.bfloat16, s, c, d.launch_ints(s), 227 * 1024, n - 1))")
     env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(BENCH_DIR), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok _window_attn_bwd_reduce_kernel", \
