@@ -43,6 +43,18 @@ using TcStorage = uint16_t;
 
 SSLTM_HD constexpr int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
 
+// A block's dynamic shared memory handed out region by region, in order, each region 128-byte aligned.
+struct SmemRegions {
+  int end = 0;  // bytes handed out so far (the end of the last region, rounded up)
+
+  // Byte offset of a new region of `size` bytes.
+  SSLTM_HD int take(int size) {
+    const int at = end;
+    end = round_up(end + size, 128);
+    return at;
+  }
+};
+
 // C = A * B on shared-memory tiles, operands given as byte offsets from the block's shared memory.
 // A: m x k row-major (lda elements); B: k x n, row-major (ldb), or with kBTransposed stored as the
 // n rows of B^T (ldb), i.e. column-major; C: m x n fp32 row-major (ldc). m, n, k are multiples of
@@ -73,31 +85,26 @@ struct FwdTcLayout {
     Np = round_up(N, kMma);
     ld_s = Np + 4;
     ld_p = Np + 16 / int(sizeof(scalar_t));
-    int end = 0;
-    auto take = [&end](int size) {
-      const int at = end;
-      end = round_up(end + size, 128);
-      return at;
-    };
+    SmemRegions regions;
     const int rows_bytes = kLdRows * int(sizeof(scalar_t));
-    q = take(kTcQueries * rows_bytes);
-    k = take(Np * rows_bytes);
-    v = take(Np * rows_bytes);
+    q = regions.take(kTcQueries * rows_bytes);
+    k = regions.take(Np * rows_bytes);
+    v = regions.take(Np * rows_bytes);
     const int s_bytes = kTcQueries * ld_s * 4, o_bytes = kTcQueries * kLdO * 4;
-    s = take(s_bytes > o_bytes ? s_bytes : o_bytes);
+    s = regions.take(s_bytes > o_bytes ? s_bytes : o_bytes);
     o = s;
-    p = take(kTcQueries * ld_p * int(sizeof(scalar_t)));
-    key_off_k = take(Np * 8);
-    key_off_v = take(Np * 8);
-    key_bias = take(Np * 4);
-    key_region = take(Np * 4);
-    query_off = take(kTcQueries * 8);
-    query_row = take(kTcQueries * 8);
-    query_bias = take(kTcQueries * 4);
-    query_region = take(kTcQueries * 4);
-    inv_l = take(kTcQueries * 4);
-    pad_mass = take(kTcQueries * 4);
-    bytes = end;
+    p = regions.take(kTcQueries * ld_p * int(sizeof(scalar_t)));
+    key_off_k = regions.take(Np * 8);
+    key_off_v = regions.take(Np * 8);
+    key_bias = regions.take(Np * 4);
+    key_region = regions.take(Np * 4);
+    query_off = regions.take(kTcQueries * 8);
+    query_row = regions.take(kTcQueries * 8);
+    query_bias = regions.take(kTcQueries * 4);
+    query_region = regions.take(kTcQueries * 4);
+    inv_l = regions.take(kTcQueries * 4);
+    pad_mass = regions.take(kTcQueries * 4);
+    bytes = regions.end;
   }
 
   // S (kTcQueries x Np) = Q K^T: K's rows are the columns of B.
@@ -304,45 +311,40 @@ struct BwdTcLayout {
     Np = round_up(N, kMma);
     ld_s = Np + 4;
     ld_p = Np + 16 / int(sizeof(scalar_t));
-    int end = 0;
-    auto take = [&end](int size) {
-      const int at = end;
-      end = round_up(end + size, 128);
-      return at;
-    };
+    SmemRegions regions;
     const int rows_bytes = kLdRows * int(sizeof(scalar_t));
-    chunk_a = take(rows * rows_bytes);
-    chunk_b = take(rows * rows_bytes);
-    all_a = take(Np * rows_bytes);
-    all_b = take(Np * rows_bytes);
+    chunk_a = regions.take(rows * rows_bytes);
+    chunk_b = regions.take(rows * rows_bytes);
+    all_a = regions.take(Np * rows_bytes);
+    all_b = regions.take(Np * rows_bytes);
     const int s_bytes = rows * ld_s * 4, out_bytes = rows * kLdOut * 4;
-    s = take(s_bytes > out_bytes ? s_bytes : out_bytes);
-    dp = take(s_bytes > out_bytes ? s_bytes : out_bytes);
+    s = regions.take(s_bytes > out_bytes ? s_bytes : out_bytes);
+    dp = regions.take(s_bytes > out_bytes ? s_bytes : out_bytes);
     out_a = s;
     out_b = dp;
-    p = take(rows * ld_p * int(sizeof(scalar_t)));
-    ds = take(rows * ld_p * int(sizeof(scalar_t)));
-    chunk_off_a = take(rows * 8);
-    chunk_off_b = take(rows * 8);
-    chunk_out_off = take(rows * 8);
-    chunk_bias = take(rows * 4);
-    chunk_region = take(rows * 4);
-    chunk_lse = take(rows * 4);
-    chunk_delta = take(rows * 4);
-    chunk_pad_dot_k = take(rows * 4);
-    chunk_pad_dot_v = take(rows * 4);
-    pad_ds = take(rows * parts * 4);
-    all_off_a = take(Np * 8);
-    all_off_b = take(Np * 8);
-    all_bias = take(Np * 4);
-    all_region = take(Np * 4);
-    all_lse = take(Np * 4);
-    all_delta = take(Np * 4);
-    all_pad_dot_k = take(Np * 4);
-    all_pad_dot_v = take(Np * 4);
-    window_bytes = end;
-    ds_sum = ds_sums ? take(Np * rows * 4) : -1;
-    bytes = end;
+    p = regions.take(rows * ld_p * int(sizeof(scalar_t)));
+    ds = regions.take(rows * ld_p * int(sizeof(scalar_t)));
+    chunk_off_a = regions.take(rows * 8);
+    chunk_off_b = regions.take(rows * 8);
+    chunk_out_off = regions.take(rows * 8);
+    chunk_bias = regions.take(rows * 4);
+    chunk_region = regions.take(rows * 4);
+    chunk_lse = regions.take(rows * 4);
+    chunk_delta = regions.take(rows * 4);
+    chunk_pad_dot_k = regions.take(rows * 4);
+    chunk_pad_dot_v = regions.take(rows * 4);
+    pad_ds = regions.take(rows * parts * 4);
+    all_off_a = regions.take(Np * 8);
+    all_off_b = regions.take(Np * 8);
+    all_bias = regions.take(Np * 4);
+    all_region = regions.take(Np * 4);
+    all_lse = regions.take(Np * 4);
+    all_delta = regions.take(Np * 4);
+    all_pad_dot_k = regions.take(Np * 4);
+    all_pad_dot_v = regions.take(Np * 4);
+    window_bytes = regions.end;
+    ds_sum = ds_sums ? regions.take(Np * rows * 4) : -1;
+    bytes = regions.end;
   }
 
   // S (chunk x Np) = A_chunk A_all^T and dP = B_chunk B_all^T: the all-rows are the columns of B.
