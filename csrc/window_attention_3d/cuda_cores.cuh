@@ -132,73 +132,80 @@ struct FwdThread {
   bool active;  // query exists and is a valid (unpadded) token
 };
 
-template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void fwd_init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n,
-                       FwdThread<HD, acc_t>& th) {
-  th.active = false;
-  th.mx = acc_t(-INFINITY);
-  th.l = 0;
-  SSLTM_UNROLL_HD
-  for (int d = 0; d < HD; ++d) { th.o[d] = 0; th.q[d] = 0; }
-  if (n >= a.g.N) return;
-  th.tok = token_at(a.g, wp, n);
-  th.active = th.tok.valid;
-  if (th.active) load_row<HD>(a.q, row_offset(a.sq, th.tok, head), a.g.hd, th.q);
-}
+// Query-row passes: one thread per query row sweeping the window's keys in staged tiles. The
+// forward and the dq kernel differ only in their thread state and phase functions, bundled in a pass
+// type (ForwardPass, DqPass) so that one kernel (and one emulation loop) serves both.
+template <int HD, typename acc_t>
+struct ForwardPass {
+  using Thread = FwdThread<HD, acc_t>;
 
-// Online softmax over the staged keys k0 .. k0+R-1, kSub keys at a time.
-template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void fwd_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
-                       const Tile<HD, acc_t>& tile, FwdThread<HD, acc_t>& th) {
-  if (!th.active) return;
-  constexpr int R = Tile<HD, acc_t>::R;
-  const int N = a.g.N;
-  const int kcnt = N - k0 < R ? N - k0 : R;
-  const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
-  for (int j0 = 0; j0 < kcnt; j0 += kSub) {
-    acc_t s[kSub];
-    acc_t smax = acc_t(-INFINITY);
-    SSLTM_UNROLL
-    for (int jj = 0; jj < kSub; ++jj) {
-      const int j = j0 + jj;
-      s[jj] = acc_t(-INFINITY);
-      if (j < kcnt) {
-        s[jj] = finish_score(a, head, a.scale * dot_row<HD>(th.q, tile.a[j]), th.tok.key, th.tok.region,
-                             tile.key[j], tile.region[j], am_row, k0 + j);
-        smax = acc_max(smax, s[jj]);
-      }
-    }
-    const acc_t mnew = acc_max(th.mx, smax);
-    const acc_t corr = acc_exp(th.mx - mnew);
-    th.l *= corr;
+  template <typename scalar_t>
+  SSLTM_HD static void init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n, Thread& th) {
+    th.active = false;
+    th.mx = acc_t(-INFINITY);
+    th.l = 0;
     SSLTM_UNROLL_HD
-    for (int d = 0; d < HD; ++d) th.o[d] *= corr;
-    SSLTM_UNROLL
-    for (int jj = 0; jj < kSub; ++jj) {
-      const int j = j0 + jj;
-      if (j < kcnt) {
-        const acc_t p = acc_exp(s[jj] - mnew);
-        th.l += p;
-        SSLTM_UNROLL_HD
-        for (int d = 0; d < HD; ++d) th.o[d] += p * tile.b[j][d];
-      }
-    }
-    th.mx = mnew;
+    for (int d = 0; d < HD; ++d) { th.o[d] = 0; th.q[d] = 0; }
+    if (n >= a.g.N) return;
+    th.tok = token_at(a.g, wp, n);
+    th.active = th.tok.valid;
+    if (th.active) load_row<HD>(a.q, row_offset(a.sq, th.tok, head), a.g.hd, th.q);
   }
-}
 
-template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void fwd_finish(const Args<scalar_t, acc_t>& a, int head, const FwdThread<HD, acc_t>& th) {
-  if (!th.active) return;
-  const int64_t row = token_flat(a.g, th.tok) * a.g.nh + head;
-  const acc_t inv = acc_t(1) / th.l;
-  scalar_t* dst = a.out + row * a.g.hd;
-  SSLTM_UNROLL_HD
-  for (int d = 0; d < HD; ++d) {
-    if (d < a.g.hd) dst[d] = scalar_t(th.o[d] * inv);
+  // Online softmax over the staged keys k0 .. k0+R-1, kSub keys at a time.
+  template <typename scalar_t>
+  SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
+                            const Tile<HD, acc_t>& kv, Thread& th) {
+    if (!th.active) return;
+    constexpr int R = Tile<HD, acc_t>::R;
+    const int N = a.g.N;
+    const int kcnt = N - k0 < R ? N - k0 : R;
+    const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+    for (int j0 = 0; j0 < kcnt; j0 += kSub) {
+      acc_t s[kSub];
+      acc_t smax = acc_t(-INFINITY);
+      SSLTM_UNROLL
+      for (int jj = 0; jj < kSub; ++jj) {
+        const int j = j0 + jj;
+        s[jj] = acc_t(-INFINITY);
+        if (j < kcnt) {
+          s[jj] = finish_score(a, head, a.scale * dot_row<HD>(th.q, kv.a[j]), th.tok.key, th.tok.region,
+                               kv.key[j], kv.region[j], am_row, k0 + j);
+          smax = acc_max(smax, s[jj]);
+        }
+      }
+      const acc_t mnew = acc_max(th.mx, smax);
+      const acc_t corr = acc_exp(th.mx - mnew);
+      th.l *= corr;
+      SSLTM_UNROLL_HD
+      for (int d = 0; d < HD; ++d) th.o[d] *= corr;
+      SSLTM_UNROLL
+      for (int jj = 0; jj < kSub; ++jj) {
+        const int j = j0 + jj;
+        if (j < kcnt) {
+          const acc_t p = acc_exp(s[jj] - mnew);
+          th.l += p;
+          SSLTM_UNROLL_HD
+          for (int d = 0; d < HD; ++d) th.o[d] += p * kv.b[j][d];
+        }
+      }
+      th.mx = mnew;
+    }
   }
-  a.lse[row] = th.mx + acc_log(th.l);
-}
+
+  template <typename scalar_t>
+  SSLTM_HD static void finish(const Args<scalar_t, acc_t>& a, int head, const Thread& th) {
+    if (!th.active) return;
+    const int64_t row = token_flat(a.g, th.tok) * a.g.nh + head;
+    const acc_t inv = acc_t(1) / th.l;
+    scalar_t* dst = a.out + row * a.g.hd;
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) {
+      if (d < a.g.hd) dst[d] = scalar_t(th.o[d] * inv);
+    }
+    a.lse[row] = th.mx + acc_log(th.l);
+  }
+};
 
 // ------------------------------------------------------------------------------------------------
 // Backward dq: block = (window, head, query chunk), thread = one query row. Also writes delta.
@@ -213,97 +220,62 @@ struct DqThread {
   bool active;
 };
 
-template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void dq_init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n,
-                      DqThread<HD, acc_t>& th) {
-  th.active = false;
-  th.lse = 0;
-  th.delta = 0;
-  SSLTM_UNROLL_HD
-  for (int d = 0; d < HD; ++d) { th.q[d] = 0; th.g[d] = 0; th.dq[d] = 0; }
-  if (n >= a.g.N) return;
-  th.tok = token_at(a.g, wp, n);
-  th.active = th.tok.valid;
-  if (!th.active) return;
-  load_row<HD>(a.q, row_offset(a.sq, th.tok, head), a.g.hd, th.q);
-  load_row<HD>(a.dout, row_offset(a.sdo, th.tok, head), a.g.hd, th.g);
-  const int64_t ooff = row_offset(a.so, th.tok, head);
-  acc_t delta = 0;
-  SSLTM_UNROLL_HD
-  for (int d = 0; d < HD; ++d) {
-    if (d < a.g.hd) delta += th.g[d] * acc_t(a.outp[ooff + d]);
-  }
-  const int64_t row = token_flat(a.g, th.tok) * a.g.nh + head;
-  th.delta = delta;
-  th.lse = a.lse[row];
-  a.delta[row] = delta;
-}
-
-template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void dq_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
-                      const Tile<HD, acc_t>& tile, DqThread<HD, acc_t>& th) {
-  if (!th.active) return;
-  constexpr int R = Tile<HD, acc_t>::R;
-  const int N = a.g.N;
-  const int kcnt = N - k0 < R ? N - k0 : R;
-  const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
-  for (int j = 0; j < kcnt; ++j) {
-    const acc_t s = finish_score(a, head, a.scale * dot_row<HD>(th.q, tile.a[j]), th.tok.key,
-                                 th.tok.region, tile.key[j], tile.region[j], am_row, k0 + j);
-    const acc_t p = acc_exp(s - th.lse);
-    const acc_t dp = dot_row<HD>(th.g, tile.b[j]);
-    const acc_t ds = p * (dp - th.delta);
-    SSLTM_UNROLL_HD
-    for (int d = 0; d < HD; ++d) th.dq[d] += ds * tile.a[j][d];
-  }
-}
-
-template <int HD, typename scalar_t, typename acc_t>
-SSLTM_HD void dq_finish(const Args<scalar_t, acc_t>& a, int head, const DqThread<HD, acc_t>& th) {
-  if (!th.active) return;
-  scalar_t* dst = a.dq + row_offset(a.sdx, th.tok, head);
-  SSLTM_UNROLL_HD
-  for (int d = 0; d < HD; ++d) {
-    if (d < a.g.hd) dst[d] = scalar_t(a.scale * th.dq[d]);
-  }
-}
-
-// Query-row passes: one thread per query row sweeping the window's keys in staged tiles. The
-// forward and the dq kernel differ only in their thread state and phase functions, bundled here so
-// that one kernel (and one emulation loop) serves both.
-template <int HD, typename acc_t>
-struct ForwardPass {
-  using Thread = FwdThread<HD, acc_t>;
-  template <typename scalar_t>
-  SSLTM_HD static void init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n, Thread& th) {
-    fwd_init(a, wp, head, n, th);
-  }
-  template <typename scalar_t>
-  SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
-                            const Tile<HD, acc_t>& kv, Thread& th) {
-    fwd_tile(a, head, amask_win, n, k0, kv, th);
-  }
-  template <typename scalar_t>
-  SSLTM_HD static void finish(const Args<scalar_t, acc_t>& a, int head, const Thread& th) {
-    fwd_finish(a, head, th);
-  }
-};
-
 template <int HD, typename acc_t>
 struct DqPass {
   using Thread = DqThread<HD, acc_t>;
+
   template <typename scalar_t>
   SSLTM_HD static void init(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int n, Thread& th) {
-    dq_init(a, wp, head, n, th);
+    th.active = false;
+    th.lse = 0;
+    th.delta = 0;
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) { th.q[d] = 0; th.g[d] = 0; th.dq[d] = 0; }
+    if (n >= a.g.N) return;
+    th.tok = token_at(a.g, wp, n);
+    th.active = th.tok.valid;
+    if (!th.active) return;
+    load_row<HD>(a.q, row_offset(a.sq, th.tok, head), a.g.hd, th.q);
+    load_row<HD>(a.dout, row_offset(a.sdo, th.tok, head), a.g.hd, th.g);
+    const int64_t ooff = row_offset(a.so, th.tok, head);
+    acc_t delta = 0;
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) {
+      if (d < a.g.hd) delta += th.g[d] * acc_t(a.outp[ooff + d]);
+    }
+    const int64_t row = token_flat(a.g, th.tok) * a.g.nh + head;
+    th.delta = delta;
+    th.lse = a.lse[row];
+    a.delta[row] = delta;
   }
+
   template <typename scalar_t>
   SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
                             const Tile<HD, acc_t>& kv, Thread& th) {
-    dq_tile(a, head, amask_win, n, k0, kv, th);
+    if (!th.active) return;
+    constexpr int R = Tile<HD, acc_t>::R;
+    const int N = a.g.N;
+    const int kcnt = N - k0 < R ? N - k0 : R;
+    const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+    for (int j = 0; j < kcnt; ++j) {
+      const acc_t s = finish_score(a, head, a.scale * dot_row<HD>(th.q, kv.a[j]), th.tok.key,
+                                   th.tok.region, kv.key[j], kv.region[j], am_row, k0 + j);
+      const acc_t p = acc_exp(s - th.lse);
+      const acc_t dp = dot_row<HD>(th.g, kv.b[j]);
+      const acc_t ds = p * (dp - th.delta);
+      SSLTM_UNROLL_HD
+      for (int d = 0; d < HD; ++d) th.dq[d] += ds * kv.a[j][d];
+    }
   }
+
   template <typename scalar_t>
   SSLTM_HD static void finish(const Args<scalar_t, acc_t>& a, int head, const Thread& th) {
-    dq_finish(a, head, th);
+    if (!th.active) return;
+    scalar_t* dst = a.dq + row_offset(a.sdx, th.tok, head);
+    SSLTM_UNROLL_HD
+    for (int d = 0; d < HD; ++d) {
+      if (d < a.g.hd) dst[d] = scalar_t(a.scale * th.dq[d]);
+    }
   }
 };
 
