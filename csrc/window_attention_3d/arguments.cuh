@@ -88,6 +88,11 @@ SSLTM_HD const float* amask_window(const Args<scalar_t, acc_t>& a, int win) {
   return a.amask ? a.amask + int64_t(win % a.g.nMask) * a.g.N * a.g.N : nullptr;
 }
 
+// Query n's row of a window's attn_mask rows (nullptr when absent).
+SSLTM_HD const float* amask_row(const float* amask_win, int n, int N) {
+  return amask_win ? amask_win + int64_t(n) * N : nullptr;
+}
+
 template <typename T>
 SSLTM_HD T acc_max(T a, T b) { return a > b ? a : b; }
 

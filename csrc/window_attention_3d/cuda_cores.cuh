@@ -79,6 +79,13 @@ struct Tile {
   acc_t x1[R];  // dk/dv: delta of the query
 };
 
+// Rows of the tile that stages a window's rows r0, r0 + 1, ... (N of them in all): R, fewer for the last.
+template <int HD, typename acc_t>
+SSLTM_HD int staged_rows(int N, int r0) {
+  constexpr int R = Tile<HD, acc_t>::R;
+  return N - r0 < R ? N - r0 : R;
+}
+
 // Phase "stage K/V metadata" (forward, dq): thread r < R describes key row k0 + r.
 template <int HD, typename scalar_t, typename acc_t>
 SSLTM_HD void stage_kv_meta(const Args<scalar_t, acc_t>& a, const WinPos& wp, int head, int k0, int r,
@@ -157,10 +164,9 @@ struct ForwardPass {
   SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
                             const Tile<HD, acc_t>& kv, Thread& th) {
     if (!th.active) return;
-    constexpr int R = Tile<HD, acc_t>::R;
     const int N = a.g.N;
-    const int kcnt = N - k0 < R ? N - k0 : R;
-    const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+    const int kcnt = staged_rows<HD, acc_t>(N, k0);
+    const float* am_row = amask_row(amask_win, n, N);
     for (int j0 = 0; j0 < kcnt; j0 += kSub) {
       acc_t s[kSub];
       acc_t smax = acc_t(-INFINITY);
@@ -253,10 +259,9 @@ struct DqPass {
   SSLTM_HD static void tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int n, int k0,
                             const Tile<HD, acc_t>& kv, Thread& th) {
     if (!th.active) return;
-    constexpr int R = Tile<HD, acc_t>::R;
     const int N = a.g.N;
-    const int kcnt = N - k0 < R ? N - k0 : R;
-    const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+    const int kcnt = staged_rows<HD, acc_t>(N, k0);
+    const float* am_row = amask_row(amask_win, n, N);
     for (int j = 0; j < kcnt; ++j) {
       const acc_t s = finish_score(a, head, a.scale * dot_row<HD>(th.q, kv.a[j]), th.tok.key,
                                    th.tok.region, kv.key[j], kv.region[j], am_row, k0 + j);
@@ -367,13 +372,12 @@ template <int HD, typename scalar_t, typename acc_t>
 SSLTM_HD void dkv_tile(const Args<scalar_t, acc_t>& a, int head, const float* amask_win, int m, int q0,
                        const Tile<HD, acc_t>& tile, acc_t* ds_col, DkvThread<HD, acc_t>& th) {
   if (!th.in_range) return;
-  constexpr int R = Tile<HD, acc_t>::R;
   const int N = a.g.N;
-  const int qcnt = N - q0 < R ? N - q0 : R;
+  const int qcnt = staged_rows<HD, acc_t>(N, q0);
   for (int j = 0; j < qcnt; ++j) {
     if (!tile.valid[j]) continue;
     const int n = q0 + j;
-    const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+    const float* am_row = amask_row(amask_win, n, N);
     const acc_t s = finish_score(a, head, a.scale * dot_row<HD>(th.k, tile.a[j]), tile.key[j],
                                  tile.region[j], th.tok.key, th.tok.region, am_row, m);
     const acc_t p = acc_exp(s - tile.x0[j]);

@@ -222,7 +222,7 @@ SSLTM_HD void fwd_tc_softmax_row(const Args<scalar_t, float>& a, int head, const
   const int qregion = smem_at<int>(smem, L.query_region)[r];
   const int* kbias = smem_at<int>(smem, L.key_bias);
   const int* kregion = smem_at<int>(smem, L.key_region);
-  const float* am_row = amask_win ? amask_win + int64_t(q0 + r) * N : nullptr;
+  const float* am_row = amask_row(amask_win, q0 + r, N);
   float mx = -INFINITY;
   for (int j = 0; j < N; ++j) {
     const float dot = key_off[j] >= 0 ? s[j] : pad_dot;
@@ -537,7 +537,7 @@ SSLTM_HD void bwd_tc_score_grads(const Args<scalar_t, float>& a, int head, const
     if (n < N && m < N && query_valid) {
       const float dot = key_padded ? q_pad_dot_k[qi] : s[j];
       const float dpv = key_padded ? q_pad_dot_v[qi] : dp[j];
-      const float* am_row = amask_win ? amask_win + int64_t(n) * N : nullptr;
+      const float* am_row = amask_row(amask_win, n, N);
       const int j_bias = all_bias[j], j_region = all_region[j];
       const float score = kKeyChunk
           ? finish_score(a, head, a.scale * dot, j_bias, j_region, chunk_bias, chunk_region, am_row, m)
