@@ -174,7 +174,7 @@ def _eval(args: argparse.Namespace) -> int:
     from . import distributed as dist
     from .build import build_dataset, build_model, dataset_info, eval_options
     from .evaluate import evaluate, results_json, results_table
-    from .train import amp_dtype
+    from .precision import amp_dtype
 
     out = None if args.out is None else check_output_file(args.out, "--out")
     if args.save_predictions is not None:

@@ -36,7 +36,8 @@ from . import distributed as dist
 from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
-from .evaluate import autocast, evaluate, results_json
+from .evaluate import evaluate, results_json
+from .precision import amp_dtype, autocast
 
 LOSS_TERMS = ("sup", "mse", "aux", "total")
 # A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
@@ -138,13 +139,6 @@ class EpochIndexed(Dataset):
 def _ignore_sigint(_worker: int) -> None:
     # Ctrl-C reaches the whole process group: loader workers keep serving while the main process saves.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp``: ``auto`` is bf16 on GPUs and full precision on CPUs."""
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
 
 class StopRequest:
