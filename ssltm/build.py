@@ -187,9 +187,18 @@ def load_model(
     """
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config(config, overrides, base=ckpt["config"])
+    return model_from_checkpoint(cfg, ckpt, checkpoint).to(device).eval(), cfg, ckpt["meta"]
+
+
+def model_from_checkpoint(cfg: DictConfig, ckpt: dict, path: str | Path) -> nn.Module:
+    """The model of ``cfg`` with the weights of ``ckpt``, the checkpoint read from ``path`` (which errors name).
+
+    Raises:
+        ValueError: the weights do not fit the model (naming the config keys that differ from the checkpoint's).
+    """
     model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
-    load_weights(model, ckpt, checkpoint, OmegaConf.to_container(cfg))
-    return model.to(device).eval(), cfg, ckpt["meta"]
+    load_weights(model, ckpt, path, OmegaConf.to_container(cfg))
+    return model
 
 
 def eval_options(cfg: DictConfig) -> dict:
