@@ -1,16 +1,20 @@
-"""From a run configuration to the objects a run uses: datasets, their classes and colours, and the model."""
+"""From a run configuration to the objects a run uses: datasets, their classes and colours, and the model
+(built afresh, or from a checkpoint)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import data as D
-from .config import ConfigError, crop_size
+from .checkpoint import load_checkpoint, load_weights
+from .config import ConfigError, crop_size, load_config
 from .metrics import load_raft
 from .model import SSLTM
 from .visualize import make_palette
@@ -168,6 +172,33 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model settings (model.*, model.kwargs {kwargs}) rejected by SSLTM: {err}") from err
+
+
+def load_model(
+    checkpoint: str | Path,
+    device: torch.device,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+):
+    """The model of a checkpoint, its config and its meta (classes, palette), in eval mode on ``device``.
+
+    The config is the one stored in the checkpoint, with the keys of the YAML file ``config`` and then
+    ``overrides`` (``key=value``) over it.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config(config, overrides, base=ckpt["config"])
+    return model_from_checkpoint(cfg, ckpt, checkpoint).to(device).eval(), cfg, ckpt["meta"]
+
+
+def model_from_checkpoint(cfg: DictConfig, ckpt: dict, path: str | Path) -> nn.Module:
+    """The model of ``cfg`` with the weights of ``ckpt``, the checkpoint read from ``path`` (which errors name).
+
+    Raises:
+        ValueError: the weights do not fit the model (naming the config keys that differ from the checkpoint's).
+    """
+    model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
+    load_weights(model, ckpt, path, OmegaConf.to_container(cfg))
+    return model
 
 
 def eval_options(cfg: DictConfig) -> dict:

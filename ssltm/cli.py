@@ -11,12 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from ssltm_kernels._backend import HAS_TRITON, requested_backend, triton_interpreting
 from ssltm_kernels._ext import _C, BUILD_HINT, HAS_CUDA_EXT
 
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import load_checkpoint
 from .config import ConfigError, load_config
 from .distributed import resolve_device
 from .outputs import check_output_file, check_output_folder
@@ -172,9 +171,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from . import distributed as dist
-    from .build import build_dataset, build_model, dataset_info, eval_options
+    from .build import build_dataset, dataset_info, eval_options, model_from_checkpoint
     from .evaluate import evaluate, results_json, results_table
-    from .train import amp_dtype
+    from .precision import amp_dtype
 
     out = None if args.out is None else check_output_file(args.out, "--out")
     if args.save_predictions is not None:
@@ -193,9 +192,7 @@ def _eval(args: argparse.Namespace) -> int:
     _warn_if_slow(cfg.device)
     env = dist.setup(cfg.device)
     try:
-        model = build_model(cfg, info.num_classes, pretrained=False)
-        load_weights(model, ckpt, args.checkpoint, OmegaConf.to_container(cfg))
-        model.to(env.device)
+        model = model_from_checkpoint(cfg, ckpt, args.checkpoint).to(env.device)
         results = evaluate(
             model,
             dataset,

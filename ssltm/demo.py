@@ -12,13 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .build import build_dataset, dataset_info
+from .build import build_dataset, dataset_info, load_model
 from .config import load_config
 from .distributed import resolve_device
 from .evaluate import results_json, results_table, to_uint8_rgb
-from .infer import load_model
 from .metrics import confusion_matrix, miou
-from .train import run_files, train
 from .visualize import class_legend, colorize, comparison_grid
 
 DEMO_CONFIG = "demo"  # configs/demo.yaml
@@ -71,6 +69,8 @@ def demo(
 ) -> dict:
     """Train ``configs/demo.yaml`` (with ``overrides``) for ``max_minutes``, evaluate, write ``out/metrics.json``
     and ``out/predictions.png``; return the metrics (percent)."""
+    from .train import run_files, train  # the trainer loads with the run, not with the demo's baseline and picture
+
     out = Path(out)
     settings = [f"train.max_minutes={max_minutes}", f"work_dir={out / 'train'}", f"device={device}", *overrides]
     cfg = load_config(DEMO_CONFIG, settings)

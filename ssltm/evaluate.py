@@ -8,7 +8,6 @@ Under ``torchrun`` each process evaluates a share of the videos and the results 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -25,14 +24,8 @@ from . import distributed as dist
 from .data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
 from .metrics import VideoMetrics, format_table, make_flow
 from .model import VideoPredictor
+from .precision import autocast
 from .visualize import save_label_png
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` for ``dtype`` on ``device``, or nothing when ``dtype`` is None (full precision)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def to_uint8_rgb(frame: torch.Tensor) -> np.ndarray:

@@ -11,19 +11,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from . import distributed as dist
-from .build import build_model
-from .checkpoint import load_checkpoint, load_weights
-from .config import load_config
+from .build import load_model
 from .data import IMAGENET_MEAN, IMAGENET_STD
-from .evaluate import autocast
 from .model import VideoPredictor
 from .outputs import check_output_folder, staged_folder
-from .train import amp_dtype
+from .precision import amp_dtype, autocast
 from .visualize import overlay, save_label_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -103,24 +99,6 @@ def to_input(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     return (x - mean) / std
-
-
-def load_model(
-    checkpoint: str | Path,
-    device: torch.device,
-    config: str | Path | None = None,
-    overrides: Sequence[str] = (),
-):
-    """The model of a checkpoint, its config and its meta (classes, palette), in eval mode on ``device``.
-
-    The config is the one stored in the checkpoint, with the keys of the YAML file ``config`` and then
-    ``overrides`` (``key=value``) over it.
-    """
-    ckpt = load_checkpoint(checkpoint)
-    cfg = load_config(config, overrides, base=ckpt["config"])
-    model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
-    load_weights(model, ckpt, checkpoint, OmegaConf.to_container(cfg))
-    return model.to(device).eval(), cfg, ckpt["meta"]
 
 
 def check_infer_args(

@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from . import distributed as dist
 from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
-from .evaluate import autocast, evaluate, results_json
+from .evaluate import evaluate, results_json
+from .precision import amp_dtype, autocast
 
 LOSS_TERMS = ("sup", "mse", "aux", "total")
 # A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
@@ -140,13 +141,6 @@ def _ignore_sigint(_worker: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp``: ``auto`` is bf16 on GPUs and full precision on CPUs."""
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
-
-
 class StopRequest:
     """Turns the first SIGINT / SIGTERM into a request to stop after the current iteration (a second
     SIGINT interrupts at once)."""
@@ -181,6 +175,31 @@ class _State:
     iteration: int = 0
     elapsed: float = 0.0  # seconds of training over all runs of this work dir, resumes included
     best: dict[str, Any] | None = None
+
+
+@dataclass
+class _Step:
+    """What one training iteration reports to the loop."""
+
+    values: list[float]  # the loss terms (LOSS_TERMS), averaged over micro-batches and processes
+    lr: float  # the learning rate the step used
+    stop: str | None  # "interrupted" (a process was asked to stop), "time" (train.max_minutes) or None
+
+
+@dataclass
+class _Clock:
+    """The run's time: its budget (train.max_minutes in seconds, or None), the seconds of training before this
+    run started, and the seconds of each iteration and of its wait for data in this run."""
+
+    budget: float | None
+    start_elapsed: float
+    start: float = field(default_factory=time.perf_counter)
+    step_times: list[float] = field(default_factory=list)
+    data_times: list[float] = field(default_factory=list)
+
+    def elapsed(self) -> float:
+        """Seconds of training over all runs of the work dir, resumes included."""
+        return self.start_elapsed + time.perf_counter() - self.start
 
 
 class Trainer:
@@ -345,7 +364,7 @@ class Trainer:
         )
         return iter(loader)
 
-    def _step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, float]:
+    def _forward_backward(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor, float]:
         """One optimizer step's forward and backward passes; returns the loss terms averaged over its
         micro-batches and the seconds spent waiting for data."""
         accum = self.cfg.train.grad_accum
@@ -366,82 +385,37 @@ class Trainer:
             terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in LOSS_TERMS]) / accum
         return terms, waited
 
-    def run(self) -> TrainResult:
-        cfg, env, state = self.cfg, self.env, self.state
-        t = cfg.train
-        if env.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            (self.work_dir / "config.yaml").write_text(to_yaml(cfg))
-            if self.resumed_from is None:
-                self.log_file.unlink(missing_ok=True)  # a log of a run that never wrote a checkpoint
-            else:
-                _trim_log(self.log_file, state.iteration)
-                self.log({"iter": state.iteration, "resumed_from": str(self.resumed_from)})
-        self.model.train()
-        batches = self._loader()
-        if self.rng_to_restore is not None:
-            set_rng_state(self.rng_to_restore)
-        bar = tqdm(
-            total=self.schedule.max_iters,
-            initial=state.iteration,
-            desc="train",
-            unit="it",
-            dynamic_ncols=True,
-            disable=not (env.is_main and t.progress),
-        )
-        budget = None if t.max_minutes is None else 60 * t.max_minutes
-        start_time, start_elapsed = time.perf_counter(), state.elapsed
-        step_times: list[float] = []
-        data_times: list[float] = []
-        stopped, saved_at = "finished", None
-        if env.is_main:
-            print(
-                f"training {self.work_dir}: {len(self.train_indices)} clips, {env.world_size} process(es) on "
-                f"{env.device.type}, from iteration {state.iteration}"
-            )
-        with StopRequest() as stop:
-            while self.schedule.max_iters is None or state.iteration < self.schedule.max_iters:
-                tick = time.perf_counter()
-                terms, waited = self._step(batches)
-                data_times.append(waited)
-                state.elapsed = start_elapsed + time.perf_counter() - start_time
-                out_of_time = budget is not None and state.elapsed >= budget
-                flags = torch.cat([terms, terms.new_tensor([stop.requested, out_of_time])])
-                dist.all_reduce_sum(flags)
-                values = (flags[: len(LOSS_TERMS)] / env.world_size).tolist()
-                self._check_finite(values)
-                lr = self.optimizer.param_groups[0]["lr"]  # this step's
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                with warnings.catch_warnings():
-                    # The schedule counts iterations: one the fp16 grad scaler skipped (inf/NaN gradients
-                    # at its current scale) still advances it, which torch's order check would flag.
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-                    self.scheduler.step()
-                state.iteration += 1
-                step_times.append(time.perf_counter() - tick)
-                if self.fit_to_time and len(step_times) > FIT_EVERY and (len(step_times) - 1) % FIT_EVERY == 0:
-                    self._fit_to_budget(step_times[1:][-FIT_WINDOW:], budget - state.elapsed)
-                    bar.total = self.schedule.max_iters
-                bar.set_postfix_str(_postfix(values, lr), refresh=False)
-                bar.update(1)
-                if state.iteration % t.log_every == 0 or state.iteration == self.schedule.max_iters:
-                    self._log_step(values, lr, step_times, data_times)
-                if flags[-2] > 0 or flags[-1] > 0:
-                    stopped = "interrupted" if flags[-2] > 0 else "time"
-                end = stopped != "finished" or state.iteration == self.schedule.max_iters
-                # Validation first, so that this iteration's checkpoint records its result (and best.pt links it).
-                due = bool(self.validate_every) and state.iteration % self.validate_every == 0
-                if t.validate and (due or (end and stopped != "interrupted")):
-                    self.validate()
-                if state.iteration % t.checkpoint_every == 0 or end or self._best_now():
-                    saved_at = self.save()
-                if end:
-                    break
-        bar.close()
-        self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
-        return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)
+    def _train_step(self, batches: Iterator[dict[str, Any]], stop_requested: bool, clock: _Clock) -> _Step:
+        """One iteration: the forward and backward passes, the loss terms averaged over the processes, then
+        (when they are finite) the optimizer, gradient scaler and learning-rate steps.
+
+        The stop signals (``stop_requested`` here, the time budget of ``clock``) are summed in the same
+        collective as the loss terms, so that every process ends at the same iteration.
+
+        Raises:
+            NonFiniteLossError: a loss term is NaN or infinite (the step is not applied).
+        """
+        state = self.state
+        terms, waited = self._forward_backward(batches)
+        clock.data_times.append(waited)
+        state.elapsed = clock.elapsed()
+        out_of_time = clock.budget is not None and state.elapsed >= clock.budget
+        flags = torch.cat([terms, terms.new_tensor([stop_requested, out_of_time])])
+        dist.all_reduce_sum(flags)
+        values = (flags[: len(LOSS_TERMS)] / self.env.world_size).tolist()
+        self._check_finite(values)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # The schedule counts iterations: one the fp16 grad scaler skipped (inf/NaN gradients
+            # at its current scale) still advances it, which torch's order check would flag.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+            self.scheduler.step()
+        state.iteration += 1
+        stop = "interrupted" if flags[-2] > 0 else "time" if flags[-1] > 0 else None
+        return _Step(values, lr, stop)
 
     def _check_finite(self, values: list[float]) -> None:
         bad = [name for name, v in zip(LOSS_TERMS, values, strict=True) if not math.isfinite(v)]
@@ -464,6 +438,90 @@ class Trainer:
             f"({terms}); stopped before applying this step, {where}"
         )
 
+    def run(self) -> TrainResult:
+        state = self.state
+        self._open_work_dir()
+        self.model.train()
+        batches = self._loader()
+        if self.rng_to_restore is not None:
+            set_rng_state(self.rng_to_restore)
+        bar = self._progress_bar()
+        max_minutes = self.cfg.train.max_minutes
+        clock = _Clock(None if max_minutes is None else 60 * max_minutes, state.elapsed)
+        stopped, saved_at = "finished", None
+        if self.env.is_main:
+            print(
+                f"training {self.work_dir}: {len(self.train_indices)} clips, {self.env.world_size} process(es) on "
+                f"{self.env.device.type}, from iteration {state.iteration}"
+            )
+        with StopRequest() as stop:
+            while self.schedule.max_iters is None or state.iteration < self.schedule.max_iters:
+                tick = time.perf_counter()
+                step = self._train_step(batches, stop.requested, clock)
+                clock.step_times.append(time.perf_counter() - tick)
+                self._maybe_fit_to_budget(clock, bar)
+                bar.set_postfix_str(_postfix(step.values, step.lr), refresh=False)
+                bar.update(1)
+                if self._log_due():
+                    self._log_step(step, clock)
+                stopped = step.stop or "finished"
+                end = step.stop is not None or state.iteration == self.schedule.max_iters
+                # Validation first, so that this iteration's checkpoint records its result (and best.pt links it).
+                if self._validation_due(end, stopped):
+                    self.validate()
+                if self._checkpoint_due(end):
+                    saved_at = self.save()
+                if end:
+                    break
+        bar.close()
+        self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
+        return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)
+
+    # --- the cadence of the loop -------------------------------------------------------------------
+    def _open_work_dir(self) -> None:
+        """Write the run's ``config.yaml``; start ``log.jsonl`` afresh, or cut a resumed run's log back to its
+        checkpoint."""
+        if not self.env.is_main:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "config.yaml").write_text(to_yaml(self.cfg))
+        if self.resumed_from is None:
+            self.log_file.unlink(missing_ok=True)  # a log of a run that never wrote a checkpoint
+        else:
+            _trim_log(self.log_file, self.state.iteration)
+            self.log({"iter": self.state.iteration, "resumed_from": str(self.resumed_from)})
+
+    def _progress_bar(self) -> tqdm:
+        return tqdm(
+            total=self.schedule.max_iters,
+            initial=self.state.iteration,
+            desc="train",
+            unit="it",
+            dynamic_ncols=True,
+            disable=not (self.env.is_main and self.cfg.train.progress),
+        )
+
+    def _maybe_fit_to_budget(self, clock: _Clock, bar: tqdm) -> None:
+        """For a run sized by ``train.max_minutes`` alone: fit its length after the first FIT_EVERY + 1 iterations,
+        then every FIT_EVERY iterations."""
+        done = len(clock.step_times)
+        if self.fit_to_time and done > FIT_EVERY and (done - 1) % FIT_EVERY == 0:
+            self._fit_to_budget(clock.step_times[1:][-FIT_WINDOW:], clock.budget - self.state.elapsed)
+            bar.total = self.schedule.max_iters
+
+    def _log_due(self) -> bool:
+        iteration = self.state.iteration
+        return iteration % self.cfg.train.log_every == 0 or iteration == self.schedule.max_iters
+
+    def _validation_due(self, end: bool, stopped: str) -> bool:
+        """Every ``validate_every`` iterations, and at the end of a run that was not interrupted."""
+        due = bool(self.validate_every) and self.state.iteration % self.validate_every == 0
+        return self.cfg.train.validate and (due or (end and stopped != "interrupted"))
+
+    def _checkpoint_due(self, end: bool) -> bool:
+        """Every ``train.checkpoint_every`` iterations, at the end, and at a new best validation (for best.pt)."""
+        return self.state.iteration % self.cfg.train.checkpoint_every == 0 or end or self._best_now()
+
     def _fit_to_budget(self, step_times: list[float], remaining: float) -> None:
         """Set ``max_iters`` to the iterations that fit the rest of ``train.max_minutes`` at the measured speed."""
         per_step = sum(step_times) / len(step_times)
@@ -476,16 +534,16 @@ class Trainer:
                 "(refitted as the speed changes)"
             )
 
-    def _log_step(self, values: list[float], lr: float, step_times: list[float], data_times: list[float]) -> None:
-        n = min(self.cfg.train.log_every, len(step_times))
-        per_step = sum(step_times[-n:]) / n
+    def _log_step(self, step: _Step, clock: _Clock) -> None:
+        n = min(self.cfg.train.log_every, len(clock.step_times))
+        per_step = sum(clock.step_times[-n:]) / n
         remaining = None if self.schedule.max_iters is None else self.schedule.max_iters - self.state.iteration
         record = {
             "iter": self.state.iteration,
-            "lr": lr,
-            **{k: round(v, 6) for k, v in zip(LOSS_TERMS, values, strict=True)},
+            "lr": step.lr,
+            **{k: round(v, 6) for k, v in zip(LOSS_TERMS, step.values, strict=True)},
             "s_per_iter": round(per_step, 4),
-            "data_s_per_iter": round(sum(data_times[-n:]) / n, 4),
+            "data_s_per_iter": round(sum(clock.data_times[-n:]) / n, 4),
             "eta_s": None if remaining is None else round(remaining * per_step, 1),
             "elapsed_s": round(self.state.elapsed, 2),
         }

@@ -1,9 +1,13 @@
-"""The parts under the command line: data order, learning-rate schedule, held-out frames, merged metrics, config."""
+"""The parts under the command line: data order, learning-rate schedule, held-out frames, merged metrics, config,
+mixed precision and which modules the trainer's users load."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +16,19 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+import ssltm.build
+import ssltm.evaluate
+import ssltm.infer
+import ssltm.train
 from ssltm.checkpoint import load_checkpoint
 from ssltm.config import ConfigError, load_config
 from ssltm.data import CamVid, hold_out
 from ssltm.metrics import VideoMetrics
 from ssltm.outputs import check_output_file, check_output_folder, staged_folder
+from ssltm.precision import amp_dtype, autocast
 from ssltm.train import ClipOrder, PolySchedule, _trim_log
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def take(order: ClipOrder, micro_batches: int) -> list[list[tuple[int, int]]]:
@@ -212,3 +223,30 @@ def test_outputs_checked_and_staged(tmp_path):
             (staging / "a.txt").write_text(text)
         assert [(p.name, p.read_text()) for p in target.iterdir()] == [("a.txt", text)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
+
+
+def test_amp_dtype_and_autocast():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    modes = ("auto", "bf16", "fp16", "off")
+    assert [amp_dtype(mode, cpu) for mode in modes] == [None, torch.bfloat16, torch.float16, None]
+    assert amp_dtype("auto", gpu) is torch.bfloat16 and amp_dtype("off", gpu) is None
+    with autocast(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype is torch.bfloat16
+    with autocast(cpu, None):
+        assert not torch.is_autocast_enabled("cpu")
+    # the names' earlier homes still export them
+    assert ssltm.train.amp_dtype is amp_dtype and ssltm.train.autocast is autocast
+    assert ssltm.evaluate.autocast is autocast and ssltm.infer.load_model is ssltm.build.load_model
+
+
+def test_evaluation_inference_and_demo_load_without_the_trainer():
+    code = (
+        "import importlib, sys\n"
+        "for name in ('ssltm.evaluate', 'ssltm.infer', 'ssltm.demo'):\n"
+        "    importlib.import_module(name)\n"
+        "    assert 'ssltm.train' not in sys.modules, f'{name} loads ssltm.train'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
