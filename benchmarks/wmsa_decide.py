@@ -3,7 +3,7 @@
     python benchmarks/wmsa_decide.py [--full] [--write-configs] [--sections ceilings,gate,peers,sweep,counters]
                                      [--no-save] [--results-dir DIR] [--cpu]
 
-The plan of research/wmsa-perf-design.md section 4, in one run (``--full``: about 8 minutes on an H100/H200):
+The measurements that decide the defaults, in one run (``--full``: about 8 minutes on an H100/H200):
 
     ceilings  measured peaks every "% of floor" uses: device-to-device copy bandwidth, a bf16 GEMM, the exp2
               rate of a Triton microkernel (the special-function unit's real ceiling); clocks and versions

@@ -1,6 +1,6 @@
 """Checkpoints: written atomically, loaded with checks, and the random number generator states they carry.
 
-A checkpoint is a dict (ARCHITECTURE.md §3.4): ``model``, ``optimizer``, ``scheduler``, ``scaler``,
+A checkpoint is a dict: ``model``, ``optimizer``, ``scheduler``, ``scaler``,
 ``iteration``, ``rng`` (one entry per process), ``config`` (plain dict), ``meta`` (classes, palette,
 versions) and ``train_state`` (elapsed time, best validation result). Only tensors and plain Python
 values, so that ``torch.load(weights_only=True)`` reads it.

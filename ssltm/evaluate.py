@@ -207,7 +207,7 @@ TC_SETTINGS = ("TC_protocol", "TC_flow", "TC_videos")
 
 
 def results_json(results: dict, classes: Sequence[str]) -> dict:
-    """The metrics file's content (ARCHITECTURE.md §3.4): percent with two decimals, ``null`` for a metric
+    """The metrics file's content: percent with two decimals, ``null`` for a metric
     with nothing to average; ``per_class`` maps class names to IoU; the TC settings as they are."""
     out = {k: v if k in TC_SETTINGS else _percent(v) for k, v in results.items() if k != "per_class"}
     out["per_class"] = {name: _percent(v) for name, v in zip(classes, results["per_class"], strict=True)}

@@ -1,4 +1,4 @@
-"""Video clip datasets for SSLTM (ARCHITECTURE.md §3.1-3.2).
+"""Video clip datasets for SSLTM (README "Data and metrics").
 
 Every dataset is a ``torch.utils.data.Dataset`` of clips sampled by one :class:`ClipSampler`; a
 sample is a dict with ``"frames"`` float32 ``(1+n, 3, H, W)`` (query first, then the adjacent

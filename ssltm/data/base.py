@@ -32,7 +32,7 @@ def default_reference(split: str, reference: str | None) -> str:
 
 
 class ClipDataset(Dataset):
-    """A ``Dataset`` of clips (ARCHITECTURE.md §3.1); subclasses say what the videos are.
+    """A ``Dataset`` of clips; subclasses say what the videos are.
 
     A sample is a dict:
 

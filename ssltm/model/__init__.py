@@ -1,4 +1,4 @@
-"""The SSLTM model (ARCHITECTURE.md §2) and its video predictor.
+"""The SSLTM model (the paper's §3; README "The SSLTM model") and its video predictor.
 
 Modules, one file per part: ``backbone`` (torchvision ResNet trunk), ``neck`` (FPN + PPM), ``stt``
 (Spatial-Temporal Transformer), ``rfce`` (shared OCR, category attention, GCC), ``heads`` (segmentation
