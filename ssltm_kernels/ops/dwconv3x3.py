@@ -28,6 +28,7 @@ from ssltm_kernels._backend import (
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._device import device_sm_count
 from ssltm_kernels._ext import _C
 from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
@@ -346,7 +347,7 @@ def _partial_groups(num_tiles: int, channel_blocks: int, device: torch.device) -
     partial sums): about 8 per multiprocessor in all; one in the interpreter."""
     if device.type != "cuda":
         return 1
-    target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 8 * device_sm_count(device)
     return max(1, min(num_tiles, -(-target // channel_blocks)))
 
 

@@ -33,6 +33,7 @@ from ssltm_kernels._backend import (
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._device import INTERPRETER_DEVICE, device_shared_memory, device_sm_count, shared_memory_limit
 from ssltm_kernels._ext import _C
 from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
@@ -407,10 +408,13 @@ COMBINE_BLOCKS = (32, 64)  # (BLOCK_K, BLOCK_C) of the combine kernel: many prog
 DELTA_BLOCKS = (16, 128)  # (BLOCK_R, BLOCK_C) of the delta kernel
 # below this much shared memory per block (sm_86: 99 KB) the loops keep two stages instead of three
 THREE_STAGE_SHARED_MEMORY = 160 * 1024
+# without a device: the shared memory of the board the interpreter stands in for
+_DEFAULT_SHARED_MEMORY = shared_memory_limit(INTERPRETER_DEVICE.arch)
 
 
 def forward_config(batch: int, classes: int, channels: int, positions: int, dtype: torch.dtype, *,
-                   interpreting: bool, sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
+                   interpreting: bool, sm_count: int = INTERPRETER_DEVICE.sm_count,
+                   shared_memory: int = _DEFAULT_SHARED_MEMORY) -> ForwardConfig:
     """Blocks for ``(batch, classes, channels, positions)`` in ``dtype``. On a GPU a program holds up to 128
     classes and 128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a
     time (32 for fp32 inputs: the same bytes per stage); the positions are split so that about two programs
@@ -428,7 +432,7 @@ def forward_config(batch: int, classes: int, channels: int, positions: int, dtyp
 
 
 def backward_config(classes: int, channels: int, positions: int, dtype: torch.dtype, *, interpreting: bool,
-                    shared_memory: int = 227 * 1024) -> BackwardConfig:
+                    shared_memory: int = _DEFAULT_SHARED_MEMORY) -> BackwardConfig:
     """Blocks of the backward kernel: up to 128 classes per program (one class block for SSLTM's 124),
     64 positions per program (128 for 32 classes or fewer), 64 channels per loop step (32 for fp32)."""
     block_k = _next_pow2(classes)
@@ -441,25 +445,15 @@ def backward_config(classes: int, channels: int, positions: int, dtype: torch.dt
                           3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
 
 
-def _device_limits(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    props = torch.cuda.get_device_properties(device)
-    return {"sm_count": props.multi_processor_count, "shared_memory": props.shared_memory_per_block_optin}
-
-
 def _forward_launch_config(logits: torch.Tensor, channels: int) -> ForwardConfig:
     batch, classes, h, w = logits.shape
-    limits = _device_limits(logits.device)
     return forward_config(batch, classes, channels, h * w, logits.dtype, interpreting=triton_interpreting(),
-                          **limits)
+                          sm_count=device_sm_count(logits.device), shared_memory=device_shared_memory(logits.device))
 
 
 def _backward_launch_config(logits: torch.Tensor, channels: int) -> BackwardConfig:
-    limits = _device_limits(logits.device)
-    limits.pop("sm_count", None)
     return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3], logits.dtype,
-                           interpreting=triton_interpreting(), **limits)
+                           interpreting=triton_interpreting(), shared_memory=device_shared_memory(logits.device))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -580,7 +574,7 @@ class Launch:
 _FP32_POINTERS = {"OutAcc", "Stats", "PartAcc", "PartStats", "Delta"}
 
 
-def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = 227 * 1024,
+def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = _DEFAULT_SHARED_MEMORY,
                          int_arg=None):
     """The kernels one forward and backward of ``launch`` runs on a device with ``shared_memory`` bytes per
     block, specialised as the launchers specialise them, as ``(name, kernel, signature, constexprs, attrs,
@@ -625,10 +619,8 @@ FULL_LAUNCHES = SSLTM_LAUNCHES + (
 
 
 def _compile_specs(arch: int, dtype: torch.dtype, launch: Launch, unaligned: bool) -> list:
-    from ssltm_kernels.compile_check import SHARED_MEMORY_LIMIT
-
     int_arg = (lambda name: 31) if unaligned else None
-    return list(triton_compile_specs(dtype, launch, shared_memory=SHARED_MEMORY_LIMIT[arch], int_arg=int_arg))
+    return list(triton_compile_specs(dtype, launch, shared_memory=shared_memory_limit(arch), int_arg=int_arg))
 
 
 def compile_configs(arch: int, config_set: str) -> list[CompileConfig]:

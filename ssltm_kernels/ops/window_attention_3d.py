@@ -47,6 +47,7 @@ from ssltm_kernels._backend import (
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._device import SHARED_MEMORY_LIMIT, device_arch, device_shared_memory, device_sm_count
 from ssltm_kernels._ext import _C
 from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
 
@@ -82,7 +83,8 @@ MAX_HEAD_DIM = 256
 # Shared memory a block may opt in to -> the largest "key tile" (one head's keys of a window padded to
 # powers of 2, key_tile_bytes: a measure of the window's size) the Triton dispatch takes there; compile_check
 # compiles the largest such windows for sm_90, sm_80 and sm_86 (their shared memory and registers)
-TRITON_KEY_TILE_LIMITS = ((227 * 1024, 64 * 1024), (163 * 1024, 32 * 1024), (99 * 1024, 16 * 1024))
+TRITON_KEY_TILE_LIMITS = ((SHARED_MEMORY_LIMIT[90], 64 * 1024), (SHARED_MEMORY_LIMIT[80], 32 * 1024),
+                          (SHARED_MEMORY_LIMIT[86], 16 * 1024))
 MAX_TRITON_KEY_TILE_BYTES = TRITON_KEY_TILE_LIMITS[0][1]
 
 
@@ -379,13 +381,6 @@ def triton_key_tile_limit(shared_memory_bytes: int) -> int:
     return next((tile for needed, tile in TRITON_KEY_TILE_LIMITS if shared_memory_bytes >= needed), 0)
 
 
-def device_shared_memory(device: torch.device) -> int:
-    """Shared memory a block may opt in to on ``device``; the interpreter runs the kernels as sm_90 would."""
-    if device.type != "cuda":
-        return TRITON_KEY_TILE_LIMITS[0][0]
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
 def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype, scale: float | None) -> str | None:
     reason = triton_unavailable_reason(q) or _dtype_reason(dtype)
     if reason is not None:
@@ -424,10 +419,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 def _cuda_kernels(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> tuple[str, str]:
     """The CUDA kernel family (``"tensor_cores"`` or ``"cuda_cores"``) of the forward and of the backward
     on q's device, as the extension's launchers decide it."""
-    props = torch.cuda.get_device_properties(q.device)
     return tuple(_C.window_attention_3d_cuda_kernels(
-        _DTYPE_NAMES[dtype], geom.tokens_per_window, q.shape[-1], props.shared_memory_per_block_optin,
-        10 * props.major + props.minor))
+        _DTYPE_NAMES[dtype], geom.tokens_per_window, q.shape[-1], device_shared_memory(q.device),
+        device_arch(q.device)))
 
 
 _DROPOUT_WARNED = False
@@ -1351,7 +1345,7 @@ def window_groups(num_windows: int, programs_per_group: int, device: torch.devic
     device ``PROGRAMS_PER_SM`` programs per multiprocessor (times ``mult``)."""
     if device.type != "cuda":
         return min(num_windows, INTERPRETER_GROUPS * mult)
-    target = PROGRAMS_PER_SM * mult * torch.cuda.get_device_properties(device).multi_processor_count
+    target = PROGRAMS_PER_SM * mult * device_sm_count(device)
     return max(1, min(num_windows, -(-target // programs_per_group)))
 
 
