@@ -49,6 +49,7 @@ from ssltm_kernels._backend import (
 )
 from ssltm_kernels._device import SHARED_MEMORY_LIMIT, device_arch, device_shared_memory, device_sm_count
 from ssltm_kernels._ext import _C
+from ssltm_kernels._op import dot_block
 from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
 
 if HAS_TRITON:
@@ -1110,10 +1111,6 @@ if HAS_TRITON:
             tl.store(DPAD_V + head * HD + offs_d, dpad_v, mask=offs_d < HD)
 
 
-def _next_pow2(x: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << (x - 1).bit_length())
-
-
 # --------------------------------------------------------------------------------------------------
 # Triton launch configurations: per-kernel sets, the shipped (measured) choices, defaults
 # --------------------------------------------------------------------------------------------------
@@ -1232,7 +1229,7 @@ def default_configs(tokens_per_window: int, head_dim: int, dtype: torch.dtype = 
     """Configurations before any measurement, by what compile_check reports: at SSLTM's windows in 16-bit
     the first of each ``CONFIG_SETS`` (none spills registers on sm_90); fp32 (three tf32 products per
     product) and head dims from 128 take 32-row/key blocks, the fewest spills compiled."""
-    if dtype == torch.float32 or _next_pow2(head_dim) >= 128:
+    if dtype == torch.float32 or dot_block(head_dim) >= 128:
         warps = 4 if dtype == torch.float32 else 8
         return LaunchConfigs(*(KernelConfig(32, 32, warps, 1) for _ in KERNELS))
     return LaunchConfigs(**{name: CONFIG_SETS[name][0] for name in KERNELS})
@@ -1279,7 +1276,7 @@ def pipeline_stage_bytes(kernel: str, cfg: KernelConfig, tokens_per_window: int,
     loop loads (fwd and dq: a key block's keys, values and fp32 bias rows; dbias: a window's query, dO, key
     and value rows; dkdv: a query block's query and dO rows and fp32 bias rows), an upper estimate that
     compile_check holds against the compiled kernels."""
-    d, e = _next_pow2(head_dim), dtype.itemsize
+    d, e = dot_block(head_dim), dtype.itemsize
     if kernel == "dbias":
         return 2 * (cfg.block_m + cfg.block_n) * d * e
     rows = cfg.block_m if kernel == "dkdv" else cfg.block_n
@@ -1380,7 +1377,7 @@ def _bias_operand(table: torch.Tensor | None, geom: WindowGeometry, scale: float
 def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of one head's keys of a window padded to powers of 2: the size the Triton dispatch limits per
     device (``TRITON_KEY_TILE_LIMITS``)."""
-    return _next_pow2(tokens_per_window) * _next_pow2(head_dim) * dtype.itemsize
+    return dot_block(tokens_per_window) * dot_block(head_dim) * dtype.itemsize
 
 
 def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, pad_k: bool, pad_v: bool,
@@ -1428,7 +1425,7 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
         dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
         t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows, scale * LOG2E,
         **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_next_pow2(head_dim), num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=dot_block(head_dim), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, lse
@@ -1456,7 +1453,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
                 t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows)
     grads = (dq.stride(3), dq.stride(4), scale)  # gradient rows: elements per token, per head
     constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
-    block_d = _next_pow2(head_dim)
+    block_d = dot_block(head_dim)
 
     def launch(kernel, cfg, grid, *args, **extra):
         kernel[grid](*args, **constants, **extra, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
@@ -1497,7 +1494,7 @@ def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int, i
     the interpreter takes whole tables, windows and sums."""
     sums = padded_tokens(tokens_per_window) ** 2
     if triton_interpreting():
-        return _next_pow2(table_size), _next_pow2(tokens_per_window), sums
+        return dot_block(table_size), dot_block(tokens_per_window), sums
     return (*REDUCE_BLOCKS, min(DSUM_BLOCK, sums))
 
 
@@ -1531,7 +1528,7 @@ def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int,
         dbias, dtable, dpad, dpad_k, dpad_v, dbias.shape[0] if need_table_grad else 0,
         dpad.shape[0] if need_pad_grad else 0, heads, head_dim, **_reduce_constants(geom),
         NEED_DTABLE=need_table_grad, NEED_DPAD=need_pad_grad, BLOCK_E=block_e, BLOCK_M=block_m,
-        BLOCK_D=_next_pow2(head_dim), num_warps=4,
+        BLOCK_D=dot_block(head_dim), num_warps=4,
     )
     return (dtable if need_table_grad else None, *((dpad_k, dpad_v) if need_pad_grad else (None, None)))
 
@@ -1571,7 +1568,7 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     configs = configs or launch_configs(geom.tokens_per_window, head_dim, 1, dtype, geom.shifted,
                                         shared_memory=shared_memory)
     constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask) | {"WIDE_INDEX": False}
-    block_d = _next_pow2(head_dim)
+    block_d = dot_block(head_dim)
     kernels = ((_window_attn_fwd_kernel, configs.fwd, {}), (_window_attn_bwd_dq_kernel, configs.dq, {}))
     kernels += ((_window_attn_bwd_dbias_kernel, configs.dbias, {}),) if bias else ()
     kernels += ((_window_attn_bwd_dkdv_kernel, configs.dkdv, {"NEED_DPAD": pad}),)
