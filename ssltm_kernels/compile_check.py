@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ssltm_kernels._device import ARCHS, SHARED_MEMORY_LIMIT, shared_memory_limit  # noqa: F401 (re-exported)
+from ssltm_kernels._op import COMPILE_SETS as SETS
 from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     KERNELS,
@@ -66,7 +67,6 @@ WINDOW_ATTENTION_CONFIGS = (
 SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT = (4, 7, 7), 32, (2, 3, 3)
 SSLTM_VOLUME, SSLTM_HEADS = (2, 4, 30, 30), 4  # (clips, frames, H, W) of one stage, as in the benchmark
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SETS = ("full", "representative", "sweep")
 
 
 @dataclass(frozen=True)
