@@ -73,16 +73,13 @@ def backend_predicates(op: str, checks: Callable[..., Checks]) -> tuple[Callable
         can_run.__name__ = can_run.__qualname__ = f"can_run_{backend}"
         can_run.__module__ = checks.__module__
         can_run.__signature__ = inspect.Signature(params, return_annotation=BackendCheck)
-        can_run.__doc__ = (f"Whether the {_KERNELS[backend]} can run :func:`{op}` on these arguments (truthy), "
-                           "with the reason when not (``raise_error``: raise it); invalid arguments raise the "
-                           "input error.")
+        can_run.__doc__ = (f"The reference runs any valid arguments of :func:`{op}` (invalid ones raise the input "
+                           "error)." if backend == "reference" else
+                           f"Whether the {backend} backend's kernels can run :func:`{op}` on these arguments (truthy), "
+                           "with the reason when not (``raise_error``: raise it); invalid ones raise the input error.")
         return can_run
 
     return tuple(predicate(backend) for backend in BACKENDS)
-
-
-_KERNELS = {"cuda": "compiled CUDA kernels", "triton": "Triton kernels", "reference": "PyTorch reference (any valid "
-            "arguments)"}
 
 
 def dispatch(op: str, checks: Checks, backend: str | None, *, fused: Callable[[str], object],
