@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ssltm_kernels._device import DEVICE_SPECS, DeviceSpec, match_device_spec  # noqa: F401 (re-exported)
 from ssltm_kernels.numerics import exact_dtype, twice_reference_bound
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -39,43 +40,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 UNAVAILABLE, SKIPPED = "unavailable: ", "skipped: "  # rows without a time that are not failures
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPILE_NOTE = "donated buffers off"
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """Dense peaks of one GPU: FLOP/s per dtype, DRAM bytes/s, ``exp``/s of the special-function unit."""
-
-    name: str
-    flops: dict  # torch.dtype -> FLOP/s; fp32 is the non-tensor-core peak (torch's default, no TF32)
-    bytes_per_s: float
-    exp_per_s: float
-
-
-def _hopper(name: str, sparse_tflops: float, fp32_tflops: float, tb_per_s: float, sms: int, mhz: int) -> DeviceSpec:
-    # NVIDIA H100 / H200 datasheets quote tensor FLOP/s "with sparsity": dense is half. MUFU ex2 does
-    # 16/clk/SM on sm_90 (CUDA C++ Programming Guide throughput table) at the clock the dense peak implies
-    # (4096 bf16 FLOP/clk/SM): 132 SMs x 16 x 1.83 GHz = 3.9e12 exp/s on H100 SXM, FlashAttention-3's figure.
-    tensor = sparse_tflops / 2 * 1e12
-    flops = {torch.bfloat16: tensor, torch.float16: tensor, torch.float32: fp32_tflops * 1e12}
-    return DeviceSpec(name, flops, tb_per_s * 1e12, sms * 16 * mhz * 1e6)
-
-
-DEVICE_SPECS = {s.name: s for s in (
-    _hopper("H100 SXM", 1979, 67, 3.35, 132, 1830),
-    _hopper("H100 PCIe", 1513, 51, 2.0, 114, 1620),
-    _hopper("H100 NVL", 1671, 60, 3.9, 132, 1545),
-    _hopper("H200 SXM", 1979, 67, 4.8, 132, 1830),
-    _hopper("H200 NVL", 1671, 60, 4.8, 132, 1545),
-)}
-
-
-def match_device_spec(gpu_name: str | None) -> DeviceSpec | None:
-    """Spec for a ``torch.cuda.get_device_name`` ("NVIDIA H100 80GB HBM3" is the SXM board), else None."""
-    name = (gpu_name or "").upper()
-    for gpu in ("H200", "H100"):
-        if gpu in name:
-            return DEVICE_SPECS.get(f"{gpu} {'NVL' if 'NVL' in name else 'PCIe' if 'PCIE' in name else 'SXM'}")
-    return None
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ from benchmarks.stt_window_attn import (
     split_qkv,
     window_attention_work,
 )
+from ssltm_kernels._device import device_arch, device_shared_memory, device_sm_count
 from ssltm_kernels.numerics import twice_reference_bound
 from ssltm_kernels.ops.window_attention_3d import (
     CONFIG_SETS,
@@ -182,7 +183,7 @@ def measure_ceilings(run: Run) -> dict:
     if not run.on_gpu:
         print("ceilings: measured on a GPU only")
         return run.record("ceilings", copy_bytes_per_s=None, gemm_flops=None, exp_per_s=None)
-    sms = torch.cuda.get_device_properties(run.device).multi_processor_count
+    sms = device_sm_count(run.device)
     ceilings = {"copy_bytes_per_s": _copy_rate(run, 2**30 if run.full else 2**27),  # bf16: 2 GiB (quick 256 MiB)
                 "gemm_flops": _gemm_rate(run, 8192 if run.full else 4096),
                 "exp_per_s": _exp_rate(run, 64 * sms)}
@@ -312,8 +313,7 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
 
     from ssltm_kernels.compile_check import _spec_key
 
-    props = torch.cuda.get_device_properties(run.device)
-    arch, shared = 10 * props.major + props.minor, props.shared_memory_per_block_optin
+    arch, shared = device_arch(run.device), device_shared_memory(run.device)
     units, seen = [], set()
     for shape, configs in dict.fromkeys(work):
         ints = launch_ints(shape)

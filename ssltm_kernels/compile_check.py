@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ssltm_kernels._device import ARCHS, SHARED_MEMORY_LIMIT, shared_memory_limit  # noqa: F401 (re-exported)
+from ssltm_kernels._op import COMPILE_SETS as SETS
 from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
 from ssltm_kernels.ops.window_attention_3d import (
     KERNELS,
@@ -54,9 +56,6 @@ from ssltm_kernels.ops.window_attention_3d import (
     window_geometry,
 )
 
-# architecture -> shared memory a block may opt in to, bytes (CUDA C Programming Guide, compute capabilities)
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
-
 # (window, head_dim, shift): the SSLTM / Video Swin configurations the kernels are tuned for, in every dtype
 WINDOW_ATTENTION_CONFIGS = (
     ((4, 7, 7), 32, (0, 0, 0)),
@@ -68,7 +67,6 @@ WINDOW_ATTENTION_CONFIGS = (
 SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT = (4, 7, 7), 32, (2, 3, 3)
 SSLTM_VOLUME, SSLTM_HEADS = (2, 4, 30, 30), 4  # (clips, frames, H, W) of one stage, as in the benchmark
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SETS = ("full", "representative", "sweep")
 
 
 @dataclass(frozen=True)
@@ -197,7 +195,7 @@ def _representative_largest(largest) -> list:
 
 def _fits(arch: int, window, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the Triton dispatch takes this window on ``arch`` (else the CUDA kernels run it)."""
-    return key_tile_bytes(math.prod(window), head_dim, dtype) <= triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])
+    return key_tile_bytes(math.prod(window), head_dim, dtype) <= triton_key_tile_limit(shared_memory_limit(arch))
 
 
 def _ssltm_configs(arch: int, launch: str, *, shifted_volumes_only: bool = False):
@@ -260,7 +258,7 @@ def window_attention_configs(arch: int, config_set: str = "full") -> list[Config
     compiles every variant for every architecture in its sweep configurations)."""
     if config_set not in SETS:
         raise ValueError(f"config_set must be one of {SETS}, got {config_set!r}")
-    largest = list(largest_window_configs(triton_key_tile_limit(SHARED_MEMORY_LIMIT[arch])))
+    largest = list(largest_window_configs(triton_key_tile_limit(shared_memory_limit(arch))))
     configs = list(_ssltm_configs(arch, "ssltm"))
     if config_set == "representative":
         configs = [config for config in configs if config.dtype == torch.bfloat16 or config.shift == SSLTM_SHIFT
@@ -295,7 +293,7 @@ def compile_specs(arch: int, config: Config) -> list[tuple]:
     return list(triton_compile_specs(
         config.dtype, config.window, config.head_dim, config.shift, bias=True, pad=not config.window_batches,
         mask=config.mask, window_batches=config.window_batches, int_arg=int_arg, aligned_pointers=True,
-        shared_memory=SHARED_MEMORY_LIMIT[arch], configs=_fitted(arch, config)))
+        shared_memory=shared_memory_limit(arch), configs=_fitted(arch, config)))
 
 
 def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
@@ -304,7 +302,7 @@ def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
         return None
     tokens = math.prod(config.window)
     return replace(config.configs, **{name: fit_stages(name, getattr(config.configs, name), tokens,
-                                                       config.head_dim, config.dtype, SHARED_MEMORY_LIMIT[arch])
+                                                       config.head_dim, config.dtype, shared_memory_limit(arch))
                                       for name in KERNELS})
 
 
@@ -328,7 +326,7 @@ def compile_report(arch: int, config: Config, index: int) -> str:
     shared = compiled.metadata.shared
     usage, sass = resource_usage(compiled)
     loads = global_loads(sass)
-    problems = [f"needs {shared} B of shared memory"] if shared > SHARED_MEMORY_LIMIT[arch] else []
+    problems = [f"needs {shared} B of shared memory"] if shared > shared_memory_limit(arch) else []
     row_problem = row_load_problem(config, spec, loads)
     problems += [row_problem] if row_problem else []
     status = "FAIL" if problems else "ok  "
@@ -501,7 +499,7 @@ def configurations(arch: int, config_set: str, ops=None) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(SHARED_MEMORY_LIMIT),
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=ARCHS,
                         help="compute capabilities as ints, e.g. 90 (several share one pool of compilers)")
     parser.add_argument("--set", dest="config_set", default="full", choices=SETS,
                         help="every configuration (default), the representative set the tests compile, or the "

@@ -22,13 +22,24 @@ import torch.nn.functional as F
 from ssltm_kernels._backend import (
     HAS_TRITON,
     BackendCheck,
-    choose_backend,
     cuda_unavailable_reason,
     on_device,
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._device import device_sm_count
 from ssltm_kernels._ext import _C
+from ssltm_kernels._op import (
+    KERNEL_DTYPES,
+    autocast_dtype,
+    autocasting,
+    backend_predicates,
+    compile_cases,
+    dispatch,
+    dtype_reason,
+    next_pow2,
+    register_autocast,
+)
 from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
@@ -42,7 +53,6 @@ __all__ = [
 ]
 
 ACTIVATIONS = (None, "gelu")
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,10 +77,6 @@ def dwconv3x3_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 # --------------------------------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------------------------------
-def _autocasting(x: torch.Tensor) -> bool:
-    return x.dtype in KERNEL_DTYPES and torch.is_autocast_enabled(x.device.type)
-
-
 def _check_param(name: str, p, x: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
@@ -82,7 +88,7 @@ def _check_param(name: str, p, x: torch.Tensor, shape: tuple[int, ...], what: st
     if not p.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {p.dtype} ({name} shape {tuple(p.shape)})")
     # under autocast the op casts x, weight and bias to the autocast dtype, as nn.Conv2d does
-    if p.dtype != x.dtype and not (_autocasting(x) and p.dtype in KERNEL_DTYPES):
+    if p.dtype != x.dtype and not autocasting(x, p):
         raise TypeError(f"{name} must have x's dtype {x.dtype}, got {p.dtype} ({name} shape {tuple(p.shape)})")
 
 
@@ -107,45 +113,24 @@ def _validate(x, weight, bias, activation) -> None:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the kernels run in: x's, or the autocast dtype where autocast casts x (see the op's
     autocast registration below)."""
-    return torch.get_autocast_dtype(x.device.type) if _autocasting(x) else x.dtype
-
-
-def _dtype_reason(dtype: torch.dtype) -> str | None:
-    return None if dtype in KERNEL_DTYPES else f"dtype {dtype} is not one of {KERNEL_DTYPES}"
+    return autocast_dtype(x)
 
 
 def _checks(x: torch.Tensor) -> dict[str, BackendCheck]:
     dtype = compute_dtype(x)
     return {
-        "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or _dtype_reason(dtype)),
-        "triton": BackendCheck("triton", triton_unavailable_reason(x) or _dtype_reason(dtype)),
+        "cuda": BackendCheck("cuda", cuda_unavailable_reason(x) or dtype_reason(dtype)),
+        "triton": BackendCheck("triton", triton_unavailable_reason(x) or dtype_reason(dtype)),
         "reference": BackendCheck("reference", None),
     }
 
 
-def _can_run(backend: str, x, weight, bias, activation, raise_error: bool) -> BackendCheck:
+def _validated_checks(x, weight, bias=None, activation=None) -> dict[str, BackendCheck]:
     _validate(x, weight, bias, activation)
-    check = _checks(x)[backend]
-    if raise_error:
-        check.raise_if_unavailable("dwconv3x3")
-    return check
+    return _checks(x)
 
 
-def can_run_cuda(x, weight, bias=None, activation=None, *, raise_error=False) -> BackendCheck:
-    """Whether the compiled CUDA kernels can run :func:`dwconv3x3` on these arguments (truthy), with the
-    reason when not (``raise_error``: raise it)."""
-    return _can_run("cuda", x, weight, bias, activation, raise_error)
-
-
-def can_run_triton(x, weight, bias=None, activation=None, *, raise_error=False) -> BackendCheck:
-    """Whether the Triton kernels can run :func:`dwconv3x3` on these arguments (truthy), with the reason
-    when not (``raise_error``: raise it)."""
-    return _can_run("triton", x, weight, bias, activation, raise_error)
-
-
-def can_run_reference(x, weight, bias=None, activation=None, *, raise_error=False) -> BackendCheck:
-    """The reference runs any valid arguments (invalid ones raise the input error)."""
-    return _can_run("reference", x, weight, bias, activation, raise_error)
+can_run_cuda, can_run_triton, can_run_reference = backend_predicates("dwconv3x3", _validated_checks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,10 +280,6 @@ if HAS_TRITON:
                      mask=(rows < 10) & c_ok[None, :])
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
-
-
 @dataclass(frozen=True)
 class TritonConfig:
     """Tile of the kernels: BLOCK_H x BLOCK_W pixels of a frame, BLOCK_C channels."""
@@ -313,10 +294,10 @@ def triton_config(height: int, width: int, channels: int, dtype: torch.dtype, in
     """Tiles of 64 pixels (16 wide) and 128 bytes of channels on a GPU; whole frames in the interpreter,
     which pays per program step, not per element."""
     if interpreting:
-        return TritonConfig(_next_pow2(height), _next_pow2(width), _next_pow2(channels), 4)
-    block_w = min(16, _next_pow2(width))
-    block_h = min(_next_pow2(height), 64 // block_w)
-    return TritonConfig(block_h, block_w, min(_next_pow2(channels), 128 // dtype.itemsize), 4)
+        return TritonConfig(next_pow2(height), next_pow2(width), next_pow2(channels), 4)
+    block_w = min(16, next_pow2(width))
+    block_h = min(next_pow2(height), 64 // block_w)
+    return TritonConfig(block_h, block_w, min(next_pow2(channels), 128 // dtype.itemsize), 4)
 
 
 def _launch_config(x: torch.Tensor) -> TritonConfig:
@@ -346,7 +327,7 @@ def _partial_groups(num_tiles: int, channel_blocks: int, device: torch.device) -
     partial sums): about 8 per multiprocessor in all; one in the interpreter."""
     if device.type != "cuda":
         return 1
-    target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 8 * device_sm_count(device)
     return max(1, min(num_tiles, -(-target // channel_blocks)))
 
 
@@ -431,13 +412,10 @@ def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
     blocks). ``full``: every dtype, with and without GELU, on every ``COMPILE_SHAPES`` entry.
     ``representative``: what SSLTM launches, bf16 with GELU at stride 16, and fp32 once; bf16 without an
     activation on the unaligned shape (the dx kernel that also sums the weight gradient)."""
-    if config_set == "representative":
-        chosen = [(torch.bfloat16, "stride16", "gelu"), (torch.float32, "stride16", "gelu"),
-                  (torch.bfloat16, "unaligned", None)]
-    elif config_set == "full":
-        chosen = list(itertools.product(KERNEL_DTYPES, COMPILE_SHAPES, ("gelu", None)))
-    else:
-        raise ValueError(f"config_set must be 'full' or 'representative', got {config_set!r}")
+    chosen = compile_cases(config_set, representative=[(torch.bfloat16, "stride16", "gelu"),
+                                                       (torch.float32, "stride16", "gelu"),
+                                                       (torch.bfloat16, "unaligned", None)],
+                           full=list(itertools.product(KERNEL_DTYPES, COMPILE_SHAPES, ("gelu", None))))
     return [CompileConfig(f"dwconv3x3 {str(dtype).removeprefix('torch.')} {name} {COMPILE_SHAPES[name]} "
                           f"activation={activation}", partial(_compile_specs, dtype, name, activation),
                           cost=dtype.itemsize) for dtype, name, activation in chosen]
@@ -504,24 +482,8 @@ def _autograd_backward(ctx, grad_out):
 torch.library.register_autograd("ssltm::dwconv3x3_fwd", _autograd_backward, setup_context=_setup_context)
 
 
-def _register_autocast() -> None:
-    """Under ``torch.autocast`` the forward op runs in the autocast dtype, x, weight and bias cast to it (as
-    ``nn.Conv2d`` does)."""
-    op = torch.ops.ssltm.dwconv3x3_fwd.default
-
-    def cast(t, dtype):
-        return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in KERNEL_DTYPES else t
-
-    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
-        def autocast_kernel(x, weight, bias, activation, backend, device_type=device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            with torch.autocast(device_type, enabled=False):
-                return op(cast(x, dtype), cast(weight, dtype), cast(bias, dtype), activation, backend)
-
-        torch.library.impl("ssltm::dwconv3x3_fwd", key, autocast_kernel)
-
-
-_register_autocast()
+# under torch.autocast the forward op runs in the autocast dtype, x, weight and bias cast to it (as nn.Conv2d does)
+register_autocast("ssltm::dwconv3x3_fwd", activations=(0, 1, 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,10 +508,12 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         Gradients reach x, weight and bias.
     """
     _validate(x, weight, bias, activation)
-    checks = _checks(x)
-    chosen = choose_backend("dwconv3x3", {name: (lambda c=c: c.reason) for name, c in checks.items()}, backend)
-    if chosen == "reference":
-        return _reference(x, weight, bias, activation)
+    return dispatch("dwconv3x3", _checks(x), backend, fused=partial(_fused, x, weight, bias, activation),
+                    reference=partial(_reference, x, weight, bias, activation))
+
+
+def _fused(x, weight, bias, activation, backend: str) -> torch.Tensor:
+    """The kernels of ``backend`` ('cuda' or 'triton') on validated arguments, through the custom op."""
     frames = x if x.dim() == 5 else x.unsqueeze(1)
-    out = torch.ops.ssltm.dwconv3x3_fwd(frames, weight, bias, activation or "", chosen)
+    out = torch.ops.ssltm.dwconv3x3_fwd(frames, weight, bias, activation or "", backend)
     return out if x.dim() == 5 else out.squeeze(1)

@@ -48,12 +48,20 @@ import torch.nn.functional as F
 from ssltm_kernels._backend import (
     HAS_TRITON,
     BackendCheck,
-    choose_backend,
     cuda_unavailable_reason,
     on_device,
     triton_unavailable_reason,
 )
 from ssltm_kernels._ext import _C
+from ssltm_kernels._op import (
+    autocasting,
+    backend_predicates,
+    compile_cases,
+    dispatch,
+    dtype_reason,
+    next_pow2,
+    register_autocast,
+)
 from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
@@ -66,7 +74,6 @@ __all__ = [
 ]
 
 OP = "gcc_assign"
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_CLUSTERS = 1024  # the backward holds one category's clusters in one tile
 
 
@@ -169,7 +176,7 @@ def _validate(feats, centers, valid) -> None:
     for name, x in (("feats", feats), ("centers", centers)):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype} of shape {_shape(x)}")
-    if centers.dtype != feats.dtype and not _autocast_promotes(feats, centers):
+    if centers.dtype != feats.dtype and not autocasting(feats, centers):
         raise TypeError(f"centers must have feats' dtype {feats.dtype}, got {centers.dtype} (shape "
                         f"{_shape(centers)}); under torch.autocast both are promoted to the wider one")
 
@@ -185,11 +192,6 @@ def _check_finite(feats: torch.Tensor, centers: torch.Tensor) -> None:
                              f"{_shape(x)})")
 
 
-def _autocast_promotes(feats: torch.Tensor, centers: torch.Tensor) -> bool:
-    """Under autocast the op runs on both inputs promoted to the wider dtype (see ``_register_autocast``)."""
-    return torch.is_autocast_enabled(feats.device.type) and {feats.dtype, centers.dtype} <= set(KERNEL_DTYPES)
-
-
 def compute_dtype(feats: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
     """The dtype the kernels run in: the inputs', or the wider of the two where autocast promotes them."""
     return torch.promote_types(feats.dtype, centers.dtype)
@@ -198,49 +200,29 @@ def compute_dtype(feats: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 # Backend checks
 # --------------------------------------------------------------------------------------------------
-def _dtype_reason(dtype: torch.dtype) -> str | None:
-    return None if dtype in KERNEL_DTYPES else f"dtype {dtype} is not one of {KERNEL_DTYPES}"
-
-
 def _triton_reason(feats, centers) -> str | None:
-    reason = triton_unavailable_reason(feats) or _dtype_reason(compute_dtype(feats, centers))
+    reason = triton_unavailable_reason(feats) or dtype_reason(compute_dtype(feats, centers))
     if reason is None and centers.shape[0] > MAX_TRITON_CLUSTERS:
         reason = f"{centers.shape[0]} clusters exceed the Triton kernels' {MAX_TRITON_CLUSTERS}"
     return reason
 
 
 def _cuda_reason(feats, centers) -> str | None:
-    return cuda_unavailable_reason(feats) or _dtype_reason(compute_dtype(feats, centers))
+    return cuda_unavailable_reason(feats) or dtype_reason(compute_dtype(feats, centers))
 
 
-def _reasons(feats, centers) -> dict:
-    return {"cuda": lambda: _cuda_reason(feats, centers), "triton": lambda: _triton_reason(feats, centers),
-            "reference": lambda: None}
+def _checks(feats, centers) -> dict[str, BackendCheck]:
+    return {"cuda": BackendCheck("cuda", _cuda_reason(feats, centers)),
+            "triton": BackendCheck("triton", _triton_reason(feats, centers)),
+            "reference": BackendCheck("reference", None)}
 
 
-def _can_run(backend: str, feats, centers, valid, raise_error: bool) -> BackendCheck:
+def _validated_checks(feats, centers, valid) -> dict[str, BackendCheck]:
     _validate(feats, centers, valid)
-    check = BackendCheck(backend, _reasons(feats, centers)[backend]())
-    if raise_error:
-        check.raise_if_unavailable(OP)
-    return check
+    return _checks(feats, centers)
 
 
-def can_run_cuda(feats, centers, valid, *, raise_error=False) -> BackendCheck:
-    """Whether the compiled CUDA kernels can run :func:`gcc_assign` on these arguments (truthy), with the
-    reason when not (``raise_error``: raise it)."""
-    return _can_run("cuda", feats, centers, valid, raise_error)
-
-
-def can_run_triton(feats, centers, valid, *, raise_error=False) -> BackendCheck:
-    """Whether the Triton kernels can run :func:`gcc_assign` on these arguments (truthy), with the reason
-    when not (``raise_error``: raise it)."""
-    return _can_run("triton", feats, centers, valid, raise_error)
-
-
-def can_run_reference(feats, centers, valid, *, raise_error=False) -> BackendCheck:
-    """The reference runs any valid arguments (invalid ones raise the input error)."""
-    return _can_run("reference", feats, centers, valid, raise_error)
+can_run_cuda, can_run_triton, can_run_reference = backend_predicates(OP, _validated_checks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,20 +342,16 @@ if HAS_TRITON:
         tl.store(out_ptrs, grad.to(DCENTERS.dtype.element_ty), mask=mask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << (max(1, x) - 1).bit_length()
-
-
 def triton_blocks(batch: int, clusters: int, dim: int) -> dict:
     """Block sizes: forward ``(BLOCK_B, BLOCK_D)`` tiles of at most 4096 elements (a whole D up to
     512); backward ``(BLOCK_T, BLOCK_B, BLOCK_D)`` products of at most 8192 (more for many clusters),
     slices of at most 128 features so that a category's gradient spreads over several programs."""
-    fwd_d = min(max(16, _next_pow2(dim)), 512)
-    bwd_t = _next_pow2(clusters)
-    bwd_d = min(max(16, _next_pow2(dim)), 128, max(16, 2048 // bwd_t))
+    fwd_d = min(max(16, next_pow2(dim)), 512)
+    bwd_t = next_pow2(clusters)
+    bwd_d = min(max(16, next_pow2(dim)), 128, max(16, 2048 // bwd_t))
     return dict(
-        fwd=dict(BLOCK_B=min(_next_pow2(batch), 4096 // fwd_d, 16), BLOCK_D=fwd_d, BLOCK_P=256),
-        bwd=dict(BLOCK_T=bwd_t, BLOCK_D=bwd_d, BLOCK_B=min(_next_pow2(batch), max(1, 8192 // (bwd_t * bwd_d)))),
+        fwd=dict(BLOCK_B=min(next_pow2(batch), 4096 // fwd_d, 16), BLOCK_D=fwd_d, BLOCK_P=256),
+        bwd=dict(BLOCK_T=bwd_t, BLOCK_D=bwd_d, BLOCK_B=min(next_pow2(batch), max(1, 8192 // (bwd_t * bwd_d)))),
     )
 
 
@@ -468,12 +446,10 @@ def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
     only) in bf16 and fp32; ``full`` adds fp16, the gradient of ``nearest`` too, and odd sizes (D not a
     multiple of 16, one cluster, one frame)."""
     ssltm = tuple(SSLTM_SHAPE.values())
-    cases = [(torch.bfloat16, ssltm, False), (torch.float32, ssltm, False)]
-    if config_set == "full":
-        cases += [(torch.float16, ssltm, False), (torch.bfloat16, ssltm, True), (torch.float32, (3, 19, 1, 100), True),
-                  (torch.bfloat16, (1, 124, 5, 2048), True)]
-    elif config_set != "representative":
-        raise ValueError(f"config_set must be 'full' or 'representative', got {config_set!r}")
+    representative = [(torch.bfloat16, ssltm, False), (torch.float32, ssltm, False)]
+    cases = compile_cases(config_set, representative=representative, full=representative + [
+        (torch.float16, ssltm, False), (torch.bfloat16, ssltm, True), (torch.float32, (3, 19, 1, 100), True),
+        (torch.bfloat16, (1, 124, 5, 2048), True)])
     return [CompileConfig(f"gcc_assign {str(dtype).removeprefix('torch.')} B,K,T,D={shape}"
                           + (" grad_nearest" if grad_nearest else ""), partial(_specs, dtype, shape, grad_nearest))
             for dtype, shape, grad_nearest in cases]
@@ -545,28 +521,12 @@ def _backward(ctx, grad_nearest, grad_loss, _grad_index, _grad_norm):
 torch.library.register_autograd("ssltm::gcc_assign_fwd", _backward, setup_context=_setup_context)
 
 
-def _register_autocast() -> None:
-    """Under ``torch.autocast`` the forward promotes feats and centers to the wider of their dtypes
-    (autocast's ``promote`` policy, as for ``cat`` or ``index_put``): bf16 category features meet fp32
-    learnable centres in fp32, and the centres' gradient stays fp32. Both ops then run with autocast off
-    (the reference backend's einsum would otherwise run in the autocast dtype in a backward under autocast)."""
-    fwd, bwd = torch.ops.ssltm.gcc_assign_fwd.default, torch.ops.ssltm.gcc_assign_bwd.default
-
-    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
-        def fwd_kernel(feats, centers, valid, backend, device_type=device_type):
-            dtype = torch.promote_types(feats.dtype, centers.dtype)
-            with torch.autocast(device_type, enabled=False):
-                return fwd(feats.to(dtype), centers.to(dtype), valid, backend)
-
-        def bwd_kernel(*args, device_type=device_type):
-            with torch.autocast(device_type, enabled=False):
-                return bwd(*args)
-
-        torch.library.impl("ssltm::gcc_assign_fwd", key, fwd_kernel)
-        torch.library.impl("ssltm::gcc_assign_bwd", key, bwd_kernel)
-
-
-_register_autocast()
+# Under torch.autocast the forward promotes feats and centers to the wider of their dtypes (autocast's "promote"
+# policy, as for cat or index_put): bf16 category features meet fp32 learnable centres in fp32, and the centres'
+# gradient stays fp32. Both ops then run with autocast off (the reference backend's einsum would otherwise run in
+# the autocast dtype in a backward under autocast).
+register_autocast("ssltm::gcc_assign_fwd", activations=(0, 1), dtype=lambda args: compute_dtype(*args[:2]))
+register_autocast("ssltm::gcc_assign_bwd")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -597,6 +557,10 @@ def gcc_assign(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
         entry is valid.
     """
     _validate(feats, centers, valid)
-    chosen = choose_backend(OP, _reasons(feats, centers), backend)
-    nearest, loss, index, _ = torch.ops.ssltm.gcc_assign_fwd(feats, centers, valid, chosen)
+    # the custom op runs the reference too: its finite check and stop-gradient hold in every backend
+    return dispatch(OP, _checks(feats, centers), backend, fused=partial(_fused, feats, centers, valid), reference=None)
+
+
+def _fused(feats, centers, valid, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nearest, loss, index, _ = torch.ops.ssltm.gcc_assign_fwd(feats, centers, valid, backend)
     return index, nearest, loss

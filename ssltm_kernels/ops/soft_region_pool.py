@@ -27,13 +27,24 @@ import torch
 from ssltm_kernels._backend import (
     HAS_TRITON,
     BackendCheck,
-    choose_backend,
     cuda_unavailable_reason,
     on_device,
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._device import INTERPRETER_DEVICE, device_shared_memory, device_sm_count, shared_memory_limit
 from ssltm_kernels._ext import _C
+from ssltm_kernels._op import (
+    KERNEL_DTYPES,
+    autocast_dtype,
+    autocasting,
+    backend_predicates,
+    compile_cases,
+    dispatch,
+    dot_block,
+    dtype_reason,
+    register_autocast,
+)
 from ssltm_kernels._triton_specs import TYPE_NAMES, CompileConfig, kernel_spec
 
 __all__ = [
@@ -44,8 +55,6 @@ __all__ = [
     "can_run_reference",
     "compute_dtype",
 ]
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,7 +96,7 @@ def _validate(logits, feats, scale) -> None:
     for name, x in (("logits", logits), ("feats", feats)):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype} (shape {tuple(x.shape)})")
-    if feats.dtype != logits.dtype and not _autocast_casts(logits, feats):
+    if feats.dtype != logits.dtype and not autocasting(logits, feats):
         raise TypeError(f"feats must have the dtype of logits ({logits.dtype}), got {feats.dtype} "
                         f"(feats shape {tuple(feats.shape)})")
     for name, x in (("logits", logits), ("feats", feats)):
@@ -97,22 +106,10 @@ def _validate(logits, feats, scale) -> None:
         raise ValueError(f"scale must be a finite real number, got {scale!r}")
 
 
-def _autocast_casts(logits: torch.Tensor, feats: torch.Tensor) -> bool:
-    """Whether autocast casts both inputs to one dtype before the fused op runs (see the registration below)."""
-    device_type = logits.device.type
-    return (device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-            and logits.dtype in KERNEL_DTYPES and feats.dtype in KERNEL_DTYPES)
-
-
 def compute_dtype(logits: torch.Tensor, feats: torch.Tensor) -> torch.dtype:
-    """The dtype the kernels run in: the inputs', or the autocast dtype where autocast casts them."""
-    if _autocast_casts(logits, feats):
-        return torch.get_autocast_dtype(logits.device.type)
-    return logits.dtype
-
-
-def _dtype_reason(dtype: torch.dtype) -> str | None:
-    return None if dtype in KERNEL_DTYPES else f"dtype {dtype} is not one of {KERNEL_DTYPES}"
+    """The dtype the kernels run in: the inputs', or the autocast dtype where autocast casts them (see the
+    registration below)."""
+    return autocast_dtype(logits, feats)
 
 
 def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
@@ -133,38 +130,20 @@ def _cuda_reason(logits: torch.Tensor) -> str | None:
 
 
 def _checks(logits: torch.Tensor, feats: torch.Tensor) -> dict[str, BackendCheck]:
-    dtype_reason = _dtype_reason(compute_dtype(logits, feats))
+    dtype = dtype_reason(compute_dtype(logits, feats))
     return {
-        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype_reason),
-        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype_reason
-                               or _extent_reason(logits, feats)),
+        "cuda": BackendCheck("cuda", _cuda_reason(logits) or dtype),
+        "triton": BackendCheck("triton", triton_unavailable_reason(logits) or dtype or _extent_reason(logits, feats)),
         "reference": BackendCheck("reference", None),
     }
 
 
-def _can_run(backend: str, logits, feats, scale, raise_error: bool) -> BackendCheck:
+def _validated_checks(logits, feats, scale=1.0) -> dict[str, BackendCheck]:
     _validate(logits, feats, scale)
-    check = _checks(logits, feats)[backend]
-    if raise_error:
-        check.raise_if_unavailable("soft_region_pool")
-    return check
+    return _checks(logits, feats)
 
 
-def can_run_cuda(logits, feats, scale=1.0, *, raise_error=False) -> BackendCheck:
-    """Whether the compiled CUDA kernels can run :func:`soft_region_pool` on these arguments (truthy), with
-    the reason when not (``raise_error``: raise it)."""
-    return _can_run("cuda", logits, feats, scale, raise_error)
-
-
-def can_run_triton(logits, feats, scale=1.0, *, raise_error=False) -> BackendCheck:
-    """Whether the Triton kernels can run :func:`soft_region_pool` on these arguments (truthy), with the
-    reason when not (``raise_error``: raise it)."""
-    return _can_run("triton", logits, feats, scale, raise_error)
-
-
-def can_run_reference(logits, feats, scale=1.0, *, raise_error=False) -> BackendCheck:
-    """The reference runs any valid arguments (invalid ones raise the input error)."""
-    return _can_run("reference", logits, feats, scale, raise_error)
+can_run_cuda, can_run_triton, can_run_reference = backend_predicates("soft_region_pool", _validated_checks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,10 +357,6 @@ if HAS_TRITON:
                              df.to(DF.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
 
 
-def _next_pow2(x: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << (x - 1).bit_length())
-
-
 @dataclass(frozen=True)
 class ForwardConfig:
     """Blocks of the forward kernel (and of the combine kernel when ``splits > 1``)."""
@@ -407,19 +382,22 @@ COMBINE_BLOCKS = (32, 64)  # (BLOCK_K, BLOCK_C) of the combine kernel: many prog
 DELTA_BLOCKS = (16, 128)  # (BLOCK_R, BLOCK_C) of the delta kernel
 # below this much shared memory per block (sm_86: 99 KB) the loops keep two stages instead of three
 THREE_STAGE_SHARED_MEMORY = 160 * 1024
+# without a device: the shared memory of the board the interpreter stands in for
+_DEFAULT_SHARED_MEMORY = shared_memory_limit(INTERPRETER_DEVICE.arch)
 
 
 def forward_config(batch: int, classes: int, channels: int, positions: int, dtype: torch.dtype, *,
-                   interpreting: bool, sm_count: int = 132, shared_memory: int = 227 * 1024) -> ForwardConfig:
+                   interpreting: bool, sm_count: int = INTERPRETER_DEVICE.sm_count,
+                   shared_memory: int = _DEFAULT_SHARED_MEMORY) -> ForwardConfig:
     """Blocks for ``(batch, classes, channels, positions)`` in ``dtype``. On a GPU a program holds up to 128
     classes and 128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a
     time (32 for fp32 inputs: the same bytes per stage); the positions are split so that about two programs
     run per multiprocessor. The interpreter pays per block step: it takes whole problems in one block."""
-    block_k = _next_pow2(classes)
+    block_k = dot_block(classes)
     if interpreting:
-        return ForwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 1, 4, 1)
+        return ForwardConfig(block_k, dot_block(channels), min(256, dot_block(positions)), 1, 4, 1)
     block_k = min(block_k, 128)
-    block_c = min(_next_pow2(channels), 256 if block_k <= 32 else 128)
+    block_c = min(dot_block(channels), 256 if block_k <= 32 else 128)
     block_n = 32 if dtype == torch.float32 else 64
     programs = batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c)
     splits = max(1, min((2 * sm_count) // programs, triton.cdiv(positions, 4 * block_n)))
@@ -428,12 +406,12 @@ def forward_config(batch: int, classes: int, channels: int, positions: int, dtyp
 
 
 def backward_config(classes: int, channels: int, positions: int, dtype: torch.dtype, *, interpreting: bool,
-                    shared_memory: int = 227 * 1024) -> BackwardConfig:
+                    shared_memory: int = _DEFAULT_SHARED_MEMORY) -> BackwardConfig:
     """Blocks of the backward kernel: up to 128 classes per program (one class block for SSLTM's 124),
     64 positions per program (128 for 32 classes or fewer), 64 channels per loop step (32 for fp32)."""
-    block_k = _next_pow2(classes)
+    block_k = dot_block(classes)
     if interpreting:
-        return BackwardConfig(block_k, _next_pow2(channels), min(256, _next_pow2(positions)), 4, 1)
+        return BackwardConfig(block_k, dot_block(channels), min(256, dot_block(positions)), 4, 1)
     block_k = min(block_k, 128)
     block_n = 64 if block_k >= 64 else 128
     return BackwardConfig(block_k, 32 if dtype == torch.float32 else 64, block_n,
@@ -441,25 +419,15 @@ def backward_config(classes: int, channels: int, positions: int, dtype: torch.dt
                           3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
 
 
-def _device_limits(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    props = torch.cuda.get_device_properties(device)
-    return {"sm_count": props.multi_processor_count, "shared_memory": props.shared_memory_per_block_optin}
-
-
 def _forward_launch_config(logits: torch.Tensor, channels: int) -> ForwardConfig:
     batch, classes, h, w = logits.shape
-    limits = _device_limits(logits.device)
     return forward_config(batch, classes, channels, h * w, logits.dtype, interpreting=triton_interpreting(),
-                          **limits)
+                          sm_count=device_sm_count(logits.device), shared_memory=device_shared_memory(logits.device))
 
 
 def _backward_launch_config(logits: torch.Tensor, channels: int) -> BackwardConfig:
-    limits = _device_limits(logits.device)
-    limits.pop("sm_count", None)
     return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3], logits.dtype,
-                           interpreting=triton_interpreting(), **limits)
+                           interpreting=triton_interpreting(), shared_memory=device_shared_memory(logits.device))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -580,7 +548,7 @@ class Launch:
 _FP32_POINTERS = {"OutAcc", "Stats", "PartAcc", "PartStats", "Delta"}
 
 
-def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = 227 * 1024,
+def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = _DEFAULT_SHARED_MEMORY,
                          int_arg=None):
     """The kernels one forward and backward of ``launch`` runs on a device with ``shared_memory`` bytes per
     block, specialised as the launchers specialise them, as ``(name, kernel, signature, constexprs, attrs,
@@ -625,22 +593,20 @@ FULL_LAUNCHES = SSLTM_LAUNCHES + (
 
 
 def _compile_specs(arch: int, dtype: torch.dtype, launch: Launch, unaligned: bool) -> list:
-    from ssltm_kernels.compile_check import SHARED_MEMORY_LIMIT
-
     int_arg = (lambda name: 31) if unaligned else None
-    return list(triton_compile_specs(dtype, launch, shared_memory=SHARED_MEMORY_LIMIT[arch], int_arg=int_arg))
+    return list(triton_compile_specs(dtype, launch, shared_memory=shared_memory_limit(arch), int_arg=int_arg))
 
 
 def compile_configs(arch: int, config_set: str) -> list[CompileConfig]:
     """``compile_check``'s configurations: ``representative``, SSLTM's launches in bf16 (contiguous and
     channels-last features) and the contiguous one in fp32; ``full``, every launch of ``FULL_LAUNCHES`` in
     every dtype, as launched and with unaligned integers."""
-    if config_set == "representative":
-        chosen = [(torch.bfloat16, launch, False) for launch in SSLTM_LAUNCHES] + [
-            (torch.float32, SSLTM_LAUNCHES[0], False)]
-    else:
-        chosen = [(dtype, launch, unaligned) for dtype in KERNEL_DTYPES for launch in FULL_LAUNCHES
-                  for unaligned in (False, True)]
+    chosen = compile_cases(
+        config_set,
+        representative=[(torch.bfloat16, launch, False) for launch in SSLTM_LAUNCHES]
+        + [(torch.float32, SSLTM_LAUNCHES[0], False)],
+        full=[(dtype, launch, unaligned) for dtype in KERNEL_DTYPES for launch in FULL_LAUNCHES
+              for unaligned in (False, True)])
     return [CompileConfig(f"soft_region_pool {TYPE_NAMES[dtype]} {launch}{' unaligned' if unaligned else ''}",
                           partial(_compile_specs, dtype=dtype, launch=launch, unaligned=unaligned),
                           cost=4 if dtype == torch.float32 else 2)
@@ -730,21 +696,8 @@ def _backward(ctx, grad_out, _grad_stats, _grad_out_acc):
 torch.library.register_autograd("ssltm::soft_region_pool_fwd", _backward, setup_context=_setup_context)
 
 
-def _register_autocast(qualname: str) -> None:
-    """Under ``torch.autocast`` both inputs run in the autocast dtype (as a matmul's would)."""
-    op = torch.ops.ssltm.__getattr__(qualname.split("::")[1]).default
-
-    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
-        def autocast_kernel(logits, feats, *args, device_type=device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            logits, feats = (x.to(dtype) if x.dtype in KERNEL_DTYPES else x for x in (logits, feats))
-            with torch.autocast(device_type, enabled=False):
-                return op(logits, feats, *args)
-
-        torch.library.impl(qualname, key, autocast_kernel)
-
-
-_register_autocast("ssltm::soft_region_pool_fwd")
+# under torch.autocast both inputs run in the autocast dtype (as a matmul's would)
+register_autocast("ssltm::soft_region_pool_fwd", activations=(0, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -773,11 +726,9 @@ def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1
     def cuda_passed_over():  # the CUDA kernels accumulate on CUDA cores, Triton's on tensor cores
         return "the CUDA kernels run on CUDA cores and Triton can run" if checks["triton"] else None
 
-    chosen = choose_backend("soft_region_pool", {name: (lambda c=c: c.reason) for name, c in checks.items()},
-                            backend, passed_over={"cuda": cuda_passed_over})
-    if chosen == "reference":
-        return _reference(logits, feats, float(scale))
-    return _fused(logits, feats, float(scale), chosen)
+    return dispatch("soft_region_pool", checks, backend, fused=partial(_fused, logits, feats, float(scale)),
+                    reference=partial(_reference, logits, feats, float(scale)),
+                    passed_over={"cuda": cuda_passed_over})
 
 
 def _fused(logits: torch.Tensor, feats: torch.Tensor, scale: float, backend: str) -> torch.Tensor:

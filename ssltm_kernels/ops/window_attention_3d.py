@@ -47,7 +47,9 @@ from ssltm_kernels._backend import (
     triton_interpreting,
     triton_unavailable_reason,
 )
+from ssltm_kernels._device import SHARED_MEMORY_LIMIT, device_arch, device_shared_memory, device_sm_count
 from ssltm_kernels._ext import _C
+from ssltm_kernels._op import dot_block
 from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
 
 if HAS_TRITON:
@@ -82,7 +84,8 @@ MAX_HEAD_DIM = 256
 # Shared memory a block may opt in to -> the largest "key tile" (one head's keys of a window padded to
 # powers of 2, key_tile_bytes: a measure of the window's size) the Triton dispatch takes there; compile_check
 # compiles the largest such windows for sm_90, sm_80 and sm_86 (their shared memory and registers)
-TRITON_KEY_TILE_LIMITS = ((227 * 1024, 64 * 1024), (163 * 1024, 32 * 1024), (99 * 1024, 16 * 1024))
+TRITON_KEY_TILE_LIMITS = ((SHARED_MEMORY_LIMIT[90], 64 * 1024), (SHARED_MEMORY_LIMIT[80], 32 * 1024),
+                          (SHARED_MEMORY_LIMIT[86], 16 * 1024))
 MAX_TRITON_KEY_TILE_BYTES = TRITON_KEY_TILE_LIMITS[0][1]
 
 
@@ -379,13 +382,6 @@ def triton_key_tile_limit(shared_memory_bytes: int) -> int:
     return next((tile for needed, tile in TRITON_KEY_TILE_LIMITS if shared_memory_bytes >= needed), 0)
 
 
-def device_shared_memory(device: torch.device) -> int:
-    """Shared memory a block may opt in to on ``device``; the interpreter runs the kernels as sm_90 would."""
-    if device.type != "cuda":
-        return TRITON_KEY_TILE_LIMITS[0][0]
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
 def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype, scale: float | None) -> str | None:
     reason = triton_unavailable_reason(q) or _dtype_reason(dtype)
     if reason is not None:
@@ -424,10 +420,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 def _cuda_kernels(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> tuple[str, str]:
     """The CUDA kernel family (``"tensor_cores"`` or ``"cuda_cores"``) of the forward and of the backward
     on q's device, as the extension's launchers decide it."""
-    props = torch.cuda.get_device_properties(q.device)
     return tuple(_C.window_attention_3d_cuda_kernels(
-        _DTYPE_NAMES[dtype], geom.tokens_per_window, q.shape[-1], props.shared_memory_per_block_optin,
-        10 * props.major + props.minor))
+        _DTYPE_NAMES[dtype], geom.tokens_per_window, q.shape[-1], device_shared_memory(q.device),
+        device_arch(q.device)))
 
 
 _DROPOUT_WARNED = False
@@ -1116,10 +1111,6 @@ if HAS_TRITON:
             tl.store(DPAD_V + head * HD + offs_d, dpad_v, mask=offs_d < HD)
 
 
-def _next_pow2(x: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << (x - 1).bit_length())
-
-
 # --------------------------------------------------------------------------------------------------
 # Triton launch configurations: per-kernel sets, the shipped (measured) choices, defaults
 # --------------------------------------------------------------------------------------------------
@@ -1238,7 +1229,7 @@ def default_configs(tokens_per_window: int, head_dim: int, dtype: torch.dtype = 
     """Configurations before any measurement, by what compile_check reports: at SSLTM's windows in 16-bit
     the first of each ``CONFIG_SETS`` (none spills registers on sm_90); fp32 (three tf32 products per
     product) and head dims from 128 take 32-row/key blocks, the fewest spills compiled."""
-    if dtype == torch.float32 or _next_pow2(head_dim) >= 128:
+    if dtype == torch.float32 or dot_block(head_dim) >= 128:
         warps = 4 if dtype == torch.float32 else 8
         return LaunchConfigs(*(KernelConfig(32, 32, warps, 1) for _ in KERNELS))
     return LaunchConfigs(**{name: CONFIG_SETS[name][0] for name in KERNELS})
@@ -1285,7 +1276,7 @@ def pipeline_stage_bytes(kernel: str, cfg: KernelConfig, tokens_per_window: int,
     loop loads (fwd and dq: a key block's keys, values and fp32 bias rows; dbias: a window's query, dO, key
     and value rows; dkdv: a query block's query and dO rows and fp32 bias rows), an upper estimate that
     compile_check holds against the compiled kernels."""
-    d, e = _next_pow2(head_dim), dtype.itemsize
+    d, e = dot_block(head_dim), dtype.itemsize
     if kernel == "dbias":
         return 2 * (cfg.block_m + cfg.block_n) * d * e
     rows = cfg.block_m if kernel == "dkdv" else cfg.block_n
@@ -1351,7 +1342,7 @@ def window_groups(num_windows: int, programs_per_group: int, device: torch.devic
     device ``PROGRAMS_PER_SM`` programs per multiprocessor (times ``mult``)."""
     if device.type != "cuda":
         return min(num_windows, INTERPRETER_GROUPS * mult)
-    target = PROGRAMS_PER_SM * mult * torch.cuda.get_device_properties(device).multi_processor_count
+    target = PROGRAMS_PER_SM * mult * device_sm_count(device)
     return max(1, min(num_windows, -(-target // programs_per_group)))
 
 
@@ -1386,7 +1377,7 @@ def _bias_operand(table: torch.Tensor | None, geom: WindowGeometry, scale: float
 def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of one head's keys of a window padded to powers of 2: the size the Triton dispatch limits per
     device (``TRITON_KEY_TILE_LIMITS``)."""
-    return _next_pow2(tokens_per_window) * _next_pow2(head_dim) * dtype.itemsize
+    return dot_block(tokens_per_window) * dot_block(head_dim) * dtype.itemsize
 
 
 def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, pad_k: bool, pad_v: bool,
@@ -1434,7 +1425,7 @@ def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometr
         dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
         t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows, scale * LOG2E,
         **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_next_pow2(head_dim), num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=dot_block(head_dim), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, lse
@@ -1462,7 +1453,7 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
                 t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows)
     grads = (dq.stride(3), dq.stride(4), scale)  # gradient rows: elements per token, per head
     constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
-    block_d = _next_pow2(head_dim)
+    block_d = dot_block(head_dim)
 
     def launch(kernel, cfg, grid, *args, **extra):
         kernel[grid](*args, **constants, **extra, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
@@ -1503,7 +1494,7 @@ def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int, i
     the interpreter takes whole tables, windows and sums."""
     sums = padded_tokens(tokens_per_window) ** 2
     if triton_interpreting():
-        return _next_pow2(table_size), _next_pow2(tokens_per_window), sums
+        return dot_block(table_size), dot_block(tokens_per_window), sums
     return (*REDUCE_BLOCKS, min(DSUM_BLOCK, sums))
 
 
@@ -1537,7 +1528,7 @@ def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int,
         dbias, dtable, dpad, dpad_k, dpad_v, dbias.shape[0] if need_table_grad else 0,
         dpad.shape[0] if need_pad_grad else 0, heads, head_dim, **_reduce_constants(geom),
         NEED_DTABLE=need_table_grad, NEED_DPAD=need_pad_grad, BLOCK_E=block_e, BLOCK_M=block_m,
-        BLOCK_D=_next_pow2(head_dim), num_warps=4,
+        BLOCK_D=dot_block(head_dim), num_warps=4,
     )
     return (dtable if need_table_grad else None, *((dpad_k, dpad_v) if need_pad_grad else (None, None)))
 
@@ -1577,7 +1568,7 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
     configs = configs or launch_configs(geom.tokens_per_window, head_dim, 1, dtype, geom.shifted,
                                         shared_memory=shared_memory)
     constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask) | {"WIDE_INDEX": False}
-    block_d = _next_pow2(head_dim)
+    block_d = dot_block(head_dim)
     kernels = ((_window_attn_fwd_kernel, configs.fwd, {}), (_window_attn_bwd_dq_kernel, configs.dq, {}))
     kernels += ((_window_attn_bwd_dbias_kernel, configs.dbias, {}),) if bias else ()
     kernels += ((_window_attn_bwd_dkdv_kernel, configs.dkdv, {"NEED_DPAD": pad}),)
