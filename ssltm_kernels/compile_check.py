@@ -422,9 +422,9 @@ def is_row_load(load: GlobalLoad) -> bool:
     """Whether ``load`` is a window attention q/k/v/o/dO row load, all of which go through ``_load_rows``:
     inlined from a call of ``_load_rows`` (where the SASS has inlining info: Triton >= 3.8, whose innermost
     lines may be off by a few), else from a line of ``_load_rows``."""
-    from ssltm_kernels.ops import window_attention_3d
+    from ssltm_kernels.ops.window_attention_3d import triton_kernels
 
-    path, body = _function_lines(window_attention_3d._load_rows.fn)
+    path, body = _function_lines(triton_kernels._load_rows.fn)
     source = [(os.path.realpath(file), line) for file, line in load.source]
     if len(source) > 1:
         return source[1] in _row_load_calls()
@@ -433,10 +433,10 @@ def is_row_load(load: GlobalLoad) -> bool:
 
 @functools.cache
 def _row_load_calls() -> frozenset[tuple[str, int]]:
-    """(file, line) of every call of ``_load_rows`` in the window attention module."""
-    from ssltm_kernels.ops import window_attention_3d
+    """(file, line) of every call of ``_load_rows`` in the window attention's kernels."""
+    from ssltm_kernels.ops.window_attention_3d import triton_kernels
 
-    path = os.path.realpath(inspect.getsourcefile(window_attention_3d))
+    path = os.path.realpath(inspect.getsourcefile(triton_kernels))
     with open(path) as source:
         return frozenset((path, number) for number, text in enumerate(source, start=1)
                          if re.search(r"(?<![\w.])_load_rows\(", text) and "def _load_rows" not in text)

@@ -30,8 +30,7 @@ from ssltm_kernels.compile_check import (
     ssltm_launch_ints,
     window_attention_configs,
 )
-from ssltm_kernels.ops import window_attention_3d
-from ssltm_kernels.ops.window_attention_3d import triton_compile_specs
+from ssltm_kernels.ops.window_attention_3d import triton_compile_specs, triton_kernels
 
 ARCHS = (90, 80, 86)
 
@@ -183,15 +182,15 @@ def test_global_loads_reads_kind_width_and_source_lines_from_sass():
 
 
 def _load_rows_lines():
-    lines, first = inspect.getsourcelines(window_attention_3d._load_rows.fn)
-    return inspect.getsourcefile(window_attention_3d._load_rows.fn), first, len(lines)
+    lines, first = inspect.getsourcelines(triton_kernels._load_rows.fn)
+    return inspect.getsourcefile(triton_kernels._load_rows.fn), first, len(lines)
 
 
 def test_row_loads_are_those_of_load_rows_by_call_or_by_line():
     path, first, count = _load_rows_lines()
     calls = sorted(_row_load_calls())
     assert len(calls) >= 5 and all(file == os.path.realpath(path) for file, _ in calls)  # q, k, v, o, dO
-    module_lines, _ = inspect.getsourcelines(window_attention_3d)
+    module_lines, _ = inspect.getsourcelines(triton_kernels)
     pad_call = next(number for number, text in enumerate(module_lines, start=1) if "_pad_row(PAD_K" in text)
     kernel = (path, 10_000)
     # inlined (Triton 3.8): the call the innermost line was inlined from decides, whatever that line says
