@@ -304,20 +304,18 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
         return
     import multiprocessing
 
-    from ssltm_kernels.compile_check import _launch_ints, _spec_key
-
     props = torch.cuda.get_device_properties(run.device)
     arch, shared = 10 * props.major + props.minor, props.shared_memory_per_block_optin
     units, seen = [], set()
     for shape, configs in dict.fromkeys(work):
         q = split_qkv(torch.empty(shape.B, shape.T, shape.H, shape.W, 3 * shape.C, device="meta"), shape.heads)[0]
-        ints = _launch_ints(q, shape.B * shape.geom.num_windows, 1) | {"sg_tok": shape.C, "sg_head": shape.head_dim}
+        ints = op.launch_integers(q, shape.B * shape.geom.num_windows, 1, packed_grad=False)
         specs = op.triton_compile_specs(run.dtype, shape.geom.window, shape.head_dim, shape.geom.shift, pad=False,
                                         int_arg=lambda name, ints=ints: ints.get(name, 16), shared_memory=shared,
                                         configs=configs)
         for index, spec in enumerate(specs):
-            if _spec_key(spec) not in seen:
-                seen.add(_spec_key(spec))
+            if op.spec_key(spec) not in seen:
+                seen.add(op.spec_key(spec))
                 units.append((arch, run.dtype, shape, configs, ints, shared, index))
     start = time.perf_counter()
     with ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:

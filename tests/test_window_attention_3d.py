@@ -748,8 +748,8 @@ def test_gpu_every_shipped_config_matches_fp32_reference_and_is_deterministic(in
 def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
     """The windows compile_check proves for this device's shared memory (the largest the Triton dispatch
     accepts per head dim, window-batch mask included) launch and follow the 2x-reference-error rule."""
-    from ssltm_kernels.compile_check import largest_window_configs
     from ssltm_kernels.ops.window_attention_3d import device_shared_memory, triton_key_tile_limit
+    from ssltm_kernels.ops.window_attention_3d.tuning import largest_window_configs
 
     key_tile_limit = triton_key_tile_limit(device_shared_memory(torch.device("cuda")))
     gen = torch.Generator().manual_seed(0)

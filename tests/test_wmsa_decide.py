@@ -120,8 +120,7 @@ def test_precompile_unit_compiles_the_launch_specialisation_without_a_gpu():
     code = ("import torch, wmsa_decide as d; s = d.SHAPES['stride16']; "
             "c = d.default_configs(196, 32, torch.bfloat16); "
             "q = d.split_qkv(torch.empty(s.B, s.T, s.H, s.W, 3 * s.C, device='meta'), s.heads)[0]; "
-            "from ssltm_kernels.compile_check import _launch_ints; "
-            "ints = _launch_ints(q, s.B * s.geom.num_windows, 1); "
+            "ints = d.op.launch_integers(q, s.B * s.geom.num_windows, 1); "
             "n = len(list(d.op.triton_compile_specs(torch.bfloat16, s.geom.window, 32, s.geom.shift, pad=False, "
             "configs=c))); print(d._compile_unit(90, torch.bfloat16, s, c, ints, 227 * 1024, n - 1))")
     env = dict(os.environ, TRITON_INTERPRET="0",

@@ -33,9 +33,7 @@ import warnings
 import torch
 
 from ssltm_kernels._backend import (
-    HAS_TRITON as HAS_TRITON,
-)
-from ssltm_kernels._backend import (
+    HAS_TRITON,  # noqa: F401  (re-exported)
     BackendCheck,
     choose_backend,
     cuda_unavailable_reason,
@@ -44,159 +42,74 @@ from ssltm_kernels._backend import (
     triton_unavailable_reason,
 )
 from ssltm_kernels._ext import _C
-from ssltm_kernels.ops.window_attention_3d.launch import (
-    INTERPRETER_GROUPS as INTERPRETER_GROUPS,
-)
-from ssltm_kernels.ops.window_attention_3d.launch import (
-    PROGRAMS_PER_SM as PROGRAMS_PER_SM,
-)
-from ssltm_kernels.ops.window_attention_3d.launch import (
+
+# the submodules' public names are re-exported here: the op's import path stays ssltm_kernels.ops.window_attention_3d
+from ssltm_kernels.ops.window_attention_3d.launch import (  # noqa: F401
+    INTERPRETER_GROUPS,
+    PROGRAMS_PER_SM,
     _triton_backward,
     _triton_forward,
+    dense_bias,
+    window_groups,
 )
-from ssltm_kernels.ops.window_attention_3d.launch import (
-    dense_bias as dense_bias,
-)
-from ssltm_kernels.ops.window_attention_3d.launch import (
-    window_groups as window_groups,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    KERNEL_DTYPES as KERNEL_DTYPES,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    LOG2E as LOG2E,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    MASKED_SCORE as MASKED_SCORE,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    SHIFT_MASK_VALUE as SHIFT_MASK_VALUE,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    WindowGeometry as WindowGeometry,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
+from ssltm_kernels.ops.window_attention_3d.reference import (  # noqa: F401
+    KERNEL_DTYPES,
+    LOG2E,
+    MASKED_SCORE,
+    SHIFT_MASK_VALUE,
+    WindowGeometry,
     _additive_mask,
     _check_extras,
     _check_qkv,
     _dtype_reason,
     _reference_with_geometry,
     _scale,
+    _triple,
     _validate,
+    compute_dtype,
+    relative_position_index,
+    window_attention_3d_reference,
+    window_geometry,
 )
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    _triple as _triple,
+from ssltm_kernels.ops.window_attention_3d.triton_kernels import (  # noqa: F401
+    WHOLE_WINDOW_BLOCK,
+    block_pieces,
+    padded_tokens,
 )
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    compute_dtype as compute_dtype,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    relative_position_index as relative_position_index,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    window_attention_3d_reference as window_attention_3d_reference,
-)
-from ssltm_kernels.ops.window_attention_3d.reference import (
-    window_geometry as window_geometry,
-)
-from ssltm_kernels.ops.window_attention_3d.triton_kernels import (
-    WHOLE_WINDOW_BLOCK as WHOLE_WINDOW_BLOCK,
-)
-from ssltm_kernels.ops.window_attention_3d.triton_kernels import (
-    block_pieces as block_pieces,
-)
-from ssltm_kernels.ops.window_attention_3d.triton_kernels import (
-    padded_tokens as padded_tokens,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
+from ssltm_kernels.ops.window_attention_3d.tuning import (  # noqa: F401
     _DTYPE_NAMES,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    CONFIG_FILE as CONFIG_FILE,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    CONFIG_SETS as CONFIG_SETS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    DSUM_BLOCK as DSUM_BLOCK,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    INTERPRETER_CONFIGS as INTERPRETER_CONFIGS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    KERNELS as KERNELS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    MAX_HEAD_DIM as MAX_HEAD_DIM,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    MAX_TRITON_KEY_TILE_BYTES as MAX_TRITON_KEY_TILE_BYTES,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    MAX_WINDOW_TOKENS as MAX_WINDOW_TOKENS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    PIPELINE_MARGIN_BYTES as PIPELINE_MARGIN_BYTES,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    REDUCE_BLOCKS as REDUCE_BLOCKS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    TRITON_FIRST_ARCHS as TRITON_FIRST_ARCHS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    TRITON_KEY_TILE_LIMITS as TRITON_KEY_TILE_LIMITS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    VARIANTS as VARIANTS,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    KernelConfig as KernelConfig,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    LaunchConfigs as LaunchConfigs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    _config_file as _config_file,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    config_key as config_key,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    default_configs as default_configs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    device_shared_memory as device_shared_memory,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    fit_stages as fit_stages,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    forced_launch_configs as forced_launch_configs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    key_tile_bytes as key_tile_bytes,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    launch_configs as launch_configs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    pipeline_stage_bytes as pipeline_stage_bytes,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    preferred_backend as preferred_backend,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    shipped_configs as shipped_configs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    sweep_configs as sweep_configs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    triton_compile_specs as triton_compile_specs,
-)
-from ssltm_kernels.ops.window_attention_3d.tuning import (
-    triton_key_tile_limit as triton_key_tile_limit,
+    CONFIG_FILE,
+    CONFIG_SETS,
+    DSUM_BLOCK,
+    INTERPRETER_CONFIGS,
+    KERNELS,
+    MAX_HEAD_DIM,
+    MAX_TRITON_KEY_TILE_BYTES,
+    MAX_WINDOW_TOKENS,
+    PIPELINE_MARGIN_BYTES,
+    REDUCE_BLOCKS,
+    TRITON_FIRST_ARCHS,
+    TRITON_KEY_TILE_LIMITS,
+    VARIANTS,
+    KernelConfig,
+    LaunchConfigs,
+    _config_file,
+    compile_configs,
+    config_key,
+    default_configs,
+    device_shared_memory,
+    fit_stages,
+    forced_launch_configs,
+    key_tile_bytes,
+    launch_configs,
+    launch_integers,
+    pipeline_stage_bytes,
+    preferred_backend,
+    shipped_configs,
+    spec_key,
+    sweep_configs,
+    triton_compile_specs,
+    triton_key_tile_limit,
 )
 
 __all__ = [
