@@ -1019,7 +1019,7 @@ def _pretend_cuda_backend_runs_on_cpu(monkeypatch, kernels=("tensor_cores", "ten
     if not ssltm_kernels.HAS_CUDA_EXT:
         pytest.fail("ssltm_kernels._C is not built: pip install -e . --no-build-isolation")
     monkeypatch.setattr(op, "cuda_unavailable_reason", lambda q: None)
-    monkeypatch.setattr(op, "_cuda_kernels", lambda q, geom, dtype: kernels)
+    monkeypatch.setattr(op, "_cuda_kernels", lambda call, dtype: kernels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -1032,7 +1032,7 @@ def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch, dtype, 
         else window_attention_3d
     calls = []
     monkeypatch.setattr(op, "_fused_window_attention",
-                        lambda *a, _f=op._fused_window_attention: calls.append(a[9]) or _f(*a))
+                        lambda *a, _f=op._fused_window_attention: calls.append(a[1]) or _f(*a))
     out, grads = run(fused, qkv, table, pad_k, pad_v, **kw)
     assert calls == ["cuda"]
     assert out.dtype == dtype and [g.dtype for g in grads] == [dtype, torch.float32, dtype, dtype]
@@ -1053,7 +1053,7 @@ def test_dispatch_prefers_triton_over_cuda_core_kernels(monkeypatch, kernels, ch
     q, k, v = _qkv()
     assert op.can_run_cuda(q, k, v, window_size=2).kernels == kernels
     calls = []
-    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[9]) or q)
+    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[1]) or q)
     window_attention_3d(q, k, v, window_size=2)
     window_attention_3d(q, k, v, window_size=2, backend="cuda")  # forced: whatever family
     assert calls == [chosen, "cuda"]
@@ -1069,7 +1069,7 @@ def test_dispatch_takes_triton_first_where_preferred(monkeypatch):
     monkeypatch.setattr(op, "preferred_backend", lambda device: "triton")
     q, k, v = _qkv()
     calls = []
-    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[9]) or q)
+    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[1]) or q)
     window_attention_3d(q, k, v, window_size=2)
     window_attention_3d(q, k, v, window_size=2, backend="cuda")
     monkeypatch.setattr(op, "triton_unavailable_reason", lambda q: "no triton")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -57,12 +58,13 @@ from ssltm_kernels.ops.window_attention_3d.reference import (  # noqa: F401
     LOG2E,
     MASKED_SCORE,
     SHIFT_MASK_VALUE,
+    WindowAttentionCall,
     WindowGeometry,
     _additive_mask,
     _check_extras,
     _check_qkv,
     _dtype_reason,
-    _reference_with_geometry,
+    _reference,
     _scale,
     _triple,
     _validate,
@@ -130,11 +132,12 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # Backend checks
 # --------------------------------------------------------------------------------------------------
-def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype, scale: float | None) -> str | None:
+def _triton_reason(call: WindowAttentionCall, dtype: torch.dtype) -> str | None:
+    q, geom = call.q, call.geom
     reason = triton_unavailable_reason(q) or _dtype_reason(dtype)
     if reason is not None:
         return reason
-    if scale == 0:
+    if call.scale == 0:
         return "scale 0: the Triton kernels start each product at bias / scale"
     if geom.tokens_per_window > MAX_WINDOW_TOKENS:
         return f"a window of {geom.tokens_per_window} tokens exceeds the Triton kernels' {MAX_WINDOW_TOKENS}"
@@ -153,7 +156,8 @@ def _triton_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype, sc
     return None
 
 
-def _cuda_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> str | None:
+def _cuda_reason(call: WindowAttentionCall, dtype: torch.dtype) -> str | None:
+    q, geom = call.q, call.geom
     reason = cuda_unavailable_reason(q) or _dtype_reason(dtype)
     if reason is None and geom.tokens_per_window > _C.MAX_WINDOW_TOKENS:
         reason = f"a window of {geom.tokens_per_window} tokens exceeds the CUDA kernels' {_C.MAX_WINDOW_TOKENS}"
@@ -162,12 +166,12 @@ def _cuda_reason(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> s
     return reason
 
 
-def _cuda_kernels(q: torch.Tensor, geom: WindowGeometry, dtype: torch.dtype) -> tuple[str, str]:
+def _cuda_kernels(call: WindowAttentionCall, dtype: torch.dtype) -> tuple[str, str]:
     """The CUDA kernel family (``"tensor_cores"`` or ``"cuda_cores"``) of the forward and of the backward
     on q's device, as the extension's launchers decide it."""
-    props = torch.cuda.get_device_properties(q.device)
+    props = torch.cuda.get_device_properties(call.q.device)
     return tuple(_C.window_attention_3d_cuda_kernels(
-        _DTYPE_NAMES[dtype], geom.tokens_per_window, q.shape[-1], props.shared_memory_per_block_optin,
+        _DTYPE_NAMES[dtype], call.geom.tokens_per_window, call.head_dim, props.shared_memory_per_block_optin,
         10 * props.major + props.minor))
 
 
@@ -187,21 +191,22 @@ def _warn_dropout_fallback(dropout_p: float) -> None:
                       stacklevel=4)
 
 
-def _checks(q, geom: WindowGeometry, dropout_p: float, scale: float | None = None) -> dict[str, BackendCheck]:
-    dtype = compute_dtype(q)
-    dropout = _dropout_reason(dropout_p)
-    cuda_reason = dropout or _cuda_reason(q, geom, dtype)
+def _checks(call: WindowAttentionCall) -> dict[str, BackendCheck]:
+    dtype = compute_dtype(call.q)
+    dropout = _dropout_reason(call.dropout_p)
+    cuda_reason = dropout or _cuda_reason(call, dtype)
     return {
-        "cuda": BackendCheck("cuda", cuda_reason, None if cuda_reason else _cuda_kernels(q, geom, dtype)),
-        "triton": BackendCheck("triton", dropout or _triton_reason(q, geom, dtype, scale)),
+        "cuda": BackendCheck("cuda", cuda_reason, None if cuda_reason else _cuda_kernels(call, dtype)),
+        "triton": BackendCheck("triton", dropout or _triton_reason(call, dtype)),
         "reference": BackendCheck("reference", None),
     }
 
 
 def _can_run(backend: str, q, k, v, window_size, rel_pos_bias_table, shift_size, pad_k, pad_v, rel_pos_mode,
              attn_mask, dropout_p, raise_error) -> BackendCheck:
-    geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    check = _checks(q, geom, dropout_p)[backend]
+    call = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask,
+                     dropout_p=dropout_p)
+    check = _checks(call)[backend]
     if raise_error:
         check.raise_if_unavailable("window_attention_3d")
     return check
@@ -235,17 +240,20 @@ def can_run_reference(q, k, v, *, window_size, rel_pos_bias_table=None, shift_si
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
-def _geometry_from_lists(q, window, shift, bias_window, table_window) -> WindowGeometry:
-    return WindowGeometry(tuple(q.shape[1:4]), tuple(window), tuple(shift), tuple(bias_window), tuple(table_window))
+def _op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
+             scale) -> WindowAttentionCall:
+    """The call record of a custom op's flat arguments (the mask is already additive)."""
+    geom = WindowGeometry(tuple(q.shape[1:4]), tuple(window), tuple(shift), tuple(bias_window), tuple(table_window))
+    return WindowAttentionCall(q, k, v, geom, table, pad_k, pad_v, attn_mask, scale)
 
 
 def _forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend):
     if backend == "cuda":
         return _C.window_attention_3d_forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift,
                                               bias_window, table_window, scale)
-    geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
     with on_device(q):
-        return _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom, scale)
+        return _triton_forward(_op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window,
+                                        table_window, scale))
 
 
 @torch.library.custom_op("ssltm::window_attention_3d_fwd", mutates_args=())
@@ -295,10 +303,9 @@ def _window_attention_3d_bwd(
                                                 window, shift, bias_window, table_window, scale,
                                                 need_table_grad, need_pad_grad, grad_qkv=grad_qkv)
     else:
-        geom = _geometry_from_lists(q, window, shift, bias_window, table_window)
+        call = _op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale)
         with on_device(q):
-            grads = _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom, scale,
-                                     need_table_grad, need_pad_grad, grad_qkv)
+            grads = _triton_backward(call, grad_out, out, lse, need_table_grad, need_pad_grad, grad_qkv)
     empty = q.new_empty(0, dtype=torch.float32)
     dq, dk, dv = (grad_qkv, empty, empty.clone()) if packed else grads[:3]
     return (dq, dk, dv, *(empty.clone() if g is None else g for g in grads[3:]))
@@ -378,28 +385,28 @@ _register_autocast("ssltm::window_attention_3d_qkvpacked_fwd", activations=(0, 2
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def _fused_window_attention(q, k, v, geom: WindowGeometry, table, scale, pad_k, pad_v, attn_mask, backend,
-                            qkv: torch.Tensor | None):
-    """Run the fused kernels of ``backend`` ('cuda' or 'triton') on validated inputs; with ``qkv`` (the
-    packed tensor q, k, v are views of) the backward writes one packed gradient."""
-    pad_k, pad_v = (None if p is None else p.to(q.dtype).contiguous() for p in (pad_k, pad_v))
-    table = None if table is None else table.contiguous()
-    attn_mask = None if attn_mask is None else attn_mask.float().contiguous()
+def _fused_window_attention(call: WindowAttentionCall, backend: str, qkv: torch.Tensor | None):
+    """Run the fused kernels of ``backend`` ('cuda' or 'triton') on a validated call, flattened into the
+    custom op's arguments; with ``qkv`` (the packed tensor q, k, v are views of) the backward writes one
+    packed gradient."""
+    q, geom, scale = call.q, call.geom, call.scale
+    pad_k, pad_v = (None if p is None else p.to(q.dtype).contiguous() for p in (call.pad_k, call.pad_v))
+    table = None if call.table is None else call.table.contiguous()
+    attn_mask = None if call.attn_mask is None else call.attn_mask.float().contiguous()
     lists = list(geom.window), list(geom.shift), list(geom.bias_window), list(geom.table_window)
     if qkv is not None:
         out, _ = torch.ops.ssltm.window_attention_3d_qkvpacked_fwd(
             qkv if qkv.stride(-1) == 1 else qkv.contiguous(), table, pad_k, pad_v, attn_mask, *lists, float(scale),
             backend)
         return out
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, call.k, call.v))
     out, _ = torch.ops.ssltm.window_attention_3d_fwd(q, k, v, table, pad_k, pad_v, attn_mask, *lists, float(scale),
                                                      backend)
     return out
 
 
-def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv=None):
-    attn_mask = _additive_mask(attn_mask)
-    checks = _checks(q, geom, dropout_p, scale)
+def _dispatch(call: WindowAttentionCall, backend: str | None, qkv: torch.Tensor | None = None) -> torch.Tensor:
+    checks = _checks(call)
     cuda, triton_check = checks["cuda"], checks["triton"]
 
     def cuda_passed_over():
@@ -407,18 +414,18 @@ def _dispatch(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p, b
             return None
         if "cuda_cores" in cuda.kernels:
             return f"the CUDA kernels would run on CUDA cores (forward, backward: {cuda.kernels}) and Triton can run"
-        if preferred_backend(q.device) == "triton":
+        if preferred_backend(call.q.device) == "triton":
             return "Triton comes first on this device (preferred_backend) and can run"
         return None
 
     chosen = choose_backend("window_attention_3d", {name: (lambda c=c: c.reason) for name, c in checks.items()},
                             backend, passed_over={"cuda": cuda_passed_over})
     if chosen == "reference":
-        if dropout_p > 0 and requested_backend(backend) is None and any(
-                c for c in _checks(q, geom, 0.0).values() if c.backend != "reference"):
-            _warn_dropout_fallback(dropout_p)
-        return _reference_with_geometry(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, dropout_p)
-    return _fused_window_attention(q, k, v, geom, table, scale, pad_k, pad_v, attn_mask, chosen, qkv)
+        if call.dropout_p > 0 and requested_backend(backend) is None and any(
+                c for c in _checks(replace(call, dropout_p=0.0)).values() if c.backend != "reference"):
+            _warn_dropout_fallback(call.dropout_p)
+        return _reference(call)
+    return _fused_window_attention(call, chosen, qkv)
 
 
 def window_attention_3d(
@@ -461,9 +468,8 @@ def window_attention_3d(
     Returns:
         ``(B, T, H, W, heads, head_dim)`` in q's dtype.
     """
-    geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    scale = _scale(scale, q.shape[-1])
-    return _dispatch(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p, backend)
+    return _dispatch(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
+                               attn_mask, scale, dropout_p), backend)
 
 
 def window_attention_3d_qkvpacked(
@@ -485,9 +491,8 @@ def window_attention_3d_qkvpacked(
     backward writes dq, dk, dv into one gradient of that layout, instead of three that autograd then
     stacks. Other arguments and the result as :func:`window_attention_3d`."""
     q, k, v = _unpack_qkv(qkv, 7, "(B, T, H, W, 3, heads, head_dim)")
-    geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    scale = _scale(scale, q.shape[-1])
-    return _dispatch(q, k, v, geom, rel_pos_bias_table, scale, pad_k, pad_v, attn_mask, dropout_p, backend, qkv)
+    return _dispatch(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
+                               attn_mask, scale, dropout_p), backend, qkv)
 
 
 def _unpack_qkv(qkv, rank: int, layout: str):
@@ -545,8 +550,8 @@ def window_attention_3d_windows(
                          "the exact coordinates, or use rel_pos_mode='swin' (Video Swin's index[:N, :N])")
     geom = WindowGeometry((1, 1, n), (1, 1, n), (0, 0, 0), window_size, window_size)
     _check_extras(q, geom, windows, rel_pos_bias_table, None, None, attn_mask)
-    scale = _scale(scale, q.shape[-1])
     as_volume = [x.unsqueeze(1).unsqueeze(1) for x in (q, k, v)]
-    packed = None if qkv is None else qkv.unsqueeze(1).unsqueeze(1)
-    out = _dispatch(*as_volume, geom, rel_pos_bias_table, scale, None, None, attn_mask, dropout_p, backend, packed)
+    call = WindowAttentionCall(*as_volume, geom, rel_pos_bias_table, None, None, _additive_mask(attn_mask),
+                               _scale(scale, q.shape[-1]), dropout_p)
+    out = _dispatch(call, backend, None if qkv is None else qkv.unsqueeze(1).unsqueeze(1))
     return out.squeeze(2).squeeze(1)

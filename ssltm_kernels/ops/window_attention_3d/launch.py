@@ -4,12 +4,18 @@ forward, the backward passes A, A2, B and their fixed-order reduction C."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from ssltm_kernels._backend import HAS_TRITON, triton_interpreting
-from ssltm_kernels.ops.window_attention_3d.reference import LOG2E, WindowGeometry, relative_position_index
+from ssltm_kernels.ops.window_attention_3d.reference import (
+    LOG2E,
+    WindowAttentionCall,
+    WindowGeometry,
+    relative_position_index,
+)
 from ssltm_kernels.ops.window_attention_3d.triton_kernels import block_pieces, padded_tokens
 from ssltm_kernels.ops.window_attention_3d.tuning import (
     DSUM_BLOCK,
@@ -74,52 +80,58 @@ def _bias_operand(table: torch.Tensor | None, geom: WindowGeometry, scale: float
     return dense_bias(table, geom, scale, dtype if configs.bias_dtype == "input" else torch.float32)
 
 
-def _present(table, pad_k, pad_v, attn_mask) -> dict:
-    return dict(bias=table is not None, pad_k=pad_k is not None, pad_v=pad_v is not None, mask=attn_mask is not None)
+def _present(call: WindowAttentionCall) -> dict:
+    return dict(bias=call.table is not None, pad_k=call.pad_k is not None, pad_v=call.pad_v is not None,
+                mask=call.attn_mask is not None)
 
 
-def _strides(x: torch.Tensor) -> tuple[int, ...]:
-    return x.stride()[:5]
+def _same_strides(call: WindowAttentionCall) -> WindowAttentionCall:
+    """The call with one set of strides for q, k, v, as the kernels take them: views of one projection have
+    it; other layouts become contiguous copies."""
+    if call.q.stride() == call.k.stride() == call.v.stride():
+        return call
+    return replace(call, q=call.q.contiguous(), k=call.k.contiguous(), v=call.v.contiguous())
 
 
-def _same_strides(q, k, v):
-    """q, k, v with one set of strides, as the kernels take them: views of one projection have it; other
-    layouts become contiguous copies."""
-    if q.stride() == k.stride() == v.stride():
-        return q, k, v
-    return q.contiguous(), k.contiguous(), v.contiguous()
-
-
-def _triton_forward(q, k, v, table, pad_k, pad_v, attn_mask, geom: WindowGeometry, scale: float):
-    q, k, v = _same_strides(q, k, v)
+def _operands(call: WindowAttentionCall, configs: LaunchConfigs) -> tuple:
+    """The arguments every attention kernel takes after its own tensors: the dense bias, the pad rows and the
+    mask (empty where absent), q's strides (b, t, h, w, head), T, H, W, heads, head_dim, the masks and the
+    windows over the batch."""
+    q, geom = call.q, call.geom
     batch, t, h, w, heads, head_dim = q.shape
+    dummy = q.new_empty(0)
+    return (_bias_operand(call.table, geom, call.scale, configs, q.dtype, dummy),
+            *(dummy if x is None else x for x in (call.pad_k, call.pad_v, call.attn_mask)), *q.stride()[:5],
+            t, h, w, heads, head_dim, call.num_masks, batch * geom.num_windows)
+
+
+def _triton_forward(call: WindowAttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    call = _same_strides(call)
+    q, geom = call.q, call.geom
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # base 2
     configs = _launch_configs(q, geom)
     cfg = configs.fwd
-    num_windows = batch * geom.num_windows
+    num_windows = q.shape[0] * geom.num_windows
     pieces = len(block_pieces(geom.tokens_per_window, cfg.block_m))
-    groups = window_groups(num_windows, pieces * heads, q.device)
-    dummy = q.new_empty(0)
-    _window_attn_fwd_kernel[(pieces, heads, groups)](
-        q, k, v, out, lse,
-        _bias_operand(table, geom, scale, configs, q.dtype, dummy), dummy if pad_k is None else pad_k,
-        dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
-        t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows, scale * LOG2E,
-        **_kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_next_pow2(head_dim), num_warps=cfg.num_warps,
+    groups = window_groups(num_windows, pieces * call.heads, q.device)
+    _window_attn_fwd_kernel[(pieces, call.heads, groups)](
+        q, call.k, call.v, out, lse, *_operands(call, configs), call.scale * LOG2E,
+        **_kernel_constants(geom, q.dtype, **_present(call)),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_next_pow2(call.head_dim), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, lse
 
 
-def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, geom: WindowGeometry,
-                     scale: float, need_table_grad: bool, need_pad_grad: bool, grad_qkv: torch.Tensor | None):
+def _triton_backward(call: WindowAttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                     need_table_grad: bool, need_pad_grad: bool, grad_qkv: torch.Tensor | None):
     """Backward A (dq, delta), A2 (dS sums per window group, or per head with ``dbias_sum="owner"``), B (dk,
     dv, pad sums per program), C (the fixed-order reductions of the partials)."""
-    q, k, v = _same_strides(q, k, v)
-    batch, t, h, w, heads, head_dim = q.shape
-    n, num_windows = geom.tokens_per_window, batch * geom.num_windows
+    call = _same_strides(call)
+    q, k, v, geom, scale = call.q, call.k, call.v, call.geom, call.scale
+    heads, head_dim = call.heads, call.head_dim
+    n, num_windows = geom.tokens_per_window, q.shape[0] * geom.num_windows
     grad_out = grad_out.contiguous()
     delta = torch.empty(q.shape[:5], dtype=torch.float32, device=q.device)  # written by backward A
     if grad_qkv is None:
@@ -127,14 +139,12 @@ def _triton_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask
     else:
         dq, dk, dv = grad_qkv.unbind(-3)
     configs = _launch_configs(q, geom)
-    need_table_grad = need_table_grad and table is not None
-    need_pad_grad = need_pad_grad and (pad_k is not None or pad_v is not None)
+    need_table_grad = need_table_grad and call.table is not None
+    need_pad_grad = need_pad_grad and (call.pad_k is not None or call.pad_v is not None)
     dummy = q.new_empty(0)
-    operands = (_bias_operand(table, geom, scale, configs, q.dtype, dummy), dummy if pad_k is None else pad_k,
-                dummy if pad_v is None else pad_v, dummy if attn_mask is None else attn_mask, *_strides(q),
-                t, h, w, heads, head_dim, 1 if attn_mask is None else attn_mask.shape[0], num_windows)
+    operands = _operands(call, configs)
     grads = (dq.stride(3), dq.stride(4), scale)  # gradient rows: elements per token, per head
-    constants = _kernel_constants(geom, q.dtype, **_present(table, pad_k, pad_v, attn_mask))
+    constants = _kernel_constants(geom, q.dtype, **_present(call))
     block_d = _next_pow2(head_dim)
 
     def launch(kernel, cfg, grid, *args, **extra):

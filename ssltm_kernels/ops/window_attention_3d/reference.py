@@ -62,6 +62,39 @@ class WindowGeometry:
         return any(self.shift)
 
 
+@dataclass(frozen=True)
+class WindowAttentionCall:
+    """One validated call, as every backend check, the dispatch, the launchers and the reference take it
+    (flattened only into the ``torch.library`` ops' arguments): q, k, v ``(B, T, H, W, heads, head_dim)``
+    sharing q's shape, dtype and device, their geometry, the bias table ``(table_size, heads)``, the pad rows
+    ``(heads, head_dim)`` (None: zeros), the additive mask ``(num_masks, N, N)`` (``_additive_mask``; None:
+    none), the score scale and the attention dropout."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    geom: WindowGeometry
+    table: torch.Tensor | None
+    pad_k: torch.Tensor | None
+    pad_v: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    scale: float
+    dropout_p: float = 0.0
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def num_masks(self) -> int:
+        """Masks the windows cycle through (1 without a mask)."""
+        return 1 if self.attn_mask is None else self.attn_mask.shape[0]
+
+
 def _triple(value, name: str, minimum: int = 0) -> tuple[int, int, int]:
     """``value`` as 3 ints (t, h, w), each at least ``minimum``; one int stands for all three."""
     if isinstance(value, int):
@@ -152,17 +185,16 @@ def _pad_volume(x: torch.Tensor, geom: WindowGeometry, fill: torch.Tensor | None
     return torch.where(valid[:, :, :, None, None], padded, fill.to(x.dtype))
 
 
-def _reference_with_geometry(
-    q, k, v, geom: WindowGeometry, table, scale: float, pad_k, pad_v, attn_mask, dropout_p: float = 0.0
-) -> torch.Tensor:
+def _reference(call: WindowAttentionCall) -> torch.Tensor:
+    q, geom, table = call.q, call.geom, call.table
     batch = q.shape[0]
     n = geom.tokens_per_window
-    qp, kp, vp = (_pad_volume(x, geom, fill) for x, fill in ((q, None), (k, pad_k), (v, pad_v)))
+    qp, kp, vp = (_pad_volume(x, geom, fill) for x, fill in ((q, None), (call.k, call.pad_k), (call.v, call.pad_v)))
     if geom.shifted:
         shifts, dims = tuple(-s for s in geom.shift), (1, 2, 3)
         qp, kp, vp = (torch.roll(x, shifts, dims) for x in (qp, kp, vp))
     qw, kw, vw = (_partition(x, geom.window) for x in (qp, kp, vp))
-    attn = (qw * scale) @ kw.transpose(-2, -1)  # (B*nW, nh, N, N)
+    attn = (qw * call.scale) @ kw.transpose(-2, -1)  # (B*nW, nh, N, N)
     if table is not None:
         index = relative_position_index(geom.table_window, n, geom.bias_window, q.device)
         attn = attn + table[index.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).to(attn.dtype)
@@ -170,12 +202,12 @@ def _reference_with_geometry(
         ids = _partition(_shift_region_ids(geom, q.device)[None, :, :, :, None, None], geom.window)[:, 0, :, 0]
         region_mask = (ids[:, :, None] != ids[:, None, :]).to(attn.dtype) * SHIFT_MASK_VALUE  # (nW, N, N)
         attn = (attn.view(batch, -1, *attn.shape[1:]) + region_mask[None, :, None]).view(attn.shape)
-    if attn_mask is not None:
-        masks = attn_mask.shape[0]
-        attn = (attn.view(-1, masks, *attn.shape[1:]) + attn_mask[None, :, None].to(attn.dtype)).view(attn.shape)
+    if call.attn_mask is not None:
+        masks = call.num_masks
+        attn = (attn.view(-1, masks, *attn.shape[1:]) + call.attn_mask[None, :, None].to(attn.dtype)).view(attn.shape)
     attn = attn.softmax(dim=-1)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
+    if call.dropout_p > 0.0:
+        attn = F.dropout(attn, p=call.dropout_p)
     out = _reverse(attn @ vw, geom.window, batch, geom.padded)
     if geom.shifted:
         out = torch.roll(out, geom.shift, (1, 2, 3))
@@ -203,9 +235,8 @@ def window_attention_3d_reference(
     Same arguments and result as :func:`window_attention_3d` (plus attention-probability dropout);
     differentiable by autograd in every input, any dtype.
     """
-    geom = _validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode, attn_mask)
-    return _reference_with_geometry(q, k, v, geom, rel_pos_bias_table, _scale(scale, q.shape[-1]), pad_k, pad_v,
-                                    _additive_mask(attn_mask), dropout_p)
+    return _reference(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
+                                attn_mask, scale, dropout_p))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,11 +317,14 @@ def _additive_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attn_mask.clamp_min(MASKED_SCORE)
 
 
-def _validate(q, k, v, window_size, shift_size, table, pad_k, pad_v, rel_pos_mode, attn_mask) -> WindowGeometry:
+def _validate(q, k, v, window_size, shift_size, table, pad_k, pad_v, rel_pos_mode, attn_mask, scale=None,
+              dropout_p: float = 0.0) -> WindowAttentionCall:
+    """The call record of valid volume arguments; invalid ones raise an error naming the argument."""
     _check_qkv(q, k, v, 6, "(B, T, H, W, heads, head_dim)")
     geom = window_geometry(q.shape[1:4], window_size, shift_size, rel_pos_mode)
     _check_extras(q, geom, q.shape[0], table, pad_k, pad_v, attn_mask)
-    return geom
+    scale = _scale(scale, q.shape[-1])
+    return WindowAttentionCall(q, k, v, geom, table, pad_k, pad_v, _additive_mask(attn_mask), scale, dropout_p)
 
 
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
