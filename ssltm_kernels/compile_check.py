@@ -182,7 +182,8 @@ def rows_aligned(config: Config) -> bool:
     """Whether ``config``'s launch puts every q/k/v/o/dO row at a multiple of 16 elements (strides and
     head_dim multiples of 16; pointers are aligned in every launch): its row loads can be 16 bytes wide."""
     values = launch_int_arg(config)
-    return all(values(name) % 16 == 0 for name in ("s_b", "s_t", "s_h", "s_w", "s_n", "HD", "sg_tok", "sg_head"))
+    return all(values(name) % 16 == 0 for name in ("s_b", "s_t", "s_h", "s_w", "s_n", "HD", "grad_token_stride",
+                                                          "grad_head_stride"))
 
 
 def row_load_widths(config: Config, spec: tuple) -> tuple[int, int] | None:

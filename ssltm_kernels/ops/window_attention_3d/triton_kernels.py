@@ -103,18 +103,23 @@ if HAS_TRITON:
         its flat token offset in contiguous ``(B, T, H, W)`` tensors."""
         extents, padded, strides = vol
         T, H, W = extents
+        TP, HP, WP = padded
+        s_b, s_t, s_h, s_w, _ = strides
         WT: tl.constexpr = WIN[1]
         WH: tl.constexpr = WIN[2]
         WW: tl.constexpr = WIN[3]
+        ST: tl.constexpr = WIN[4]
+        SH: tl.constexpr = WIN[5]
+        SW: tl.constexpr = WIN[6]
         win = tl.cast(win, T.dtype)
-        rest = win // (padded[2] // WW)
-        rest_h = rest // (padded[1] // WH)
-        b = rest_h // (padded[0] // WT)
-        t0 = rest_h % (padded[0] // WT) * WT + WIN[4]
-        h0 = rest % (padded[1] // WH) * WH + WIN[5]
-        w0 = win % (padded[2] // WW) * WW + WIN[6]
-        elem = tl.cast(b, tl.int64) * strides[0] + tl.cast(t0, tl.int64) * strides[1] \
-            + tl.cast(h0, tl.int64) * strides[2] + tl.cast(w0, tl.int64) * strides[3]
+        rest = win // (WP // WW)
+        rest_h = rest // (HP // WH)
+        b = rest_h // (TP // WT)
+        t0 = rest_h % (TP // WT) * WT + ST
+        h0 = rest % (HP // WH) * WH + SH
+        w0 = win % (WP // WW) * WW + SW
+        elem = tl.cast(b, tl.int64) * s_b + tl.cast(t0, tl.int64) * s_t \
+            + tl.cast(h0, tl.int64) * s_h + tl.cast(w0, tl.int64) * s_w
         return t0, h0, w0, elem, ((b * T + t0) * H + h0) * W + w0
 
     @triton.jit
@@ -126,37 +131,45 @@ if HAS_TRITON:
         region along that axis: tokens of one window differ in region exactly where they differ in wraps)."""
         extents, padded, strides = vol
         T, H, W = extents
+        TP, HP, WP = padded
+        _, s_t, s_h, s_w, _ = strides
+        t0, h0, w0, origin_elem, origin_tok = origin
+        N: tl.constexpr = WIN[0]
         WH: tl.constexpr = WIN[2]
         WW: tl.constexpr = WIN[3]
-        offs = offs.to(tl.int64 if WIN[7] else tl.int32)
+        ST: tl.constexpr = WIN[4]
+        SH: tl.constexpr = WIN[5]
+        SW: tl.constexpr = WIN[6]
+        WIDE_INDEX: tl.constexpr = WIN[7]
+        offs = offs.to(tl.int64 if WIDE_INDEX else tl.int32)
         t = offs // (WH * WW)
         h = (offs // WW) % WH
         w = offs % WW
-        elem = origin[3] + (t.to(tl.int64) * strides[1] + h.to(tl.int64) * strides[2] + w.to(tl.int64) * strides[3])
-        tok = origin[4] + (t * H + h) * W + w
-        ot = origin[0] + t
-        oh = origin[1] + h
-        ow = origin[2] + w
+        elem = origin_elem + (t.to(tl.int64) * s_t + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w)
+        tok = origin_tok + (t * H + h) * W + w
+        ot = t0 + t
+        oh = h0 + h
+        ow = w0 + w
         region = 0
-        if WIN[4] > 0:
-            wrap = ot >= padded[0]
-            ot = tl.where(wrap, ot - padded[0], ot)
-            elem -= wrap.to(tl.int64) * (tl.cast(padded[0], tl.int64) * strides[1])
-            tok = tl.where(wrap, tok - padded[0] * H * W, tok)
+        if ST > 0:
+            wrap = ot >= TP
+            ot = tl.where(wrap, ot - TP, ot)
+            elem -= wrap.to(tl.int64) * (tl.cast(TP, tl.int64) * s_t)
+            tok = tl.where(wrap, tok - TP * H * W, tok)
             region = region + tl.where(wrap, 4, 0)
-        if WIN[5] > 0:
-            wrap = oh >= padded[1]
-            oh = tl.where(wrap, oh - padded[1], oh)
-            elem -= wrap.to(tl.int64) * (tl.cast(padded[1], tl.int64) * strides[2])
-            tok = tl.where(wrap, tok - padded[1] * W, tok)
+        if SH > 0:
+            wrap = oh >= HP
+            oh = tl.where(wrap, oh - HP, oh)
+            elem -= wrap.to(tl.int64) * (tl.cast(HP, tl.int64) * s_h)
+            tok = tl.where(wrap, tok - HP * W, tok)
             region = region + tl.where(wrap, 2, 0)
-        if WIN[6] > 0:
-            wrap = ow >= padded[2]
-            ow = tl.where(wrap, ow - padded[2], ow)
-            elem -= wrap.to(tl.int64) * (tl.cast(padded[2], tl.int64) * strides[3])
-            tok = tl.where(wrap, tok - padded[2], tok)
+        if SW > 0:
+            wrap = ow >= WP
+            ow = tl.where(wrap, ow - WP, ow)
+            elem -= wrap.to(tl.int64) * (tl.cast(WP, tl.int64) * s_w)
+            tok = tl.where(wrap, tok - WP, tok)
             region = region + tl.where(wrap, 1, 0)
-        valid = (offs < WIN[0]) & (ot < T) & (oh < H) & (ow < W)
+        valid = (offs < N) & (ot < T) & (oh < H) & (ow < W)
         return elem, tok, valid, region
 
     @triton.jit
@@ -179,25 +192,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT: tl.constexpr):
-        """``kv_c`` of ``_key_rows`` for ``head``: its pad rows, its element offset, ``offs_d`` and head_dim."""
-        return (_pad_row(PAD_K, head, offs_d, HD, FEAT[3]), _pad_row(PAD_V, head, offs_d, HD, FEAT[4]),
-                tl.cast(head, tl.int64) * vol[2][4], offs_d, HD)
+        """``head_kv`` of ``_key_rows`` for ``head``: its pad rows, its element offset, ``offs_d`` and head_dim."""
+        HAS_PAD_K: tl.constexpr = FEAT[3]
+        HAS_PAD_V: tl.constexpr = FEAT[4]
+        _, _, strides = vol
+        _, _, _, _, s_n = strides
+        return (_pad_row(PAD_K, head, offs_d, HD, HAS_PAD_K), _pad_row(PAD_V, head, offs_d, HD, HAS_PAD_V),
+                tl.cast(head, tl.int64) * s_n, offs_d, HD)
 
     @triton.jit
-    def _key_rows(K, V, kv_c, origin, offs_n, vol, WIN: tl.constexpr, FEAT: tl.constexpr):
+    def _key_rows(K, V, head_kv, origin, offs_n, vol, WIN: tl.constexpr, FEAT: tl.constexpr):
         """Keys and values of tokens ``offs_n`` of the window at ``origin`` (pad rows where the token is padding),
-        with the tokens' indices, validity and shift regions; ``kv_c`` = (pad_k, pad_v, head_elem, offs_d, HD)."""
-        pad_k, pad_v, head_elem, offs_d, HD = kv_c
+        with the tokens' indices, validity and shift regions; ``head_kv`` = (pad_k, pad_v, head_elem, offs_d, HD)."""
+        HAS_PAD_K: tl.constexpr = FEAT[3]
+        HAS_PAD_V: tl.constexpr = FEAT[4]
+        pad_k, pad_v, head_elem, offs_d, HD = head_kv
         elem_n, tok_n, valid_n, region_n = _tokens(origin, offs_n, vol, WIN)
-        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, FEAT[3])
-        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, FEAT[4])
+        k = _load_rows(K, elem_n + head_elem, valid_n, offs_d, HD, pad_k, HAS_PAD_K)
+        v = _load_rows(V, elem_n + head_elem, valid_n, offs_d, HD, pad_v, HAS_PAD_V)
         return k, v, tok_n, valid_n, region_n
 
     @triton.jit
-    def _query_rows(Q, kv_c, origin, offs_m, vol, WIN: tl.constexpr):
+    def _query_rows(Q, head_kv, origin, offs_m, vol, WIN: tl.constexpr):
         """Queries of tokens ``offs_m`` of the window at ``origin`` (zeros where padding), with the tokens'
         indices, validity and shift regions."""
-        _, _, head_elem, offs_d, HD = kv_c
+        _, _, head_elem, offs_d, HD = head_kv
         elem_m, tok_m, valid_m, region_m = _tokens(origin, offs_m, vol, WIN)
         return _load_rows(Q, elem_m + head_elem, valid_m, offs_d, HD, 0.0, False), tok_m, valid_m, region_m
 
@@ -226,19 +245,22 @@ if HAS_TRITON:
             return 0.0
 
     @triton.jit
-    def _scores2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N: tl.constexpr,
-                 SHIFTED: tl.constexpr, KEY_TAIL: tl.constexpr, FEAT: tl.constexpr):
+    def _scores_base2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N: tl.constexpr,
+                      SHIFTED: tl.constexpr, KEY_TAIL: tl.constexpr, FEAT: tl.constexpr):
         """``log2(e) * (scale q k^T + bias + shift mask + attn_mask)`` in fp32: the bias tile (``_bias_tile``)
         initialises the product's accumulator, ``qk_scale`` scales both; with ``KEY_TAIL`` (the block
         reaches past the window) keys beyond N get -inf."""
+        HAS_BIAS: tl.constexpr = FEAT[0]
+        HAS_MASK: tl.constexpr = FEAT[1]
+        PRECISION: tl.constexpr = FEAT[2]
         _, MASK, num_masks, qk_scale = bias_c
-        if FEAT[0]:
-            s = tl.dot(q, tl.trans(k), acc=bias, input_precision=FEAT[2]) * qk_scale
+        if HAS_BIAS:
+            s = tl.dot(q, tl.trans(k), acc=bias, input_precision=PRECISION) * qk_scale
         else:
-            s = tl.dot(q, tl.trans(k), input_precision=FEAT[2]) * qk_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if SHIFTED:
             s += tl.where(region_m[:, None] != region_n[None, :], _SHIFT_MASK_2, 0.0)
-        if FEAT[1]:
+        if HAS_MASK:
             pair_ok = (offs_m[:, None] < N) & (offs_n[None, :] < N)
             mask_ptrs = MASK + (win % num_masks).to(tl.int64) * (N * N) + offs_m[:, None] * N + offs_n[None, :]
             s += tl.load(mask_ptrs, mask=pair_ok, other=0.0) * _LOG2E
@@ -250,28 +272,35 @@ if HAS_TRITON:
     # Forward
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _key_block_scores(q, offs_m, region_m, head, K, V, kv_c, origin, start_n, vol, win, bias_c,
+    def _key_block_scores(q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c,
                           WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
         """Keys and values ``start_n + arange(WIDTH)`` of the window and the base-2 scores of the queries
         ``offs_m`` against them."""
+        HAS_BIAS: tl.constexpr = FEAT[0]
+        N: tl.constexpr = WIN[0]
+        ST: tl.constexpr = WIN[4]
+        SH: tl.constexpr = WIN[5]
+        SW: tl.constexpr = WIN[6]
+        BIAS, MASK, num_masks, qk_scale = bias_c
         offs_n = start_n + tl.arange(0, WIDTH)
-        k, v, _, _, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
-        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
-                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), KEY_TAIL, FEAT)
+        k, v, _, _, region_n = _key_rows(K, V, head_kv, origin, offs_n, vol, WIN, FEAT)
+        s = _scores_base2(q, k, _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS), win, offs_m, offs_n,
+                          region_m, region_n, bias_c, N, (ST > 0) | (SH > 0) | (SW > 0), KEY_TAIL, FEAT)
         return k, v, s
 
     @triton.jit
-    def _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN: tl.constexpr,
+    def _fwd_key_block(m_i, l_i, acc, q, rows, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN: tl.constexpr,
                        FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
         """One key block of the online softmax: keys ``start_n + arange(WIDTH)``."""
+        PRECISION: tl.constexpr = FEAT[2]
         offs_m, region_m, head = rows
-        _, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN,
+        _, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN,
                                     FEAT, WIDTH, KEY_TAIL)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=FEAT[2])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
@@ -283,19 +312,19 @@ if HAS_TRITON:
         head = tl.program_id(1)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_kv = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
+            q, tok_m, valid_m, region_m = _query_rows(Q, head_kv, origin, offs_m, vol, WIN)
             rows = (offs_m, region_m, head)
             m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
             acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
             for start_n in tl.range(0, _full_pieces(N, BLOCK_N) * BLOCK_N, BLOCK_N):
-                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin, start_n, vol, win, bias_c,
+                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, head_kv, origin, start_n, vol, win, bias_c,
                                                WIN, FEAT, BLOCK_N, False)
             for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
-                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, kv_c, origin,
+                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, head_kv, origin,
                                                _piece_start(j, N, BLOCK_N), vol, win, bias_c, WIN, FEAT,
                                                _piece_width(j, N, BLOCK_N), _past_window(j, N, BLOCK_N))
             rows_out = tl.cast(tok_m, tl.int64) * NH + head
@@ -334,15 +363,16 @@ if HAS_TRITON:
     # Backward A: dq and delta = rowsum(dO * O)
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _dq_key_block(dq, q, do, lse, delta, rows, K, V, kv_c, origin, start_n, vol, win, bias_c,
+    def _dq_key_block(dq, q, do, lse, delta, rows, K, V, head_kv, origin, start_n, vol, win, bias_c,
                       WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
         """dq contribution of the keys ``start_n + arange(WIDTH)``."""
+        PRECISION: tl.constexpr = FEAT[2]
         offs_m, region_m, head, valid_m = rows
-        k, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN,
+        k, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN,
                                     FEAT, WIDTH, KEY_TAIL)
         p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=FEAT[2]) - delta[:, None])
-        return dq + tl.dot(ds.to(k.dtype), k, input_precision=FEAT[2])
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     @triton.jit
     def _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
@@ -350,15 +380,15 @@ if HAS_TRITON:
                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """dq and delta of queries ``start_m + arange(BLOCK_M)`` of one head in the group's windows: the full
         key blocks in a loop, then the tail pieces."""
-        sg_tok, sg_head, scale = grad_c
+        grad_token_stride, grad_head_stride, scale = grad_c
         head = tl.program_id(1)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < HD
-        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_kv = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
+            q, tok_m, valid_m, region_m = _query_rows(Q, head_kv, origin, offs_m, vol, WIN)
             rows = tl.cast(tok_m, tl.int64) * NH + head
             do = _load_rows(DO, rows * HD, valid_m, offs_d, HD, 0.0, False)
             o = _load_rows(Out, rows * HD, valid_m, offs_d, HD, 0.0, False)
@@ -368,19 +398,20 @@ if HAS_TRITON:
             query = (offs_m, region_m, head, valid_m)
             dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
             for start_n in tl.range(0, _full_pieces(N, BLOCK_N) * BLOCK_N, BLOCK_N):
-                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, kv_c, origin, start_n, vol, win, bias_c, WIN,
+                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN,
                                    FEAT, BLOCK_N, False)
             for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
-                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, kv_c, origin, _piece_start(j, N, BLOCK_N), vol,
-                                   win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_N), _past_window(j, N, BLOCK_N))
-            grad_rows = tl.cast(tok_m, tl.int64) * sg_tok + head * sg_head
+                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, head_kv, origin, _piece_start(j, N, BLOCK_N),
+                                   vol, win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_N),
+                                   _past_window(j, N, BLOCK_N))
+            grad_rows = tl.cast(tok_m, tl.int64) * grad_token_stride + head * grad_head_stride
             tl.store(DQ + grad_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
                      mask=valid_m[:, None] & d_ok)
 
     @triton.jit
     def _window_attn_bwd_dq_kernel(
         Q, K, V, Out, DO, Lse, Delta, DQ, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
-        T, H, W, NH, HD, num_masks, num_windows, sg_tok, sg_head, scale, qk_scale,
+        T, H, W, NH, HD, num_masks, num_windows, grad_token_stride, grad_head_stride, scale, qk_scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -388,14 +419,14 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Persistent backward A: program (query piece, head, window group) writes dq and ``Delta`` of its
-        queries in the group's windows. Gradient rows sit ``sg_tok`` elements apart per token and ``sg_head``
-        per head (contiguous, or one packed dqkv)."""
+        queries in the group's windows. Gradient rows sit ``grad_token_stride`` elements apart per token and
+        ``grad_head_stride`` per head (contiguous, or one packed dqkv)."""
         pid = tl.program_id(0)
         vol = _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT, WH, WW, WIDE_INDEX)
         WIN: tl.constexpr = (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX)
         FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
         bias_c = (BIAS, MASK, num_masks, qk_scale)
-        grad_c = (sg_tok, sg_head, scale)
+        grad_c = (grad_token_stride, grad_head_stride, scale)
         if _full_pieces(N, BLOCK_M) > 0 and pid < _full_pieces(N, BLOCK_M):
             _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
                      pid * BLOCK_M, BLOCK_M, N, WIN, FEAT, BLOCK_N, BLOCK_D)
@@ -414,26 +445,32 @@ if HAS_TRITON:
         """dS of queries ``start_m + arange(BLOCK_M)`` and keys ``start_n + arange(BLOCK_N)`` of one head summed
         over the group's windows in registers, stored once into ``DBIAS[group, head]`` (a zero-padded (NK, NK)
         slice); the bias tile stays in registers for all the windows."""
+        HAS_BIAS: tl.constexpr = FEAT[0]
+        PRECISION: tl.constexpr = FEAT[2]
+        ST: tl.constexpr = WIN[4]
+        SH: tl.constexpr = WIN[5]
+        SW: tl.constexpr = WIN[6]
+        BIAS, MASK, num_masks, qk_scale = bias_c
         N: tl.constexpr = WIN[0]
         NK: tl.constexpr = padded_tokens(N)
         head = tl.program_id(1)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
-        bias = _bias_tile(bias_c[0], head, offs_m, offs_n, N, FEAT[0])
+        head_kv = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        bias = _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS)
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
-            k, v, _, _, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
+            q, tok_m, valid_m, region_m = _query_rows(Q, head_kv, origin, offs_m, vol, WIN)
+            k, v, _, _, region_n = _key_rows(K, V, head_kv, origin, offs_n, vol, WIN, FEAT)
             do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d,
                                               HD)
             # keys past N need no -inf: their sums are never read
-            s = _scores2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N,
-                         (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), False, FEAT)
+            s = _scores_base2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N,
+                              (ST > 0) | (SH > 0) | (SW > 0), False, FEAT)
             p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-            acc += p * (tl.dot(do, tl.trans(v), input_precision=FEAT[2]) - delta[:, None])
+            acc += p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         base = DBIAS + ((tl.program_id(2) * NH + head) * NK).to(tl.int64) * NK
         tl.store(base + offs_m[:, None] * NK + offs_n[None, :], acc)
 
@@ -484,22 +521,29 @@ if HAS_TRITON:
     # Backward B: dk, dv, and per program the pad rows' gradient sums
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, kv_c, win, bias_c,
+    def _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, head_kv, win, bias_c,
                           WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr):
         """dk and dv contributions of the queries ``start_m + arange(WIDTH)`` to the program's keys."""
+        HAS_BIAS: tl.constexpr = FEAT[0]
+        PRECISION: tl.constexpr = FEAT[2]
+        N: tl.constexpr = WIN[0]
+        ST: tl.constexpr = WIN[4]
+        SH: tl.constexpr = WIN[5]
+        SW: tl.constexpr = WIN[6]
+        BIAS, MASK, num_masks, qk_scale = bias_c
         offs_n, region_n, head = keys
         offs_m = start_m + tl.arange(0, WIDTH)
-        q, tok_m, valid_m, region_m = _query_rows(Q, kv_c, origin, offs_m, vol, WIN)
-        offs_d, HD = kv_c[3], kv_c[4]
+        q, tok_m, valid_m, region_m = _query_rows(Q, head_kv, origin, offs_m, vol, WIN)
+        _, _, _, offs_d, HD = head_kv
         do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d, HD)
         # keys past N need no -inf: their dk/dv rows are neither stored nor summed into the pad gradients
-        s = _scores2(q, k, _bias_tile(bias_c[0], head, offs_m, offs_n, WIN[0], FEAT[0]), win, offs_m, offs_n,
-                     region_m, region_n, bias_c, WIN[0], (WIN[4] > 0) | (WIN[5] > 0) | (WIN[6] > 0), False, FEAT)
+        s = _scores_base2(q, k, _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS), win, offs_m, offs_n,
+                          region_m, region_n, bias_c, N, (ST > 0) | (SH > 0) | (SW > 0), False, FEAT)
         p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=FEAT[2])
-        dp = tl.dot(do, tl.trans(v), input_precision=FEAT[2])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=FEAT[2])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         return dk, dv
 
     @triton.jit
@@ -509,28 +553,29 @@ if HAS_TRITON:
         """dk, dv of keys ``start_n + arange(BLOCK_N)`` of one head in the group's windows, the full query
         blocks in a loop, then the tail pieces. The pad rows' gradients of the keys that are padding are summed
         over the group's windows and stored once into ``DPAD[dpad_row, 0|1, head]``."""
-        sg_tok, sg_head, scale = grad_c
+        grad_token_stride, grad_head_stride, scale = grad_c
         head = tl.program_id(1)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d[None, :] < HD
-        kv_c = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
+        head_kv = _head_kv_constants(PAD_K, PAD_V, head, offs_d, vol, HD, FEAT)
         dpad_k = tl.full((BLOCK_D,), 0.0, tl.float32)
         dpad_v = tl.full((BLOCK_D,), 0.0, tl.float32)
         for win in range(tl.program_id(2), num_windows, tl.num_programs(2)):
             origin = _window_origin(win, vol, WIN)
-            k, v, tok_n, valid_n, region_n = _key_rows(K, V, kv_c, origin, offs_n, vol, WIN, FEAT)
+            k, v, tok_n, valid_n, region_n = _key_rows(K, V, head_kv, origin, offs_n, vol, WIN, FEAT)
             keys = (offs_n, region_n, head)
             dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             for start_m in tl.range(0, _full_pieces(N, BLOCK_M) * BLOCK_M, BLOCK_M):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, kv_c, win,
-                                           bias_c, WIN, FEAT, BLOCK_M)
+                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, head_kv,
+                                           win, bias_c, WIN, FEAT, BLOCK_M)
             for j in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
                 dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, _piece_start(j, N, BLOCK_M),
-                                           vol, NH, kv_c, win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_M))
+                                           vol, NH, head_kv, win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_M))
             dk = dk * scale
-            grad_ptrs = (tl.cast(tok_n, tl.int64) * sg_tok + head * sg_head)[:, None] + offs_d[None, :]
+            grad_rows = tl.cast(tok_n, tl.int64) * grad_token_stride + head * grad_head_stride
+            grad_ptrs = grad_rows[:, None] + offs_d[None, :]
             tl.store(DK + grad_ptrs, dk.to(DK.dtype.element_ty), mask=valid_n[:, None] & d_ok)
             tl.store(DV + grad_ptrs, dv.to(DV.dtype.element_ty), mask=valid_n[:, None] & d_ok)
             if NEED_DPAD:
@@ -545,7 +590,7 @@ if HAS_TRITON:
     @triton.jit
     def _window_attn_bwd_dkdv_kernel(
         Q, K, V, DO, Lse, Delta, DK, DV, DPAD, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
-        T, H, W, NH, HD, num_masks, num_windows, sg_tok, sg_head, scale, qk_scale,
+        T, H, W, NH, HD, num_masks, num_windows, grad_token_stride, grad_head_stride, scale, qk_scale,
         N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
         ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -560,7 +605,7 @@ if HAS_TRITON:
         WIN: tl.constexpr = (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX)
         FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
         bias_c = (BIAS, MASK, num_masks, qk_scale)
-        grad_c = (sg_tok, sg_head, scale)
+        grad_c = (grad_token_stride, grad_head_stride, scale)
         dpad_row = tl.program_id(2) * _num_pieces(N, BLOCK_N) + pid
         if _full_pieces(N, BLOCK_N) > 0 and pid < _full_pieces(N, BLOCK_N):
             _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c,

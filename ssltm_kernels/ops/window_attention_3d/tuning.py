@@ -456,7 +456,8 @@ def launch_integers(q: torch.Tensor, num_windows: int, num_masks: int = 1, *, pa
     batch, t, h, w, heads, head_dim = q.shape
     strides = {f"s_{axis}": stride for axis, stride in zip("bthwn", q.stride()[:5], strict=True)}
     return {**strides, "T": t, "H": h, "W": w, "NH": heads, "HD": head_dim, "num_masks": num_masks,
-            "num_windows": num_windows, "sg_tok": (3 if packed_grad else 1) * heads * head_dim, "sg_head": head_dim}
+            "num_windows": num_windows, "grad_token_stride": (3 if packed_grad else 1) * heads * head_dim,
+            "grad_head_stride": head_dim}
 
 
 def ssltm_launch_ints(config: Config) -> dict[str, int]:
