@@ -296,10 +296,8 @@ def _compile_unit(arch: int, dtype: torch.dtype, shape: Shape, configs: LaunchCo
 
 def launch_ints(shape: Shape) -> dict:
     """The integer arguments a launch on ``shape`` passes the Triton kernels (those it specialises them on)."""
-    from ssltm_kernels.compile_check import _launch_ints
-
     q = split_qkv(torch.empty(shape.B, shape.T, shape.H, shape.W, 3 * shape.C, device="meta"), shape.heads)[0]
-    return _launch_ints(q, shape.B * shape.geom.num_windows, 1) | {"sg_tok": shape.C, "sg_head": shape.head_dim}
+    return op.launch_integers(q, shape.B * shape.geom.num_windows, 1, packed_grad=False)
 
 
 def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
@@ -311,8 +309,6 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
         return
     import multiprocessing
 
-    from ssltm_kernels.compile_check import _spec_key
-
     arch, shared = device_arch(run.device), device_shared_memory(run.device)
     units, seen = [], set()
     for shape, configs in dict.fromkeys(work):
@@ -321,8 +317,8 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
                                         int_arg=lambda name, ints=ints: ints.get(name, 16), shared_memory=shared,
                                         configs=configs)
         for index, spec in enumerate(specs):
-            if _spec_key(spec) not in seen:
-                seen.add(_spec_key(spec))
+            if op.spec_key(spec) not in seen:
+                seen.add(op.spec_key(spec))
                 units.append((arch, run.dtype, shape, configs, ints, shared, index))
     start = time.perf_counter()
     with ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:

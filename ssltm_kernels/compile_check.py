@@ -13,11 +13,11 @@ launch whose rows are aligned, loads window attention's q/k/v/o/dO rows narrower
 ``--set full`` (the default; ``make compile-check`` runs it for sm_90, sm_80 and sm_86) compiles every
 configuration for every launch; ``--set representative`` (what the test suite runs, a few minutes on
 two cores) compiles SSLTM's configurations and, per dtype family, the largest windows the dispatch
-accepts (see ``window_attention_configs``), so that kernels proven in the CPU interpreter are also
+accepts (see ``window_attention_3d.tuning.compile_configs``), so that kernels proven in the CPU interpreter are also
 proven to compile for real hardware.
 
-Every op's kernels are compiled (``--op`` selects some): window attention's configurations are
-defined here (``Config``), the other ops' by their modules (``OP_CONFIGS``).
+Every op's kernels are compiled (``--op`` selects some): each op's module defines its configurations
+(``compile_configs``, collected in ``OP_CONFIGS``).
 """
 
 from __future__ import annotations
@@ -26,284 +26,20 @@ import argparse
 import collections
 import functools
 import inspect
-import itertools
-import math
 import os
 import re
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 from ssltm_kernels._device import ARCHS, SHARED_MEMORY_LIMIT, shared_memory_limit  # noqa: F401 (re-exported)
 from ssltm_kernels._op import COMPILE_SETS as SETS
 from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
-from ssltm_kernels.ops.window_attention_3d import (
-    KERNELS,
-    MAX_WINDOW_TOKENS,
-    VARIANTS,
-    LaunchConfigs,
-    block_pieces,
-    default_configs,
-    fit_stages,
-    key_tile_bytes,
-    sweep_configs,
-    triton_compile_specs,
-    triton_key_tile_limit,
-    window_geometry,
-)
-
-# (window, head_dim, shift): the SSLTM / Video Swin configurations the kernels are tuned for, in every dtype
-WINDOW_ATTENTION_CONFIGS = (
-    ((4, 7, 7), 32, (0, 0, 0)),
-    ((4, 7, 7), 32, (2, 3, 3)),
-    ((8, 7, 7), 32, (4, 3, 3)),
-    ((2, 7, 7), 64, (1, 3, 3)),
-)
-# SSLTM's own: its four STT stages all attend in 4x7x7 windows with head_dim 32, shifted every other block
-SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT = (4, 7, 7), 32, (2, 3, 3)
-SSLTM_VOLUME, SSLTM_HEADS = (2, 4, 30, 30), 4  # (clips, frames, H, W) of one stage, as in the benchmark
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@dataclass(frozen=True)
-class Config:
-    """One compilation unit: the kernels of one configuration, specialised for one kind of launch.
-
-    ``window_batches``: as ``window_attention_3d_windows`` launches them (always with the bias table,
-    never with pad rows); otherwise a volume with bias table and pad rows, as ``WindowAttention3D``
-    with ``qkv_bias`` launches them."""
-
-    dtype: torch.dtype
-    window: tuple[int, int, int]
-    head_dim: int
-    shift: tuple[int, int, int] = (0, 0, 0)
-    mask: bool = False
-    window_batches: bool = False
-    launch: str = "aligned"
-    configs: LaunchConfigs | None = None  # the kernels' launch configurations; None: those the dispatch takes
-    kernels: tuple[str, ...] | None = None  # the names of the kernels to compile; None: every one it launches
-
-    def specs(self, arch: int) -> list[tuple]:
-        specs = compile_specs(arch, self)
-        return specs if self.kernels is None else [spec for spec in specs if spec[0] in self.kernels]
-
-    @property
-    def cost(self) -> int:
-        """A guess at the compile time, to start the slowest first: the key tile, fp32 (FMA dots rather
-        than tensor-core ones) weighed double."""
-        return key_tile_bytes(math.prod(self.window), self.head_dim, self.dtype) * self.dtype.itemsize
-
-    @property
-    def label(self) -> str:
-        label = f"{str(self.dtype).removeprefix('torch.')} window={self.window} head_dim={self.head_dim}"
-        label += f" shift={self.shift}" if any(self.shift) else ""
-        label += " window-batches" if self.window_batches else ""
-        label += " mask" if self.mask else ""
-        if self.configs:
-            label += "".join(f" {name}=({getattr(self.configs, name).label})" for name in KERNELS)
-            label += f" {self.configs.variant_label}" if self.configs.variant_label else ""
-        label += f" only {','.join(self.kernels)}" if self.kernels is not None else ""
-        return f"{label} launch={self.launch}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Launches: the integer arguments a launch passes, from which Triton specialises the kernel
-# (triton_compile_specs: 1 -> constant, multiple of 16 -> divisible by 16). Every launch has aligned
-# pointers: torch allocates at 256 bytes and q/k/v views of a qkv projection start at multiples of
-# head_dim * itemsize >= 32 bytes.
-# --------------------------------------------------------------------------------------------------
-def _strides(prefix: str, x: torch.Tensor) -> dict[str, int]:
-    return {f"{prefix}_{axis}": stride for axis, stride in zip("bthwn", x.stride()[:5], strict=True)}
-
-
-def _launch_ints(q: torch.Tensor, num_windows: int, num_masks: int) -> dict[str, int]:
-    """The launcher's integer arguments for q, k, v of q's layout (views into one qkv projection), whose
-    backward writes one packed gradient (rows of ``3 * heads * head_dim`` per token)."""
-    batch, t, h, w, heads, head_dim = q.shape
-    return {**_strides("s", q), "T": t, "H": h, "W": w, "NH": heads, "HD": head_dim, "num_masks": num_masks,
-            "num_windows": num_windows, "sg_tok": 3 * heads * head_dim, "sg_head": head_dim}
-
-
-def ssltm_launch_ints(config: Config) -> dict[str, int]:
-    """The integer arguments of an SSLTM launch of ``config``, from the tensors it would pass: q/k/v
-    unbound from a ``(clips, frames, 30, 30, 3, heads, head_dim)`` qkv projection for a volume (T = 4,
-    H = W = 30, strides multiples of 16, num_masks 1 -> a constant); for window batches, q/k/v of
-    ``(clips * windows, N, 3, heads, head_dim)`` as the op sees them, ``(B*nW, 1, 1, N, heads, head_dim)``
-    (T = H = 1 -> constants), with one mask per window of a clip."""
-    clips, *sizes = SSLTM_VOLUME
-    geom = window_geometry(sizes, config.window, config.shift)
-    if config.window_batches:
-        n = math.prod(config.window)
-        qkv = torch.empty(clips * geom.num_windows, n, 3, SSLTM_HEADS, config.head_dim, device="meta")
-        q = qkv.unbind(2)[0].unsqueeze(1).unsqueeze(1)
-    else:
-        qkv = torch.empty(clips, *sizes, 3, SSLTM_HEADS, config.head_dim, device="meta")
-        q = qkv.unbind(4)[0]
-    return _launch_ints(q, clips * geom.num_windows, geom.num_windows if config.mask else 1)
-
-
-# launch -> (doc, the value of each integer argument of a config's kernels by name)
-LAUNCHES: dict[str, tuple[str, Callable[[Config], Callable[[str], int]]]] = {
-    "aligned": ("every integer a multiple of 16: the most specialised variant, whose software pipelining "
-                "takes the most shared memory", lambda config: lambda name: 16),
-    "unaligned": ("no integer a multiple of 16 nor 1 (H = W = 30, odd strides, ...): the least specialised "
-                  "variant", lambda config: lambda name: 30 if name in ("H", "W") else 31),
-    "ssltm": ("the integers of SSLTM's own launches (ssltm_launch_ints)",
-              lambda config: ssltm_launch_ints(config).get),
-}
-
-
-def _with_default(values: Callable[[str], int | None], default: int) -> Callable[[str], int]:
-    """An argument a launch profile does not know (added to a kernel later) takes ``default``."""
-    return lambda name: default if values(name) is None else values(name)
-
-
-# --------------------------------------------------------------------------------------------------
-# Configuration sets
-# --------------------------------------------------------------------------------------------------
-def largest_window_configs(key_tile_limit: int):
-    """``(dtype, window, head_dim)``: for each head dim, the largest window whose key tile fits
-    ``key_tile_limit`` and the one of half its tile, the largest whose dq kernel double-buffers key
-    tiles (T x 7 x 7 windows where they are large enough); fp16 has bf16's tile sizes."""
-    for dtype, head_dim in itertools.product((torch.bfloat16, torch.float32), (16, 32, 64, 128, 256)):
-        block_n = min(MAX_WINDOW_TOKENS, key_tile_limit // (head_dim * dtype.itemsize))
-        for tokens in (block_n, block_n // 2):
-            if tokens >= 64:
-                yield dtype, (tokens // 64, 7, 7), head_dim
-            elif tokens >= 16:
-                yield dtype, (1, 4, tokens // 4), head_dim
-
-
-def _representative_largest(largest) -> list:
-    """Of ``largest_window_configs``, per dtype family the largest window the dispatch accepts (at the
-    smallest head dim: the most tokens, the biggest score tiles), and the bf16 one at the largest head
-    dim (the widest key tiles). Not fp32 at the largest head dim: its fp32 FMA dots take ptxas minutes
-    per kernel (about 4 CPU minutes for sm_90 alone), so only the full set compiles it."""
-    chosen = []
-    for dtype in dict.fromkeys(dtype for dtype, _, _ in largest):
-        configs = [(window, head_dim) for d, window, head_dim in largest if d == dtype]
-        head_dims = [min(h for _, h in configs)] + ([max(h for _, h in configs)] if dtype != torch.float32 else [])
-        for head_dim in head_dims:
-            window = max((w for w, h in configs if h == head_dim), key=math.prod)
-            chosen.append((dtype, window, head_dim))
-    return chosen
-
-
-def _fits(arch: int, window, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether the Triton dispatch takes this window on ``arch`` (else the CUDA kernels run it)."""
-    return key_tile_bytes(math.prod(window), head_dim, dtype) <= triton_key_tile_limit(shared_memory_limit(arch))
-
-
-def _ssltm_configs(arch: int, launch: str, *, shifted_volumes_only: bool = False):
-    """SSLTM's configurations that the dispatch runs with Triton on ``arch``: 4x7x7 windows, head_dim 32,
-    every dtype, unshifted and shifted volumes with bias table and pad rows, and window batches with
-    Video Swin's mask."""
-    for dtype in DTYPES:
-        if not _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype):
-            continue
-        if not shifted_volumes_only:
-            yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, launch=launch)
-        yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, launch=launch)
-        if not shifted_volumes_only:
-            yield Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, mask=True, window_batches=True, launch=launch)
-
-
-def _spec_key(spec: tuple) -> tuple:
-    """What makes two compile specs the same cubin: name, signature, constexprs, attrs, options."""
-    name, _, signature, constexprs, attrs, options = spec
-    return name, *(repr(sorted(d.items(), key=repr)) for d in (signature, constexprs, attrs, options))
-
-
-def variant_configs(arch: int) -> list[Config]:
-    """Each non-default kernel variant (``VARIANTS``) on SSLTM's shifted volumes in bf16 for its own launches,
-    restricted to the kernels no earlier configuration compiles (the others are the defaults' cubins): the
-    bias pointer in bf16 changes the four attention kernels, "owner" dS sums give backward C one group (a
-    constant; A2 is the default kernel launched with one group), two stages add backward C's first stage."""
-    base = Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, launch="ssltm")
-    if not _fits(arch, base.window, base.head_dim, base.dtype):
-        return []
-    compiled, configs = {_spec_key(spec) for spec in base.specs(arch)}, []
-    defaults = default_configs(math.prod(SSLTM_WINDOW), SSLTM_HEAD_DIM, torch.bfloat16)
-    for name, choices in VARIANTS.items():
-        for choice in choices[1:]:
-            config = replace(base, configs=replace(defaults, **{name: choice}))
-            new = [spec for spec in config.specs(arch) if _spec_key(spec) not in compiled]
-            compiled |= {_spec_key(spec) for spec in new}
-            configs.append(replace(config, kernels=tuple(spec[0] for spec in new)))
-    return configs
-
-
-def window_attention_configs(arch: int, config_set: str = "full") -> list[Config]:
-    """The configurations the check compiles for ``arch``.
-
-    ``full``: every tuned configuration in every dtype and the largest windows the dispatch takes on
-    ``arch`` (with the window-batch mask, the variant that takes the most shared memory), each for the
-    aligned and the unaligned launch, SSLTM's configurations for its own launches, and every launch
-    configuration a GPU sweep may ship (``sweep_configs``, the kernel variants included) on SSLTM's shifted
-    volumes.
-
-    ``sweep``: only the latter, in bf16 and fp32 (the registers and spills of each configuration).
-
-    ``representative`` (a few minutes for three architectures on two cores): SSLTM's configurations for
-    its own launches in bf16, and in fp16 (which compiles as bf16 does) and fp32 (whose three-product
-    tf32x3 kernels compile slowest) those with every feature, its shifted volumes and (fp32) its window
-    batches; its shifted volumes in bf16 for the unaligned launch; per dtype family (fp16 has bf16's tiles)
-    the largest window the dispatch accepts, and bf16's widest (``_representative_largest``), for the
-    aligned launch, the most specialised, whose software pipelining takes the most shared memory; for sm_90
-    the kernels of the kernel variants that the defaults do not compile (``variant_configs``; ``full``
-    compiles every variant for every architecture in its sweep configurations)."""
-    if config_set not in SETS:
-        raise ValueError(f"config_set must be one of {SETS}, got {config_set!r}")
-    largest = list(largest_window_configs(triton_key_tile_limit(shared_memory_limit(arch))))
-    configs = list(_ssltm_configs(arch, "ssltm"))
-    if config_set == "representative":
-        configs = [config for config in configs if config.dtype == torch.bfloat16 or config.shift == SSLTM_SHIFT
-                   or (config.dtype == torch.float32 and config.window_batches)]
-        configs += [config for config in _ssltm_configs(arch, "unaligned", shifted_volumes_only=True)
-                    if config.dtype == torch.bfloat16]
-        configs += [Config(dtype, window, head_dim, mask=True, launch="aligned")
-                    for dtype, window, head_dim in _representative_largest(largest)]
-        return configs + (variant_configs(arch) if arch == 90 else [])
-    sweep = [Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, configs=configs)
-             for dtype in DTYPES if _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype) for configs in sweep_configs()]
-    if config_set == "sweep":  # fp16 compiles as bf16 does
-        return [config for config in sweep if config.dtype != torch.float16]
-    configs += sweep
-    for launch in ("aligned", "unaligned"):
-        configs += _ssltm_configs(arch, launch)
-        configs += [Config(dtype, window, head_dim, shift, launch=launch)
-                    for dtype, (window, head_dim, shift) in itertools.product(DTYPES, WINDOW_ATTENTION_CONFIGS)
-                    if _fits(arch, window, head_dim, dtype)]
-        configs += [Config(dtype, window, head_dim, mask=True, launch=launch) for dtype, window, head_dim in largest]
-    configs += variant_configs(arch) if arch == 90 else []  # the representative set's (its sweep has them all)
-    return list(dict.fromkeys(configs))  # the tuned configurations repeat SSLTM's
-
-
-# --------------------------------------------------------------------------------------------------
-# Compilation
-# --------------------------------------------------------------------------------------------------
-def compile_specs(arch: int, config: Config) -> list[tuple]:
-    """``triton_compile_specs`` of ``config`` on ``arch``: one ``(name, kernel, signature, constexprs,
-    attrs, options)`` per kernel the configuration launches."""
-    int_arg = _with_default(LAUNCHES[config.launch][1](config), 16)
-    return list(triton_compile_specs(
-        config.dtype, config.window, config.head_dim, config.shift, bias=True, pad=not config.window_batches,
-        mask=config.mask, window_batches=config.window_batches, int_arg=int_arg, aligned_pointers=True,
-        shared_memory=shared_memory_limit(arch), configs=_fitted(arch, config)))
-
-
-def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
-    """``config.configs`` with the pipeline stages the launcher would cut for ``arch``'s shared memory."""
-    if config.configs is None:
-        return None
-    tokens = math.prod(config.window)
-    return replace(config.configs, **{name: fit_stages(name, getattr(config.configs, name), tokens,
-                                                       config.head_dim, config.dtype, shared_memory_limit(arch))
-                                      for name in KERNELS})
+from ssltm_kernels.ops.window_attention_3d import block_pieces
+from ssltm_kernels.ops.window_attention_3d import tuning as window_attention_tuning
+from ssltm_kernels.ops.window_attention_3d.tuning import Config, launch_int_arg
 
 
 def compile_report(arch: int, config: Config, index: int) -> str:
@@ -420,9 +156,9 @@ def is_row_load(load: GlobalLoad) -> bool:
     """Whether ``load`` is a window attention q/k/v/o/dO row load, all of which go through ``_load_rows``:
     inlined from a call of ``_load_rows`` (where the SASS has inlining info: Triton >= 3.8, whose innermost
     lines may be off by a few), else from a line of ``_load_rows``."""
-    from ssltm_kernels.ops import window_attention_3d
+    from ssltm_kernels.ops.window_attention_3d import triton_kernels
 
-    path, body = _function_lines(window_attention_3d._load_rows.fn)
+    path, body = _function_lines(triton_kernels._load_rows.fn)
     source = [(os.path.realpath(file), line) for file, line in load.source]
     if len(source) > 1:
         return source[1] in _row_load_calls()
@@ -431,10 +167,10 @@ def is_row_load(load: GlobalLoad) -> bool:
 
 @functools.cache
 def _row_load_calls() -> frozenset[tuple[str, int]]:
-    """(file, line) of every call of ``_load_rows`` in the window attention module."""
-    from ssltm_kernels.ops import window_attention_3d
+    """(file, line) of every call of ``_load_rows`` in the window attention's kernels."""
+    from ssltm_kernels.ops.window_attention_3d import triton_kernels
 
-    path = os.path.realpath(inspect.getsourcefile(window_attention_3d))
+    path = os.path.realpath(inspect.getsourcefile(triton_kernels))
     with open(path) as source:
         return frozenset((path, number) for number, text in enumerate(source, start=1)
                          if re.search(r"(?<![\w.])_load_rows\(", text) and "def _load_rows" not in text)
@@ -443,8 +179,9 @@ def _row_load_calls() -> frozenset[tuple[str, int]]:
 def rows_aligned(config: Config) -> bool:
     """Whether ``config``'s launch puts every q/k/v/o/dO row at a multiple of 16 elements (strides and
     head_dim multiples of 16; pointers are aligned in every launch): its row loads can be 16 bytes wide."""
-    values = _with_default(LAUNCHES[config.launch][1](config), 16)
-    return all(values(name) % 16 == 0 for name in ("s_b", "s_t", "s_h", "s_w", "s_n", "HD", "sg_tok", "sg_head"))
+    values = launch_int_arg(config)
+    return all(values(name) % 16 == 0 for name in ("s_b", "s_t", "s_h", "s_w", "s_n", "HD", "grad_token_stride",
+                                                          "grad_head_stride"))
 
 
 def row_load_widths(config: Config, spec: tuple) -> tuple[int, int] | None:
@@ -485,7 +222,7 @@ def row_load_problem(config, spec: tuple, loads: list[GlobalLoad]) -> str | None
 # op -> its configurations for (arch, config set); every configuration has ``label``, ``specs(arch)``
 # and ``cost`` (``Config`` here, ``CompileConfig`` from the ops' own modules)
 OP_CONFIGS: dict[str, Callable[[int, str], list]] = {
-    "window_attention_3d": window_attention_configs,
+    "window_attention_3d": window_attention_tuning.compile_configs,
     "dwconv3x3": dwconv3x3.compile_configs,
     "gcc_assign": gcc_assign.compile_configs,
     "soft_region_pool": soft_region_pool.compile_configs,

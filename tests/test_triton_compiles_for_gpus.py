@@ -13,11 +13,6 @@ import pytest
 import torch
 
 from ssltm_kernels.compile_check import (
-    LAUNCHES,
-    SSLTM_HEAD_DIM,
-    SSLTM_SHIFT,
-    SSLTM_WINDOW,
-    Config,
     GlobalLoad,
     _row_load_calls,
     configurations,
@@ -27,11 +22,17 @@ from ssltm_kernels.compile_check import (
     row_load_problem,
     row_load_widths,
     rows_aligned,
-    ssltm_launch_ints,
-    window_attention_configs,
 )
-from ssltm_kernels.ops import window_attention_3d
-from ssltm_kernels.ops.window_attention_3d import triton_compile_specs
+from ssltm_kernels.ops.window_attention_3d import triton_compile_specs, triton_kernels
+from ssltm_kernels.ops.window_attention_3d.tuning import (
+    LAUNCHES,
+    SSLTM_HEAD_DIM,
+    SSLTM_SHIFT,
+    SSLTM_WINDOW,
+    Config,
+    compile_configs,
+    ssltm_launch_ints,
+)
 
 ARCHS = (90, 80, 86)
 
@@ -79,8 +80,8 @@ def test_row_loads_of_aligned_launches_are_16_bytes_wide(arch, representative_re
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_representative_set_covers_ssltm_and_both_launch_extremes(arch):
-    configs = window_attention_configs(arch, "representative")
-    assert set(configs) <= set(window_attention_configs(arch, "full"))
+    configs = compile_configs(arch, "representative")
+    assert set(configs) <= set(compile_configs(arch, "full"))
     launches = {config.launch for config in configs}
     assert {"aligned", "unaligned", "ssltm"} <= launches
     ssltm = {(c.dtype, c.shift, c.window_batches, c.mask) for c in configs
@@ -132,7 +133,7 @@ def test_launches_give_every_integer_argument_a_value():
     """The launch profiles give each integer argument the kernels take a value (new arguments a default),
     and SSLTM's own launches hit Triton's constant-1 specialisation (num_masks, or T and H of window
     batches)."""
-    for config in window_attention_configs(90, "representative"):
+    for config in compile_configs(90, "representative"):
         for name, _, signature, _, _, _ in config.specs(90):
             assert all(kind in ("constexpr", "fp32", "i32", "i64", "u64") or kind.startswith("*")
                        for kind in signature.values()), (config.label, name)
@@ -183,15 +184,15 @@ def test_global_loads_reads_kind_width_and_source_lines_from_sass():
 
 
 def _load_rows_lines():
-    lines, first = inspect.getsourcelines(window_attention_3d._load_rows.fn)
-    return inspect.getsourcefile(window_attention_3d._load_rows.fn), first, len(lines)
+    lines, first = inspect.getsourcelines(triton_kernels._load_rows.fn)
+    return inspect.getsourcefile(triton_kernels._load_rows.fn), first, len(lines)
 
 
 def test_row_loads_are_those_of_load_rows_by_call_or_by_line():
     path, first, count = _load_rows_lines()
     calls = sorted(_row_load_calls())
     assert len(calls) >= 5 and all(file == os.path.realpath(path) for file, _ in calls)  # q, k, v, o, dO
-    module_lines, _ = inspect.getsourcelines(window_attention_3d)
+    module_lines, _ = inspect.getsourcelines(triton_kernels)
     pad_call = next(number for number, text in enumerate(module_lines, start=1) if "_pad_row(PAD_K" in text)
     kernel = (path, 10_000)
     # inlined (Triton 3.8): the call the innermost line was inlined from decides, whatever that line says

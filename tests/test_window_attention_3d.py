@@ -319,7 +319,7 @@ def test_triton_variants_match_reference_and_are_deterministic(variant, dtype, m
     batch, sizes, heads, head_dim, window, shift = VARIANT_CASE
     inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=dtype)
     kw = dict(window_size=window, shift_size=shift)
-    monkeypatch.setattr(op, "_reduce_blocks", lambda table_size, tokens: (
+    monkeypatch.setattr(op.launch, "_reduce_blocks", lambda table_size, tokens: (
         *op.REDUCE_BLOCKS, min(op.DSUM_BLOCK, op.padded_tokens(tokens) ** 2) // 2))
     configs = replace(op.LaunchConfigs(*(op.KernelConfig(32, 32, 4, 1) for _ in op.KERNELS)), **variant)
     with op.forced_launch_configs(configs):
@@ -358,9 +358,9 @@ def test_launch_config_variants_validate_and_round_trip_the_config_file(tmp_path
     path = tmp_path / "configs.json"
     key = op.config_key("GPU A", 196, 32, 4, torch.bfloat16, True)
     path.write_text(json.dumps({"configs": {key: chosen.to_json()}}))
-    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
-    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
-    fitted = op.launch_configs(196, 32, 4, torch.bfloat16, True, "GPU A", shared_memory=99 * 1024)
+    monkeypatch.setattr(op.tuning, "_config_file", lambda read=op.tuning._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op.tuning, "launch_configs", op.tuning.launch_configs.__wrapped__)  # uncached
+    fitted = op.tuning.launch_configs(196, 32, 4, torch.bfloat16, True, "GPU A", shared_memory=99 * 1024)
     assert (fitted.bias_dtype, fitted.dbias_sum, fitted.reduce_stages) == ("input", "owner", 2)
 
 
@@ -748,8 +748,8 @@ def test_gpu_every_shipped_config_matches_fp32_reference_and_is_deterministic(in
 def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
     """The windows compile_check proves for this device's shared memory (the largest the Triton dispatch
     accepts per head dim, window-batch mask included) launch and follow the 2x-reference-error rule."""
-    from ssltm_kernels.compile_check import largest_window_configs
     from ssltm_kernels.ops.window_attention_3d import device_shared_memory, triton_key_tile_limit
+    from ssltm_kernels.ops.window_attention_3d.tuning import largest_window_configs
 
     key_tile_limit = triton_key_tile_limit(device_shared_memory(torch.device("cuda")))
     gen = torch.Generator().manual_seed(0)
@@ -866,17 +866,18 @@ def test_launch_configs_take_the_shipped_file_for_the_device_then_any_device_the
     key = lambda device, shifted=False: op.config_key(device, 196, 32, 4, torch.bfloat16, shifted)
     path = tmp_path / "configs.json"
     path.write_text(json.dumps({"configs": {key("GPU A"): device_cfg.to_json(), key("*"): any_cfg.to_json()}}))
-    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
-    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
+    monkeypatch.setattr(op.tuning, "_config_file", lambda read=op.tuning._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op.tuning, "launch_configs", op.tuning.launch_configs.__wrapped__)  # uncached
 
     def chosen(device, shifted=False, tokens=196):
-        return op.launch_configs(tokens, 32, 4, torch.bfloat16, shifted, device)
+        return op.tuning.launch_configs(tokens, 32, 4, torch.bfloat16, shifted, device)
 
     assert chosen("GPU A") == device_cfg
     assert chosen("GPU B") == any_cfg
     assert chosen("GPU A", shifted=True) == op.default_configs(196, 32)  # other keys: the defaults
     assert chosen("GPU A", tokens=98) == op.default_configs(98, 32)
-    assert op.launch_configs(196, 32, 4, torch.bfloat16, False, "GPU A", interpreting=True) == op.INTERPRETER_CONFIGS
+    assert op.tuning.launch_configs(196, 32, 4, torch.bfloat16, False, "GPU A",
+                                    interpreting=True) == op.INTERPRETER_CONFIGS
     assert op.LaunchConfigs.from_json(json.loads(json.dumps(device_cfg.to_json()))) == device_cfg
 
 
@@ -902,7 +903,7 @@ def test_triton_comes_first_on_sm_90_until_a_measurement_says_otherwise(monkeypa
         assert op.preferred_backend(gpu) == first, name
     path = tmp_path / "configs.json"
     path.write_text(json.dumps({"default_backend": {"H100": "cuda"}}))
-    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op.tuning, "_config_file", lambda read=op.tuning._config_file.__wrapped__: read(path))
     props.update(value=types.SimpleNamespace(major=9, minor=0), name="H100")
     assert op.preferred_backend(gpu) == "cuda"
     assert op.preferred_backend(torch.device("cpu")) == "cuda"
@@ -1018,7 +1019,7 @@ def _pretend_cuda_backend_runs_on_cpu(monkeypatch, kernels=("tensor_cores", "ten
     if not ssltm_kernels.HAS_CUDA_EXT:
         pytest.fail("ssltm_kernels._C is not built: pip install -e . --no-build-isolation")
     monkeypatch.setattr(op, "cuda_unavailable_reason", lambda q: None)
-    monkeypatch.setattr(op, "_cuda_kernels", lambda q, geom, dtype: kernels)
+    monkeypatch.setattr(op, "_cuda_kernels", lambda call, dtype: kernels)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -1031,7 +1032,7 @@ def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch, dtype, 
         else window_attention_3d
     calls = []
     monkeypatch.setattr(op, "_fused_window_attention",
-                        lambda *a, _f=op._fused_window_attention: calls.append(a[9]) or _f(*a))
+                        lambda *a, _f=op._fused_window_attention: calls.append(a[1]) or _f(*a))
     out, grads = run(fused, qkv, table, pad_k, pad_v, **kw)
     assert calls == ["cuda"]
     assert out.dtype == dtype and [g.dtype for g in grads] == [dtype, torch.float32, dtype, dtype]
@@ -1052,7 +1053,7 @@ def test_dispatch_prefers_triton_over_cuda_core_kernels(monkeypatch, kernels, ch
     q, k, v = _qkv()
     assert op.can_run_cuda(q, k, v, window_size=2).kernels == kernels
     calls = []
-    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[9]) or q)
+    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[1]) or q)
     window_attention_3d(q, k, v, window_size=2)
     window_attention_3d(q, k, v, window_size=2, backend="cuda")  # forced: whatever family
     assert calls == [chosen, "cuda"]
@@ -1068,7 +1069,7 @@ def test_dispatch_takes_triton_first_where_preferred(monkeypatch):
     monkeypatch.setattr(op, "preferred_backend", lambda device: "triton")
     q, k, v = _qkv()
     calls = []
-    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[9]) or q)
+    monkeypatch.setattr(op, "_fused_window_attention", lambda *a: calls.append(a[1]) or q)
     window_attention_3d(q, k, v, window_size=2)
     window_attention_3d(q, k, v, window_size=2, backend="cuda")
     monkeypatch.setattr(op, "triton_unavailable_reason", lambda q: "no triton")

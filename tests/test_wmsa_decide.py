@@ -107,9 +107,9 @@ def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkey
     assert doc["default_backend"] == {"GPU X": "triton"} and doc["measured"][key]["commit"] == "abc"
     assert set(json.loads(op.CONFIG_FILE.read_text())["configs"]) >= set(json.loads(
         (ROOT / "ssltm_kernels/ops/window_attention_3d_configs.json").read_text())["configs"])
-    monkeypatch.setattr(op, "_config_file", lambda read=op._config_file.__wrapped__: read(path))
-    monkeypatch.setattr(op, "launch_configs", op.launch_configs.__wrapped__)  # uncached: reads the file above
-    assert op.launch_configs(196, 32, 8, torch.bfloat16, False, "GPU X") == winner
+    monkeypatch.setattr(op.tuning, "_config_file", lambda read=op.tuning._config_file.__wrapped__: read(path))
+    monkeypatch.setattr(op.tuning, "launch_configs", op.tuning.launch_configs.__wrapped__)  # uncached
+    assert op.tuning.launch_configs(196, 32, 8, torch.bfloat16, False, "GPU X") == winner
 
 
 def test_precompile_unit_compiles_the_launch_specialisation_without_a_gpu():
