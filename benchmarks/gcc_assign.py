@@ -27,22 +27,6 @@ from functools import partial
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import (
-    MODES,
-    Case,
-    Exact,
-    Impl,
-    Row,
-    RowIndex,
-    TargetResult,
-    Unavailable,
-    Work,
-    backend_provider,
-    eager_or_compiled,
-    peer_speedup_checks,
-    target_results,
-    untimed,
-)
 from ssltm_kernels.ops.gcc_assign import gcc_assign, gcc_assign_reference
 
 BENCHMARK = "gcc_assign"
@@ -61,15 +45,17 @@ class Shape:
     valid_fraction: float = 0.1  # a VSPW label holds about a tenth of the 124 categories
 
     def title(self, dtype: torch.dtype) -> str:
-        return (f"B={self.B} K={self.K} T={self.T} D={self.D} valid~{self.valid_fraction:.0%}  "
-                f"{str(dtype).removeprefix('torch.')}")
+        return (
+            f"B={self.B} K={self.K} T={self.T} D={self.D} valid~{self.valid_fraction:.0%}  "
+            f"{str(dtype).removeprefix('torch.')}"
+        )
 
 
 GPU_SHAPES = {"ssltm": Shape("ssltm", B=8, K=124, T=3, D=512)}
 CPU_SHAPES = {"cpu-small": Shape("cpu-small", B=4, K=19, T=3, D=96, valid_fraction=0.5)}
 
 
-def gcc_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+def gcc_work(shape: Shape, dtype: torch.dtype, mode: str) -> harness.Work:
     """Least work of one call, for element size e. Forward: read feats and centers, write nearest
     (``(2 B K D + T K D) e``), the mask, and the int64 index (``9 B K``); a subtraction, a multiplication
     and an addition per feature of each of the T distances (``3 B K T D`` FLOPs). Backward of the loss:
@@ -77,9 +63,11 @@ def gcc_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
     subtraction, a multiplication and an addition per feature of each frame (``3 B K D``)."""
     e = torch.finfo(dtype).bits // 8
     bk, kd = shape.B * shape.K, shape.K * shape.D
-    fwd = Work(flops=3.0 * bk * shape.T * shape.D, bytes=float((2 * bk * shape.D + shape.T * kd) * e + 9 * bk))
-    bwd = Work(flops=3.0 * bk * shape.D, bytes=float((bk * shape.D + 2 * shape.T * kd) * e + 9 * bk))
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": Work(flops=fwd.flops + bwd.flops, bytes=fwd.bytes + bwd.bytes)}[mode]
+    fwd = harness.Work(flops=3.0 * bk * shape.T * shape.D, bytes=float((2 * bk * shape.D + shape.T * kd) * e + 9 * bk))
+    bwd = harness.Work(flops=3.0 * bk * shape.D, bytes=float((bk * shape.D + 2 * shape.T * kd) * e + 9 * bk))
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": harness.Work(flops=fwd.flops + bwd.flops, bytes=fwd.bytes + bwd.bytes)}[
+        mode
+    ]
 
 
 def eager_gcc_loss(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -106,36 +94,57 @@ def exact_loss(feats: torch.Tensor, valid: torch.Tensor, centers: torch.Tensor) 
     return gcc_assign_reference(feats.to(centers.dtype), centers, valid)[2]
 
 
-def build_providers(names: Sequence[str], feats, centers, valid) -> dict[str, Impl | Unavailable]:
-    return {name: eager_or_compiled(name, eager_gcc_loss, lambda fn: fn(feats, centers, valid))
-            if name in ("eager", "compile") else
-            backend_provider(name, feats.device, lambda b: gcc_assign(feats, centers, valid, backend=b)[2])
-            for name in names}
+def build_providers(names: Sequence[str], feats, centers, valid) -> dict[str, harness.Impl | harness.Unavailable]:
+    return {
+        name: harness.eager_or_compiled(name, eager_gcc_loss, lambda fn: fn(feats, centers, valid))
+        if name in ("eager", "compile")
+        else harness.backend_provider(name, feats.device, lambda b: gcc_assign(feats, centers, valid, backend=b)[2])
+        for name in names
+    }
 
 
 def cases(shape: Shape, run: harness.Context):
     """The one case of a shape: the loss of ``centers`` (the leaf) against the reference loss."""
     feats, centers, valid = make_inputs(shape, run.dtype, run.device)
     record = {"B": shape.B, "K": shape.K, "T": shape.T, "D": shape.D, "n_valid": int(valid.sum())}
-    case = Case(shape.name, record, run.dtype, {m: gcc_work(shape, run.dtype, m) for m in MODES},
-                title=shape.title(run.dtype))
-    yield harness.Measurement(case, build_providers(run.args.providers, feats, centers, valid), leaves=[centers],
-                              exact=Exact(partial(exact_loss, feats, valid)))
+    case = harness.Case(
+        shape.name,
+        record,
+        run.dtype,
+        {m: gcc_work(shape, run.dtype, m) for m in harness.MODES},
+        title=shape.title(run.dtype),
+    )
+    yield harness.Measurement(
+        case,
+        build_providers(run.args.providers, feats, centers, valid),
+        leaves=[centers],
+        exact=harness.Exact(partial(exact_loss, feats, valid)),
+    )
 
 
-def evaluate_targets(rows: Sequence[Row], ours: Sequence[str] = OURS) -> list[TargetResult]:
+def evaluate_targets(rows: Sequence[harness.Row], ours: Sequence[str] = OURS) -> list[harness.TargetResult]:
     """fwd+bwd >= 5x eager on every case, for each of our backends; "n/a" where a time is missing."""
-    index, results = RowIndex(rows), []
+    index, results = harness.RowIndex(rows), []
     for row in rows:
         if row.mode == "fwd+bwd" and row.provider in ours:
-            checks = peer_speedup_checks(index, row.case, row, {"eager": TARGET_SPEEDUP}, own_why=untimed(row))
-            results += target_results(row.case, row.provider, checks, row.correct)
+            checks = harness.peer_speedup_checks(
+                index, row.case, row, {"eager": TARGET_SPEEDUP}, own_why=harness.untimed(row)
+            )
+            results += harness.target_results(row.case, row.provider, checks, row.correct)
     return results
 
 
 SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, option=False)
-SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases,
-                             targets=lambda rows, _: evaluate_targets(rows), target_cases=tuple(GPU_SHAPES))
+SPEC = harness.BenchmarkSpec(
+    BENCHMARK,
+    __doc__,
+    PROVIDERS,
+    OURS,
+    SHAPES,
+    cases,
+    targets=lambda rows, _: evaluate_targets(rows),
+    target_cases=tuple(GPU_SHAPES),
+)
 
 if __name__ == "__main__":
     harness.run_benchmark(SPEC)

@@ -56,17 +56,23 @@ def roofline(work: Work, spec: DeviceSpec | None, dtype: torch.dtype) -> tuple[f
     if spec is None:
         return None
     peak = spec.flops.get(dtype)
-    seconds = {"memory": work.bytes / spec.bytes_per_s, "compute": work.flops / peak if peak else 0.0,
-               "exp": work.exps / spec.exp_per_s}
+    seconds = {
+        "memory": work.bytes / spec.bytes_per_s,
+        "compute": work.flops / peak if peak else 0.0,
+        "exp": work.exps / spec.exp_per_s,
+    }
     limiter = max(seconds, key=seconds.get)
     return seconds[limiter] * 1e3, limiter
 
 
 def git_commit(root: Path = RESULTS_DIR.parent.parent) -> str:
     """Short HEAD sha, "+dirty" when the tree (results aside) differs from it; "unknown" outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
-                              timeout=20).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=20
+        ).stdout.strip()
+
     try:
         dirty = git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
         return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
@@ -80,10 +86,16 @@ def environment(device: torch.device) -> dict:
         from triton import __version__ as triton_version
     except ImportError:
         triton_version = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "torch": torch.__version__, "triton": triton_version,
-            "cuda": torch.version.cuda, "python": platform.python_version(), "device": device.type,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
 
 
 def cpu_bench(fn: Callable[[], object], rep_ms: float, grad_to_none: Sequence[torch.Tensor] = ()) -> list[float]:
@@ -157,9 +169,18 @@ class Row:
 def text_table(header: Sequence[str], body: Sequence[Sequence], left: int = 2) -> str:
     """First ``left`` columns left-aligned, the others right-aligned but the last (free text)."""
     widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header) - 1)]
-    return "\n".join("  ".join([*(str(c).ljust(w) if i < left else str(c).rjust(w) for i, (c, w)
-                                  in enumerate(zip(line, widths, strict=False))), str(line[-1])]).rstrip()
-                     for line in (header, *body))
+    return "\n".join(
+        "  ".join(
+            [
+                *(
+                    str(c).ljust(w) if i < left else str(c).rjust(w)
+                    for i, (c, w) in enumerate(zip(line, widths, strict=False))
+                ),
+                str(line[-1]),
+            ]
+        ).rstrip()
+        for line in (header, *body)
+    )
 
 
 def format_rows(rows: Sequence[Row]) -> str:
@@ -171,15 +192,47 @@ def format_rows(rows: Sequence[Row]) -> str:
             body.append((r.provider, r.mode, *"-" * 11, why))
             continue
         graph = f(r.graph_ms, ".3f") if r.graph_error is None else "failed"
-        body.append((r.provider, r.mode, f"{r.ms:.3f}", f"{r.ms_p20:.3f}-{r.ms_p80:.3f}", graph, f(r.tflops, ".3g"),
-                     f(r.gbps, ".3g"), f(r.roofline_pct, ".1f"), r.limiter or "-", f(r.peak_mib, ".1f"),
-                     f(r.items_per_s, ".3g"), f(r.launches, "d"), f(r.max_err, ".1e") + _verdict(r), r.note or ""))
-    return text_table(("provider", "mode", "ms", "p20-p80", "graph ms", "TFLOP/s", "GB/s", "%roof", "bound",
-                       "peak MiB", "items/s", "launches", "max|err|", "note"), body)
+        body.append(
+            (
+                r.provider,
+                r.mode,
+                f"{r.ms:.3f}",
+                f"{r.ms_p20:.3f}-{r.ms_p80:.3f}",
+                graph,
+                f(r.tflops, ".3g"),
+                f(r.gbps, ".3g"),
+                f(r.roofline_pct, ".1f"),
+                r.limiter or "-",
+                f(r.peak_mib, ".1f"),
+                f(r.items_per_s, ".3g"),
+                f(r.launches, "d"),
+                f(r.max_err, ".1e") + _verdict(r),
+                r.note or "",
+            )
+        )
+    return text_table(
+        (
+            "provider",
+            "mode",
+            "ms",
+            "p20-p80",
+            "graph ms",
+            "TFLOP/s",
+            "GB/s",
+            "%roof",
+            "bound",
+            "peak MiB",
+            "items/s",
+            "launches",
+            "max|err|",
+            "note",
+        ),
+        body,
+    )
 
 
 def _verdict(row: Row) -> str:
-    """" WRONG (what)" for an incorrect row, naming the tensors beyond their bound; "" otherwise."""
+    """ " WRONG (what)" for an incorrect row, naming the tensors beyond their bound; "" otherwise."""
     if row.correct is not False:
         return ""
     wrong = [name for name, (err, bound) in (row.errors or {}).items() if not err <= bound]
@@ -198,8 +251,13 @@ def append_records(path: Path, records: Sequence[dict], env: dict, benchmark: st
     with path.open("a", encoding="utf-8") as f:
         for row in records:
             record = {"benchmark": benchmark, **env, **row}
-            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
-                                for k, v in record.items()}, default=str) + "\n")
+            f.write(
+                json.dumps(
+                    {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()},
+                    default=str,
+                )
+                + "\n"
+            )
 
 
 class Unavailable(Exception):
@@ -279,26 +337,46 @@ class Harness:
     GRAPH_MODES faster than ``graph_below_ms`` are also timed as replays of ``graph_capture(run)`` (CUDA
     graphs on a GPU; None, the CPU's default, times none)."""
 
-    def __init__(self, name: str, *, device: torch.device | str | None = None, quick: bool = False,
-                 save: bool = True, results_dir: Path = RESULTS_DIR, note: str | None = None,
-                 slow_ms: float = 2000.0, graph_below_ms: float = GRAPH_BELOW_MS) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        device: torch.device | str | None = None,
+        quick: bool = False,
+        save: bool = True,
+        results_dir: Path = RESULTS_DIR,
+        note: str | None = None,
+        slow_ms: float = 2000.0,
+        graph_below_ms: float = GRAPH_BELOW_MS,
+    ) -> None:
         self.name, self.save, self.slow_ms, self.graph_below_ms = name, save, slow_ms, graph_below_ms
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
         self.path = Path(results_dir) / f"{name}.jsonl"
         on_gpu = self.device.type == "cuda"
-        self.graph_capture: Callable[[Callable[[], object]], Callable[[], object]] | None = \
+        self.graph_capture: Callable[[Callable[[], object]], Callable[[], object]] | None = (
             graph_replay if on_gpu else None
+        )
         # do_bench's defaults are 25 / 100 ms; the CPU loop needs no warm-up of its own (see _measure)
         self.warmup_ms, self.rep_ms = ((10, 40) if quick else (25, 100)) if on_gpu else (0, 100 if quick else 300)
         self.env = {**environment(self.device), "run_note": note}
         self.spec = match_device_spec(self.env["gpu"])
         peaks = f"{self.spec.name} datasheet" if self.spec else "none for this device"
-        print("  ".join(f"{k} {v}" for k, v in self.env.items() if v is not None),
-              f"roofline peaks: {peaks}; rows {f'appended to {self.path}' if save else 'not saved'}", sep="\n")
+        print(
+            "  ".join(f"{k} {v}" for k, v in self.env.items() if v is not None),
+            f"roofline peaks: {peaks}; rows {f'appended to {self.path}' if save else 'not saved'}",
+            sep="\n",
+        )
 
-    def run_case(self, case: Case, providers: dict, leaves: Sequence[torch.Tensor] | dict[str, torch.Tensor],
-                 modes: Sequence[str] = MODES, reference: str | None = None, exact: Exact | None = None,
-                 tolerance: Callable | None = None) -> list[Row]:
+    def run_case(
+        self,
+        case: Case,
+        providers: dict,
+        leaves: Sequence[torch.Tensor] | dict[str, torch.Tensor],
+        modes: Sequence[str] = MODES,
+        reference: str | None = None,
+        exact: Exact | None = None,
+        tolerance: Callable | None = None,
+    ) -> list[Row]:
         """The correctness gate, then the timings. ``providers``: name -> forward, :class:`Impl` or the exception
         saying why it cannot run; ``leaves`` (a list, or names -> tensors): what the backward differentiates.
 
@@ -344,9 +422,20 @@ class Harness:
         for name, impl in impls.items():
             for mode in modes:
                 verdict = verdicts.get(name, Verdict())
-                rows.append(row := Row(case.name, name, mode, case.shape, str(case.dtype).removeprefix("torch."),
-                                       max_err=verdict.max_err, correct=verdict.correct, errors=verdict.errors,
-                                       info=infos.get(name), note=getattr(impl, "note", None)))
+                rows.append(
+                    row := Row(
+                        case.name,
+                        name,
+                        mode,
+                        case.shape,
+                        str(case.dtype).removeprefix("torch."),
+                        max_err=verdict.max_err,
+                        correct=verdict.correct,
+                        errors=verdict.errors,
+                        info=infos.get(name),
+                        note=getattr(impl, "note", None),
+                    )
+                )
                 if name in skip or mode not in impl.modes:
                     row.error = skip.get(name) or UNAVAILABLE + impl.reason
                     continue
@@ -363,8 +452,13 @@ class Harness:
         return rows
 
     @staticmethod
-    def _results(forward: Callable[[], torch.Tensor], named: dict, grad_out: torch.Tensor | None, grads: bool,
-                 autograd: bool = True) -> tuple[dict, torch.Tensor | None]:
+    def _results(
+        forward: Callable[[], torch.Tensor],
+        named: dict,
+        grad_out: torch.Tensor | None,
+        grads: bool,
+        autograd: bool = True,
+    ) -> tuple[dict, torch.Tensor | None]:
         """``{"out": output, "grad <leaf>": gradient or None}`` (gradients with ``grads`` only, and only of a
         floating output) and the upstream gradient (made from the first output: the same for every provider).
         The forward runs with autograd on, as in the timed modes, unless ``autograd`` is False."""
@@ -374,22 +468,30 @@ class Harness:
         if not out.is_floating_point():  # e.g. a predicted class map: nothing to differentiate
             return results, grad_out
         if grad_out is None:
-            grad_out = torch.randn(out.shape, dtype=out.dtype, device=out.device,
-                                   generator=torch.Generator(out.device).manual_seed(0))
+            grad_out = torch.randn(
+                out.shape, dtype=out.dtype, device=out.device, generator=torch.Generator(out.device).manual_seed(0)
+            )
         if grads:
-            got = torch.autograd.grad(out, list(named.values()), grad_out, allow_unused=True) \
-                if out.requires_grad else (None,) * len(named)
+            got = (
+                torch.autograd.grad(out, list(named.values()), grad_out, allow_unused=True)
+                if out.requires_grad
+                else (None,) * len(named)
+            )
             results |= {f"grad {n}": None if g is None else g.detach() for n, g in zip(named, got, strict=True)}
         return results, grad_out
 
-    def _exact(self, exact: Exact, named: dict, dtype: torch.dtype, grad_out: torch.Tensor | None,
-               grads: bool) -> dict:
+    def _exact(self, exact: Exact, named: dict, dtype: torch.dtype, grad_out: torch.Tensor | None, grads: bool) -> dict:
         """The yardstick's results: ``exact.fn`` on widened copies of the leaves (without autograd when no
         gradient is checked: a model's leaves are its parameters, whose graph would only cost memory)."""
         wide = exact_dtype(dtype)
         copies = {n: x.detach().to(wide).requires_grad_(grads) for n, x in named.items()}
-        results, _ = self._results(lambda: exact.fn(*copies.values()), copies,
-                                   None if grad_out is None else grad_out.to(wide), grads, autograd=grads)
+        results, _ = self._results(
+            lambda: exact.fn(*copies.values()),
+            copies,
+            None if grad_out is None else grad_out.to(wide),
+            grads,
+            autograd=grads,
+        )
         return results
 
     @staticmethod
@@ -411,8 +513,10 @@ class Harness:
         """QUANTILES (ms) of ``run``: ``do_bench`` on a GPU, :func:`cpu_bench` on the CPU."""
         if self.device.type == "cuda":
             from triton.testing import do_bench  # here: a CPU-only install may lack triton
-            return do_bench(run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves),
-                            quantiles=list(QUANTILES))
+
+            return do_bench(
+                run, warmup=self.warmup_ms, rep=self.rep_ms, grad_to_none=list(leaves), quantiles=list(QUANTILES)
+            )
         return cpu_bench(run, self.rep_ms, leaves)
 
     def _measure(self, row: Row, impl: Impl, mode: str, leaves, grad_out, case: Case) -> None:
@@ -498,9 +602,18 @@ def format_speedups(rows: Sequence[Row], ours: str, peers: Sequence[str]) -> str
             return "wrong"
         return f"{ms[case, mode, peer] / ms[case, mode, ours]:.2f}x"
 
-    body = [(case, mode, f"{ms[case, mode, ours]:.3f}" + (" WRONG" if (case, mode, ours) in wrong else ""),
-             *(ratio(case, mode, p) for p in peers), "")
-            for case in dict.fromkeys(r.case for r in rows) for mode in MODES if (case, mode, ours) in ms]
+    body = [
+        (
+            case,
+            mode,
+            f"{ms[case, mode, ours]:.3f}" + (" WRONG" if (case, mode, ours) in wrong else ""),
+            *(ratio(case, mode, p) for p in peers),
+            "",
+        )
+        for case in dict.fromkeys(r.case for r in rows)
+        for mode in MODES
+        if (case, mode, ours) in ms
+    ]
     header = ("case", "mode", f"{ours} ms", *(f"vs {p}" for p in peers), "")
     return f"speedup of {ours} (peer ms / {ours} ms; > 1: {ours} is faster)\n{text_table(header, body)}" if body else ""
 
@@ -573,8 +686,9 @@ def untimed(row: Row, otherwise: str = "no time") -> str:
     return f"{row.provider}: {row.error or otherwise}"
 
 
-def speedup_check(target: str, own: Row | None, peers: Sequence[Row | None], factor: float, *, own_why: str,
-                  peer_why: str) -> Check:
+def speedup_check(
+    target: str, own: Row | None, peers: Sequence[Row | None], factor: float, *, own_why: str, peer_why: str
+) -> Check:
     """``peer ms / own ms >= factor`` against the fastest of ``peers`` with a time that passed the correctness
     gate (the value names it when there are several). n/a: ``own_why`` when ``own`` has no time, else
     ``peer_why`` when no peer has one (naming the peers left out as incorrect)."""
@@ -588,17 +702,33 @@ def speedup_check(target: str, own: Row | None, peers: Sequence[Row | None], fac
     return Check(target, f"{speedup:.2f}x" + (f" vs {best.provider}" if len(peers) > 1 else ""), speedup >= factor)
 
 
-def peer_speedup_checks(index: RowIndex, case: str, own: Row | None, factors: dict[str, float], *, own_why: str,
-                        mode: str = "fwd+bwd", prefix: str = "") -> list[Check]:
+def peer_speedup_checks(
+    index: RowIndex,
+    case: str,
+    own: Row | None,
+    factors: dict[str, float],
+    *,
+    own_why: str,
+    mode: str = "fwd+bwd",
+    prefix: str = "",
+) -> list[Check]:
     """One :func:`speedup_check` per peer of ``factors`` (name -> factor): ``own`` (a ``mode`` row on the case)
     at least that many times as fast as the peer in ``mode``. Targets read "``prefix``fwd+bwd >= 3x eager"; n/a
     reasons are ``own_why`` or "eager has no time"."""
-    return [speedup_check(f"{prefix}{mode} >= {factor:g}x {peer}", own, [index.timed(case, peer, mode)], factor,
-                          own_why=own_why, peer_why=f"{peer} has no time") for peer, factor in factors.items()]
+    return [
+        speedup_check(
+            f"{prefix}{mode} >= {factor:g}x {peer}",
+            own,
+            [index.timed(case, peer, mode)],
+            factor,
+            own_why=own_why,
+            peer_why=f"{peer} has no time",
+        )
+        for peer, factor in factors.items()
+    ]
 
 
-def peak_memory_check(target: str, own: Row | None, eager: Row | None, at_most: float, *,
-                      mib_digits: int = 0) -> Check:
+def peak_memory_check(target: str, own: Row | None, eager: Row | None, at_most: float, *, mib_digits: int = 0) -> Check:
     """Peak memory of ``own`` over that of ``eager`` (the same case and mode) ``<= at_most``."""
     if not (_has_time(own) and own.peak_mib is not None and _rankable(eager) and eager.peak_mib):
         return Check(target, why="no memory measurement")
@@ -607,8 +737,9 @@ def peak_memory_check(target: str, own: Row | None, eager: Row | None, at_most: 
     return Check(target, f"{ratio:.2f}x ({mib})", ratio <= at_most)
 
 
-def bandwidth_check(target: str, row: Row | None, bytes_per_s: float | None, at_least_pct: float, *, own_why: str,
-                    peak_why: str) -> Check:
+def bandwidth_check(
+    target: str, row: Row | None, bytes_per_s: float | None, at_least_pct: float, *, own_why: str, peak_why: str
+) -> Check:
     """``row``'s GB/s (its least traffic over its time) as a share of the device's DRAM bandwidth
     ``bytes_per_s`` ``>= at_least_pct`` %. n/a: ``own_why`` without a time, ``peak_why`` without a peak."""
     if not _has_time(row) or row.gbps is None or not bytes_per_s:
@@ -627,14 +758,32 @@ def roofline_check(target: str, row: Row | None, at_least_pct: float, *, own_why
 def target_results(case: str, provider: str, checks: Sequence[Check], correct: bool | None) -> list[TargetResult]:
     """The checks as results: "n/a (why)" where a number is missing, else "FAIL (incorrect)" where the
     provider failed the correctness gate (``correct`` False), else PASS or FAIL."""
-    return [TargetResult(case, c.target, provider, c.value,
-                         f"n/a ({c.why})" if c.why is not None else "FAIL (incorrect)" if correct is False
-                         else "PASS" if c.ok else "FAIL") for c in checks]
+    return [
+        TargetResult(
+            case,
+            c.target,
+            provider,
+            c.value,
+            f"n/a ({c.why})"
+            if c.why is not None
+            else "FAIL (incorrect)"
+            if correct is False
+            else "PASS"
+            if c.ok
+            else "FAIL",
+        )
+        for c in checks
+    ]
 
 
-def check_targets(rows: Sequence[Row], cases: Sequence[str], ours: Sequence[str],
-                  judge: Callable[[RowIndex, str, str, Row], list[TargetResult]], *,
-                  one_line_when_untimed: bool = True) -> list[TargetResult]:
+def check_targets(
+    rows: Sequence[Row],
+    cases: Sequence[str],
+    ours: Sequence[str],
+    judge: Callable[[RowIndex, str, str, Row], list[TargetResult]],
+    *,
+    one_line_when_untimed: bool = True,
+) -> list[TargetResult]:
     """The targets of each of ``ours`` on each of ``cases`` that ran: ``judge(index, case, provider, own)``,
     ``own`` being the provider's :meth:`RowIndex.own` row (providers without one are left out). With
     ``one_line_when_untimed``, a provider with neither a fwd nor a fwd+bwd time gets one "all targets" n/a."""
@@ -653,9 +802,14 @@ def check_targets(rows: Sequence[Row], cases: Sequence[str], ours: Sequence[str]
     return results
 
 
-def print_summary(rows: Sequence[Row], providers: Sequence[str], ours: Sequence[str],
-                  targets: Sequence[TargetResult] | None, target_cases: str,
-                  labels: Sequence[dict[str, str]] = ()) -> None:
+def print_summary(
+    rows: Sequence[Row],
+    providers: Sequence[str],
+    ours: Sequence[str],
+    targets: Sequence[TargetResult] | None,
+    target_cases: str,
+    labels: Sequence[dict[str, str]] = (),
+) -> None:
     """What a benchmark prints after its cases: for each of ``ours`` among ``providers``, its speed-up table
     against the other providers (then again under each of ``labels``: the same providers under other names,
     on other cases), the providers that failed the correctness gate, and the targets (None: a CPU run, not
@@ -666,21 +820,27 @@ def print_summary(rows: Sequence[Row], providers: Sequence[str], ours: Sequence[
             table = format_speedups(rows, names.get(own, own), [names.get(p, p) for p in providers if p != own])
             print(table, end="\n\n" if table else "")
     print_incorrect(rows)
-    print(format_targets(targets, target_cases) if targets is not None
-          else "targets: defined for bf16 on a GPU; not evaluated on this CPU run")
+    print(
+        format_targets(targets, target_cases)
+        if targets is not None
+        else "targets: defined for bf16 on a GPU; not evaluated on this CPU run"
+    )
 
 
 def print_incorrect(rows: Sequence[Row]) -> None:
     """The providers that failed the correctness gate, one line, if any."""
     wrong = sorted({(r.case, r.provider) for r in rows if r.correct is False})
     if wrong:
-        print("!!! INCORRECT (output or gradients beyond twice the reference's error; not ranked): "
-              + ", ".join(f"{p} on {c}" for c, p in wrong))
+        print(
+            "!!! INCORRECT (output or gradients beyond twice the reference's error; not ranked): "
+            + ", ".join(f"{p} on {c}" for c, p in wrong)
+        )
 
 
 # -------------------------------------------------------------------------------------- command line
 def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
     """An argparse ``type``: a comma-separated subset of ``choices``."""
+
     def parse(text: str) -> list[str]:
         items = [x.strip() for x in text.split(",") if x.strip()]
         bad = [x for x in items if x not in choices]
@@ -694,44 +854,75 @@ def csv_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]
 def script_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose help is the script's docstring ``doc``: summary, then usage, then details (the epilog)."""
     summary, details = doc.split("\n\n", 1)
-    return argparse.ArgumentParser(description=summary, epilog=details.split("\n\n", 1)[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        description=summary, epilog=details.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
-def output_arguments(p: argparse.ArgumentParser, benchmark: str, *, what: str = "rows",
-                     cpu_help: str = "run the CPU comparison even when a GPU is present") -> None:
+def output_arguments(
+    p: argparse.ArgumentParser,
+    benchmark: str,
+    *,
+    what: str = "rows",
+    cpu_help: str = "run the CPU comparison even when a GPU is present",
+) -> None:
     """``--no-save`` and ``--results-dir`` (where a run's ``what`` go), and ``--cpu``."""
     p.add_argument("--no-save", action="store_true", help=f"do not append the {what} to the results file")
-    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
-                   help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)")
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"where {benchmark}.jsonl is appended to (default: benchmarks/results)",
+    )
     p.add_argument("--cpu", action="store_true", help=cpu_help)
 
 
-def benchmark_arguments(doc: str, benchmark: str, providers: Sequence[str], *,
-                        quick_help: str = "shorter timing budgets (CI smoke run)",
-                        dtype_option: bool = True, modes_option: bool = True,
-                        shapes: Collection[str] = ()) -> argparse.ArgumentParser:
+def benchmark_arguments(
+    doc: str,
+    benchmark: str,
+    providers: Sequence[str],
+    *,
+    quick_help: str = "shorter timing budgets (CI smoke run)",
+    dtype_option: bool = True,
+    modes_option: bool = True,
+    shapes: Collection[str] = (),
+) -> argparse.ArgumentParser:
     """The options every benchmark takes (``--quick``, ``--providers``, ``--modes``, ``--dtype`` (these two
     optional), ``--no-save``, ``--results-dir``, ``--cpu``, ``--threads``, and ``--shapes`` when given the
     ``shapes`` names to choose from); ``doc`` is the script's docstring (see :func:`script_parser`). A
     benchmark adds its own options to the returned parser."""
     p = script_parser(doc)
     p.add_argument("--quick", action="store_true", help=quick_help)
-    p.add_argument("--providers", type=csv_choices(providers, "provider"), default=list(providers),
-                   help=f"comma-separated subset of {','.join(providers)}")
+    p.add_argument(
+        "--providers",
+        type=csv_choices(providers, "provider"),
+        default=list(providers),
+        help=f"comma-separated subset of {','.join(providers)}",
+    )
     if modes_option:
-        p.add_argument("--modes", type=csv_choices(MODES, "mode"), default=list(MODES),
-                       help=f"comma-separated subset of {','.join(MODES)}")
+        p.add_argument(
+            "--modes",
+            type=csv_choices(MODES, "mode"),
+            default=list(MODES),
+            help=f"comma-separated subset of {','.join(MODES)}",
+        )
     if dtype_option:
         p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     output_arguments(p, benchmark)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a "
-                        "loaded machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU runs: torch threads (default 1: spin-waiting threads make timings erratic on a loaded machine)",
+    )
     if shapes:
-        p.add_argument("--shapes", type=csv_choices(tuple(shapes), "shape"), default=None,
-                       help=f"comma-separated subset of {','.join(shapes)} (default: the GPU shapes, or the CPU "
-                            "shapes without a GPU)")
+        p.add_argument(
+            "--shapes",
+            type=csv_choices(tuple(shapes), "shape"),
+            default=None,
+            help=f"comma-separated subset of {','.join(shapes)} (default: the GPU shapes, or the CPU "
+            "shapes without a GPU)",
+        )
     return p
 
 
@@ -745,15 +936,23 @@ def start_run(args: argparse.Namespace, benchmark: str, *, cpu_run: str = "small
     note = None
     if not on_gpu:
         why = "--cpu given" if args.cpu else "no GPU"
-        print(f"{why}: {cpu_run} {str(dtype).removeprefix('torch.')} CPU comparison instead of the GPU benchmark "
-              "(the times show that the providers run and agree, not kernel performance)")
+        print(
+            f"{why}: {cpu_run} {str(dtype).removeprefix('torch.')} CPU comparison instead of the GPU benchmark "
+            "(the times show that the providers run and agree, not kernel performance)"
+        )
         note = f"cpu run ({why}): {cpu_run} shapes, not kernel performance"
         torch.set_num_threads(max(1, args.threads))
         # inductor's CPU compile logs a CUDA_HOME guess on a CUDA build of torch without a GPU
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     configure_compile()
-    bench = Harness(benchmark, device="cuda" if on_gpu else "cpu", quick=args.quick, save=not args.no_save,
-                    results_dir=args.results_dir, note=note)
+    bench = Harness(
+        benchmark,
+        device="cuda" if on_gpu else "cpu",
+        quick=args.quick,
+        save=not args.no_save,
+        results_dir=args.results_dir,
+        note=note,
+    )
     return bench, dtype
 
 
@@ -871,8 +1070,15 @@ class BenchmarkSpec:
 
     def parse_args(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
         shapes = self.shapes.all if isinstance(self.shapes, ShapeSet) and self.shapes.option else ()
-        p = benchmark_arguments(self.doc, self.name, self.providers, quick_help=self.quick_help,
-                                dtype_option=self.dtype_option, modes_option=self.modes_option, shapes=shapes)
+        p = benchmark_arguments(
+            self.doc,
+            self.name,
+            self.providers,
+            quick_help=self.quick_help,
+            dtype_option=self.dtype_option,
+            modes_option=self.modes_option,
+            shapes=shapes,
+        )
         if self.options is not None:
             self.options(p)
         return p.parse_args(argv)
@@ -889,10 +1095,15 @@ def run_benchmark(spec: BenchmarkSpec, argv: Sequence[str] | None = None) -> lis
     for shape in spec.shapes(args, context.on_gpu):
         for measurement in spec.cases(shape, context):
             providers = measurement.providers
-            rows += bench.run_case(measurement.case, providers, leaves=measurement.leaves,
-                                   modes=measurement.modes or getattr(args, "modes", MODES),
-                                   reference=next((p for p in measurement.references if p in providers), None),
-                                   exact=measurement.exact, tolerance=measurement.tolerance)
+            rows += bench.run_case(
+                measurement.case,
+                providers,
+                leaves=measurement.leaves,
+                modes=measurement.modes or getattr(args, "modes", MODES),
+                reference=next((p for p in measurement.references if p in providers), None),
+                exact=measurement.exact,
+                tolerance=measurement.tolerance,
+            )
             del measurement, providers  # the next case's inputs are made without this one's
     targets = spec.targets(rows, bench.spec.bytes_per_s if bench.spec else None) if context.on_gpu else None
     print_summary(rows, args.providers, spec.ours, targets, ", ".join(spec.target_cases), labels=spec.labels)

@@ -42,34 +42,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import harness
-from benchmarks.harness import (
-    MODES,
-    Case,
-    Exact,
-    Impl,
-    Row,
-    RowIndex,
-    TargetResult,
-    Unavailable,
-    Work,
-    backend_provider,
-    bandwidth_check,
-    check_targets,
-    eager_or_compiled,
-    peer_speedup_checks,
-    speedup_check,
-    target_results,
-    triton_unavailable,
-    untimed,
-)
 from ssltm_kernels.modules import MixFFN
 from ssltm_kernels.ops.dwconv3x3 import dwconv3x3, dwconv3x3_reference
 
 BENCHMARK = "mixffn_dwconv"
 PROVIDERS = ("eager", "eager-channels-last", "compile", "triton", "cuda")
 OURS = ("triton", "cuda")
-MODULE_PROVIDERS = {"eager": "segformer-eager", "compile": "segformer-compile",
-                    "eager-channels-last": "mixffn-reference", "triton": "mixffn-triton", "cuda": "mixffn-cuda"}
+MODULE_PROVIDERS = {
+    "eager": "segformer-eager",
+    "compile": "segformer-compile",
+    "eager-channels-last": "mixffn-reference",
+    "triton": "mixffn-triton",
+    "cuda": "mixffn-cuda",
+}
 
 
 # ------------------------------------------------------------------------------------ shapes, their work
@@ -100,7 +85,7 @@ class Shape:
         return {k: v for k, v in asdict(self).items() if k != "name"} | {"in_features": self.dim}
 
     def title(self, dtype: torch.dtype) -> str:
-        return (f"B={self.B} T={self.T} H={self.H} W={self.W} C={self.C}  {str(dtype).removeprefix('torch.')}")
+        return f"B={self.B} T={self.T} H={self.H} W={self.W} C={self.C}  {str(dtype).removeprefix('torch.')}"
 
 
 # SSLTM's STT blocks: strides 4/8/16/32 of a 480x480 input, dims 32/64/128/256 -> hidden 128..1024, two clips
@@ -118,17 +103,17 @@ SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = ("large", "stride16")
 
 
-def dwconv_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+def dwconv_work(shape: Shape, dtype: torch.dtype, mode: str) -> harness.Work:
     """Least work of the conv + GELU: 9 FMAs per output element forward, 18 backward (dx and dweight);
     bytes: forward reads x and writes y, backward reads x and dy and writes dx (weights and bias, a few
     KB, left out); the backward's one ``exp`` per element (GELU's derivative; erf is a polynomial)."""
     m, e = shape.elements, torch.finfo(dtype).bits // 8
     flops = {"fwd": 18.0 * m, "bwd": 36.0 * m, "fwd+bwd": 54.0 * m}[mode]
     nbytes = {"fwd": 2 * m * e, "bwd": 3 * m * e, "fwd+bwd": 5 * m * e}[mode]
-    return Work(flops=flops, bytes=float(nbytes), exps=float(m if mode != "fwd" else 0))
+    return harness.Work(flops=flops, bytes=float(nbytes), exps=float(m if mode != "fwd" else 0))
 
 
-def mixffn_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+def mixffn_work(shape: Shape, dtype: torch.dtype, mode: str) -> harness.Work:
     """Least work of the module: fc1 and fc2 (``2 * tokens * dim * C`` FLOPs each forward, twice that
     backward) plus the conv; bytes: the module's input and output (forward), input, output gradient and
     input gradient (backward), as for the conv."""
@@ -137,7 +122,7 @@ def mixffn_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
     flops = {"fwd": linear, "bwd": 2 * linear, "fwd+bwd": 3 * linear}[mode]
     e = torch.finfo(dtype).bits // 8
     nbytes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * shape.tokens * shape.dim * e
-    return Work(flops=flops + conv.flops, bytes=float(nbytes), exps=conv.exps)
+    return harness.Work(flops=flops + conv.flops, bytes=float(nbytes), exps=conv.exps)
 
 
 # ------------------------------------------------------------------------------------------- providers
@@ -185,22 +170,27 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
 
 
-def _compile_skipped(name: str, shape: Shape, compile_all: bool) -> Unavailable | None:
+def _compile_skipped(name: str, shape: Shape, compile_all: bool) -> harness.Unavailable | None:
     if shape.name not in TARGET_SHAPES and not compile_all:
-        return Unavailable(f"{name} runs on the target cases ({', '.join(TARGET_SHAPES)}); --compile-all: every case")
+        return harness.Unavailable(
+            f"{name} runs on the target cases ({', '.join(TARGET_SHAPES)}); --compile-all: every case"
+        )
     return None
 
 
 def conv_providers(names: Sequence[str], shape: Shape, x, weight, bias, compile_all: bool) -> dict:
-    providers: dict[str, Impl | Unavailable] = {}
+    providers: dict[str, harness.Impl | harness.Unavailable] = {}
     for name in names:
         if name == "eager-channels-last":
-            providers[name] = Impl(lambda: dwconv3x3_reference(x, weight, bias, "gelu"))
+            providers[name] = harness.Impl(lambda: dwconv3x3_reference(x, weight, bias, "gelu"))
         elif name in ("eager", "compile"):
-            providers[name] = (name == "compile" and _compile_skipped(name, shape, compile_all)) or eager_or_compiled(
-                name, eager_dwconv_gelu, lambda fn: fn(x, weight, bias))
+            providers[name] = (
+                name == "compile" and _compile_skipped(name, shape, compile_all)
+            ) or harness.eager_or_compiled(name, eager_dwconv_gelu, lambda fn: fn(x, weight, bias))
         else:
-            providers[name] = backend_provider(name, x.device, lambda b: dwconv3x3(x, weight, bias, "gelu", backend=b))
+            providers[name] = harness.backend_provider(
+                name, x.device, lambda b: dwconv3x3(x, weight, bias, "gelu", backend=b)
+            )
     return providers
 
 
@@ -212,47 +202,70 @@ def _mixffn(shape: Shape, segformer: SegFormerMlp, backend: str) -> MixFFN:
     return module
 
 
-def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, segformer: SegFormerMlp,
-                     compile_all: bool) -> dict:
-    providers: dict[str, Impl | Unavailable] = {}
+def module_providers(
+    names: Sequence[str], shape: Shape, x: torch.Tensor, segformer: SegFormerMlp, compile_all: bool
+) -> dict:
+    providers: dict[str, harness.Impl | harness.Unavailable] = {}
     for name in names:
         label = MODULE_PROVIDERS[name]
         if name in ("eager", "compile"):
-            providers[label] = (name == "compile" and _compile_skipped(label, shape, compile_all)) or \
-                eager_or_compiled(name, segformer, lambda fn: fn(x))
+            providers[label] = (
+                name == "compile" and _compile_skipped(label, shape, compile_all)
+            ) or harness.eager_or_compiled(name, segformer, lambda fn: fn(x))
         else:
             backend = "reference" if name == "eager-channels-last" else name
-            providers[label] = triton_unavailable(backend, x.device) or Impl(
-                partial(_mixffn(shape, segformer, backend), x))
+            providers[label] = harness.triton_unavailable(backend, x.device) or harness.Impl(
+                partial(_mixffn(shape, segformer, backend), x)
+            )
     return providers
 
 
-def exact_module(segformer: SegFormerMlp) -> Exact:
+def exact_module(segformer: SegFormerMlp) -> harness.Exact:
     """The gate's yardstick of the module case: SegFormer's module on the leaves ``(volume, *parameters)``."""
     names = [name for name, _ in segformer.named_parameters()]
-    return Exact(lambda volume, *params: torch.func.functional_call(segformer, dict(zip(names, params, strict=True)),
-                                                                    (volume,)))
+    return harness.Exact(
+        lambda volume, *params: torch.func.functional_call(segformer, dict(zip(names, params, strict=True)), (volume,))
+    )
 
 
 def conv_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     x, weight, bias = make_inputs(shape, run.dtype, run.device)
-    case = Case(shape.name, shape.record(), run.dtype, {m: dwconv_work(shape, run.dtype, m) for m in MODES},
-                title=f"dwconv3x3 + GELU  {shape.title(run.dtype)}")
-    return harness.Measurement(case, conv_providers(run.args.providers, shape, x, weight, bias, run.args.compile_all),
-                               leaves=[x, weight, bias], exact=Exact(partial(dwconv3x3_reference, activation="gelu")))
+    case = harness.Case(
+        shape.name,
+        shape.record(),
+        run.dtype,
+        {m: dwconv_work(shape, run.dtype, m) for m in harness.MODES},
+        title=f"dwconv3x3 + GELU  {shape.title(run.dtype)}",
+    )
+    return harness.Measurement(
+        case,
+        conv_providers(run.args.providers, shape, x, weight, bias, run.args.compile_all),
+        leaves=[x, weight, bias],
+        exact=harness.Exact(partial(dwconv3x3_reference, activation="gelu")),
+    )
 
 
 def module_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     torch.manual_seed(0)
     segformer = SegFormerMlp(shape.dim, shape.C).to(run.device, run.dtype)
-    volume = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.dim, device=run.device, dtype=run.dtype,
-                         requires_grad=True)
-    case = Case(f"{shape.name}-mixffn", shape.record(), run.dtype,
-                {m: mixffn_work(shape, run.dtype, m) for m in MODES},
-                title=f"Mix-FFN {shape.dim} -> {shape.C} -> {shape.dim}  {shape.title(run.dtype)}")
+    volume = torch.randn(
+        shape.B, shape.T, shape.H, shape.W, shape.dim, device=run.device, dtype=run.dtype, requires_grad=True
+    )
+    case = harness.Case(
+        f"{shape.name}-mixffn",
+        shape.record(),
+        run.dtype,
+        {m: mixffn_work(shape, run.dtype, m) for m in harness.MODES},
+        title=f"Mix-FFN {shape.dim} -> {shape.C} -> {shape.dim}  {shape.title(run.dtype)}",
+    )
     providers = module_providers(run.args.providers, shape, volume, segformer, run.args.compile_all)
-    return harness.Measurement(case, providers, leaves=[volume, *segformer.parameters()], exact=exact_module(segformer),
-                               references=("segformer-eager",))
+    return harness.Measurement(
+        case,
+        providers,
+        leaves=[volume, *segformer.parameters()],
+        exact=exact_module(segformer),
+        references=("segformer-eager",),
+    )
 
 
 def cases(shape: Shape, run: harness.Context):
@@ -263,26 +276,47 @@ def cases(shape: Shape, run: harness.Context):
 
 
 # ----------------------------------------------------------------------------------------------- targets
-def evaluate_targets(rows: Sequence[Row], hbm_bytes_per_s: float | None, cases: Sequence[str] = TARGET_SHAPES,
-                     ours: Sequence[str] = OURS) -> list[TargetResult]:
+def evaluate_targets(
+    rows: Sequence[harness.Row],
+    hbm_bytes_per_s: float | None,
+    cases: Sequence[str] = TARGET_SHAPES,
+    ours: Sequence[str] = OURS,
+) -> list[harness.TargetResult]:
     """The issue's targets, from the measured rows, on each target case: conv + GELU forward >= 70% of the
     HBM bandwidth; conv + GELU fwd+bwd >= 3x eager and >= 1.3x compile; MixFFN fwd+bwd >= 1.3x SegFormer's
     eager module. A target whose numbers are missing is "n/a"."""
-    def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
+
+    def judge(index: harness.RowIndex, case: str, provider: str, own: harness.Row) -> list[harness.TargetResult]:
         fwd, fb = index.timed(case, provider, "fwd"), index.timed(case, provider, "fwd+bwd")
-        conv = [bandwidth_check("conv+GELU fwd >= 70% of HBM bandwidth", fwd, hbm_bytes_per_s, 70.0,
-                                own_why=untimed(own, "no forward time"), peak_why="no HBM peak for this device"),
-                *peer_speedup_checks(index, case, fb, {"eager": 3.0, "compile": 1.3}, own_why=untimed(own),
-                                     prefix="conv+GELU ")]
+        conv = [
+            harness.bandwidth_check(
+                "conv+GELU fwd >= 70% of HBM bandwidth",
+                fwd,
+                hbm_bytes_per_s,
+                70.0,
+                own_why=harness.untimed(own, "no forward time"),
+                peak_why="no HBM peak for this device",
+            ),
+            *harness.peer_speedup_checks(
+                index, case, fb, {"eager": 3.0, "compile": 1.3}, own_why=harness.untimed(own), prefix="conv+GELU "
+            ),
+        ]
         module_case, label = f"{case}-mixffn", MODULE_PROVIDERS[provider]
         mine = index.get(module_case, label, "fwd+bwd")
-        module = speedup_check("MixFFN fwd+bwd >= 1.3x SegFormer eager", mine,
-                               [index.timed(module_case, "segformer-eager", "fwd+bwd")], 1.3,
-                               own_why=untimed(mine) if mine else f"{label}: not run", peer_why="no eager time")
-        return [*target_results(case, provider, conv, own.correct),
-                *target_results(module_case, provider, [module], mine.correct if mine else None)]
+        module = harness.speedup_check(
+            "MixFFN fwd+bwd >= 1.3x SegFormer eager",
+            mine,
+            [index.timed(module_case, "segformer-eager", "fwd+bwd")],
+            1.3,
+            own_why=harness.untimed(mine) if mine else f"{label}: not run",
+            peer_why="no eager time",
+        )
+        return [
+            *harness.target_results(case, provider, conv, own.correct),
+            *harness.target_results(module_case, provider, [module], mine.correct if mine else None),
+        ]
 
-    return check_targets(rows, cases, ours, judge, one_line_when_untimed=False)
+    return harness.check_targets(rows, cases, ours, judge, one_line_when_untimed=False)
 
 
 def options(p) -> None:
@@ -290,9 +324,19 @@ def options(p) -> None:
     p.add_argument("--no-module", action="store_true", help="only the conv, not the whole MixFFN")
 
 
-SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
-                             target_cases=TARGET_SHAPES, labels=[MODULE_PROVIDERS], options=options,
-                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+SPEC = harness.BenchmarkSpec(
+    BENCHMARK,
+    __doc__,
+    PROVIDERS,
+    OURS,
+    SHAPES,
+    cases,
+    targets=evaluate_targets,
+    target_cases=TARGET_SHAPES,
+    labels=[MODULE_PROVIDERS],
+    options=options,
+    quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets",
+)
 
 if __name__ == "__main__":
     harness.run_benchmark(SPEC)

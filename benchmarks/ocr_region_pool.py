@@ -31,24 +31,6 @@ from functools import partial
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import (
-    MODES,
-    Case,
-    Exact,
-    Impl,
-    Row,
-    RowIndex,
-    TargetResult,
-    Unavailable,
-    Work,
-    backend_provider,
-    bandwidth_check,
-    check_targets,
-    eager_or_compiled,
-    peak_memory_check,
-    peer_speedup_checks,
-    target_results,
-)
 from ssltm_kernels.ops.soft_region_pool import soft_region_pool, soft_region_pool_reference
 
 BENCHMARK = "ocr_region_pool"
@@ -80,22 +62,28 @@ class Shape:
         return f"B={self.B} K={self.K} C={self.C} H={self.H} W={self.W}  {str(dtype).removeprefix('torch.')}"
 
 
-GPU_SHAPES = {s.name: s for s in (
-    Shape("k124-120", B=8, K=124, C=512, H=120, W=120),  # VSPW, stride 4 of 480x480: SSLTM's OCR gather
-    Shape("k124-60", B=8, K=124, C=512, H=60, W=60),
-    Shape("k19-120", B=8, K=19, C=512, H=120, W=120),  # Cityscapes' classes
-    Shape("k19-60", B=8, K=19, C=512, H=60, W=60),
-)}
+GPU_SHAPES = {
+    s.name: s
+    for s in (
+        Shape("k124-120", B=8, K=124, C=512, H=120, W=120),  # VSPW, stride 4 of 480x480: SSLTM's OCR gather
+        Shape("k124-60", B=8, K=124, C=512, H=60, W=60),
+        Shape("k19-120", B=8, K=19, C=512, H=120, W=120),  # Cityscapes' classes
+        Shape("k19-60", B=8, K=19, C=512, H=60, W=60),
+    )
+}
 QUICK_GPU_SHAPES = ("k124-120", "k19-60")
-CPU_SHAPES = {s.name: s for s in (
-    Shape("cpu-k19", B=2, K=19, C=48, H=12, W=13),
-    Shape("cpu-k124", B=1, K=124, C=20, H=9, W=7),
-)}
+CPU_SHAPES = {
+    s.name: s
+    for s in (
+        Shape("cpu-k19", B=2, K=19, C=48, H=12, W=13),
+        Shape("cpu-k124", B=1, K=124, C=20, H=9, W=7),
+    )
+}
 SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = tuple(GPU_SHAPES)
 
 
-def region_pool_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+def region_pool_work(shape: Shape, dtype: torch.dtype, mode: str) -> harness.Work:
     """Least work of one call, for element size e. Forward: read logits and feats, write the output
     (``(B*K*N + B*C*N + B*K*C) * e`` bytes), ``2*B*K*N*C`` FLOPs (the weighted sum), ``B*K*N`` exps.
     Backward: read logits, feats and the output's gradient, write both input gradients
@@ -104,14 +92,17 @@ def region_pool_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
     statistics (8 bytes each) are left out."""
     b, k, c, n = shape.B, shape.K, shape.C, shape.N
     e = torch.finfo(dtype).bits // 8
-    fwd = Work(flops=2.0 * b * k * n * c, bytes=float((b * k * n + b * c * n + b * k * c) * e), exps=float(b * k * n))
-    bwd = Work(flops=4.0 * b * k * n * c, bytes=float((2 * b * k * n + 2 * b * c * n + b * k * c) * e),
-               exps=float(b * k * n))
+    fwd = harness.Work(
+        flops=2.0 * b * k * n * c, bytes=float((b * k * n + b * c * n + b * k * c) * e), exps=float(b * k * n)
+    )
+    bwd = harness.Work(
+        flops=4.0 * b * k * n * c, bytes=float((2 * b * k * n + 2 * b * c * n + b * k * c) * e), exps=float(b * k * n)
+    )
     if mode == "fwd":
         return fwd
     if mode == "bwd":
         return bwd
-    return Work(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes, fwd.exps + bwd.exps)
+    return harness.Work(fwd.flops + bwd.flops, fwd.bytes + bwd.bytes, fwd.exps + bwd.exps)
 
 
 # ------------------------------------------------------------------------------------------- providers
@@ -123,50 +114,85 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return logits.to(dtype).requires_grad_(), feats.to(dtype).requires_grad_()
 
 
-def build_providers(names: Sequence[str], logits: torch.Tensor, feats: torch.Tensor) -> dict[str, Impl | Unavailable]:
+def build_providers(
+    names: Sequence[str], logits: torch.Tensor, feats: torch.Tensor
+) -> dict[str, harness.Impl | harness.Unavailable]:
     """A forward (or the reason it cannot run) for every requested provider."""
-    providers: dict[str, Impl | Unavailable] = {}
+    providers: dict[str, harness.Impl | harness.Unavailable] = {}
     for name in names:
         if name in ("eager", "compile"):
-            providers[name] = eager_or_compiled(name, soft_region_pool_reference, lambda fn: fn(logits, feats, SCALE))
+            providers[name] = harness.eager_or_compiled(
+                name, soft_region_pool_reference, lambda fn: fn(logits, feats, SCALE)
+            )
         elif name == "cuda" and logits.device.type == "cpu":
-            providers[name] = Unavailable("the CUDA kernels need a GPU (on CPU tensors they are a test emulation)")
+            providers[name] = harness.Unavailable(
+                "the CUDA kernels need a GPU (on CPU tensors they are a test emulation)"
+            )
         else:
-            providers[name] = backend_provider(name, logits.device,
-                                               lambda b: soft_region_pool(logits, feats, SCALE, backend=b))
+            providers[name] = harness.backend_provider(
+                name, logits.device, lambda b: soft_region_pool(logits, feats, SCALE, backend=b)
+            )
     return providers
 
 
 def cases(shape: Shape, run: harness.Context):
     logits, feats = make_inputs(shape, run.dtype, run.device)
     providers = build_providers(run.args.providers, logits, feats)
-    case = Case(shape.name, shape.record(), run.dtype, {m: region_pool_work(shape, run.dtype, m) for m in MODES},
-                title=shape.title(run.dtype))
-    yield harness.Measurement(case, providers, leaves=[logits, feats],
-                              exact=Exact(partial(soft_region_pool_reference, scale=SCALE)))
+    case = harness.Case(
+        shape.name,
+        shape.record(),
+        run.dtype,
+        {m: region_pool_work(shape, run.dtype, m) for m in harness.MODES},
+        title=shape.title(run.dtype),
+    )
+    yield harness.Measurement(
+        case, providers, leaves=[logits, feats], exact=harness.Exact(partial(soft_region_pool_reference, scale=SCALE))
+    )
 
 
 # ----------------------------------------------------------------------------------------------- targets
-def evaluate_targets(rows: Sequence[Row], bytes_per_s: float | None, cases: Sequence[str] = TARGET_SHAPES,
-                     ours: Sequence[str] = OURS) -> list[TargetResult]:
+def evaluate_targets(
+    rows: Sequence[harness.Row],
+    bytes_per_s: float | None,
+    cases: Sequence[str] = TARGET_SHAPES,
+    ours: Sequence[str] = OURS,
+) -> list[harness.TargetResult]:
     """The issue's targets from the measured rows, per case and each of ours: forward >= 70% of the HBM
     bandwidth (``bytes_per_s``, the device's peak), fwd+bwd >= 2x eager and >= 1.3x compile, forward peak
     memory <= 0.5x eager's. A target whose numbers are missing is "n/a"."""
-    def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
+
+    def judge(index: harness.RowIndex, case: str, provider: str, own: harness.Row) -> list[harness.TargetResult]:
         fb, fwd = index.timed(case, provider, "fwd+bwd"), index.timed(case, provider, "fwd")
-        checks = [bandwidth_check("fwd >= 70% of HBM bandwidth", fwd, bytes_per_s, 70.0, own_why="no forward time",
-                                  peak_why="no bandwidth for this device"),
-                  *peer_speedup_checks(index, case, fb, {"eager": 2.0, "compile": 1.3}, own_why="no fwd+bwd time"),
-                  peak_memory_check("fwd peak memory <= 0.5x eager", fwd, index.timed(case, "eager", "fwd"), 0.5,
-                                    mib_digits=1)]
-        return target_results(case, provider, checks, own.correct)
+        checks = [
+            harness.bandwidth_check(
+                "fwd >= 70% of HBM bandwidth",
+                fwd,
+                bytes_per_s,
+                70.0,
+                own_why="no forward time",
+                peak_why="no bandwidth for this device",
+            ),
+            *harness.peer_speedup_checks(index, case, fb, {"eager": 2.0, "compile": 1.3}, own_why="no fwd+bwd time"),
+            harness.peak_memory_check(
+                "fwd peak memory <= 0.5x eager", fwd, index.timed(case, "eager", "fwd"), 0.5, mib_digits=1
+            ),
+        ]
+        return harness.target_results(case, provider, checks, own.correct)
 
-    return check_targets(rows, cases, ours, judge)
+    return harness.check_targets(rows, cases, ours, judge)
 
 
-SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases, targets=evaluate_targets,
-                             target_cases=TARGET_SHAPES,
-                             quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+SPEC = harness.BenchmarkSpec(
+    BENCHMARK,
+    __doc__,
+    PROVIDERS,
+    OURS,
+    SHAPES,
+    cases,
+    targets=evaluate_targets,
+    target_cases=TARGET_SHAPES,
+    quick_help=f"smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets",
+)
 
 if __name__ == "__main__":
     harness.run_benchmark(SPEC)

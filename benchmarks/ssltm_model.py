@@ -41,14 +41,6 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from benchmarks import harness
-from benchmarks.harness import (
-    Case,
-    Exact,
-    Impl,
-    Row,
-    TargetResult,
-    csv_choices,
-)
 from ssltm import SSLTM, VideoPredictor
 from ssltm.model.backbone import RESNETS
 
@@ -73,10 +65,24 @@ class Setup:
     stream_model: dict = field(default_factory=dict)
 
 
-GPU = Setup(clips=2, size=(480, 480), stream_size=(480, 854), num_classes=124, model=dict(backbone="resnet50"),
-            stream_model=dict(backbone="resnet101"))
-TINY = dict(backbone="resnet18", fpn_dim=32, ppm_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(1, 1, 1, 1),
-            context_dim=32, head_channels=16, aux_channels=16)
+GPU = Setup(
+    clips=2,
+    size=(480, 480),
+    stream_size=(480, 854),
+    num_classes=124,
+    model=dict(backbone="resnet50"),
+    stream_model=dict(backbone="resnet101"),
+)
+TINY = dict(
+    backbone="resnet18",
+    fpn_dim=32,
+    ppm_dim=32,
+    stt_dims=(32, 32, 32, 32),
+    stt_depths=(1, 1, 1, 1),
+    context_dim=32,
+    head_channels=16,
+    aux_channels=16,
+)
 CPU = Setup(clips=1, size=(64, 64), stream_size=(64, 64), num_classes=5, model=TINY, stream_model=TINY)
 
 
@@ -114,7 +120,7 @@ def build_model(setup: Setup, config: dict, device: torch.device) -> SSLTM:
     return SSLTM(setup.num_classes, **config, dropout=0.0).to(device)
 
 
-def step_providers(names: Sequence[str], model: SSLTM, inputs, device, dtype, train: bool) -> dict[str, Impl]:
+def step_providers(names: Sequence[str], model: SSLTM, inputs, device, dtype, train: bool) -> dict[str, harness.Impl]:
     """One training step (the total loss, then the harness's backward) or one inference forward."""
     frames, reference, labels = inputs
 
@@ -126,10 +132,10 @@ def step_providers(names: Sequence[str], model: SSLTM, inputs, device, dtype, tr
 
     modes = ("fwd+bwd",) if train else ("fwd",)
     reason = "a training step is forward + backward" if train else "inference has no backward"
-    return {name: Impl(lambda name=name: run(name), modes=modes, reason=reason) for name in names}
+    return {name: harness.Impl(lambda name=name: run(name), modes=modes, reason=reason) for name in names}
 
 
-def fp32_reference(model: SSLTM, inputs, train: bool) -> Exact:
+def fp32_reference(model: SSLTM, inputs, train: bool) -> harness.Exact:
     """The correctness gate's yardstick: the fp32 reference-backend output (the loss of a training step, the
     logits of inference). Only the output is checked, not the parameters' gradients: the op benchmarks gate
     the ops' gradients, and the model's leaves are its parameters as they are (the yardstick ignores the
@@ -142,13 +148,12 @@ def fp32_reference(model: SSLTM, inputs, train: bool) -> Exact:
             out = model(frames, reference, labels if train else None)
         return out["losses"]["total"] if train else out["logits"]
 
-    return Exact(run, grads=False)
+    return harness.Exact(run, grads=False)
 
 
-def stream_providers(names: Sequence[str], model: SSLTM, setup: Setup, device, dtype) -> dict[str, Impl]:
+def stream_providers(names: Sequence[str], model: SSLTM, setup: Setup, device, dtype) -> dict[str, harness.Impl]:
     """``VideoPredictor.step`` per provider, its cache filled first (steady state: one new frame per call)."""
-    frame = torch.randn(3, *setup.stream_size, generator=torch.Generator(device=device).manual_seed(1),
-                        device=device)
+    frame = torch.randn(3, *setup.stream_size, generator=torch.Generator(device=device).manual_seed(1), device=device)
     providers = {}
     for name in names:
         predictor = VideoPredictor(model, OFFSETS)
@@ -159,8 +164,12 @@ def stream_providers(names: Sequence[str], model: SSLTM, setup: Setup, device, d
 
         for _ in range(max(OFFSETS) + 1):
             step()
-        providers[name] = Impl(step, modes=("fwd",), reason="inference has no backward",
-                               note="items/s = frames/s; max|err| = fraction of pixels with another class")
+        providers[name] = harness.Impl(
+            step,
+            modes=("fwd",),
+            reason="inference has no backward",
+            note="items/s = frames/s; max|err| = fraction of pixels with another class",
+        )
     return providers
 
 
@@ -171,50 +180,79 @@ def class_agreement(name: str, out: torch.Tensor, ref: torch.Tensor) -> tuple[fl
 
 
 # ------------------------------------------------------------------------------------------------ targets
-def evaluate_targets(rows: Sequence[Row]) -> list[TargetResult]:
+def evaluate_targets(rows: Sequence[harness.Row]) -> list[harness.TargetResult]:
     """Training step (fwd+bwd) >= 1.5x the reference backend's speed with <= 0.7x its peak memory; streaming
     >= 25 frames/s. A target whose numbers are missing is "n/a"; a mismatched output fails its targets."""
     by = {(r.case.split("-")[0], r.provider, r.mode): r for r in rows if r.ok}
     results = []
 
-    def status(ok: bool, row: Row) -> str:
+    def status(ok: bool, row: harness.Row) -> str:
         return "FAIL (incorrect)" if row.correct is False else "PASS" if ok else "FAIL"
 
     ours, ref = by.get(("train", "kernels", "fwd+bwd")), by.get(("train", "reference", "fwd+bwd"))
     target = f"training step >= {TRAIN_SPEEDUP}x reference"
     if ours and ref:
         speedup = ref.ms / ours.ms
-        results.append(TargetResult(ours.case, target, "kernels", f"{speedup:.2f}x", status(speedup >= TRAIN_SPEEDUP,
-                                                                                          ours)))
+        results.append(
+            harness.TargetResult(
+                ours.case, target, "kernels", f"{speedup:.2f}x", status(speedup >= TRAIN_SPEEDUP, ours)
+            )
+        )
     else:
-        results.append(TargetResult("train", target, "kernels", "-", "n/a (a training step has no time)"))
+        results.append(harness.TargetResult("train", target, "kernels", "-", "n/a (a training step has no time)"))
     target = f"training step peak memory <= {TRAIN_MEMORY}x reference"
     if ours and ref and ours.peak_mib is not None and ref.peak_mib:
         ratio = ours.peak_mib / ref.peak_mib
-        results.append(TargetResult(ours.case, target, "kernels", f"{ratio:.2f}x ({ours.peak_mib:.0f} / "
-                                    f"{ref.peak_mib:.0f} MiB)", status(ratio <= TRAIN_MEMORY, ours)))
+        results.append(
+            harness.TargetResult(
+                ours.case,
+                target,
+                "kernels",
+                f"{ratio:.2f}x ({ours.peak_mib:.0f} / {ref.peak_mib:.0f} MiB)",
+                status(ratio <= TRAIN_MEMORY, ours),
+            )
+        )
     else:
-        results.append(TargetResult("train", target, "kernels", "-", "n/a (no memory measurement)"))
+        results.append(harness.TargetResult("train", target, "kernels", "-", "n/a (no memory measurement)"))
     stream = by.get(("stream", "kernels", "fwd"))
     target = f"streaming >= {MIN_STREAM_FPS:g} frames/s"
     if stream and stream.items_per_s:
-        results.append(TargetResult(stream.case, target, "kernels", f"{stream.items_per_s:.1f} frames/s",
-                                    status(stream.items_per_s >= MIN_STREAM_FPS, stream)))
+        results.append(
+            harness.TargetResult(
+                stream.case,
+                target,
+                "kernels",
+                f"{stream.items_per_s:.1f} frames/s",
+                status(stream.items_per_s >= MIN_STREAM_FPS, stream),
+            )
+        )
     else:
-        results.append(TargetResult("stream", target, "kernels", "-", "n/a (no streaming time)"))
+        results.append(harness.TargetResult("stream", target, "kernels", "-", "n/a (no streaming time)"))
     return results
 
 
 # ------------------------------------------------------------------------------------------- command line
 def options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cases", type=csv_choices(CASES, "case"), default=list(CASES),
-                   help=f"comma-separated subset of {','.join(CASES)}")
-    p.add_argument("--backbone", choices=tuple(RESNETS), default=None,
-                   help=f"backbone of the train and infer cases (default {GPU.model['backbone']} on a GPU, "
-                        f"{CPU.model['backbone']} on the CPU)")
-    p.add_argument("--size", type=positive_int, default=None,
-                   help=f"square input side of the train and infer cases (default {GPU.size[0]} on a GPU, "
-                        f"{CPU.size[0]} on the CPU)")
+    p.add_argument(
+        "--cases",
+        type=harness.csv_choices(CASES, "case"),
+        default=list(CASES),
+        help=f"comma-separated subset of {','.join(CASES)}",
+    )
+    p.add_argument(
+        "--backbone",
+        choices=tuple(RESNETS),
+        default=None,
+        help=f"backbone of the train and infer cases (default {GPU.model['backbone']} on a GPU, "
+        f"{CPU.model['backbone']} on the CPU)",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        help=f"square input side of the train and infer cases (default {GPU.size[0]} on a GPU, "
+        f"{CPU.size[0]} on the CPU)",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -239,8 +277,11 @@ def models(args: argparse.Namespace, on_gpu: bool) -> list[tuple[str, Setup]]:
     """The models the ``--cases`` need, each with the device's setup: "steps" (the train and infer cases share
     one model, inference after the training steps) and "stream"."""
     setup = chosen_setup(args, on_gpu)
-    return [(model, setup) for model, needs in (("steps", {"train", "infer"}), ("stream", {"stream"}))
-            if needs & set(args.cases)]
+    return [
+        (model, setup)
+        for model, needs in (("steps", {"train", "infer"}), ("stream", {"stream"}))
+        if needs & set(args.cases)
+    ]
 
 
 def _labels(run: harness.Context) -> tuple[str, str]:
@@ -254,16 +295,28 @@ def step_cases(setup: Setup, run: harness.Context):
     model = build_model(setup, setup.model, run.device)
     inputs = make_clips(setup, run.device)
     leaves = list(model.parameters())
-    shape = {"clips": setup.clips, "frames": 1 + len(OFFSETS) + 1, "size": setup.size,
-             "classes": setup.num_classes, **setup.model}
+    shape = {
+        "clips": setup.clips,
+        "frames": 1 + len(OFFSETS) + 1,
+        "size": setup.size,
+        "classes": setup.num_classes,
+        **setup.model,
+    }
     for case_name in (c for c in ("train", "infer") if c in run.args.cases):
         train = case_name == "train"
-        title = (f"{'training step' if train else 'inference'}: {setup.model['backbone']}, {setup.clips} clips "
-                 f"of {len(OFFSETS) + 1}+1 frames at {setup.size[0]}x{setup.size[1]}, {precision}")
-        case = Case(case_name + tag, shape, run.dtype, title=title, items=setup.clips)
-        yield harness.Measurement(case, step_providers(run.args.providers, model, inputs, run.device, run.dtype, train),
-                                  leaves=leaves, exact=fp32_reference(model, inputs, train), references=("reference",),
-                                  modes=("fwd+bwd",) if train else ("fwd",))
+        title = (
+            f"{'training step' if train else 'inference'}: {setup.model['backbone']}, {setup.clips} clips "
+            f"of {len(OFFSETS) + 1}+1 frames at {setup.size[0]}x{setup.size[1]}, {precision}"
+        )
+        case = harness.Case(case_name + tag, shape, run.dtype, title=title, items=setup.clips)
+        yield harness.Measurement(
+            case,
+            step_providers(run.args.providers, model, inputs, run.device, run.dtype, train),
+            leaves=leaves,
+            exact=fp32_reference(model, inputs, train),
+            references=("reference",),
+            modes=("fwd+bwd",) if train else ("fwd",),
+        )
 
 
 def stream_cases(setup: Setup, run: harness.Context):
@@ -272,11 +325,17 @@ def stream_cases(setup: Setup, run: harness.Context):
     model = build_model(setup, setup.stream_model, run.device)
     h, w = setup.stream_size
     title = f"streaming VideoPredictor.step: {setup.stream_model['backbone']}, {h}x{w} frames, {precision}"
-    case = Case("stream" + tag, {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes,
-                                 **setup.stream_model}, run.dtype, title=title, items=1)
+    case = harness.Case(
+        "stream" + tag,
+        {"size": setup.stream_size, "offsets": OFFSETS, "classes": setup.num_classes, **setup.stream_model},
+        run.dtype,
+        title=title,
+        items=1,
+    )
     providers = stream_providers(run.args.providers, model, setup, run.device, run.dtype)
-    yield harness.Measurement(case, providers, leaves=[], references=("reference",), modes=("fwd",),
-                              tolerance=class_agreement)
+    yield harness.Measurement(
+        case, providers, leaves=[], references=("reference",), modes=("fwd",), tolerance=class_agreement
+    )
 
 
 def cases(model: tuple[str, Setup], run: harness.Context):
@@ -284,10 +343,21 @@ def cases(model: tuple[str, Setup], run: harness.Context):
     return (stream_cases if name == "stream" else step_cases)(setup, run)
 
 
-SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, ("kernels",), models, cases,
-                             targets=lambda rows, _: evaluate_targets(rows), target_cases=("train", "stream"),
-                             options=options, quick_help="shorter timing budgets", dtype_option=False,
-                             modes_option=False, cpu_run="tiny")
+SPEC = harness.BenchmarkSpec(
+    BENCHMARK,
+    __doc__,
+    PROVIDERS,
+    ("kernels",),
+    models,
+    cases,
+    targets=lambda rows, _: evaluate_targets(rows),
+    target_cases=("train", "stream"),
+    options=options,
+    quick_help="shorter timing budgets",
+    dtype_option=False,
+    modes_option=False,
+    cpu_run="tiny",
+)
 
 if __name__ == "__main__":
     harness.run_benchmark(SPEC)

@@ -52,28 +52,6 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from benchmarks import harness
-from benchmarks.harness import (
-    COMPILE_NOTE,
-    MODES,
-    Case,
-    Exact,
-    Impl,
-    Row,
-    RowIndex,
-    TargetResult,
-    Unavailable,
-    Work,
-    backend_provider,
-    check_targets,
-    eager_or_compiled,
-    peak_memory_check,
-    peer_speedup_checks,
-    roofline_check,
-    speedup_check,
-    target_results,
-    triton_unavailable,
-    untimed,
-)
 from ssltm_kernels.modules import WindowAttention3D
 from ssltm_kernels.ops.window_attention_3d import (
     SHIFT_MASK_VALUE,
@@ -89,8 +67,12 @@ PROVIDERS = ("eager", "torchvision", "compile", "sdpa", "flex", "flex-dense", "t
 OURS = ("triton", "cuda")
 FUSED_PEERS = ("sdpa", "flex", "flex-dense")
 # the module case: torchvision's ShiftedWindowAttention3d against our WindowAttention3D per backend
-MODULE_PROVIDERS = {"torchvision": "torchvision", "eager": "module-reference", "triton": "module-triton",
-                    "cuda": "module-cuda"}
+MODULE_PROVIDERS = {
+    "torchvision": "torchvision",
+    "eager": "module-reference",
+    "triton": "module-triton",
+    "cuda": "module-cuda",
+}
 
 
 # ------------------------------------------------------------------------------------ shapes, their work
@@ -119,16 +101,24 @@ class Shape:
 
     def record(self) -> dict:
         g = self.geom
-        return {**{k: v for k, v in asdict(self).items() if k != "name"}, "head_dim": self.head_dim,
-                "effective_window": g.window, "effective_shift": g.shift, "padded": g.padded,
-                "nW": g.num_windows, "N": g.tokens_per_window}
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "name"},
+            "head_dim": self.head_dim,
+            "effective_window": g.window,
+            "effective_shift": g.shift,
+            "padded": g.padded,
+            "nW": g.num_windows,
+            "N": g.tokens_per_window,
+        }
 
     def title(self, dtype: torch.dtype) -> str:
         g = self.geom
         shift = str(self.shift) if self.shift == g.shift else f"{self.shift} (effective {g.shift})"
-        return (f"B={self.B} T={self.T} H={self.H} W={self.W} C={self.C} heads={self.heads} window={self.window} "
-                f"shift={shift}  {str(dtype).removeprefix('torch.')}  (nW={g.num_windows}/item, "
-                f"N={g.tokens_per_window}, padded {g.padded})")
+        return (
+            f"B={self.B} T={self.T} H={self.H} W={self.W} C={self.C} heads={self.heads} window={self.window} "
+            f"shift={shift}  {str(dtype).removeprefix('torch.')}  (nW={g.num_windows}/item, "
+            f"N={g.tokens_per_window}, padded {g.padded})"
+        )
 
 
 def _stt(name: str, hw: int, c: int, heads: int) -> Shape:
@@ -137,21 +127,27 @@ def _stt(name: str, hw: int, c: int, heads: int) -> Shape:
 
 # SSLTM STT blocks: strides 4/8/16/32 of a 480x480 input, dims 32/64/128/256, head dim 32, 4x7x7 windows
 # over 4 stacked frames; two clips per batch.
-GPU_SHAPES = {s.name: s for s in (
-    _stt("stride4", 120, 32, 1),
-    _stt("stride8", 60, 64, 2),
-    _stt("stride16", 30, 128, 4),
-    _stt("stride32", 15, 256, 8),
-    Shape("large", B=8, T=4, H=56, W=56, C=256, heads=8),
-    Shape("large-shift", B=8, T=4, H=56, W=56, C=256, heads=8, shift=(2, 3, 3)),
-)}
+GPU_SHAPES = {
+    s.name: s
+    for s in (
+        _stt("stride4", 120, 32, 1),
+        _stt("stride8", 60, 64, 2),
+        _stt("stride16", 30, 128, 4),
+        _stt("stride32", 15, 256, 8),
+        Shape("large", B=8, T=4, H=56, W=56, C=256, heads=8),
+        Shape("large-shift", B=8, T=4, H=56, W=56, C=256, heads=8, shift=(2, 3, 3)),
+    )
+}
 QUICK_GPU_SHAPES = ("stride16", "large", "large-shift")
 MODULE_SHAPES = ("stride16", "large-shift")  # GPU shapes that also run the module case (CPU: every shape)
-CPU_SHAPES = {s.name: s for s in (
-    Shape("cpu-small", B=1, T=4, H=14, W=14, C=64, heads=2),
-    # padded in every axis (6 -> 8, 10 -> 14) and shifted: exercises padding and the region mask
-    Shape("cpu-pad-shift", B=1, T=6, H=10, W=10, C=64, heads=2, shift=(2, 3, 3)),
-)}
+CPU_SHAPES = {
+    s.name: s
+    for s in (
+        Shape("cpu-small", B=1, T=4, H=14, W=14, C=64, heads=2),
+        # padded in every axis (6 -> 8, 10 -> 14) and shifted: exercises padding and the region mask
+        Shape("cpu-pad-shift", B=1, T=6, H=10, W=10, C=64, heads=2, shift=(2, 3, 3)),
+    )
+}
 SHAPES = harness.ShapeSet(GPU_SHAPES, CPU_SHAPES, QUICK_GPU_SHAPES)
 TARGET_SHAPES = ("large", "stride16")
 
@@ -171,7 +167,7 @@ def attention_exps(batch_heads: int, n_q: int, n_k: int, mode: str) -> float:
     return float(batch_heads * n_q * n_k) * {"fwd": 1, "bwd": 1, "fwd+bwd": 2}[mode]
 
 
-def window_attention_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+def window_attention_work(shape: Shape, dtype: torch.dtype, mode: str) -> harness.Work:
     """Least work of one call. FLOPs and exps over the padded windows (``B * nW * heads`` attentions of
     N x N). Bytes, for M = B*T*H*W real tokens of C channels and element size e: the forward reads q, k, v
     and writes out (``4 * M * C * e``); the backward reads q, k, v, out, dout and the fp32 row log-sum-exp
@@ -182,8 +178,11 @@ def window_attention_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
     m, e = shape.B * shape.T * shape.H * shape.W, torch.finfo(dtype).bits // 8
     fwd_bytes, bwd_bytes = 4 * m * shape.C * e, 8 * m * shape.C * e + 4 * m * shape.heads
     nbytes = {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes}[mode]
-    return Work(flops=attention_flops(batch_heads, n, n, shape.head_dim, mode), bytes=float(nbytes),
-                exps=attention_exps(batch_heads, n, n, mode))
+    return harness.Work(
+        flops=attention_flops(batch_heads, n, n, shape.head_dim, mode),
+        bytes=float(nbytes),
+        exps=attention_exps(batch_heads, n, n, mode),
+    )
 
 
 # ------------------------------------------------------------------ the partition of the sdpa/flex peers
@@ -210,8 +209,11 @@ class Partition:
                     ids[-s:] = 2
                 image = image * 3 + ids.view([-1 if a == axis else 1 for a in range(3)])
             wt, wh, ww = g.window
-            self.region = rearrange(image, "(nt wt) (nh wh) (nw ww) -> (nt nh nw) (wt wh ww)",
-                                    wt=wt, wh=wh, ww=ww).contiguous().to(device)
+            self.region = (
+                rearrange(image, "(nt wt) (nh wh) (nw ww) -> (nt nh nw) (wt wh ww)", wt=wt, wh=wh, ww=ww)
+                .contiguous()
+                .to(device)
+            )
             self.shift_mask = (self.region[:, :, None] != self.region[:, None, :]).float() * SHIFT_MASK_VALUE
 
     def __call__(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,16 +224,31 @@ class Partition:
         if g.shifted:
             x = torch.roll(x, tuple(-s for s in g.shift), (1, 2, 3))
         wt, wh, ww = g.window
-        x = rearrange(x, "b (nt wt) (nh wh) (nw ww) (three heads d) -> three (b nt nh nw) heads (wt wh ww) d",
-                      wt=wt, wh=wh, ww=ww, three=3, heads=self.shape.heads)
+        x = rearrange(
+            x,
+            "b (nt wt) (nh wh) (nw ww) (three heads d) -> three (b nt nh nw) heads (wt wh ww) d",
+            wt=wt,
+            wh=wh,
+            ww=ww,
+            three=3,
+            heads=self.shape.heads,
+        )
         return x.unbind(0)
 
     def reverse(self, out: torch.Tensor) -> torch.Tensor:
         """``(B*nW, heads, N, head_dim)`` -> ``(B, T, H, W, heads, head_dim)``."""
         g = self.geom
         (wt, wh, ww), (nt, nh, _) = g.window, g.windows_per_axis
-        x = rearrange(out, "(b nt nh nw) heads (wt wh ww) d -> b (nt wt) (nh wh) (nw ww) heads d",
-                      b=self.shape.B, nt=nt, nh=nh, wt=wt, wh=wh, ww=ww)
+        x = rearrange(
+            out,
+            "(b nt nh nw) heads (wt wh ww) d -> b (nt wt) (nh wh) (nw ww) heads d",
+            b=self.shape.B,
+            nt=nt,
+            nh=nh,
+            wt=wt,
+            wh=wh,
+            ww=ww,
+        )
         if g.shifted:
             x = torch.roll(x, g.shift, (1, 2, 3))
         t, h, w = g.sizes
@@ -274,9 +291,13 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 
 def exact_attention(shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """The op's reference on the gate's widened leaves (its yardstick)."""
-    return window_attention_3d_reference(*split_qkv(qkv, shape.heads), window_size=shape.window,
-                                         rel_pos_bias_table=table, shift_size=shape.shift,
-                                         scale=shape.head_dim**-0.5)
+    return window_attention_3d_reference(
+        *split_qkv(qkv, shape.heads),
+        window_size=shape.window,
+        rel_pos_bias_table=table,
+        shift_size=shape.shift,
+        scale=shape.head_dim**-0.5,
+    )
 
 
 def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table: torch.Tensor) -> dict:
@@ -285,24 +306,30 @@ def build_providers(names: Sequence[str], shape: Shape, qkv: torch.Tensor, table
     heads, scale, cpu = shape.heads, shape.head_dim**-0.5, qkv.device.type == "cpu"
     kwargs = dict(window_size=shape.window, rel_pos_bias_table=table, shift_size=shape.shift, scale=scale)
     partition = Partition(shape, qkv.device)
-    providers: dict[str, Impl | Unavailable] = {}
+    providers: dict[str, harness.Impl | harness.Unavailable] = {}
     for name in names:
         if name == "torchvision":
             continue
         if name in ("eager", "compile"):
-            providers[name] = eager_or_compiled(name, window_attention_3d_reference,
-                                                lambda fn: fn(*split_qkv(qkv, heads), **kwargs))
+            providers[name] = harness.eager_or_compiled(
+                name, window_attention_3d_reference, lambda fn: fn(*split_qkv(qkv, heads), **kwargs)
+            )
         elif name == "sdpa":
+
             def sdpa() -> torch.Tensor:
-                return partition.reverse(F.scaled_dot_product_attention(
-                    *partition(qkv), attn_mask=partition.sdpa_mask(table, qkv.dtype), scale=scale))
-            providers[name] = Impl(sdpa, describe=partial(sdpa_kernels, sdpa))
+                return partition.reverse(
+                    F.scaled_dot_product_attention(
+                        *partition(qkv), attn_mask=partition.sdpa_mask(table, qkv.dtype), scale=scale
+                    )
+                )
+
+            providers[name] = harness.Impl(sdpa, describe=partial(sdpa_kernels, sdpa))
         elif name in ("flex", "flex-dense"):
-            providers[name] = _flex_provider(partition, qkv, table, scale, compiled=not cpu,
-                                             dense=name == "flex-dense")
+            providers[name] = _flex_provider(partition, qkv, table, scale, compiled=not cpu, dense=name == "flex-dense")
         else:
-            providers[name] = backend_provider(name, qkv.device, lambda b: window_attention_3d(
-                *split_qkv(qkv, heads), backend=b, **kwargs))
+            providers[name] = harness.backend_provider(
+                name, qkv.device, lambda b: window_attention_3d(*split_qkv(qkv, heads), backend=b, **kwargs)
+            )
     return providers
 
 
@@ -331,8 +358,17 @@ def sdpa_kernels(forward: Callable[[], torch.Tensor]) -> dict:
     ran = next((b for op in ops if not op.endswith("backward") for b in SDPA_BACKENDS if b in op), None)
     backends = {}
     for name in SDPA_BACKENDS:
-        with sdpa_kernel(getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                                              "cudnn": "CUDNN_ATTENTION", "math": "MATH"}[name])):
+        with sdpa_kernel(
+            getattr(
+                SDPBackend,
+                {
+                    "flash": "FLASH_ATTENTION",
+                    "efficient": "EFFICIENT_ATTENTION",
+                    "cudnn": "CUDNN_ATTENTION",
+                    "math": "MATH",
+                }[name],
+            )
+        ):
             try:
                 call()
                 backends[name] = "fwd+bwd"
@@ -348,8 +384,16 @@ def sdpa_kernels(forward: Callable[[], torch.Tensor]) -> dict:
     return {"sdpa_kernel": ran, "sdpa_ops": ops, "sdpa_backends": backends}
 
 
-def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor, scale: float, *,
-                   compiled: bool, kernel_options: dict | None = None, dense: bool = False) -> Impl:
+def _flex_provider(
+    partition: Partition,
+    qkv: torch.Tensor,
+    table: torch.Tensor,
+    scale: float,
+    *,
+    compiled: bool,
+    kernel_options: dict | None = None,
+    dense: bool = False,
+) -> harness.Impl:
     """FlexAttention on the partitioned windows with the bias (and shift mask) in a ``score_mod``;
     ``kernel_options`` as flex_attention takes them (block sizes, ...). The bias: looked up through the
     ``(N, N)`` index in the table (the table gather), or with ``dense`` read from the ``(heads, N, N)`` bias
@@ -381,9 +425,13 @@ def _flex_provider(partition: Partition, qkv: torch.Tensor, table: torch.Tensor,
             return partition.reverse(attend(*partition(qkv), partition.dense_bias(table) if dense else table))
 
     if cpu:
-        return Impl(forward, modes=("fwd",), reason="FlexAttention does not support backward on CPU",
-                    note="uncompiled on CPU; forward only: FlexAttention has no CPU backward")
-    return Impl(forward, note=COMPILE_NOTE if compiled else None)
+        return harness.Impl(
+            forward,
+            modes=("fwd",),
+            reason="FlexAttention does not support backward on CPU",
+            note="uncompiled on CPU; forward only: FlexAttention has no CPU backward",
+        )
+    return harness.Impl(forward, note=harness.COMPILE_NOTE if compiled else None)
 
 
 # ------------------------------------------------------------------------- the module case (torchvision)
@@ -392,7 +440,7 @@ def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, module
     (its ``shifted_window_attention_3d``: qkv projection, pad, roll, partition, attention with the bias and
     shift mask, reverse, output projection) and our ``WindowAttention3D`` on the volume, per backend, all on
     the same parameters (``module``'s)."""
-    providers: dict[str, Impl | Unavailable] = {}
+    providers: dict[str, harness.Impl | harness.Unavailable] = {}
     for name in names:
         label = MODULE_PROVIDERS.get(name)
         if label is None:
@@ -401,17 +449,18 @@ def module_providers(names: Sequence[str], shape: Shape, x: torch.Tensor, module
             try:
                 from torchvision.models.video.swin_transformer import ShiftedWindowAttention3d
             except ImportError as error:
-                providers[label] = Unavailable(f"torchvision: {error}")
+                providers[label] = harness.Unavailable(f"torchvision: {error}")
                 continue
             theirs = ShiftedWindowAttention3d(shape.C, list(shape.window), list(shape.shift), shape.heads)
             theirs.qkv, theirs.proj = module.qkv, module.proj
             theirs.relative_position_bias_table = module.relative_position_bias_table
             theirs.relative_position_index = theirs.relative_position_index.to(x.device)
-            providers[label] = Impl(lambda m=theirs: m(x))
+            providers[label] = harness.Impl(lambda m=theirs: m(x))
         else:
             ours = "reference" if name == "eager" else name
-            providers[label] = triton_unavailable(ours, x.device) or Impl(
-                partial(_on_backend(module, ours), x, shift_size=shape.shift))
+            providers[label] = harness.triton_unavailable(ours, x.device) or harness.Impl(
+                partial(_on_backend(module, ours), x, shift_size=shape.shift)
+            )
     return providers
 
 
@@ -433,15 +482,18 @@ def make_module(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     return x.requires_grad_(), module
 
 
-def exact_module(shape: Shape, module: WindowAttention3D) -> Exact:
+def exact_module(shape: Shape, module: WindowAttention3D) -> harness.Exact:
     """The module case's yardstick: our module on the reference backend, on the leaves ``(x, *parameters)``."""
     reference = _on_backend(module, "reference")
     names = [name for name, _ in module.named_parameters()]
-    return Exact(lambda x, *params: torch.func.functional_call(
-        reference, dict(zip(names, params, strict=True)), (x,), {"shift_size": shape.shift}))
+    return harness.Exact(
+        lambda x, *params: torch.func.functional_call(
+            reference, dict(zip(names, params, strict=True)), (x,), {"shift_size": shape.shift}
+        )
+    )
 
 
-def module_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
+def module_work(shape: Shape, dtype: torch.dtype, mode: str) -> harness.Work:
     """The attention's work plus the qkv and output projections (``8 * M * C^2`` FLOPs forward, twice that
     backward, M tokens); bytes: the module's input and output (forward), input, output gradient and input
     gradient (backward), the weights left out."""
@@ -449,48 +501,74 @@ def module_work(shape: Shape, dtype: torch.dtype, mode: str) -> Work:
     m, e = shape.B * shape.T * shape.H * shape.W, torch.finfo(dtype).bits // 8
     linear = 8.0 * m * shape.C**2 * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
     nbytes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * m * shape.C * e
-    return Work(flops=attention.flops + linear, bytes=float(nbytes), exps=attention.exps)
+    return harness.Work(flops=attention.flops + linear, bytes=float(nbytes), exps=attention.exps)
 
 
 # ----------------------------------------------------------------------------------------------- targets
-def evaluate_targets(rows: Sequence[Row], cases: Sequence[str] = TARGET_SHAPES,
-                     ours: Sequence[str] = OURS) -> list[TargetResult]:
+def evaluate_targets(
+    rows: Sequence[harness.Row], cases: Sequence[str] = TARGET_SHAPES, ours: Sequence[str] = OURS
+) -> list[harness.TargetResult]:
     """The performance targets, from the measured rows: on each target case (fwd+bwd unless noted) ours
     >= 3x eager, >= 1.5x compile, >= 1.3x the faster of sdpa and flex; forward >= 50% of the roofline;
     fwd+bwd peak memory <= 0.3x eager's. A target whose numbers are missing is "n/a"; a peer that failed the
     correctness gate is not compared with."""
-    def judge(index: RowIndex, case: str, provider: str, own: Row) -> list[TargetResult]:
+
+    def judge(index: harness.RowIndex, case: str, provider: str, own: harness.Row) -> list[harness.TargetResult]:
         fb, fwd = index.timed(case, provider, "fwd+bwd"), index.timed(case, provider, "fwd")
         fused = [index.timed(case, peer, "fwd+bwd") for peer in FUSED_PEERS]
-        checks = [*peer_speedup_checks(index, case, fb, {"eager": 3.0, "compile": 1.5}, own_why=untimed(own)),
-                  speedup_check("fwd+bwd >= 1.3x faster of sdpa/flex", fb, fused, 1.3, own_why=untimed(own),
-                                peer_why="neither sdpa nor flex has a time"),
-                  roofline_check("fwd >= 50% of roofline", fwd, 50.0, own_why=f"{provider}: no forward time"),
-                  peak_memory_check("fwd+bwd peak memory <= 0.3x eager", fb, index.timed(case, "eager", "fwd+bwd"),
-                                    0.3)]
-        return target_results(case, provider, checks, own.correct)
+        checks = [
+            *harness.peer_speedup_checks(index, case, fb, {"eager": 3.0, "compile": 1.5}, own_why=harness.untimed(own)),
+            harness.speedup_check(
+                "fwd+bwd >= 1.3x faster of sdpa/flex",
+                fb,
+                fused,
+                1.3,
+                own_why=harness.untimed(own),
+                peer_why="neither sdpa nor flex has a time",
+            ),
+            harness.roofline_check("fwd >= 50% of roofline", fwd, 50.0, own_why=f"{provider}: no forward time"),
+            harness.peak_memory_check(
+                "fwd+bwd peak memory <= 0.3x eager", fb, index.timed(case, "eager", "fwd+bwd"), 0.3
+            ),
+        ]
+        return harness.target_results(case, provider, checks, own.correct)
 
-    return check_targets(rows, cases, ours, judge)
+    return harness.check_targets(rows, cases, ours, judge)
 
 
 # ----------------------------------------------------------------------------------------------- cases
 def op_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     qkv, table = make_inputs(shape, run.dtype, run.device)
     providers = build_providers(run.args.providers, shape, qkv, table)
-    case = Case(shape.name, shape.record(), run.dtype, {m: window_attention_work(shape, run.dtype, m) for m in MODES},
-                title=shape.title(run.dtype))
-    return harness.Measurement(case, providers, leaves={"qkv": qkv, "table": table},
-                               exact=Exact(partial(exact_attention, shape)))
+    case = harness.Case(
+        shape.name,
+        shape.record(),
+        run.dtype,
+        {m: window_attention_work(shape, run.dtype, m) for m in harness.MODES},
+        title=shape.title(run.dtype),
+    )
+    return harness.Measurement(
+        case, providers, leaves={"qkv": qkv, "table": table}, exact=harness.Exact(partial(exact_attention, shape))
+    )
 
 
 def module_case(shape: Shape, run: harness.Context) -> harness.Measurement:
     x, module = make_module(shape, run.dtype, run.device)
     providers = module_providers(run.args.providers, shape, x, module)
-    case = Case(f"{shape.name}-module", shape.record(), run.dtype,
-                {m: module_work(shape, run.dtype, m) for m in MODES},
-                title=f"WindowAttention3D module (qkv + attention + proj)  {shape.title(run.dtype)}")
-    return harness.Measurement(case, providers, leaves={"x": x, **dict(module.named_parameters())},
-                               exact=exact_module(shape, module), references=("torchvision", "module-reference"))
+    case = harness.Case(
+        f"{shape.name}-module",
+        shape.record(),
+        run.dtype,
+        {m: module_work(shape, run.dtype, m) for m in harness.MODES},
+        title=f"WindowAttention3D module (qkv + attention + proj)  {shape.title(run.dtype)}",
+    )
+    return harness.Measurement(
+        case,
+        providers,
+        leaves={"x": x, **dict(module.named_parameters())},
+        exact=exact_module(shape, module),
+        references=("torchvision", "module-reference"),
+    )
 
 
 def cases(shape: Shape, run: harness.Context):
@@ -504,10 +582,19 @@ def options(p) -> None:
     p.add_argument("--no-module", action="store_true", help="only the op, not the module case against torchvision")
 
 
-SPEC = harness.BenchmarkSpec(BENCHMARK, __doc__, PROVIDERS, OURS, SHAPES, cases,
-                             targets=lambda rows, _: evaluate_targets(rows), target_cases=TARGET_SHAPES,
-                             labels=[MODULE_PROVIDERS], options=options,
-                             quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets")
+SPEC = harness.BenchmarkSpec(
+    BENCHMARK,
+    __doc__,
+    PROVIDERS,
+    OURS,
+    SHAPES,
+    cases,
+    targets=lambda rows, _: evaluate_targets(rows),
+    target_cases=TARGET_SHAPES,
+    labels=[MODULE_PROVIDERS],
+    options=options,
+    quick_help=f"CI smoke run: {', '.join(QUICK_GPU_SHAPES)} on GPU, shorter timing budgets",
+)
 
 if __name__ == "__main__":
     harness.run_benchmark(SPEC)

@@ -53,20 +53,7 @@ from pathlib import Path
 import torch
 
 import ssltm_kernels.ops.window_attention_3d as op
-from benchmarks.harness import (
-    Case,
-    Exact,
-    Harness,
-    Impl,
-    Row,
-    append_records,
-    configure_compile,
-    csv_choices,
-    format_targets,
-    output_arguments,
-    script_parser,
-    text_table,
-)
+from benchmarks import harness
 from benchmarks.stt_window_attn import (
     GPU_SHAPES,
     Partition,
@@ -107,11 +94,13 @@ SWEEP_SHAPES = ("large", "stride4")
 KNOBS = (*KERNELS, *(name for name in VARIANTS if name != "dbias_sum"))
 CPU_GATE = Shape("cpu-gate", B=1, T=3, H=8, W=9, C=16, heads=1, window=(2, 5, 7), shift=(1, 2, 3))
 BACKENDS = ("triton", "cuda")
-NCU_METRICS = ("gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,"
-               "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,"
-               "smsp__inst_executed_pipe_xu.sum,sm__inst_executed_pipe_fma.sum,"
-               "sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,"
-               "launch__occupancy_limit_registers")
+NCU_METRICS = (
+    "gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,"
+    "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,"
+    "smsp__inst_executed_pipe_xu.sum,sm__inst_executed_pipe_fma.sum,"
+    "sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,"
+    "launch__occupancy_limit_registers"
+)
 
 
 class Run:
@@ -123,8 +112,14 @@ class Run:
         self.dtype = torch.bfloat16 if self.on_gpu else torch.float32
         self.full = args.full
         note = None if self.on_gpu else "cpu smoke run: small shapes, not a decision"
-        self.harness = Harness(BENCHMARK, device=self.device, quick=not args.full, save=not args.no_save,
-                               results_dir=args.results_dir, note=note)
+        self.harness = harness.Harness(
+            BENCHMARK,
+            device=self.device,
+            quick=not args.full,
+            save=not args.no_save,
+            results_dir=args.results_dir,
+            note=note,
+        )
         self.records: list[dict] = []
 
     def bench(self, fn, warmup_ms: float = 10, rep_ms: float = 40) -> float:
@@ -132,6 +127,7 @@ class Run:
         times code paths, not kernels)."""
         if self.on_gpu:
             from triton.testing import do_bench
+
             return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
         start = time.perf_counter()
         fn()
@@ -184,14 +180,21 @@ def measure_ceilings(run: Run) -> dict:
         print("ceilings: measured on a GPU only")
         return run.record("ceilings", copy_bytes_per_s=None, gemm_flops=None, exp_per_s=None)
     sms = device_sm_count(run.device)
-    ceilings = {"copy_bytes_per_s": _copy_rate(run, 2**30 if run.full else 2**27),  # bf16: 2 GiB (quick 256 MiB)
-                "gemm_flops": _gemm_rate(run, 8192 if run.full else 4096),
-                "exp_per_s": _exp_rate(run, 64 * sms)}
+    ceilings = {
+        "copy_bytes_per_s": _copy_rate(run, 2**30 if run.full else 2**27),  # bf16: 2 GiB (quick 256 MiB)
+        "gemm_flops": _gemm_rate(run, 8192 if run.full else 4096),
+        "exp_per_s": _exp_rate(run, 64 * sms),
+    }
     smi = shutil.which("nvidia-smi")
-    clocks = subprocess.run([smi, "-q", "-d", "CLOCK,POWER"], capture_output=True, text=True, timeout=20).stdout \
-        if smi else None
-    print(f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
-          f"{ceilings['gemm_flops'] / 1e12:.0f} TFLOP/s, exp2 {ceilings['exp_per_s'] / 1e12:.2f} T/s")
+    clocks = (
+        subprocess.run([smi, "-q", "-d", "CLOCK,POWER"], capture_output=True, text=True, timeout=20).stdout
+        if smi
+        else None
+    )
+    print(
+        f"ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 GEMM "
+        f"{ceilings['gemm_flops'] / 1e12:.0f} TFLOP/s, exp2 {ceilings['exp_per_s'] / 1e12:.2f} T/s"
+    )
     return run.record("ceilings", **ceilings, cudnn=torch.backends.cudnn.version(), nvidia_smi=clocks)
 
 
@@ -199,8 +202,9 @@ def measure_ceilings(run: Run) -> dict:
 def _forward_backward(shape: Shape, qkv: torch.Tensor, table: torch.Tensor, backend: str | None, grad: torch.Tensor):
     """out and the gradients of qkv and the table (q, k, v views of qkv); backend None: the reference."""
     qkv, table = (x.detach().requires_grad_() for x in (qkv, table))
-    kwargs = dict(window_size=shape.window, rel_pos_bias_table=table, shift_size=shape.shift,
-                  scale=shape.head_dim**-0.5)
+    kwargs = dict(
+        window_size=shape.window, rel_pos_bias_table=table, shift_size=shape.shift, scale=shape.head_dim**-0.5
+    )
     fn = window_attention_3d_reference if backend is None else partial(window_attention_3d, backend=backend)
     out = fn(*split_qkv(qkv, shape.heads), **kwargs)
     return (out, *torch.autograd.grad(out, (qkv, table), grad.to(out.dtype)))
@@ -209,8 +213,16 @@ def _forward_backward(shape: Shape, qkv: torch.Tensor, table: torch.Tensor, back
 def gate(run: Run, shape: Shape, backend: str) -> dict:
     """The 2x-reference-error rule on out, dq, dk, dv, dtable, finiteness, and a bit-identical second backward."""
     qkv, table = make_inputs(shape, run.dtype, run.device)
-    grad = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.heads, shape.head_dim, device=run.device,
-                       generator=torch.Generator(run.device).manual_seed(1))
+    grad = torch.randn(
+        shape.B,
+        shape.T,
+        shape.H,
+        shape.W,
+        shape.heads,
+        shape.head_dim,
+        device=run.device,
+        generator=torch.Generator(run.device).manual_seed(1),
+    )
     try:
         ours = _forward_backward(shape, qkv, table, backend, grad)
     except Exception as error:  # a backend that cannot run here is a row, not a crash
@@ -222,8 +234,11 @@ def gate(run: Run, shape: Shape, backend: str) -> dict:
 
     def parts(result):
         out, dqkv, dtable = result
-        return {"out": out, **dict(zip(("dq", "dk", "dv"), dqkv.unflatten(-1, (3, -1)).unbind(-2), strict=True)),
-                "dtable": dtable}
+        return {
+            "out": out,
+            **dict(zip(("dq", "dk", "dv"), dqkv.unflatten(-1, (3, -1)).unbind(-2), strict=True)),
+            "dtable": dtable,
+        }
 
     errors, ok = {}, True
     mine, lows, refs = parts(ours), parts(low), parts(ref)
@@ -233,8 +248,9 @@ def gate(run: Run, shape: Shape, backend: str) -> dict:
         errors[name] = {"err": err, "bound": bound, "rel": err / max(refs[name].abs().max().item(), 1e-30)}
         ok &= bool(torch.isfinite(a).all()) and err <= bound
     deterministic = all(torch.equal(x, y) for x, y in zip(ours[1:], again[1:], strict=True))
-    return run.record("gate", case=shape.name, backend=backend, ok=ok and deterministic, errors=errors,
-                      deterministic=deterministic)
+    return run.record(
+        "gate", case=shape.name, backend=backend, ok=ok and deterministic, errors=errors, deterministic=deterministic
+    )
 
 
 # --------------------------------------------------------------------------------------------------- peers
@@ -250,45 +266,76 @@ def peer_providers(run: Run, shape: Shape, qkv: torch.Tensor, table: torch.Tenso
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sdpa = providers.pop("sdpa")
-    for name, backend, modes in (("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, ("fwd", "fwd+bwd")),
-                                 ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, ("fwd",))):
+    for name, backend, modes in (
+        ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, ("fwd", "fwd+bwd")),
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, ("fwd",)),
+    ):
+
         def forward(backend=backend):
             with sdpa_kernel(backend):
                 return sdpa.fn()
-        providers[name] = Impl(forward, modes=modes, reason="cuDNN SDPA returns no bias gradient",
-                               note=backend.name)
-    providers["flex-64"] = _flex_provider(Partition(shape, qkv.device), qkv, table, shape.head_dim**-0.5,
-                                          compiled=True, kernel_options={"BLOCK_M": 64, "BLOCK_N": 64})
+
+        providers[name] = harness.Impl(
+            forward, modes=modes, reason="cuDNN SDPA returns no bias gradient", note=backend.name
+        )
+    providers["flex-64"] = _flex_provider(
+        Partition(shape, qkv.device),
+        qkv,
+        table,
+        shape.head_dim**-0.5,
+        compiled=True,
+        kernel_options={"BLOCK_M": 64, "BLOCK_N": 64},
+    )
     return providers
 
 
-def peers(run: Run, shapes: Sequence[Shape]) -> list[Row]:
+def peers(run: Run, shapes: Sequence[Shape]) -> list[harness.Row]:
     rows = []
     for shape in shapes:
         qkv, table = make_inputs(shape, run.dtype, run.device)
-        case = Case(shape.name, shape.record(), run.dtype,
-                    {m: window_attention_work(shape, run.dtype, m) for m in ("fwd", "fwd+bwd")},
-                    title=shape.title(run.dtype))
-        rows += run.harness.run_case(case, peer_providers(run, shape, qkv, table), leaves=[qkv, table],
-                                     modes=("fwd", "fwd+bwd"), reference="eager",
-                                     exact=Exact(partial(exact_attention, shape)))
+        case = harness.Case(
+            shape.name,
+            shape.record(),
+            run.dtype,
+            {m: window_attention_work(shape, run.dtype, m) for m in ("fwd", "fwd+bwd")},
+            title=shape.title(run.dtype),
+        )
+        rows += run.harness.run_case(
+            case,
+            peer_providers(run, shape, qkv, table),
+            leaves=[qkv, table],
+            modes=("fwd", "fwd+bwd"),
+            reference="eager",
+            exact=harness.Exact(partial(exact_attention, shape)),
+        )
     return rows
 
 
 # --------------------------------------------------------------------------------------------------- sweep
-def _compile_unit(arch: int, dtype: torch.dtype, shape: Shape, configs: LaunchConfigs, ints: dict, shared: int,
-                  index: int) -> str:
+def _compile_unit(
+    arch: int, dtype: torch.dtype, shape: Shape, configs: LaunchConfigs, ints: dict, shared: int, index: int
+) -> str:
     """Compile kernel ``index`` of the shape's launch with ``configs`` (a worker process; fills the cache)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    specs = list(op.triton_compile_specs(dtype, shape.geom.window, shape.head_dim, shape.geom.shift, pad=False,
-                                         int_arg=lambda name: ints.get(name, 16), shared_memory=shared,
-                                         configs=configs))
+    specs = list(
+        op.triton_compile_specs(
+            dtype,
+            shape.geom.window,
+            shape.head_dim,
+            shape.geom.shift,
+            pad=False,
+            int_arg=lambda name: ints.get(name, 16),
+            shared_memory=shared,
+            configs=configs,
+        )
+    )
     name, kernel, signature, constexprs, attrs, options = specs[index]
     try:
-        triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                       options=options)
+        triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+        )
     except Exception as error:  # the launch compiles it again and reports
         return f"FAIL {name}: {type(error).__name__}: {error}"
     return f"ok {name}"
@@ -313,9 +360,16 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
     units, seen = [], set()
     for shape, configs in dict.fromkeys(work):
         ints = launch_ints(shape)
-        specs = op.triton_compile_specs(run.dtype, shape.geom.window, shape.head_dim, shape.geom.shift, pad=False,
-                                        int_arg=lambda name, ints=ints: ints.get(name, 16), shared_memory=shared,
-                                        configs=configs)
+        specs = op.triton_compile_specs(
+            run.dtype,
+            shape.geom.window,
+            shape.head_dim,
+            shape.geom.shift,
+            pad=False,
+            int_arg=lambda name, ints=ints: ints.get(name, 16),
+            shared_memory=shared,
+            configs=configs,
+        )
         for index, spec in enumerate(specs):
             if op.spec_key(spec) not in seen:
                 seen.add(op.spec_key(spec))
@@ -324,15 +378,23 @@ def precompile(run: Run, work: Sequence[tuple[Shape, LaunchConfigs]]) -> None:
     with ProcessPoolExecutor(min(12, os.cpu_count() or 1), mp_context=multiprocessing.get_context("spawn")) as pool:
         reports = list(pool.map(_compile_unit, *zip(*units, strict=True)))
     failed = [line for line in reports if line.startswith("FAIL")]
-    print(f"precompiled {len(units)} kernels in {time.perf_counter() - start:.0f} s, {len(failed)} failed",
-          *failed, sep="\n")
+    print(
+        f"precompiled {len(units)} kernels in {time.perf_counter() - start:.0f} s, {len(failed)} failed",
+        *failed,
+        sep="\n",
+    )
 
 
 def _time_kernel(run: Run, shape: Shape, configs: LaunchConfigs, kernel: str, inputs) -> float:
     """ms of the forward (kernel "fwd") or of the backward (the others) of the triton backend."""
     qkv, table, grad = inputs
-    kwargs = dict(window_size=shape.window, rel_pos_bias_table=table, shift_size=shape.shift,
-                  scale=shape.head_dim**-0.5, backend="triton")
+    kwargs = dict(
+        window_size=shape.window,
+        rel_pos_bias_table=table,
+        shift_size=shape.shift,
+        scale=shape.head_dim**-0.5,
+        backend="triton",
+    )
     with forced_launch_configs(configs):
         if kernel == "fwd":
             with torch.no_grad():
@@ -374,8 +436,10 @@ def sweep_plans(run: Run, shapes: Sequence[Shape]) -> dict:
     """{shape: (its default configurations, {knob: the choices to time})} of the shapes Triton runs here."""
     plans = {}
     for shape in shapes:
-        if not op.can_run_triton(*split_qkv(torch.empty(1, *shape.geom.sizes, 3 * shape.C, device=run.device,
-                                                       dtype=run.dtype), shape.heads), window_size=shape.window):
+        if not op.can_run_triton(
+            *split_qkv(torch.empty(1, *shape.geom.sizes, 3 * shape.C, device=run.device, dtype=run.dtype), shape.heads),
+            window_size=shape.window,
+        ):
             print(f"sweep: triton cannot run {shape.name} here")
             continue
         defaults = default_configs(shape.geom.tokens_per_window, shape.head_dim, run.dtype)
@@ -385,8 +449,12 @@ def sweep_plans(run: Run, shapes: Sequence[Shape]) -> dict:
 
 def sweep_work(plans: dict) -> list[tuple[Shape, LaunchConfigs]]:
     """Every (shape, configurations) the sweep of ``plans`` launches, for ``precompile``."""
-    return [(shape, replace(defaults, **choice)) for shape, (defaults, plan) in plans.items()
-            for choices in plan.values() for choice in choices]
+    return [
+        (shape, replace(defaults, **choice))
+        for shape, (defaults, plan) in plans.items()
+        for choices in plan.values()
+        for choice in choices
+    ]
 
 
 def sweep(run: Run, plans: dict) -> dict:
@@ -395,8 +463,17 @@ def sweep(run: Run, plans: dict) -> dict:
     winners = {}
     for shape, (defaults, plan) in plans.items():
         qkv, table = make_inputs(shape, run.dtype, run.device)
-        grad = torch.randn(shape.B, shape.T, shape.H, shape.W, shape.heads, shape.head_dim, device=run.device,
-                           dtype=run.dtype, generator=torch.Generator(run.device).manual_seed(2))
+        grad = torch.randn(
+            shape.B,
+            shape.T,
+            shape.H,
+            shape.W,
+            shape.heads,
+            shape.head_dim,
+            device=run.device,
+            dtype=run.dtype,
+            generator=torch.Generator(run.device).manual_seed(2),
+        )
         best, timed = {}, {}
         for knob, choices in plan.items():
             times = []
@@ -411,14 +488,22 @@ def sweep(run: Run, plans: dict) -> dict:
                 run.record("sweep", case=shape.name, kernel=knob, config=label, ms=ms)
             fastest = min(times, key=lambda entry: entry[2])[0]
             best.update(fastest)
-            print(text_table(("case", "kernel", "config", "ms", ""),
-                             [(shape.name, knob, label, f"{ms:.4f}", "<- best" if choice is fastest else "")
-                              for choice, label, ms in times]))
+            print(
+                harness.text_table(
+                    ("case", "kernel", "config", "ms", ""),
+                    [
+                        (shape.name, knob, label, f"{ms:.4f}", "<- best" if choice is fastest else "")
+                        for choice, label, ms in times
+                    ],
+                )
+            )
         winners[shape.name] = chosen = replace(defaults, **best)
         twice = [_time_kernel(run, shape, chosen, kernel, (qkv, table, grad)) for kernel in ("fwd", "dq") * 2]
         noise = abs(twice[1] - twice[3]) / max(twice[1], 1e-9)
-        print(f"sweep: {shape.name} winners fwd {twice[0]:.4f}/{twice[2]:.4f} ms, bwd {twice[1]:.4f}/"
-              f"{twice[3]:.4f} ms (noise {100 * noise:.1f}%)")
+        print(
+            f"sweep: {shape.name} winners fwd {twice[0]:.4f}/{twice[2]:.4f} ms, bwd {twice[1]:.4f}/"
+            f"{twice[3]:.4f} ms (noise {100 * noise:.1f}%)"
+        )
         run.record("sweep-best", case=shape.name, configs=chosen.to_json(), fwd_ms=twice[::2], bwd_ms=twice[1::2])
     return winners
 
@@ -430,8 +515,19 @@ def counters(run: Run) -> None:
     if not run.on_gpu or ncu is None:
         print("counters: skipped (" + ("no GPU" if not run.on_gpu else "ncu not found") + ")")
         return
-    command = [ncu, "--clock-control", "none", "--csv", "--metrics", NCU_METRICS, "-k", "regex:window_attn",
-               sys.executable, __file__, "--ncu-target"]
+    command = [
+        ncu,
+        "--clock-control",
+        "none",
+        "--csv",
+        "--metrics",
+        NCU_METRICS,
+        "-k",
+        "regex:window_attn",
+        sys.executable,
+        __file__,
+        "--ncu-target",
+    ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=90)
     except subprocess.TimeoutExpired:
@@ -446,19 +542,23 @@ def ncu_target() -> None:
     """One forward and backward of the large shape (what ``counters`` profiles)."""
     shape = GPU_SHAPES["large"]
     qkv, table = make_inputs(shape, torch.bfloat16, torch.device("cuda"))
-    out = window_attention_3d(*split_qkv(qkv, shape.heads), window_size=shape.window, rel_pos_bias_table=table,
-                              backend="triton")
+    out = window_attention_3d(
+        *split_qkv(qkv, shape.heads), window_size=shape.window, rel_pos_bias_table=table, backend="triton"
+    )
     out.float().sum().backward()
     torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------ decision
-def default_backend(rows: Sequence[Row], gates: Sequence[dict]) -> tuple[str | None, str]:
+def default_backend(rows: Sequence[harness.Row], gates: Sequence[dict]) -> tuple[str | None, str]:
     """The faster of triton and cuda in fwd+bwd on at least 4 of the 6 shapes (only a backend that passed
     the gate on the shape counts); CUDA stays the default only if it wins large or stride4."""
     failed = {(g["case"], g["backend"]) for g in gates if g.get("ok") is False}
-    ms = {(r.case, r.provider): r.ms for r in rows if r.ok and r.mode == "fwd+bwd" and r.correct is not False
-          and (r.case, r.provider) not in failed}
+    ms = {
+        (r.case, r.provider): r.ms
+        for r in rows
+        if r.ok and r.mode == "fwd+bwd" and r.correct is not False and (r.case, r.provider) not in failed
+    }
     wins = {"triton": [], "cuda": []}
     for case in dict.fromkeys(r.case for r in rows):
         timed = {b: ms[case, b] for b in BACKENDS if (case, b) in ms}
@@ -472,20 +572,31 @@ def default_backend(rows: Sequence[Row], gates: Sequence[dict]) -> tuple[str | N
     return ("triton" if len(wins["triton"]) >= 4 else "cuda"), why
 
 
-def bounds(run: Run, rows: Sequence[Row], ceilings: dict) -> list[tuple]:
+def bounds(run: Run, rows: Sequence[harness.Row], ceilings: dict) -> list[tuple]:
     """Per shape and mode, our time over the measured memory and exp floors."""
     body = []
     for r in rows:
         if r.provider not in BACKENDS or not r.ok or r.case not in SHAPES:
             continue
         work = window_attention_work(SHAPES[r.case], run.dtype, r.mode)
-        floors = {"memory": work.bytes / ceilings["copy_bytes_per_s"] if ceilings.get("copy_bytes_per_s") else None,
-                  "exp": work.exps / ceilings["exp_per_s"] if ceilings.get("exp_per_s") else None}
+        floors = {
+            "memory": work.bytes / ceilings["copy_bytes_per_s"] if ceilings.get("copy_bytes_per_s") else None,
+            "exp": work.exps / ceilings["exp_per_s"] if ceilings.get("exp_per_s") else None,
+        }
         floors = {k: v * 1e3 for k, v in floors.items() if v}
         if floors:
             limiter = max(floors, key=floors.get)
-            body.append((r.case, r.provider, r.mode, f"{r.ms:.4f}", f"{floors[limiter]:.4f}", limiter,
-                         f"{r.ms / floors[limiter]:.2f}x"))
+            body.append(
+                (
+                    r.case,
+                    r.provider,
+                    r.mode,
+                    f"{r.ms:.4f}",
+                    f"{floors[limiter]:.4f}",
+                    limiter,
+                    f"{r.ms / floors[limiter]:.2f}x",
+                )
+            )
     return body
 
 
@@ -494,12 +605,13 @@ def write_configs(run: Run, winners: dict, backend: str | None) -> Path:
     path = op.CONFIG_FILE
     doc = json.loads(path.read_text()) if path.exists() else {"configs": {}}
     name = torch.cuda.get_device_name(run.device)
-    stamp = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             **{k: run.harness.env[k] for k in ("commit", "torch", "triton", "cuda")}}
+    stamp = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **{k: run.harness.env[k] for k in ("commit", "torch", "triton", "cuda")},
+    }
     for case, configs in winners.items():
         shape = SHAPES[case]
-        key = config_key(name, shape.geom.tokens_per_window, shape.head_dim, shape.heads, run.dtype,
-                         shape.geom.shifted)
+        key = config_key(name, shape.geom.tokens_per_window, shape.head_dim, shape.heads, run.dtype, shape.geom.shifted)
         doc.setdefault("configs", {})[key] = configs.to_json()
         doc.setdefault("measured", {})[key] = {**stamp, "case": case}
     if backend is not None:
@@ -511,41 +623,57 @@ def write_configs(run: Run, winners: dict, backend: str | None) -> Path:
     return path
 
 
-def decide(run: Run, ceilings: dict, gates: list[dict], rows: list[Row], winners: dict, write: bool) -> dict:
+def decide(run: Run, ceilings: dict, gates: list[dict], rows: list[harness.Row], winners: dict, write: bool) -> dict:
     print("\n==== decision")
     backend, why = default_backend(rows, gates) if rows else (None, "peers not run")
     print(f"default backend: {backend or '-'} ({why})")
     for case, configs in winners.items():
-        print(f"winning configurations on {case}: " + ", ".join(f"{k} {getattr(configs, k).label}" for k in KERNELS)
-              + (f", {configs.variant_label}" if configs.variant_label else ""))
+        print(
+            f"winning configurations on {case}: "
+            + ", ".join(f"{k} {getattr(configs, k).label}" for k in KERNELS)
+            + (f", {configs.variant_label}" if configs.variant_label else "")
+        )
     table = bounds(run, rows, ceilings)
     if table:
-        print(text_table(("case", "backend", "mode", "ms", "floor ms", "bound", "time / floor"), table, left=3))
+        print(harness.text_table(("case", "backend", "mode", "ms", "floor ms", "bound", "time / floor"), table, left=3))
     gate_failures = [(g["case"], g["backend"]) for g in gates if g.get("ok") is False]
     print("gate: " + ("every backend that ran passed" if not gate_failures else f"FAILED on {gate_failures}"))
     if rows and run.on_gpu:
-        print(format_targets(evaluate_targets(rows, cases=("large", "stride4")), "large, stride4"))
+        print(harness.format_targets(evaluate_targets(rows, cases=("large", "stride4")), "large, stride4"))
     written = None
     if write and run.on_gpu and (winners or backend):
         written = str(write_configs(run, winners, backend if run.full else None))
         print(f"written to {written}")
     elif write:
         print("not written: " + ("a CPU run decides nothing" if not run.on_gpu else "nothing measured"))
-    return run.record("decision", default_backend=backend, why=why, bounds=table, gate_failures=gate_failures,
-                      winners={k: v.to_json() for k, v in winners.items()}, written=written)
+    return run.record(
+        "decision",
+        default_backend=backend,
+        why=why,
+        bounds=table,
+        gate_failures=gate_failures,
+        winners={k: v.to_json() for k, v in winners.items()},
+        written=written,
+    )
 
 
 # -------------------------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = script_parser(__doc__)
+    p = harness.script_parser(__doc__)
     p.add_argument("--full", action="store_true", help="the whole decision run (about 8 minutes on an H100/H200)")
-    p.add_argument("--sections", type=csv_choices(SECTIONS, "section"), default=None,
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all with --full, else "
-                        f"{','.join(QUICK_SECTIONS)})")
-    p.add_argument("--write-configs", action="store_true",
-                   help="write the winning configurations (and, with --full, the default backend) into the "
-                        "shipped config file")
-    output_arguments(p, BENCHMARK, what="records", cpu_help="the CPU smoke run even when a GPU is present")
+    p.add_argument(
+        "--sections",
+        type=harness.csv_choices(SECTIONS, "section"),
+        default=None,
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all with --full, else "
+        f"{','.join(QUICK_SECTIONS)})",
+    )
+    p.add_argument(
+        "--write-configs",
+        action="store_true",
+        help="write the winning configurations (and, with --full, the default backend) into the shipped config file",
+    )
+    harness.output_arguments(p, BENCHMARK, what="records", cpu_help="the CPU smoke run even when a GPU is present")
     p.add_argument("--ncu-target", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -557,26 +685,46 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return {}
     sections = args.sections or (SECTIONS if args.full else QUICK_SECTIONS)
     run = Run(args)
-    configure_compile()
+    harness.configure_compile()
     if not run.on_gpu:
         torch.set_num_threads(1)
-        print("no GPU" if not args.cpu else "--cpu given", "-> CPU smoke run on small fp32 shapes: the code paths, "
-              "not a decision")
+        print(
+            "no GPU" if not args.cpu else "--cpu given",
+            "-> CPU smoke run on small fp32 shapes: the code paths, not a decision",
+        )
     start = time.perf_counter()
     gate_names = GATE_SHAPES if run.full else QUICK_GATE_SHAPES
-    plans = sweep_plans(run, [SHAPES[n] for n in SWEEP_SHAPES] if run.on_gpu else [CPU_GATE]) \
-        if "sweep" in sections else {}
-    precompile(run, [(SHAPES[n], default_configs(SHAPES[n].geom.tokens_per_window, SHAPES[n].head_dim, run.dtype))
-                     for n in (*gate_names, *(PEER_SHAPES if "peers" in sections else ()))] + sweep_work(plans))
+    plans = (
+        sweep_plans(run, [SHAPES[n] for n in SWEEP_SHAPES] if run.on_gpu else [CPU_GATE]) if "sweep" in sections else {}
+    )
+    precompile(
+        run,
+        [
+            (SHAPES[n], default_configs(SHAPES[n].geom.tokens_per_window, SHAPES[n].head_dim, run.dtype))
+            for n in (*gate_names, *(PEER_SHAPES if "peers" in sections else ()))
+        ]
+        + sweep_work(plans),
+    )
     ceilings = measure_ceilings(run) if "ceilings" in sections else {}
     gates, rows, winners = [], [], {}
     if "gate" in sections:
         shapes = [SHAPES[n] for n in gate_names] if run.on_gpu else [CPU_GATE]
         gates = [gate(run, shape, backend) for shape in shapes for backend in BACKENDS]
-        print(text_table(("case", "backend", "ok", "errors (max abs / bound of the 2x rule)"),
-                         [(g["case"], g["backend"], g["ok"], g.get("error") or ", ".join(
-                             f"{k} {v['err']:.1e}/{v['bound']:.1e}" for k, v in g["errors"].items()))
-                          for g in gates]))
+        print(
+            harness.text_table(
+                ("case", "backend", "ok", "errors (max abs / bound of the 2x rule)"),
+                [
+                    (
+                        g["case"],
+                        g["backend"],
+                        g["ok"],
+                        g.get("error")
+                        or ", ".join(f"{k} {v['err']:.1e}/{v['bound']:.1e}" for k, v in g["errors"].items()),
+                    )
+                    for g in gates
+                ],
+            )
+        )
     if "peers" in sections:
         rows = peers(run, [SHAPES[n] for n in PEER_SHAPES] if run.on_gpu else [CPU_GATE])
     if "sweep" in sections:
@@ -586,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     decision = decide(run, ceilings, gates, rows, winners, args.write_configs)
     print(f"\n{BENCHMARK}: {time.perf_counter() - start:.0f} s")
     if not args.no_save:
-        append_records(run.harness.path, run.records, run.harness.env, BENCHMARK)
+        harness.append_records(run.harness.path, run.records, run.harness.env, BENCHMARK)
     return decision
 
 

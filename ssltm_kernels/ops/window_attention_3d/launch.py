@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ssltm_kernels._backend import HAS_TRITON, triton_interpreting
 from ssltm_kernels._device import device_sm_count
 from ssltm_kernels._op import dot_block
+from ssltm_kernels.ops.window_attention_3d import triton_kernels
 from ssltm_kernels.ops.window_attention_3d.reference import (
     LOG2E,
     WindowAttentionCall,
@@ -31,14 +32,6 @@ from ssltm_kernels.ops.window_attention_3d.tuning import (
 if HAS_TRITON:
     import triton
 
-    from ssltm_kernels.ops.window_attention_3d.triton_kernels import (
-        _window_attn_bwd_dbias_kernel,
-        _window_attn_bwd_dkdv_kernel,
-        _window_attn_bwd_dq_kernel,
-        _window_attn_bwd_dsum_kernel,
-        _window_attn_bwd_reduce_kernel,
-        _window_attn_fwd_kernel,
-    )
 
 PROGRAMS_PER_SM = 4  # window groups fill the device with this many programs per multiprocessor
 INTERPRETER_GROUPS = 3  # the interpreter runs programs one after another; several groups test the partial sums
@@ -58,8 +51,9 @@ def _bias_index(table_window: tuple, tokens: int, bias_window: tuple, device: to
     return relative_position_index(table_window, tokens, bias_window, device)
 
 
-def dense_bias(table: torch.Tensor, geom: WindowGeometry, scale: float,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dense_bias(
+    table: torch.Tensor, geom: WindowGeometry, scale: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``(heads, Np, Np)`` bias of one call in units of the scaled product, ``table[index[i, j], head] /
     scale`` for ``i, j < N`` with ``index = relative_position_index(...)`` of the geometry (so exact for both
     ``rel_pos_mode``), zeros in the rows and keys up to ``Np = padded_tokens(N)``, computed in fp32 and
@@ -72,8 +66,14 @@ def dense_bias(table: torch.Tensor, geom: WindowGeometry, scale: float,
     return F.pad(bias, (0, pad, 0, pad)).to(dtype).contiguous()
 
 
-def _bias_operand(table: torch.Tensor | None, geom: WindowGeometry, scale: float, configs: LaunchConfigs,
-                  dtype: torch.dtype, dummy: torch.Tensor) -> torch.Tensor:
+def _bias_operand(
+    table: torch.Tensor | None,
+    geom: WindowGeometry,
+    scale: float,
+    configs: LaunchConfigs,
+    dtype: torch.dtype,
+    dummy: torch.Tensor,
+) -> torch.Tensor:
     """The kernels' ``BIAS``: the dense bias in the dtype ``configs.bias_dtype`` asks for (``dtype``: the
     inputs'), or ``dummy`` without a table."""
     if table is None:
@@ -82,8 +82,12 @@ def _bias_operand(table: torch.Tensor | None, geom: WindowGeometry, scale: float
 
 
 def _present(call: WindowAttentionCall) -> dict:
-    return dict(bias=call.table is not None, pad_k=call.pad_k is not None, pad_v=call.pad_v is not None,
-                mask=call.attn_mask is not None)
+    return dict(
+        bias=call.table is not None,
+        pad_k=call.pad_k is not None,
+        pad_v=call.pad_v is not None,
+        mask=call.attn_mask is not None,
+    )
 
 
 def _same_strides(call: WindowAttentionCall) -> WindowAttentionCall:
@@ -101,9 +105,18 @@ def _operands(call: WindowAttentionCall, configs: LaunchConfigs) -> tuple:
     q, geom = call.q, call.geom
     batch, t, h, w, heads, head_dim = q.shape
     dummy = q.new_empty(0)
-    return (_bias_operand(call.table, geom, call.scale, configs, q.dtype, dummy),
-            *(dummy if x is None else x for x in (call.pad_k, call.pad_v, call.attn_mask)), *q.stride()[:5],
-            t, h, w, heads, head_dim, call.num_masks, batch * geom.num_windows)
+    return (
+        _bias_operand(call.table, geom, call.scale, configs, q.dtype, dummy),
+        *(dummy if x is None else x for x in (call.pad_k, call.pad_v, call.attn_mask)),
+        *q.stride()[:5],
+        t,
+        h,
+        w,
+        heads,
+        head_dim,
+        call.num_masks,
+        batch * geom.num_windows,
+    )
 
 
 def _triton_forward(call: WindowAttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,17 +129,33 @@ def _triton_forward(call: WindowAttentionCall) -> tuple[torch.Tensor, torch.Tens
     num_windows = q.shape[0] * geom.num_windows
     pieces = len(block_pieces(geom.tokens_per_window, cfg.block_m))
     groups = window_groups(num_windows, pieces * call.heads, q.device)
-    _window_attn_fwd_kernel[(pieces, call.heads, groups)](
-        q, call.k, call.v, out, lse, *_operands(call, configs), call.scale * LOG2E,
+    triton_kernels._window_attn_fwd_kernel[(pieces, call.heads, groups)](
+        q,
+        call.k,
+        call.v,
+        out,
+        lse,
+        *_operands(call, configs),
+        call.scale * LOG2E,
         **_kernel_constants(geom, q.dtype, **_present(call)),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=dot_block(call.head_dim), num_warps=cfg.num_warps,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=dot_block(call.head_dim),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out, lse
 
 
-def _triton_backward(call: WindowAttentionCall, grad_out: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                     need_table_grad: bool, need_pad_grad: bool, grad_qkv: torch.Tensor | None):
+def _triton_backward(
+    call: WindowAttentionCall,
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    need_table_grad: bool,
+    need_pad_grad: bool,
+    grad_qkv: torch.Tensor | None,
+):
     """Backward A (dq, delta), A2 (dS sums per window group, or per head with ``dbias_sum="owner"``), B (dk,
     dv, pad sums per program), C (the fixed-order reductions of the partials)."""
     call = _same_strides(call)
@@ -149,33 +178,90 @@ def _triton_backward(call: WindowAttentionCall, grad_out: torch.Tensor, out: tor
     block_d = dot_block(head_dim)
 
     def launch(kernel, cfg, grid, *args, **extra):
-        kernel[grid](*args, **constants, **extra, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kernel[grid](
+            *args,
+            **constants,
+            **extra,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=block_d,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
 
     cfg = configs.dq
     pieces = len(block_pieces(n, cfg.block_m))
-    launch(_window_attn_bwd_dq_kernel, cfg, (pieces, heads, window_groups(num_windows, pieces * heads, q.device)),
-           q, k, v, out, grad_out, lse, delta, dq, *operands, *grads, scale * LOG2E)
+    launch(
+        triton_kernels._window_attn_bwd_dq_kernel,
+        cfg,
+        (pieces, heads, window_groups(num_windows, pieces * heads, q.device)),
+        q,
+        k,
+        v,
+        out,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        *operands,
+        *grads,
+        scale * LOG2E,
+    )
     dbias = dummy
     if need_table_grad:
         cfg = configs.dbias
         pieces = len(block_pieces(n, cfg.block_m)) * len(block_pieces(n, cfg.block_n))
         # "owner": one group, each program sums its tile over every window into the final per-head sums
-        groups = 1 if configs.dbias_sum == "owner" else window_groups(num_windows, pieces * heads, q.device,
-                                                                         cfg.group_mult)
-        dbias = torch.empty((groups, heads, padded_tokens(n), padded_tokens(n)), dtype=torch.float32,
-                            device=q.device)
-        launch(_window_attn_bwd_dbias_kernel, cfg, (pieces, heads, groups), q, k, v, grad_out, lse, delta, dbias,
-               *operands, scale * LOG2E)
+        groups = (
+            1 if configs.dbias_sum == "owner" else window_groups(num_windows, pieces * heads, q.device, cfg.group_mult)
+        )
+        dbias = torch.empty((groups, heads, padded_tokens(n), padded_tokens(n)), dtype=torch.float32, device=q.device)
+        launch(
+            triton_kernels._window_attn_bwd_dbias_kernel,
+            cfg,
+            (pieces, heads, groups),
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dbias,
+            *operands,
+            scale * LOG2E,
+        )
     cfg = configs.dkdv
     pieces = len(block_pieces(n, cfg.block_n))
     groups = window_groups(num_windows, pieces * heads, q.device)
-    dpad = (torch.empty((groups * pieces, 2, heads, head_dim), dtype=torch.float32, device=q.device)
-            if need_pad_grad else dummy)
-    launch(_window_attn_bwd_dkdv_kernel, cfg, (pieces, heads, groups), q, k, v, grad_out, lse, delta, dk, dv, dpad,
-           *operands, *grads, scale * LOG2E, NEED_DPAD=need_pad_grad)
-    return dq, dk, dv, *_triton_reduce(dbias, dpad, geom, heads, head_dim, need_table_grad, need_pad_grad,
-                                       configs.reduce_stages)
+    dpad = (
+        torch.empty((groups * pieces, 2, heads, head_dim), dtype=torch.float32, device=q.device)
+        if need_pad_grad
+        else dummy
+    )
+    launch(
+        triton_kernels._window_attn_bwd_dkdv_kernel,
+        cfg,
+        (pieces, heads, groups),
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        dpad,
+        *operands,
+        *grads,
+        scale * LOG2E,
+        NEED_DPAD=need_pad_grad,
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        *_triton_reduce(dbias, dpad, geom, heads, head_dim, need_table_grad, need_pad_grad, configs.reduce_stages),
+    )
 
 
 def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int, int]:
@@ -187,8 +273,16 @@ def _reduce_blocks(table_size: int, tokens_per_window: int) -> tuple[int, int, i
     return (*REDUCE_BLOCKS, min(DSUM_BLOCK, sums))
 
 
-def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int, need_table_grad: bool,
-                   need_pad_grad: bool, stages: int = 1):
+def _triton_reduce(
+    dbias,
+    dpad,
+    geom: WindowGeometry,
+    heads: int,
+    head_dim: int,
+    need_table_grad: bool,
+    need_pad_grad: bool,
+    stages: int = 1,
+):
     """Backward C: ``(dtable (table_size, heads), dpad_k, dpad_v (heads, head_dim))``, fp32, None where not
     needed, from the dS sums ``dbias (groups, heads, NK, NK)`` and the pad sums ``dpad (rows, 2, heads,
     head_dim)``. ``stages=2``: the groups' dS sums are first summed densely into one ``(1, heads, NK, NK)``
@@ -199,20 +293,34 @@ def _triton_reduce(dbias, dpad, geom: WindowGeometry, heads: int, head_dim: int,
     block_e, block_m, block_s = _reduce_blocks(geom.table_size, geom.tokens_per_window)
     if need_table_grad and stages == 2 and dbias.shape[0] > 1:
         dsum = torch.empty((1, *dbias.shape[1:]), dtype=torch.float32, device=dbias.device)
-        _window_attn_bwd_dsum_kernel[(dbias[0, 0].numel() // block_s, heads)](
-            dbias, dsum, dbias.shape[0], heads, N=geom.tokens_per_window, BLOCK_S=block_s, num_warps=4)
+        triton_kernels._window_attn_bwd_dsum_kernel[(dbias[0, 0].numel() // block_s, heads)](
+            dbias, dsum, dbias.shape[0], heads, N=geom.tokens_per_window, BLOCK_S=block_s, num_warps=4
+        )
         dbias = dsum
     table_blocks = triton.cdiv(geom.table_size, block_e) if need_table_grad else 0
-    dtable = torch.empty((geom.table_size, heads), dtype=torch.float32, device=dummy.device) if need_table_grad \
-        else dummy
-    dpad_k, dpad_v = (torch.empty((heads, head_dim), dtype=torch.float32, device=dummy.device) if need_pad_grad
-                      else dummy for _ in range(2))
-    _window_attn_bwd_reduce_kernel[(table_blocks + need_pad_grad, heads)](
-        dbias, dtable, dpad, dpad_k, dpad_v, dbias.shape[0] if need_table_grad else 0,
-        dpad.shape[0] if need_pad_grad else 0, heads, head_dim, **_reduce_constants(geom),
-        NEED_DTABLE=need_table_grad, NEED_DPAD=need_pad_grad, BLOCK_E=block_e, BLOCK_M=block_m,
-        BLOCK_D=dot_block(head_dim), num_warps=4,
+    dtable = (
+        torch.empty((geom.table_size, heads), dtype=torch.float32, device=dummy.device) if need_table_grad else dummy
+    )
+    dpad_k, dpad_v = (
+        torch.empty((heads, head_dim), dtype=torch.float32, device=dummy.device) if need_pad_grad else dummy
+        for _ in range(2)
+    )
+    triton_kernels._window_attn_bwd_reduce_kernel[(table_blocks + need_pad_grad, heads)](
+        dbias,
+        dtable,
+        dpad,
+        dpad_k,
+        dpad_v,
+        dbias.shape[0] if need_table_grad else 0,
+        dpad.shape[0] if need_pad_grad else 0,
+        heads,
+        head_dim,
+        **_reduce_constants(geom),
+        NEED_DTABLE=need_table_grad,
+        NEED_DPAD=need_pad_grad,
+        BLOCK_E=block_e,
+        BLOCK_M=block_m,
+        BLOCK_D=dot_block(head_dim),
+        num_warps=4,
     )
     return (dtable if need_table_grad else None, *((dpad_k, dpad_v) if need_pad_grad else (None, None)))
-
-

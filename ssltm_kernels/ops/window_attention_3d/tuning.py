@@ -16,23 +16,13 @@ from pathlib import Path
 
 import torch
 
-from ssltm_kernels._backend import HAS_TRITON, triton_interpreting
+from ssltm_kernels._backend import triton_interpreting
 from ssltm_kernels._device import SHARED_MEMORY_LIMIT, device_arch, device_shared_memory, shared_memory_limit
 from ssltm_kernels._op import COMPILE_SETS, dot_block
 from ssltm_kernels._triton_specs import TYPE_NAMES, kernel_spec
+from ssltm_kernels.ops.window_attention_3d import triton_kernels
 from ssltm_kernels.ops.window_attention_3d.reference import WindowGeometry, _triple, window_geometry
 from ssltm_kernels.ops.window_attention_3d.triton_kernels import WHOLE_WINDOW_BLOCK, padded_tokens
-
-if HAS_TRITON:
-    from ssltm_kernels.ops.window_attention_3d.triton_kernels import (
-        _window_attn_bwd_dbias_kernel,
-        _window_attn_bwd_dkdv_kernel,
-        _window_attn_bwd_dq_kernel,
-        _window_attn_bwd_dsum_kernel,
-        _window_attn_bwd_reduce_kernel,
-        _window_attn_fwd_kernel,
-    )
-
 
 # The Triton kernels' limits; the CUDA kernels' are _C.MAX_WINDOW_TOKENS and _C.MAX_HEAD_DIM, defined in
 # csrc/ beside the kernels
@@ -41,8 +31,11 @@ MAX_HEAD_DIM = 256
 # Shared memory a block may opt in to -> the largest "key tile" (one head's keys of a window padded to
 # powers of 2, key_tile_bytes: a measure of the window's size) the Triton dispatch takes there; compile_check
 # compiles the largest such windows for sm_90, sm_80 and sm_86 (their shared memory and registers)
-TRITON_KEY_TILE_LIMITS = ((SHARED_MEMORY_LIMIT[90], 64 * 1024), (SHARED_MEMORY_LIMIT[80], 32 * 1024),
-                          (SHARED_MEMORY_LIMIT[86], 16 * 1024))
+TRITON_KEY_TILE_LIMITS = (
+    (SHARED_MEMORY_LIMIT[90], 64 * 1024),
+    (SHARED_MEMORY_LIMIT[80], 32 * 1024),
+    (SHARED_MEMORY_LIMIT[86], 16 * 1024),
+)
 MAX_TRITON_KEY_TILE_BYTES = TRITON_KEY_TILE_LIMITS[0][1]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -52,7 +45,6 @@ def triton_key_tile_limit(shared_memory_bytes: int) -> int:
     """The largest key tile, in bytes, the Triton kernels take on a device whose blocks may opt in to
     ``shared_memory_bytes`` of shared memory; 0 below the smallest device they are proven on."""
     return next((tile for needed, tile in TRITON_KEY_TILE_LIMITS if shared_memory_bytes >= needed), 0)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,32 +109,58 @@ class LaunchConfigs:
     @property
     def variant_label(self) -> str:
         """The variants that differ from the defaults, e.g. ``"bias_dtype=input dbias_sum=owner"`` ("" if none)."""
-        return " ".join(f"{name}={getattr(self, name)}" for name, choices in VARIANTS.items()
-                        if getattr(self, name) != choices[0])
+        return " ".join(
+            f"{name}={getattr(self, name)}" for name, choices in VARIANTS.items() if getattr(self, name) != choices[0]
+        )
 
     def to_json(self) -> dict:
-        return {**{name: asdict(getattr(self, name)) for name in KERNELS},
-                **{name: getattr(self, name) for name in VARIANTS}}
+        return {
+            **{name: asdict(getattr(self, name)) for name in KERNELS},
+            **{name: getattr(self, name) for name in VARIANTS},
+        }
 
     @classmethod
     def from_json(cls, record: dict) -> LaunchConfigs:
         """The configurations of a ``to_json`` record; a record without the variants (written before they
         existed) takes their defaults."""
-        return cls(**{name: KernelConfig(**record[name]) for name in KERNELS},
-                   **{name: record[name] for name in VARIANTS if name in record})
+        return cls(
+            **{name: KernelConfig(**record[name]) for name in KERNELS},
+            **{name: record[name] for name in VARIANTS if name in record},
+        )
 
 
 # The configurations a GPU sweep (benchmarks/wmsa_decide.py) chooses from, per kernel, for SSLTM's windows
 # (4x7x7, head_dim 32); compile_check proves every one (``--set full``) and the tests run each.
 CONFIG_SETS = {  # the first of each: the default for SSLTM's windows in 16-bit (default_configs)
-    "fwd": (KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 8, 2),
-            KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 2), KernelConfig(64, 32, 4, 3)),
-    "dq": (KernelConfig(64, 64, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(64, 64, 4, 2),
-           KernelConfig(64, 32, 4, 2), KernelConfig(128, 64, 8, 1)),
-    "dbias": (KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 3), KernelConfig(32, 64, 4, 2),
-              KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 8, 2, group_mult=2)),
-    "dkdv": (KernelConfig(64, 64, 8, 1), KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2),
-             KernelConfig(64, 32, 8, 1), KernelConfig(32, 64, 4, 3)),
+    "fwd": (
+        KernelConfig(64, 64, 4, 2),
+        KernelConfig(64, 64, 4, 3),
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(32, 64, 4, 2),
+        KernelConfig(128, 64, 8, 2),
+        KernelConfig(64, 32, 4, 3),
+    ),
+    "dq": (
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(32, 64, 4, 2),
+        KernelConfig(64, 64, 4, 2),
+        KernelConfig(64, 32, 4, 2),
+        KernelConfig(128, 64, 8, 1),
+    ),
+    "dbias": (
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(64, 32, 4, 3),
+        KernelConfig(32, 64, 4, 2),
+        KernelConfig(64, 64, 4, 2),
+        KernelConfig(64, 64, 8, 2, group_mult=2),
+    ),
+    "dkdv": (
+        KernelConfig(64, 64, 8, 1),
+        KernelConfig(64, 64, 8, 2),
+        KernelConfig(64, 32, 4, 2),
+        KernelConfig(64, 32, 8, 1),
+        KernelConfig(32, 64, 4, 3),
+    ),
 }
 
 
@@ -160,8 +178,10 @@ def sweep_configs() -> list[LaunchConfigs]:
     set starts again) with the i-th combination of the variants, so that compiling or testing these covers
     every configuration of every kernel and every variant (the first: the defaults)."""
     count = max(len(configs) for configs in CONFIG_SETS.values())
-    return [LaunchConfigs(**{name: CONFIG_SETS[name][i % len(CONFIG_SETS[name])] for name in KERNELS},
-                          **_variants(i)) for i in range(count)]
+    return [
+        LaunchConfigs(**{name: CONFIG_SETS[name][i % len(CONFIG_SETS[name])] for name in KERNELS}, **_variants(i))
+        for i in range(count)
+    ]
 
 
 # The interpreter pays per block step, not per element: whole windows per program
@@ -179,11 +199,13 @@ def default_configs(tokens_per_window: int, head_dim: int, dtype: torch.dtype = 
     return LaunchConfigs(**{name: CONFIG_SETS[name][0] for name in KERNELS})
 
 
-def config_key(device: str, tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype,
-               shifted: bool) -> str:
+def config_key(
+    device: str, tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype, shifted: bool
+) -> str:
     """The shipped configuration file's key of one problem (``device``: the GPU's name, or ``*`` for any)."""
-    return f"{device}|N={tokens_per_window}|hd={head_dim}|heads={heads}|{_DTYPE_NAMES[dtype]}|" + \
-        ("shifted" if shifted else "unshifted")
+    return f"{device}|N={tokens_per_window}|hd={head_dim}|heads={heads}|{_DTYPE_NAMES[dtype]}|" + (
+        "shifted" if shifted else "unshifted"
+    )
 
 
 @functools.cache
@@ -213,8 +235,9 @@ def preferred_backend(device: torch.device) -> str:
     return "triton" if device_arch(device) in TRITON_FIRST_ARCHS else "cuda"
 
 
-def pipeline_stage_bytes(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int,
-                         dtype: torch.dtype) -> int:
+def pipeline_stage_bytes(
+    kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int, dtype: torch.dtype
+) -> int:
     """Shared memory one stage of a kernel's software pipeline takes, what one iteration of its innermost
     loop loads (fwd and dq: a key block's keys, values and fp32 bias rows; dbias: a window's query, dO, key
     and value rows; dkdv: a query block's query and dO rows and fp32 bias rows), an upper estimate that
@@ -226,8 +249,9 @@ def pipeline_stage_bytes(kernel: str, cfg: KernelConfig, tokens_per_window: int,
     return 2 * rows * d * e + cfg.block_m * cfg.block_n * 4
 
 
-def fit_stages(kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int, dtype: torch.dtype,
-               shared_memory: int) -> KernelConfig:
+def fit_stages(
+    kernel: str, cfg: KernelConfig, tokens_per_window: int, head_dim: int, dtype: torch.dtype, shared_memory: int
+) -> KernelConfig:
     """``cfg`` with as many pipeline stages as fit ``shared_memory`` (at least 1: no prefetch)."""
     stage = pipeline_stage_bytes(kernel, cfg, tokens_per_window, head_dim, dtype)
     stages = max(1, min(cfg.num_stages, (shared_memory - PIPELINE_MARGIN_BYTES) // stage))
@@ -238,9 +262,16 @@ PIPELINE_MARGIN_BYTES = 32 * 1024  # shared memory kept for the products' operan
 
 
 @functools.lru_cache(maxsize=1024)
-def launch_configs(tokens_per_window: int, head_dim: int, heads: int, dtype: torch.dtype, shifted: bool,
-                   device: str = "*", shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
-                   interpreting: bool = False) -> LaunchConfigs:
+def launch_configs(
+    tokens_per_window: int,
+    head_dim: int,
+    heads: int,
+    dtype: torch.dtype,
+    shifted: bool,
+    device: str = "*",
+    shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
+    interpreting: bool = False,
+) -> LaunchConfigs:
     """The configurations for one problem: fixed ones under the interpreter; else the shipped measured
     ones for the device (or for any device), else ``default_configs``; pipeline stages cut to what fits
     the device's ``shared_memory``."""
@@ -248,10 +279,16 @@ def launch_configs(tokens_per_window: int, head_dim: int, heads: int, dtype: tor
         return INTERPRETER_CONFIGS
     shipped = shipped_configs()
     keys = [config_key(name, tokens_per_window, head_dim, heads, dtype, shifted) for name in (device, "*")]
-    configs = next((shipped[key] for key in keys if key in shipped), None) or default_configs(tokens_per_window,
-                                                                                              head_dim, dtype)
-    return replace(configs, **{name: fit_stages(name, getattr(configs, name), tokens_per_window, head_dim, dtype,
-                                                shared_memory) for name in KERNELS})
+    configs = next((shipped[key] for key in keys if key in shipped), None) or default_configs(
+        tokens_per_window, head_dim, dtype
+    )
+    return replace(
+        configs,
+        **{
+            name: fit_stages(name, getattr(configs, name), tokens_per_window, head_dim, dtype, shared_memory)
+            for name in KERNELS
+        },
+    )
 
 
 _FORCED_CONFIGS: list[LaunchConfigs] = []
@@ -272,8 +309,16 @@ def _launch_configs(q: torch.Tensor, geom: WindowGeometry) -> LaunchConfigs:
     if _FORCED_CONFIGS:
         return _FORCED_CONFIGS[-1]
     device = torch.cuda.get_device_name(q.device) if q.is_cuda else "*"
-    return launch_configs(geom.tokens_per_window, q.shape[-1], q.shape[-2], q.dtype, geom.shifted, device,
-                          device_shared_memory(q.device), triton_interpreting())
+    return launch_configs(
+        geom.tokens_per_window,
+        q.shape[-1],
+        q.shape[-2],
+        q.dtype,
+        geom.shifted,
+        device,
+        device_shared_memory(q.device),
+        triton_interpreting(),
+    )
 
 
 def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -282,13 +327,21 @@ def key_tile_bytes(tokens_per_window: int, head_dim: int, dtype: torch.dtype) ->
     return dot_block(tokens_per_window) * dot_block(head_dim) * dtype.itemsize
 
 
-def _kernel_constants(geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, pad_k: bool, pad_v: bool,
-                      mask: bool) -> dict:
+def _kernel_constants(
+    geom: WindowGeometry, dtype: torch.dtype, *, bias: bool, pad_k: bool, pad_v: bool, mask: bool
+) -> dict:
     return dict(
         N=geom.tokens_per_window,
-        WT=geom.window[0], WH=geom.window[1], WW=geom.window[2],
-        ST=geom.shift[0], SH=geom.shift[1], SW=geom.shift[2],
-        HAS_BIAS=bias, HAS_PAD_K=pad_k, HAS_PAD_V=pad_v, HAS_MASK=mask,
+        WT=geom.window[0],
+        WH=geom.window[1],
+        WW=geom.window[2],
+        ST=geom.shift[0],
+        SH=geom.shift[1],
+        SW=geom.shift[2],
+        HAS_BIAS=bias,
+        HAS_PAD_K=pad_k,
+        HAS_PAD_V=pad_v,
+        HAS_MASK=mask,
         PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
         WIDE_INDEX=triton_interpreting(),
     )
@@ -298,22 +351,37 @@ REDUCE_BLOCKS = (32, 64)  # (BLOCK_E, BLOCK_M) of backward C's table gradient on
 DSUM_BLOCK = 1024  # dS-sum elements per program of backward C's first stage (reduce_stages=2) on a GPU
 
 
-
 def _reduce_constants(geom: WindowGeometry) -> dict:
     """How backward C decodes bias coordinates: ``bias_window`` strides, ``table_window``."""
-    return dict(N=geom.tokens_per_window, BH=geom.bias_window[1], BW=geom.bias_window[2],
-                FT=geom.table_window[0], FH=geom.table_window[1], FW=geom.table_window[2])
-
+    return dict(
+        N=geom.tokens_per_window,
+        BH=geom.bias_window[1],
+        BW=geom.bias_window[2],
+        FT=geom.table_window[0],
+        FH=geom.table_window[1],
+        FW=geom.table_window[2],
+    )
 
 
 _TRITON_FP32_POINTERS = {"Lse", "Delta", "DBIAS", "DSUM", "DPAD", "DPAD_K", "DPAD_V", "MASK", "DTABLE", "BIAS"}
 _TRITON_POINTERS = _TRITON_FP32_POINTERS | {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "PAD_K", "PAD_V"}
 
 
-def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0, 0), *, bias: bool = True,
-                         pad: bool = True, mask: bool = False, window_batches: bool = False, int_arg=None,
-                         aligned_pointers: bool = True, shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
-                         configs: LaunchConfigs | None = None):
+def triton_compile_specs(
+    dtype: torch.dtype,
+    window,
+    head_dim: int,
+    shift=(0, 0, 0),
+    *,
+    bias: bool = True,
+    pad: bool = True,
+    mask: bool = False,
+    window_batches: bool = False,
+    int_arg=None,
+    aligned_pointers: bool = True,
+    shared_memory: int = TRITON_KEY_TILE_LIMITS[0][0],
+    configs: LaunchConfigs | None = None,
+):
     """The kernels as the GPU launcher would specialise them for one configuration on a device whose blocks
     may opt in to ``shared_memory`` bytes, as ``(name, kernel, signature, constexprs, attrs, options)`` for
     ``triton.compile`` ahead of time. ``configs``: the launch configurations (default: those the dispatch
@@ -338,35 +406,65 @@ def triton_compile_specs(dtype: torch.dtype, window, head_dim: int, shift=(0, 0,
         geom = WindowGeometry((1, 1, tokens), (1, 1, tokens), (0, 0, 0), window, window)
     else:
         geom = WindowGeometry(window, window, shift, window, window)
-    configs = configs or launch_configs(geom.tokens_per_window, head_dim, 1, dtype, geom.shifted,
-                                        shared_memory=shared_memory)
+    configs = configs or launch_configs(
+        geom.tokens_per_window, head_dim, 1, dtype, geom.shifted, shared_memory=shared_memory
+    )
     constants = _kernel_constants(geom, dtype, bias=bias, pad_k=pad, pad_v=pad, mask=mask) | {"WIDE_INDEX": False}
     block_d = dot_block(head_dim)
-    kernels = ((_window_attn_fwd_kernel, configs.fwd, {}), (_window_attn_bwd_dq_kernel, configs.dq, {}))
-    kernels += ((_window_attn_bwd_dbias_kernel, configs.dbias, {}),) if bias else ()
-    kernels += ((_window_attn_bwd_dkdv_kernel, configs.dkdv, {"NEED_DPAD": pad}),)
+    kernels = (
+        (triton_kernels._window_attn_fwd_kernel, configs.fwd, {}),
+        (triton_kernels._window_attn_bwd_dq_kernel, configs.dq, {}),
+    )
+    kernels += ((triton_kernels._window_attn_bwd_dbias_kernel, configs.dbias, {}),) if bias else ()
+    kernels += ((triton_kernels._window_attn_bwd_dkdv_kernel, configs.dkdv, {"NEED_DPAD": pad}),)
     pointer_types = {name: "fp32" if name in _TRITON_FP32_POINTERS else TYPE_NAMES[dtype] for name in _TRITON_POINTERS}
     if configs.bias_dtype == "input":
         pointer_types["BIAS"] = TYPE_NAMES[dtype]
     for kernel, cfg, extra in kernels:
         blocks = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
-        yield kernel_spec(kernel, {**constants, **extra, **blocks}, pointer_types, float_args=("scale", "qk_scale"),
-                          int_arg=int_arg, aligned_pointers=aligned_pointers,
-                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        yield kernel_spec(
+            kernel,
+            {**constants, **extra, **blocks},
+            pointer_types,
+            float_args=("scale", "qk_scale"),
+            int_arg=int_arg,
+            aligned_pointers=aligned_pointers,
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        )
     # the launcher passes backward C one group where A2 wrote per-head sums or C's first stage summed the groups
     one_group = bias and (configs.dbias_sum == "owner" or configs.reduce_stages == 2)
     if bias and configs.dbias_sum == "groups" and configs.reduce_stages == 2:
         block_s = min(DSUM_BLOCK, padded_tokens(geom.tokens_per_window) ** 2)
-        yield kernel_spec(_window_attn_bwd_dsum_kernel, {"N": geom.tokens_per_window, "BLOCK_S": block_s},
-                          pointer_types, int_arg=int_arg, aligned_pointers=aligned_pointers, options={"num_warps": 4})
+        yield kernel_spec(
+            triton_kernels._window_attn_bwd_dsum_kernel,
+            {"N": geom.tokens_per_window, "BLOCK_S": block_s},
+            pointer_types,
+            int_arg=int_arg,
+            aligned_pointers=aligned_pointers,
+            options={"num_warps": 4},
+        )
     if bias or pad:
         block_e, block_m = REDUCE_BLOCKS
-        reduce_ints = int_arg if not one_group else (
-            lambda name: 1 if name == "groups" else 16 if int_arg is None else int_arg(name))
-        yield kernel_spec(_window_attn_bwd_reduce_kernel,
-                          {**_reduce_constants(geom), "NEED_DTABLE": bias, "NEED_DPAD": pad, "BLOCK_E": block_e,
-                           "BLOCK_M": block_m, "BLOCK_D": block_d}, pointer_types, int_arg=reduce_ints,
-                          aligned_pointers=aligned_pointers, options={"num_warps": 4})
+        reduce_ints = (
+            int_arg
+            if not one_group
+            else (lambda name: 1 if name == "groups" else 16 if int_arg is None else int_arg(name))
+        )
+        yield kernel_spec(
+            triton_kernels._window_attn_bwd_reduce_kernel,
+            {
+                **_reduce_constants(geom),
+                "NEED_DTABLE": bias,
+                "NEED_DPAD": pad,
+                "BLOCK_E": block_e,
+                "BLOCK_M": block_m,
+                "BLOCK_D": block_d,
+            },
+            pointer_types,
+            int_arg=reduce_ints,
+            aligned_pointers=aligned_pointers,
+            options={"num_warps": 4},
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,17 +528,27 @@ class Config:
         return f"{label} launch={self.launch}"
 
 
-def launch_integers(q: torch.Tensor, num_windows: int, num_masks: int = 1, *, packed_grad: bool = True
-                    ) -> dict[str, int]:
+def launch_integers(
+    q: torch.Tensor, num_windows: int, num_masks: int = 1, *, packed_grad: bool = True
+) -> dict[str, int]:
     """The integer arguments a Triton launch passes for q, k, v of q's layout ``(B, T, H, W, heads, head_dim)``
     (views into one qkv projection), by the kernels' argument names: what Triton specialises the kernels on
     (``triton_compile_specs(int_arg=...)``). ``packed_grad``: the backward writes one packed gradient (rows of
     ``3 * heads * head_dim`` per token), else three contiguous ones (``heads * head_dim``)."""
     batch, t, h, w, heads, head_dim = q.shape
     strides = {f"s_{axis}": stride for axis, stride in zip("bthwn", q.stride()[:5], strict=True)}
-    return {**strides, "T": t, "H": h, "W": w, "NH": heads, "HD": head_dim, "num_masks": num_masks,
-            "num_windows": num_windows, "grad_token_stride": (3 if packed_grad else 1) * heads * head_dim,
-            "grad_head_stride": head_dim}
+    return {
+        **strides,
+        "T": t,
+        "H": h,
+        "W": w,
+        "NH": heads,
+        "HD": head_dim,
+        "num_masks": num_masks,
+        "num_windows": num_windows,
+        "grad_token_stride": (3 if packed_grad else 1) * heads * head_dim,
+        "grad_head_stride": head_dim,
+    }
 
 
 def ssltm_launch_ints(config: Config) -> dict[str, int]:
@@ -463,12 +571,16 @@ def ssltm_launch_ints(config: Config) -> dict[str, int]:
 
 # launch -> (doc, the value of each integer argument of a config's kernels by name)
 LAUNCHES: dict[str, tuple[str, Callable[[Config], Callable[[str], int]]]] = {
-    "aligned": ("every integer a multiple of 16: the most specialised variant, whose software pipelining "
-                "takes the most shared memory", lambda config: lambda name: 16),
-    "unaligned": ("no integer a multiple of 16 nor 1 (H = W = 30, odd strides, ...): the least specialised "
-                  "variant", lambda config: lambda name: 30 if name in ("H", "W") else 31),
-    "ssltm": ("the integers of SSLTM's own launches (ssltm_launch_ints)",
-              lambda config: ssltm_launch_ints(config).get),
+    "aligned": (
+        "every integer a multiple of 16: the most specialised variant, whose software pipelining "
+        "takes the most shared memory",
+        lambda config: lambda name: 16,
+    ),
+    "unaligned": (
+        "no integer a multiple of 16 nor 1 (H = W = 30, odd strides, ...): the least specialised variant",
+        lambda config: lambda name: 30 if name in ("H", "W") else 31,
+    ),
+    "ssltm": ("the integers of SSLTM's own launches (ssltm_launch_ints)", lambda config: ssltm_launch_ints(config).get),
 }
 
 
@@ -575,24 +687,39 @@ def compile_configs(arch: int, config_set: str = "full") -> list[Config]:
     largest = list(largest_window_configs(triton_key_tile_limit(shared_memory_limit(arch))))
     configs = list(_ssltm_configs(arch, "ssltm"))
     if config_set == "representative":
-        configs = [config for config in configs if config.dtype == torch.bfloat16 or config.shift == SSLTM_SHIFT
-                   or (config.dtype == torch.float32 and config.window_batches)]
-        configs += [config for config in _ssltm_configs(arch, "unaligned", shifted_volumes_only=True)
-                    if config.dtype == torch.bfloat16]
-        configs += [Config(dtype, window, head_dim, mask=True, launch="aligned")
-                    for dtype, window, head_dim in _representative_largest(largest)]
+        configs = [
+            config
+            for config in configs
+            if config.dtype == torch.bfloat16
+            or config.shift == SSLTM_SHIFT
+            or (config.dtype == torch.float32 and config.window_batches)
+        ]
+        configs += [
+            config
+            for config in _ssltm_configs(arch, "unaligned", shifted_volumes_only=True)
+            if config.dtype == torch.bfloat16
+        ]
+        configs += [
+            Config(dtype, window, head_dim, mask=True, launch="aligned")
+            for dtype, window, head_dim in _representative_largest(largest)
+        ]
         return configs + (variant_configs(arch) if arch == 90 else [])
-    sweep = [Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, configs=configs)
-             for dtype in COMPILE_DTYPES if _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype)
-             for configs in sweep_configs()]
+    sweep = [
+        Config(dtype, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, configs=configs)
+        for dtype in COMPILE_DTYPES
+        if _fits(arch, SSLTM_WINDOW, SSLTM_HEAD_DIM, dtype)
+        for configs in sweep_configs()
+    ]
     if config_set == "sweep":  # fp16 compiles as bf16 does
         return [config for config in sweep if config.dtype != torch.float16]
     configs += sweep
     for launch in ("aligned", "unaligned"):
         configs += _ssltm_configs(arch, launch)
-        configs += [Config(dtype, window, head_dim, shift, launch=launch)
-                    for dtype, (window, head_dim, shift) in itertools.product(COMPILE_DTYPES, TUNED_WINDOWS)
-                    if _fits(arch, window, head_dim, dtype)]
+        configs += [
+            Config(dtype, window, head_dim, shift, launch=launch)
+            for dtype, (window, head_dim, shift) in itertools.product(COMPILE_DTYPES, TUNED_WINDOWS)
+            if _fits(arch, window, head_dim, dtype)
+        ]
         configs += [Config(dtype, window, head_dim, mask=True, launch=launch) for dtype, window, head_dim in largest]
     configs += variant_configs(arch) if arch == 90 else []  # the representative set's (its sweep has them all)
     return list(dict.fromkeys(configs))  # the tuned configurations repeat SSLTM's
@@ -601,10 +728,22 @@ def compile_configs(arch: int, config_set: str = "full") -> list[Config]:
 def compile_specs(arch: int, config: Config) -> list[tuple]:
     """``triton_compile_specs`` of ``config`` on ``arch``: one ``(name, kernel, signature, constexprs,
     attrs, options)`` per kernel the configuration launches."""
-    return list(triton_compile_specs(
-        config.dtype, config.window, config.head_dim, config.shift, bias=True, pad=not config.window_batches,
-        mask=config.mask, window_batches=config.window_batches, int_arg=launch_int_arg(config), aligned_pointers=True,
-        shared_memory=shared_memory_limit(arch), configs=_fitted(arch, config)))
+    return list(
+        triton_compile_specs(
+            config.dtype,
+            config.window,
+            config.head_dim,
+            config.shift,
+            bias=True,
+            pad=not config.window_batches,
+            mask=config.mask,
+            window_batches=config.window_batches,
+            int_arg=launch_int_arg(config),
+            aligned_pointers=True,
+            shared_memory=shared_memory_limit(arch),
+            configs=_fitted(arch, config),
+        )
+    )
 
 
 def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
@@ -612,6 +751,12 @@ def _fitted(arch: int, config: Config) -> LaunchConfigs | None:
     if config.configs is None:
         return None
     tokens = math.prod(config.window)
-    return replace(config.configs, **{name: fit_stages(name, getattr(config.configs, name), tokens,
-                                                       config.head_dim, config.dtype, shared_memory_limit(arch))
-                                      for name in KERNELS})
+    return replace(
+        config.configs,
+        **{
+            name: fit_stages(
+                name, getattr(config.configs, name), tokens, config.head_dim, config.dtype, shared_memory_limit(arch)
+            )
+            for name in KERNELS
+        },
+    )
