@@ -7,14 +7,12 @@ module against the op's reference, the SDPA kernel record, its targets, and a CP
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_runs import run_cpu_benchmark
 
 from benchmarks import harness
 from benchmarks import stt_window_attn as bench
@@ -541,20 +539,14 @@ def test_targets_from_measured_numbers():
 def test_stt_window_attn_cpu_quick(tmp_path):
     repo_results = BENCH_DIR / "results" / f"{bench.BENCHMARK}.jsonl"
     before = repo_results.stat().st_size if repo_results.exists() else None
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), env.get("PYTHONPATH"))))  # this checkout's package
-    proc = subprocess.run(
-        # the shape that pads every axis and shifts; the peers test covers shrunk windows and odd sizes
-        [sys.executable, str(BENCH_DIR / "stt_window_attn.py"), "--cpu", "--quick", "--providers",
-         "eager,torchvision,sdpa,flex,flex-dense,triton", "--shapes", "cpu-pad-shift", "--results-dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the shape that pads every axis and shifts; the peers test covers shrunk windows and odd sizes
+    proc, rows = run_cpu_benchmark("stt_window_attn", "--quick", "--providers",
+                                   "eager,torchvision,sdpa,flex,flex-dense,triton", "--shapes", "cpu-pad-shift",
+                                   results_dir=tmp_path)
     assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
     assert "WRONG" not in proc.stdout and "INCORRECT" not in proc.stdout
     assert (repo_results.stat().st_size if repo_results.exists() else None) == before  # written elsewhere
 
-    rows = [json.loads(line) for line in (tmp_path / f"{bench.BENCHMARK}.jsonl").read_text().splitlines()]
     assert len(rows) == (5 + 3) * len(harness.MODES)  # the op's providers, then the module case's
     assert all(r["benchmark"] == bench.BENCHMARK and r["device"] == "cpu" and r["run_note"] for r in rows)
     assert all(key in rows[0] for key in PROVENANCE)

@@ -5,14 +5,11 @@ dispatch, and the benchmark's CPU smoke run. GPU tests run only with a GPU."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_runs import run_cpu_benchmark
 from numerics import assert_close, assert_within_twice_low_precision_error, upcast
 from torch import nn
 
@@ -410,14 +407,8 @@ def test_benchmark_work_formulas():
 
 
 def test_benchmark_cpu_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR.parent), env.get("PYTHONPATH", "")])  # this checkout's package
-    proc = subprocess.run(
-        [sys.executable, str(BENCH_DIR / "mixffn_dwconv.py"), "--cpu", "--quick", "--results-dir", str(tmp_path)],
-        cwd=BENCH_DIR.parent, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, rows = run_cpu_benchmark("mixffn_dwconv", "--quick", results_dir=tmp_path)
     assert "targets: defined for bf16 on a GPU" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / "mixffn_dwconv.jsonl").read_text().splitlines()]
     by = {(r["case"], r["provider"], r["mode"]): r for r in rows}
     assert all(r["device"] == "cpu" and r["run_note"] for r in rows)
     conv_case, module_case = "cpu-small", "cpu-small-mixffn"

@@ -5,14 +5,11 @@ CPU smoke run. GPU tests run only with a GPU."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_runs import run_cpu_benchmark
 from numerics import assert_close
 
 import ssltm_kernels
@@ -361,15 +358,9 @@ def test_op_submodule_is_a_module_and_the_package_exports_the_functions():
 # Benchmark: CPU smoke run
 # ------------------------------------------------------------------------------------------------------
 def test_benchmark_cpu_smoke(tmp_path):
-    from benchmarks import gcc_assign as bench
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gcc_assign.py"), "--cpu", "--quick",
-                           "--providers", "eager,triton,cuda", "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, rows = run_cpu_benchmark("gcc_assign", "--quick", "--providers", "eager,triton,cuda", results_dir=tmp_path)
     assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / f"{bench.BENCHMARK}.jsonl").read_text().splitlines()]
     by = {(r["provider"], r["mode"]): r for r in rows}
     for mode in ("fwd", "bwd", "fwd+bwd"):
         eager = by[("eager", mode)]

@@ -8,16 +8,13 @@ in one test of the model on the dispatched kernels at 32x40."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from benchmark_runs import run_cpu_benchmark
 
 from ssltm import SSLTM, VideoPredictor
 from ssltm.checkpoint import load_weights
@@ -461,13 +458,9 @@ def test_benchmark_backbone_and_size_options_change_the_step_cases_only():
 
 
 def test_benchmark_cpu_smoke(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SSLTM_BACKEND")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ssltm_model.py"), "--cpu", "--quick",
-                           "--results-dir", str(tmp_path)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, rows = run_cpu_benchmark("ssltm_model", "--quick", results_dir=tmp_path, timeout=300,
+                                   unset=("SSLTM_BACKEND",))
     assert "CPU comparison" in proc.stdout and "targets: defined for" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / "ssltm_model.jsonl").read_text().splitlines()]
     by = {(r["case"], r["provider"], r["mode"]): r for r in rows}
     assert all(r["device"] == "cpu" and r["benchmark"] == "ssltm_model" for r in rows)
     for provider in ("kernels", "reference"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmark_runs import run_cpu_benchmark
 from numerics import assert_close, assert_within_twice_low_precision_error, upcast
 
 import ssltm_kernels
@@ -449,22 +450,10 @@ def test_benchmark_work_and_targets():
 
 
 def test_benchmark_cpu_smoke(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    bench, bench_dir = _benchmark_module()
-    # the tree under test, also when another checkout is installed
-    path = os.pathsep.join(filter(None, (str(bench_dir.parent), os.environ.get("PYTHONPATH"))))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run(
-        [sys.executable, str(bench_dir / "ocr_region_pool.py"), "--cpu", "--quick", "--providers", "eager,triton,cuda",
-         "--shapes", "cpu-k124", "--results-dir", str(tmp_path)],
-        cwd=bench_dir.parent, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench, _ = _benchmark_module()
+    proc, rows = run_cpu_benchmark("ocr_region_pool", "--quick", "--providers", "eager,triton,cuda", "--shapes",
+                                   "cpu-k124", results_dir=tmp_path, interpret=True)
     assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
-    rows = [json.loads(line) for line in (tmp_path / f"{bench.BENCHMARK}.jsonl").read_text().splitlines()]
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert len(rows) == 3 * 3 and all(r["benchmark"] == bench.BENCHMARK and r["device"] == "cpu" for r in rows)
     for provider in ("eager", "triton"):

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from benchmark_runs import run_cpu_benchmark
 
 import ssltm_kernels.ops.window_attention_3d as op
 from benchmarks import wmsa_decide as decide
@@ -59,16 +60,10 @@ def test_bounds_use_the_measured_floors():
 
 def test_cpu_smoke_run_writes_records_not_configs(tmp_path):
     shipped = op.CONFIG_FILE.read_bytes()
-    # this checkout's package, not an installed one; the kernels in the interpreter
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(
-        [sys.executable, str(BENCH_DIR / "wmsa_decide.py"), "--cpu", "--write-configs", "--results-dir",
-         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc, records = run_cpu_benchmark("wmsa_decide", "--write-configs", results_dir=tmp_path, interpret=True,
+                                      timeout=600)
     assert "CPU smoke run" in proc.stdout and "not written: a CPU run decides nothing" in proc.stdout
     assert op.CONFIG_FILE.read_bytes() == shipped
-    records = [json.loads(line) for line in (tmp_path / "wmsa_decide.jsonl").read_text().splitlines()]
     sections = {r["section"] for r in records}
     assert {"ceilings", "gate", "sweep", "sweep-best", "decision"} <= sections
     assert all(r["benchmark"] == "wmsa_decide" and r["device"] == "cpu" and r["commit"] for r in records)
