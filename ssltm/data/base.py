@@ -181,6 +181,43 @@ class FileClipDataset(ClipDataset):
         return self.label_lut[read_label_png(path)]
 
 
+class SplitClipDataset(FileClipDataset):
+    """A file clip dataset of one split of a release stored under ``root``: the constructor the
+    released datasets share. It keeps ``self.root`` (a ``Path``) and ``self.split``, then calls
+    :meth:`_scan`, which subclasses write to fill ``self.videos`` and ``self.queries``.
+
+    Args:
+        root: the release's folder.
+        split: the split's name.
+        reference: as in :class:`ClipDataset`; by default :func:`default_reference` of ``split``.
+        offsets, causal, transform, seed: see :class:`ClipDataset`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        offsets: Sequence[int] = (3, 6, 9),
+        causal: bool = False,
+        reference: str | None = None,
+        transform: Transform | None = None,
+        seed: int | None = None,
+    ):
+        super().__init__(
+            offsets=offsets,
+            causal=causal,
+            reference=default_reference(split, reference),
+            transform=transform,
+            seed=seed,
+        )
+        self.root, self.split = Path(root), split
+        self._scan()
+
+    def _scan(self) -> None:
+        """Fill ``self.videos`` and ``self.queries`` from the files of ``self.split`` under ``self.root``."""
+        raise NotImplementedError
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """The image at ``path`` as RGB uint8 ``(H, W, 3)`` (OpenCV: faster JPEG decoding than Pillow)."""
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)

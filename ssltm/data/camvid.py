@@ -7,9 +7,8 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from itertools import pairwise
-from pathlib import Path
 
-from .base import FileClipDataset, Transform, VideoFiles, default_reference, index_lut, require_dir
+from .base import SplitClipDataset, VideoFiles, index_lut, require_dir
 
 NUM_CLASSES = 11  # value 11 is "void"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -19,7 +18,7 @@ _STEM = re.compile(r"([A-Za-z0-9]+)_f?(\d+)")
 GAP_FACTOR = 1.5
 
 
-class CamVid(FileClipDataset):
+class CamVid(SplitClipDataset):
     """CamVid clips; one sample per labelled frame. Only labelled stills exist, so a clip's adjacent
     frames are neighbouring labelled frames: ``offsets`` count labelled frames (about 1 s each).
 
@@ -45,24 +44,8 @@ class CamVid(FileClipDataset):
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        offsets: Sequence[int] = (3, 6, 9),
-        causal: bool = False,
-        reference: str | None = None,
-        transform: Transform | None = None,
-        seed: int | None = None,
-    ):
-        super().__init__(
-            offsets=offsets,
-            causal=causal,
-            reference=default_reference(split, reference),
-            transform=transform,
-            seed=seed,
-        )
-        self.root, self.split = Path(root), split
+    def _scan(self) -> None:
+        split = self.split
         require_dir(self.root, "CamVid root")
         image_dir = require_dir(self.root / split, f"CamVid {split!r} images")
         label_dir = require_dir(self.root / f"{split}annot", f"CamVid {split!r} labels")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
-from .base import FileClipDataset, Transform, VideoFiles, default_reference, index_lut, require_dir
+from .base import SplitClipDataset, VideoFiles, index_lut, require_dir
 
 NUM_CLASSES = 19
 # The labelled frame is the 20th of its snippet: 19 frames before it and 10 after.
@@ -14,7 +13,7 @@ FRAMES_BEFORE, FRAMES_AFTER = 19, 10
 _LABEL = re.compile(r"(?P<city>.+)_(?P<seq>\d+)_(?P<frame>\d+)_gtFine_labelTrainIds\.png")
 
 
-class CityscapesSequence(FileClipDataset):
+class CityscapesSequence(SplitClipDataset):
     """Cityscapes clips: one sample per fine label, the labelled frame being the query.
 
     Layout (``leftImg8bit_sequence`` and ``gtFine`` packages; train ids made by cityscapesscripts'
@@ -40,24 +39,8 @@ class CityscapesSequence(FileClipDataset):
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str = "train",
-        offsets: Sequence[int] = (3, 6, 9),
-        causal: bool = False,
-        reference: str | None = None,
-        transform: Transform | None = None,
-        seed: int | None = None,
-    ):
-        super().__init__(
-            offsets=offsets,
-            causal=causal,
-            reference=default_reference(split, reference),
-            transform=transform,
-            seed=seed,
-        )
-        self.root, self.split = Path(root), split
+    def _scan(self) -> None:
+        split = self.split
         require_dir(self.root, "Cityscapes root")
         frames_dir = require_dir(self.root / "leftImg8bit_sequence" / split, f"Cityscapes {split!r} sequence frames")
         labels_dir = require_dir(self.root / "gtFine" / split, f"Cityscapes {split!r} fine labels")

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .base import FileClipDataset, Transform, VideoFiles, default_reference, index_lut, require_dir
+from .base import SplitClipDataset, Transform, VideoFiles, index_lut, require_dir
 
 SPLITS = ("train", "val", "test")
 MODES = ("full", "sf")
@@ -14,7 +14,7 @@ NUM_CLASSES = 124
 _VIDEO_NAME = re.compile(r"[^\s/\\]+")
 
 
-class VSPW(FileClipDataset):
+class VSPW(SplitClipDataset):
     """VSPW clips; one sample per query (a labelled frame).
 
     Layout (the official release)::
@@ -52,19 +52,16 @@ class VSPW(FileClipDataset):
         transform: Transform | None = None,
         seed: int | None = None,
     ):
-        super().__init__(
-            offsets=offsets,
-            causal=causal,
-            reference=default_reference(split, reference),
-            transform=transform,
-            seed=seed,
-        )
+        self.mode = mode
+        super().__init__(root, split, offsets, causal, reference, transform, seed)
+
+    def _scan(self) -> None:
+        split, mode = self.split, self.mode
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.root = _find_release(Path(root), split)
-        self.split, self.mode = split, mode
+        self.root = _find_release(self.root, split)
         data = require_dir(self.root / "data", "VSPW data folder")
         for name in read_split_file(self.root / f"{split}.txt"):
             video = _scan_video(data / name, name)
