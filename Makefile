@@ -33,6 +33,7 @@ bench:
 
 lint:
 	ruff check .
+	ruff format --check .
 
 # every Triton configuration for sm_90, sm_80 and sm_86 (the tests compile a representative set:
 # python -m ssltm_kernels.compile_check --set representative --arch 90 80 86)

@@ -66,8 +66,10 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError as error:
         if MODE == "on":
-            raise SystemExit(f"SSLTM_CUDA=on but torch cannot be imported ({error}); install torch first and "
-                             "use pip install --no-build-isolation") from error
+            raise SystemExit(
+                f"SSLTM_CUDA=on but torch cannot be imported ({error}); install torch first and "
+                "use pip install --no-build-isolation"
+            ) from error
         _say(f"installing without the compiled extension ssltm_kernels._C: torch is not importable ({error})")
         return [], {}
 
@@ -83,15 +85,21 @@ def _extensions():
     # Exact expf/logf are part of the numerical contract: never --use_fast_math.
     nvcc_flags = ["-O3", "-std=c++20", "-lineinfo"]
     if why_no_cuda:
-        _say(f"installing without the CUDA extension ({why_no_cuda}); ssltm_kernels._C holds only the CPU "
-             "emulation of the CUDA kernels")
+        _say(
+            f"installing without the CUDA extension ({why_no_cuda}); ssltm_kernels._C holds only the CPU "
+            "emulation of the CUDA kernels"
+        )
         ext = cpp_extension.CppExtension(
-            "ssltm_kernels._C", SOURCES_CPU, include_dirs=_extra_include_dirs(),
+            "ssltm_kernels._C",
+            SOURCES_CPU,
+            include_dirs=_extra_include_dirs(),
             extra_compile_args={"cxx": cxx_flags},
         )
     else:
         ext = cpp_extension.CUDAExtension(
-            "ssltm_kernels._C", SOURCES_CPU + SOURCES_CUDA, include_dirs=_extra_include_dirs(),
+            "ssltm_kernels._C",
+            SOURCES_CPU + SOURCES_CUDA,
+            include_dirs=_extra_include_dirs(),
             define_macros=[("SSLTM_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
@@ -106,9 +114,12 @@ def _extensions():
                 if MODE == "on":
                     raise
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                print(f"ssltm: installing without the compiled extension ssltm_kernels._C: its build failed "
-                      f"({type(error).__name__}: {first_line}); set SSLTM_CUDA=on to make this an error",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"ssltm: installing without the compiled extension ssltm_kernels._C: its build failed "
+                    f"({type(error).__name__}: {first_line}); set SSLTM_CUDA=on to make this an error",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self.extensions = []  # nothing to copy in place or to package
 
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}

@@ -125,8 +125,11 @@ def rows_of(records: list[dict], benchmark: str, on_gpu: bool):
     from benchmarks.harness import Row
 
     names = {f.name for f in fields(Row)}
-    return [Row(**{k: v for k, v in r.items() if k in names}) for r in records
-            if r.get("benchmark") == benchmark and "provider" in r and (r.get("device") == "cuda") == on_gpu]
+    return [
+        Row(**{k: v for k, v in r.items() if k in names})
+        for r in records
+        if r.get("benchmark") == benchmark and "provider" in r and (r.get("device") == "cuda") == on_gpu
+    ]
 
 
 # the benchmarks whose targets are judged (each script's SPEC: its targets and target cases)
@@ -153,8 +156,9 @@ def target_lines(records: list[dict], why_not_run: dict[str, str]) -> list[str]:
                 if case not in ran:
                     lines.append(f"| {benchmark} | {case} | all targets | - | - | not run ({why}) |")
         except Exception as error:  # one benchmark's broken judge must not hide the others' targets
-            lines.append(f"| {benchmark} | - | all targets | - | - | not judged ({type(error).__name__}: "
-                         f"{str(error)[:120]}) |")
+            lines.append(
+                f"| {benchmark} | - | all targets | - | - | not judged ({type(error).__name__}: {str(error)[:120]}) |"
+            )
     return lines
 
 
@@ -190,16 +194,21 @@ def decide_lines(records: list[dict]) -> list[str]:
         if section == "ceilings":
             values = {k: r.get(k) for k in ("copy_bytes_per_s", "gemm_flops", "exp_per_s")}
             if any(v is not None for v in values.values()):
-                lines.append("- ceilings: " + ", ".join(
-                    f"{k} {v:.3g}" for k, v in values.items() if isinstance(v, (int, float))))
+                lines.append(
+                    "- ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in values.items() if isinstance(v, (int, float)))
+                )
         elif section == "gate":
             ok = r.get("ok")
             detail = r.get("error") or ""
-            lines.append(f"- gate {r.get('case')} {r.get('backend')}: "
-                         f"{'PASS' if ok else 'not run' if ok is None else 'FAIL'} {detail[:120]}".rstrip())
+            lines.append(
+                f"- gate {r.get('case')} {r.get('backend')}: "
+                f"{'PASS' if ok else 'not run' if ok is None else 'FAIL'} {detail[:120]}".rstrip()
+            )
         elif section == "decision":
-            lines.append(f"- decision: default backend {r.get('default_backend')} ({r.get('why')}); gate failures "
-                         f"{r.get('gate_failures') or 'none'}")
+            lines.append(
+                f"- decision: default backend {r.get('default_backend')} ({r.get('why')}); gate failures "
+                f"{r.get('gate_failures') or 'none'}"
+            )
     return lines
 
 
@@ -211,20 +220,38 @@ def summarize(args: argparse.Namespace) -> str:
     by_stage = defaultdict(list)
     for s in steps:
         by_stage[s.stage].append(s)
-    out = [f"# GPU check ({args.mode}): commit {args.commit}", "",
-           f"{args.seconds} s in all (time budget {args.budget} s for the stages); "
-           f"{len(records)} JSON lines in gpu_check.jsonl", "", "```", env, "```", "", "## Stages", "",
-           "| stage | what | status | seconds | steps |", "| --- | --- | --- | --- | --- |"]
+    out = [
+        f"# GPU check ({args.mode}): commit {args.commit}",
+        "",
+        f"{args.seconds} s in all (time budget {args.budget} s for the stages); "
+        f"{len(records)} JSON lines in gpu_check.jsonl",
+        "",
+        "```",
+        env,
+        "```",
+        "",
+        "## Stages",
+        "",
+        "| stage | what | status | seconds | steps |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for stage, what in STAGES.items():
         group = by_stage.get(stage, [])
         if not group:
             out.append(f"| {stage} | {what} | not run (no step recorded) | 0 | |")
             continue
-        out.append(f"| {stage} | {what} | {stage_status(group)} | {sum(s.seconds for s in group)} | "
-                   + " · ".join(step_detail(s) for s in group) + " |")
+        out.append(
+            f"| {stage} | {what} | {stage_status(group)} | {sum(s.seconds for s in group)} | "
+            + " · ".join(step_detail(s) for s in group)
+            + " |"
+        )
 
-    failures = [(s.stage, node, s.failures.get(node, outcome)) for s in steps for node, outcome in s.tests.items()
-                if outcome in ("FAILED", "ERROR")]
+    failures = [
+        (s.stage, node, s.failures.get(node, outcome))
+        for s in steps
+        for node, outcome in s.tests.items()
+        if outcome in ("FAILED", "ERROR")
+    ]
     if failures:
         out += ["", "## Failed tests", ""]
         out += [f"- {stage}: {node} {why}" for stage, node, why in failures[:25]]
@@ -237,8 +264,14 @@ def summarize(args: argparse.Namespace) -> str:
         bench = s.name.split()[0]
         if bench in TARGETS and bench not in why_not_run:
             why_not_run[bench] = f"stage {s.stage}: {s.status if s.status != 'PASS' else 'no GPU rows'}"
-    out += ["", "## Targets", "", "| benchmark | case | target | provider | measured | status |",
-            "| --- | --- | --- | --- | --- | --- |", *target_lines(records, why_not_run)]
+    out += [
+        "",
+        "## Targets",
+        "",
+        "| benchmark | case | target | provider | measured | status |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *target_lines(records, why_not_run),
+    ]
     decided = decide_lines(records)
     if decided:
         out += ["", "## wmsa_decide", "", *decided]

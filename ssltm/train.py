@@ -205,9 +205,7 @@ class _Clock:
 class Trainer:
     """One training run of a config; :meth:`run` trains and returns how it ended."""
 
-    def __init__(
-        self, cfg: DictConfig, env: dist.DistEnv, resume: str | Path | None = None, overwrite: bool = False
-    ):
+    def __init__(self, cfg: DictConfig, env: dist.DistEnv, resume: str | Path | None = None, overwrite: bool = False):
         self.cfg, self.env = cfg, env
         self.work_dir = Path(cfg.work_dir)
         t = cfg.train

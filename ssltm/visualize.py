@@ -88,7 +88,11 @@ def comparison_grid(
 
 
 def class_legend(
-    classes: Sequence[str], palette: Sequence[Sequence[int]], width: int, swatch: int = 12, gap: int = 4,
+    classes: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    width: int,
+    swatch: int = 12,
+    gap: int = 4,
     line_height: int = 16,
 ) -> np.ndarray:
     """The colour key of a picture: each class's name after a ``swatch``-pixel square of its palette colour,

@@ -65,10 +65,7 @@ def triton_unavailable_reason(tensor: torch.Tensor) -> str | None:
         return None
     if tensor.device.type == "cpu" and triton_interpreting():
         return None
-    return (
-        f"triton kernels need CUDA tensors (got {tensor.device}); CPU tensors run them only under "
-        "TRITON_INTERPRET=1"
-    )
+    return f"triton kernels need CUDA tensors (got {tensor.device}); CPU tensors run them only under TRITON_INTERPRET=1"
 
 
 def cuda_unavailable_reason(tensor: torch.Tensor) -> str | None:
@@ -95,8 +92,12 @@ def requested_backend(backend: str | None) -> str | None:
     return name
 
 
-def choose_backend(op: str, reasons: dict[str, Callable[[], str | None]], backend: str | None = None,
-                   passed_over: dict[str, Callable[[], str | None]] | None = None) -> str:
+def choose_backend(
+    op: str,
+    reasons: dict[str, Callable[[], str | None]],
+    backend: str | None = None,
+    passed_over: dict[str, Callable[[], str | None]] | None = None,
+) -> str:
     """Pick the backend for ``op``; ``reasons[name]()`` says why ``name`` cannot run (or ``None``).
 
     ``passed_over[name]()`` (optional) says why automatic dispatch should skip ``name`` although it can

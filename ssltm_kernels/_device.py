@@ -41,13 +41,16 @@ def _hopper(name: str, sparse_tflops: float, fp32_tflops: float, tb_per_s: float
     return DeviceSpec(name, flops, tb_per_s * 1e12, sms * 16 * mhz * 1e6, arch=90, sm_count=sms)
 
 
-DEVICE_SPECS = {s.name: s for s in (
-    _hopper("H100 SXM", 1979, 67, 3.35, 132, 1830),
-    _hopper("H100 PCIe", 1513, 51, 2.0, 114, 1620),
-    _hopper("H100 NVL", 1671, 60, 3.9, 132, 1545),
-    _hopper("H200 SXM", 1979, 67, 4.8, 132, 1830),
-    _hopper("H200 NVL", 1671, 60, 4.8, 132, 1545),
-)}
+DEVICE_SPECS = {
+    s.name: s
+    for s in (
+        _hopper("H100 SXM", 1979, 67, 3.35, 132, 1830),
+        _hopper("H100 PCIe", 1513, 51, 2.0, 114, 1620),
+        _hopper("H100 NVL", 1671, 60, 3.9, 132, 1545),
+        _hopper("H200 SXM", 1979, 67, 4.8, 132, 1830),
+        _hopper("H200 NVL", 1671, 60, 4.8, 132, 1545),
+    )
+}
 
 # the board the interpreter and the ahead-of-time compile specifications choose launch configurations for
 INTERPRETER_DEVICE = DEVICE_SPECS["H100 SXM"]

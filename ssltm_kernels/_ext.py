@@ -10,10 +10,7 @@ import importlib
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-BUILD_HINT = (
-    "build it with a CUDA build of torch and nvcc on PATH: "
-    "SSLTM_CUDA=on pip install -e . --no-build-isolation"
-)
+BUILD_HINT = "build it with a CUDA build of torch and nvcc on PATH: SSLTM_CUDA=on pip install -e . --no-build-isolation"
 
 
 class _MissingExtension:

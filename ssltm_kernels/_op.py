@@ -45,8 +45,11 @@ def autocasting(*tensors: torch.Tensor) -> bool:
     """Whether ``torch.autocast`` casts ``tensors`` before an op's forward runs (see :func:`register_autocast`):
     autocast is on for their device (CUDA or CPU) and each has a kernel dtype."""
     device_type = tensors[0].device.type
-    return (device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type)
-            and all(x.dtype in KERNEL_DTYPES for x in tensors))
+    return (
+        device_type in ("cuda", "cpu")
+        and torch.is_autocast_enabled(device_type)
+        and all(x.dtype in KERNEL_DTYPES for x in tensors)
+    )
 
 
 def autocast_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -73,30 +76,40 @@ def backend_predicates(op: str, checks: Callable[..., Checks]) -> tuple[Callable
         can_run.__name__ = can_run.__qualname__ = f"can_run_{backend}"
         can_run.__module__ = checks.__module__
         can_run.__signature__ = inspect.Signature(params, return_annotation=BackendCheck)
-        can_run.__doc__ = (f"The reference runs any valid arguments of :func:`{op}` (invalid ones raise the input "
-                           "error)." if backend == "reference" else
-                           f"Whether the {backend} backend's kernels can run :func:`{op}` on these arguments (truthy), "
-                           "with the reason when not (``raise_error``: raise it); invalid ones raise the input error.")
+        can_run.__doc__ = (
+            f"The reference runs any valid arguments of :func:`{op}` (invalid ones raise the input error)."
+            if backend == "reference"
+            else f"Whether the {backend} backend's kernels can run :func:`{op}` on these arguments (truthy), "
+            "with the reason when not (``raise_error``: raise it); invalid ones raise the input error."
+        )
         return can_run
 
     return tuple(predicate(backend) for backend in BACKENDS)
 
 
-def dispatch(op: str, checks: Checks, backend: str | None, *, fused: Callable[[str], object],
-             reference: Callable[[], object] | None,
-             passed_over: Mapping[str, Callable[[], str | None]] | None = None):
+def dispatch(
+    op: str,
+    checks: Checks,
+    backend: str | None,
+    *,
+    fused: Callable[[str], object],
+    reference: Callable[[], object] | None,
+    passed_over: Mapping[str, Callable[[], str | None]] | None = None,
+):
     """Run ``op`` on the backend ``choose_backend`` picks from ``checks`` (``backend``: forced, see there):
     ``fused(backend)`` runs the custom op. The reference runs as eager PyTorch outside the custom ops,
     ``reference()``, differentiated by autograd; an op whose custom op must run in every backend (its
     checks and gradient rule hold for the reference too) passes ``reference=None``, and ``fused`` takes
     ``"reference"`` as well."""
-    chosen = choose_backend(op, {name: (lambda check=check: check.reason) for name, check in checks.items()},
-                            backend, passed_over)
+    chosen = choose_backend(
+        op, {name: (lambda check=check: check.reason) for name, check in checks.items()}, backend, passed_over
+    )
     return reference() if chosen == "reference" and reference is not None else fused(chosen)
 
 
-def register_autocast(qualname: str, activations: tuple[int, ...] = (),
-                      dtype: Callable[[tuple], torch.dtype] | None = None) -> None:
+def register_autocast(
+    qualname: str, activations: tuple[int, ...] = (), dtype: Callable[[tuple], torch.dtype] | None = None
+) -> None:
     """Autocast declaration of the custom op ``qualname`` (``"ssltm::name"``) on CUDA and CPU: under
     ``torch.autocast`` the tensor arguments at positions ``activations`` that have a kernel dtype are cast
     to ``dtype(args)`` (default: the autocast dtype); then the op runs with autocast off (the others keep
@@ -108,6 +121,7 @@ def register_autocast(qualname: str, activations: tuple[int, ...] = (),
         return x.to(to) if isinstance(x, torch.Tensor) and x.dtype in KERNEL_DTYPES else x
 
     for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+
         def autocast_kernel(*args, device_type=device_type):
             to = torch.get_autocast_dtype(device_type) if dtype is None else dtype(args)
             args = [cast(x, to) if i in activations else x for i, x in enumerate(args)]

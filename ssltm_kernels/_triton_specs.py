@@ -17,9 +17,16 @@ import torch
 TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def kernel_spec(kernel, constexprs: Mapping[str, object], pointer_types: Mapping[str, str], *,
-                float_args: tuple[str, ...] = (), int_arg: Callable[[str], int] | None = None,
-                aligned_pointers: bool = True, options: Mapping[str, object] | None = None):
+def kernel_spec(
+    kernel,
+    constexprs: Mapping[str, object],
+    pointer_types: Mapping[str, str],
+    *,
+    float_args: tuple[str, ...] = (),
+    int_arg: Callable[[str], int] | None = None,
+    aligned_pointers: bool = True,
+    options: Mapping[str, object] | None = None,
+):
     """``(name, kernel, signature, constexprs, attrs, options)`` for ``triton.compile(ASTSource(...))``.
 
     ``constexprs``: values of the kernel's ``tl.constexpr`` parameters (names the kernel lacks are

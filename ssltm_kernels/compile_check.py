@@ -55,8 +55,9 @@ def compile_report(arch: int, config: Config, index: int) -> str:
     name, kernel, signature, constexprs, attrs, options = spec
     start = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", arch, 32), options=options)
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
+        )
     except Exception as error:  # report every failing kernel, then fail
         return f"FAIL sm_{arch} {name} [{config.label}]: {type(error).__name__}: {error}"
     shared = compiled.metadata.shared
@@ -66,11 +67,16 @@ def compile_report(arch: int, config: Config, index: int) -> str:
     row_problem = row_load_problem(config, spec, loads)
     problems += [row_problem] if row_problem else []
     status = "FAIL" if problems else "ok  "
-    rows = f" (q/k/v/o/dO rows {load_widths([load for load in loads if is_row_load(load)])})" \
-        if isinstance(config, Config) else ""
-    return (f"{status} sm_{arch} {name} [{config.label}]: shared memory {shared} B, {usage}, "
-            f"loads {load_histogram(loads)}{rows}, {options}, {time.perf_counter() - start:.1f} s"
-            + "".join(f"; {problem}" for problem in problems))
+    rows = (
+        f" (q/k/v/o/dO rows {load_widths([load for load in loads if is_row_load(load)])})"
+        if isinstance(config, Config)
+        else ""
+    )
+    return (
+        f"{status} sm_{arch} {name} [{config.label}]: shared memory {shared} B, {usage}, "
+        f"loads {load_histogram(loads)}{rows}, {options}, {time.perf_counter() - start:.1f} s"
+        + "".join(f"; {problem}" for problem in problems)
+    )
 
 
 def resource_usage(compiled) -> tuple[str, str]:
@@ -86,15 +92,25 @@ def resource_usage(compiled) -> tuple[str, str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-gi", "-c", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(item.split(":") for item in next(line for line in usage.splitlines() if "REG:" in line).split()
-                  if ":" in item and item.split(":")[1].isdigit())
+        usage = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [knobs.nvidia.nvdisasm.path, "-gi", "-c", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    fields = dict(
+        item.split(":")
+        for item in next(line for line in usage.splitlines() if "REG:" in line).split()
+        if ":" in item and item.split(":")[1].isdigit()
+    )
     spill_stores, spill_loads = len(re.findall(r"\bSTL\b", sass)), len(re.findall(r"\bLDL\b", sass))
-    return (f"{fields['REG']} registers, {int(fields['STACK']) + int(fields['LOCAL'])} B local per thread, "
-            f"spills {spill_stores} STL / {spill_loads} LDL"), sass
+    return (
+        f"{fields['REG']} registers, {int(fields['STACK']) + int(fields['LOCAL'])} B local per thread, "
+        f"spills {spill_stores} STL / {spill_loads} LDL"
+    ), sass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,8 +129,10 @@ class GlobalLoad:
 
 # ``LDG.E.128``, ``@!P2 LDG.E.U16.CONSTANT``, ``LDGSTS.E.BYPASS.LTC128B.128``: the opcode and its modifiers
 _SASS_LOAD = re.compile(r"(?<![\w.])(LDGSTS|LDG)((?:\.\w+)*)\s")
-_SASS_SOURCE = re.compile(r'//## File "(?P<file>[^"]+)", line (?P<line>\d+)'
-                          r'(?: inlined at "(?P<caller>[^"]+)", line (?P<call>\d+))?')
+_SASS_SOURCE = re.compile(
+    r'//## File "(?P<file>[^"]+)", line (?P<line>\d+)'
+    r'(?: inlined at "(?P<caller>[^"]+)", line (?P<call>\d+))?'
+)
 # width modifiers in bytes; a load without one moves 4 bytes (cache hints such as LTC128B are not widths)
 _LOAD_WIDTHS = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16, "256": 32}
 
@@ -143,8 +161,14 @@ def load_widths(loads: list[GlobalLoad]) -> str:
 
 def load_histogram(loads: list[GlobalLoad]) -> str:
     """``ldg 16B x12 2B x4, ldgsts 16B x8``: instructions per kind and width, widest first."""
-    return ", ".join(f"{kind} {load_widths([load for load in loads if load.kind == kind])}"
-                     for kind in ("ldg", "ldgsts") if any(load.kind == kind for load in loads)) or "none"
+    return (
+        ", ".join(
+            f"{kind} {load_widths([load for load in loads if load.kind == kind])}"
+            for kind in ("ldg", "ldgsts")
+            if any(load.kind == kind for load in loads)
+        )
+        or "none"
+    )
 
 
 def _function_lines(fn) -> tuple[str, range]:
@@ -172,16 +196,21 @@ def _row_load_calls() -> frozenset[tuple[str, int]]:
 
     path = os.path.realpath(inspect.getsourcefile(triton_kernels))
     with open(path) as source:
-        return frozenset((path, number) for number, text in enumerate(source, start=1)
-                         if re.search(r"(?<![\w.])_load_rows\(", text) and "def _load_rows" not in text)
+        return frozenset(
+            (path, number)
+            for number, text in enumerate(source, start=1)
+            if re.search(r"(?<![\w.])_load_rows\(", text) and "def _load_rows" not in text
+        )
 
 
 def rows_aligned(config: Config) -> bool:
     """Whether ``config``'s launch puts every q/k/v/o/dO row at a multiple of 16 elements (strides and
     head_dim multiples of 16; pointers are aligned in every launch): its row loads can be 16 bytes wide."""
     values = launch_int_arg(config)
-    return all(values(name) % 16 == 0 for name in ("s_b", "s_t", "s_h", "s_w", "s_n", "HD", "grad_token_stride",
-                                                          "grad_head_stride"))
+    return all(
+        values(name) % 16 == 0
+        for name in ("s_b", "s_t", "s_h", "s_w", "s_n", "HD", "grad_token_stride", "grad_head_stride")
+    )
 
 
 def row_load_widths(config: Config, spec: tuple) -> tuple[int, int] | None:
@@ -193,11 +222,15 @@ def row_load_widths(config: Config, spec: tuple) -> tuple[int, int] | None:
     if "BLOCK_N" not in constexprs:
         return None
     threads = 32 * options["num_warps"]
-    widths = [width for block in (constexprs["BLOCK_M"], constexprs["BLOCK_N"])
-              for _, width in block_pieces(constexprs["N"], block)]
+    widths = [
+        width
+        for block in (constexprs["BLOCK_M"], constexprs["BLOCK_N"])
+        for _, width in block_pieces(constexprs["N"], block)
+    ]
     itemsize = config.dtype.itemsize
-    return tuple(min(16, max(1, tile * constexprs["BLOCK_D"] // threads) * itemsize)
-                 for tile in (min(widths), max(widths)))
+    return tuple(
+        min(16, max(1, tile * constexprs["BLOCK_D"] // threads) * itemsize) for tile in (min(widths), max(widths))
+    )
 
 
 def row_load_problem(config, spec: tuple, loads: list[GlobalLoad]) -> str | None:
@@ -214,8 +247,10 @@ def row_load_problem(config, spec: tuple, loads: list[GlobalLoad]) -> str | None
         return "no q/k/v/o/dO row loads found in the SASS (is Triton's line info off?)"
     narrowest, widest = bounds
     if min(load.width for load in rows) < narrowest or max(load.width for load in rows) < widest:
-        return (f"q/k/v/o/dO row loads too narrow for aligned rows ({load_widths(rows)}): each must move at "
-                f"least {narrowest} B, those of the largest tiles {widest} B")
+        return (
+            f"q/k/v/o/dO row loads too narrow for aligned rows ({load_widths(rows)}): each must move at "
+            f"least {narrowest} B, those of the largest tiles {widest} B"
+        )
     return None
 
 
@@ -236,13 +271,29 @@ def configurations(arch: int, config_set: str, ops=None) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=ARCHS,
-                        help="compute capabilities as ints, e.g. 90 (several share one pool of compilers)")
-    parser.add_argument("--set", dest="config_set", default="full", choices=SETS,
-                        help="every configuration (default), the representative set the tests compile, or the "
-                             "launch configurations a GPU sweep may ship")
-    parser.add_argument("--op", dest="ops", nargs="+", choices=sorted(OP_CONFIGS),
-                        help="the ops whose kernels to compile (default: every op)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=[90],
+        choices=ARCHS,
+        help="compute capabilities as ints, e.g. 90 (several share one pool of compilers)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="config_set",
+        default="full",
+        choices=SETS,
+        help="every configuration (default), the representative set the tests compile, or the "
+        "launch configurations a GPU sweep may ship",
+    )
+    parser.add_argument(
+        "--op",
+        dest="ops",
+        nargs="+",
+        choices=sorted(OP_CONFIGS),
+        help="the ops whose kernels to compile (default: every op)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiler processes")
     parser.add_argument("--list", action="store_true", help="print the configurations without compiling")
     args = parser.parse_args(argv)
@@ -254,8 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
 
     # one unit per kernel, slowest first, so that no compiler process idles long at the end
-    units = sorted(((arch, config, index) for arch in args.arch for config in configs[arch]
-                    for index in range(len(config.specs(arch)))), key=lambda unit: unit[1].cost, reverse=True)
+    units = sorted(
+        (
+            (arch, config, index)
+            for arch in args.arch
+            for config in configs[arch]
+            for index in range(len(config.specs(arch)))
+        ),
+        key=lambda unit: unit[1].cost,
+        reverse=True,
+    )
     start, failures = time.perf_counter(), 0
     with ProcessPoolExecutor(args.jobs) as pool:
         for future in as_completed([pool.submit(compile_report, *unit) for unit in units]):

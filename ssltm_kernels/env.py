@@ -38,9 +38,11 @@ def env_report() -> str:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            lines.append(f"gpu {i}           {props.name} (sm_{props.major}{props.minor}, "
-                         f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-                         f"L2 {props.L2_cache_size / 2**20:.0f} MiB)")
+            lines.append(
+                f"gpu {i}           {props.name} (sm_{props.major}{props.minor}, "
+                f"{props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+                f"L2 {props.L2_cache_size / 2**20:.0f} MiB)"
+            )
     else:
         lines.append("gpu             none visible")
     lines.append(f"cuda extension  {extension_report()}")

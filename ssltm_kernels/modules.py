@@ -16,8 +16,14 @@ from ssltm_kernels.ops.window_attention_3d import (
     window_attention_3d_windows,
 )
 
-__all__ = ["WindowAttention3D", "ShiftedWindowAttention3d", "replace_torchvision_attention", "DWConv", "MixFFN",
-           "SpatialGather"]
+__all__ = [
+    "WindowAttention3D",
+    "ShiftedWindowAttention3d",
+    "replace_torchvision_attention",
+    "DWConv",
+    "MixFFN",
+    "SpatialGather",
+]
 
 
 class WindowAttention3D(nn.Module):
@@ -32,15 +38,26 @@ class WindowAttention3D(nn.Module):
     shrinks. Both paths hand the op the packed qkv projection, so the backward writes one packed gradient.
     """
 
-    def __init__(self, dim: int, window_size, num_heads: int, qkv_bias: bool = False, qk_scale: float | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, *, rel_pos_mode: str = "swin",
-                 backend: str | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        window_size,
+        num_heads: int,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        *,
+        rel_pos_mode: str = "swin",
+        backend: str | None = None,
+    ) -> None:
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.dim = dim
-        self.window_size = _triple(window_size if isinstance(window_size, int) else tuple(window_size),
-                                   "window_size", minimum=1)
+        self.window_size = _triple(
+            window_size if isinstance(window_size, int) else tuple(window_size), "window_size", minimum=1
+        )
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim**-0.5
@@ -67,15 +84,19 @@ class WindowAttention3D(nn.Module):
         """``loaded`` as the ``(N, N)`` relative position index of the window; an error if it is another."""
         expected = relative_position_index(self.window_size, device=loaded.device)
         if loaded.numel() != expected.numel() or not torch.equal(loaded.reshape(expected.shape), expected):
-            raise ValueError(f"{key} in the checkpoint does not match the relative position index of window "
-                             f"{self.window_size} (shape {tuple(loaded.shape)})")
+            raise ValueError(
+                f"{key} in the checkpoint does not match the relative position index of window "
+                f"{self.window_size} (shape {tuple(loaded.shape)})"
+            )
         return loaded.reshape(expected.shape)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_size=(0, 0, 0)) -> torch.Tensor:
         """``(B*nW, N, C) -> (B*nW, N, C)`` or ``(B, T, H, W, C) -> (B, T, H, W, C)``."""
         if x.dim() not in (3, 5) or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B*nW, N, {self.dim}) window batches or (B, T, H, W, {self.dim}) volumes, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (B*nW, N, {self.dim}) window batches or (B, T, H, W, {self.dim}) volumes, "
+                f"got shape {tuple(x.shape)}"
+            )
         heads, head_dim = self.num_heads, self.dim // self.num_heads
         qkv = self.qkv(x).unflatten(-1, (3, heads, head_dim))
         dropout_p = self.attn_drop.p if self.training else 0.0
@@ -83,9 +104,15 @@ class WindowAttention3D(nn.Module):
             if any(shift_size):
                 raise ValueError("shift_size applies to volumes; window batches take the shift mask as `mask`")
             out = window_attention_3d_windows(
-                qkv, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
-                scale=self.scale, rel_pos_mode=self.rel_pos_mode, attn_mask=mask, dropout_p=dropout_p,
-                backend=self.backend)
+                qkv,
+                window_size=self.window_size,
+                rel_pos_bias_table=self.relative_position_bias_table,
+                scale=self.scale,
+                rel_pos_mode=self.rel_pos_mode,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                backend=self.backend,
+            )
         else:
             if mask is not None:
                 raise ValueError("mask applies to window batches; volumes build the shift mask from shift_size")
@@ -93,9 +120,17 @@ class WindowAttention3D(nn.Module):
             if self.qkv.bias is not None:
                 pad_k, pad_v = self.qkv.bias.view(3, heads, head_dim)[1:].unbind(0)
             out = window_attention_3d_qkvpacked(
-                qkv, window_size=self.window_size, rel_pos_bias_table=self.relative_position_bias_table,
-                shift_size=shift_size, scale=self.scale, pad_k=pad_k, pad_v=pad_v, rel_pos_mode=self.rel_pos_mode,
-                dropout_p=dropout_p, backend=self.backend)
+                qkv,
+                window_size=self.window_size,
+                rel_pos_bias_table=self.relative_position_bias_table,
+                shift_size=shift_size,
+                scale=self.scale,
+                pad_k=pad_k,
+                pad_v=pad_v,
+                rel_pos_mode=self.rel_pos_mode,
+                dropout_p=dropout_p,
+                backend=self.backend,
+            )
         return self.proj_drop(self.proj(out.flatten(-2)))
 
 
@@ -110,15 +145,34 @@ class ShiftedWindowAttention3d(WindowAttention3D):
     :func:`replace_torchvision_attention` swaps every one of a model. ``backend`` is passed to the op.
     """
 
-    def __init__(self, dim: int, window_size, shift_size, num_heads: int, qkv_bias: bool = True,
-                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0, *,
-                 backend: str | None = None) -> None:
-        super().__init__(dim, window_size, num_heads, qkv_bias=qkv_bias, attn_drop=attention_dropout,
-                         proj_drop=dropout, backend=backend)
+    def __init__(
+        self,
+        dim: int,
+        window_size,
+        shift_size,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            dim,
+            window_size,
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_drop=attention_dropout,
+            proj_drop=dropout,
+            backend=backend,
+        )
         self.shift_size = _triple(shift_size if isinstance(shift_size, int) else tuple(shift_size), "shift_size")
         if any(s >= w for s, w in zip(self.shift_size, self.window_size, strict=True)):
-            raise ValueError(f"shift_size must satisfy 0 <= shift < window per axis, got {self.shift_size} for "
-                             f"window_size {self.window_size}")
+            raise ValueError(
+                f"shift_size must satisfy 0 <= shift < window per axis, got {self.shift_size} for "
+                f"window_size {self.window_size}"
+            )
         if not proj_bias:
             self.proj = nn.Linear(dim, dim, bias=False)
 
@@ -144,9 +198,17 @@ class ShiftedWindowAttention3d(WindowAttention3D):
         train/eval mode and its own ``qkv``, ``proj`` and ``relative_position_bias_table`` (the same
         parameters, so an optimizer built on the model goes on training them)."""
         with torch.device("meta"):  # nothing to initialise: the weights are module's
-            new = cls(module.qkv.in_features, tuple(module.window_size), tuple(module.shift_size), module.num_heads,
-                      qkv_bias=module.qkv.bias is not None, proj_bias=module.proj.bias is not None,
-                      attention_dropout=module.attention_dropout, dropout=module.dropout, backend=backend)
+            new = cls(
+                module.qkv.in_features,
+                tuple(module.window_size),
+                tuple(module.shift_size),
+                module.num_heads,
+                qkv_bias=module.qkv.bias is not None,
+                proj_bias=module.proj.bias is not None,
+                attention_dropout=module.attention_dropout,
+                dropout=module.dropout,
+                backend=backend,
+            )
         new.qkv, new.proj = module.qkv, module.proj
         new.relative_position_bias_table = module.relative_position_bias_table
         new.relative_position_index = new._checked_index(module.relative_position_index, "relative_position_index")
@@ -170,8 +232,10 @@ def replace_torchvision_attention(model: nn.Module, *, backend: str | None = Non
 
     targets = [(name, m) for name, m in model.named_modules() if name and type(m) is TorchvisionAttention]
     if not targets:
-        raise ValueError(f"model ({type(model).__name__}) holds no torchvision ShiftedWindowAttention3d submodule "
-                         "(convert a single one with ShiftedWindowAttention3d.from_torchvision)")
+        raise ValueError(
+            f"model ({type(model).__name__}) holds no torchvision ShiftedWindowAttention3d submodule "
+            "(convert a single one with ShiftedWindowAttention3d.from_torchvision)"
+        )
     for name, module in targets:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, ShiftedWindowAttention3d.from_torchvision(module, backend=backend))
@@ -184,11 +248,14 @@ def _check_layout(x: torch.Tensor, dim: int, H: int | None, W: int | None) -> No
         raise ValueError(f"give both H and W (tokens) or neither (channels-last frames), got H={H}, W={W}")
     if H is not None:
         if x.dim() != 3 or x.shape[1] != H * W or x.shape[2] != dim:
-            raise ValueError(f"x must be (B, N = H*W = {H * W}, {dim}) tokens for H={H}, W={W}, got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x must be (B, N = H*W = {H * W}, {dim}) tokens for H={H}, W={W}, got shape {tuple(x.shape)}"
+            )
     elif x.dim() not in (4, 5) or x.shape[-1] != dim:
-        raise ValueError(f"x must be (B, H, W, {dim}) or (B, T, H, W, {dim}) channels-last (or tokens with H and W),"
-                         f" got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"x must be (B, H, W, {dim}) or (B, T, H, W, {dim}) channels-last (or tokens with H and W),"
+            f" got shape {tuple(x.shape)}"
+        )
 
 
 class DWConv(nn.Module):
@@ -203,8 +270,9 @@ class DWConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, H: int | None = None, W: int | None = None, *,
-                activation: str | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, H: int | None = None, W: int | None = None, *, activation: str | None = None
+    ) -> torch.Tensor:
         dim = self.dwconv.out_channels
         _check_layout(x, dim, H, W)
         if H is not None:
@@ -223,8 +291,15 @@ class MixFFN(nn.Module):
     conv runs on every frame) or frames ``(B, H, W, C)``. The result has x's layout with ``out_features``
     channels. ``backend`` is passed to the op."""
 
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 drop: float = 0.0, *, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        drop: float = 0.0,
+        *,
+        backend: str | None = None,
+    ) -> None:
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features

@@ -18,5 +18,8 @@ def built_extension() -> ModuleType:
     except ModuleNotFoundError as error:  # pragma: no cover - depends on the build
         if error.name != "ssltm_kernels._C":
             raise
-        pytest.skip("ssltm_kernels._C is not built: run `pip install -e . --no-build-isolation` "
-                    "(or `python setup.py build_ext --inplace`)", allow_module_level=True)
+        pytest.skip(
+            "ssltm_kernels._C is not built: run `pip install -e . --no-build-isolation` "
+            "(or `python setup.py build_ext --inplace`)",
+            allow_module_level=True,
+        )

@@ -28,8 +28,12 @@ PROVENANCE = ("benchmark", "date", "commit", "torch", "triton", "cuda", "python"
 def test_device_table_and_roofline():
     sxm = harness.match_device_spec("NVIDIA H100 80GB HBM3")
     assert sxm is harness.DEVICE_SPECS["H100 SXM"]
-    for name, key in (("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200", "H200 SXM"),
-                      ("NVIDIA H200 NVL", "H200 NVL")):
+    for name, key in (
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H100 NVL", "H100 NVL"),
+        ("NVIDIA H200", "H200 SXM"),
+        ("NVIDIA H200 NVL", "H200 NVL"),
+    ):
         assert harness.match_device_spec(name) is harness.DEVICE_SPECS[key]
     assert harness.match_device_spec("NVIDIA A100-SXM4-80GB") is None and harness.match_device_spec(None) is None
     # dense bf16 peak = SMs x 4096 FLOP/clk x clock; MUFU exp = SMs x 16/clk x clock (3.9e12/s on H100 SXM)
@@ -124,9 +128,29 @@ def test_harness_rows_failures_and_jsonl(tmp_path, capsys):
 
     lines = [json.loads(line) for line in (tmp_path / "toy.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows)
-    for key in (*PROVENANCE, "case", "provider", "mode", "shape", "dtype", "ms", "ms_p20", "ms_p80", "tflops",
-                "gbps", "roofline_pct", "limiter", "peak_mib", "graph_ms", "graph_error", "max_err", "correct",
-                "errors", "info", "error"):
+    for key in (
+        *PROVENANCE,
+        "case",
+        "provider",
+        "mode",
+        "shape",
+        "dtype",
+        "ms",
+        "ms_p20",
+        "ms_p80",
+        "tflops",
+        "gbps",
+        "roofline_pct",
+        "limiter",
+        "peak_mib",
+        "graph_ms",
+        "graph_error",
+        "max_err",
+        "correct",
+        "errors",
+        "info",
+        "error",
+    ):
         assert key in lines[0], key
     first = lines[0]
     assert (first["benchmark"], first["device"], first["gpu"], first["run_note"]) == ("toy", "cpu", None, "cpu test")
@@ -152,8 +176,14 @@ def test_correctness_gate_marks_wrong_outputs_and_gradients_and_they_are_not_ran
         "fwd-only": Impl(lambda: torch.tanh(x @ w), modes=("fwd",)),
     }
     h = Harness("toy", device="cpu", quick=True, save=False)
-    rows = h.run_case(Case("toy", {}, torch.float32), providers, leaves={"x": x, "w": w}, modes=("fwd", "fwd+bwd"),
-                      reference="ref", exact=exact)
+    rows = h.run_case(
+        Case("toy", {}, torch.float32),
+        providers,
+        leaves={"x": x, "w": w},
+        modes=("fwd", "fwd+bwd"),
+        reference="ref",
+        exact=exact,
+    )
     by = {(r.provider, r.mode): r for r in rows}
     for mode in ("fwd", "fwd+bwd"):
         assert [by[(p, mode)].correct for p in providers] == [True, True, False, False, False, True]
@@ -180,8 +210,10 @@ def test_correctness_gate_marks_wrong_outputs_and_gradients_and_they_are_not_ran
     fast_wrong = Row("toy", "scaled", "fwd", {}, "float32", ms=1e-6, ms_p20=1e-6, ms_p80=1e-6, correct=False)
     check = harness.speedup_check("t", ref, [fast_wrong, wider], 0.0, own_why="o", peer_why="p")
     assert check.value.endswith("vs wider") and check.ok
-    assert harness.speedup_check("t", ref, [fast_wrong], 0.0, own_why="o", peer_why="p").why == \
-        "p; incorrect, not ranked: scaled"
+    assert (
+        harness.speedup_check("t", ref, [fast_wrong], 0.0, own_why="o", peer_why="p").why
+        == "p; incorrect, not ranked: scaled"
+    )
     harness.print_summary(rows, list(providers), ["ref"], None, "toy")
     assert "!!! INCORRECT" in capsys.readouterr().out
 
@@ -190,16 +222,25 @@ def test_gate_without_exact_in_low_precision_and_with_a_tolerance():
     # bf16 against an fp32 yardstick: the reference's own rounding bounds the others
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
     h = Harness("toy", device="cpu", quick=True, save=False)
-    rows = h.run_case(Case("toy", {}, torch.bfloat16), {"ref": lambda: x.square(), "same": lambda: x * x,
-                                                        "off": lambda: x.square() * 1.05},
-                      leaves=[x], modes=("fwd",), reference="ref", exact=Exact(lambda x: x.square()))
+    rows = h.run_case(
+        Case("toy", {}, torch.bfloat16),
+        {"ref": lambda: x.square(), "same": lambda: x * x, "off": lambda: x.square() * 1.05},
+        leaves=[x],
+        modes=("fwd",),
+        reference="ref",
+        exact=Exact(lambda x: x.square()),
+    )
     assert [r.correct for r in rows] == [True, True, False]
     assert rows[0].errors["out"][1] > 0 and set(rows[0].errors) == {"out"}  # fwd only: no gradient checked
     # a tolerance replaces the rule (e.g. class maps): no gradients, its own verdict
     labels = Harness("toy", device="cpu", quick=True, save=False).run_case(
-        Case("toy", {}, torch.float32), {"ref": lambda: x.float().argmax(1), "other": lambda: x.float().argmin(1)},
-        leaves=[], modes=("fwd",), reference="ref",
-        tolerance=lambda name, out, ref: ((out != ref).float().mean().item(), torch.equal(out, ref)))
+        Case("toy", {}, torch.float32),
+        {"ref": lambda: x.float().argmax(1), "other": lambda: x.float().argmin(1)},
+        leaves=[],
+        modes=("fwd",),
+        reference="ref",
+        tolerance=lambda name, out, ref: ((out != ref).float().mean().item(), torch.equal(out, ref)),
+    )
     assert [(r.correct, r.errors) for r in labels] == [(True, None), (False, None)]
 
 
@@ -224,8 +265,11 @@ def test_cuda_graph_timing_logic_with_a_stand_in_capture():
 
     h = Harness("toy", device="cpu", quick=True, save=False)
     assert h.graph_capture is None  # the CPU times no graphs by default
-    providers = {"plain": lambda: x * 2, "syncs": syncs,
-                 "opted-out": Impl(lambda: x * 2, graphs=False, note="allocates per call")}
+    providers = {
+        "plain": lambda: x * 2,
+        "syncs": syncs,
+        "opted-out": Impl(lambda: x * 2, graphs=False, note="allocates per call"),
+    }
     plain_rows = h.run_case(Case("toy", {}, torch.float32), providers, leaves=[x])
     assert all(r.graph_ms is None and r.graph_error is None for r in plain_rows)
     h.graph_capture, h.graph_below_ms = capture, 1e9
@@ -233,8 +277,10 @@ def test_cuda_graph_timing_logic_with_a_stand_in_capture():
     for mode in harness.GRAPH_MODES:
         assert by[("plain", mode)].graph_ms > 0 and by[("plain", mode)].graph_error is None
         assert by[("syncs", mode)].ok and by[("syncs", mode)].graph_ms is None
-        assert by[("syncs", mode)].graph_error == \
-            "capture failed: RuntimeError: operation not permitted when stream is capturing"
+        assert (
+            by[("syncs", mode)].graph_error
+            == "capture failed: RuntimeError: operation not permitted when stream is capturing"
+        )
         assert by[("opted-out", mode)].graph_error == "not capturable: allocates per call"
     assert by[("plain", "bwd")].graph_ms is None and by[("plain", "bwd")].graph_error is None
     assert "failed" in harness.format_rows(list(by.values()))
@@ -307,8 +353,13 @@ def test_window_attention_work_padded_and_shrunk():
     # an axis not larger than the window shrinks it and drops its shift (Video Swin's get_window_size)
     shrunk = bench.Shape("s", B=1, T=2, H=7, W=9, C=32, heads=1, shift=(1, 3, 3))
     g = shrunk.geom
-    assert (g.window, g.shift, g.tokens_per_window, g.num_windows, g.padded) == ((2, 7, 7), (0, 0, 3), 98, 2,
-                                                                                 (2, 7, 14))
+    assert (g.window, g.shift, g.tokens_per_window, g.num_windows, g.padded) == (
+        (2, 7, 7),
+        (0, 0, 3),
+        98,
+        2,
+        (2, 7, 14),
+    )
     record = shrunk.record()
     assert (record["nW"], record["N"], record["effective_window"], record["head_dim"]) == (2, 98, (2, 7, 7), 32)
 
@@ -323,10 +374,13 @@ def test_stt_shapes_match_the_model():
     assert bench.GPU_SHAPES["large-shift"].geom.shift == (0, 3, 3)
 
 
-@pytest.mark.parametrize("shape", [
-    bench.Shape("shrunk-shift", B=2, T=2, H=9, W=11, C=32, heads=2, window=(4, 5, 5), shift=(1, 2, 2)),
-    bench.Shape("odd", B=1, T=5, H=6, W=13, C=24, heads=3, window=(2, 3, 5), shift=(1, 1, 2)),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        bench.Shape("shrunk-shift", B=2, T=2, H=9, W=11, C=32, heads=2, window=(4, 5, 5), shift=(1, 2, 2)),
+        bench.Shape("odd", B=1, T=5, H=6, W=13, C=24, heads=3, window=(2, 3, 5), shift=(1, 1, 2)),
+    ],
+)
 def test_sdpa_and_flex_peers_match_the_reference(shape):
     """The peers' partition (from the op's geometry), bias index (table gather and dense bias) and shift
     regions, on shrunk windows, padding on every axis and odd sizes; the forward and the sdpa peer's
@@ -343,18 +397,23 @@ def test_sdpa_and_flex_peers_match_the_reference(shape):
     sdpa_grads = torch.autograd.grad(providers["sdpa"].fn(), (qkv, table), grad)
     for a, b in zip(ref_grads, sdpa_grads, strict=True):
         assert (a - b).abs().max().item() < 1e-10
-    assert torch.equal(bench.Partition(shape, qkv.device).dense_bias(table)[1, 5, 7],
-                       table[bench.Partition(shape, qkv.device).rel_index[5, 7], 1])
+    assert torch.equal(
+        bench.Partition(shape, qkv.device).dense_bias(table)[1, 5, 7],
+        table[bench.Partition(shape, qkv.device).rel_index[5, 7], 1],
+    )
     round_trip = bench.Partition(shape, qkv.device)
     q, _, _ = round_trip(qkv.detach())
     assert q.shape == (shape.B * shape.geom.num_windows, shape.heads, shape.geom.tokens_per_window, shape.head_dim)
     assert torch.equal(round_trip.reverse(q), bench.split_qkv(qkv.detach(), shape.heads)[0])
 
 
-@pytest.mark.parametrize("shape", [
-    bench.Shape("pad-shift", B=2, T=5, H=9, W=10, C=24, heads=2, window=(2, 3, 5), shift=(1, 1, 2)),
-    bench.Shape("shrunk", B=1, T=2, H=4, W=11, C=16, heads=2, window=(4, 5, 5), shift=(2, 2, 2)),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        bench.Shape("pad-shift", B=2, T=5, H=9, W=10, C=24, heads=2, window=(2, 3, 5), shift=(1, 1, 2)),
+        bench.Shape("shrunk", B=1, T=2, H=4, W=11, C=16, heads=2, window=(4, 5, 5), shift=(2, 2, 2)),
+    ],
+)
 def test_torchvision_module_peer_matches_ours(shape):
     """torchvision's ShiftedWindowAttention3d on our module's parameters: the same output and gradients as
     our WindowAttention3D (reference backend) and the gate's yardstick, padded, shifted and shrunk."""
@@ -460,9 +519,9 @@ def test_target_checks_and_their_statuses():
     assert harness.target_results("c", "ours", checks, correct=None) == results
     # a row without a time (or none at all) is n/a with the reason given for it
     broken = index.get("d", "broken", "fwd+bwd")
-    assert harness.speedup_check("t", broken, [index.timed("d", "eager", "fwd+bwd")], 1.0,
-                                 own_why=harness.untimed(broken), peer_why="-") == \
-        harness.Check("t", "-", None, "broken: RuntimeError: boom")
+    assert harness.speedup_check(
+        "t", broken, [index.timed("d", "eager", "fwd+bwd")], 1.0, own_why=harness.untimed(broken), peer_why="-"
+    ) == harness.Check("t", "-", None, "broken: RuntimeError: boom")
     assert harness.speedup_check("t", None, [], 1.0, own_why="o", peer_why="p").why == "o"
     assert harness.speedup_check("t", fb, [None, broken], 1.0, own_why="o", peer_why="p").why == "p"
     assert harness.bandwidth_check("t", broken, 4.8e12, 1.0, own_why="o", peak_why="p").why == "o"
@@ -488,18 +547,25 @@ def test_check_targets_per_case_and_provider():
 
 
 def test_print_summary(capsys):
-    rows = [_row("c", "eager", "fwd", 4.0), _row("c", "ours", "fwd", 2.0, correct=False),
-            _row("c-module", "module-eager", "fwd", 9.0), _row("c-module", "module-ours", "fwd", 3.0, correct=True)]
+    rows = [
+        _row("c", "eager", "fwd", 4.0),
+        _row("c", "ours", "fwd", 2.0, correct=False),
+        _row("c-module", "module-eager", "fwd", 9.0),
+        _row("c-module", "module-ours", "fwd", 3.0, correct=True),
+    ]
     targets = [harness.TargetResult("c", "fwd >= 1x eager", "ours", "2.00x", "PASS")]
     labels = {"eager": "module-eager", "ours": "module-ours"}
     harness.print_summary(rows, ["eager", "ours"], ["ours", "theirs"], targets, "c", labels=[labels])
-    conv, module = harness.format_speedups(rows, "ours", ["eager"]), harness.format_speedups(rows, "module-ours",
-                                                                                              ["module-eager"])
+    conv, module = (
+        harness.format_speedups(rows, "ours", ["eager"]),
+        harness.format_speedups(rows, "module-ours", ["module-eager"]),
+    )
     assert "2.00x" not in conv and "2.000 WRONG" in conv and "wrong" in conv  # an incorrect row is not ranked
     assert "3.00x" in module and "module" not in conv
     assert capsys.readouterr().out == (
         f"\n{conv}\n\n{module}\n\n!!! INCORRECT (output or gradients beyond twice the reference's error; not "
-        f"ranked): ours on c\n{harness.format_targets(targets, 'c')}\n")
+        f"ranked): ours on c\n{harness.format_targets(targets, 'c')}\n"
+    )
     harness.print_summary(rows[:1], ["eager", "ours"], ["ours"], None, "c")
     assert capsys.readouterr().out == "\ntargets: defined for bf16 on a GPU; not evaluated on this CPU run\n"
 
@@ -540,9 +606,15 @@ def test_stt_window_attn_cpu_quick(tmp_path):
     repo_results = BENCH_DIR / "results" / f"{bench.BENCHMARK}.jsonl"
     before = repo_results.stat().st_size if repo_results.exists() else None
     # the shape that pads every axis and shifts; the peers test covers shrunk windows and odd sizes
-    proc, rows = run_cpu_benchmark("stt_window_attn", "--quick", "--providers",
-                                   "eager,torchvision,sdpa,flex,flex-dense,triton", "--shapes", "cpu-pad-shift",
-                                   results_dir=tmp_path)
+    proc, rows = run_cpu_benchmark(
+        "stt_window_attn",
+        "--quick",
+        "--providers",
+        "eager,torchvision,sdpa,flex,flex-dense,triton",
+        "--shapes",
+        "cpu-pad-shift",
+        results_dir=tmp_path,
+    )
     assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
     assert "WRONG" not in proc.stdout and "INCORRECT" not in proc.stdout
     assert (repo_results.stat().st_size if repo_results.exists() else None) == before  # written elsewhere
@@ -554,15 +626,18 @@ def test_stt_window_attn_cpu_quick(tmp_path):
     case, module = "cpu-pad-shift", "cpu-pad-shift-module"
     assert by[(case, "eager", "fwd")]["shape"]["nW"] == bench.CPU_SHAPES[case].geom.num_windows
     # the gate: output and both gradients against the float64 reference, within twice the fp32 reference's error
-    for (c, provider) in ((case, "eager"), (case, "sdpa"), (module, "torchvision"), (module, "module-reference")):
+    for c, provider in ((case, "eager"), (case, "sdpa"), (module, "torchvision"), (module, "module-reference")):
         for mode in harness.MODES:
             r = by[(c, provider, mode)]
             assert r["error"] is None and r["ms"] > 0 and r["correct"] is True, r
             assert all(err <= bound for err, bound in r["errors"].values())
     assert set(by[(case, "sdpa", "fwd")]["errors"]) == {"out", "grad qkv", "grad table"}
     assert by[(case, "sdpa", "fwd")]["max_err"] < 1e-5
-    assert set(by[(module, "torchvision", "fwd")]["errors"]) == {"out", "grad x", *(
-        f"grad {n}" for n in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table"))}
+    assert set(by[(module, "torchvision", "fwd")]["errors"]) == {
+        "out",
+        "grad x",
+        *(f"grad {n}" for n in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "relative_position_bias_table")),
+    }
     # the SDPA kernel that ran, in every sdpa row
     assert all(by[(case, "sdpa", m)]["info"]["sdpa_kernel"] == "math" for m in harness.MODES)
     assert "sdpa: {" in proc.stdout

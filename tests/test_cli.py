@@ -197,8 +197,13 @@ def test_a_work_dir_with_checkpoints_is_not_started_again_by_accident(tmp_path, 
 def test_mixed_precision_training_resumes_exactly(tmp_path, amp):
     """Autocast training (bf16, and fp16 with its grad scaler) on CPU: finite losses, the scaler's state
     in the checkpoint, and a resumed run equal to the uninterrupted one."""
-    common = ["train.max_iters=2", "train.batch_size=2", "train.checkpoint_every=1", "train.validate=false",
-              f"train.amp={amp}"]
+    common = [
+        "train.max_iters=2",
+        "train.batch_size=2",
+        "train.checkpoint_every=1",
+        "train.validate=false",
+        f"train.amp={amp}",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert train_cli(tmp_path, whole, *common) == 0
     steps = [r for r in log_records(whole) if "total" in r]
@@ -330,11 +335,28 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_all_processes_agree_on(tmp_p
     """Ctrl-C in a terminal reaches torchrun and both workers (the whole process group): the processes agree
     on the iteration to stop after, the first saves it, and the run resumes from it."""
     work = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ssltm",
-           "train", config_file(tmp_path), "--set", *TINY, "train.max_iters=1000", "train.batch_size=2",
-           "train.checkpoint_every=1000", "train.validate=false", "--work-dir", str(work)]
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ssltm",
+        "train",
+        config_file(tmp_path),
+        "--set",
+        *TINY,
+        "train.max_iters=1000",
+        "train.batch_size=2",
+        "train.checkpoint_every=1000",
+        "train.validate=false",
+        "--work-dir",
+        str(work),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 240
         while not (work / "log.jsonl").is_file() and time.monotonic() < deadline and proc.poll() is None:
@@ -350,8 +372,20 @@ def test_ctrl_c_under_torchrun_saves_one_checkpoint_all_processes_agree_on(tmp_p
     assert f"interrupted at iteration {done}" in stderr
     last = log_records(work)[-1]
     assert last["iter"] == done and last["end"] == "interrupted"
-    torchrun(tmp_path, "train", config_file(tmp_path), "--set", *TINY, f"train.max_iters={done + 1}",
-             "train.batch_size=2", "train.validate=false", "--work-dir", str(work), "--resume", str(work / "latest.pt"))
+    torchrun(
+        tmp_path,
+        "train",
+        config_file(tmp_path),
+        "--set",
+        *TINY,
+        f"train.max_iters={done + 1}",
+        "train.batch_size=2",
+        "train.validate=false",
+        "--work-dir",
+        str(work),
+        "--resume",
+        str(work / "latest.pt"),
+    )
     assert load_checkpoint(work / "latest.pt")["iteration"] == done + 1
 
 
@@ -564,8 +598,11 @@ def test_eval_and_infer_use_the_checkpoints_config(tmp_path, trained, capsys):
     ckpt["config"]["data"]["eval_size"] = 32
     small = save_checkpoint(tmp_path / "eval_size_32.pt", ckpt)
     frames = frame_folder(tmp_path, 2, size=48)
-    for name, args, shape in (("default", [], (32, 32)), ("size", ["--size", "40"], (40, 40)),
-                              ("native", ["--set", "data.eval_size=null"], (48, 48))):
+    for name, args, shape in (
+        ("default", [], (32, 32)),
+        ("size", ["--size", "40"], (40, 40)),
+        ("native", ["--set", "data.eval_size=null"], (48, 48)),
+    ):
         out = tmp_path / name
         assert main(["infer", "--checkpoint", str(small), "--input", str(frames), "--out", str(out), *args]) == 0
         assert np.asarray(Image.open(out / "labels" / "000.png")).shape == shape, name
@@ -588,8 +625,12 @@ def test_outputs_are_checked_before_the_work(tmp_path, trained, capsys, monkeypa
     frames = frame_folder(tmp_path, 3, broken=2)
     out = tmp_path / "seg"
     infer = ["infer", "--checkpoint", str(trained), "--input", str(frames), "--out", str(out)]
-    for option, value, message in (("--max-frames", "0", "at least 1"), ("--max-frames", "-1", "at least 1"),
-                                   ("--size", "0", "at least 1"), ("--fps", "0", "positive")):
+    for option, value, message in (
+        ("--max-frames", "0", "at least 1"),
+        ("--max-frames", "-1", "at least 1"),
+        ("--size", "0", "at least 1"),
+        ("--fps", "0", "positive"),
+    ):
         assert f"{option} must be {message}, got {value}" in run_error(capsys, [*infer, option, value])
     err = run_error(capsys, [*infer[:-1], str(a_file / "seg")])
     assert f"--out: cannot create {a_file / 'seg'}: {a_file} is a file, not a folder" in err

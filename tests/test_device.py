@@ -24,12 +24,19 @@ def test_off_a_gpu_the_interpreter_stands_in_for_an_h100_sxm():
     cpu = torch.device("cpu")
     assert _device.INTERPRETER_DEVICE is _device.DEVICE_SPECS["H100 SXM"]
     assert (_device.device_arch(cpu), _device.device_shared_memory(cpu), _device.device_sm_count(cpu)) == (
-        90, 227 * 1024, 132)
+        90,
+        227 * 1024,
+        132,
+    )
 
 
 def test_boards():
     assert {name: (s.arch, s.sm_count) for name, s in _device.DEVICE_SPECS.items()} == {
-        "H100 SXM": (90, 132), "H100 PCIe": (90, 114), "H100 NVL": (90, 132), "H200 SXM": (90, 132),
-        "H200 NVL": (90, 132)}
+        "H100 SXM": (90, 132),
+        "H100 PCIe": (90, 114),
+        "H100 NVL": (90, 132),
+        "H200 SXM": (90, 132),
+        "H200 NVL": (90, 132),
+    }
     assert _device.match_device_spec("NVIDIA H100 PCIe") is _device.DEVICE_SPECS["H100 PCIe"]
     assert _device.DEVICE_SPECS["H100 SXM"].exp_per_s == 132 * 16 * 1830e6

@@ -47,8 +47,9 @@ def grad_names(bias):
 def test_reference_gradcheck_float64(shape, activation, bias):
     inputs = upcast(make_inputs(shape, bias=bias))
     leaves = [t for t in inputs if t is not None]
-    assert torch.autograd.gradcheck(lambda *t: dwconv3x3_reference(*t, *([None] if not bias else []), activation),
-                                    leaves)
+    assert torch.autograd.gradcheck(
+        lambda *t: dwconv3x3_reference(*t, *([None] if not bias else []), activation), leaves
+    )
 
 
 def test_reference_is_a_per_frame_depthwise_conv_and_gelu():
@@ -97,12 +98,16 @@ def test_triton_matches_reference_fp16(shape, activation, bias, channel_stride):
     low_out, low_grads = run(dwconv3x3_reference, *inputs, activation)
     ref_out, ref_grads = run(dwconv3x3_reference, *upcast(inputs, torch.float32), activation)
     assert out.dtype == torch.float16 and [g.dtype for g in grads] == [torch.float16] * len(grads)
-    assert_within_twice_low_precision_error(grad_names(bias), (out, *grads), (low_out, *low_grads),
-                                            (ref_out, *ref_grads), torch.float16, "triton fp16")
+    assert_within_twice_low_precision_error(
+        grad_names(bias), (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "triton fp16"
+    )
 
 
-@pytest.mark.parametrize("shape, activation", [((1, 1, 5, 17, 40), "gelu"), ((2, 5, 17, 33), None)],
-                         ids=["gelu-kernel-partials", "dx-kernel-partials"])
+@pytest.mark.parametrize(
+    "shape, activation",
+    [((1, 1, 5, 17, 40), "gelu"), ((2, 5, 17, 33), None)],
+    ids=["gelu-kernel-partials", "dx-kernel-partials"],
+)
 def test_triton_gpu_block_configuration_in_interpreter(monkeypatch, shape, activation):
     """The interpreter normally runs whole frames per program; here the GPU's tiles (several per frame,
     partial tiles at the frame's edges, several channel blocks) and several programs of partial sums run
@@ -147,8 +152,9 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype():
     assert out.dtype == torch.float16 and [g.dtype for g in grads] == [torch.float32] * 3
     low_out, low_grads = conv(dwconv3x3_reference)
     ref_out, ref_grads = run(dwconv3x3_reference, *inputs, "gelu")
-    assert_within_twice_low_precision_error(grad_names(True), (out, *grads), (low_out, *low_grads),
-                                            (ref_out, *ref_grads), torch.float16, "autocast")
+    assert_within_twice_low_precision_error(
+        grad_names(True), (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "autocast"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -157,12 +163,17 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype():
 def test_opcheck_forward_and_backward_ops():
     x, weight, bias = make_inputs((1, 2, 3, 5, 4))
     torch.library.opcheck(torch.ops.ssltm.dwconv3x3_fwd.default, (x, weight, bias, "gelu", "triton"))
-    torch.library.opcheck(torch.ops.ssltm.dwconv3x3_fwd.default, (x, weight, None, "", "triton"),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.ssltm.dwconv3x3_fwd.default,
+        (x, weight, None, "", "triton"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
     grad = torch.randn(x.shape)
-    torch.library.opcheck(torch.ops.ssltm.dwconv3x3_bwd.default,
-                          (grad, x.detach(), weight.detach(), bias.detach(), "gelu", "triton"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.ssltm.dwconv3x3_bwd.default,
+        (grad, x.detach(), weight.detach(), bias.detach(), "gelu", "triton"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_torch_compile_fullgraph_traces_mixffn():
@@ -171,8 +182,10 @@ def test_torch_compile_fullgraph_traces_mixffn():
     torch.manual_seed(0)
     module = MixFFN(8, 32, backend="triton")
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    for x, hw in ((torch.randn(2, 3 * 5, 8, requires_grad=True), (3, 5)),
-                  (torch.randn(1, 2, 3, 5, 8, requires_grad=True), ())):
+    for x, hw in (
+        (torch.randn(2, 3 * 5, 8, requires_grad=True), (3, 5)),
+        (torch.randn(1, 2, 3, 5, 8, requires_grad=True), ()),
+    ):
         eager = module(x, *hw)
         out = compiled(x, *hw)
         assert_close(out, eager, 1e-6, "compiled vs eager")
@@ -191,8 +204,10 @@ def test_compile_specs_follow_the_launches():
     representative = {c.label for c in op.compile_configs(90, "representative")}
     assert representative <= {c.label for c in op.compile_configs(90, "full")}
     assert any("bfloat16 stride16" in label and "gelu" in label for label in representative)
-    for activation, kernels in (("gelu", ["_dwconv_fwd_kernel", "_dwconv_bwd_gelu_kernel", "_dwconv_bwd_dx_kernel"]),
-                                (None, ["_dwconv_fwd_kernel", "_dwconv_bwd_dx_kernel"])):
+    for activation, kernels in (
+        ("gelu", ["_dwconv_fwd_kernel", "_dwconv_bwd_gelu_kernel", "_dwconv_bwd_dx_kernel"]),
+        (None, ["_dwconv_fwd_kernel", "_dwconv_bwd_dx_kernel"]),
+    ):
         specs = list(op.triton_compile_specs(torch.bfloat16, op.COMPILE_SHAPES["stride16"], activation))
         assert [name for name, *_ in specs] == kernels
         for _, _, signature, constexprs, _, _ in specs:
@@ -285,16 +300,25 @@ def test_mixffn_dropout_in_training_only():
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda a: a.update(weight=torch.randn(8, 3, 3)), ValueError,
-         r"weight must have shape \(C, 1, 3, 3\) = \(8, 1, 3, 3\) .* got \(8, 3, 3\)"),
-        (lambda a: a.update(weight=torch.randn(9, 1, 3, 3)), ValueError,
-         r"weight must have shape .*8 channels, got \(9, 1, 3, 3\) \(x shape \(2, 3, 4, 5, 8\)\)"),
+        (
+            lambda a: a.update(weight=torch.randn(8, 3, 3)),
+            ValueError,
+            r"weight must have shape \(C, 1, 3, 3\) = \(8, 1, 3, 3\) .* got \(8, 3, 3\)",
+        ),
+        (
+            lambda a: a.update(weight=torch.randn(9, 1, 3, 3)),
+            ValueError,
+            r"weight must have shape .*8 channels, got \(9, 1, 3, 3\) \(x shape \(2, 3, 4, 5, 8\)\)",
+        ),
         (lambda a: a.update(weight=torch.randn(8, 1, 5, 5)), ValueError, r"weight must .* got \(8, 1, 5, 5\)"),
         (lambda a: a.update(bias=torch.randn(7)), ValueError, r"bias must have shape \(C,\) = \(8,\) .* got \(7,\)"),
         (lambda a: a.update(x=torch.randn(4, 5, 8)), ValueError, r"x must be 4-D .* or 5-D .* got shape \(4, 5, 8\)"),
         (lambda a: a.update(x=torch.randn(1, 1, 2, 3, 4, 8)), ValueError, r"x must be 4-D .*\(1, 1, 2, 3, 4, 8\)"),
-        (lambda a: a.update(weight=a["weight"].double()), TypeError,
-         r"weight must have x's dtype torch.float32, got torch.float64 \(weight shape \(8, 1, 3, 3\)\)"),
+        (
+            lambda a: a.update(weight=a["weight"].double()),
+            TypeError,
+            r"weight must have x's dtype torch.float32, got torch.float64 \(weight shape \(8, 1, 3, 3\)\)",
+        ),
         (lambda a: a.update(bias=a["bias"].half()), TypeError, r"bias must have x's dtype"),
         (lambda a: a.update(weight=a["weight"].to("meta")), ValueError, r"weight must be on x's device cpu, got meta"),
         (lambda a: a.update(activation="relu"), ValueError, r"activation must be one of \(None, 'gelu'\), got 'relu'"),
@@ -369,12 +393,14 @@ def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch):
     low_out, low_grads = run(dwconv3x3_reference, *inputs, "gelu")
     ref_out, ref_grads = run(dwconv3x3_reference, *upcast(inputs, torch.float32), "gelu")
     assert out.dtype == torch.float16 and [g.dtype for g in grads] == [torch.float16] * 3
-    assert_within_twice_low_precision_error(grad_names(True), (out, *grads), (low_out, *low_grads),
-                                            (ref_out, *ref_grads), torch.float16, "cuda emulation")
+    assert_within_twice_low_precision_error(
+        grad_names(True), (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "cuda emulation"
+    )
     without_bias = run(dwconv3x3, inputs[0], inputs[1], None, None)
     expected = run(dwconv3x3_reference, *upcast((inputs[0], inputs[1])), None, None)
-    for name, g, r in zip(("out", "dx", "dweight"), (without_bias[0], *without_bias[1]),
-                          (expected[0], *expected[1]), strict=True):
+    for name, g, r in zip(
+        ("out", "dx", "dweight"), (without_bias[0], *without_bias[1]), (expected[0], *expected[1]), strict=True
+    ):
         assert_close(g, r, 2e-3 * max(1.0, r.abs().max().item()), f"no bias {name}")
 
 
@@ -402,7 +428,8 @@ def test_benchmark_work_formulas():
     module_shape = bench.Shape("m", B=2, T=4, H=15, W=15, C=1024)
     tokens, dim = 2 * 4 * 15 * 15, 256
     assert bench.mixffn_work(module_shape, torch.bfloat16, "fwd").flops == pytest.approx(
-        2 * (2 * tokens * dim * 1024) + 2 * 9 * elements)
+        2 * (2 * tokens * dim * 1024) + 2 * 9 * elements
+    )
     assert [s.C for s in bench.SSLTM_SHAPES] == [128, 256, 512, 1024]
 
 
@@ -451,8 +478,9 @@ def test_gpu_backend_matches_fp32_reference(backend, shape, dtype, activation):
     high = torch.float64 if dtype == torch.float32 else torch.float32
     ref_out, ref_grads = run(dwconv3x3_reference, *upcast(inputs, high), activation)
     assert out.dtype == dtype and out.is_contiguous()
-    assert_within_twice_low_precision_error(grad_names(True), (out, *grads), (low_out, *low_grads),
-                                            (ref_out, *ref_grads), dtype, backend)
+    assert_within_twice_low_precision_error(
+        grad_names(True), (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), dtype, backend
+    )
 
 
 @pytest.mark.gpu
@@ -481,8 +509,9 @@ def test_gpu_mixffn_under_bf16_autocast(backend):
     def ffn(m):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = m(x)
-        return out, torch.autograd.grad(out.float().square().sum(), (x, m.fc1.weight, m.dwconv.dwconv.weight,
-                                                                      m.dwconv.dwconv.bias))
+        return out, torch.autograd.grad(
+            out.float().square().sum(), (x, m.fc1.weight, m.dwconv.dwconv.weight, m.dwconv.dwconv.bias)
+        )
 
     out, grads = ffn(module)
     assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.float32] * 4
@@ -490,8 +519,14 @@ def test_gpu_mixffn_under_bf16_autocast(backend):
     reference.backend = "reference"
     low_out, low_grads = ffn(reference)
     fp32_out = reference(x)
-    fp32_grads = torch.autograd.grad(fp32_out.square().sum(), (x, reference.fc1.weight,
-                                                               reference.dwconv.dwconv.weight,
-                                                               reference.dwconv.dwconv.bias))
-    assert_within_twice_low_precision_error(("out", "dx", "dfc1", "dconv_w", "dconv_b"), (out, *grads),
-                                            (low_out, *low_grads), (fp32_out, *fp32_grads), torch.bfloat16, backend)
+    fp32_grads = torch.autograd.grad(
+        fp32_out.square().sum(), (x, reference.fc1.weight, reference.dwconv.dwconv.weight, reference.dwconv.dwconv.bias)
+    )
+    assert_within_twice_low_precision_error(
+        ("out", "dx", "dfc1", "dconv_w", "dconv_b"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (fp32_out, *fp32_grads),
+        torch.bfloat16,
+        backend,
+    )

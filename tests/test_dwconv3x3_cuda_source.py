@@ -24,7 +24,7 @@ def oracle(x, weight, bias, activation):
     bias, apply 0.5 z (1 + erf(z / sqrt 2))."""
     height, width = x.shape[-3:-1]
     padded = F.pad(x, (0, 0, 1, 1, 1, 1))
-    z = sum(padded[..., i:i + height, j:j + width, :] * weight[:, 0, i, j] for i in range(3) for j in range(3))
+    z = sum(padded[..., i : i + height, j : j + width, :] * weight[:, 0, i, j] for i in range(3) for j in range(3))
     if bias is not None:
         z = z + bias
     return 0.5 * z * (1 + torch.erf(z / 2**0.5)) if activation == "gelu" else z
@@ -100,15 +100,19 @@ def test_low_precision_within_twice_the_reference_error(dtype):
     got = run_kernel(x, weight, b, grad, "gelu")
     want = run_oracle(x, weight, b, grad, "gelu")
     leaves = [t.detach().requires_grad_() for t in (x, weight, b)]
-    low_out = F.gelu(F.conv2d(leaves[0].flatten(0, 1).permute(0, 3, 1, 2), leaves[1], leaves[2], padding=1,
-                              groups=33)).permute(0, 2, 3, 1).reshape(x.shape)
+    low_out = (
+        F.gelu(F.conv2d(leaves[0].flatten(0, 1).permute(0, 3, 1, 2), leaves[1], leaves[2], padding=1, groups=33))
+        .permute(0, 2, 3, 1)
+        .reshape(x.shape)
+    )
     low = (low_out, *torch.autograd.grad(low_out, leaves, grad))
     assert got[0].dtype == dtype and got[1].dtype == dtype
     assert got[2].dtype == got[3].dtype == (torch.float32)
     for what, g, lo, w in zip(("out", "dx", "dweight", "dbias"), got, low, want, strict=True):
         low_err = (lo.double() - w).abs().max().item()
-        assert_close(f"{what} ({dtype}, reference error {low_err:.2e})", g, w,
-                     2 * low_err + 1e-6 * w.abs().max().item())
+        assert_close(
+            f"{what} ({dtype}, reference error {low_err:.2e})", g, w, 2 * low_err + 1e-6 * w.abs().max().item()
+        )
 
 
 def test_deterministic_and_broadcast_gradient():
@@ -129,19 +133,28 @@ def small():
     return dict(x=x, weight=weight, bias=b, activation="gelu"), grad
 
 
-@pytest.mark.parametrize("override,message", [
-    (dict(x=torch.randn(3, 4, 8)), r"x must be 4-D \(B, H, W, C\) or 5-D \(B, T, H, W, C\), got shape \[3, 4, 8\]"),
-    (dict(weight=torch.randn(8, 3, 3)), r"weight must have shape \(C, 1, 3, 3\) = \(8, 1, 3, 3\) for x of shape "
-                                        r"\[1, 2, 3, 4, 8\], got \[8, 3, 3\]"),
-    (dict(weight=torch.randn(9, 1, 3, 3)), r"weight must have shape .* got \[9, 1, 3, 3\]"),
-    (dict(weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)), r"weight must have the dtype of x \(Float\), got "
-                                                                r"Double \(weight shape \[8, 1, 3, 3\]\)"),
-    (dict(bias=torch.randn(7)), r"bias must have shape \(C,\) = \(8,\) .* got \[7\]"),
-    (dict(bias=torch.randn(8).half()), r"bias must have the dtype of x"),
-    (dict(activation="relu"), r"activation must be \"\" \(none\) or \"gelu\", got \"relu\""),
-    (dict(x=torch.randn(1, 0, 3, 4, 8)), r"x must not be empty, got shape \[1, 0, 3, 4, 8\]"),
-    (dict(x=torch.randn(1, 2, 3, 4, 8).int()), r"x must be float32, float16 or bfloat16 .* got Int"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (dict(x=torch.randn(3, 4, 8)), r"x must be 4-D \(B, H, W, C\) or 5-D \(B, T, H, W, C\), got shape \[3, 4, 8\]"),
+        (
+            dict(weight=torch.randn(8, 3, 3)),
+            r"weight must have shape \(C, 1, 3, 3\) = \(8, 1, 3, 3\) for x of shape "
+            r"\[1, 2, 3, 4, 8\], got \[8, 3, 3\]",
+        ),
+        (dict(weight=torch.randn(9, 1, 3, 3)), r"weight must have shape .* got \[9, 1, 3, 3\]"),
+        (
+            dict(weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)),
+            r"weight must have the dtype of x \(Float\), got "
+            r"Double \(weight shape \[8, 1, 3, 3\]\)",
+        ),
+        (dict(bias=torch.randn(7)), r"bias must have shape \(C,\) = \(8,\) .* got \[7\]"),
+        (dict(bias=torch.randn(8).half()), r"bias must have the dtype of x"),
+        (dict(activation="relu"), r"activation must be \"\" \(none\) or \"gelu\", got \"relu\""),
+        (dict(x=torch.randn(1, 0, 3, 4, 8)), r"x must not be empty, got shape \[1, 0, 3, 4, 8\]"),
+        (dict(x=torch.randn(1, 2, 3, 4, 8).int()), r"x must be float32, float16 or bfloat16 .* got Int"),
+    ],
+)
 def test_bad_inputs(small, override, message):
     args, _ = small
     args.update(override)

@@ -25,12 +25,18 @@ def test_report_states_this_build_of_the_extension():
         assert "built without CUDA kernels" in line
 
 
-@pytest.mark.parametrize(("extension", "expected"), [
-    (None, "not available: no module named _C"),
-    (types.SimpleNamespace(WITH_CUDA=False), "built without CUDA kernels (CPU emulation only)"),
-    (types.SimpleNamespace(WITH_CUDA=True), "built with CUDA kernels"),
-    (types.SimpleNamespace(WITH_CUDA=True, CUDA_ARCHS=("sm_80", "sm_90")), "built with CUDA kernels for sm_80, sm_90"),
-])
+@pytest.mark.parametrize(
+    ("extension", "expected"),
+    [
+        (None, "not available: no module named _C"),
+        (types.SimpleNamespace(WITH_CUDA=False), "built without CUDA kernels (CPU emulation only)"),
+        (types.SimpleNamespace(WITH_CUDA=True), "built with CUDA kernels"),
+        (
+            types.SimpleNamespace(WITH_CUDA=True, CUDA_ARCHS=("sm_80", "sm_90")),
+            "built with CUDA kernels for sm_80, sm_90",
+        ),
+    ],
+)
 def test_report_follows_the_extension(monkeypatch, extension, expected):
     monkeypatch.setattr(_ext, "HAS_CUDA_EXT", extension is not None)
     monkeypatch.setattr(_ext, "CUDA_EXT_IMPORT_ERROR", None if extension else "no module named _C")
@@ -42,8 +48,9 @@ def test_report_follows_the_extension(monkeypatch, extension, expected):
 def test_command_reports_triton_mode(interpret):
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET=interpret)
-    result = subprocess.run([sys.executable, "-m", "ssltm_kernels.env"], env=env, capture_output=True, text=True,
-                            timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ssltm_kernels.env"], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
     line = _line(result.stdout, "triton")
     assert ("CPU interpreter" in line) == (interpret == "1"), result.stdout
     assert ("compiled kernels" in line) == (interpret == "0"), result.stdout
@@ -51,8 +58,14 @@ def test_command_reports_triton_mode(interpret):
 
 
 def test_report_gives_each_gpu_its_arch_memory_sms_and_l2(monkeypatch):
-    props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30,
-                                  multi_processor_count=132, L2_cache_size=50 * 2**20)
+    props = types.SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3",
+        major=9,
+        minor=0,
+        total_memory=80 * 2**30,
+        multi_processor_count=132,
+        L2_cache_size=50 * 2**20,
+    )
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     monkeypatch.setattr("torch.cuda.get_device_properties", lambda index: props)

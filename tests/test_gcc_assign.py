@@ -188,8 +188,10 @@ def test_exact_ties_take_the_lowest_cluster(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name, value", [("centers", float("nan")), ("feats", float("nan")), ("centers", float("inf")),
-                                         ("feats", -float("inf"))])
+@pytest.mark.parametrize(
+    "name, value",
+    [("centers", float("nan")), ("feats", float("nan")), ("centers", float("inf")), ("feats", -float("inf"))],
+)
 def test_non_finite_inputs_are_an_error_in_every_backend(monkeypatch, backend, name, value):
     """A NaN centre used to give a finite loss in the kernels (a NaN distance is never the minimum there) and a
     NaN loss in the reference: every backend, the reference and a compiled graph now refuse it before the work."""
@@ -221,8 +223,9 @@ def test_gradient_of_one_output_only(monkeypatch, backend):
     g = torch.randn(nearest.shape, generator=torch.Generator().manual_seed(2))
     for out, ref_out, grad in ((loss, ref_loss, None), (nearest, ref_nearest, g)):
         (dcenters,) = torch.autograd.grad(out, centers, grad, retain_graph=True)
-        (expected,) = torch.autograd.grad(ref_out, ref_centers, None if grad is None else grad.double(),
-                                          retain_graph=True)
+        (expected,) = torch.autograd.grad(
+            ref_out, ref_centers, None if grad is None else grad.double(), retain_graph=True
+        )
         assert_close(dcenters, expected, 1e-6 * max(1.0, expected.abs().max().item()), f"{backend} dcenters")
 
 
@@ -230,8 +233,12 @@ def test_gradient_of_one_output_only(monkeypatch, backend):
 def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch, dtype):
     pretend_cuda_backend_runs_on_cpu(monkeypatch)
     calls = []
-    monkeypatch.setattr(op._C, "gcc_assign_forward",
-                        lambda *a, _f=op._C.gcc_assign_forward: calls.append("fwd") or _f(*a), raising=False)
+    monkeypatch.setattr(
+        op._C,
+        "gcc_assign_forward",
+        lambda *a, _f=op._C.gcc_assign_forward: calls.append("fwd") or _f(*a),
+        raising=False,
+    )
     inputs = make_inputs(9, 3, 3, 37, dtype=dtype)
     result = run(gcc_assign, *inputs)  # automatic dispatch: cuda first
     assert calls == ["fwd"]
@@ -252,9 +259,11 @@ def test_opcheck_forward_and_backward_ops(backend):
     nearest, loss, index, norm = torch.ops.ssltm.gcc_assign_fwd(feats.detach(), centers.detach(), valid, backend)
     grad = torch.randn_like(nearest)
     for grad_nearest, grad_loss in ((grad, torch.tensor(0.5)), (None, torch.tensor(0.5)), (grad, None)):
-        torch.library.opcheck(torch.ops.ssltm.gcc_assign_bwd.default,
-                              (grad_nearest, grad_loss, feats.detach(), centers.detach(), valid, index, norm, backend),
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            torch.ops.ssltm.gcc_assign_bwd.default,
+            (grad_nearest, grad_loss, feats.detach(), centers.detach(), valid, index, norm, backend),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -299,23 +308,44 @@ def _args():
     [
         (lambda a: a.update(feats=a["feats"][0]), ValueError, r"feats must be 3-D \(B, K, D\), got shape \(3, 4\)"),
         (lambda a: a.update(centers=a["centers"][0]), ValueError, r"centers must be 3-D .* got shape \(3, 4\)"),
-        (lambda a: a.update(centers=torch.randn(5, 2, 4)), ValueError,
-         r"centers must have shape \(T, K, D\) = \(T, 3, 4\) to match feats \(2, 3, 4\), got \(5, 2, 4\)"),
+        (
+            lambda a: a.update(centers=torch.randn(5, 2, 4)),
+            ValueError,
+            r"centers must have shape \(T, K, D\) = \(T, 3, 4\) to match feats \(2, 3, 4\), got \(5, 2, 4\)",
+        ),
         (lambda a: a.update(centers=torch.randn(5, 3, 6)), ValueError, r"centers .* got \(5, 3, 6\)"),
-        (lambda a: a.update(valid=torch.ones(3, 3, dtype=torch.bool)), ValueError,
-         r"valid must have shape \(B, K\) = \(2, 3\) to match feats \(2, 3, 4\), got \(3, 3\)"),
+        (
+            lambda a: a.update(valid=torch.ones(3, 3, dtype=torch.bool)),
+            ValueError,
+            r"valid must have shape \(B, K\) = \(2, 3\) to match feats \(2, 3, 4\), got \(3, 3\)",
+        ),
         (lambda a: a.update(valid=torch.ones(2, 3, 1, dtype=torch.bool)), ValueError, r"valid must have shape"),
-        (lambda a: a.update(valid=torch.ones(2, 3)), TypeError,
-         r"valid must be a bool tensor, got torch.float32 of shape \(2, 3\)"),
-        (lambda a: a.update(centers=a["centers"].double()), TypeError,
-         r"centers must have feats' dtype torch.float32, got torch.float64 \(shape \(5, 3, 4\)\)"),
-        (lambda a: a.update(feats=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError,
-         r"feats must be a floating-point tensor, got torch.int64 of shape \(2, 3, 4\)"),
-        (lambda a: a.update(centers=a["centers"].to("meta")), ValueError,
-         r"centers must be on feats' device cpu, got meta \(shape \(5, 3, 4\)\)"),
+        (
+            lambda a: a.update(valid=torch.ones(2, 3)),
+            TypeError,
+            r"valid must be a bool tensor, got torch.float32 of shape \(2, 3\)",
+        ),
+        (
+            lambda a: a.update(centers=a["centers"].double()),
+            TypeError,
+            r"centers must have feats' dtype torch.float32, got torch.float64 \(shape \(5, 3, 4\)\)",
+        ),
+        (
+            lambda a: a.update(feats=torch.ones(2, 3, 4, dtype=torch.int64)),
+            TypeError,
+            r"feats must be a floating-point tensor, got torch.int64 of shape \(2, 3, 4\)",
+        ),
+        (
+            lambda a: a.update(centers=a["centers"].to("meta")),
+            ValueError,
+            r"centers must be on feats' device cpu, got meta \(shape \(5, 3, 4\)\)",
+        ),
         (lambda a: a.update(valid=a["valid"].to("meta")), ValueError, r"valid must be on feats' device cpu"),
-        (lambda a: a.update(feats=torch.randn(0, 3, 4), valid=torch.ones(0, 3, dtype=torch.bool)), ValueError,
-         r"must not be empty, got feats \(0, 3, 4\)"),
+        (
+            lambda a: a.update(feats=torch.randn(0, 3, 4), valid=torch.ones(0, 3, dtype=torch.bool)),
+            ValueError,
+            r"must not be empty, got feats \(0, 3, 4\)",
+        ),
         (lambda a: a.update(centers=torch.randn(0, 3, 4)), ValueError, r"must not be empty.*centers \(0, 3, 4\)"),
         (lambda a: a.update(feats=[1.0]), TypeError, r"feats must be a torch.Tensor, got list"),
         (lambda a: a.update(backend="cudnn"), ValueError, r"backend must be one of"),

@@ -68,19 +68,22 @@ def check_against_oracle(feats, centers, valid, grad_nearest, grad_loss, atol=1e
     assert abs(loss.item() - ref_loss.item()) <= atol * max(1.0, ref_loss.item())
     assert dcenters.dtype == centers.dtype and dcenters.shape == centers.shape and dcenters.is_contiguous()
     # 16-bit gradients: rounding of the result
-    tol = atol if centers.dtype == torch.float32 else 2.0 ** -7 if centers.dtype == torch.bfloat16 else 2.0 ** -10
+    tol = atol if centers.dtype == torch.float32 else 2.0**-7 if centers.dtype == torch.bfloat16 else 2.0**-10
     err = (dcenters.double() - ref_dcenters).abs().max().item()
     assert err <= tol * max(1.0, ref_dcenters.abs().max().item()), f"dcenters: max abs error {err:.3e}"
     return index, nearest, loss, norm, dcenters
 
 
-@pytest.mark.parametrize("batch, categories, clusters, dim", [
-    pytest.param(3, 5, 3, 37, id="D-not-a-multiple-of-the-lanes"),
-    pytest.param(17, 2, 4, 5, id="three-row-blocks-D-below-the-lanes"),
-    pytest.param(9, 130, 3, 8, id="more-blocks-than-share-threads"),
-    pytest.param(2, 3, 1, 300, id="T1-D-beyond-one-backward-block"),
-    pytest.param(1, 1, 2, 1, id="one-frame-one-category-D1"),
-])
+@pytest.mark.parametrize(
+    "batch, categories, clusters, dim",
+    [
+        pytest.param(3, 5, 3, 37, id="D-not-a-multiple-of-the-lanes"),
+        pytest.param(17, 2, 4, 5, id="three-row-blocks-D-below-the-lanes"),
+        pytest.param(9, 130, 3, 8, id="more-blocks-than-share-threads"),
+        pytest.param(2, 3, 1, 300, id="T1-D-beyond-one-backward-block"),
+        pytest.param(1, 1, 2, 1, id="one-frame-one-category-D1"),
+    ],
+)
 def test_matches_oracle_fp32(batch, categories, clusters, dim):
     check_against_oracle(*make_inputs(batch, categories, clusters, dim))
 
@@ -104,8 +107,11 @@ def test_low_precision(dtype):
 
 def test_gradients_of_one_output_and_strided_inputs():
     feats, centers, valid, grad_nearest, grad_loss = make_inputs(10, 6, 3, 33)
-    strided = (feats.transpose(0, 1).contiguous().transpose(0, 1), torch.stack([centers] * 2, -1)[..., 1],
-               valid.t().contiguous().t())
+    strided = (
+        feats.transpose(0, 1).contiguous().transpose(0, 1),
+        torch.stack([centers] * 2, -1)[..., 1],
+        valid.t().contiguous().t(),
+    )
     assert not any(x.is_contiguous() for x in strided)
     broadcast = grad_nearest[:1, :1].expand_as(grad_nearest)  # stride 0, as autograd hands some gradients
     for grads in ((None, grad_loss), (grad_nearest, None), (broadcast, grad_loss), (None, None)):
@@ -114,8 +120,9 @@ def test_gradients_of_one_output_and_strided_inputs():
 
 def test_no_valid_entry():
     feats, centers, valid, grad_nearest, grad_loss = make_inputs(4, 3, 2, 20)
-    index, nearest, loss, norm, dcenters = check_against_oracle(feats, centers, torch.zeros_like(valid), None,
-                                                                grad_loss)
+    index, nearest, loss, norm, dcenters = check_against_oracle(
+        feats, centers, torch.zeros_like(valid), None, grad_loss
+    )
     assert loss.item() == 0.0 and norm.item() == 0.0 and torch.equal(dcenters, torch.zeros_like(dcenters))
 
 
@@ -143,19 +150,27 @@ def _small():
     return dict(feats=torch.randn(2, 3, 4), centers=torch.randn(5, 3, 4), valid=torch.ones(2, 3, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("override, message", [
-    (dict(feats=torch.randn(3, 4)), r"feats must be 3-D \(B, K, D\), got shape \[3, 4\]"),
-    (dict(centers=torch.randn(3, 4)), r"centers must be 3-D \(T, K, D\), got shape \[3, 4\]"),
-    (dict(centers=torch.randn(5, 3, 6)), r"centers must have shape \(T, K, D\) = \(T, 3, 4\) to match feats "
-                                         r"\[2, 3, 4\], got \[5, 3, 6\]"),
-    (dict(valid=torch.ones(2, 4, dtype=torch.bool)), r"valid must have shape \(B, K\) = \(2, 3\) .* got \[2, 4\]"),
-    (dict(valid=torch.ones(2, 3)), r"valid must be bool, got Float of shape \[2, 3\]"),
-    (dict(feats=torch.randn(2, 3, 4).double(), centers=torch.randn(5, 3, 4).double()),
-     r"feats must be float32, float16 or bfloat16, got Double on cpu \(shape \[2, 3, 4\]\)"),
-    (dict(centers=torch.randn(5, 3, 4).half()), r"centers must have the dtype of feats \(Float\), got Half"),
-    (dict(feats=torch.randn(0, 3, 4), valid=torch.ones(0, 3, dtype=torch.bool)), r"must not be empty"),
-    (dict(centers=torch.randn(5, 3, 4, device="meta")), r"centers must be on the device of feats \(cpu\)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (dict(feats=torch.randn(3, 4)), r"feats must be 3-D \(B, K, D\), got shape \[3, 4\]"),
+        (dict(centers=torch.randn(3, 4)), r"centers must be 3-D \(T, K, D\), got shape \[3, 4\]"),
+        (
+            dict(centers=torch.randn(5, 3, 6)),
+            r"centers must have shape \(T, K, D\) = \(T, 3, 4\) to match feats "
+            r"\[2, 3, 4\], got \[5, 3, 6\]",
+        ),
+        (dict(valid=torch.ones(2, 4, dtype=torch.bool)), r"valid must have shape \(B, K\) = \(2, 3\) .* got \[2, 4\]"),
+        (dict(valid=torch.ones(2, 3)), r"valid must be bool, got Float of shape \[2, 3\]"),
+        (
+            dict(feats=torch.randn(2, 3, 4).double(), centers=torch.randn(5, 3, 4).double()),
+            r"feats must be float32, float16 or bfloat16, got Double on cpu \(shape \[2, 3, 4\]\)",
+        ),
+        (dict(centers=torch.randn(5, 3, 4).half()), r"centers must have the dtype of feats \(Float\), got Half"),
+        (dict(feats=torch.randn(0, 3, 4), valid=torch.ones(0, 3, dtype=torch.bool)), r"must not be empty"),
+        (dict(centers=torch.randn(5, 3, 4, device="meta")), r"centers must be on the device of feats \(cpu\)"),
+    ],
+)
 def test_bad_forward_inputs(override, message):
     args = _small() | override
     with pytest.raises(RuntimeError, match=message):
@@ -167,8 +182,10 @@ def test_bad_backward_inputs():
     index, nearest, loss, norm = fwd(**args)
     good = dict(grad_nearest=torch.randn(2, 3, 4), grad_loss=torch.tensor(1.0), index=index, norm=norm, **args)
     for override, message in [
-        (dict(grad_nearest=torch.randn(2, 3, 5)),
-         r"grad_nearest must have the shape of feats \[2, 3, 4\], got \[2, 3, 5\]"),
+        (
+            dict(grad_nearest=torch.randn(2, 3, 5)),
+            r"grad_nearest must have the shape of feats \[2, 3, 4\], got \[2, 3, 5\]",
+        ),
         (dict(grad_nearest=torch.randn(2, 3, 4).half()), r"grad_nearest must have the dtype of centers \(Float\)"),
         (dict(grad_loss=torch.ones(2)), r"grad_loss must be a 0-dim tensor, got shape \[2\]"),
         (dict(grad_loss=torch.tensor(1.0).double()), r"grad_loss must be float32, got Double"),

@@ -18,8 +18,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STAGES = ("install", "a", "b", "c", "d", "e", "f")
-OP_TESTS = ["tests/test_window_attention_3d.py", "tests/test_dwconv3x3.py", "tests/test_gcc_assign.py",
-            "tests/test_soft_region_pool.py"]
+OP_TESTS = [
+    "tests/test_window_attention_3d.py",
+    "tests/test_dwconv3x3.py",
+    "tests/test_gcc_assign.py",
+    "tests/test_soft_region_pool.py",
+]
 
 
 def _env(**extra) -> dict:
@@ -40,14 +44,22 @@ def _stage_rows(summary: str) -> dict[str, list[str]]:
 def test_ssltm_kernels_imports_with_torch_triton_and_numpy_alone():
     """Every module of the package imports with the model's other dependencies blocked."""
     blocked = ["einops", "omegaconf", "yaml", "cv2", "PIL", "tqdm", "torchvision", "ssltm"]
-    code = (f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
-            "import importlib, pkgutil, ssltm_kernels\n"
-            "names = [m.name for m in pkgutil.walk_packages(ssltm_kernels.__path__, 'ssltm_kernels.')]\n"
-            "for name in names:\n    importlib.import_module(name)\n"
-            f"leaked = [n for n in {blocked!r} if sys.modules.get(n) is not None]\n"
-            "assert not leaked, leaked\nprint(len(names))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        f"import sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+        "import importlib, pkgutil, ssltm_kernels\n"
+        "names = [m.name for m in pkgutil.walk_packages(ssltm_kernels.__path__, 'ssltm_kernels.')]\n"
+        "for name in names:\n    importlib.import_module(name)\n"
+        f"leaked = [n for n in {blocked!r} if sys.modules.get(n) is not None]\n"
+        "assert not leaked, leaked\nprint(len(names))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split()[-1]) >= 8  # the ops, dispatch, env, compile_check...
 
@@ -57,9 +69,27 @@ def test_correctness_stages_select_every_op_in_every_dtype():
     shape; stage f's (-k cuda) the same tests on the CUDA backend."""
     selected = {}
     for backend in ("triton", "cuda"):
-        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                               "-m", "gpu_quick", "-k", backend, *OP_TESTS], cwd=ROOT,
-                              env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "--collect-only",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                "gpu_quick",
+                "-k",
+                backend,
+                *OP_TESTS,
+            ],
+            cwd=ROOT,
+            env=_env(PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:]
         selected[backend] = [line for line in proc.stdout.splitlines() if "::" in line]
     triton = selected["triton"]
@@ -78,11 +108,32 @@ def _summarise(tmp_path: Path, stages: list[tuple], records: list[dict], log: st
     (tmp_path / "log").write_text(log)
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_check_summary.py"), "--stages", str(tmp_path / "stages.tsv"),
-         "--log", str(tmp_path / "log"), "--results", str(tmp_path / "results.jsonl"), "--env",
-         str(tmp_path / "missing.txt"), "--commit", "abc123", "--seconds", "400", "--budget", "415", "--out",
-         str(tmp_path / "summary.md")], cwd=ROOT, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-        timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "gpu_check_summary.py"),
+            "--stages",
+            str(tmp_path / "stages.tsv"),
+            "--log",
+            str(tmp_path / "log"),
+            "--results",
+            str(tmp_path / "results.jsonl"),
+            "--env",
+            str(tmp_path / "missing.txt"),
+            "--commit",
+            "abc123",
+            "--seconds",
+            "400",
+            "--budget",
+            "415",
+            "--out",
+            str(tmp_path / "summary.md"),
+        ],
+        cwd=ROOT,
+        env=_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
     assert proc.stdout == summary
@@ -92,21 +143,36 @@ def _summarise(tmp_path: Path, stages: list[tuple], records: list[dict], log: st
 def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     """Exit statuses become PASS / FAIL / TIMEOUT / not run; failed tests are listed with their reason; the
     targets are judged by each benchmark's own rules on the GPU rows, target cases without rows are not run."""
-    log = ("### step b pytest (limit 90 s)\n"
-           "[gw0] [ 50%] PASSED tests/test_gcc_assign.py::test_gpu_backend_matches_fp32_reference[odd-dtype0-triton]\n"
-           "[gw1] [100%] FAILED tests/test_dwconv3x3.py::test_gpu_backend_matches_fp32_reference[x-triton]\n"
-           "FAILED tests/test_dwconv3x3.py::test_gpu_backend_matches_fp32_reference[x-triton] - AssertionError: dx\n"
-           "### step c gcc_assign (limit 15 s)\n### step c stt_window_attn (limit 55 s)\n### step f build: not run\n")
-    stages = [("b", "pytest", 1, 80, 90, ""), ("c", "gcc_assign", 0, 10, 15, ""),
-              ("c", "stt_window_attn", 124, 55, 55, ""), ("f", "build", "-", 0, 0, "no extension built")]
-    env = {"benchmark": "gcc_assign", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "case": "ssltm",
-           "shape": {}, "dtype": "bfloat16", "mode": "fwd+bwd"}
-    records = [{**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
-               {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "correct": True},
-               {**env, "provider": "cuda", "ms": 0.4, "ms_p20": 0.4, "ms_p80": 0.4, "correct": True},
-               {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "eager", "ms": 2.0},
-               {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "triton", "ms": 0.5},
-               {"benchmark": "wmsa_decide", "section": "gate", "case": "stride16", "backend": "triton", "ok": False}]
+    log = (
+        "### step b pytest (limit 90 s)\n"
+        "[gw0] [ 50%] PASSED tests/test_gcc_assign.py::test_gpu_backend_matches_fp32_reference[odd-dtype0-triton]\n"
+        "[gw1] [100%] FAILED tests/test_dwconv3x3.py::test_gpu_backend_matches_fp32_reference[x-triton]\n"
+        "FAILED tests/test_dwconv3x3.py::test_gpu_backend_matches_fp32_reference[x-triton] - AssertionError: dx\n"
+        "### step c gcc_assign (limit 15 s)\n### step c stt_window_attn (limit 55 s)\n### step f build: not run\n"
+    )
+    stages = [
+        ("b", "pytest", 1, 80, 90, ""),
+        ("c", "gcc_assign", 0, 10, 15, ""),
+        ("c", "stt_window_attn", 124, 55, 55, ""),
+        ("f", "build", "-", 0, 0, "no extension built"),
+    ]
+    env = {
+        "benchmark": "gcc_assign",
+        "device": "cuda",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "case": "ssltm",
+        "shape": {},
+        "dtype": "bfloat16",
+        "mode": "fwd+bwd",
+    }
+    records = [
+        {**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
+        {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "correct": True},
+        {**env, "provider": "cuda", "ms": 0.4, "ms_p20": 0.4, "ms_p80": 0.4, "correct": True},
+        {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "eager", "ms": 2.0},
+        {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "triton", "ms": 0.5},
+        {"benchmark": "wmsa_decide", "section": "gate", "case": "stride16", "backend": "triton", "ok": False},
+    ]
     summary = _summarise(tmp_path, stages, records, log)
     rows = _stage_rows(summary)
     assert list(rows) == list(STAGES)
@@ -124,14 +190,18 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     assert "- gcc_assign ssltm fwd+bwd ms: eager 1 10 MiB, triton 0.1, cuda 0.4" in summary
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--bogus"], {}, "unknown argument '--bogus'"),
-    (["--rehearse"], {"GPU_CHECK_FAIL_STAGE": "z"}, "GPU_CHECK_FAIL_STAGE must be one of: install a b c d e f"),
-    ([], {"GPU_CHECK_TIMEOUT_SCALE": "0"}, "must be positive integers"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--bogus"], {}, "unknown argument '--bogus'"),
+        (["--rehearse"], {"GPU_CHECK_FAIL_STAGE": "z"}, "GPU_CHECK_FAIL_STAGE must be one of: install a b c d e f"),
+        ([], {"GPU_CHECK_TIMEOUT_SCALE": "0"}, "must be positive integers"),
+    ],
+)
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path, args, env, message):
-    proc = subprocess.run(["bash", str(SCRIPT), *args], env=_env(OUT=str(tmp_path), **env), capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *args], env=_env(OUT=str(tmp_path), **env), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and message in proc.stderr
     assert not any(tmp_path.iterdir())
 
@@ -140,12 +210,21 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
     """The CPU rehearsal end to end, with stage b failing: the later stages still run, summary.md lists every
     stage, the results are three files, and omegaconf came from the wheelhouse into the fresh environment."""
     if not list((ROOT / ".whl").glob("omegaconf-*.whl")):
-        subprocess.run([shutil.which("make") or "make", "gpu-wheels", f"PYTHON={sys.executable}"], cwd=ROOT,
-                       check=True, timeout=300)
+        subprocess.run(
+            [shutil.which("make") or "make", "gpu-wheels", f"PYTHON={sys.executable}"],
+            cwd=ROOT,
+            check=True,
+            timeout=300,
+        )
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(SCRIPT), "--rehearse"], cwd=ROOT, capture_output=True, text=True,
-                          env=_env(OUT=str(out), PYTHON=sys.executable, GPU_CHECK_FAIL_STAGE="b",
-                                   TMPDIR=str(tmp_path)), timeout=1500)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--rehearse"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_env(OUT=str(out), PYTHON=sys.executable, GPU_CHECK_FAIL_STAGE="b", TMPDIR=str(tmp_path)),
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.jsonl", "gpu_check.log", "summary.md"]
     summary = (out / "summary.md").read_text()
@@ -153,8 +232,15 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
     rows = _stage_rows(summary)
     assert list(rows) == list(STAGES)
     statuses = {stage: cells[2] for stage, cells in rows.items()}
-    assert statuses == {"install": "PASS", "a": "PASS", "b": "FAIL", "c": "PASS", "d": "PASS", "e": "PASS",
-                        "f": "not run"}, summary
+    assert statuses == {
+        "install": "PASS",
+        "a": "PASS",
+        "b": "FAIL",
+        "c": "PASS",
+        "d": "PASS",
+        "e": "PASS",
+        "f": "not run",
+    }, summary
     assert "FAIL (injected)" in rows["b"][4] and "not run (no GPU)" in rows["f"][4]
     for benchmark in ("stt_window_attn", "mixffn_dwconv", "ocr_region_pool", "gcc_assign", "ssltm_model"):
         assert f"| {benchmark} |" in summary and "not run" in summary
@@ -167,8 +253,14 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
 
     records = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     benchmarks = {r["benchmark"] for r in records}
-    assert benchmarks == {"stt_window_attn", "mixffn_dwconv", "ocr_region_pool", "gcc_assign", "wmsa_decide",
-                          "ssltm_model"}
+    assert benchmarks == {
+        "stt_window_attn",
+        "mixffn_dwconv",
+        "ocr_region_pool",
+        "gcc_assign",
+        "wmsa_decide",
+        "ssltm_model",
+    }
     triton = [r for r in records if r.get("provider") == "triton"]
     assert triton and all(r["ms"] > 0 and r["correct"] is True for r in triton)  # ran in the interpreter
     assert any(r.get("section") == "gate" and r["backend"] == "triton" and r["ok"] is True for r in records)

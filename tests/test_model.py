@@ -27,8 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 K = 5
 # ResNet-18 with narrow heads: the structure of the paper's model at a fraction of the cost. Two units at
 # stride 4 so that shifted windows have a unit to shift.
-TINY = dict(backbone="resnet18", fpn_dim=32, ppm_dim=32, stt_dims=(32, 32, 32, 32), stt_depths=(2, 1, 1, 1),
-            context_dim=32, head_channels=16, aux_channels=16)
+TINY = dict(
+    backbone="resnet18",
+    fpn_dim=32,
+    ppm_dim=32,
+    stt_dims=(32, 32, 32, 32),
+    stt_depths=(2, 1, 1, 1),
+    context_dim=32,
+    head_channels=16,
+    aux_channels=16,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -67,11 +75,19 @@ ABLATIONS = {
 }
 
 
-@pytest.mark.parametrize(("name", "size", "batch"), [
-    ("full", (64, 64), 2), ("full", (65, 97), 1), ("baseline", (65, 97), 2), ("stt", (64, 64), 1),
-    ("stt+rfce", (64, 64), 1), ("rfce+gcc, no stt", (64, 64), 1), ("qfce", (64, 64), 1),
-    ("shifted windows, reference through stt", (65, 97), 1),
-])
+@pytest.mark.parametrize(
+    ("name", "size", "batch"),
+    [
+        ("full", (64, 64), 2),
+        ("full", (65, 97), 1),
+        ("baseline", (65, 97), 2),
+        ("stt", (64, 64), 1),
+        ("stt+rfce", (64, 64), 1),
+        ("rfce+gcc, no stt", (64, 64), 1),
+        ("qfce", (64, 64), 1),
+        ("shifted windows, reference through stt", (65, 97), 1),
+    ],
+)
 def test_training_step_every_switch(name, size, batch):
     """Logits at input size, Eq. 10, finite losses, and a nonzero gradient for every parameter."""
     model = tiny_model(**ABLATIONS[name]).train()
@@ -162,8 +178,9 @@ def test_cross_entropy_and_present_classes_honour_the_ignore_index():
     torch.testing.assert_close(cross_entropy(logits, labels, 3), expected)
     present = present_classes(labels, K, 3)
     assert not present[:, 3].any()
-    assert torch.equal(present[:, [0, 1, 2, 4]], torch.stack([(labels == k).flatten(1).any(1)
-                                                              for k in (0, 1, 2, 4)], 1))
+    assert torch.equal(
+        present[:, [0, 1, 2, 4]], torch.stack([(labels == k).flatten(1).any(1) for k in (0, 1, 2, 4)], 1)
+    )
 
 
 # ---------------------------------------------------------------------------------- pretrained backbone
@@ -314,32 +331,49 @@ def checked_model():
 F5 = torch.zeros(1, 4, 3, 64, 64)
 
 
-@pytest.mark.parametrize(("args", "error", "match"), [
-    ((torch.zeros(4, 3, 64, 64),), ValueError, r"frames must be \(B, 4, 3, H, W\).*got shape \(4, 3, 64, 64\)"),
-    ((torch.zeros(1, 3, 3, 64, 64),), ValueError, r"frames must be \(B, 4, 3, H, W\).*got shape \(1, 3, 3, 64, 64\)"),
-    ((torch.zeros(1, 4, 1, 64, 64),), ValueError, r"frames .*got shape \(1, 4, 1, 64, 64\)"),
-    ((torch.zeros(1, 4, 3, 31, 64),), ValueError, r"at least 32x32.*\(1, 4, 3, 31, 64\)"),
-    ((torch.zeros(1, 4, 3, 64, 64, dtype=torch.uint8),), TypeError, "frames must be a floating-point"),
-    (([0.0],), TypeError, "frames must be a tensor"),
-    ((F5,), ValueError, r"reference \(B, 3, H, W\) = \(1, 3, 64, 64\) is required"),
-    ((F5, torch.zeros(1, 3, 64, 65)), ValueError, r"reference must have shape \(1, 3, 64, 64\).*got \(1, 3, 64, 65\)"),
-    ((F5, torch.zeros(1, 1, 64, 64)), ValueError, r"reference must have shape.*got \(1, 1, 64, 64\)"),
-    ((F5, torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64)), TypeError, "labels must be an integer tensor"),
-    ((F5, torch.zeros(1, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.long)), ValueError,
-     r"labels must have shape \(1, 64, 64\).*got \(2, 64, 64\)"),
-])
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((torch.zeros(4, 3, 64, 64),), ValueError, r"frames must be \(B, 4, 3, H, W\).*got shape \(4, 3, 64, 64\)"),
+        (
+            (torch.zeros(1, 3, 3, 64, 64),),
+            ValueError,
+            r"frames must be \(B, 4, 3, H, W\).*got shape \(1, 3, 3, 64, 64\)",
+        ),
+        ((torch.zeros(1, 4, 1, 64, 64),), ValueError, r"frames .*got shape \(1, 4, 1, 64, 64\)"),
+        ((torch.zeros(1, 4, 3, 31, 64),), ValueError, r"at least 32x32.*\(1, 4, 3, 31, 64\)"),
+        ((torch.zeros(1, 4, 3, 64, 64, dtype=torch.uint8),), TypeError, "frames must be a floating-point"),
+        (([0.0],), TypeError, "frames must be a tensor"),
+        ((F5,), ValueError, r"reference \(B, 3, H, W\) = \(1, 3, 64, 64\) is required"),
+        (
+            (F5, torch.zeros(1, 3, 64, 65)),
+            ValueError,
+            r"reference must have shape \(1, 3, 64, 64\).*got \(1, 3, 64, 65\)",
+        ),
+        ((F5, torch.zeros(1, 1, 64, 64)), ValueError, r"reference must have shape.*got \(1, 1, 64, 64\)"),
+        ((F5, torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64)), TypeError, "labels must be an integer tensor"),
+        (
+            (F5, torch.zeros(1, 3, 64, 64), torch.zeros(2, 64, 64, dtype=torch.long)),
+            ValueError,
+            r"labels must have shape \(1, 64, 64\).*got \(2, 64, 64\)",
+        ),
+    ],
+)
 def test_bad_inputs_name_the_argument_and_shape(checked_model, args, error, match):
     with pytest.raises(error, match=match):
         checked_model(*args)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(context="neighbour"), "context must be one of"),
-    (dict(use_rfce=False), "use_gcc=True needs use_rfce=True"),
-    (dict(backbone="resnet34"), "backbone must be one of"),
-    (dict(stt_dims=(32, 48, 64, 128)), "STT dim 48 must be a multiple of the head dim 32"),
-    (dict(context_dim=40), "context_dim 40 must be a multiple of the head dim 32"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(context="neighbour"), "context must be one of"),
+        (dict(use_rfce=False), "use_gcc=True needs use_rfce=True"),
+        (dict(backbone="resnet34"), "backbone must be one of"),
+        (dict(stt_dims=(32, 48, 64, 128)), "STT dim 48 must be a multiple of the head dim 32"),
+        (dict(context_dim=40), "context_dim 40 must be a multiple of the head dim 32"),
+    ],
+)
 def test_bad_configurations(kwargs, match):
     with pytest.raises(ValueError, match=match), torch.device("meta"):
         SSLTM(K, **{**TINY, **kwargs})
@@ -368,9 +402,15 @@ def upernet_head_parameters(in_channels, num_classes, fpn_dim=256, ppm_dim=512, 
     four concatenated levels), classifier (1x1 with bias)."""
     conv_bn = lambda c_in, c_out, k: c_in * c_out * k * k + 2 * c_out
     *fine, coarse = in_channels
-    return (scales * conv_bn(coarse, ppm_dim, 1) + conv_bn(coarse + scales * ppm_dim, fpn_dim, 3)
-            + sum(conv_bn(c, fpn_dim, 1) for c in fine) + len(fine) * conv_bn(fpn_dim, fpn_dim, 3)
-            + conv_bn(len(in_channels) * fpn_dim, fpn_dim, 3) + fpn_dim * num_classes + num_classes)
+    return (
+        scales * conv_bn(coarse, ppm_dim, 1)
+        + conv_bn(coarse + scales * ppm_dim, fpn_dim, 3)
+        + sum(conv_bn(c, fpn_dim, 1) for c in fine)
+        + len(fine) * conv_bn(fpn_dim, fpn_dim, 3)
+        + conv_bn(len(in_channels) * fpn_dim, fpn_dim, 3)
+        + fpn_dim * num_classes
+        + num_classes
+    )
 
 
 @pytest.mark.parametrize(("num_classes", "backbone", "paper_baseline", "paper_ssltm"), PAPER_SCALES)
@@ -394,13 +434,16 @@ def test_baseline_is_vspw_upernet_and_ssltm_adds_the_paper_budget(num_classes, b
     assert abs(full["total"] - base["total"] - 1.2e6) < 0.3e6, (full, base)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(ppm_dim=0), "ppm_dim must be a positive integer, got 0"),
-    (dict(fpn_dim=2.5), "fpn_dim must be a positive integer, got 2.5"),
-    (dict(pool_scales=(1, 0)), r"pool_scales must be positive integers, got \(1, 0\)"),
-    (dict(ocr_kernel_size=2), "ocr_kernel_size must be a positive odd integer"),
-    (dict(head_channels=0), "head_channels must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ppm_dim=0), "ppm_dim must be a positive integer, got 0"),
+        (dict(fpn_dim=2.5), "fpn_dim must be a positive integer, got 2.5"),
+        (dict(pool_scales=(1, 0)), r"pool_scales must be positive integers, got \(1, 0\)"),
+        (dict(ocr_kernel_size=2), "ocr_kernel_size must be a positive odd integer"),
+        (dict(head_channels=0), "head_channels must be a positive integer, got 0"),
+    ],
+)
 def test_impossible_widths_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match), torch.device("meta"):
         SSLTM(K, **{**TINY, **kwargs})
@@ -412,8 +455,11 @@ def test_checkpoint_of_other_widths_fails_before_loading_anything(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt = {"model": old.state_dict()}
     first = next(k for k, v in model.state_dict().items() if old.state_dict()[k].shape != v.shape)
-    with pytest.raises(ValueError, match=rf"key '{re.escape(first)}' has shape \(16, 512, 1, 1\) in the checkpoint "
-                                         r"but \(32, 512, 1, 1\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=rf"key '{re.escape(first)}' has shape \(16, 512, 1, 1\) in the checkpoint "
+        r"but \(32, 512, 1, 1\) in the model",
+    ):
         load_weights(model, ckpt, tmp_path / "old.pt")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was copied
     state = model.state_dict()
@@ -431,12 +477,17 @@ def test_benchmark_targets_from_measured_numbers():
     def row(case, provider, mode, ms, **kw):
         return Row(case, provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
 
-    rows = [row("train", "kernels", "fwd+bwd", 100.0, peak_mib=600.0, correct=True),
-            row("train", "reference", "fwd+bwd", 160.0, peak_mib=1000.0, correct=True),
-            row("stream", "kernels", "fwd", 50.0, items_per_s=20.0, correct=False)]
+    rows = [
+        row("train", "kernels", "fwd+bwd", 100.0, peak_mib=600.0, correct=True),
+        row("train", "reference", "fwd+bwd", 160.0, peak_mib=1000.0, correct=True),
+        row("stream", "kernels", "fwd", 50.0, items_per_s=20.0, correct=False),
+    ]
     results = {r.target: r for r in bench.evaluate_targets(rows)}
     assert [(r.value, r.status) for r in results.values()] == [
-        ("1.60x", "PASS"), ("0.60x (600 / 1000 MiB)", "PASS"), ("20.0 frames/s", "FAIL (incorrect)")]
+        ("1.60x", "PASS"),
+        ("0.60x (600 / 1000 MiB)", "PASS"),
+        ("20.0 frames/s", "FAIL (incorrect)"),
+    ]
     rows[0].ms, rows[0].peak_mib = 120.0, 800.0
     statuses = [r.status for r in bench.evaluate_targets(rows[:2])]
     assert statuses == ["FAIL", "FAIL", "n/a (no streaming time)"]
@@ -458,8 +509,9 @@ def test_benchmark_backbone_and_size_options_change_the_step_cases_only():
 
 
 def test_benchmark_cpu_smoke(tmp_path):
-    proc, rows = run_cpu_benchmark("ssltm_model", "--quick", results_dir=tmp_path, timeout=300,
-                                   unset=("SSLTM_BACKEND",))
+    proc, rows = run_cpu_benchmark(
+        "ssltm_model", "--quick", results_dir=tmp_path, timeout=300, unset=("SSLTM_BACKEND",)
+    )
     assert "CPU comparison" in proc.stdout and "targets: defined for" in proc.stdout
     by = {(r["case"], r["provider"], r["mode"]): r for r in rows}
     assert all(r["device"] == "cpu" and r["benchmark"] == "ssltm_model" for r in rows)

@@ -11,8 +11,10 @@ from ssltm_kernels._backend import BackendCheck, BackendUnavailableError
 from ssltm_kernels.ops import dwconv3x3, gcc_assign, soft_region_pool
 
 
-@pytest.mark.parametrize(("n", "expected"), [(0, 1), (1, 1), (2, 2), (3, 4), (5, 8), (16, 16), (17, 32),
-                                             (1023, 1024), (1024, 1024), (1025, 2048)])
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [(0, 1), (1, 1), (2, 2), (3, 4), (5, 8), (16, 16), (17, 32), (1023, 1024), (1024, 1024), (1025, 2048)],
+)
 def test_next_pow2(n, expected):
     assert _op.next_pow2(n) == expected
 
@@ -42,7 +44,10 @@ def _checks(a, b=2, *, refuse=None):
 def test_backend_predicates_from_an_ops_checks():
     can_run_cuda, can_run_triton, can_run_reference = _op.backend_predicates("toy", _checks)
     assert [f.__name__ for f in (can_run_cuda, can_run_triton, can_run_reference)] == [
-        "can_run_cuda", "can_run_triton", "can_run_reference"]
+        "can_run_cuda",
+        "can_run_triton",
+        "can_run_reference",
+    ]
     signature = inspect.signature(can_run_triton)
     assert str(signature).startswith("(a, b=2, *, refuse=None, raise_error=False) -> ")
     assert signature.return_annotation is BackendCheck
@@ -56,8 +61,11 @@ def test_backend_predicates_from_an_ops_checks():
 
 
 def test_the_ops_predicates_keep_their_signatures():
-    for op, params in ((dwconv3x3, ["x", "weight", "bias", "activation"]), (gcc_assign, ["feats", "centers", "valid"]),
-                       (soft_region_pool, ["logits", "feats", "scale"])):
+    for op, params in (
+        (dwconv3x3, ["x", "weight", "bias", "activation"]),
+        (gcc_assign, ["feats", "centers", "valid"]),
+        (soft_region_pool, ["logits", "feats", "scale"]),
+    ):
         for name in ("can_run_cuda", "can_run_triton", "can_run_reference"):
             assert list(inspect.signature(getattr(op, name)).parameters) == params + ["raise_error"], (op, name)
 

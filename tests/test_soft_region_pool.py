@@ -20,8 +20,19 @@ from ssltm_kernels import BackendUnavailableError, SpatialGather, soft_region_po
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 
-def make_inputs(batch, classes, channels, h, w, dtype=torch.float32, device="cpu", seed=0, channels_last=False,
-                magnitude=1.0, offset=0.0):
+def make_inputs(
+    batch,
+    classes,
+    channels,
+    h,
+    w,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+    channels_last=False,
+    magnitude=1.0,
+    offset=0.0,
+):
     """logits (B, K, H, W) and feats (B, C, H, W), both requiring grad; channels_last: feats is a permuted
     (B, H, W, C) tensor."""
     gen = torch.Generator().manual_seed(seed)
@@ -110,8 +121,9 @@ def test_triton_matches_reference_fp16(batch, classes, channels, h, w, scale, ch
     low_out, low_grads = run(soft_region_pool_reference, *inputs, scale)
     ref_out, ref_grads = run(soft_region_pool_reference, *upcast(inputs), scale)
     assert out.dtype == torch.float16 and [g.dtype for g in grads] == [torch.float16] * 2
-    assert_within_twice_low_precision_error(NAMES, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads),
-                                            torch.float16, "triton fp16")
+    assert_within_twice_low_precision_error(
+        NAMES, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "triton fp16"
+    )
 
 
 @pytest.mark.parametrize("offset", [1e4, -1e4])
@@ -193,14 +205,19 @@ def test_opcheck_forward_and_backward_ops():
     out, stats, out_acc = torch.ops.ssltm.soft_region_pool_fwd(logits, feats, 2.0, "triton")
     assert stats.shape == (2, 3, 2) and stats.dtype == torch.float32 and out_acc.numel() == 0  # fp32: out is exact
     half = tuple(x.detach().half() for x in (logits, feats))
-    torch.library.opcheck(torch.ops.ssltm.soft_region_pool_fwd.default, (*half, 2.0, "triton"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.ssltm.soft_region_pool_fwd.default,
+        (*half, 2.0, "triton"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     half_out, _, half_acc = torch.ops.ssltm.soft_region_pool_fwd(*half, 2.0, "triton")
     assert half_acc.dtype == torch.float32 and torch.equal(half_acc.half(), half_out)
     for need in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.ssltm.soft_region_pool_bwd.default,
-                              (torch.randn_like(out), logits.detach(), feats.detach(), out.detach(), stats, 2.0,
-                               "triton", *need), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            torch.ops.ssltm.soft_region_pool_bwd.default,
+            (torch.randn_like(out), logits.detach(), feats.detach(), out.detach(), stats, 2.0, "triton", *need),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 def test_torch_compile_fullgraph_traces_module():
@@ -230,21 +247,42 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype():
 # Input errors, dispatch
 # ------------------------------------------------------------------------------------------------------
 BAD_INPUTS = [
-    (lambda a: a.update(logits=a["logits"][0]), ValueError,
-     r"logits must be 4-D \(B, K, H, W\), got shape \(3, 4, 5\)"),
-    (lambda a: a.update(feats=a["feats"][:, :, 0]), ValueError,
-     r"feats must be 4-D \(B, C, H, W\), got shape \(2, 6, 5\)"),
-    (lambda a: a.update(feats=a["feats"][:1]), ValueError,
-     r"feats must have the batch size of logits \(B = 2.*got shape \(1, 6, 4, 5\)"),
-    (lambda a: a.update(feats=a["feats"][:, :, :3]), ValueError,
-     r"spatial size of logits \(\(H, W\) = \(4, 5\).*got shape \(2, 6, 3, 5\)"),
+    (
+        lambda a: a.update(logits=a["logits"][0]),
+        ValueError,
+        r"logits must be 4-D \(B, K, H, W\), got shape \(3, 4, 5\)",
+    ),
+    (
+        lambda a: a.update(feats=a["feats"][:, :, 0]),
+        ValueError,
+        r"feats must be 4-D \(B, C, H, W\), got shape \(2, 6, 5\)",
+    ),
+    (
+        lambda a: a.update(feats=a["feats"][:1]),
+        ValueError,
+        r"feats must have the batch size of logits \(B = 2.*got shape \(1, 6, 4, 5\)",
+    ),
+    (
+        lambda a: a.update(feats=a["feats"][:, :, :3]),
+        ValueError,
+        r"spatial size of logits \(\(H, W\) = \(4, 5\).*got shape \(2, 6, 3, 5\)",
+    ),
     (lambda a: a.update(feats=a["feats"][..., :4]), ValueError, r"spatial size .*got shape \(2, 6, 4, 4\)"),
-    (lambda a: a.update(feats=a["feats"].double()), TypeError,
-     r"feats must have the dtype of logits \(torch.float32\), got torch.float64"),
-    (lambda a: a.update(feats=a["feats"].to("meta")), ValueError,
-     r"feats must be on the device of logits \(cpu\), got meta"),
-    (lambda a: a.update(logits=a["logits"].int()), TypeError,
-     r"logits must be a floating-point tensor, got torch.int32 \(shape \(2, 3, 4, 5\)\)"),
+    (
+        lambda a: a.update(feats=a["feats"].double()),
+        TypeError,
+        r"feats must have the dtype of logits \(torch.float32\), got torch.float64",
+    ),
+    (
+        lambda a: a.update(feats=a["feats"].to("meta")),
+        ValueError,
+        r"feats must be on the device of logits \(cpu\), got meta",
+    ),
+    (
+        lambda a: a.update(logits=a["logits"].int()),
+        TypeError,
+        r"logits must be a floating-point tensor, got torch.int32 \(shape \(2, 3, 4, 5\)\)",
+    ),
     (lambda a: a.update(logits=a["logits"][:, :0]), ValueError, r"logits must not be empty, got shape \(2, 0, 4, 5\)"),
     (lambda a: a.update(feats=[1.0]), TypeError, r"feats must be a torch.Tensor, got list"),
     (lambda a: a.update(scale=float("nan")), ValueError, r"scale must be a finite real number, got nan"),
@@ -305,8 +343,9 @@ def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch, dtype):
     low_out, low_grads = run(soft_region_pool_reference, *inputs, 2.0)
     ref_out, ref_grads = run(soft_region_pool_reference, *upcast(inputs), 2.0)
     assert out.dtype == dtype and grads[1].stride() == inputs[1].stride()  # a channels-last dfeats
-    assert_within_twice_low_precision_error(NAMES, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), dtype,
-                                            "cuda emulation")
+    assert_within_twice_low_precision_error(
+        NAMES, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), dtype, "cuda emulation"
+    )
 
 
 def test_dispatch_prefers_triton_over_the_cuda_core_kernels(monkeypatch):
@@ -347,15 +386,17 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch, classes, channels, h, w, channels_last", GPU_CASES)
 def test_gpu_backend_matches_fp32_reference(backend, dtype, batch, classes, channels, h, w, channels_last):
-    inputs = make_inputs(batch, classes, channels, h, w, dtype=dtype, device="cuda", channels_last=channels_last,
-                         magnitude=3.0)
+    inputs = make_inputs(
+        batch, classes, channels, h, w, dtype=dtype, device="cuda", channels_last=channels_last, magnitude=3.0
+    )
     out, grads = run(soft_region_pool, *inputs, 1.0, backend=backend)
     again = run(soft_region_pool, *inputs, 1.0, backend=backend)[1]
     assert all(torch.equal(a, b) for a, b in zip(grads, again, strict=True)), "a second backward differs"
     low_out, low_grads = run(soft_region_pool_reference, *inputs, 1.0)
     ref_out, ref_grads = run(soft_region_pool_reference, *upcast(inputs), 1.0)
-    assert_within_twice_low_precision_error(NAMES, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), dtype,
-                                            backend)
+    assert_within_twice_low_precision_error(
+        NAMES, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), dtype, backend
+    )
 
 
 @pytest.mark.gpu
@@ -437,9 +478,14 @@ def test_benchmark_work_and_targets():
     def row(provider, mode, ms, **kw):
         return Row("k124-120", provider, mode, {}, "bfloat16", ms=ms, ms_p20=ms, ms_p80=ms, **kw)
 
-    rows = [row("eager", "fwd", 0.2, peak_mib=60.0), row("eager", "fwd+bwd", 1.0), row("compile", "fwd+bwd", 0.6),
-            row("triton", "fwd", 0.05, gbps=3500.0, peak_mib=12.0, correct=True), row("triton", "fwd+bwd", 0.4),
-            Row("k124-120", "cuda", "fwd+bwd", {}, "bfloat16", error="unavailable: not built")]
+    rows = [
+        row("eager", "fwd", 0.2, peak_mib=60.0),
+        row("eager", "fwd+bwd", 1.0),
+        row("compile", "fwd+bwd", 0.6),
+        row("triton", "fwd", 0.05, gbps=3500.0, peak_mib=12.0, correct=True),
+        row("triton", "fwd+bwd", 0.4),
+        Row("k124-120", "cuda", "fwd+bwd", {}, "bfloat16", error="unavailable: not built"),
+    ]
     results = {(r.provider, r.target): r for r in bench.evaluate_targets(rows, 4.8e12)}
     assert results[("triton", "fwd >= 70% of HBM bandwidth")].value.startswith("72.9%")
     assert results[("triton", "fwd+bwd >= 2x eager")].status == "PASS"
@@ -451,8 +497,16 @@ def test_benchmark_work_and_targets():
 
 def test_benchmark_cpu_smoke(tmp_path):
     bench, _ = _benchmark_module()
-    proc, rows = run_cpu_benchmark("ocr_region_pool", "--quick", "--providers", "eager,triton,cuda", "--shapes",
-                                   "cpu-k124", results_dir=tmp_path, interpret=True)
+    proc, rows = run_cpu_benchmark(
+        "ocr_region_pool",
+        "--quick",
+        "--providers",
+        "eager,triton,cuda",
+        "--shapes",
+        "cpu-k124",
+        results_dir=tmp_path,
+        interpret=True,
+    )
     assert "CPU comparison" in proc.stdout and "targets: defined for bf16 on a GPU" in proc.stdout
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert len(rows) == 3 * 3 and all(r["benchmark"] == bench.BENCHMARK and r["device"] == "cpu" for r in rows)

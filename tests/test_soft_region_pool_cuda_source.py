@@ -39,8 +39,9 @@ def grad_buffers(logits, feats):
 def kernels(logits, feats, scale, grad, splits=0):
     """Forward and backward through the extension: (out, dlogits, dfeats, stats, out_acc)."""
     out, stats, out_acc = fwd(logits, feats, scale, splits)
-    dlogits, dfeats = bwd(grad, logits, feats, out if out_acc is None else out_acc, stats, scale,
-                          *grad_buffers(logits, feats))
+    dlogits, dfeats = bwd(
+        grad, logits, feats, out if out_acc is None else out_acc, stats, scale, *grad_buffers(logits, feats)
+    )
     return out, dlogits, dfeats, stats, out_acc
 
 
@@ -119,8 +120,13 @@ def test_low_precision_within_twice_the_oracles_error(dtype, splits):
     assert (out_acc is None) == (dtype == torch.float32)
     if out_acc is not None:
         assert out_acc.dtype == torch.float32 and torch.equal(out_acc.to(dtype), out)
-    for name, got, low, want in zip(NAMES, (out, dlogits, dfeats), low_precision(logits, feats, 1.0, grad),
-                                    exact(logits, feats, 1.0, grad), strict=True):
+    for name, got, low, want in zip(
+        NAMES,
+        (out, dlogits, dfeats),
+        low_precision(logits, feats, 1.0, grad),
+        exact(logits, feats, 1.0, grad),
+        strict=True,
+    ):
         low_err = (low.double() - want).abs().max().item()
         floor = (1e-5 if dtype == torch.float32 else 1e-6) * want.abs().max().item()
         assert_close(got, want, 2 * low_err + floor, f"{dtype} {name} (oracle in {dtype}: {low_err:.2e})")
@@ -159,12 +165,25 @@ def test_module_attributes():
 @pytest.mark.parametrize(
     "logits, feats, scale, message",
     [
-        (torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4), 1.0,
-         r"logits must be 4-D \(B, K, H, W\), got shape \[2, 3, 4\]"),
-        (torch.randn(2, 3, 4, 5), torch.randn(5, 4, 5), 1.0,
-         r"feats must be 4-D \(B, C, H, W\), got shape \[5, 4, 5\]"),
-        (torch.randn(2, 3, 4, 5), torch.randn(1, 6, 4, 5), 1.0, r"batch and spatial sizes of logits \[2, 3, 4, 5\], "
-                                                                 r"got \[1, 6, 4, 5\]"),
+        (
+            torch.randn(2, 3, 4),
+            torch.randn(2, 5, 3, 4),
+            1.0,
+            r"logits must be 4-D \(B, K, H, W\), got shape \[2, 3, 4\]",
+        ),
+        (
+            torch.randn(2, 3, 4, 5),
+            torch.randn(5, 4, 5),
+            1.0,
+            r"feats must be 4-D \(B, C, H, W\), got shape \[5, 4, 5\]",
+        ),
+        (
+            torch.randn(2, 3, 4, 5),
+            torch.randn(1, 6, 4, 5),
+            1.0,
+            r"batch and spatial sizes of logits \[2, 3, 4, 5\], "
+            r"got \[1, 6, 4, 5\]",
+        ),
         (torch.randn(2, 3, 4, 5), torch.randn(2, 6, 4, 4), 1.0, r"got \[2, 6, 4, 4\]"),
         (torch.randn(2, 3, 4, 5), torch.randn(2, 6, 4, 5).double(), 1.0, r"feats must have the dtype of logits"),
         (torch.randn(2, 3, 4, 5).int(), torch.randn(2, 6, 4, 5).int(), 1.0, r"must be float32, float16 or bfloat16"),
@@ -183,8 +202,10 @@ def test_bad_backward_inputs():
     grad = torch.randn_like(out)
     bufs = grad_buffers(logits, feats)
     cases = [
-        ((grad[:, :2], logits, feats, out, stats),
-         r"grad_out must have shape \(B, K, C\) = \[2, 3, 6\], got \[2, 2, 6\]"),
+        (
+            (grad[:, :2], logits, feats, out, stats),
+            r"grad_out must have shape \(B, K, C\) = \[2, 3, 6\], got \[2, 2, 6\]",
+        ),
         ((grad, logits, feats, out.half(), stats), r"out must be Float \(or the forward's out_acc\)"),
         ((grad, logits, feats, out, stats.double()), r"stats must be Float"),
         ((grad, logits, feats, out, stats[:, :, :1]), r"stats must have shape \(B, K, 2\) = \(2, 3, 2\)"),

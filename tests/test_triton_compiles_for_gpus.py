@@ -41,8 +41,15 @@ ARCHS = (90, 80, 86)
 def representative_report():
     """One run for the three architectures: they share one pool of compiler processes."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    command = [sys.executable, "-m", "ssltm_kernels.compile_check", "--set", "representative",
-               "--arch", *map(str, ARCHS)]
+    command = [
+        sys.executable,
+        "-m",
+        "ssltm_kernels.compile_check",
+        "--set",
+        "representative",
+        "--arch",
+        *map(str, ARCHS),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     return result.returncode, result.stdout, result.stdout + result.stderr
 
@@ -68,8 +75,11 @@ def test_row_loads_of_aligned_launches_are_16_bytes_wide(arch, representative_re
     a kernel of an aligned launch whose row loads are narrower than its tiles allow); SSLTM's kernels (4x7x7
     windows, head_dim 32, 64-row tiles) load their rows 16 bytes wide, in every dtype."""
     _, stdout, report = representative_report
-    lines = [line for line in stdout.splitlines() if line.startswith(f"ok   sm_{arch} _window_attn_")
-             and "reduce" not in line]
+    lines = [
+        line
+        for line in stdout.splitlines()
+        if line.startswith(f"ok   sm_{arch} _window_attn_") and "reduce" not in line
+    ]
     rows = {line: re.search(r"\(q/k/v/o/dO rows ([^)]*)\)", line) for line in lines}
     assert lines and all(found and found[1] != "none" for found in rows.values()), report
     ssltm = [line for line in lines if "window=(4, 7, 7) head_dim=32" in line and "launch=ssltm" in line]
@@ -84,11 +94,18 @@ def test_representative_set_covers_ssltm_and_both_launch_extremes(arch):
     assert set(configs) <= set(compile_configs(arch, "full"))
     launches = {config.launch for config in configs}
     assert {"aligned", "unaligned", "ssltm"} <= launches
-    ssltm = {(c.dtype, c.shift, c.window_batches, c.mask) for c in configs
-             if c.window == SSLTM_WINDOW and c.head_dim == SSLTM_HEAD_DIM and c.launch == "ssltm"}
+    ssltm = {
+        (c.dtype, c.shift, c.window_batches, c.mask)
+        for c in configs
+        if c.window == SSLTM_WINDOW and c.head_dim == SSLTM_HEAD_DIM and c.launch == "ssltm"
+    }
     # bf16 in every variant; fp16 (compiled as bf16) and fp32 (slow tf32x3 compiles) with every feature
-    assert {(torch.bfloat16, (0, 0, 0), False, False), (torch.bfloat16, SSLTM_SHIFT, False, False),
-            (torch.bfloat16, (0, 0, 0), True, True), (torch.float16, SSLTM_SHIFT, False, False)} <= ssltm
+    assert {
+        (torch.bfloat16, (0, 0, 0), False, False),
+        (torch.bfloat16, SSLTM_SHIFT, False, False),
+        (torch.bfloat16, (0, 0, 0), True, True),
+        (torch.float16, SSLTM_SHIFT, False, False),
+    } <= ssltm
     if arch != 86:  # sm_86: fp32 runs in CUDA
         assert {(torch.float32, SSLTM_SHIFT, False, False), (torch.float32, (0, 0, 0), True, True)} <= ssltm
 
@@ -123,8 +140,9 @@ def test_specs_mark_pointers_as_their_alignment():
     aligned, unaligned = (torch.empty(64), torch.empty(64)[1:])  # data_ptr % 16: 0 and 4
     for pointers_aligned, tensor in ((True, aligned), (False, unaligned)):
         assert (tensor.data_ptr() % 16 == 0) == pointers_aligned
-        for _, kernel, signature, _, attrs, _ in triton_compile_specs(torch.float32, (2, 3, 3), 32,
-                                                                      aligned_pointers=pointers_aligned):
+        for _, kernel, signature, _, attrs, _ in triton_compile_specs(
+            torch.float32, (2, 3, 3), 32, aligned_pointers=pointers_aligned
+        ):
             pointers = [i for i, name in enumerate(kernel.arg_names) if signature[name].startswith("*")]
             assert pointers and all(((i,) in attrs) == pointers_aligned for i in pointers)
 
@@ -135,8 +153,10 @@ def test_launches_give_every_integer_argument_a_value():
     batches)."""
     for config in compile_configs(90, "representative"):
         for name, _, signature, _, _, _ in config.specs(90):
-            assert all(kind in ("constexpr", "fp32", "i32", "i64", "u64") or kind.startswith("*")
-                       for kind in signature.values()), (config.label, name)
+            assert all(
+                kind in ("constexpr", "fp32", "i32", "i64", "u64") or kind.startswith("*")
+                for kind in signature.values()
+            ), (config.label, name)
         if config.launch == "unaligned":
             values = LAUNCHES["unaligned"][1](config)
             assert all(values(name) % 16 and values(name) != 1 for name in ("T", "H", "W", "s_h", "HD"))
@@ -145,8 +165,11 @@ def test_launches_give_every_integer_argument_a_value():
             ones = {"T", "H"} if config.window_batches else {"num_masks"}
             assert {name for name, value in ints.items() if value == 1} == ones, config.label
             for _, kernel, signature, constexprs, _, _ in config.specs(90):
-                assert all(signature[name] == "constexpr" and constexprs[name] == 1
-                           for name in ones if name in kernel.arg_names)
+                assert all(
+                    signature[name] == "constexpr" and constexprs[name] == 1
+                    for name in ones
+                    if name in kernel.arg_names
+                )
 
 
 # nvdisasm -gi output: the source line of each instruction, then the calls it was inlined through
@@ -175,10 +198,16 @@ def test_global_loads_reads_kind_width_and_source_lines_from_sass():
     loads = global_loads(SASS)
     inlined = (("/src/ops/kernels.py", 619), ("/src/ops/kernels.py", 636), ("/src/ops/kernels.py", 769))
     line_610 = (("/src/ops/kernels.py", 610),)
-    assert loads == [GlobalLoad("ldg", 16, inlined), GlobalLoad("ldg", 2, inlined),
-                     GlobalLoad("ldgsts", 16, line_610), GlobalLoad("ldgsts", 16, line_610),
-                     GlobalLoad("ldgsts", 4, line_610), GlobalLoad("ldg", 8, line_610), GlobalLoad("ldg", 4, line_610),
-                     GlobalLoad("ldg", 1, line_610)]
+    assert loads == [
+        GlobalLoad("ldg", 16, inlined),
+        GlobalLoad("ldg", 2, inlined),
+        GlobalLoad("ldgsts", 16, line_610),
+        GlobalLoad("ldgsts", 16, line_610),
+        GlobalLoad("ldgsts", 4, line_610),
+        GlobalLoad("ldg", 8, line_610),
+        GlobalLoad("ldg", 4, line_610),
+        GlobalLoad("ldg", 1, line_610),
+    ]
     assert load_histogram(loads) == "ldg 16B x1 8B x1 4B x1 2B x1 1B x1, ldgsts 16B x2 4B x1"
     assert load_histogram(global_loads("LDS.128 R8, [R2] ;")) == "none"
 
@@ -220,8 +249,9 @@ def test_row_load_problem_names_narrow_row_loads_of_aligned_launches_only():
     row = ((path, first + 5),)
     shifted = Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, launch="ssltm")
     assert rows_aligned(shifted) and rows_aligned(Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM))
-    assert rows_aligned(Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM, mask=True, window_batches=True,
-                               launch="ssltm"))
+    assert rows_aligned(
+        Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM, mask=True, window_batches=True, launch="ssltm")
+    )
     unaligned = Config(torch.bfloat16, SSLTM_WINDOW, SSLTM_HEAD_DIM, SSLTM_SHIFT, launch="unaligned")
     assert not rows_aligned(unaligned)
     fwd = shifted.specs(90)[0]
@@ -230,7 +260,8 @@ def test_row_load_problem_names_narrow_row_loads_of_aligned_launches_only():
     problem = row_load_problem(shifted, fwd, scalar)
     assert problem and "too narrow" in problem and "2B x100" in problem and f"{widest} B" in problem
     assert row_load_problem(unaligned, unaligned.specs(90)[0], scalar) is None
-    assert row_load_problem(shifted, fwd, [GlobalLoad("ldgsts", widest, row), GlobalLoad("ldg", narrowest, row)]) \
-        is None
+    assert (
+        row_load_problem(shifted, fwd, [GlobalLoad("ldgsts", widest, row), GlobalLoad("ldg", narrowest, row)]) is None
+    )
     assert "too narrow" in row_load_problem(shifted, fwd, [GlobalLoad("ldg", narrowest, row)] * 4)
     assert "no q/k/v/o/dO row loads" in row_load_problem(shifted, fwd, [GlobalLoad("ldg", 16, ((path, 1),))])

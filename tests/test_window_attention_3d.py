@@ -67,8 +67,9 @@ def test_reference_gradcheck_float64(shift):
 
     def f(qkv, table, pad_k, pad_v):
         q, k, v = qkv.unbind(-3)
-        return window_attention_3d_reference(q, k, v, window_size=(2, 3, 3), shift_size=shift,
-                                             rel_pos_bias_table=table, pad_k=pad_k, pad_v=pad_v)
+        return window_attention_3d_reference(
+            q, k, v, window_size=(2, 3, 3), shift_size=shift, rel_pos_bias_table=table, pad_k=pad_k, pad_v=pad_v
+        )
 
     assert torch.autograd.gradcheck(f, (qkv, table, pad_k, pad_v))
 
@@ -110,8 +111,9 @@ def test_module_window_batch_path_is_video_swin_window_attention():
     for n in (18, 12):  # a full window and a temporally shrunk one
         x = torch.randn(8, n, 12, dtype=torch.float64)
         mask = torch.where(torch.rand(4, n, n) > 0.7, -100.0, 0.0).double()
-        expected = video_swin_window_attention(x, module.qkv, module.proj, module.relative_position_bias_table, index,
-                                               3, module.scale, mask)
+        expected = video_swin_window_attention(
+            x, module.qkv, module.proj, module.relative_position_bias_table, index, 3, module.scale, mask
+        )
         assert_close(module(x, mask), expected, 1e-9, f"window batch N={n}")
 
 
@@ -139,8 +141,13 @@ def test_rel_pos_mode_exact_uses_true_coordinates():
     q, k, v = qkv.unbind(-3)
     shrunk = window_geometry(sizes, window).window
     deltas = torch.stack(torch.meshgrid(*[torch.arange(-w + 1, w) for w in shrunk], indexing="ij")).reshape(3, -1)
-    full_idx = ((deltas[0] + window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
-                + (deltas[1] + window[1] - 1) * (2 * window[2] - 1) + deltas[2] + window[2] - 1)
+    full_idx = (
+        (deltas[0] + window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+        + (deltas[1] + window[1] - 1) * (2 * window[2] - 1)
+        + deltas[2]
+        + window[2]
+        - 1
+    )
     shrunk_table = table[full_idx]
     exact = window_attention_3d_reference(q, k, v, window_size=window, rel_pos_bias_table=table, rel_pos_mode="exact")
     expected = window_attention_3d_reference(q, k, v, window_size=shrunk, rel_pos_bias_table=shrunk_table)
@@ -215,8 +222,14 @@ def test_every_shipped_config_matches_reference_fp16(index):
     fp32 = tuple(x.detach().float().requires_grad_() for x in inputs)
     ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
     assert out.dtype == torch.float16
-    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
-                                            (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "fp16")
+    assert_within_twice_low_precision_error(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (ref_out, *ref_grads),
+        torch.float16,
+        "fp16",
+    )
 
 
 def test_block_pieces_cover_the_window_in_16_granular_tails():
@@ -252,8 +265,9 @@ def test_dense_bias_is_the_reference_bias_over_the_scale(sizes, mode):
     assert torch.equal(op.dense_bias(table, geom, 0.25, torch.float16), bias.half())  # bias_dtype="input"
 
 
-@pytest.mark.parametrize("batch, sizes, heads, head_dim, window, shift, mode",
-                         [TRITON_CASES[1], TRITON_CASES[2], TRITON_CASES[4]])
+@pytest.mark.parametrize(
+    "batch, sizes, heads, head_dim, window, shift, mode", [TRITON_CASES[1], TRITON_CASES[2], TRITON_CASES[4]]
+)
 def test_triton_matches_reference_fp16(batch, sizes, heads, head_dim, window, shift, mode):
     """Kernel error vs the fp32 reference is at most 2x the fp16 reference's own error."""
     inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=torch.float16)
@@ -263,8 +277,13 @@ def test_triton_matches_reference_fp16(batch, sizes, heads, head_dim, window, sh
     fp32 = tuple(None if x is None else x.detach().float().requires_grad_() for x in inputs)
     ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
     assert out.dtype == torch.float16
-    for name, g, low, r in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads), (low_out, *low_grads),
-                               (ref_out, *ref_grads), strict=True):
+    for name, g, low, r in zip(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (ref_out, *ref_grads),
+        strict=True,
+    ):
         low_err = (low.float() - r).abs().max().item()
         assert_close(g.float(), r, 2 * low_err + 1e-6 * r.abs().max().item(), f"{name} (fp16 ref err {low_err:.2e})")
 
@@ -319,8 +338,11 @@ def test_triton_variants_match_reference_and_are_deterministic(variant, dtype, m
     batch, sizes, heads, head_dim, window, shift = VARIANT_CASE
     inputs = make_inputs(batch, sizes, heads, head_dim, window, dtype=dtype)
     kw = dict(window_size=window, shift_size=shift)
-    monkeypatch.setattr(op.launch, "_reduce_blocks", lambda table_size, tokens: (
-        *op.REDUCE_BLOCKS, min(op.DSUM_BLOCK, op.padded_tokens(tokens) ** 2) // 2))
+    monkeypatch.setattr(
+        op.launch,
+        "_reduce_blocks",
+        lambda table_size, tokens: (*op.REDUCE_BLOCKS, min(op.DSUM_BLOCK, op.padded_tokens(tokens) ** 2) // 2),
+    )
     configs = replace(op.LaunchConfigs(*(op.KernelConfig(32, 32, 4, 1) for _ in op.KERNELS)), **variant)
     with op.forced_launch_configs(configs):
         out, grads = run(window_attention_3d, *inputs, backend="triton", **kw)
@@ -335,8 +357,9 @@ def test_triton_variants_match_reference_and_are_deterministic(variant, dtype, m
     else:
         assert out.dtype == torch.float16
         low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
-        assert_within_twice_low_precision_error(names, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads),
-                                                dtype, str(variant))
+        assert_within_twice_low_precision_error(
+            names, (out, *grads), (low_out, *low_grads), (ref_out, *ref_grads), dtype, str(variant)
+        )
 
 
 def test_launch_config_variants_validate_and_round_trip_the_config_file(tmp_path, monkeypatch):
@@ -367,13 +390,22 @@ def test_launch_config_variants_validate_and_round_trip_the_config_file(tmp_path
 def test_compile_specs_follow_the_variants():
     """What a launch of each variant compiles: the bias pointer in the input's dtype, backward C's first stage
     (only over groups' partials), and backward C specialised on its one group."""
+
     def specs(**variant):
         configs = replace(op.default_configs(196, 32), **variant)
-        return {name: (signature, constexprs) for name, _, signature, constexprs, _, _ in
-                op.triton_compile_specs(torch.bfloat16, (4, 7, 7), 32, (2, 3, 3), configs=configs)}
+        return {
+            name: (signature, constexprs)
+            for name, _, signature, constexprs, _, _ in op.triton_compile_specs(
+                torch.bfloat16, (4, 7, 7), 32, (2, 3, 3), configs=configs
+            )
+        }
 
-    attention = ("_window_attn_fwd_kernel", "_window_attn_bwd_dq_kernel", "_window_attn_bwd_dbias_kernel",
-                 "_window_attn_bwd_dkdv_kernel")
+    attention = (
+        "_window_attn_fwd_kernel",
+        "_window_attn_bwd_dq_kernel",
+        "_window_attn_bwd_dbias_kernel",
+        "_window_attn_bwd_dkdv_kernel",
+    )
     reduce, dsum = "_window_attn_bwd_reduce_kernel", "_window_attn_bwd_dsum_kernel"
     default, bias_input = specs(), specs(bias_dtype="input")
     assert all(default[k][0]["BIAS"] == "*fp32" and bias_input[k][0]["BIAS"] == "*bf16" for k in attention)
@@ -392,25 +424,57 @@ def test_opcheck_forward_and_backward_ops():
     qkv, table, pad_k, pad_v = make_inputs(1, (3, 4, 4), 2, 16, (2, 3, 3))
     q, k, v = (x.detach().clone().requires_grad_() for x in qkv.unbind(-3))
     params = ([2, 3, 3], [1, 1, 1], [2, 3, 3], [2, 3, 3], 0.25, "triton")
-    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_fwd.default,
-                          (q, k, v, table, pad_k, pad_v, None, *params))
+    torch.library.opcheck(
+        torch.ops.ssltm.window_attention_3d_fwd.default, (q, k, v, table, pad_k, pad_v, None, *params)
+    )
     out, lse = torch.ops.ssltm.window_attention_3d_fwd(q, k, v, table, pad_k, pad_v, None, *params)
-    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_bwd.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, table.detach(),
-                           pad_k.detach(), pad_v.detach(), None, *params, True, True, False),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.ssltm.window_attention_3d_bwd.default,
+        (
+            torch.randn_like(out),
+            q.detach(),
+            k.detach(),
+            v.detach(),
+            out.detach(),
+            lse,
+            table.detach(),
+            pad_k.detach(),
+            pad_v.detach(),
+            None,
+            *params,
+            True,
+            True,
+            False,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_opcheck_qkvpacked_ops():
     qkv, table, pad_k, pad_v = make_inputs(1, (3, 4, 4), 2, 16, (2, 3, 3))
     params = ([2, 3, 3], [1, 1, 1], [2, 3, 3], [2, 3, 3], 0.25, "triton")
-    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_qkvpacked_fwd.default,
-                          (qkv, table, pad_k, pad_v, None, *params))
+    torch.library.opcheck(
+        torch.ops.ssltm.window_attention_3d_qkvpacked_fwd.default, (qkv, table, pad_k, pad_v, None, *params)
+    )
     out, lse = torch.ops.ssltm.window_attention_3d_qkvpacked_fwd(qkv, table, pad_k, pad_v, None, *params)
-    torch.library.opcheck(torch.ops.ssltm.window_attention_3d_bwd.default,
-                          (torch.randn_like(out), *qkv.detach().unbind(-3), out.detach(), lse, table.detach(),
-                           pad_k.detach(), pad_v.detach(), None, *params, True, True, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.ssltm.window_attention_3d_bwd.default,
+        (
+            torch.randn_like(out),
+            *qkv.detach().unbind(-3),
+            out.detach(),
+            lse,
+            table.detach(),
+            pad_k.detach(),
+            pad_v.detach(),
+            None,
+            *params,
+            True,
+            True,
+            True,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_torch_compile_fullgraph_traces_module():
@@ -433,8 +497,10 @@ def test_state_dict_loads_video_swin_and_torchvision_keys():
     window, dim, heads = (2, 7, 7), 32, 4
     n = math.prod(window)
     video_swin = {
-        "qkv.weight": torch.randn(3 * dim, dim), "qkv.bias": torch.randn(3 * dim),
-        "proj.weight": torch.randn(dim, dim), "proj.bias": torch.randn(dim),
+        "qkv.weight": torch.randn(3 * dim, dim),
+        "qkv.bias": torch.randn(3 * dim),
+        "proj.weight": torch.randn(dim, dim),
+        "proj.bias": torch.randn(dim),
         "relative_position_bias_table": torch.randn(table_size(window), heads),
         "relative_position_index": video_swin_relative_position_index(window),
     }
@@ -523,14 +589,16 @@ def test_video_swin_with_every_attention_swapped_matches_torchvision_fp32_triton
     from torchvision.models.video.swin_transformer import SwinTransformer3d
 
     torch.manual_seed(0)
-    model = SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
-                              window_size=[2, 3, 3], num_classes=5).eval()
+    model = SwinTransformer3d(
+        patch_size=[2, 4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[2, 3, 3], num_classes=5
+    ).eval()
     x = torch.randn(1, 3, 6, 20, 20)
     with torch.no_grad():
         exact, low = copy.deepcopy(model).double()(x.double()), model(x)
         _swap(model, "triton")
-        assert_within_twice_low_precision_error(("logits",), (model(x),), (low,), (exact,), torch.float32,
-                                                "triton drop-in")
+        assert_within_twice_low_precision_error(
+            ("logits",), (model(x),), (low,), (exact,), torch.float32, "triton drop-in"
+        )
 
 
 def test_torchvision_drop_in_constructor_and_errors():
@@ -538,8 +606,9 @@ def test_torchvision_drop_in_constructor_and_errors():
 
     torch.manual_seed(0)
     theirs = TorchvisionAttention(16, [2, 3, 3], [1, 1, 1], 2, proj_bias=False, attention_dropout=0.1, dropout=0.2)
-    ours = ssltm_kernels.ShiftedWindowAttention3d(16, [2, 3, 3], [1, 1, 1], 2, proj_bias=False,
-                                                  attention_dropout=0.1, dropout=0.2)
+    ours = ssltm_kernels.ShiftedWindowAttention3d(
+        16, [2, 3, 3], [1, 1, 1], 2, proj_bias=False, attention_dropout=0.1, dropout=0.2
+    )
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     ours.load_state_dict(theirs.state_dict())
     assert (ours.attention_dropout, ours.dropout) == (0.1, 0.2)
@@ -568,8 +637,11 @@ def _qkv(shape=(1, 2, 3, 3, 2, 4), dtype=torch.float32):
         (lambda a: a.update(v=a["v"].double()), TypeError, r"v must have q's dtype"),
         (lambda a: a.update(k=a["k"].to("meta")), ValueError, r"k must be on q's device"),
         (lambda a: a.update(q=torch.zeros(0, 2, 3, 3, 2, 4)), ValueError, r"k must have q's shape"),
-        (lambda a: a.update(rel_pos_bias_table=torch.zeros(10, 2)), ValueError,
-         r"rel_pos_bias_table must have shape \(405, 2\).*got \(10, 2\)"),
+        (
+            lambda a: a.update(rel_pos_bias_table=torch.zeros(10, 2)),
+            ValueError,
+            r"rel_pos_bias_table must have shape \(405, 2\).*got \(10, 2\)",
+        ),
         (lambda a: a.update(pad_k=torch.zeros(4, 2)), ValueError, r"pad_k must have shape .*\(2, 4\)"),
         (lambda a: a.update(shift_size=(0, 5, 0)), ValueError, r"shift_size must satisfy"),
         (lambda a: a.update(window_size=(2, 3)), ValueError, r"window_size must be"),
@@ -636,8 +708,12 @@ def test_bool_attn_mask_keeps_where_true_like_sdpa(backend):
     unmasked = window_attention_3d_windows(qkv, window_size=(2, 3, 3), backend=backend)
     assert_close(out[~partly], unmasked[~partly], 2e-3, "query with every key masked")
     additive = torch.where(keep, 0.0, -float("inf"))
-    assert_close(window_attention_3d_windows(qkv, window_size=(2, 3, 3), attn_mask=additive, backend=backend), out,
-                 1e-6, "-inf float mask vs bool mask")
+    assert_close(
+        window_attention_3d_windows(qkv, window_size=(2, 3, 3), attn_mask=additive, backend=backend),
+        out,
+        1e-6,
+        "-inf float mask vs bool mask",
+    )
 
 
 def test_empty_and_integer_inputs_raise():
@@ -707,8 +783,14 @@ def test_gpu_backend_matches_fp32_reference(backend, dtype, batch, sizes, heads,
     low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
     fp32 = tuple(None if x is None else x.detach().float().requires_grad_() for x in inputs)
     ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
-    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
-                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype, backend)
+    assert_within_twice_low_precision_error(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (ref_out, *ref_grads),
+        dtype,
+        backend,
+    )
 
 
 @pytest.mark.gpu
@@ -718,8 +800,9 @@ def test_gpu_cuda_equals_triton(dtype):
     kw = dict(window_size=(4, 7, 7), shift_size=(2, 3, 3))
     cuda_out, cuda_grads = run(window_attention_3d, *inputs, backend="cuda", **kw)
     triton_out, triton_grads = run(window_attention_3d, *inputs, backend="triton", **kw)
-    for name, a, b in zip(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads),
-                          (triton_out, *triton_grads), strict=True):
+    for name, a, b in zip(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (cuda_out, *cuda_grads), (triton_out, *triton_grads), strict=True
+    ):
         assert_close(a.float(), b.float(), 2e-2 * max(1.0, b.abs().max().item()), f"cuda vs triton {name}")
 
 
@@ -738,9 +821,14 @@ def test_gpu_every_shipped_config_matches_fp32_reference_and_is_deterministic(in
     low_out, low_grads = run(window_attention_3d_reference, *inputs, **kw)
     fp32 = tuple(x.detach().float().requires_grad_() for x in inputs)
     ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
-    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
-                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype,
-                                            f"config {index}")
+    assert_within_twice_low_precision_error(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (ref_out, *ref_grads),
+        dtype,
+        f"config {index}",
+    )
 
 
 @pytest.mark.gpu
@@ -764,8 +852,14 @@ def test_gpu_largest_triton_windows_launch_and_match_the_reference(dtype):
         out, grads = attend_windows(qkv, table, backend="triton", **kw)
         low_out, low_grads = attend_windows(qkv, table, backend="reference", **kw)
         ref_out, ref_grads = attend_windows(qkv.detach().float().requires_grad_(), table, backend="reference", **kw)
-        assert_within_twice_low_precision_error(("out", "dqkv", "dtable"), (out, *grads), (low_out, *low_grads),
-                                                (ref_out, *ref_grads), dtype, f"{window} head_dim {head_dim}")
+        assert_within_twice_low_precision_error(
+            ("out", "dqkv", "dtable"),
+            (out, *grads),
+            (low_out, *low_grads),
+            (ref_out, *ref_grads),
+            dtype,
+            f"{window} head_dim {head_dim}",
+        )
 
 
 def test_backend_predicates_take_the_ops_arguments_and_give_reasons():
@@ -816,8 +910,9 @@ def test_largest_triton_window_of_each_dtype_fits_the_tile():
     assert key_tile_bytes(8 * 7 * 7, 32, torch.float32) == MAX_TRITON_KEY_TILE_BYTES
 
 
-@pytest.mark.parametrize("shared_kb, tile_kb", [(227, 64), (256, 64), (163, 32), (226, 32), (99, 16), (100, 16),
-                                                (98, 0), (64, 0)])
+@pytest.mark.parametrize(
+    "shared_kb, tile_kb", [(227, 64), (256, 64), (163, 32), (226, 32), (99, 16), (100, 16), (98, 0), (64, 0)]
+)
 def test_triton_key_tile_limit_follows_the_devices_shared_memory(shared_kb, tile_kb):
     from ssltm_kernels.ops.window_attention_3d import triton_key_tile_limit
 
@@ -848,6 +943,7 @@ def test_triton_refuses_tiles_beyond_the_devices_limit(monkeypatch, shared_kb, w
 def test_pipeline_stages_follow_the_devices_shared_memory():
     """A configuration's software pipeline keeps as many stages as fit the device (a stage: one iteration's
     loads of the innermost loop, e.g. a key block's keys, values and fp32 bias rows)."""
+
     def stages(kernel, cfg, head_dim, dtype, shared_kb):
         return op.fit_stages(kernel, cfg, 196, head_dim, dtype, shared_kb * 1024).num_stages
 
@@ -876,8 +972,10 @@ def test_launch_configs_take_the_shipped_file_for_the_device_then_any_device_the
     assert chosen("GPU B") == any_cfg
     assert chosen("GPU A", shifted=True) == op.default_configs(196, 32)  # other keys: the defaults
     assert chosen("GPU A", tokens=98) == op.default_configs(98, 32)
-    assert op.tuning.launch_configs(196, 32, 4, torch.bfloat16, False, "GPU A",
-                                    interpreting=True) == op.INTERPRETER_CONFIGS
+    assert (
+        op.tuning.launch_configs(196, 32, 4, torch.bfloat16, False, "GPU A", interpreting=True)
+        == op.INTERPRETER_CONFIGS
+    )
     assert op.LaunchConfigs.from_json(json.loads(json.dumps(device_cfg.to_json()))) == device_cfg
 
 
@@ -992,10 +1090,22 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype(packed):
     assert out.dtype == torch.float16
     assert [g.dtype for g in grads] == [torch.float32] * 4
     low_out, low_grads = attend(window_attention_3d_reference)
-    ref_out, ref_grads = run(window_attention_3d_reference, qkv, table, pad_k, pad_v, **{
-        k: v for k, v in kw.items() if k in ("window_size", "shift_size")})
-    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
-                                            (low_out, *low_grads), (ref_out, *ref_grads), torch.float16, "autocast")
+    ref_out, ref_grads = run(
+        window_attention_3d_reference,
+        qkv,
+        table,
+        pad_k,
+        pad_v,
+        **{k: v for k, v in kw.items() if k in ("window_size", "shift_size")},
+    )
+    assert_within_twice_low_precision_error(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (ref_out, *ref_grads),
+        torch.float16,
+        "autocast",
+    )
 
 
 def test_torch_compile_fullgraph_under_autocast():
@@ -1028,26 +1138,39 @@ def test_cuda_backend_python_side_through_the_cpu_emulation(monkeypatch, dtype, 
     _pretend_cuda_backend_runs_on_cpu(monkeypatch)
     qkv, table, pad_k, pad_v = make_inputs(2, (3, 7, 5), 2, 8, (2, 3, 3), dtype=dtype)
     kw = dict(window_size=(2, 3, 3))  # unshifted: the padded keys carry weight (shifted, ~e^-100 for some)
-    fused = (lambda *qkv_views, **k: op.window_attention_3d_qkvpacked(torch.stack(qkv_views, -3), **k)) if packed \
+    fused = (
+        (lambda *qkv_views, **k: op.window_attention_3d_qkvpacked(torch.stack(qkv_views, -3), **k))
+        if packed
         else window_attention_3d
+    )
     calls = []
-    monkeypatch.setattr(op, "_fused_window_attention",
-                        lambda *a, _f=op._fused_window_attention: calls.append(a[1]) or _f(*a))
+    monkeypatch.setattr(
+        op, "_fused_window_attention", lambda *a, _f=op._fused_window_attention: calls.append(a[1]) or _f(*a)
+    )
     out, grads = run(fused, qkv, table, pad_k, pad_v, **kw)
     assert calls == ["cuda"]
     assert out.dtype == dtype and [g.dtype for g in grads] == [dtype, torch.float32, dtype, dtype]
     low_out, low_grads = run(window_attention_3d_reference, qkv, table, pad_k, pad_v, **kw)
     fp32 = tuple(x.detach().float().requires_grad_() for x in (qkv, table, pad_k, pad_v))
     ref_out, ref_grads = run(window_attention_3d_reference, *fp32, **kw)
-    assert_within_twice_low_precision_error(("out", "dqkv", "dtable", "dpad_k", "dpad_v"), (out, *grads),
-                                            (low_out, *low_grads), (ref_out, *ref_grads), dtype, "cuda emulation")
+    assert_within_twice_low_precision_error(
+        ("out", "dqkv", "dtable", "dpad_k", "dpad_v"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (ref_out, *ref_grads),
+        dtype,
+        "cuda emulation",
+    )
 
 
-@pytest.mark.parametrize("kernels, chosen", [
-    (("tensor_cores", "tensor_cores"), "cuda"),
-    (("cuda_cores", "cuda_cores"), "triton"),
-    (("tensor_cores", "cuda_cores"), "triton"),
-])
+@pytest.mark.parametrize(
+    "kernels, chosen",
+    [
+        (("tensor_cores", "tensor_cores"), "cuda"),
+        (("cuda_cores", "cuda_cores"), "triton"),
+        (("tensor_cores", "cuda_cores"), "triton"),
+    ],
+)
 def test_dispatch_prefers_triton_over_cuda_core_kernels(monkeypatch, kernels, chosen):
     _pretend_cuda_backend_runs_on_cpu(monkeypatch, kernels)
     q, k, v = _qkv()
@@ -1096,10 +1219,17 @@ def test_gpu_module_under_bf16_autocast_with_packed_qkv(backend):
     reference.backend = "reference"
     low_out, low_grads = attend(reference)
     fp32_out = reference(x, shift_size=(2, 3, 3))
-    fp32_grads = torch.autograd.grad(fp32_out.square().sum(), (x, reference.relative_position_bias_table,
-                                                               reference.qkv.weight))
-    assert_within_twice_low_precision_error(("out", "dx", "dtable", "dqkv_weight"), (out, *grads),
-                                            (low_out, *low_grads), (fp32_out, *fp32_grads), torch.bfloat16, backend)
+    fp32_grads = torch.autograd.grad(
+        fp32_out.square().sum(), (x, reference.relative_position_bias_table, reference.qkv.weight)
+    )
+    assert_within_twice_low_precision_error(
+        ("out", "dx", "dtable", "dqkv_weight"),
+        (out, *grads),
+        (low_out, *low_grads),
+        (fp32_out, *fp32_grads),
+        torch.bfloat16,
+        backend,
+    )
 
 
 def test_op_submodule_is_a_module_and_the_package_exports_the_functions():

@@ -61,8 +61,9 @@ def _unpartition(x, window, b, padded):
     return x.permute(*perm).reshape(b, tp, hp, wp, *rest)
 
 
-def oracle(q, k, v, *, window, shift, bias_window, table_window, scale, table=None, pad_k=None, pad_v=None,
-           attn_mask=None):
+def oracle(
+    q, k, v, *, window, shift, bias_window, table_window, scale, table=None, pad_k=None, pad_v=None, attn_mask=None
+):
     """Returns (out, lse) in the dtype of the inputs (use float64)."""
     b, t, h, w, nh, hd = q.shape
     padded = tuple(math.ceil(s / ws) * ws for s, ws in zip((t, h, w), window, strict=True))
@@ -103,8 +104,21 @@ def oracle(q, k, v, *, window, shift, bias_window, table_window, scale, table=No
 # ------------------------------------------------------------------------------------------------
 # Problem construction
 # ------------------------------------------------------------------------------------------------
-def make_problem(shape, nh, hd, window, *, full_window=None, shift=(0, 0, 0), mode="swin", table=True,
-                 pads=True, mask=False, dtype=torch.float64, seed=0):
+def make_problem(
+    shape,
+    nh,
+    hd,
+    window,
+    *,
+    full_window=None,
+    shift=(0, 0, 0),
+    mode="swin",
+    table=True,
+    pads=True,
+    mask=False,
+    dtype=torch.float64,
+    seed=0,
+):
     """q/k/v as non-contiguous views of one (B, T, H, W, 3*nh*hd) tensor, plus the optional inputs."""
     gen = torch.Generator().manual_seed(seed)
     b, t, h, w = shape
@@ -115,14 +129,18 @@ def make_problem(shape, nh, hd, window, *, full_window=None, shift=(0, 0, 0), mo
     n = window[0] * window[1] * window[2]
     nwin = b * math.prod(math.ceil(s / ws) for s, ws in zip((t, h, w), window, strict=True))
     p = dict(
-        q=q, k=k, v=v,
+        q=q,
+        k=k,
+        v=v,
         table=torch.randn(ntab, nh, generator=gen, dtype=torch.float64) if table else None,
         pad_k=torch.randn(nh, hd, generator=gen, dtype=torch.float64) if pads else None,
         pad_v=torch.randn(nh, hd, generator=gen, dtype=torch.float64) if pads else None,
         attn_mask=(torch.randn(2 if nwin % 2 == 0 else 1, n, n, generator=gen) * 2).float() if mask else None,
-        window=list(window), shift=list(shift),
-        bias_window=list(full_window if mode == "swin" else window), table_window=list(full_window),
-        scale=hd ** -0.5,
+        window=list(window),
+        shift=list(shift),
+        bias_window=list(full_window if mode == "swin" else window),
+        table_window=list(full_window),
+        scale=hd**-0.5,
     )
     p["grad_out"] = torch.randn(b, t, h, w, nh, hd, generator=gen, dtype=torch.float64)
     if dtype != torch.float64:
@@ -135,11 +153,40 @@ def make_problem(shape, nh, hd, window, *, full_window=None, shift=(0, 0, 0), mo
 
 
 def run_kernel(p, need_table_grad=True, need_pad_grad=True, num_groups=0):
-    out, lse = fwd(p["q"], p["k"], p["v"], p["table"], p["pad_k"], p["pad_v"], p["attn_mask"], p["window"],
-                   p["shift"], p["bias_window"], p["table_window"], p["scale"])
-    grads = bwd(p["grad_out"], p["q"], p["k"], p["v"], out, lse, p["table"], p["pad_k"], p["pad_v"],
-                p["attn_mask"], p["window"], p["shift"], p["bias_window"], p["table_window"], p["scale"],
-                need_table_grad, need_pad_grad, num_groups)
+    out, lse = fwd(
+        p["q"],
+        p["k"],
+        p["v"],
+        p["table"],
+        p["pad_k"],
+        p["pad_v"],
+        p["attn_mask"],
+        p["window"],
+        p["shift"],
+        p["bias_window"],
+        p["table_window"],
+        p["scale"],
+    )
+    grads = bwd(
+        p["grad_out"],
+        p["q"],
+        p["k"],
+        p["v"],
+        out,
+        lse,
+        p["table"],
+        p["pad_k"],
+        p["pad_v"],
+        p["attn_mask"],
+        p["window"],
+        p["shift"],
+        p["bias_window"],
+        p["table_window"],
+        p["scale"],
+        need_table_grad,
+        need_pad_grad,
+        num_groups,
+    )
     return out, lse, grads
 
 
@@ -151,12 +198,24 @@ def run_oracle(p):
         src = p[key] if p[key] is not None else torch.zeros(nh, hd)
         leaf[key] = src.detach().double().requires_grad_(True)
     leaf["table"] = p["table"].detach().double().requires_grad_(True) if p["table"] is not None else None
-    out, lse = oracle(leaf["q"], leaf["k"], leaf["v"], window=p["window"], shift=p["shift"],
-                      bias_window=p["bias_window"], table_window=p["table_window"], scale=p["scale"],
-                      table=leaf["table"], pad_k=leaf["pad_k"], pad_v=leaf["pad_v"], attn_mask=p["attn_mask"])
+    out, lse = oracle(
+        leaf["q"],
+        leaf["k"],
+        leaf["v"],
+        window=p["window"],
+        shift=p["shift"],
+        bias_window=p["bias_window"],
+        table_window=p["table_window"],
+        scale=p["scale"],
+        table=leaf["table"],
+        pad_k=leaf["pad_k"],
+        pad_v=leaf["pad_v"],
+        attn_mask=p["attn_mask"],
+    )
     out.backward(p["grad_out"].double())
-    grads = {key: (leaf[key].grad if leaf[key] is not None else None)
-             for key in ("q", "k", "v", "table", "pad_k", "pad_v")}
+    grads = {
+        key: (leaf[key].grad if leaf[key] is not None else None) for key in ("q", "k", "v", "table", "pad_k", "pad_v")
+    }
     return out.detach(), lse.detach(), grads
 
 
@@ -167,12 +226,18 @@ def assert_close(name, got, want, atol, rtol):
     if not bool((err <= bound).all()):
         worst = int(torch.argmax(err - bound))
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), want.shape))
-        raise AssertionError(f"{name}: max abs error {err.max().item():.3e} (atol {atol}, rtol {rtol}); worst at "
-                             f"{index}: got {got[index].item():.6g}, want {want[index].item():.6g}")
+        raise AssertionError(
+            f"{name}: max abs error {err.max().item():.3e} (atol {atol}, rtol {rtol}); worst at "
+            f"{index}: got {got[index].item():.6g}, want {want[index].item():.6g}"
+        )
 
 
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (1.5e-2, 1e-2),
-       torch.bfloat16: (8e-2, 3e-2)}
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (1.5e-2, 1e-2),
+    torch.bfloat16: (8e-2, 3e-2),
+}
 
 
 def check_against_oracle(p, atol=None, rtol=None, num_groups=0):
@@ -234,8 +299,10 @@ def test_float64_all_inputs(geometry):
 
 
 @pytest.mark.parametrize("geometry", ["pad_all_axes", "pad_all_axes_shift", "swin_4x7x7_shift"])
-@pytest.mark.parametrize("table,pads,mask", [(False, False, False), (True, False, False), (False, True, False),
-                                             (False, False, True), (True, True, False)])
+@pytest.mark.parametrize(
+    "table,pads,mask",
+    [(False, False, False), (True, False, False), (False, True, False), (False, False, True), (True, True, False)],
+)
 def test_float64_optional_inputs(geometry, table, pads, mask):
     check_against_oracle(geometry_problem(geometry, table=table, pads=pads, mask=mask))
 
@@ -256,8 +323,9 @@ def test_bias_window_modes_differ():
 # float32 takes the CUDA-core kernels; float16/bfloat16 take the tensor-core forward and backward (every
 # geometry here fits in shared memory), with head_dim buckets 32, 64 and 128.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("geometry", ["pad_all_axes_shift", "swin_4x7x7_shift", "head_dim_40", "head_dim_72",
-                                      "head_dim_128"])
+@pytest.mark.parametrize(
+    "geometry", ["pad_all_axes_shift", "swin_4x7x7_shift", "head_dim_40", "head_dim_72", "head_dim_128"]
+)
 def test_low_precision(geometry, dtype):
     check_against_oracle(geometry_problem(geometry, mask=True, dtype=dtype))
 
@@ -335,13 +403,42 @@ def test_contiguous_inputs_and_broadcast_grad():
     ref = run_kernel(p)
     q, k, v = (p[key].contiguous() for key in ("q", "k", "v"))
     assert not p["q"].is_contiguous() and q.is_contiguous()
-    out, lse = fwd(q, k, v, p["table"], p["pad_k"], p["pad_v"], None, p["window"], p["shift"],
-                   p["bias_window"], p["table_window"], p["scale"])
+    out, lse = fwd(
+        q,
+        k,
+        v,
+        p["table"],
+        p["pad_k"],
+        p["pad_v"],
+        None,
+        p["window"],
+        p["shift"],
+        p["bias_window"],
+        p["table_window"],
+        p["scale"],
+    )
     assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1])
     # a broadcast (stride 0) gradient, as autograd produces for sum()
     ones = torch.ones((), dtype=q.dtype).expand(q.shape)
-    dq = bwd(ones, q, k, v, out, lse, p["table"], p["pad_k"], p["pad_v"], None, p["window"], p["shift"],
-             p["bias_window"], p["table_window"], p["scale"], True, True)[0]
+    dq = bwd(
+        ones,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        p["table"],
+        p["pad_k"],
+        p["pad_v"],
+        None,
+        p["window"],
+        p["shift"],
+        p["bias_window"],
+        p["table_window"],
+        p["scale"],
+        True,
+        True,
+    )[0]
     p["grad_out"] = ones
     _, _, r = run_oracle(p)
     assert_close("dq", dq, r["q"], 1e-10, 1e-10)
@@ -357,9 +454,18 @@ def test_matches_package_reference(geometry, requested_shift, mode):
         pytest.skip("ssltm_kernels.ops.window_attention_3d has no window_attention_3d_reference")
     p = geometry_problem(geometry, mode=mode)
     out = run_kernel(p)[0]
-    want = reference(p["q"], p["k"], p["v"], window_size=tuple(p["table_window"]), rel_pos_bias_table=p["table"],
-                     shift_size=requested_shift, scale=p["scale"], pad_k=p["pad_k"], pad_v=p["pad_v"],
-                     rel_pos_mode=mode)
+    want = reference(
+        p["q"],
+        p["k"],
+        p["v"],
+        window_size=tuple(p["table_window"]),
+        rel_pos_bias_table=p["table"],
+        shift_size=requested_shift,
+        scale=p["scale"],
+        pad_k=p["pad_k"],
+        pad_v=p["pad_v"],
+        rel_pos_mode=mode,
+    )
     assert_close("out vs package reference", out, want.double(), 1e-9, 1e-9)
 
 
@@ -367,9 +473,20 @@ def test_matches_package_reference(geometry, requested_shift, mode):
 # Input checks (TORCH_CHECK messages name the argument and its shape)
 # ------------------------------------------------------------------------------------------------
 def _call_fwd(p, **override):
-    args = dict(q=p["q"], k=p["k"], v=p["v"], bias_table=p["table"], pad_k=p["pad_k"], pad_v=p["pad_v"],
-                attn_mask=p["attn_mask"], window=p["window"], shift=p["shift"], bias_window=p["bias_window"],
-                table_window=p["table_window"], scale=p["scale"])
+    args = dict(
+        q=p["q"],
+        k=p["k"],
+        v=p["v"],
+        bias_table=p["table"],
+        pad_k=p["pad_k"],
+        pad_v=p["pad_v"],
+        attn_mask=p["attn_mask"],
+        window=p["window"],
+        shift=p["shift"],
+        bias_window=p["bias_window"],
+        table_window=p["table_window"],
+        scale=p["scale"],
+    )
     args.update(override)
     return fwd(**args)
 
@@ -379,31 +496,39 @@ def small():
     return make_problem((1, 3, 4, 5), 2, 8, (2, 3, 3), shift=(1, 1, 1), mask=True, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("override,message", [
-    (lambda p: {"q": p["q"][0]}, r"q must be 6-D .* got shape \[3, 4, 5, 2, 8\]"),
-    (lambda p: {"k": p["k"][:, :2]}, r"k must have the shape of q \[1, 3, 4, 5, 2, 8\], got \[1, 2, 4, 5, 2, 8\]"),
-    (lambda p: {"v": p["v"].double()}, r"v must have the dtype of q \(Float\), got Double"),
-    (lambda p: {"q": p["q"].int(), "k": p["k"].int(), "v": p["v"].int()}, r"must be float32, float16 or bfloat16"),
-    (lambda p: {key: p[key].transpose(-1, -2) for key in "qkv"}, r"q must have stride 1 in its last dimension"),
-    (lambda p: {"v": torch.zeros(*p["v"].shape, 2)[..., 0]},
-     r"v must have stride 1 in its last dimension \(head_dim\), got strides \[1920, 640, 160, 32, 16, 2\]"),
-    (lambda p: {"bias_table": p["table"][:-1]}, r"bias_table must have shape \(75, 2\) .* got \[74, 2\]"),
-    (lambda p: {"bias_table": p["table"].t()}, r"bias_table must have shape \(75, 2\)"),
-    (lambda p: {"pad_k": p["pad_k"][:, :4]}, r"pad_k must have shape \(heads, head_dim\) = \(2, 8\), got \[2, 4\]"),
-    (lambda p: {"pad_v": p["pad_v"][None]}, r"pad_v must have shape \(heads, head_dim\) = \(2, 8\), got \[1, 2, 8\]"),
-    (lambda p: {"attn_mask": p["attn_mask"][:, :3]}, r"attn_mask must have shape \(nMask, N, N\) with N = 18"),
-    (lambda p: {"attn_mask": torch.zeros(3, 18, 18)}, r"attn_mask's first dimension 3 must divide .* = 8"),
-    (lambda p: {"attn_mask": p["attn_mask"].double()}, r"attn_mask must be float32, got Double"),
-    (lambda p: {"window": [2, 3]}, r"window must have 3 entries \(t, h, w\), got 2 entries: \[2, 3\]"),
-    (lambda p: {"shift": [1, 1, 1, 1]}, r"shift must have 3 entries"),
-    (lambda p: {"bias_window": [2, 3]}, r"bias_window must have 3 entries"),
-    (lambda p: {"table_window": []}, r"table_window must have 3 entries"),
-    (lambda p: {"shift": [2, 1, 1]}, r"0 <= shift < window on every axis, got shift \[2, 1, 1\]"),
-    (lambda p: {"window": [0, 3, 3]}, r"window must be positive"),
-    (lambda p: {"bias_window": [3, 3, 3]}, r"need 1 <= bias_window <= table_window"),
-    (lambda p: {"bias_window": [1, 3, 3], "table_window": [2, 3, 3]}, r"do not fit the bias_window \[1, 3, 3\]"),
-    (lambda p: {"scale": float("nan")}, r"scale must be finite"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (lambda p: {"q": p["q"][0]}, r"q must be 6-D .* got shape \[3, 4, 5, 2, 8\]"),
+        (lambda p: {"k": p["k"][:, :2]}, r"k must have the shape of q \[1, 3, 4, 5, 2, 8\], got \[1, 2, 4, 5, 2, 8\]"),
+        (lambda p: {"v": p["v"].double()}, r"v must have the dtype of q \(Float\), got Double"),
+        (lambda p: {"q": p["q"].int(), "k": p["k"].int(), "v": p["v"].int()}, r"must be float32, float16 or bfloat16"),
+        (lambda p: {key: p[key].transpose(-1, -2) for key in "qkv"}, r"q must have stride 1 in its last dimension"),
+        (
+            lambda p: {"v": torch.zeros(*p["v"].shape, 2)[..., 0]},
+            r"v must have stride 1 in its last dimension \(head_dim\), got strides \[1920, 640, 160, 32, 16, 2\]",
+        ),
+        (lambda p: {"bias_table": p["table"][:-1]}, r"bias_table must have shape \(75, 2\) .* got \[74, 2\]"),
+        (lambda p: {"bias_table": p["table"].t()}, r"bias_table must have shape \(75, 2\)"),
+        (lambda p: {"pad_k": p["pad_k"][:, :4]}, r"pad_k must have shape \(heads, head_dim\) = \(2, 8\), got \[2, 4\]"),
+        (
+            lambda p: {"pad_v": p["pad_v"][None]},
+            r"pad_v must have shape \(heads, head_dim\) = \(2, 8\), got \[1, 2, 8\]",
+        ),
+        (lambda p: {"attn_mask": p["attn_mask"][:, :3]}, r"attn_mask must have shape \(nMask, N, N\) with N = 18"),
+        (lambda p: {"attn_mask": torch.zeros(3, 18, 18)}, r"attn_mask's first dimension 3 must divide .* = 8"),
+        (lambda p: {"attn_mask": p["attn_mask"].double()}, r"attn_mask must be float32, got Double"),
+        (lambda p: {"window": [2, 3]}, r"window must have 3 entries \(t, h, w\), got 2 entries: \[2, 3\]"),
+        (lambda p: {"shift": [1, 1, 1, 1]}, r"shift must have 3 entries"),
+        (lambda p: {"bias_window": [2, 3]}, r"bias_window must have 3 entries"),
+        (lambda p: {"table_window": []}, r"table_window must have 3 entries"),
+        (lambda p: {"shift": [2, 1, 1]}, r"0 <= shift < window on every axis, got shift \[2, 1, 1\]"),
+        (lambda p: {"window": [0, 3, 3]}, r"window must be positive"),
+        (lambda p: {"bias_window": [3, 3, 3]}, r"need 1 <= bias_window <= table_window"),
+        (lambda p: {"bias_window": [1, 3, 3], "table_window": [2, 3, 3]}, r"do not fit the bias_window \[1, 3, 3\]"),
+        (lambda p: {"scale": float("nan")}, r"scale must be finite"),
+    ],
+)
 def test_bad_forward_inputs(small, override, message):
     with pytest.raises(RuntimeError, match=message):
         _call_fwd(small, **override(small))
@@ -423,8 +548,14 @@ def test_bad_head_count():
 
 def test_bad_window_too_large(small):
     with pytest.raises(RuntimeError, match=r"has 4913 tokens, more than the 4096 supported"):
-        _call_fwd(small, window=[17, 17, 17], bias_window=[17, 17, 17], table_window=[17, 17, 17],
-                  bias_table=None, attn_mask=None)
+        _call_fwd(
+            small,
+            window=[17, 17, 17],
+            bias_window=[17, 17, 17],
+            table_window=[17, 17, 17],
+            bias_table=None,
+            attn_mask=None,
+        )
 
 
 def test_bad_empty():
@@ -435,9 +566,25 @@ def test_bad_empty():
 
 def test_bad_backward_inputs(small):
     out, lse = _call_fwd(small)
-    args = [small["grad_out"], small["q"], small["k"], small["v"], out, lse, small["table"], small["pad_k"],
-            small["pad_v"], small["attn_mask"], small["window"], small["shift"], small["bias_window"],
-            small["table_window"], small["scale"], True, True]
+    args = [
+        small["grad_out"],
+        small["q"],
+        small["k"],
+        small["v"],
+        out,
+        lse,
+        small["table"],
+        small["pad_k"],
+        small["pad_v"],
+        small["attn_mask"],
+        small["window"],
+        small["shift"],
+        small["bias_window"],
+        small["table_window"],
+        small["scale"],
+        True,
+        True,
+    ]
 
     def call(index, value):
         bad = list(args)
@@ -466,11 +613,41 @@ def test_module_attributes():
 # Packed gradient output (grad_qkv)
 # ------------------------------------------------------------------------------------------------
 def _packed_grads(p, grad_qkv, num_groups=0):
-    out, lse = fwd(p["q"], p["k"], p["v"], p["table"], p["pad_k"], p["pad_v"], p["attn_mask"], p["window"],
-                   p["shift"], p["bias_window"], p["table_window"], p["scale"])
-    return bwd(p["grad_out"], p["q"], p["k"], p["v"], out, lse, p["table"], p["pad_k"], p["pad_v"], p["attn_mask"],
-               p["window"], p["shift"], p["bias_window"], p["table_window"], p["scale"], True, True, num_groups,
-               grad_qkv=grad_qkv)
+    out, lse = fwd(
+        p["q"],
+        p["k"],
+        p["v"],
+        p["table"],
+        p["pad_k"],
+        p["pad_v"],
+        p["attn_mask"],
+        p["window"],
+        p["shift"],
+        p["bias_window"],
+        p["table_window"],
+        p["scale"],
+    )
+    return bwd(
+        p["grad_out"],
+        p["q"],
+        p["k"],
+        p["v"],
+        out,
+        lse,
+        p["table"],
+        p["pad_k"],
+        p["pad_v"],
+        p["attn_mask"],
+        p["window"],
+        p["shift"],
+        p["bias_window"],
+        p["table_window"],
+        p["scale"],
+        True,
+        True,
+        num_groups,
+        grad_qkv=grad_qkv,
+    )
 
 
 # float32: CUDA-core kernels; float16: tensor-core kernels
@@ -496,27 +673,38 @@ def test_grad_qkv_strided_view():
     want = run_kernel(p)[2]
     hd = p["q"].shape[-1]
     buffer = torch.full((*p["q"].shape[:4], 3, p["q"].shape[4], 2 * hd + 1), -7.0, dtype=p["q"].dtype)
-    grad_qkv = buffer[..., 1:hd + 1]
+    grad_qkv = buffer[..., 1 : hd + 1]
     assert not grad_qkv.is_contiguous()
     got = _packed_grads(p, grad_qkv)
     for i in range(3):
         assert torch.equal(got[i], want[i])
-    assert (buffer[..., 0] == -7).all() and (buffer[..., hd + 1:] == -7).all()
+    assert (buffer[..., 0] == -7).all() and (buffer[..., hd + 1 :] == -7).all()
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda q: torch.empty(*q.shape[:4], 3, *q.shape[4:])[..., :1, :, :],
-     r"grad_qkv must have shape \(B, T, H, W, 3, heads, head_dim\) = \[1, 3, 4, 5, 3, 2, 8\], "
-     r"got \[1, 3, 4, 5, 1, 2, 8\]"),
-    (lambda q: torch.empty(*q.shape), r"grad_qkv must have shape .* got \[1, 3, 4, 5, 2, 8\]"),
-    (lambda q: torch.empty(*q.shape[:4], 3, *q.shape[4:], dtype=torch.float64),
-     r"grad_qkv must have the dtype of q \(Float\), got Double \(shape \[1, 3, 4, 5, 3, 2, 8\]\)"),
-    (lambda q: torch.empty(*q.shape[:4], 3, q.shape[5], q.shape[4]).transpose(-1, -2),
-     r"grad_qkv must have stride 1 in its last dimension \(head_dim\), got strides .* "
-     r"for shape \[1, 3, 4, 5, 3, 2, 8\]"),
-    (lambda q: torch.empty(*q.shape[:4], 1, *q.shape[4:]).expand(*q.shape[:4], 3, *q.shape[4:]),
-     r"grad_qkv must not overlap itself"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (
+            lambda q: torch.empty(*q.shape[:4], 3, *q.shape[4:])[..., :1, :, :],
+            r"grad_qkv must have shape \(B, T, H, W, 3, heads, head_dim\) = \[1, 3, 4, 5, 3, 2, 8\], "
+            r"got \[1, 3, 4, 5, 1, 2, 8\]",
+        ),
+        (lambda q: torch.empty(*q.shape), r"grad_qkv must have shape .* got \[1, 3, 4, 5, 2, 8\]"),
+        (
+            lambda q: torch.empty(*q.shape[:4], 3, *q.shape[4:], dtype=torch.float64),
+            r"grad_qkv must have the dtype of q \(Float\), got Double \(shape \[1, 3, 4, 5, 3, 2, 8\]\)",
+        ),
+        (
+            lambda q: torch.empty(*q.shape[:4], 3, q.shape[5], q.shape[4]).transpose(-1, -2),
+            r"grad_qkv must have stride 1 in its last dimension \(head_dim\), got strides .* "
+            r"for shape \[1, 3, 4, 5, 3, 2, 8\]",
+        ),
+        (
+            lambda q: torch.empty(*q.shape[:4], 1, *q.shape[4:]).expand(*q.shape[:4], 3, *q.shape[4:]),
+            r"grad_qkv must not overlap itself",
+        ),
+    ],
+)
 def test_bad_grad_qkv(small, make, message):
     with pytest.raises(RuntimeError, match=message):
         _packed_grads(small, make(small["q"]))
@@ -528,31 +716,38 @@ def test_bad_grad_qkv(small, make, message):
 H100_SHARED_MEMORY = 227 * 1024
 
 
-@pytest.mark.parametrize("args,families", [
-    # fp32 always runs on CUDA cores
-    (("float32", 196, 32, H100_SHARED_MEMORY, 90), ("cuda_cores", "cuda_cores")),
-    # SSLTM's 4x7x7 window at head_dim 32 in fp16 / bf16 on an H100
-    (("float16", 196, 32, H100_SHARED_MEMORY, 90), ("tensor_cores", "tensor_cores")),
-    (("bfloat16", 196, 32, H100_SHARED_MEMORY, 90), ("tensor_cores", "tensor_cores")),
-    # bf16 WMMA needs sm_80, fp16 sm_70
-    (("bfloat16", 18, 32, 64 * 1024, 75), ("cuda_cores", "cuda_cores")),
-    (("float16", 18, 32, 64 * 1024, 75), ("tensor_cores", "tensor_cores")),
-    (("float16", 18, 32, 64 * 1024, 60), ("cuda_cores", "cuda_cores")),
-    (("bfloat16", 196, 32, 163 * 1024, 80), ("tensor_cores", "tensor_cores")),
-    # windows too big for the shared memory
-    (("float16", 512, 8, H100_SHARED_MEMORY, 90), ("cuda_cores", "cuda_cores")),
-    (("float16", 196, 32, 64 * 1024, 75), ("cuda_cores", "cuda_cores")),
-    # the two passes decide separately: the forward's 64-query layout is the larger one here
-    (("float16", 196, 128, 200 * 1024, 90), ("cuda_cores", "tensor_cores")),
-])
+@pytest.mark.parametrize(
+    "args,families",
+    [
+        # fp32 always runs on CUDA cores
+        (("float32", 196, 32, H100_SHARED_MEMORY, 90), ("cuda_cores", "cuda_cores")),
+        # SSLTM's 4x7x7 window at head_dim 32 in fp16 / bf16 on an H100
+        (("float16", 196, 32, H100_SHARED_MEMORY, 90), ("tensor_cores", "tensor_cores")),
+        (("bfloat16", 196, 32, H100_SHARED_MEMORY, 90), ("tensor_cores", "tensor_cores")),
+        # bf16 WMMA needs sm_80, fp16 sm_70
+        (("bfloat16", 18, 32, 64 * 1024, 75), ("cuda_cores", "cuda_cores")),
+        (("float16", 18, 32, 64 * 1024, 75), ("tensor_cores", "tensor_cores")),
+        (("float16", 18, 32, 64 * 1024, 60), ("cuda_cores", "cuda_cores")),
+        (("bfloat16", 196, 32, 163 * 1024, 80), ("tensor_cores", "tensor_cores")),
+        # windows too big for the shared memory
+        (("float16", 512, 8, H100_SHARED_MEMORY, 90), ("cuda_cores", "cuda_cores")),
+        (("float16", 196, 32, 64 * 1024, 75), ("cuda_cores", "cuda_cores")),
+        # the two passes decide separately: the forward's 64-query layout is the larger one here
+        (("float16", 196, 128, 200 * 1024, 90), ("cuda_cores", "tensor_cores")),
+    ],
+)
 def test_cuda_kernel_families(args, families):
     assert _C.window_attention_3d_cuda_kernels(*args) == families
 
 
 def test_cuda_kernel_families_keywords_and_limits():
-    assert _C.window_attention_3d_cuda_kernels(dtype="float16", tokens=_C.MAX_WINDOW_TOKENS,
-                                               head_dim=_C.MAX_HEAD_DIM, shared_memory=H100_SHARED_MEMORY,
-                                               arch=90) == ("cuda_cores", "cuda_cores")
+    assert _C.window_attention_3d_cuda_kernels(
+        dtype="float16",
+        tokens=_C.MAX_WINDOW_TOKENS,
+        head_dim=_C.MAX_HEAD_DIM,
+        shared_memory=H100_SHARED_MEMORY,
+        arch=90,
+    ) == ("cuda_cores", "cuda_cores")
     with pytest.raises(RuntimeError, match=r'dtype must be "float32", "float16" or "bfloat16", got "float64"'):
         _C.window_attention_3d_cuda_kernels("float64", 196, 32, H100_SHARED_MEMORY, 90)
     with pytest.raises(RuntimeError, match=r"tokens must be in \[1, 4096\], got 4097"):
@@ -561,7 +756,6 @@ def test_cuda_kernel_families_keywords_and_limits():
         _C.window_attention_3d_cuda_kernels("float16", 196, _C.MAX_HEAD_DIM + 1, H100_SHARED_MEMORY, 90)
     with pytest.raises(RuntimeError, match=r"shared_memory must be a byte count >= 0, got -1"):
         _C.window_attention_3d_cuda_kernels("float16", 196, 32, -1, 90)
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,8 +787,7 @@ def test_gpu_matches_emulation(geometry, dtype):
 def test_gpu_deterministic_and_larger():
     if not _C.WITH_CUDA:
         pytest.skip("ssltm_kernels._C was built without CUDA kernels")
-    p = _to(make_problem((2, 8, 30, 33), 4, 32, (4, 7, 7), shift=(2, 3, 3), mask=True, dtype=torch.bfloat16),
-            "cuda")
+    p = _to(make_problem((2, 8, 30, 33), 4, 32, (4, 7, 7), shift=(2, 3, 3), mask=True, dtype=torch.bfloat16), "cuda")
     first = run_kernel(p)
     second = run_kernel(p)
     for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2]), strict=True):
@@ -603,8 +796,19 @@ def test_gpu_deterministic_and_larger():
     r_out = run_oracle(cpu)[0]
     out_err = (first[0].double().cpu() - r_out).abs().max().item()
     # 2x rule: at most twice the error of the reference computed from the same bfloat16 inputs
-    low_out, _ = oracle(cpu["q"].float(), cpu["k"].float(), cpu["v"].float(), window=p["window"], shift=p["shift"],
-                        bias_window=p["bias_window"], table_window=p["table_window"], scale=p["scale"],
-                        table=cpu["table"], pad_k=cpu["pad_k"], pad_v=cpu["pad_v"], attn_mask=cpu["attn_mask"])
+    low_out, _ = oracle(
+        cpu["q"].float(),
+        cpu["k"].float(),
+        cpu["v"].float(),
+        window=p["window"],
+        shift=p["shift"],
+        bias_window=p["bias_window"],
+        table_window=p["table_window"],
+        scale=p["scale"],
+        table=cpu["table"],
+        pad_k=cpu["pad_k"],
+        pad_v=cpu["pad_v"],
+        attn_mask=cpu["attn_mask"],
+    )
     ref_err = (low_out.to(torch.bfloat16).double() - r_out).abs().max().item()
     assert out_err <= 2 * ref_err + 1e-6, (out_err, ref_err)

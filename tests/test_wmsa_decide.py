@@ -31,8 +31,9 @@ SHAPES = ("stride4", "stride8", "stride16", "stride32", "large", "large-shift")
 
 def _rows(triton_wins, mismatch=()):
     """fwd+bwd rows: triton 1 ms on ``triton_wins``, else 3 ms; cuda 2 ms everywhere."""
-    return [_row(c, "triton", 1.0 if c in triton_wins else 3.0, correct=c not in mismatch) for c in SHAPES] + \
-        [_row(c, "cuda", 2.0) for c in SHAPES]
+    return [_row(c, "triton", 1.0 if c in triton_wins else 3.0, correct=c not in mismatch) for c in SHAPES] + [
+        _row(c, "cuda", 2.0) for c in SHAPES
+    ]
 
 
 def test_default_backend_rule():
@@ -60,8 +61,9 @@ def test_bounds_use_the_measured_floors():
 
 def test_cpu_smoke_run_writes_records_not_configs(tmp_path):
     shipped = op.CONFIG_FILE.read_bytes()
-    proc, records = run_cpu_benchmark("wmsa_decide", "--write-configs", results_dir=tmp_path, interpret=True,
-                                      timeout=600)
+    proc, records = run_cpu_benchmark(
+        "wmsa_decide", "--write-configs", results_dir=tmp_path, interpret=True, timeout=600
+    )
     assert "CPU smoke run" in proc.stdout and "not written: a CPU run decides nothing" in proc.stdout
     assert op.CONFIG_FILE.read_bytes() == shipped
     sections = {r["section"] for r in records}
@@ -76,8 +78,12 @@ def test_cpu_smoke_run_writes_records_not_configs(tmp_path):
     labels = {(r["kernel"], r["config"]) for r in sweeps}
     defaults = op.default_configs(70, 16, torch.float32)  # the CPU gate shape's 70-token windows, fp32
     dbias = defaults.dbias.label
-    assert {("bias_dtype", "bias_dtype=input"), ("reduce_stages", "reduce_stages=2"),
-            ("dbias", f"{dbias} dbias_sum=owner"), ("dbias", dbias)} <= labels
+    assert {
+        ("bias_dtype", "bias_dtype=input"),
+        ("reduce_stages", "reduce_stages=2"),
+        ("dbias", f"{dbias} dbias_sum=owner"),
+        ("dbias", dbias),
+    } <= labels
     best = op.LaunchConfigs.from_json(next(r for r in records if r["section"] == "sweep-best")["configs"])
     # the CPU run times only the default kernel configurations; the variants' winners are whichever ran faster
     assert best == replace(defaults, **{name: getattr(best, name) for name in op.VARIANTS})
@@ -91,17 +97,22 @@ def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkey
     monkeypatch.setattr(op, "CONFIG_FILE", path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
     env = {"commit": "abc", "torch": "t", "triton": "3", "cuda": "c"}
-    run = type("R", (), {"dtype": torch.bfloat16, "full": True, "device": torch.device("cuda"),
-                         "harness": type("H", (), {"env": env})})()
-    winner = op.LaunchConfigs(*(op.KernelConfig(32, 64, 4, 2) for _ in op.KERNELS), bias_dtype="input",
-                              dbias_sum="owner")
+    run = type(
+        "R",
+        (),
+        {"dtype": torch.bfloat16, "full": True, "device": torch.device("cuda"), "harness": type("H", (), {"env": env})},
+    )()
+    winner = op.LaunchConfigs(
+        *(op.KernelConfig(32, 64, 4, 2) for _ in op.KERNELS), bias_dtype="input", dbias_sum="owner"
+    )
     decide.write_configs(run, {"large": winner}, "triton")
     doc = json.loads(path.read_text())
     key = op.config_key("GPU X", 196, 32, 8, torch.bfloat16, False)
     assert op.LaunchConfigs.from_json(doc["configs"][key]) == winner
     assert doc["default_backend"] == {"GPU X": "triton"} and doc["measured"][key]["commit"] == "abc"
-    assert set(json.loads(op.CONFIG_FILE.read_text())["configs"]) >= set(json.loads(
-        (ROOT / "ssltm_kernels/ops/window_attention_3d_configs.json").read_text())["configs"])
+    assert set(json.loads(op.CONFIG_FILE.read_text())["configs"]) >= set(
+        json.loads((ROOT / "ssltm_kernels/ops/window_attention_3d_configs.json").read_text())["configs"]
+    )
     monkeypatch.setattr(op.tuning, "_config_file", lambda read=op.tuning._config_file.__wrapped__: read(path))
     monkeypatch.setattr(op.tuning, "launch_configs", op.tuning.launch_configs.__wrapped__)  # uncached
     assert op.tuning.launch_configs(196, 32, 8, torch.bfloat16, False, "GPU X") == winner
@@ -110,13 +121,16 @@ def test_write_configs_records_the_winners_per_device_and_shape(tmp_path, monkey
 def test_precompile_unit_compiles_the_launch_specialisation_without_a_gpu():
     """A sweep's compile unit builds the kernel as the shape's launch specialises it (here the reduction,
     the quickest to compile) for sm_90, in a process without the interpreter."""
-    code = ("import torch; from benchmarks import wmsa_decide as d; s = d.SHAPES['stride16']; "
-            "c = d.default_configs(196, 32, torch.bfloat16); "
-            "n = len(list(d.op.triton_compile_specs(torch.bfloat16, s.geom.window, 32, s.geom.shift, pad=False, "
-            "configs=c))); print(d._compile_unit(90, torch.bfloat16, s, c, d.launch_ints(s), 227 * 1024, n - 1))")
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok _window_attn_bwd_reduce_kernel", \
+    code = (
+        "import torch; from benchmarks import wmsa_decide as d; s = d.SHAPES['stride16']; "
+        "c = d.default_configs(196, 32, torch.bfloat16); "
+        "n = len(list(d.op.triton_compile_specs(torch.bfloat16, s.geom.window, 32, s.geom.shift, pad=False, "
+        "configs=c))); print(d._compile_unit(90, torch.bfloat16, s, c, d.launch_ints(s), 227 * 1024, n - 1))"
+    )
+    env = dict(
+        os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok _window_attn_bwd_reduce_kernel", (
         proc.stdout[-2000:] + proc.stderr[-2000:]
+    )

@@ -23,14 +23,30 @@ def get_window_size(x_size, window_size, shift_size):
 
 def window_partition(x, window_size):
     b, d, h, w, c = x.shape
-    x = x.view(b, d // window_size[0], window_size[0], h // window_size[1], window_size[1], w // window_size[2],
-               window_size[2], c)
+    x = x.view(
+        b,
+        d // window_size[0],
+        window_size[0],
+        h // window_size[1],
+        window_size[1],
+        w // window_size[2],
+        window_size[2],
+        c,
+    )
     return x.permute(0, 1, 3, 5, 2, 4, 6, 7).contiguous().view(-1, window_size[0] * window_size[1] * window_size[2], c)
 
 
 def window_reverse(windows, window_size, b, d, h, w):
-    x = windows.view(b, d // window_size[0], h // window_size[1], w // window_size[2], window_size[0], window_size[1],
-                     window_size[2], -1)
+    x = windows.view(
+        b,
+        d // window_size[0],
+        h // window_size[1],
+        w // window_size[2],
+        window_size[0],
+        window_size[1],
+        window_size[2],
+        -1,
+    )
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).contiguous().view(b, d, h, w, -1)
 
 
@@ -48,8 +64,11 @@ def compute_mask(d, h, w, window_size, shift_size, device):
 
 
 def video_swin_relative_position_index(window_size):
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size[0]), torch.arange(window_size[1]),
-                                        torch.arange(window_size[2]), indexing="ij"))
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(window_size[0]), torch.arange(window_size[1]), torch.arange(window_size[2]), indexing="ij"
+        )
+    )
     coords_flatten = torch.flatten(coords, 1)
     relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
     relative_coords[:, :, 0] += window_size[0] - 1
@@ -92,8 +111,16 @@ def video_swin_block_attention(x, module, window_size, shift_size):
         shifted_x, attn_mask = x, None
     x_windows = window_partition(shifted_x, window_size)
     index = video_swin_relative_position_index(module.window_size)
-    attn_windows = video_swin_window_attention(x_windows, module.qkv, module.proj, module.relative_position_bias_table,
-                                               index, module.num_heads, module.scale, attn_mask)
+    attn_windows = video_swin_window_attention(
+        x_windows,
+        module.qkv,
+        module.proj,
+        module.relative_position_bias_table,
+        index,
+        module.num_heads,
+        module.scale,
+        attn_mask,
+    )
     attn_windows = attn_windows.view(-1, *(window_size + (c,)))
     shifted_x = window_reverse(attn_windows, window_size, b, dp, hp, wp)
     x = torch.roll(shifted_x, shifts=shift_size, dims=(1, 2, 3)) if any(i > 0 for i in shift_size) else shifted_x

@@ -57,5 +57,7 @@ def load_torchvision_checkpoint(resnet: models.ResNet, path: str | os.PathLike) 
     try:
         resnet.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"pretrained checkpoint {os.fspath(path)!r} does not fit torchvision's "
-                         f"{type(resnet).__name__} of this depth: {error}") from error
+        raise ValueError(
+            f"pretrained checkpoint {os.fspath(path)!r} does not fit torchvision's "
+            f"{type(resnet).__name__} of this depth: {error}"
+        ) from error

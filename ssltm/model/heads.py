@@ -12,10 +12,14 @@ class SegHead(nn.Sequential):
     """``(B, in_channels, h, w)`` -> class scores ``(B, num_classes, h, w)``: ``kernel_size`` conv + BN + ReLU,
     dropout, 1x1 classifier (mmsegmentation's decode-head layout; used for ``phi_seg`` and ``phi_aux``)."""
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1,
-                 kernel_size: int = 3) -> None:
-        super().__init__(Conv2dNormActivation(in_channels, channels, kernel_size), nn.Dropout2d(dropout),
-                         nn.Conv2d(channels, num_classes, 1))
+    def __init__(
+        self, in_channels: int, channels: int, num_classes: int, dropout: float = 0.1, kernel_size: int = 3
+    ) -> None:
+        super().__init__(
+            Conv2dNormActivation(in_channels, channels, kernel_size),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(channels, num_classes, 1),
+        )
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), Conv2dNormActivation(in_channels, channels, 1)) for s in scales)
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), Conv2dNormActivation(in_channels, channels, 1)) for s in scales
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, *(resize(stage(x), x.shape[-2:]) for stage in self.stages)], dim=1)
@@ -48,8 +49,9 @@ class FPNNeck(nn.Module):
     levels upsampled and concatenated, ``fuse_levels``, then a 3x3 conv) is the segmentation head's job.
     """
 
-    def __init__(self, in_channels: Sequence[int], dim: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6),
-                 ppm_dim: int = 512) -> None:
+    def __init__(
+        self, in_channels: Sequence[int], dim: int = 256, pool_scales: Sequence[int] = (1, 2, 3, 6), ppm_dim: int = 512
+    ) -> None:
         super().__init__()
         for name, value in (("fpn_dim", dim), ("ppm_dim", ppm_dim)):
             if not isinstance(value, int) or value < 1:

@@ -35,8 +35,10 @@ class VideoPredictor:
     def __init__(self, model: SSLTM, offsets: Sequence[int] = (3, 6, 9)) -> None:
         offsets = tuple(offsets)
         if len(offsets) != model.num_adjacent:
-            raise ValueError(f"offsets {offsets} must give one distance per adjacent frame "
-                             f"(model.num_adjacent = {model.num_adjacent})")
+            raise ValueError(
+                f"offsets {offsets} must give one distance per adjacent frame "
+                f"(model.num_adjacent = {model.num_adjacent})"
+            )
         self.model = model
         self.streaming = ClipSampler(offsets, causal=True, reference="farthest")
         self.offline = ClipSampler(offsets, causal=False, reference="farthest")
@@ -106,15 +108,18 @@ class VideoPredictor:
             raise TypeError(f"frame must be a tensor (3, H, W) or (B, 3, H, W), got {type(frame).__name__}")
         batch = frame[None] if frame.dim() == 3 else frame
         if batch.dim() != 4 or batch.shape[1] != 3 or min(batch.shape[-2:]) < MIN_SIZE or batch.shape[0] == 0:
-            raise ValueError(f"frame must be (3, H, W) or (B, 3, H, W) with H, W >= {MIN_SIZE}, got shape "
-                             f"{tuple(frame.shape)}")
+            raise ValueError(
+                f"frame must be (3, H, W) or (B, 3, H, W) with H, W >= {MIN_SIZE}, got shape {tuple(frame.shape)}"
+            )
         if not frame.is_floating_point():
             raise TypeError(f"frame must be a floating-point tensor, got {frame.dtype}")
         if self._shape is None:
             self._shape = tuple(batch.shape)
         elif tuple(batch.shape) != self._shape:
-            raise ValueError(f"frame has shape {tuple(frame.shape)} but this video's frames are {self._shape} "
-                             "(call reset() to start another video)")
+            raise ValueError(
+                f"frame has shape {tuple(frame.shape)} but this video's frames are {self._shape} "
+                "(call reset() to start another video)"
+            )
         return batch.to(next(self.model.parameters()).device)
 
 

@@ -25,8 +25,16 @@ class ObjectContext(nn.Module):
     coarse scores (``ssltm_kernels.soft_region_pool``, OCRNet's ``SpatialGather`` with scale 1).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, dim: int, aux_channels: int, dropout: float,
-                 aux_kernel_size: int = 1, pixel_kernel_size: int = 3) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        dim: int,
+        aux_channels: int,
+        dropout: float,
+        aux_kernel_size: int = 1,
+        pixel_kernel_size: int = 3,
+    ) -> None:
         super().__init__()
         self.aux_head = SegHead(in_channels, aux_channels, num_classes, dropout, aux_kernel_size)
         self.pixels = Conv2dNormActivation(in_channels, dim, pixel_kernel_size)

@@ -86,16 +86,38 @@ class SSLTM(nn.Module):
             are, without STT units. On: it also passes the STT blocks as a one-frame clip.
     """
 
-    def __init__(self, num_classes: int, backbone: str = "resnet101", fpn_dim: int = 256,
-                 stt_dims: Sequence[int] = (32, 64, 128, 256), window_size: Sequence[int] = (4, 7, 7),
-                 num_adjacent: int = 3, num_clusters: int = 3, alpha: float = 1.0, beta: float = 0.5,
-                 ignore_index: int = 255, use_stt: bool = True, use_rfce: bool = True, use_gcc: bool = True,
-                 context: str = "reference", pretrained: str | os.PathLike | None = None, *,
-                 ppm_dim: int = 512, pool_scales: Sequence[int] = (1, 2, 3, 6), head_channels: int = 256,
-                 stt_depths: Sequence[int] = (1, 1, 1, 1), head_dim: int = 32, mlp_ratio: float = 4.0,
-                 shifted_windows: bool = False, context_dim: int = 256, aux_channels: int = 256,
-                 aux_kernel_size: int = 1, ocr_kernel_size: int = 1, dropout: float = 0.1,
-                 reference_stt: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet101",
+        fpn_dim: int = 256,
+        stt_dims: Sequence[int] = (32, 64, 128, 256),
+        window_size: Sequence[int] = (4, 7, 7),
+        num_adjacent: int = 3,
+        num_clusters: int = 3,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        ignore_index: int = 255,
+        use_stt: bool = True,
+        use_rfce: bool = True,
+        use_gcc: bool = True,
+        context: str = "reference",
+        pretrained: str | os.PathLike | None = None,
+        *,
+        ppm_dim: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        head_channels: int = 256,
+        stt_depths: Sequence[int] = (1, 1, 1, 1),
+        head_dim: int = 32,
+        mlp_ratio: float = 4.0,
+        shifted_windows: bool = False,
+        context_dim: int = 256,
+        aux_channels: int = 256,
+        aux_kernel_size: int = 1,
+        ocr_kernel_size: int = 1,
+        dropout: float = 0.1,
+        reference_stt: bool = False,
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -106,8 +128,10 @@ class SSLTM(nn.Module):
         if use_gcc and not use_rfce:
             raise ValueError("use_gcc=True needs use_rfce=True: G is attended to in the RFCE attention")
         if len(stt_dims) != 4 or len(tuple(window_size)) != 3:
-            raise ValueError(f"stt_dims needs 4 entries (strides 4..32) and window_size 3 (t, h, w), got "
-                             f"{tuple(stt_dims)} and {tuple(window_size)}")
+            raise ValueError(
+                f"stt_dims needs 4 entries (strides 4..32) and window_size 3 (t, h, w), got "
+                f"{tuple(stt_dims)} and {tuple(window_size)}"
+            )
         for name, value in (("head_channels", head_channels), ("aux_channels", aux_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -122,14 +146,16 @@ class SSLTM(nn.Module):
         self.backbone = ResNetTrunk(backbone, pretrained)
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
         if use_stt:
-            self.stt = ShortTermTransformer(fpn_dim, stt_dims, stt_depths, head_dim, window_size, mlp_ratio,
-                                            shifted_windows)
+            self.stt = ShortTermTransformer(
+                fpn_dim, stt_dims, stt_depths, head_dim, window_size, mlp_ratio, shifted_windows
+            )
             st_channels = self.stt.out_channels
         else:
             st_channels = len(self.backbone.channels) * fpn_dim
         if use_rfce:
-            self.ocr = ObjectContext(st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size,
-                                     ocr_kernel_size)
+            self.ocr = ObjectContext(
+                st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size, ocr_kernel_size
+            )
             self.attention = CategoryAttention(st_channels, context_dim, head_dim)
             if use_gcc:
                 self.gcc = GlobalCategoryContext(num_clusters, num_classes, context_dim)
@@ -155,8 +181,12 @@ class SSLTM(nn.Module):
             levels = self.stt([x[:, None] for x in levels])
         return self.ocr(fuse_levels(levels))[1]
 
-    def decode(self, clip: Sequence[torch.Tensor], reference_categories: torch.Tensor | None = None,
-               size: Sequence[int] | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        clip: Sequence[torch.Tensor],
+        reference_categories: torch.Tensor | None = None,
+        size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """Encoded clip levels ``[(B, 1+n, h_i, w_i, d_i)]`` (query first) and ``F_ref^c`` -> logits
         ``(B, K, H, W)`` resized to ``size`` (stride 4 when None)."""
         logits = self._heads(self._short_term(clip), reference_categories)[0]
@@ -181,8 +211,9 @@ class SSLTM(nn.Module):
         return self.seg_head(torch.cat([st, long_term.to(st.dtype)], dim=1)), aux_logits, categories
 
     # ----------------------------------------------------------------------------------- forward
-    def forward(self, frames: torch.Tensor, reference: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> dict:
+    def forward(
+        self, frames: torch.Tensor, reference: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> dict:
         b, _, _, h, w = self._check_inputs(frames, reference, labels)
         clip_frames = frames if self.use_stt else frames[:, :1]  # the baseline looks at the query only
         images = clip_frames.flatten(0, 1)
@@ -198,8 +229,13 @@ class SSLTM(nn.Module):
             out["losses"] = self._losses(out["logits"], aux_logits, categories, labels.long())
         return out
 
-    def _losses(self, logits: torch.Tensor, aux_logits: torch.Tensor | None, categories: torch.Tensor | None,
-                labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _losses(
+        self,
+        logits: torch.Tensor,
+        aux_logits: torch.Tensor | None,
+        categories: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         ignore = self.ignore_index
         sup = cross_entropy(logits, labels, ignore)
         zero = sup.new_zeros(())
@@ -235,8 +271,9 @@ class SSLTM(nn.Module):
             if reference.dtype != frames.dtype:
                 raise TypeError(f"reference must have the frames' dtype {frames.dtype}, got {reference.dtype}")
         elif self.uses_reference:
-            raise ValueError(f"reference (B, 3, H, W) = {(b, 3, h, w)} is required with use_rfce=True and "
-                             "context='reference'")
+            raise ValueError(
+                f"reference (B, 3, H, W) = {(b, 3, h, w)} is required with use_rfce=True and context='reference'"
+            )
         if labels is not None:
             _check_tensor("labels", labels, (b, h, w), frames)
             if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -249,8 +286,13 @@ class SSLTM(nn.Module):
         if self.use_stt:
             parts.update({"stt projections": self.stt.proj, "stt blocks": self.stt.blocks})
         if self.use_rfce:
-            parts.update({"ocr aux head (phi_aux)": self.ocr.aux_head, "ocr pixel conv": self.ocr.pixels,
-                          "category attention": self.attention})
+            parts.update(
+                {
+                    "ocr aux head (phi_aux)": self.ocr.aux_head,
+                    "ocr pixel conv": self.ocr.pixels,
+                    "category attention": self.attention,
+                }
+            )
             if self.use_gcc:
                 parts["gcc (G)"] = self.gcc
         parts["seg head (phi_seg)"] = self.seg_head

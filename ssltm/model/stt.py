@@ -19,8 +19,14 @@ class STTUnit(nn.Module):
     frame) -> GELU -> fc2. ``qkv_bias=True`` as Video Swin.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], mlp_ratio: float = 4.0,
-                 shift_size: Sequence[int] = (0, 0, 0)) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: Sequence[int],
+        mlp_ratio: float = 4.0,
+        shift_size: Sequence[int] = (0, 0, 0),
+    ) -> None:
         super().__init__()
         self.shift_size = tuple(shift_size)
         self.norm1 = nn.LayerNorm(dim)
@@ -38,13 +44,18 @@ class STTBlock(nn.Sequential):
     """``depth`` STT units at one stride; with ``shifted_windows`` every second unit shifts its windows by
     half a window (Video Swin's alternation)."""
 
-    def __init__(self, dim: int, depth: int, head_dim: int, window_size: Sequence[int], mlp_ratio: float,
-                 shifted_windows: bool) -> None:
+    def __init__(
+        self, dim: int, depth: int, head_dim: int, window_size: Sequence[int], mlp_ratio: float, shifted_windows: bool
+    ) -> None:
         if dim % head_dim:
             raise ValueError(f"STT dim {dim} must be a multiple of the head dim {head_dim}")
         half = tuple(w // 2 for w in window_size)
-        super().__init__(*(STTUnit(dim, dim // head_dim, window_size, mlp_ratio,
-                                   half if shifted_windows and i % 2 else (0, 0, 0)) for i in range(depth)))
+        super().__init__(
+            *(
+                STTUnit(dim, dim // head_dim, window_size, mlp_ratio, half if shifted_windows and i % 2 else (0, 0, 0))
+                for i in range(depth)
+            )
+        )
 
 
 class ShortTermTransformer(nn.Module):
@@ -58,17 +69,25 @@ class ShortTermTransformer(nn.Module):
     the query frame (index 0). ``depths[i] = 0`` leaves a stride without STT units.
     """
 
-    def __init__(self, in_dim: int = 256, dims: Sequence[int] = (32, 64, 128, 256),
-                 depths: Sequence[int] = (1, 1, 1, 1), head_dim: int = 32,
-                 window_size: Sequence[int] = (4, 7, 7), mlp_ratio: float = 4.0, shifted_windows: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int = 256,
+        dims: Sequence[int] = (32, 64, 128, 256),
+        depths: Sequence[int] = (1, 1, 1, 1),
+        head_dim: int = 32,
+        window_size: Sequence[int] = (4, 7, 7),
+        mlp_ratio: float = 4.0,
+        shifted_windows: bool = False,
+    ) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"stt_dims {tuple(dims)} and stt_depths {tuple(depths)} must have one entry per stride")
         self.dims = tuple(dims)
         self.out_channels = sum(self.dims)
         self.proj = nn.ModuleList(nn.Linear(in_dim, d) for d in dims)
-        self.blocks = nn.ModuleList(STTBlock(d, n, head_dim, window_size, mlp_ratio, shifted_windows)
-                                    for d, n in zip(dims, depths, strict=True))
+        self.blocks = nn.ModuleList(
+            STTBlock(d, n, head_dim, window_size, mlp_ratio, shifted_windows) for d, n in zip(dims, depths, strict=True)
+        )
 
     def project(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[(N, in_dim, h_i, w_i)]`` -> ``[(N, h_i, w_i, dims[i])]``."""
@@ -77,4 +96,3 @@ class ShortTermTransformer(nn.Module):
     def forward(self, clip: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[(B, T, h_i, w_i, dims[i])]`` (query frame first) -> the query frame's ``[(B, h_i, w_i, dims[i])]``."""
         return [block(x)[:, 0] for block, x in zip(self.blocks, clip, strict=True)]
-

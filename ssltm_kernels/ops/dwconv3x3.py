@@ -66,8 +66,9 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], y.shape[1])
 
 
-def dwconv3x3_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        activation: str | None = None) -> torch.Tensor:
+def dwconv3x3_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
     """SegFormer's way: permute to ``(B*T, C, H, W)``, ``F.conv2d(groups=C, padding=1)``, GELU, permute
     back. Same arguments and result as :func:`dwconv3x3`; differentiable by autograd, any float dtype."""
     _validate(x, weight, bias, activation)
@@ -81,8 +82,10 @@ def _check_param(name: str, p, x: torch.Tensor, shape: tuple[int, ...], what: st
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
     if tuple(p.shape) != shape:
-        raise ValueError(f"{name} must have shape {what} = {shape} for x's {x.shape[-1]} channels, "
-                         f"got {tuple(p.shape)} (x shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{name} must have shape {what} = {shape} for x's {x.shape[-1]} channels, "
+            f"got {tuple(p.shape)} (x shape {tuple(x.shape)})"
+        )
     if p.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}, got {p.device} ({name} shape {tuple(p.shape)})")
     if not p.is_floating_point():
@@ -96,8 +99,7 @@ def _validate(x, weight, bias, activation) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in (4, 5):
-        raise ValueError(f"x must be 4-D (B, H, W, C) or 5-D (B, T, H, W, C) channels-last, got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"x must be 4-D (B, H, W, C) or 5-D (B, T, H, W, C) channels-last, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype} (shape {tuple(x.shape)})")
     if x.numel() == 0:
@@ -164,8 +166,9 @@ if HAS_TRITON:
         """fp32 ``(pixels, channels)`` of a strided ``(B, T, H, W, C)`` tensor; zero outside the frame."""
         ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
         base = (frame // T) * sx_b + (frame % T) * sx_t
-        ptrs = X + base + h[:, None].to(tl.int64) * sx_h + w[:, None].to(tl.int64) * sx_w \
-            + c[None, :].to(tl.int64) * sx_c
+        ptrs = (
+            X + base + h[:, None].to(tl.int64) * sx_h + w[:, None].to(tl.int64) * sx_w + c[None, :].to(tl.int64) * sx_c
+        )
         return tl.load(ptrs, mask=ok[:, None] & (c[None, :] < C), other=0.0).to(tl.float32)
 
     @triton.jit
@@ -176,12 +179,32 @@ if HAS_TRITON:
     @triton.jit
     def _load_contiguous(X, frame, h, w, c, H, W, C):
         ok = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        return tl.load(X + _contiguous_offsets(frame, h, w, c, H, W, C), mask=ok[:, None] & (c[None, :] < C),
-                       other=0.0).to(tl.float32)
+        return tl.load(
+            X + _contiguous_offsets(frame, h, w, c, H, W, C), mask=ok[:, None] & (c[None, :] < C), other=0.0
+        ).to(tl.float32)
 
     @triton.jit
-    def _preactivation(X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
-                       HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _preactivation(
+        X,
+        Wt,
+        Bias,
+        frame,
+        h,
+        w,
+        c,
+        sx_b,
+        sx_t,
+        sx_h,
+        sx_w,
+        sx_c,
+        T,
+        H,
+        W,
+        C,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """fp32 conv output (before the activation) of the tile's pixels: sum of the 9 taps + bias."""
         c_ok = c < C
         z = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -202,8 +225,7 @@ if HAS_TRITON:
         return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
 
     @triton.jit
-    def _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
-                             ROWS: tl.constexpr):
+    def _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, ROWS: tl.constexpr):
         """``acc (ROWS, BLOCK_C)`` += the tile's dweight rows (tap k: sum over pixels of g * x shifted by
         tap k's offset) and its dbias row 9 (sum of g)."""
         rows = tl.arange(0, ROWS)[:, None]
@@ -214,15 +236,33 @@ if HAS_TRITON:
 
     @triton.jit
     def _dwconv_fwd_kernel(
-        X, Wt, Bias, Y, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, tiles_w, tiles_per_frame,
-        HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        X,
+        Wt,
+        Bias,
+        Y,
+        sx_b,
+        sx_t,
+        sx_h,
+        sx_w,
+        sx_c,
+        T,
+        H,
+        W,
+        C,
+        tiles_w,
+        tiles_per_frame,
+        HAS_BIAS: tl.constexpr,
+        GELU: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         """One tile of pixels and channels of the output ``Y`` (contiguous)."""
         frame, h, w = _tile_pixels(tl.program_id(0), tiles_w, tiles_per_frame, BLOCK_H, BLOCK_W)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        y = _preactivation(X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
-                           HAS_BIAS, BLOCK_H * BLOCK_W, BLOCK_C)
+        y = _preactivation(
+            X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, HAS_BIAS, BLOCK_H * BLOCK_W, BLOCK_C
+        )
         if GELU:
             y = _erf_gelu(y)
         ok = ((h < H) & (w < W))[:, None] & (c[None, :] < C)
@@ -230,9 +270,29 @@ if HAS_TRITON:
 
     @triton.jit
     def _dwconv_bwd_gelu_kernel(
-        X, DY, Wt, Bias, G, PARTIAL, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, tiles_w, tiles_per_frame,
-        num_tiles, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        X,
+        DY,
+        Wt,
+        Bias,
+        G,
+        PARTIAL,
+        sx_b,
+        sx_t,
+        sx_h,
+        sx_w,
+        sx_c,
+        T,
+        H,
+        W,
+        C,
+        tiles_w,
+        tiles_per_frame,
+        num_tiles,
+        HAS_BIAS: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         """``G = DY * gelu'(z)`` (z recomputed) on tiles ``program_id(0)``, ``+ num_programs(0)``, ...; their
         dweight/dbias partial sums go to ``PARTIAL[program_id(0), :, channels]``."""
@@ -240,21 +300,62 @@ if HAS_TRITON:
         acc = tl.zeros((ROWS, BLOCK_C), dtype=tl.float32)
         for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             frame, h, w = _tile_pixels(tile, tiles_w, tiles_per_frame, BLOCK_H, BLOCK_W)
-            z = _preactivation(X, Wt, Bias, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
-                               HAS_BIAS, BLOCK_H * BLOCK_W, BLOCK_C)
+            z = _preactivation(
+                X,
+                Wt,
+                Bias,
+                frame,
+                h,
+                w,
+                c,
+                sx_b,
+                sx_t,
+                sx_h,
+                sx_w,
+                sx_c,
+                T,
+                H,
+                W,
+                C,
+                HAS_BIAS,
+                BLOCK_H * BLOCK_W,
+                BLOCK_C,
+            )
             g = _load_contiguous(DY, frame, h, w, c, H, W, C) * _erf_gelu_grad(z)  # 0 outside the frame
             ok = ((h < H) & (w < W))[:, None] & (c[None, :] < C)
             tl.store(G + _contiguous_offsets(frame, h, w, c, H, W, C), g.to(G.dtype.element_ty), mask=ok)
             acc = _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, ROWS)
         rows = tl.arange(0, ROWS)[:, None]
-        tl.store(PARTIAL + (tl.program_id(0) * ROWS + rows).to(tl.int64) * C + c[None, :], acc,
-                 mask=(rows < 10) & (c[None, :] < C))
+        tl.store(
+            PARTIAL + (tl.program_id(0) * ROWS + rows).to(tl.int64) * C + c[None, :],
+            acc,
+            mask=(rows < 10) & (c[None, :] < C),
+        )
 
     @triton.jit
     def _dwconv_bwd_dx_kernel(
-        G, X, Wt, DX, PARTIAL, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, tiles_w, tiles_per_frame, num_tiles,
-        NEED_PARTIALS: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        G,
+        X,
+        Wt,
+        DX,
+        PARTIAL,
+        sx_b,
+        sx_t,
+        sx_h,
+        sx_w,
+        sx_c,
+        T,
+        H,
+        W,
+        C,
+        tiles_w,
+        tiles_per_frame,
+        num_tiles,
+        NEED_PARTIALS: tl.constexpr,
+        ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         """``DX = sum_k w[k] * G[p - offset_k]`` (the transposed conv) on tiles ``program_id(0)``,
         ``+ num_programs(0)``, ...; with ``NEED_PARTIALS`` (G is dy: no activation) also their dweight/dbias
@@ -272,12 +373,14 @@ if HAS_TRITON:
             tl.store(DX + _contiguous_offsets(frame, h, w, c, H, W, C), dx.to(DX.dtype.element_ty), mask=ok)
             if NEED_PARTIALS:
                 g = _load_contiguous(G, frame, h, w, c, H, W, C)
-                acc = _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C,
-                                           ROWS)
+                acc = _accumulate_partials(acc, g, X, frame, h, w, c, sx_b, sx_t, sx_h, sx_w, sx_c, T, H, W, C, ROWS)
         if NEED_PARTIALS:
             rows = tl.arange(0, ROWS)[:, None]
-            tl.store(PARTIAL + (tl.program_id(0) * ROWS + rows).to(tl.int64) * C + c[None, :], acc,
-                     mask=(rows < 10) & c_ok[None, :])
+            tl.store(
+                PARTIAL + (tl.program_id(0) * ROWS + rows).to(tl.int64) * C + c[None, :],
+                acc,
+                mask=(rows < 10) & c_ok[None, :],
+            )
 
 
 @dataclass(frozen=True)
@@ -309,9 +412,16 @@ def launch_ints(x: torch.Tensor, cfg: TritonConfig) -> dict[str, int]:
     batch, frames, height, width, channels = x.shape
     tiles_w = -(-width // cfg.block_w)
     tiles_per_frame = -(-height // cfg.block_h) * tiles_w
-    return {**dict(zip(("sx_b", "sx_t", "sx_h", "sx_w", "sx_c"), x.stride(), strict=True)),
-            "T": frames, "H": height, "W": width, "C": channels, "tiles_w": tiles_w,
-            "tiles_per_frame": tiles_per_frame, "num_tiles": batch * frames * tiles_per_frame}
+    return {
+        **dict(zip(("sx_b", "sx_t", "sx_h", "sx_w", "sx_c"), x.stride(), strict=True)),
+        "T": frames,
+        "H": height,
+        "W": width,
+        "C": channels,
+        "tiles_w": tiles_w,
+        "tiles_per_frame": tiles_per_frame,
+        "num_tiles": batch * frames * tiles_per_frame,
+    }
 
 
 def _kernel_ints(kernel, ints: dict[str, int]) -> dict[str, int]:
@@ -337,9 +447,17 @@ def _triton_forward(x, weight, bias, activation):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     weight = weight.reshape(-1, 9).contiguous()
     grid = (ints["num_tiles"], triton.cdiv(ints["C"], cfg.block_c))
-    _dwconv_fwd_kernel[grid](x, weight, weight if bias is None else bias.contiguous(), y,
-                             **_kernel_ints(_dwconv_fwd_kernel, ints), HAS_BIAS=bias is not None,
-                             GELU=activation == "gelu", **_blocks(cfg), num_warps=cfg.num_warps)
+    _dwconv_fwd_kernel[grid](
+        x,
+        weight,
+        weight if bias is None else bias.contiguous(),
+        y,
+        **_kernel_ints(_dwconv_fwd_kernel, ints),
+        HAS_BIAS=bias is not None,
+        GELU=activation == "gelu",
+        **_blocks(cfg),
+        num_warps=cfg.num_warps,
+    )
     return y
 
 
@@ -355,14 +473,32 @@ def _triton_backward(grad_out, x, weight, bias, activation):
     if gelu:
         g = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         _dwconv_bwd_gelu_kernel[(groups, channel_blocks)](
-            x, grad_out, weight, weight if bias is None else bias.contiguous(), g, partials,
-            **_kernel_ints(_dwconv_bwd_gelu_kernel, ints), HAS_BIAS=bias is not None, ROWS=PARTIAL_ROWS,
-            **_blocks(cfg), num_warps=cfg.num_warps)
+            x,
+            grad_out,
+            weight,
+            weight if bias is None else bias.contiguous(),
+            g,
+            partials,
+            **_kernel_ints(_dwconv_bwd_gelu_kernel, ints),
+            HAS_BIAS=bias is not None,
+            ROWS=PARTIAL_ROWS,
+            **_blocks(cfg),
+            num_warps=cfg.num_warps,
+        )
     else:
         g = grad_out
     _dwconv_bwd_dx_kernel[(ints["num_tiles"] if gelu else groups, channel_blocks)](
-        g, x, weight, dx, partials, **_kernel_ints(_dwconv_bwd_dx_kernel, ints), NEED_PARTIALS=not gelu,
-        ROWS=PARTIAL_ROWS, **_blocks(cfg), num_warps=cfg.num_warps)
+        g,
+        x,
+        weight,
+        dx,
+        partials,
+        **_kernel_ints(_dwconv_bwd_dx_kernel, ints),
+        NEED_PARTIALS=not gelu,
+        ROWS=PARTIAL_ROWS,
+        **_blocks(cfg),
+        num_warps=cfg.num_warps,
+    )
     sums = partials.sum(0)  # fixed order over the programs
     dweight = sums[:9].t().clone(memory_format=torch.contiguous_format).view(channels, 1, 3, 3)
     return dx, dweight, sums[9].clone()
@@ -399,8 +535,13 @@ def triton_compile_specs(dtype: torch.dtype, shape, activation: str | None = "ge
         kernels.append((_dwconv_bwd_gelu_kernel, dict(HAS_BIAS=bias, ROWS=PARTIAL_ROWS)))
     kernels.append((_dwconv_bwd_dx_kernel, dict(NEED_PARTIALS=not gelu, ROWS=PARTIAL_ROWS)))
     for kernel, constexprs in kernels:
-        yield kernel_spec(kernel, {**constexprs, **_blocks(cfg)}, pointer_types, int_arg=ints.__getitem__,
-                          options={"num_warps": cfg.num_warps})
+        yield kernel_spec(
+            kernel,
+            {**constexprs, **_blocks(cfg)},
+            pointer_types,
+            int_arg=ints.__getitem__,
+            options={"num_warps": cfg.num_warps},
+        )
 
 
 def _compile_specs(dtype: torch.dtype, shape_name: str, activation: str | None, arch: int) -> list[tuple]:
@@ -412,13 +553,23 @@ def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
     blocks). ``full``: every dtype, with and without GELU, on every ``COMPILE_SHAPES`` entry.
     ``representative``: what SSLTM launches, bf16 with GELU at stride 16, and fp32 once; bf16 without an
     activation on the unaligned shape (the dx kernel that also sums the weight gradient)."""
-    chosen = compile_cases(config_set, representative=[(torch.bfloat16, "stride16", "gelu"),
-                                                       (torch.float32, "stride16", "gelu"),
-                                                       (torch.bfloat16, "unaligned", None)],
-                           full=list(itertools.product(KERNEL_DTYPES, COMPILE_SHAPES, ("gelu", None))))
-    return [CompileConfig(f"dwconv3x3 {str(dtype).removeprefix('torch.')} {name} {COMPILE_SHAPES[name]} "
-                          f"activation={activation}", partial(_compile_specs, dtype, name, activation),
-                          cost=dtype.itemsize) for dtype, name, activation in chosen]
+    chosen = compile_cases(
+        config_set,
+        representative=[
+            (torch.bfloat16, "stride16", "gelu"),
+            (torch.float32, "stride16", "gelu"),
+            (torch.bfloat16, "unaligned", None),
+        ],
+        full=list(itertools.product(KERNEL_DTYPES, COMPILE_SHAPES, ("gelu", None))),
+    )
+    return [
+        CompileConfig(
+            f"dwconv3x3 {str(dtype).removeprefix('torch.')} {name} {COMPILE_SHAPES[name]} activation={activation}",
+            partial(_compile_specs, dtype, name, activation),
+            cost=dtype.itemsize,
+        )
+        for dtype, name, activation in chosen
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,8 +592,9 @@ def _backward(grad_out, x, weight, bias, activation, backend):
 
 
 @torch.library.custom_op("ssltm::dwconv3x3_fwd", mutates_args=())
-def _dwconv3x3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                   backend: str) -> torch.Tensor:
+def _dwconv3x3_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, backend: str
+) -> torch.Tensor:
     """Fused forward on ``x (B, T, H, W, C)``: ``y`` contiguous, x's shape and dtype. ``activation``: ``""``
     or ``"gelu"``."""
     return _forward(x, weight, bias, activation, backend)
@@ -454,8 +606,14 @@ def _(x, weight, bias, activation, backend):
 
 
 @torch.library.custom_op("ssltm::dwconv3x3_bwd", mutates_args=())
-def _dwconv3x3_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   activation: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dwconv3x3_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dx, dweight (C, 1, 3, 3) fp32, dbias (C,) fp32)``; dbias is empty without a bias.
     The activation's input is recomputed from x, not stored."""
     return _backward(grad_out, x, weight, bias, activation, backend)
@@ -489,8 +647,13 @@ register_autocast("ssltm::dwconv3x3_fwd", activations=(0, 1, 2))
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              activation: str | None = None, backend: str | None = None) -> torch.Tensor:
+def dwconv3x3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Depthwise 3x3 convolution (stride 1, zero padding 1) over channels-last frames, optionally fused
     with an exact (erf) GELU.
 
@@ -508,8 +671,13 @@ def dwconv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         Gradients reach x, weight and bias.
     """
     _validate(x, weight, bias, activation)
-    return dispatch("dwconv3x3", _checks(x), backend, fused=partial(_fused, x, weight, bias, activation),
-                    reference=partial(_reference, x, weight, bias, activation))
+    return dispatch(
+        "dwconv3x3",
+        _checks(x),
+        backend,
+        fused=partial(_fused, x, weight, bias, activation),
+        reference=partial(_reference, x, weight, bias, activation),
+    )
 
 
 def _fused(x, weight, bias, activation, backend: str) -> torch.Tensor:

@@ -110,8 +110,9 @@ def _masked_mse(nearest: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor)
     return total * norm, norm
 
 
-def gcc_assign_reference(feats: torch.Tensor, centers: torch.Tensor,
-                         valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gcc_assign_reference(
+    feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager implementation (distance, argmin, gather, masked MSE), differentiable by autograd in
     ``centers``; same arguments and results as :func:`gcc_assign`, any float dtype."""
     _validate(feats, centers, valid)
@@ -160,16 +161,20 @@ def _validate(feats, centers, valid) -> None:
         raise ValueError(f"centers must be 3-D (T, K, D), got shape {_shape(centers)}")
     batch, categories, dim = feats.shape
     if centers.shape[1:] != feats.shape[1:]:
-        raise ValueError(f"centers must have shape (T, K, D) = (T, {categories}, {dim}) to match feats "
-                         f"{_shape(feats)}, got {_shape(centers)}")
+        raise ValueError(
+            f"centers must have shape (T, K, D) = (T, {categories}, {dim}) to match feats "
+            f"{_shape(feats)}, got {_shape(centers)}"
+        )
     if valid.dim() != 2 or valid.shape != feats.shape[:2]:
-        raise ValueError(f"valid must have shape (B, K) = {(batch, categories)} to match feats {_shape(feats)}, "
-                         f"got {_shape(valid)}")
+        raise ValueError(
+            f"valid must have shape (B, K) = {(batch, categories)} to match feats {_shape(feats)}, got {_shape(valid)}"
+        )
     if valid.dtype != torch.bool:
         raise TypeError(f"valid must be a bool tensor, got {valid.dtype} of shape {_shape(valid)}")
     if feats.numel() == 0 or centers.numel() == 0:
-        raise ValueError(f"feats and centers must not be empty, got feats {_shape(feats)} and centers "
-                         f"{_shape(centers)}")
+        raise ValueError(
+            f"feats and centers must not be empty, got feats {_shape(feats)} and centers {_shape(centers)}"
+        )
     for name, x in (("centers", centers), ("valid", valid)):
         if x.device != feats.device:
             raise ValueError(f"{name} must be on feats' device {feats.device}, got {x.device} (shape {_shape(x)})")
@@ -177,8 +182,10 @@ def _validate(feats, centers, valid) -> None:
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype} of shape {_shape(x)}")
     if centers.dtype != feats.dtype and not autocasting(feats, centers):
-        raise TypeError(f"centers must have feats' dtype {feats.dtype}, got {centers.dtype} (shape "
-                        f"{_shape(centers)}); under torch.autocast both are promoted to the wider one")
+        raise TypeError(
+            f"centers must have feats' dtype {feats.dtype}, got {centers.dtype} (shape "
+            f"{_shape(centers)}); under torch.autocast both are promoted to the wider one"
+        )
 
 
 def _check_finite(feats: torch.Tensor, centers: torch.Tensor) -> None:
@@ -188,8 +195,9 @@ def _check_finite(feats: torch.Tensor, centers: torch.Tensor) -> None:
     for name, x in (("feats", feats), ("centers", centers)):
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            raise ValueError(f"{name} must be finite, got {bad} NaN or infinite values of {x.numel()} (shape "
-                             f"{_shape(x)})")
+            raise ValueError(
+                f"{name} must be finite, got {bad} NaN or infinite values of {x.numel()} (shape {_shape(x)})"
+            )
 
 
 def compute_dtype(feats: torch.Tensor, centers: torch.Tensor) -> torch.dtype:
@@ -212,9 +220,11 @@ def _cuda_reason(feats, centers) -> str | None:
 
 
 def _checks(feats, centers) -> dict[str, BackendCheck]:
-    return {"cuda": BackendCheck("cuda", _cuda_reason(feats, centers)),
-            "triton": BackendCheck("triton", _triton_reason(feats, centers)),
-            "reference": BackendCheck("reference", None)}
+    return {
+        "cuda": BackendCheck("cuda", _cuda_reason(feats, centers)),
+        "triton": BackendCheck("triton", _triton_reason(feats, centers)),
+        "reference": BackendCheck("reference", None),
+    }
 
 
 def _validated_checks(feats, centers, valid) -> dict[str, BackendCheck]:
@@ -234,9 +244,30 @@ if HAS_TRITON:
 
     @triton.jit
     def _gcc_assign_fwd_kernel(
-        FEATS, CENTERS, VALID, INDEX, NEAREST, PARTIAL, COUNTER, LOSS, NORM,
-        B, K, T, D, sf_b, sf_k, sf_d, sc_t, sc_k, sc_d, sv_b, sv_k,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+        FEATS,
+        CENTERS,
+        VALID,
+        INDEX,
+        NEAREST,
+        PARTIAL,
+        COUNTER,
+        LOSS,
+        NORM,
+        B,
+        K,
+        T,
+        D,
+        sf_b,
+        sf_k,
+        sf_d,
+        sc_t,
+        sc_k,
+        sc_d,
+        sv_b,
+        sv_k,
+        BLOCK_B: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
     ):
         """One program: frames ``BLOCK_B`` at a time of category ``j``. Writes index, nearest and its
         loss share (sum of the valid frames' minimum distances, their count) to ``PARTIAL``; the last
@@ -284,8 +315,9 @@ if HAS_TRITON:
             for p0 in range(0, programs, BLOCK_P):
                 p = p0 + tl.arange(0, BLOCK_P)
                 total += tl.load(PARTIAL + p, mask=p < programs, other=0.0, cache_modifier=".cg")
-                count += tl.load(PARTIAL + programs + p, mask=p < programs, other=0.0,
-                                 cache_modifier=".cg").to(tl.int32)
+                count += tl.load(PARTIAL + programs + p, mask=p < programs, other=0.0, cache_modifier=".cg").to(
+                    tl.int32
+                )
             n = tl.sum(count).to(tl.float32) * D
             norm = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0)
             tl.store(LOSS, tl.sum(total) * norm)
@@ -294,10 +326,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _gcc_assign_bwd_kernel(
-        FEATS, CENTERS, VALID, INDEX, GRAD_NEAREST, GRAD_LOSS, NORM, DCENTERS,
-        B, K, T, D, sf_b, sf_k, sf_d, sc_t, sc_k, sc_d, sv_b, sv_k, sg_b, sg_k, sg_d,
-        HAS_GRAD_NEAREST: tl.constexpr, HAS_GRAD_LOSS: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        FEATS,
+        CENTERS,
+        VALID,
+        INDEX,
+        GRAD_NEAREST,
+        GRAD_LOSS,
+        NORM,
+        DCENTERS,
+        B,
+        K,
+        T,
+        D,
+        sf_b,
+        sf_k,
+        sf_d,
+        sc_t,
+        sc_k,
+        sc_d,
+        sv_b,
+        sv_k,
+        sg_b,
+        sg_k,
+        sg_d,
+        HAS_GRAD_NEAREST: tl.constexpr,
+        HAS_GRAD_LOSS: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """One program: ``BLOCK_D`` features of every cluster of category ``j``.
         ``dcenters[i, j] = sum over b with index[b, j] == i, in order of b, of
@@ -381,8 +437,24 @@ def _triton_forward(feats, centers, valid):
     norm = torch.empty((), dtype=torch.float32, device=feats.device)
     shares = torch.empty(2 * programs, dtype=torch.float32, device=feats.device)
     _gcc_assign_fwd_kernel[(programs,)](
-        feats, centers, valid, index, nearest, shares, _ticket_counter(feats.device), loss, norm,
-        batch, categories, clusters, dim, *feats.stride(), *centers.stride(), *valid.stride(), **blocks, num_warps=4,
+        feats,
+        centers,
+        valid,
+        index,
+        nearest,
+        shares,
+        _ticket_counter(feats.device),
+        loss,
+        norm,
+        batch,
+        categories,
+        clusters,
+        dim,
+        *feats.stride(),
+        *centers.stride(),
+        *valid.stride(),
+        **blocks,
+        num_warps=4,
     )
     return index, nearest, loss, norm
 
@@ -395,10 +467,26 @@ def _triton_backward(grad_nearest, grad_loss, feats, centers, valid, index, norm
     dummy = feats.new_empty(0)
     grad_strides = (0, 0, 0) if grad_nearest is None else grad_nearest.stride()
     _gcc_assign_bwd_kernel[(categories * triton.cdiv(dim, blocks["BLOCK_D"]),)](
-        feats, centers, valid, index, dummy if grad_nearest is None else grad_nearest,
-        dummy if grad_loss is None else grad_loss, norm, dcenters,
-        batch, categories, clusters, dim, *feats.stride(), *centers.stride(), *valid.stride(), *grad_strides,
-        HAS_GRAD_NEAREST=grad_nearest is not None, HAS_GRAD_LOSS=grad_loss is not None, **blocks, num_warps=4,
+        feats,
+        centers,
+        valid,
+        index,
+        dummy if grad_nearest is None else grad_nearest,
+        dummy if grad_loss is None else grad_loss,
+        norm,
+        dcenters,
+        batch,
+        categories,
+        clusters,
+        dim,
+        *feats.stride(),
+        *centers.stride(),
+        *valid.stride(),
+        *grad_strides,
+        HAS_GRAD_NEAREST=grad_nearest is not None,
+        HAS_GRAD_LOSS=grad_loss is not None,
+        **blocks,
+        num_warps=4,
     )
     return dcenters
 
@@ -409,20 +497,42 @@ def _triton_backward(grad_nearest, grad_loss, feats, centers, valid, index, norm
 SSLTM_SHAPE = dict(B=8, K=124, T=3, D=512)  # VSPW: 124 categories, 3 clusters, 512-d representations
 _POINTERS_FWD = ("FEATS", "CENTERS", "VALID", "INDEX", "NEAREST", "PARTIAL", "COUNTER", "LOSS", "NORM")
 _POINTERS_BWD = ("FEATS", "CENTERS", "VALID", "INDEX", "GRAD_NEAREST", "GRAD_LOSS", "NORM", "DCENTERS")
-_FIXED_POINTER_TYPES = {"VALID": "i1", "INDEX": "i64", "PARTIAL": "fp32", "COUNTER": "i32", "LOSS": "fp32",
-                        "NORM": "fp32", "GRAD_LOSS": "fp32"}
+_FIXED_POINTER_TYPES = {
+    "VALID": "i1",
+    "INDEX": "i64",
+    "PARTIAL": "fp32",
+    "COUNTER": "i32",
+    "LOSS": "fp32",
+    "NORM": "fp32",
+    "GRAD_LOSS": "fp32",
+}
 
 
 def launch_ints(batch: int, categories: int, clusters: int, dim: int) -> dict[str, int]:
     """The integer arguments of a launch on contiguous ``feats``, ``centers``, ``valid`` and
     ``grad_nearest`` of these sizes (stride 1 along D and K of valid becomes a constant)."""
-    return dict(B=batch, K=categories, T=clusters, D=dim, sf_b=categories * dim, sf_k=dim, sf_d=1,
-                sc_t=categories * dim, sc_k=dim, sc_d=1, sv_b=categories, sv_k=1,
-                sg_b=categories * dim, sg_k=dim, sg_d=1)
+    return dict(
+        B=batch,
+        K=categories,
+        T=clusters,
+        D=dim,
+        sf_b=categories * dim,
+        sf_k=dim,
+        sf_d=1,
+        sc_t=categories * dim,
+        sc_k=dim,
+        sc_d=1,
+        sv_b=categories,
+        sv_k=1,
+        sg_b=categories * dim,
+        sg_k=dim,
+        sg_d=1,
+    )
 
 
-def triton_compile_specs(dtype: torch.dtype, batch: int, categories: int, clusters: int, dim: int, *,
-                         grad_nearest: bool = False):
+def triton_compile_specs(
+    dtype: torch.dtype, batch: int, categories: int, clusters: int, dim: int, *, grad_nearest: bool = False
+):
     """The forward and backward kernels as a launch on contiguous inputs of these sizes specialises them,
     for ``triton.compile`` ahead of time (see ``ssltm_kernels._triton_specs.kernel_spec``).
     ``grad_nearest``: the backward also takes the gradient of ``nearest`` (the loss's always)."""
@@ -430,8 +540,11 @@ def triton_compile_specs(dtype: torch.dtype, batch: int, categories: int, cluste
     ints = launch_ints(batch, categories, clusters, dim)
     for kernel, pointers, constexprs in (
         (_gcc_assign_fwd_kernel, _POINTERS_FWD, blocks["fwd"]),
-        (_gcc_assign_bwd_kernel, _POINTERS_BWD,
-         {**blocks["bwd"], "HAS_GRAD_NEAREST": grad_nearest, "HAS_GRAD_LOSS": True}),
+        (
+            _gcc_assign_bwd_kernel,
+            _POINTERS_BWD,
+            {**blocks["bwd"], "HAS_GRAD_NEAREST": grad_nearest, "HAS_GRAD_LOSS": True},
+        ),
     ):
         types = {name: _FIXED_POINTER_TYPES.get(name, TYPE_NAMES[dtype]) for name in pointers}
         yield kernel_spec(kernel, constexprs, types, int_arg=ints.__getitem__, options={"num_warps": 4})
@@ -447,20 +560,34 @@ def compile_configs(arch: int, config_set: str = "full") -> list[CompileConfig]:
     multiple of 16, one cluster, one frame)."""
     ssltm = tuple(SSLTM_SHAPE.values())
     representative = [(torch.bfloat16, ssltm, False), (torch.float32, ssltm, False)]
-    cases = compile_cases(config_set, representative=representative, full=representative + [
-        (torch.float16, ssltm, False), (torch.bfloat16, ssltm, True), (torch.float32, (3, 19, 1, 100), True),
-        (torch.bfloat16, (1, 124, 5, 2048), True)])
-    return [CompileConfig(f"gcc_assign {str(dtype).removeprefix('torch.')} B,K,T,D={shape}"
-                          + (" grad_nearest" if grad_nearest else ""), partial(_specs, dtype, shape, grad_nearest))
-            for dtype, shape, grad_nearest in cases]
+    cases = compile_cases(
+        config_set,
+        representative=representative,
+        full=representative
+        + [
+            (torch.float16, ssltm, False),
+            (torch.bfloat16, ssltm, True),
+            (torch.float32, (3, 19, 1, 100), True),
+            (torch.bfloat16, (1, 124, 5, 2048), True),
+        ],
+    )
+    return [
+        CompileConfig(
+            f"gcc_assign {str(dtype).removeprefix('torch.')} B,K,T,D={shape}"
+            + (" grad_nearest" if grad_nearest else ""),
+            partial(_specs, dtype, shape, grad_nearest),
+        )
+        for dtype, shape, grad_nearest in cases
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("ssltm::gcc_assign_fwd", mutates_args=())
-def _gcc_assign_fwd(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gcc_assign_fwd(
+    feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(nearest (B,K,D), loss, index (B,K) int64, norm)``: ``norm = 1 / (n_valid * D)`` (0 without a
     valid entry), the backward's scale; loss and norm 0-dim in the accumulation dtype. (The float
     outputs come first: ``opcheck`` adds up the outputs in order, which fails from an integer start.)"""
@@ -478,14 +605,25 @@ def _gcc_assign_fwd(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Ten
 @_gcc_assign_fwd.register_fake
 def _(feats, centers, valid, backend):
     acc = accumulation_dtype(feats.dtype)
-    return (centers.new_empty(feats.shape), feats.new_empty((), dtype=acc),
-            feats.new_empty(feats.shape[:2], dtype=torch.int64), feats.new_empty((), dtype=acc))
+    return (
+        centers.new_empty(feats.shape),
+        feats.new_empty((), dtype=acc),
+        feats.new_empty(feats.shape[:2], dtype=torch.int64),
+        feats.new_empty((), dtype=acc),
+    )
 
 
 @torch.library.custom_op("ssltm::gcc_assign_bwd", mutates_args=())
-def _gcc_assign_bwd(grad_nearest: torch.Tensor | None, grad_loss: torch.Tensor | None, feats: torch.Tensor,
-                    centers: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, norm: torch.Tensor,
-                    backend: str) -> torch.Tensor:
+def _gcc_assign_bwd(
+    grad_nearest: torch.Tensor | None,
+    grad_loss: torch.Tensor | None,
+    feats: torch.Tensor,
+    centers: torch.Tensor,
+    valid: torch.Tensor,
+    index: torch.Tensor,
+    norm: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
     """``dcenters (T, K, D)`` in centers' dtype from the gradients of nearest and of the loss (either may
     be None)."""
     if backend == "cuda":
@@ -532,8 +670,9 @@ register_autocast("ssltm::gcc_assign_bwd")
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def gcc_assign(feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor,
-               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gcc_assign(
+    feats: torch.Tensor, centers: torch.Tensor, valid: torch.Tensor, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest global cluster of each category representation and the masked MSE (SSLTM Eq. 8, 9).
 
     Args:

@@ -85,20 +85,28 @@ def _validate(logits, feats, scale) -> None:
     if feats.dim() != 4:
         raise ValueError(f"feats must be 4-D (B, C, H, W), got shape {tuple(feats.shape)}")
     if feats.shape[0] != logits.shape[0]:
-        raise ValueError(f"feats must have the batch size of logits (B = {logits.shape[0]}, logits shape "
-                         f"{tuple(logits.shape)}), got shape {tuple(feats.shape)}")
+        raise ValueError(
+            f"feats must have the batch size of logits (B = {logits.shape[0]}, logits shape "
+            f"{tuple(logits.shape)}), got shape {tuple(feats.shape)}"
+        )
     if feats.shape[2:] != logits.shape[2:]:
-        raise ValueError(f"feats must have the spatial size of logits ((H, W) = {tuple(logits.shape[2:])}, logits "
-                         f"shape {tuple(logits.shape)}), got shape {tuple(feats.shape)}")
+        raise ValueError(
+            f"feats must have the spatial size of logits ((H, W) = {tuple(logits.shape[2:])}, logits "
+            f"shape {tuple(logits.shape)}), got shape {tuple(feats.shape)}"
+        )
     if feats.device != logits.device:
-        raise ValueError(f"feats must be on the device of logits ({logits.device}), got {feats.device} "
-                         f"(feats shape {tuple(feats.shape)})")
+        raise ValueError(
+            f"feats must be on the device of logits ({logits.device}), got {feats.device} "
+            f"(feats shape {tuple(feats.shape)})"
+        )
     for name, x in (("logits", logits), ("feats", feats)):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype} (shape {tuple(x.shape)})")
     if feats.dtype != logits.dtype and not autocasting(logits, feats):
-        raise TypeError(f"feats must have the dtype of logits ({logits.dtype}), got {feats.dtype} "
-                        f"(feats shape {tuple(feats.shape)})")
+        raise TypeError(
+            f"feats must have the dtype of logits ({logits.dtype}), got {feats.dtype} "
+            f"(feats shape {tuple(feats.shape)})"
+        )
     for name, x in (("logits", logits), ("feats", feats)):
         if x.numel() == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
@@ -124,8 +132,10 @@ def _extent_reason(logits: torch.Tensor, feats: torch.Tensor) -> str | None:
 def _cuda_reason(logits: torch.Tensor) -> str | None:
     reason = cuda_unavailable_reason(logits)
     if reason is None and logits.shape[1] > _C.SOFT_REGION_POOL_MAX_CLASSES:
-        reason = (f"the CUDA backward holds at most {_C.SOFT_REGION_POOL_MAX_CLASSES} classes, got logits of shape "
-                  f"{tuple(logits.shape)}")
+        reason = (
+            f"the CUDA backward holds at most {_C.SOFT_REGION_POOL_MAX_CLASSES} classes, got logits of shape "
+            f"{tuple(logits.shape)}"
+        )
     return reason
 
 
@@ -169,11 +179,32 @@ if HAS_TRITON:
 
     @triton.jit
     def _srp_fwd_kernel(
-        L, F, Out, OutAcc, Stats, PartAcc, PartStats,
-        sl_b, sl_k, sl_n, sf_b, sf_c, sf_n,
-        K, C, N, splits, split_len, sign, magnitude,
-        PARTIAL: tl.constexpr, STORE_ACC: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+        L,
+        F,
+        Out,
+        OutAcc,
+        Stats,
+        PartAcc,
+        PartStats,
+        sl_b,
+        sl_k,
+        sl_n,
+        sf_b,
+        sf_c,
+        sf_n,
+        K,
+        C,
+        N,
+        splits,
+        split_len,
+        sign,
+        magnitude,
+        PARTIAL: tl.constexpr,
+        STORE_ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """One program: ``BLOCK_K`` classes x ``BLOCK_C`` channels of one batch item over the positions of one
         split, ``[s * split_len, (s + 1) * split_len)``: an online softmax over the positions fused with the
@@ -222,8 +253,20 @@ if HAS_TRITON:
             _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC)
 
     @triton.jit
-    def _srp_combine_kernel(PartAcc, PartStats, Out, OutAcc, Stats, K, C, splits, magnitude,
-                            STORE_ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _srp_combine_kernel(
+        PartAcc,
+        PartStats,
+        Out,
+        OutAcc,
+        Stats,
+        K,
+        C,
+        splits,
+        magnitude,
+        STORE_ACC: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         """The output and stats of ``BLOCK_K`` classes x ``BLOCK_C`` channels from the splits' partial sums,
         each rescaled to the overall maximum and added in split order (deterministic)."""
         blocks_c = tl.cdiv(C, BLOCK_C)
@@ -249,8 +292,9 @@ if HAS_TRITON:
         _srp_store_out(Out, OutAcc, Stats, b, offs_k, offs_c, cb, acc, total, m, K, C, STORE_ACC)
 
     @triton.jit
-    def _srp_delta_kernel(DO, Out, Delta, K, C, rows, sdo_b, sdo_k, sdo_c,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _srp_delta_kernel(
+        DO, Out, Delta, K, C, rows, sdo_b, sdo_k, sdo_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
         """``Delta[b, k] = sum_c dOut[b, k, c] * Out[b, k, c]`` (fp32) for ``BLOCK_R`` rows ``b * K + k``."""
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = offs_r < rows
@@ -268,8 +312,14 @@ if HAS_TRITON:
     def _srp_probs(L, Stats, b, offs_k, offs_n, k_ok, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude):
         """The probabilities ``(len(offs_k), len(offs_n))`` recomputed from the logits and the saved stats;
         0 outside the classes and positions."""
-        x = tl.load(L + b * sl_b + offs_k[:, None] * sl_k + offs_n[None, :] * sl_n,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * sign
+        x = (
+            tl.load(
+                L + b * sl_b + offs_k[:, None] * sl_k + offs_n[None, :] * sl_n,
+                mask=k_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            * sign
+        )
         stats = Stats + (b * K + offs_k) * 2
         m = tl.load(stats, mask=k_ok, other=0.0)
         log_total = tl.load(stats + 1, mask=k_ok, other=0.0)
@@ -277,10 +327,39 @@ if HAS_TRITON:
         return tl.where(k_ok[:, None] & n_ok[None, :], p, 0.0)
 
     @triton.jit
-    def _srp_dlogits_block(L, F, DO, Stats, Delta, DL, b, offs_k, offs_n, n_ok,
-                           sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n,
-                           K, C, sign, magnitude, scale, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _srp_dlogits_block(
+        L,
+        F,
+        DO,
+        Stats,
+        Delta,
+        DL,
+        b,
+        offs_k,
+        offs_n,
+        n_ok,
+        sl_b,
+        sl_k,
+        sl_n,
+        sf_b,
+        sf_c,
+        sf_n,
+        sdo_b,
+        sdo_k,
+        sdo_c,
+        sdl_b,
+        sdl_k,
+        sdl_n,
+        K,
+        C,
+        sign,
+        magnitude,
+        scale,
+        PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """``dlogits = scale * P * (dOut F - Delta)`` of classes ``offs_k`` at positions ``offs_n``, written;
         returns the probabilities ``P``."""
         k_ok = offs_k < K
@@ -288,25 +367,64 @@ if HAS_TRITON:
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             c_ok = offs_c < C
-            do = tl.load(DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
-                         mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-            f = tl.load(F + b * sf_b + offs_c[:, None] * sf_c + offs_n[None, :] * sf_n,
-                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            do = tl.load(
+                DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
+                mask=k_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            f = tl.load(
+                F + b * sf_b + offs_c[:, None] * sf_c + offs_n[None, :] * sf_n,
+                mask=c_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            )
             dp += tl.dot(do.to(f.dtype), f, input_precision=PRECISION)
         p = _srp_probs(L, Stats, b, offs_k, offs_n, k_ok, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude)
         delta = tl.load(Delta + b * K + offs_k, mask=k_ok, other=0.0)
         dl = scale * p * (dp - delta[:, None])
-        tl.store(DL + b * sdl_b + offs_k[:, None] * sdl_k + offs_n[None, :] * sdl_n, dl.to(DL.dtype.element_ty),
-                 mask=k_ok[:, None] & n_ok[None, :])
+        tl.store(
+            DL + b * sdl_b + offs_k[:, None] * sdl_k + offs_n[None, :] * sdl_n,
+            dl.to(DL.dtype.element_ty),
+            mask=k_ok[:, None] & n_ok[None, :],
+        )
         return p
 
     @triton.jit
     def _srp_bwd_kernel(
-        L, F, DO, Stats, Delta, DL, DF,
-        sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n, sdf_b, sdf_c, sdf_n,
-        K, C, N, sign, magnitude, scale,
-        NEED_DL: tl.constexpr, NEED_DF: tl.constexpr, ONE_K_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+        L,
+        F,
+        DO,
+        Stats,
+        Delta,
+        DL,
+        DF,
+        sl_b,
+        sl_k,
+        sl_n,
+        sf_b,
+        sf_c,
+        sf_n,
+        sdo_b,
+        sdo_k,
+        sdo_c,
+        sdl_b,
+        sdl_k,
+        sdl_n,
+        sdf_b,
+        sdf_c,
+        sdf_n,
+        K,
+        C,
+        N,
+        sign,
+        magnitude,
+        scale,
+        NEED_DL: tl.constexpr,
+        NEED_DF: tl.constexpr,
+        ONE_K_BLOCK: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """One program: ``BLOCK_N`` positions of one batch item, every class and channel. dlogits needs
         ``dP = dOut F`` over all channels, dfeats ``dOut^T P`` over all classes: both sums stay inside the
@@ -319,9 +437,39 @@ if HAS_TRITON:
         if ONE_K_BLOCK:
             offs_k = tl.arange(0, BLOCK_K)
             if NEED_DL:
-                p = _srp_dlogits_block(L, F, DO, Stats, Delta, DL, b, offs_k, offs_n, n_ok,
-                                       sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n,
-                                       K, C, sign, magnitude, scale, PRECISION, BLOCK_K, BLOCK_C, BLOCK_N)
+                p = _srp_dlogits_block(
+                    L,
+                    F,
+                    DO,
+                    Stats,
+                    Delta,
+                    DL,
+                    b,
+                    offs_k,
+                    offs_n,
+                    n_ok,
+                    sl_b,
+                    sl_k,
+                    sl_n,
+                    sf_b,
+                    sf_c,
+                    sf_n,
+                    sdo_b,
+                    sdo_k,
+                    sdo_c,
+                    sdl_b,
+                    sdl_k,
+                    sdl_n,
+                    K,
+                    C,
+                    sign,
+                    magnitude,
+                    scale,
+                    PRECISION,
+                    BLOCK_K,
+                    BLOCK_C,
+                    BLOCK_N,
+                )
             else:
                 p = _srp_probs(L, Stats, b, offs_k, offs_n, offs_k < K, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude)
             if NEED_DF:
@@ -329,17 +477,53 @@ if HAS_TRITON:
                 for c0 in range(0, C, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
                     c_ok = offs_c < C
-                    do = tl.load(DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
-                                 mask=(offs_k[:, None] < K) & c_ok[None, :], other=0.0)
+                    do = tl.load(
+                        DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
+                        mask=(offs_k[:, None] < K) & c_ok[None, :],
+                        other=0.0,
+                    )
                     df = tl.dot(tl.trans(do.to(p.dtype)), p, input_precision=PRECISION)
-                    tl.store(DF + b * sdf_b + offs_c[:, None] * sdf_c + offs_n[None, :] * sdf_n,
-                             df.to(DF.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+                    tl.store(
+                        DF + b * sdf_b + offs_c[:, None] * sdf_c + offs_n[None, :] * sdf_n,
+                        df.to(DF.dtype.element_ty),
+                        mask=c_ok[:, None] & n_ok[None, :],
+                    )
         else:
             if NEED_DL:
                 for k0 in range(0, K, BLOCK_K):
-                    _srp_dlogits_block(L, F, DO, Stats, Delta, DL, b, k0 + tl.arange(0, BLOCK_K), offs_n, n_ok,
-                                       sl_b, sl_k, sl_n, sf_b, sf_c, sf_n, sdo_b, sdo_k, sdo_c, sdl_b, sdl_k, sdl_n,
-                                       K, C, sign, magnitude, scale, PRECISION, BLOCK_K, BLOCK_C, BLOCK_N)
+                    _srp_dlogits_block(
+                        L,
+                        F,
+                        DO,
+                        Stats,
+                        Delta,
+                        DL,
+                        b,
+                        k0 + tl.arange(0, BLOCK_K),
+                        offs_n,
+                        n_ok,
+                        sl_b,
+                        sl_k,
+                        sl_n,
+                        sf_b,
+                        sf_c,
+                        sf_n,
+                        sdo_b,
+                        sdo_k,
+                        sdo_c,
+                        sdl_b,
+                        sdl_k,
+                        sdl_n,
+                        K,
+                        C,
+                        sign,
+                        magnitude,
+                        scale,
+                        PRECISION,
+                        BLOCK_K,
+                        BLOCK_C,
+                        BLOCK_N,
+                    )
             if NEED_DF:
                 for c0 in range(0, C, BLOCK_C):
                     offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -349,12 +533,19 @@ if HAS_TRITON:
                         offs_k = k0 + tl.arange(0, BLOCK_K)
                         k_ok = offs_k < K
                         p = _srp_probs(L, Stats, b, offs_k, offs_n, k_ok, n_ok, sl_b, sl_k, sl_n, K, sign, magnitude)
-                        do = tl.load(DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
-                                     mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-                        df += tl.dot(tl.trans(do.to(F.dtype.element_ty)), p.to(F.dtype.element_ty),
-                                     input_precision=PRECISION)
-                    tl.store(DF + b * sdf_b + offs_c[:, None] * sdf_c + offs_n[None, :] * sdf_n,
-                             df.to(DF.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+                        do = tl.load(
+                            DO + b * sdo_b + offs_k[:, None] * sdo_k + offs_c[None, :] * sdo_c,
+                            mask=k_ok[:, None] & c_ok[None, :],
+                            other=0.0,
+                        )
+                        df += tl.dot(
+                            tl.trans(do.to(F.dtype.element_ty)), p.to(F.dtype.element_ty), input_precision=PRECISION
+                        )
+                    tl.store(
+                        DF + b * sdf_b + offs_c[:, None] * sdf_c + offs_n[None, :] * sdf_n,
+                        df.to(DF.dtype.element_ty),
+                        mask=c_ok[:, None] & n_ok[None, :],
+                    )
 
 
 @dataclass(frozen=True)
@@ -386,9 +577,17 @@ THREE_STAGE_SHARED_MEMORY = 160 * 1024
 _DEFAULT_SHARED_MEMORY = shared_memory_limit(INTERPRETER_DEVICE.arch)
 
 
-def forward_config(batch: int, classes: int, channels: int, positions: int, dtype: torch.dtype, *,
-                   interpreting: bool, sm_count: int = INTERPRETER_DEVICE.sm_count,
-                   shared_memory: int = _DEFAULT_SHARED_MEMORY) -> ForwardConfig:
+def forward_config(
+    batch: int,
+    classes: int,
+    channels: int,
+    positions: int,
+    dtype: torch.dtype,
+    *,
+    interpreting: bool,
+    sm_count: int = INTERPRETER_DEVICE.sm_count,
+    shared_memory: int = _DEFAULT_SHARED_MEMORY,
+) -> ForwardConfig:
     """Blocks for ``(batch, classes, channels, positions)`` in ``dtype``. On a GPU a program holds up to 128
     classes and 128 channels (256 for 32 classes or fewer) in fp32 accumulators and steps 64 positions at a
     time (32 for fp32 inputs: the same bytes per stage); the positions are split so that about two programs
@@ -401,12 +600,25 @@ def forward_config(batch: int, classes: int, channels: int, positions: int, dtyp
     block_n = 32 if dtype == torch.float32 else 64
     programs = batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c)
     splits = max(1, min((2 * sm_count) // programs, triton.cdiv(positions, 4 * block_n)))
-    return ForwardConfig(block_k, block_c, block_n, splits, 8 if block_k * block_c >= 128 * 128 else 4,
-                         3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
+    return ForwardConfig(
+        block_k,
+        block_c,
+        block_n,
+        splits,
+        8 if block_k * block_c >= 128 * 128 else 4,
+        3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2,
+    )
 
 
-def backward_config(classes: int, channels: int, positions: int, dtype: torch.dtype, *, interpreting: bool,
-                    shared_memory: int = _DEFAULT_SHARED_MEMORY) -> BackwardConfig:
+def backward_config(
+    classes: int,
+    channels: int,
+    positions: int,
+    dtype: torch.dtype,
+    *,
+    interpreting: bool,
+    shared_memory: int = _DEFAULT_SHARED_MEMORY,
+) -> BackwardConfig:
     """Blocks of the backward kernel: up to 128 classes per program (one class block for SSLTM's 124),
     64 positions per program (128 for 32 classes or fewer), 64 channels per loop step (32 for fp32)."""
     block_k = dot_block(classes)
@@ -414,20 +626,38 @@ def backward_config(classes: int, channels: int, positions: int, dtype: torch.dt
         return BackwardConfig(block_k, dot_block(channels), min(256, dot_block(positions)), 4, 1)
     block_k = min(block_k, 128)
     block_n = 64 if block_k >= 64 else 128
-    return BackwardConfig(block_k, 32 if dtype == torch.float32 else 64, block_n,
-                          8 if block_k * block_n >= 128 * 64 else 4,
-                          3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2)
+    return BackwardConfig(
+        block_k,
+        32 if dtype == torch.float32 else 64,
+        block_n,
+        8 if block_k * block_n >= 128 * 64 else 4,
+        3 if shared_memory >= THREE_STAGE_SHARED_MEMORY else 2,
+    )
 
 
 def _forward_launch_config(logits: torch.Tensor, channels: int) -> ForwardConfig:
     batch, classes, h, w = logits.shape
-    return forward_config(batch, classes, channels, h * w, logits.dtype, interpreting=triton_interpreting(),
-                          sm_count=device_sm_count(logits.device), shared_memory=device_shared_memory(logits.device))
+    return forward_config(
+        batch,
+        classes,
+        channels,
+        h * w,
+        logits.dtype,
+        interpreting=triton_interpreting(),
+        sm_count=device_sm_count(logits.device),
+        shared_memory=device_shared_memory(logits.device),
+    )
 
 
 def _backward_launch_config(logits: torch.Tensor, channels: int) -> BackwardConfig:
-    return backward_config(logits.shape[1], channels, logits.shape[2] * logits.shape[3], logits.dtype,
-                           interpreting=triton_interpreting(), shared_memory=device_shared_memory(logits.device))
+    return backward_config(
+        logits.shape[1],
+        channels,
+        logits.shape[2] * logits.shape[3],
+        logits.dtype,
+        interpreting=triton_interpreting(),
+        shared_memory=device_shared_memory(logits.device),
+    )
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -457,17 +687,49 @@ def _triton_forward(logits: torch.Tensor, feats: torch.Tensor, scale: float):
     sign, magnitude = _sign_magnitude(scale)
     blocks = batch * triton.cdiv(classes, cfg.block_k) * triton.cdiv(channels, cfg.block_c)
     _srp_fwd_kernel[(blocks * splits,)](
-        l3, f3, out, out_acc, stats, part_acc, part_stats, *l3.stride(), *f3.stride(),
-        classes, channels, positions, splits, split_len, sign, magnitude,
-        PARTIAL=splits > 1, STORE_ACC=store_acc, PRECISION=_precision(logits.dtype),
-        BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        l3,
+        f3,
+        out,
+        out_acc,
+        stats,
+        part_acc,
+        part_stats,
+        *l3.stride(),
+        *f3.stride(),
+        classes,
+        channels,
+        positions,
+        splits,
+        split_len,
+        sign,
+        magnitude,
+        PARTIAL=splits > 1,
+        STORE_ACC=store_acc,
+        PRECISION=_precision(logits.dtype),
+        BLOCK_K=cfg.block_k,
+        BLOCK_C=cfg.block_c,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if splits > 1:
         block_k, block_c = COMBINE_BLOCKS
         grid = (batch * triton.cdiv(classes, block_k) * triton.cdiv(channels, block_c),)
-        _srp_combine_kernel[grid](part_acc, part_stats, out, out_acc, stats, classes, channels, splits, magnitude,
-                                  STORE_ACC=store_acc, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=4)
+        _srp_combine_kernel[grid](
+            part_acc,
+            part_stats,
+            out,
+            out_acc,
+            stats,
+            classes,
+            channels,
+            splits,
+            magnitude,
+            STORE_ACC=store_acc,
+            BLOCK_K=block_k,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
     return out, stats, out_acc
 
 
@@ -486,17 +748,46 @@ def _triton_backward(grad_out, logits, feats, out, stats, scale: float, need_dlo
         delta = torch.empty((batch, classes), dtype=torch.float32, device=logits.device)
         block_r, block_c = DELTA_BLOCKS
         _srp_delta_kernel[(triton.cdiv(batch * classes, block_r),)](
-            grad_out, out, delta, classes, channels, batch * classes, *grad_out.stride(),
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+            grad_out,
+            out,
+            delta,
+            classes,
+            channels,
+            batch * classes,
+            *grad_out.stride(),
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
     sign, magnitude = _sign_magnitude(scale)
     _srp_bwd_kernel[(batch * triton.cdiv(positions, cfg.block_n),)](
-        l3, f3, grad_out, stats, delta, dl3, df3,
-        *l3.stride(), *f3.stride(), *grad_out.stride(), *dl3.stride(), *df3.stride(),
-        classes, channels, positions, sign, magnitude, scale,
-        NEED_DL=need_dlogits, NEED_DF=need_dfeats, ONE_K_BLOCK=cfg.block_k >= classes,
+        l3,
+        f3,
+        grad_out,
+        stats,
+        delta,
+        dl3,
+        df3,
+        *l3.stride(),
+        *f3.stride(),
+        *grad_out.stride(),
+        *dl3.stride(),
+        *df3.stride(),
+        classes,
+        channels,
+        positions,
+        sign,
+        magnitude,
+        scale,
+        NEED_DL=need_dlogits,
+        NEED_DF=need_dfeats,
+        ONE_K_BLOCK=cfg.block_k >= classes,
         PRECISION=_precision(logits.dtype),
-        BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=cfg.block_k,
+        BLOCK_C=cfg.block_c,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dlogits, dfeats
 
@@ -526,8 +817,7 @@ class Launch:
     def __str__(self) -> str:
         layout = "channels-last" if self.channels_last else "contiguous"
         grad = "gather grad" if self.gather_grad else "contiguous grad"
-        return (f"B={self.batch} K={self.classes} C={self.channels} {self.height}x{self.width} {layout} feats, "
-                f"{grad}")
+        return f"B={self.batch} K={self.classes} C={self.channels} {self.height}x{self.width} {layout} feats, {grad}"
 
     def ints(self, dtype: torch.dtype) -> dict[str, int]:
         """The integer arguments of every kernel, as the launchers pass them."""
@@ -538,9 +828,13 @@ class Launch:
         split_len = triton.cdiv(triton.cdiv(n, cfg.splits), cfg.block_n) * cfg.block_n
         ints = {"K": k, "C": c, "N": n, "rows": b * k, "splits": triton.cdiv(n, split_len), "split_len": split_len}
         logits = (k * n, n, 1)
-        for names, strides in ((("sl_b", "sl_k", "sl_n"), logits), (("sf_b", "sf_c", "sf_n"), feats),
-                               (("sdo_b", "sdo_k", "sdo_c"), grad), (("sdl_b", "sdl_k", "sdl_n"), logits),
-                               (("sdf_b", "sdf_c", "sdf_n"), feats)):
+        for names, strides in (
+            (("sl_b", "sl_k", "sl_n"), logits),
+            (("sf_b", "sf_c", "sf_n"), feats),
+            (("sdo_b", "sdo_k", "sdo_c"), grad),
+            (("sdl_b", "sdl_k", "sdl_n"), logits),
+            (("sdf_b", "sdf_c", "sdf_n"), feats),
+        ):
             ints.update(zip(names, strides, strict=True))
         return ints
 
@@ -548,8 +842,9 @@ class Launch:
 _FP32_POINTERS = {"OutAcc", "Stats", "PartAcc", "PartStats", "Delta"}
 
 
-def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: int = _DEFAULT_SHARED_MEMORY,
-                         int_arg=None):
+def triton_compile_specs(
+    dtype: torch.dtype, launch: Launch, *, shared_memory: int = _DEFAULT_SHARED_MEMORY, int_arg=None
+):
     """The kernels one forward and backward of ``launch`` runs on a device with ``shared_memory`` bytes per
     block, specialised as the launchers specialise them, as ``(name, kernel, signature, constexprs, attrs,
     options)`` for ``triton.compile``. ``int_arg(name)`` overrides the launch's integer arguments (e.g.
@@ -560,25 +855,62 @@ def triton_compile_specs(dtype: torch.dtype, launch: Launch, *, shared_memory: i
     fwd = forward_config(b, k, c, n, dtype, interpreting=False, shared_memory=shared_memory)
     bwd = backward_config(k, c, n, dtype, interpreting=False, shared_memory=shared_memory)
     split = ints["splits"] > 1
-    kernels = [(_srp_fwd_kernel, dict(PARTIAL=split, STORE_ACC=dtype != torch.float32, BLOCK_K=fwd.block_k,
-                                      BLOCK_C=fwd.block_c, BLOCK_N=fwd.block_n),
-                fwd.num_warps, fwd.num_stages)]
+    kernels = [
+        (
+            _srp_fwd_kernel,
+            dict(
+                PARTIAL=split,
+                STORE_ACC=dtype != torch.float32,
+                BLOCK_K=fwd.block_k,
+                BLOCK_C=fwd.block_c,
+                BLOCK_N=fwd.block_n,
+            ),
+            fwd.num_warps,
+            fwd.num_stages,
+        )
+    ]
     if split:
-        kernels.append((_srp_combine_kernel, dict(STORE_ACC=dtype != torch.float32, BLOCK_K=COMBINE_BLOCKS[0],
-                                                  BLOCK_C=COMBINE_BLOCKS[1]), 4, None))
+        kernels.append(
+            (
+                _srp_combine_kernel,
+                dict(STORE_ACC=dtype != torch.float32, BLOCK_K=COMBINE_BLOCKS[0], BLOCK_C=COMBINE_BLOCKS[1]),
+                4,
+                None,
+            )
+        )
     kernels.append((_srp_delta_kernel, dict(BLOCK_R=DELTA_BLOCKS[0], BLOCK_C=DELTA_BLOCKS[1]), 4, None))
-    kernels.append((_srp_bwd_kernel, dict(NEED_DL=True, NEED_DF=True, ONE_K_BLOCK=bwd.block_k >= k,
-                                          BLOCK_K=bwd.block_k, BLOCK_C=bwd.block_c, BLOCK_N=bwd.block_n),
-                    bwd.num_warps, bwd.num_stages))
+    kernels.append(
+        (
+            _srp_bwd_kernel,
+            dict(
+                NEED_DL=True,
+                NEED_DF=True,
+                ONE_K_BLOCK=bwd.block_k >= k,
+                BLOCK_K=bwd.block_k,
+                BLOCK_C=bwd.block_c,
+                BLOCK_N=bwd.block_n,
+            ),
+            bwd.num_warps,
+            bwd.num_stages,
+        )
+    )
     element = TYPE_NAMES[dtype]
     for kernel, constexprs, num_warps, num_stages in kernels:
-        pointers = {name: "fp32" if name in _FP32_POINTERS else element
-                    for name in ("L", "F", "Out", "OutAcc", "Stats", "PartAcc", "PartStats", "DO", "Delta", "DL", "DF")}
+        pointers = {
+            name: "fp32" if name in _FP32_POINTERS else element
+            for name in ("L", "F", "Out", "OutAcc", "Stats", "PartAcc", "PartStats", "DO", "Delta", "DL", "DF")
+        }
         if kernel is _srp_delta_kernel:
             pointers["Out"] = "fp32"  # the fp32 output of 16-bit inputs (out_acc), or the fp32 output itself
         options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
-        yield kernel_spec(kernel, {**constexprs, "PRECISION": _precision(dtype)}, pointers,
-                          float_args=("sign", "magnitude", "scale"), int_arg=int_arg, options=options)
+        yield kernel_spec(
+            kernel,
+            {**constexprs, "PRECISION": _precision(dtype)},
+            pointers,
+            float_args=("sign", "magnitude", "scale"),
+            int_arg=int_arg,
+            options=options,
+        )
 
 
 SSLTM_LAUNCHES = (  # the query and reference frames' OCR gather at stride 4 of 480x480, VSPW's 124 classes
@@ -605,12 +937,21 @@ def compile_configs(arch: int, config_set: str) -> list[CompileConfig]:
         config_set,
         representative=[(torch.bfloat16, launch, False) for launch in SSLTM_LAUNCHES]
         + [(torch.float32, SSLTM_LAUNCHES[0], False)],
-        full=[(dtype, launch, unaligned) for dtype in KERNEL_DTYPES for launch in FULL_LAUNCHES
-              for unaligned in (False, True)])
-    return [CompileConfig(f"soft_region_pool {TYPE_NAMES[dtype]} {launch}{' unaligned' if unaligned else ''}",
-                          partial(_compile_specs, dtype=dtype, launch=launch, unaligned=unaligned),
-                          cost=4 if dtype == torch.float32 else 2)
-            for dtype, launch, unaligned in chosen]
+        full=[
+            (dtype, launch, unaligned)
+            for dtype in KERNEL_DTYPES
+            for launch in FULL_LAUNCHES
+            for unaligned in (False, True)
+        ],
+    )
+    return [
+        CompileConfig(
+            f"soft_region_pool {TYPE_NAMES[dtype]} {launch}{' unaligned' if unaligned else ''}",
+            partial(_compile_specs, dtype=dtype, launch=launch, unaligned=unaligned),
+            cost=4 if dtype == torch.float32 else 2,
+        )
+        for dtype, launch, unaligned in chosen
+    ]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -633,8 +974,9 @@ def _grad_buffer(x: torch.Tensor) -> torch.Tensor:
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("ssltm::soft_region_pool_fwd", mutates_args=())
-def _soft_region_pool_fwd(logits: torch.Tensor, feats: torch.Tensor, scale: float,
-                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _soft_region_pool_fwd(
+    logits: torch.Tensor, feats: torch.Tensor, scale: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out (B, K, C) in the inputs' dtype, stats (B, K, 2) float32, out_acc)``; ``stats``
     holds the maximum of ``sign(scale) * logits`` and the log of the softmax denominator per ``(b, k)``,
     ``out_acc`` the output in float32 for 16-bit inputs (the backward's Delta = sum_c dOut * Out is then
@@ -649,21 +991,39 @@ def _soft_region_pool_fwd(logits: torch.Tensor, feats: torch.Tensor, scale: floa
 @_soft_region_pool_fwd.register_fake
 def _(logits, feats, scale, backend):
     shape = (logits.shape[0], logits.shape[1], feats.shape[1])
-    return (logits.new_empty(shape), logits.new_empty((*shape[:2], 2), dtype=torch.float32),
-            logits.new_empty(shape if logits.dtype != torch.float32 else 0, dtype=torch.float32))
+    return (
+        logits.new_empty(shape),
+        logits.new_empty((*shape[:2], 2), dtype=torch.float32),
+        logits.new_empty(shape if logits.dtype != torch.float32 else 0, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("ssltm::soft_region_pool_bwd", mutates_args=())
-def _soft_region_pool_bwd(grad_out: torch.Tensor, logits: torch.Tensor, feats: torch.Tensor, out: torch.Tensor,
-                          stats: torch.Tensor, scale: float, backend: str, need_dlogits: bool,
-                          need_dfeats: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _soft_region_pool_bwd(
+    grad_out: torch.Tensor,
+    logits: torch.Tensor,
+    feats: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    scale: float,
+    backend: str,
+    need_dlogits: bool,
+    need_dfeats: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dlogits (B, K, H, W), dfeats (B, C, H, W))`` in the inputs' dtype and layouts
     (``_grad_buffer``); a gradient not asked for is an empty tensor. ``out``: the forward's output, or its
     float32 ``out_acc``."""
     if backend == "cuda":
-        dlogits, dfeats = _C.soft_region_pool_backward(grad_out, logits, feats, out, stats, scale,
-                                                       _grad_buffer(logits) if need_dlogits else None,
-                                                       _grad_buffer(feats) if need_dfeats else None)
+        dlogits, dfeats = _C.soft_region_pool_backward(
+            grad_out,
+            logits,
+            feats,
+            out,
+            stats,
+            scale,
+            _grad_buffer(logits) if need_dlogits else None,
+            _grad_buffer(feats) if need_dfeats else None,
+        )
     else:
         with on_device(logits):
             dlogits, dfeats = _triton_backward(grad_out, logits, feats, out, stats, scale, need_dlogits, need_dfeats)
@@ -688,8 +1048,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_stats, _grad_out_acc):
     logits, feats, out, stats = ctx.saved_tensors
     need_dlogits, need_dfeats = ctx.needs_input_grad[:2]
-    dlogits, dfeats = _soft_region_pool_bwd(grad_out, logits, feats, out, stats, *ctx.params, bool(need_dlogits),
-                                            bool(need_dfeats))
+    dlogits, dfeats = _soft_region_pool_bwd(
+        grad_out, logits, feats, out, stats, *ctx.params, bool(need_dlogits), bool(need_dfeats)
+    )
     return (dlogits if need_dlogits else None), (dfeats if need_dfeats else None), None, None
 
 
@@ -703,8 +1064,9 @@ register_autocast("ssltm::soft_region_pool_fwd", activations=(0, 1))
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------
-def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1.0,
-                     backend: str | None = None) -> torch.Tensor:
+def soft_region_pool(
+    logits: torch.Tensor, feats: torch.Tensor, scale: float = 1.0, backend: str | None = None
+) -> torch.Tensor:
     """OCR soft region pooling: per class, the softmax-weighted average of the feature vectors.
 
     Args:
@@ -726,9 +1088,14 @@ def soft_region_pool(logits: torch.Tensor, feats: torch.Tensor, scale: float = 1
     def cuda_passed_over():  # the CUDA kernels accumulate on CUDA cores, Triton's on tensor cores
         return "the CUDA kernels run on CUDA cores and Triton can run" if checks["triton"] else None
 
-    return dispatch("soft_region_pool", checks, backend, fused=partial(_fused, logits, feats, float(scale)),
-                    reference=partial(_reference, logits, feats, float(scale)),
-                    passed_over={"cuda": cuda_passed_over})
+    return dispatch(
+        "soft_region_pool",
+        checks,
+        backend,
+        fused=partial(_fused, logits, feats, float(scale)),
+        reference=partial(_reference, logits, feats, float(scale)),
+        passed_over={"cuda": cuda_passed_over},
+    )
 
 
 def _fused(logits: torch.Tensor, feats: torch.Tensor, scale: float, backend: str) -> torch.Tensor:

@@ -145,12 +145,16 @@ def _triton_reason(call: WindowAttentionCall, dtype: torch.dtype) -> str | None:
     limit = triton_key_tile_limit(shared)
     tile = key_tile_bytes(geom.tokens_per_window, q.shape[-1], dtype)
     if limit == 0:
-        return (f"the device's {shared // 1024} KB of shared memory per block is below the "
-                f"{TRITON_KEY_TILE_LIMITS[-1][0] // 1024} KB the Triton kernels need")
+        return (
+            f"the device's {shared // 1024} KB of shared memory per block is below the "
+            f"{TRITON_KEY_TILE_LIMITS[-1][0] // 1024} KB the Triton kernels need"
+        )
     if tile > limit:
-        return (f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {dtype}, "
-                f"{tile // 1024} KB padded to powers of 2) exceed the {limit // 1024} KB tile the Triton kernels "
-                f"take with {shared // 1024} KB of shared memory per block")
+        return (
+            f"a window's keys ({geom.tokens_per_window} tokens x head_dim {q.shape[-1]} in {dtype}, "
+            f"{tile // 1024} KB padded to powers of 2) exceed the {limit // 1024} KB tile the Triton kernels "
+            f"take with {shared // 1024} KB of shared memory per block"
+        )
     return None
 
 
@@ -167,9 +171,15 @@ def _cuda_reason(call: WindowAttentionCall, dtype: torch.dtype) -> str | None:
 def _cuda_kernels(call: WindowAttentionCall, dtype: torch.dtype) -> tuple[str, str]:
     """The CUDA kernel family (``"tensor_cores"`` or ``"cuda_cores"``) of the forward and of the backward
     on q's device, as the extension's launchers decide it."""
-    return tuple(_C.window_attention_3d_cuda_kernels(
-        _DTYPE_NAMES[dtype], call.geom.tokens_per_window, call.head_dim, device_shared_memory(call.q.device),
-        device_arch(call.q.device)))
+    return tuple(
+        _C.window_attention_3d_cuda_kernels(
+            _DTYPE_NAMES[dtype],
+            call.geom.tokens_per_window,
+            call.head_dim,
+            device_shared_memory(call.q.device),
+            device_arch(call.q.device),
+        )
+    )
 
 
 _DROPOUT_WARNED = False
@@ -183,9 +193,11 @@ def _warn_dropout_fallback(dropout_p: float) -> None:
     global _DROPOUT_WARNED
     if not _DROPOUT_WARNED:
         _DROPOUT_WARNED = True
-        warnings.warn(f"window_attention_3d: attention dropout (dropout_p={dropout_p}) is not fused in the kernels; "
-                      "it runs in the PyTorch reference, which is slower and takes more memory (warned once)",
-                      stacklevel=6)
+        warnings.warn(
+            f"window_attention_3d: attention dropout (dropout_p={dropout_p}) is not fused in the kernels; "
+            "it runs in the PyTorch reference, which is slower and takes more memory (warned once)",
+            stacklevel=6,
+        )
 
 
 def _checks(call: WindowAttentionCall) -> dict[str, BackendCheck]:
@@ -199,12 +211,37 @@ def _checks(call: WindowAttentionCall) -> dict[str, BackendCheck]:
     }
 
 
-def _validated_checks(q, k, v, *, window_size, rel_pos_bias_table=None, shift_size=(0, 0, 0), pad_k=None,
-                      pad_v=None, rel_pos_mode="swin", attn_mask=None, dropout_p=0.0) -> dict[str, BackendCheck]:
+def _validated_checks(
+    q,
+    k,
+    v,
+    *,
+    window_size,
+    rel_pos_bias_table=None,
+    shift_size=(0, 0, 0),
+    pad_k=None,
+    pad_v=None,
+    rel_pos_mode="swin",
+    attn_mask=None,
+    dropout_p=0.0,
+) -> dict[str, BackendCheck]:
     """The backends' checks of valid volume arguments (the CUDA one's ``kernels``: the family,
     ``"tensor_cores"`` or ``"cuda_cores"``, of the forward and of the backward on q's device)."""
-    return _checks(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
-                             attn_mask, dropout_p=dropout_p))
+    return _checks(
+        _validate(
+            q,
+            k,
+            v,
+            window_size,
+            shift_size,
+            rel_pos_bias_table,
+            pad_k,
+            pad_v,
+            rel_pos_mode,
+            attn_mask,
+            dropout_p=dropout_p,
+        )
+    )
 
 
 can_run_cuda, can_run_triton, can_run_reference = backend_predicates("window_attention_3d", _validated_checks)
@@ -213,8 +250,9 @@ can_run_cuda, can_run_triton, can_run_reference = backend_predicates("window_att
 # --------------------------------------------------------------------------------------------------
 # torch.library custom ops + autograd
 # --------------------------------------------------------------------------------------------------
-def _op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
-             scale) -> WindowAttentionCall:
+def _op_call(
+    q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale
+) -> WindowAttentionCall:
     """The call record of a custom op's flat arguments (the mask is already additive)."""
     geom = WindowGeometry(tuple(q.shape[1:4]), tuple(window), tuple(shift), tuple(bias_window), tuple(table_window))
     return WindowAttentionCall(q, k, v, geom, table, pad_k, pad_v, attn_mask, scale)
@@ -222,18 +260,30 @@ def _op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window
 
 def _forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend):
     if backend == "cuda":
-        return _C.window_attention_3d_forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift,
-                                              bias_window, table_window, scale)
+        return _C.window_attention_3d_forward(
+            q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale
+        )
     with on_device(q):
-        return _triton_forward(_op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window,
-                                        table_window, scale))
+        return _triton_forward(
+            _op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale)
+        )
 
 
 @torch.library.custom_op("ssltm::window_attention_3d_fwd", mutates_args=())
 def _window_attention_3d_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None,
-    pad_v: torch.Tensor | None, attn_mask: torch.Tensor | None, window: list[int], shift: list[int],
-    bias_window: list[int], table_window: list[int], scale: float, backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table: torch.Tensor | None,
+    pad_k: torch.Tensor | None,
+    pad_v: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    table_window: list[int],
+    scale: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``(out (B,T,H,W,nh,hd), lse (B,T,H,W,nh) fp32)``."""
     return _forward(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend)
@@ -241,13 +291,22 @@ def _window_attention_3d_fwd(
 
 @torch.library.custom_op("ssltm::window_attention_3d_qkvpacked_fwd", mutates_args=())
 def _window_attention_3d_qkvpacked_fwd(
-    qkv: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None, pad_v: torch.Tensor | None,
-    attn_mask: torch.Tensor | None, window: list[int], shift: list[int], bias_window: list[int],
-    table_window: list[int], scale: float, backend: str,
+    qkv: torch.Tensor,
+    table: torch.Tensor | None,
+    pad_k: torch.Tensor | None,
+    pad_v: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    table_window: list[int],
+    scale: float,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward on one ``(B,T,H,W,3,nh,hd)`` projection; its backward writes one packed dqkv."""
-    return _forward(*qkv.unbind(-3), table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
-                    scale, backend)
+    return _forward(
+        *qkv.unbind(-3), table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale, backend
+    )
 
 
 @_window_attention_3d_fwd.register_fake
@@ -263,18 +322,50 @@ def _(qkv, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_win
 
 @torch.library.custom_op("ssltm::window_attention_3d_bwd", mutates_args=())
 def _window_attention_3d_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, table: torch.Tensor | None, pad_k: torch.Tensor | None, pad_v: torch.Tensor | None,
-    attn_mask: torch.Tensor | None, window: list[int], shift: list[int], bias_window: list[int],
-    table_window: list[int], scale: float, backend: str, need_table_grad: bool, need_pad_grad: bool, packed: bool,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    table: torch.Tensor | None,
+    pad_k: torch.Tensor | None,
+    pad_v: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    window: list[int],
+    shift: list[int],
+    bias_window: list[int],
+    table_window: list[int],
+    scale: float,
+    backend: str,
+    need_table_grad: bool,
+    need_pad_grad: bool,
+    packed: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: ``(dq, dk, dv, dtable, dpad_k, dpad_v)``; gradients not asked for are empty.
     ``packed``: the first result is one ``(B,T,H,W,3,nh,hd)`` dqkv that the kernels wrote, dk and dv are empty."""
     grad_qkv = q.new_empty((*q.shape[:4], 3, *q.shape[4:])) if packed else None
     if backend == "cuda":
-        grads = _C.window_attention_3d_backward(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask,
-                                                window, shift, bias_window, table_window, scale,
-                                                need_table_grad, need_pad_grad, grad_qkv=grad_qkv)
+        grads = _C.window_attention_3d_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            table,
+            pad_k,
+            pad_v,
+            attn_mask,
+            window,
+            shift,
+            bias_window,
+            table_window,
+            scale,
+            need_table_grad,
+            need_pad_grad,
+            grad_qkv=grad_qkv,
+        )
     else:
         call = _op_call(q, k, v, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window, scale)
         with on_device(q):
@@ -285,8 +376,27 @@ def _window_attention_3d_bwd(
 
 
 @_window_attention_3d_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
-      scale, backend, need_table_grad, need_pad_grad, packed):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    table,
+    pad_k,
+    pad_v,
+    attn_mask,
+    window,
+    shift,
+    bias_window,
+    table_window,
+    scale,
+    backend,
+    need_table_grad,
+    need_pad_grad,
+    packed,
+):
     heads, head_dim = q.shape[-2:]
     empty = q.new_empty(0, dtype=torch.float32)
     dtable = q.new_empty(table.shape, dtype=torch.float32) if need_table_grad and table is not None else empty
@@ -303,10 +413,34 @@ def _backward_grads(ctx, grad_out, q, k, v, packed: bool):
     window, shift, bias_window, table_window, scale, backend = ctx.params
     need_table, need_pad_k, need_pad_v = ctx.needs_input_grad[-10:-7]  # both ops end with these
     dq, dk, dv, dtable, dpad_k, dpad_v = _window_attention_3d_bwd(
-        grad_out, q, k, v, out, lse, table, pad_k, pad_v, attn_mask, window, shift, bias_window, table_window,
-        scale, backend, bool(need_table), bool(need_pad_k or need_pad_v), packed)
-    return (dq, dk, dv, dtable.to(table.dtype) if need_table else None,
-            dpad_k.to(pad_k.dtype) if need_pad_k else None, dpad_v.to(pad_v.dtype) if need_pad_v else None)
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        table,
+        pad_k,
+        pad_v,
+        attn_mask,
+        window,
+        shift,
+        bias_window,
+        table_window,
+        scale,
+        backend,
+        bool(need_table),
+        bool(need_pad_k or need_pad_v),
+        packed,
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        dtable.to(table.dtype) if need_table else None,
+        dpad_k.to(pad_k.dtype) if need_pad_k else None,
+        dpad_v.to(pad_v.dtype) if need_pad_v else None,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -328,8 +462,9 @@ def _backward_qkvpacked(ctx, grad_out, _grad_lse):
 
 
 torch.library.register_autograd("ssltm::window_attention_3d_fwd", _backward, setup_context=_setup_context)
-torch.library.register_autograd("ssltm::window_attention_3d_qkvpacked_fwd", _backward_qkvpacked,
-                                setup_context=_setup_context)
+torch.library.register_autograd(
+    "ssltm::window_attention_3d_qkvpacked_fwd", _backward_qkvpacked, setup_context=_setup_context
+)
 
 
 # Autocast as SDPA's: q/k/v (or qkv) and the pad rows run in the autocast dtype; the bias table and the mask keep
@@ -352,12 +487,20 @@ def _fused_window_attention(call: WindowAttentionCall, backend: str, qkv: torch.
     lists = list(geom.window), list(geom.shift), list(geom.bias_window), list(geom.table_window)
     if qkv is not None:
         out, _ = torch.ops.ssltm.window_attention_3d_qkvpacked_fwd(
-            qkv if qkv.stride(-1) == 1 else qkv.contiguous(), table, pad_k, pad_v, attn_mask, *lists, float(scale),
-            backend)
+            qkv if qkv.stride(-1) == 1 else qkv.contiguous(),
+            table,
+            pad_k,
+            pad_v,
+            attn_mask,
+            *lists,
+            float(scale),
+            backend,
+        )
         return out
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, call.k, call.v))
-    out, _ = torch.ops.ssltm.window_attention_3d_fwd(q, k, v, table, pad_k, pad_v, attn_mask, *lists, float(scale),
-                                                     backend)
+    out, _ = torch.ops.ssltm.window_attention_3d_fwd(
+        q, k, v, table, pad_k, pad_v, attn_mask, *lists, float(scale), backend
+    )
     return out
 
 
@@ -375,14 +518,22 @@ def _dispatch(call: WindowAttentionCall, backend: str | None, qkv: torch.Tensor 
         return None
 
     def reference():
-        if call.dropout_p > 0 and requested_backend(backend) is None and any(
-                c for c in _checks(replace(call, dropout_p=0.0)).values() if c.backend != "reference"):
+        if (
+            call.dropout_p > 0
+            and requested_backend(backend) is None
+            and any(c for c in _checks(replace(call, dropout_p=0.0)).values() if c.backend != "reference")
+        ):
             _warn_dropout_fallback(call.dropout_p)
         return _reference(call)
 
-    return dispatch("window_attention_3d", checks, backend,
-                    fused=lambda chosen: _fused_window_attention(call, chosen, qkv), reference=reference,
-                    passed_over={"cuda": cuda_passed_over})
+    return dispatch(
+        "window_attention_3d",
+        checks,
+        backend,
+        fused=lambda chosen: _fused_window_attention(call, chosen, qkv),
+        reference=reference,
+        passed_over={"cuda": cuda_passed_over},
+    )
 
 
 def window_attention_3d(
@@ -425,8 +576,23 @@ def window_attention_3d(
     Returns:
         ``(B, T, H, W, heads, head_dim)`` in q's dtype.
     """
-    return _dispatch(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
-                               attn_mask, scale, dropout_p), backend)
+    return _dispatch(
+        _validate(
+            q,
+            k,
+            v,
+            window_size,
+            shift_size,
+            rel_pos_bias_table,
+            pad_k,
+            pad_v,
+            rel_pos_mode,
+            attn_mask,
+            scale,
+            dropout_p,
+        ),
+        backend,
+    )
 
 
 def window_attention_3d_qkvpacked(
@@ -448,8 +614,24 @@ def window_attention_3d_qkvpacked(
     backward writes dq, dk, dv into one gradient of that layout, instead of three that autograd then
     stacks. Other arguments and the result as :func:`window_attention_3d`."""
     q, k, v = _unpack_qkv(qkv, 7, "(B, T, H, W, 3, heads, head_dim)")
-    return _dispatch(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
-                               attn_mask, scale, dropout_p), backend, qkv)
+    return _dispatch(
+        _validate(
+            q,
+            k,
+            v,
+            window_size,
+            shift_size,
+            rel_pos_bias_table,
+            pad_k,
+            pad_v,
+            rel_pos_mode,
+            attn_mask,
+            scale,
+            dropout_p,
+        ),
+        backend,
+        qkv,
+    )
 
 
 def _unpack_qkv(qkv, rank: int, layout: str):
@@ -502,13 +684,23 @@ def window_attention_3d_windows(
     if rel_pos_mode not in ("swin", "exact"):
         raise ValueError(f"rel_pos_mode must be 'swin' or 'exact', got {rel_pos_mode!r}")
     if rel_pos_mode == "exact" and n != math.prod(window_size):
-        raise ValueError(f"rel_pos_mode='exact' needs the shape of the shrunk window, which a window batch of {n} "
-                         f"tokens (window_size {window_size}) does not give: pass volumes (B, T, H, W, C) to take "
-                         "the exact coordinates, or use rel_pos_mode='swin' (Video Swin's index[:N, :N])")
+        raise ValueError(
+            f"rel_pos_mode='exact' needs the shape of the shrunk window, which a window batch of {n} "
+            f"tokens (window_size {window_size}) does not give: pass volumes (B, T, H, W, C) to take "
+            "the exact coordinates, or use rel_pos_mode='swin' (Video Swin's index[:N, :N])"
+        )
     geom = WindowGeometry((1, 1, n), (1, 1, n), (0, 0, 0), window_size, window_size)
     _check_extras(q, geom, windows, rel_pos_bias_table, None, None, attn_mask)
     as_volume = [x.unsqueeze(1).unsqueeze(1) for x in (q, k, v)]
-    call = WindowAttentionCall(*as_volume, geom, rel_pos_bias_table, None, None, _additive_mask(attn_mask),
-                               _scale(scale, q.shape[-1]), dropout_p)
+    call = WindowAttentionCall(
+        *as_volume,
+        geom,
+        rel_pos_bias_table,
+        None,
+        None,
+        _additive_mask(attn_mask),
+        _scale(scale, q.shape[-1]),
+        dropout_p,
+    )
     out = _dispatch(call, backend, None if qkv is None else qkv.unsqueeze(1).unsqueeze(1))
     return out.squeeze(2).squeeze(1)

@@ -114,8 +114,9 @@ def window_geometry(
     window_size = _triple(window_size, "window_size", minimum=1)
     shift_size = _triple(shift_size, "shift_size")
     if any(not 0 <= s < w for s, w in zip(shift_size, window_size, strict=True)):
-        raise ValueError(f"shift_size must satisfy 0 <= shift < window per axis, got {shift_size} "
-                         f"for window_size {window_size}")
+        raise ValueError(
+            f"shift_size must satisfy 0 <= shift < window per axis, got {shift_size} for window_size {window_size}"
+        )
     if rel_pos_mode not in ("swin", "exact"):
         raise ValueError(f"rel_pos_mode must be 'swin' or 'exact', got {rel_pos_mode!r}")
     sizes = tuple(int(s) for s in sizes)
@@ -132,7 +133,9 @@ def _in_window_coords(n: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
 
 
 def relative_position_index(
-    table_window: Sequence[int], num_tokens: int | None = None, bias_window: Sequence[int] | None = None,
+    table_window: Sequence[int],
+    num_tokens: int | None = None,
+    bias_window: Sequence[int] | None = None,
     device=None,
 ) -> torch.Tensor:
     """``(N, N)`` int64 index into a bias table built for ``table_window``; query minus key coordinates.
@@ -236,8 +239,22 @@ def window_attention_3d_reference(
     Same arguments and result as :func:`window_attention_3d` (plus attention-probability dropout);
     differentiable by autograd in every input, any dtype.
     """
-    return _reference(_validate(q, k, v, window_size, shift_size, rel_pos_bias_table, pad_k, pad_v, rel_pos_mode,
-                                attn_mask, scale, dropout_p))
+    return _reference(
+        _validate(
+            q,
+            k,
+            v,
+            window_size,
+            shift_size,
+            rel_pos_bias_table,
+            pad_k,
+            pad_v,
+            rel_pos_mode,
+            attn_mask,
+            scale,
+            dropout_p,
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +284,10 @@ def _check_extras(q, geom: WindowGeometry, batch: int, table, pad_k, pad_v, attn
     if table is not None:
         expected = (geom.table_size, heads)
         if table.dim() != 2 or tuple(table.shape) != expected:
-            raise ValueError(f"rel_pos_bias_table must have shape {expected} for window_size "
-                             f"{geom.table_window} and {heads} heads, got {tuple(table.shape)}")
+            raise ValueError(
+                f"rel_pos_bias_table must have shape {expected} for window_size "
+                f"{geom.table_window} and {heads} heads, got {tuple(table.shape)}"
+            )
         if table.device != q.device:
             raise ValueError(f"rel_pos_bias_table must be on q's device {q.device}, got {table.device}")
         if not table.is_floating_point():
@@ -284,14 +303,18 @@ def _check_extras(q, geom: WindowGeometry, batch: int, table, pad_k, pad_v, attn
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise TypeError(f"attn_mask must be a float additive mask or a bool keep-mask (True = attend, as "
-                            f"SDPA's), got {attn_mask.dtype}")
+            raise TypeError(
+                f"attn_mask must be a float additive mask or a bool keep-mask (True = attend, as "
+                f"SDPA's), got {attn_mask.dtype}"
+            )
         n = geom.tokens_per_window
         if attn_mask.dim() != 3 or attn_mask.shape[1:] != (n, n):
             raise ValueError(f"attn_mask must have shape (num_masks, N, N) with N = {n}, got {tuple(attn_mask.shape)}")
         if (batch * geom.num_windows) % attn_mask.shape[0] != 0:
-            raise ValueError(f"attn_mask's first dimension {attn_mask.shape[0]} must divide the number of "
-                             f"windows {batch * geom.num_windows}")
+            raise ValueError(
+                f"attn_mask's first dimension {attn_mask.shape[0]} must divide the number of "
+                f"windows {batch * geom.num_windows}"
+            )
         if attn_mask.device != q.device:
             raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
 
@@ -318,8 +341,9 @@ def _additive_mask(attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attn_mask.clamp_min(MASKED_SCORE)
 
 
-def _validate(q, k, v, window_size, shift_size, table, pad_k, pad_v, rel_pos_mode, attn_mask, scale=None,
-              dropout_p: float = 0.0) -> WindowAttentionCall:
+def _validate(
+    q, k, v, window_size, shift_size, table, pad_k, pad_v, rel_pos_mode, attn_mask, scale=None, dropout_p: float = 0.0
+) -> WindowAttentionCall:
     """The call record of valid volume arguments; invalid ones raise an error naming the argument."""
     _check_qkv(q, k, v, 6, "(B, T, H, W, heads, head_dim)")
     geom = window_geometry(q.shape[1:4], window_size, shift_size, rel_pos_mode)
@@ -332,4 +356,3 @@ def compute_dtype(q: torch.Tensor) -> torch.dtype:
     """The dtype the kernels run in: q's, or the autocast dtype where autocast casts q (see the ops'
     autocast registration)."""
     return autocast_dtype(q)
-

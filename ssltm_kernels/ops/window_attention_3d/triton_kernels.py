@@ -86,8 +86,9 @@ if HAS_TRITON:
     # (N, WT, WH, WW, ST, SH, SW, WIDE_INDEX) (constexpr tuples keep their items constexpr when indexed).
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _volume(T, H, W, s_b, s_t, s_h, s_w, s_n, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-                WIDE_INDEX: tl.constexpr):
+    def _volume(
+        T, H, W, s_b, s_t, s_h, s_w, s_n, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, WIDE_INDEX: tl.constexpr
+    ):
         """``vol``: the extents, the extents padded to whole windows and the strides. ``WIDE_INDEX``: index
         arithmetic in int64 (the interpreter checks every int32 operation for overflow, which makes it slow
         there; compiled kernels take int32)."""
@@ -118,8 +119,12 @@ if HAS_TRITON:
         t0 = rest_h % (TP // WT) * WT + ST
         h0 = rest % (HP // WH) * WH + SH
         w0 = win % (WP // WW) * WW + SW
-        elem = tl.cast(b, tl.int64) * s_b + tl.cast(t0, tl.int64) * s_t \
-            + tl.cast(h0, tl.int64) * s_h + tl.cast(w0, tl.int64) * s_w
+        elem = (
+            tl.cast(b, tl.int64) * s_b
+            + tl.cast(t0, tl.int64) * s_t
+            + tl.cast(h0, tl.int64) * s_h
+            + tl.cast(w0, tl.int64) * s_w
+        )
         return t0, h0, w0, elem, ((b * T + t0) * H + h0) * W + w0
 
     @triton.jit
@@ -197,8 +202,13 @@ if HAS_TRITON:
         HAS_PAD_V: tl.constexpr = FEAT[4]
         _, _, strides = vol
         _, _, _, _, s_n = strides
-        return (_pad_row(PAD_K, head, offs_d, HD, HAS_PAD_K), _pad_row(PAD_V, head, offs_d, HD, HAS_PAD_V),
-                tl.cast(head, tl.int64) * s_n, offs_d, HD)
+        return (
+            _pad_row(PAD_K, head, offs_d, HD, HAS_PAD_K),
+            _pad_row(PAD_V, head, offs_d, HD, HAS_PAD_V),
+            tl.cast(head, tl.int64) * s_n,
+            offs_d,
+            HD,
+        )
 
     @triton.jit
     def _key_rows(K, V, head_kv, origin, offs_n, vol, WIN: tl.constexpr, FEAT: tl.constexpr):
@@ -245,8 +255,21 @@ if HAS_TRITON:
             return 0.0
 
     @triton.jit
-    def _scores_base2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N: tl.constexpr,
-                      SHIFTED: tl.constexpr, KEY_TAIL: tl.constexpr, FEAT: tl.constexpr):
+    def _scores_base2(
+        q,
+        k,
+        bias,
+        win,
+        offs_m,
+        offs_n,
+        region_m,
+        region_n,
+        bias_c,
+        N: tl.constexpr,
+        SHIFTED: tl.constexpr,
+        KEY_TAIL: tl.constexpr,
+        FEAT: tl.constexpr,
+    ):
         """``log2(e) * (scale q k^T + bias + shift mask + attn_mask)`` in fp32: the bias tile (``_bias_tile``)
         initialises the product's accumulator, ``qk_scale`` scales both; with ``KEY_TAIL`` (the block
         reaches past the window) keys beyond N get -inf."""
@@ -272,8 +295,24 @@ if HAS_TRITON:
     # Forward
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _key_block_scores(q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c,
-                          WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+    def _key_block_scores(
+        q,
+        offs_m,
+        region_m,
+        head,
+        K,
+        V,
+        head_kv,
+        origin,
+        start_n,
+        vol,
+        win,
+        bias_c,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        WIDTH: tl.constexpr,
+        KEY_TAIL: tl.constexpr,
+    ):
         """Keys and values ``start_n + arange(WIDTH)`` of the window and the base-2 scores of the queries
         ``offs_m`` against them."""
         HAS_BIAS: tl.constexpr = FEAT[0]
@@ -284,18 +323,49 @@ if HAS_TRITON:
         BIAS, MASK, num_masks, qk_scale = bias_c
         offs_n = start_n + tl.arange(0, WIDTH)
         k, v, _, _, region_n = _key_rows(K, V, head_kv, origin, offs_n, vol, WIN, FEAT)
-        s = _scores_base2(q, k, _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS), win, offs_m, offs_n,
-                          region_m, region_n, bias_c, N, (ST > 0) | (SH > 0) | (SW > 0), KEY_TAIL, FEAT)
+        s = _scores_base2(
+            q,
+            k,
+            _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS),
+            win,
+            offs_m,
+            offs_n,
+            region_m,
+            region_n,
+            bias_c,
+            N,
+            (ST > 0) | (SH > 0) | (SW > 0),
+            KEY_TAIL,
+            FEAT,
+        )
         return k, v, s
 
     @triton.jit
-    def _fwd_key_block(m_i, l_i, acc, q, rows, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN: tl.constexpr,
-                       FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+    def _fwd_key_block(
+        m_i,
+        l_i,
+        acc,
+        q,
+        rows,
+        K,
+        V,
+        head_kv,
+        origin,
+        start_n,
+        vol,
+        win,
+        bias_c,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        WIDTH: tl.constexpr,
+        KEY_TAIL: tl.constexpr,
+    ):
         """One key block of the online softmax: keys ``start_n + arange(WIDTH)``."""
         PRECISION: tl.constexpr = FEAT[2]
         offs_m, region_m, head = rows
-        _, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN,
-                                    FEAT, WIDTH, KEY_TAIL)
+        _, v, s = _key_block_scores(
+            q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN, FEAT, WIDTH, KEY_TAIL
+        )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
@@ -304,9 +374,27 @@ if HAS_TRITON:
         return m_new, l_i, acc
 
     @triton.jit
-    def _fwd_rows(Q, K, V, Out, Lse, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
-                  BLOCK_M: tl.constexpr, N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _fwd_rows(
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        PAD_K,
+        PAD_V,
+        vol,
+        NH,
+        HD,
+        num_windows,
+        bias_c,
+        start_m,
+        BLOCK_M: tl.constexpr,
+        N: tl.constexpr,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """Queries ``start_m + arange(BLOCK_M)`` of one head in every ``num_programs(2)``-th window: the full
         key blocks in a loop, then the 16-granular tail pieces of ``block_pieces(N, BLOCK_N)``."""
         head = tl.program_id(1)
@@ -321,26 +409,77 @@ if HAS_TRITON:
             l_i = tl.full((BLOCK_M,), 0.0, tl.float32)
             acc = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
             for start_n in tl.range(0, _full_pieces(N, BLOCK_N) * BLOCK_N, BLOCK_N):
-                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, head_kv, origin, start_n, vol, win, bias_c,
-                                               WIN, FEAT, BLOCK_N, False)
+                m_i, l_i, acc = _fwd_key_block(
+                    m_i, l_i, acc, q, rows, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN, FEAT, BLOCK_N, False
+                )
             for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
-                m_i, l_i, acc = _fwd_key_block(m_i, l_i, acc, q, rows, K, V, head_kv, origin,
-                                               _piece_start(j, N, BLOCK_N), vol, win, bias_c, WIN, FEAT,
-                                               _piece_width(j, N, BLOCK_N), _past_window(j, N, BLOCK_N))
+                m_i, l_i, acc = _fwd_key_block(
+                    m_i,
+                    l_i,
+                    acc,
+                    q,
+                    rows,
+                    K,
+                    V,
+                    head_kv,
+                    origin,
+                    _piece_start(j, N, BLOCK_N),
+                    vol,
+                    win,
+                    bias_c,
+                    WIN,
+                    FEAT,
+                    _piece_width(j, N, BLOCK_N),
+                    _past_window(j, N, BLOCK_N),
+                )
             rows_out = tl.cast(tok_m, tl.int64) * NH + head
-            tl.store(Out + rows_out[:, None] * HD + offs_d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty),
-                     mask=valid_m[:, None] & (offs_d[None, :] < HD))
+            tl.store(
+                Out + rows_out[:, None] * HD + offs_d[None, :],
+                (acc / l_i[:, None]).to(Out.dtype.element_ty),
+                mask=valid_m[:, None] & (offs_d[None, :] < HD),
+            )
             tl.store(Lse + rows_out, m_i + tl.math.log2(l_i), mask=valid_m)
 
     @triton.jit
     def _window_attn_fwd_kernel(
-        Q, K, V, Out, Lse, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
-        T, H, W, NH, HD, num_masks, num_windows, qk_scale,
-        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        Lse,
+        BIAS,
+        PAD_K,
+        PAD_V,
+        MASK,
+        s_b,
+        s_t,
+        s_h,
+        s_w,
+        s_n,
+        T,
+        H,
+        W,
+        NH,
+        HD,
+        num_masks,
+        num_windows,
+        qk_scale,
+        N: tl.constexpr,
+        WT: tl.constexpr,
+        WH: tl.constexpr,
+        WW: tl.constexpr,
+        ST: tl.constexpr,
+        SH: tl.constexpr,
+        SW: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_PAD_K: tl.constexpr,
+        HAS_PAD_V: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        PRECISION: tl.constexpr,
+        WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Persistent forward: program (query piece, head, window group) attends its queries in the group's
         windows ``program_id(2) + k * num_programs(2)``. Query pieces are ``block_pieces(N, BLOCK_M)``: whole
@@ -352,32 +491,111 @@ if HAS_TRITON:
         FEAT: tl.constexpr = (HAS_BIAS, HAS_MASK, PRECISION, HAS_PAD_K, HAS_PAD_V)
         bias_c = (BIAS, MASK, num_masks, qk_scale)
         if _full_pieces(N, BLOCK_M) > 0 and pid < _full_pieces(N, BLOCK_M):
-            _fwd_rows(Q, K, V, Out, Lse, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, pid * BLOCK_M, BLOCK_M, N,
-                      WIN, FEAT, BLOCK_N, BLOCK_D)
+            _fwd_rows(
+                Q,
+                K,
+                V,
+                Out,
+                Lse,
+                PAD_K,
+                PAD_V,
+                vol,
+                NH,
+                HD,
+                num_windows,
+                bias_c,
+                pid * BLOCK_M,
+                BLOCK_M,
+                N,
+                WIN,
+                FEAT,
+                BLOCK_N,
+                BLOCK_D,
+            )
         for i in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
             if pid == i:
-                _fwd_rows(Q, K, V, Out, Lse, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c,
-                          _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), N, WIN, FEAT, BLOCK_N, BLOCK_D)
+                _fwd_rows(
+                    Q,
+                    K,
+                    V,
+                    Out,
+                    Lse,
+                    PAD_K,
+                    PAD_V,
+                    vol,
+                    NH,
+                    HD,
+                    num_windows,
+                    bias_c,
+                    _piece_start(i, N, BLOCK_M),
+                    _piece_width(i, N, BLOCK_M),
+                    N,
+                    WIN,
+                    FEAT,
+                    BLOCK_N,
+                    BLOCK_D,
+                )
 
     # ----------------------------------------------------------------------------------------------
     # Backward A: dq and delta = rowsum(dO * O)
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _dq_key_block(dq, q, do, lse, delta, rows, K, V, head_kv, origin, start_n, vol, win, bias_c,
-                      WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr, KEY_TAIL: tl.constexpr):
+    def _dq_key_block(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        rows,
+        K,
+        V,
+        head_kv,
+        origin,
+        start_n,
+        vol,
+        win,
+        bias_c,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        WIDTH: tl.constexpr,
+        KEY_TAIL: tl.constexpr,
+    ):
         """dq contribution of the keys ``start_n + arange(WIDTH)``."""
         PRECISION: tl.constexpr = FEAT[2]
         offs_m, region_m, head, valid_m = rows
-        k, v, s = _key_block_scores(q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN,
-                                    FEAT, WIDTH, KEY_TAIL)
+        k, v, s = _key_block_scores(
+            q, offs_m, region_m, head, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN, FEAT, WIDTH, KEY_TAIL
+        )
         p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     @triton.jit
-    def _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
-                 start_m, BLOCK_M: tl.constexpr, N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _dq_rows(
+        Q,
+        K,
+        V,
+        Out,
+        DO,
+        Lse,
+        Delta,
+        DQ,
+        PAD_K,
+        PAD_V,
+        vol,
+        NH,
+        HD,
+        num_windows,
+        grad_c,
+        bias_c,
+        start_m,
+        BLOCK_M: tl.constexpr,
+        N: tl.constexpr,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """dq and delta of queries ``start_m + arange(BLOCK_M)`` of one head in the group's windows: the full
         key blocks in a loop, then the tail pieces."""
         grad_token_stride, grad_head_stride, scale = grad_c
@@ -398,25 +616,100 @@ if HAS_TRITON:
             query = (offs_m, region_m, head, valid_m)
             dq = tl.full((BLOCK_M, BLOCK_D), 0.0, tl.float32)
             for start_n in tl.range(0, _full_pieces(N, BLOCK_N) * BLOCK_N, BLOCK_N):
-                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, head_kv, origin, start_n, vol, win, bias_c, WIN,
-                                   FEAT, BLOCK_N, False)
+                dq = _dq_key_block(
+                    dq,
+                    q,
+                    do,
+                    lse,
+                    delta,
+                    query,
+                    K,
+                    V,
+                    head_kv,
+                    origin,
+                    start_n,
+                    vol,
+                    win,
+                    bias_c,
+                    WIN,
+                    FEAT,
+                    BLOCK_N,
+                    False,
+                )
             for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
-                dq = _dq_key_block(dq, q, do, lse, delta, query, K, V, head_kv, origin, _piece_start(j, N, BLOCK_N),
-                                   vol, win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_N),
-                                   _past_window(j, N, BLOCK_N))
+                dq = _dq_key_block(
+                    dq,
+                    q,
+                    do,
+                    lse,
+                    delta,
+                    query,
+                    K,
+                    V,
+                    head_kv,
+                    origin,
+                    _piece_start(j, N, BLOCK_N),
+                    vol,
+                    win,
+                    bias_c,
+                    WIN,
+                    FEAT,
+                    _piece_width(j, N, BLOCK_N),
+                    _past_window(j, N, BLOCK_N),
+                )
             grad_rows = tl.cast(tok_m, tl.int64) * grad_token_stride + head * grad_head_stride
-            tl.store(DQ + grad_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-                     mask=valid_m[:, None] & d_ok)
+            tl.store(
+                DQ + grad_rows[:, None] + offs_d[None, :],
+                (dq * scale).to(DQ.dtype.element_ty),
+                mask=valid_m[:, None] & d_ok,
+            )
 
     @triton.jit
     def _window_attn_bwd_dq_kernel(
-        Q, K, V, Out, DO, Lse, Delta, DQ, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
-        T, H, W, NH, HD, num_masks, num_windows, grad_token_stride, grad_head_stride, scale, qk_scale,
-        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        Out,
+        DO,
+        Lse,
+        Delta,
+        DQ,
+        BIAS,
+        PAD_K,
+        PAD_V,
+        MASK,
+        s_b,
+        s_t,
+        s_h,
+        s_w,
+        s_n,
+        T,
+        H,
+        W,
+        NH,
+        HD,
+        num_masks,
+        num_windows,
+        grad_token_stride,
+        grad_head_stride,
+        scale,
+        qk_scale,
+        N: tl.constexpr,
+        WT: tl.constexpr,
+        WH: tl.constexpr,
+        WW: tl.constexpr,
+        ST: tl.constexpr,
+        SH: tl.constexpr,
+        SW: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_PAD_K: tl.constexpr,
+        HAS_PAD_V: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        PRECISION: tl.constexpr,
+        WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Persistent backward A: program (query piece, head, window group) writes dq and ``Delta`` of its
         queries in the group's windows. Gradient rows sit ``grad_token_stride`` elements apart per token and
@@ -428,20 +721,86 @@ if HAS_TRITON:
         bias_c = (BIAS, MASK, num_masks, qk_scale)
         grad_c = (grad_token_stride, grad_head_stride, scale)
         if _full_pieces(N, BLOCK_M) > 0 and pid < _full_pieces(N, BLOCK_M):
-            _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
-                     pid * BLOCK_M, BLOCK_M, N, WIN, FEAT, BLOCK_N, BLOCK_D)
+            _dq_rows(
+                Q,
+                K,
+                V,
+                Out,
+                DO,
+                Lse,
+                Delta,
+                DQ,
+                PAD_K,
+                PAD_V,
+                vol,
+                NH,
+                HD,
+                num_windows,
+                grad_c,
+                bias_c,
+                pid * BLOCK_M,
+                BLOCK_M,
+                N,
+                WIN,
+                FEAT,
+                BLOCK_N,
+                BLOCK_D,
+            )
         for i in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
             if pid == i:
-                _dq_rows(Q, K, V, Out, DO, Lse, Delta, DQ, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
-                         _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), N, WIN, FEAT, BLOCK_N, BLOCK_D)
+                _dq_rows(
+                    Q,
+                    K,
+                    V,
+                    Out,
+                    DO,
+                    Lse,
+                    Delta,
+                    DQ,
+                    PAD_K,
+                    PAD_V,
+                    vol,
+                    NH,
+                    HD,
+                    num_windows,
+                    grad_c,
+                    bias_c,
+                    _piece_start(i, N, BLOCK_M),
+                    _piece_width(i, N, BLOCK_M),
+                    N,
+                    WIN,
+                    FEAT,
+                    BLOCK_N,
+                    BLOCK_D,
+                )
 
     # ----------------------------------------------------------------------------------------------
     # Backward A2: per window group the dS sums, the bias gradient's partial
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _dbias_tile(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
-                    BLOCK_M: tl.constexpr, start_n, BLOCK_N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+    def _dbias_tile(
+        Q,
+        K,
+        V,
+        DO,
+        Lse,
+        Delta,
+        DBIAS,
+        PAD_K,
+        PAD_V,
+        vol,
+        NH,
+        HD,
+        num_windows,
+        bias_c,
+        start_m,
+        BLOCK_M: tl.constexpr,
+        start_n,
+        BLOCK_N: tl.constexpr,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """dS of queries ``start_m + arange(BLOCK_M)`` and keys ``start_n + arange(BLOCK_N)`` of one head summed
         over the group's windows in registers, stored once into ``DBIAS[group, head]`` (a zero-padded (NK, NK)
         slice); the bias tile stays in registers for all the windows."""
@@ -464,39 +823,146 @@ if HAS_TRITON:
             origin = _window_origin(win, vol, WIN)
             q, tok_m, valid_m, region_m = _query_rows(Q, head_kv, origin, offs_m, vol, WIN)
             k, v, _, _, region_n = _key_rows(K, V, head_kv, origin, offs_n, vol, WIN, FEAT)
-            do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d,
-                                              HD)
+            do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d, HD)
             # keys past N need no -inf: their sums are never read
-            s = _scores_base2(q, k, bias, win, offs_m, offs_n, region_m, region_n, bias_c, N,
-                              (ST > 0) | (SH > 0) | (SW > 0), False, FEAT)
+            s = _scores_base2(
+                q,
+                k,
+                bias,
+                win,
+                offs_m,
+                offs_n,
+                region_m,
+                region_n,
+                bias_c,
+                N,
+                (ST > 0) | (SH > 0) | (SW > 0),
+                False,
+                FEAT,
+            )
             p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
             acc += p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         base = DBIAS + ((tl.program_id(2) * NH + head) * NK).to(tl.int64) * NK
         tl.store(base + offs_m[:, None] * NK + offs_n[None, :], acc)
 
     @triton.jit
-    def _dbias_rows(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
-                    BLOCK_M: tl.constexpr, key_piece, WIN: tl.constexpr, FEAT: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+    def _dbias_rows(
+        Q,
+        K,
+        V,
+        DO,
+        Lse,
+        Delta,
+        DBIAS,
+        PAD_K,
+        PAD_V,
+        vol,
+        NH,
+        HD,
+        num_windows,
+        bias_c,
+        start_m,
+        BLOCK_M: tl.constexpr,
+        key_piece,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """``_dbias_tile`` of the program's key piece ``key_piece`` of ``block_pieces(N, BLOCK_N)``."""
         N: tl.constexpr = WIN[0]
         if _full_pieces(N, BLOCK_N) > 0 and key_piece < _full_pieces(N, BLOCK_N):
-            _dbias_tile(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
-                        BLOCK_M, key_piece * BLOCK_N, BLOCK_N, WIN, FEAT, BLOCK_D)
+            _dbias_tile(
+                Q,
+                K,
+                V,
+                DO,
+                Lse,
+                Delta,
+                DBIAS,
+                PAD_K,
+                PAD_V,
+                vol,
+                NH,
+                HD,
+                num_windows,
+                bias_c,
+                start_m,
+                BLOCK_M,
+                key_piece * BLOCK_N,
+                BLOCK_N,
+                WIN,
+                FEAT,
+                BLOCK_D,
+            )
         for j in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
             if key_piece == j:
-                _dbias_tile(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c, start_m,
-                            BLOCK_M, _piece_start(j, N, BLOCK_N), _piece_width(j, N, BLOCK_N), WIN, FEAT, BLOCK_D)
+                _dbias_tile(
+                    Q,
+                    K,
+                    V,
+                    DO,
+                    Lse,
+                    Delta,
+                    DBIAS,
+                    PAD_K,
+                    PAD_V,
+                    vol,
+                    NH,
+                    HD,
+                    num_windows,
+                    bias_c,
+                    start_m,
+                    BLOCK_M,
+                    _piece_start(j, N, BLOCK_N),
+                    _piece_width(j, N, BLOCK_N),
+                    WIN,
+                    FEAT,
+                    BLOCK_D,
+                )
 
     @triton.jit
     def _window_attn_bwd_dbias_kernel(
-        Q, K, V, DO, Lse, Delta, DBIAS, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
-        T, H, W, NH, HD, num_masks, num_windows, qk_scale,
-        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        Lse,
+        Delta,
+        DBIAS,
+        BIAS,
+        PAD_K,
+        PAD_V,
+        MASK,
+        s_b,
+        s_t,
+        s_h,
+        s_w,
+        s_n,
+        T,
+        H,
+        W,
+        NH,
+        HD,
+        num_masks,
+        num_windows,
+        qk_scale,
+        N: tl.constexpr,
+        WT: tl.constexpr,
+        WH: tl.constexpr,
+        WW: tl.constexpr,
+        ST: tl.constexpr,
+        SH: tl.constexpr,
+        SW: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_PAD_K: tl.constexpr,
+        HAS_PAD_V: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        PRECISION: tl.constexpr,
+        WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Persistent backward A2: program (query piece x key piece, head, window group) sums the dS tile of
         its queries and keys over the group's windows into ``DBIAS (groups, NH, NK, NK)``; reads ``Delta``
@@ -509,20 +975,80 @@ if HAS_TRITON:
         query_piece = tl.program_id(0) // _num_pieces(N, BLOCK_N)
         key_piece = tl.program_id(0) % _num_pieces(N, BLOCK_N)
         if _full_pieces(N, BLOCK_M) > 0 and query_piece < _full_pieces(N, BLOCK_M):
-            _dbias_rows(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c,
-                        query_piece * BLOCK_M, BLOCK_M, key_piece, WIN, FEAT, BLOCK_N, BLOCK_D)
+            _dbias_rows(
+                Q,
+                K,
+                V,
+                DO,
+                Lse,
+                Delta,
+                DBIAS,
+                PAD_K,
+                PAD_V,
+                vol,
+                NH,
+                HD,
+                num_windows,
+                bias_c,
+                query_piece * BLOCK_M,
+                BLOCK_M,
+                key_piece,
+                WIN,
+                FEAT,
+                BLOCK_N,
+                BLOCK_D,
+            )
         for i in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
             if query_piece == i:
-                _dbias_rows(Q, K, V, DO, Lse, Delta, DBIAS, PAD_K, PAD_V, vol, NH, HD, num_windows, bias_c,
-                            _piece_start(i, N, BLOCK_M), _piece_width(i, N, BLOCK_M), key_piece, WIN, FEAT, BLOCK_N,
-                            BLOCK_D)
+                _dbias_rows(
+                    Q,
+                    K,
+                    V,
+                    DO,
+                    Lse,
+                    Delta,
+                    DBIAS,
+                    PAD_K,
+                    PAD_V,
+                    vol,
+                    NH,
+                    HD,
+                    num_windows,
+                    bias_c,
+                    _piece_start(i, N, BLOCK_M),
+                    _piece_width(i, N, BLOCK_M),
+                    key_piece,
+                    WIN,
+                    FEAT,
+                    BLOCK_N,
+                    BLOCK_D,
+                )
 
     # ----------------------------------------------------------------------------------------------
     # Backward B: dk, dv, and per program the pad rows' gradient sums
     # ----------------------------------------------------------------------------------------------
     @triton.jit
-    def _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, head_kv, win, bias_c,
-                          WIN: tl.constexpr, FEAT: tl.constexpr, WIDTH: tl.constexpr):
+    def _dkdv_query_block(
+        dk,
+        dv,
+        k,
+        v,
+        keys,
+        Q,
+        DO,
+        Lse,
+        Delta,
+        origin,
+        start_m,
+        vol,
+        NH,
+        head_kv,
+        win,
+        bias_c,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        WIDTH: tl.constexpr,
+    ):
         """dk and dv contributions of the queries ``start_m + arange(WIDTH)`` to the program's keys."""
         HAS_BIAS: tl.constexpr = FEAT[0]
         PRECISION: tl.constexpr = FEAT[2]
@@ -537,8 +1063,21 @@ if HAS_TRITON:
         _, _, _, offs_d, HD = head_kv
         do, lse, delta = _query_grad_rows(DO, Lse, Delta, tl.cast(tok_m, tl.int64) * NH + head, valid_m, offs_d, HD)
         # keys past N need no -inf: their dk/dv rows are neither stored nor summed into the pad gradients
-        s = _scores_base2(q, k, _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS), win, offs_m, offs_n,
-                          region_m, region_n, bias_c, N, (ST > 0) | (SH > 0) | (SW > 0), False, FEAT)
+        s = _scores_base2(
+            q,
+            k,
+            _bias_tile(BIAS, head, offs_m, offs_n, N, HAS_BIAS),
+            win,
+            offs_m,
+            offs_n,
+            region_m,
+            region_n,
+            bias_c,
+            N,
+            (ST > 0) | (SH > 0) | (SW > 0),
+            False,
+            FEAT,
+        )
         p = tl.where(valid_m[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -547,9 +1086,34 @@ if HAS_TRITON:
         return dk, dv
 
     @triton.jit
-    def _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c, bias_c,
-                   dpad_row, start_n, BLOCK_N: tl.constexpr, N: tl.constexpr, WIN: tl.constexpr, FEAT: tl.constexpr,
-                   NEED_DPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _dkdv_keys(
+        Q,
+        K,
+        V,
+        DO,
+        Lse,
+        Delta,
+        DK,
+        DV,
+        DPAD,
+        PAD_K,
+        PAD_V,
+        vol,
+        NH,
+        HD,
+        num_windows,
+        grad_c,
+        bias_c,
+        dpad_row,
+        start_n,
+        BLOCK_N: tl.constexpr,
+        N: tl.constexpr,
+        WIN: tl.constexpr,
+        FEAT: tl.constexpr,
+        NEED_DPAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         """dk, dv of keys ``start_n + arange(BLOCK_N)`` of one head in the group's windows, the full query
         blocks in a loop, then the tail pieces. The pad rows' gradients of the keys that are padding are summed
         over the group's windows and stored once into ``DPAD[dpad_row, 0|1, head]``."""
@@ -568,11 +1132,49 @@ if HAS_TRITON:
             dk = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             dv = tl.full((BLOCK_N, BLOCK_D), 0.0, tl.float32)
             for start_m in tl.range(0, _full_pieces(N, BLOCK_M) * BLOCK_M, BLOCK_M):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, start_m, vol, NH, head_kv,
-                                           win, bias_c, WIN, FEAT, BLOCK_M)
+                dk, dv = _dkdv_query_block(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    keys,
+                    Q,
+                    DO,
+                    Lse,
+                    Delta,
+                    origin,
+                    start_m,
+                    vol,
+                    NH,
+                    head_kv,
+                    win,
+                    bias_c,
+                    WIN,
+                    FEAT,
+                    BLOCK_M,
+                )
             for j in tl.static_range(_full_pieces(N, BLOCK_M), _num_pieces(N, BLOCK_M)):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, keys, Q, DO, Lse, Delta, origin, _piece_start(j, N, BLOCK_M),
-                                           vol, NH, head_kv, win, bias_c, WIN, FEAT, _piece_width(j, N, BLOCK_M))
+                dk, dv = _dkdv_query_block(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    keys,
+                    Q,
+                    DO,
+                    Lse,
+                    Delta,
+                    origin,
+                    _piece_start(j, N, BLOCK_M),
+                    vol,
+                    NH,
+                    head_kv,
+                    win,
+                    bias_c,
+                    WIN,
+                    FEAT,
+                    _piece_width(j, N, BLOCK_M),
+                )
             dk = dk * scale
             grad_rows = tl.cast(tok_n, tl.int64) * grad_token_stride + head * grad_head_stride
             grad_ptrs = grad_rows[:, None] + offs_d[None, :]
@@ -589,13 +1191,52 @@ if HAS_TRITON:
 
     @triton.jit
     def _window_attn_bwd_dkdv_kernel(
-        Q, K, V, DO, Lse, Delta, DK, DV, DPAD, BIAS, PAD_K, PAD_V, MASK, s_b, s_t, s_h, s_w, s_n,
-        T, H, W, NH, HD, num_masks, num_windows, grad_token_stride, grad_head_stride, scale, qk_scale,
-        N: tl.constexpr, WT: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
-        ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_PAD_K: tl.constexpr, HAS_PAD_V: tl.constexpr, HAS_MASK: tl.constexpr,
-        NEED_DPAD: tl.constexpr, PRECISION: tl.constexpr, WIDE_INDEX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        Lse,
+        Delta,
+        DK,
+        DV,
+        DPAD,
+        BIAS,
+        PAD_K,
+        PAD_V,
+        MASK,
+        s_b,
+        s_t,
+        s_h,
+        s_w,
+        s_n,
+        T,
+        H,
+        W,
+        NH,
+        HD,
+        num_masks,
+        num_windows,
+        grad_token_stride,
+        grad_head_stride,
+        scale,
+        qk_scale,
+        N: tl.constexpr,
+        WT: tl.constexpr,
+        WH: tl.constexpr,
+        WW: tl.constexpr,
+        ST: tl.constexpr,
+        SH: tl.constexpr,
+        SW: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_PAD_K: tl.constexpr,
+        HAS_PAD_V: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        NEED_DPAD: tl.constexpr,
+        PRECISION: tl.constexpr,
+        WIDE_INDEX: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Persistent backward B: program (key piece, head, window group) writes dk, dv of its keys in the
         group's windows and, with ``NEED_DPAD``, its pad-row gradient sums into ``DPAD (groups * pieces, 2,
@@ -608,13 +1249,64 @@ if HAS_TRITON:
         grad_c = (grad_token_stride, grad_head_stride, scale)
         dpad_row = tl.program_id(2) * _num_pieces(N, BLOCK_N) + pid
         if _full_pieces(N, BLOCK_N) > 0 and pid < _full_pieces(N, BLOCK_N):
-            _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c,
-                       bias_c, dpad_row, pid * BLOCK_N, BLOCK_N, N, WIN, FEAT, NEED_DPAD, BLOCK_M, BLOCK_D)
+            _dkdv_keys(
+                Q,
+                K,
+                V,
+                DO,
+                Lse,
+                Delta,
+                DK,
+                DV,
+                DPAD,
+                PAD_K,
+                PAD_V,
+                vol,
+                NH,
+                HD,
+                num_windows,
+                grad_c,
+                bias_c,
+                dpad_row,
+                pid * BLOCK_N,
+                BLOCK_N,
+                N,
+                WIN,
+                FEAT,
+                NEED_DPAD,
+                BLOCK_M,
+                BLOCK_D,
+            )
         for i in tl.static_range(_full_pieces(N, BLOCK_N), _num_pieces(N, BLOCK_N)):
             if pid == i:
-                _dkdv_keys(Q, K, V, DO, Lse, Delta, DK, DV, DPAD, PAD_K, PAD_V, vol, NH, HD, num_windows, grad_c,
-                           bias_c, dpad_row, _piece_start(i, N, BLOCK_N), _piece_width(i, N, BLOCK_N), N, WIN,
-                           FEAT, NEED_DPAD, BLOCK_M, BLOCK_D)
+                _dkdv_keys(
+                    Q,
+                    K,
+                    V,
+                    DO,
+                    Lse,
+                    Delta,
+                    DK,
+                    DV,
+                    DPAD,
+                    PAD_K,
+                    PAD_V,
+                    vol,
+                    NH,
+                    HD,
+                    num_windows,
+                    grad_c,
+                    bias_c,
+                    dpad_row,
+                    _piece_start(i, N, BLOCK_N),
+                    _piece_width(i, N, BLOCK_N),
+                    N,
+                    WIN,
+                    FEAT,
+                    NEED_DPAD,
+                    BLOCK_M,
+                    BLOCK_D,
+                )
 
     # ----------------------------------------------------------------------------------------------
     # Backward C: the fixed-order reductions of the partials
@@ -635,11 +1327,26 @@ if HAS_TRITON:
 
     @triton.jit
     def _window_attn_bwd_reduce_kernel(
-        DBIAS, DTABLE, DPAD, DPAD_K, DPAD_V, groups, pad_rows, NH, HD,
-        N: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
-        FT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
-        NEED_DTABLE: tl.constexpr, NEED_DPAD: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        DBIAS,
+        DTABLE,
+        DPAD,
+        DPAD_K,
+        DPAD_V,
+        groups,
+        pad_rows,
+        NH,
+        HD,
+        N: tl.constexpr,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        FT: tl.constexpr,
+        FH: tl.constexpr,
+        FW: tl.constexpr,
+        NEED_DTABLE: tl.constexpr,
+        NEED_DPAD: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Backward C, one launch for every partial; fixed summation orders, so deterministic.
 
@@ -666,8 +1373,16 @@ if HAS_TRITON:
                     kh = ((offs_m // BW) % BH)[None, :] - dh[:, None]
                     kw = (offs_m % BW)[None, :] - dw[:, None]
                     key = (kt * BH + kh) * BW + kw
-                    ok = (offs_e[:, None] < table_size) & (offs_m[None, :] < N) & (kt >= 0) & (kh >= 0) \
-                        & (kh < BH) & (kw >= 0) & (kw < BW) & (key < N)
+                    ok = (
+                        (offs_e[:, None] < table_size)
+                        & (offs_m[None, :] < N)
+                        & (kt >= 0)
+                        & (kh >= 0)
+                        & (kh < BH)
+                        & (kw >= 0)
+                        & (kw < BW)
+                        & (key < N)
+                    )
                     acc += tl.sum(tl.load(base + offs_m[None, :] * NK + key, mask=ok, other=0.0), axis=1)
             tl.store(DTABLE + offs_e * NH + head, acc, mask=offs_e < table_size)
         if NEED_DPAD and tl.program_id(0) == tl.num_programs(0) - 1:
@@ -680,4 +1395,3 @@ if HAS_TRITON:
                 dpad_v += tl.load(base + NH * HD + offs_d, mask=offs_d < HD, other=0.0)
             tl.store(DPAD_K + head * HD + offs_d, dpad_k, mask=offs_d < HD)
             tl.store(DPAD_V + head * HD + offs_d, dpad_v, mask=offs_d < HD)
-
