@@ -220,8 +220,8 @@ def shipped_configs() -> dict[str, LaunchConfigs]:
 
 # Automatic dispatch prefers the Triton kernels to the CUDA ones on these compute capabilities (10 * major +
 # minor) until a measurement on the device (benchmarks/wmsa_decide.py, "default_backend" in the config file)
-# says otherwise: the design analysis (research/wmsa-perf-design.md) expects the redesigned Triton kernels
-# to beat the WMMA kernels on Hopper; elsewhere the CUDA kernels keep their place before Triton.
+# says otherwise: the Triton kernels' design (whole windows per program, tensor-core dots) is expected, not yet
+# measured, to beat the WMMA kernels on Hopper; elsewhere the CUDA kernels keep their place before Triton.
 TRITON_FIRST_ARCHS = (90,)
 
 
