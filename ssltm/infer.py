@@ -3,6 +3,7 @@ colourised overlays, an overlay video and the frame rate."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,9 +37,15 @@ class FrameSource:
     count: int | None
 
 
+def natural_order(name: str) -> tuple:
+    """The sort key that puts ``f_2`` before ``f_10``: runs of digits compare as numbers, the text between them
+    case-insensitively."""
+    return tuple(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name))
+
+
 def open_frames(path: str | Path, max_frames: int | None = None) -> FrameSource:
-    """A folder of images (sorted by name) or a video file OpenCV can decode, its first ``max_frames`` (at least 1)
-    frames if given.
+    """A folder of images in the natural order of their names (``f_2`` before ``f_10``) or a video file OpenCV can
+    decode, its first ``max_frames`` (at least 1) frames if given.
 
     Raises:
         FileNotFoundError: nothing at ``path``, or a folder without images.
@@ -46,7 +53,9 @@ def open_frames(path: str | Path, max_frames: int | None = None) -> FrameSource:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            (p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: natural_order(p.name)
+        )
         if not files:
             raise FileNotFoundError(f"--input: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
         files = files[:max_frames]

@@ -29,6 +29,7 @@ from ssltm.cli import EXIT_ERROR, EXIT_FAILED, EXIT_INTERRUPTED, main
 from ssltm.data import SyntheticVideos, eval_transform
 from ssltm.distributed import DistEnv
 from ssltm.evaluate import evaluate
+from ssltm.infer import open_frames
 from ssltm.metrics import tc
 from ssltm.visualize import class_legend, make_palette
 
@@ -500,6 +501,21 @@ def test_evaluate_tc_protocol_and_first_videos(tmp_path, trained):
         run(both, tc_videos=0)
     with pytest.raises(ValueError, match=r"flow must be one of \('dis', 'raft'\), got 'farneback'"):
         run(both, flow="farneback")
+
+
+def test_frame_folders_are_read_in_natural_order(tmp_path):
+    """f_2 before f_10 (a lexicographic sort would shuffle the frames the temporal model sees); case and the
+    image format do not matter; each name comes with its own pixels; max_frames keeps the first ones."""
+    names = ["f_10", "f_2", "F_3", "f_1", "f_100", "f_20"]
+    for value, name in enumerate(names):
+        suffix = ".png" if value % 2 else ".bmp"
+        Image.fromarray(np.full((4, 6, 3), 10 * value, np.uint8)).save(tmp_path / f"{name}{suffix}")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    source = open_frames(tmp_path)
+    frames = list(source.frames)
+    assert [name for name, _ in frames] == ["f_1", "f_2", "F_3", "f_10", "f_20", "f_100"] and source.count == 6
+    assert all((image == 10 * names.index(name)).all() and image.shape == (4, 6, 3) for name, image in frames)
+    assert [name for name, _ in open_frames(tmp_path, max_frames=3).frames] == ["f_1", "f_2", "F_3"]
 
 
 def test_infer_frame_folder_streams_like_causal_clips(tmp_path, trained, capsys):
