@@ -1,4 +1,4 @@
-"""Evaluation metrics for video semantic segmentation: mIoU, FWIoU, mVC_n and TC.
+"""Evaluation metrics for video semantic segmentation: mIoU, FWIoU, mVC_n, TC, aAcc and mAcc.
 
 The definitions follow the evaluation code the paper's VSPW numbers come from (VSPW's
 ``CVPR2021_VSPW_Implement``: ``VC_perclip.py``, ``TC_cal.py`` and its ``Evaluator``), so that
@@ -14,6 +14,10 @@ results can be compared with the paper's tables:
   mmsegmentation's ``nanmean``; such a class counts with IoU 0.
 - **FWIoU** (the paper's "WIoU"): ``sum_k (row_k / total) * IoU_k`` over the classes present in
   the ground truth.
+- **aAcc** and **mAcc** (mmsegmentation's ``IoUMetric``, ``total_area_to_metrics``): the overall
+  pixel accuracy ``trace / total``, and the mean over the classes present in the ground truth of
+  their accuracy ``conf[k, k] / row_k`` (mmsegmentation's ``nanmean`` of ``intersect / label area``
+  leaves out the classes with no ground-truth pixel).
 - **mVC_n**: see :func:`mvc`. **TC**: see :func:`tc` (``protocol="vspw"``, the default, is
   ``TC_cal.py``'s arithmetic; the flow is OpenCV DIS by default, VSPW's is RAFT: :class:`RaftFlow`).
 
@@ -51,9 +55,11 @@ __all__ = [
     "fwiou",
     "load_raft",
     "make_flow",
+    "mean_class_accuracy",
     "miou",
     "mvc",
     "per_class_iou",
+    "pixel_accuracy",
     "tc",
     "tc_confusion",
 ]
@@ -208,6 +214,38 @@ def fwiou(conf) -> float:
         return math.nan
     present = rows > 0
     return float((rows[present] / total * per_class_iou(c)[present]).sum())
+
+
+def pixel_accuracy(conf) -> float:
+    """Overall pixel accuracy (mmsegmentation's "aAcc").
+
+    Args:
+        conf: ``(K, K)`` confusion matrix (rows ground truth), torch or numpy.
+
+    Returns:
+        ``trace / total``: the fraction of the counted (non-ignored) pixels predicted as their ground truth;
+        ``nan`` for an empty confusion matrix.
+    """
+    c = _conf(conf)
+    total = c.sum()
+    return float(np.trace(c) / total) if total > 0 else math.nan
+
+
+def mean_class_accuracy(conf) -> float:
+    """Mean class accuracy (mmsegmentation's "mAcc").
+
+    Args:
+        conf: ``(K, K)`` confusion matrix (rows ground truth), torch or numpy.
+
+    Returns:
+        The mean over the classes present in the ground truth (``row_k > 0``) of ``conf[k, k] / row_k``
+        (the recall of class ``k``), as mmsegmentation's ``nanmean`` of ``intersect / label area``; a class
+        only predicted does not count. ``nan`` for an empty confusion matrix.
+    """
+    c = _conf(conf)
+    rows = c.sum(axis=1)
+    present = rows > 0
+    return float((np.diag(c)[present] / rows[present]).mean()) if present.any() else math.nan
 
 
 class _ConsistencyTracker:
@@ -629,7 +667,7 @@ def tc(
 
 
 class VideoMetrics:
-    """Accumulates mIoU, FWIoU, mVC_n and TC over videos fed in temporal order.
+    """Accumulates mIoU, FWIoU, mVC_n, TC, aAcc and mAcc over videos fed in temporal order.
 
     Feed every video's frames consecutively and in order, one frame at a time (``pred`` and ``gt``
     ``(H, W)``, ``frame`` one image) or a few consecutive frames at a time (``(T, H, W)``, ``frame``
@@ -638,10 +676,10 @@ class VideoMetrics:
     scalar sums, the ids of the closed videos, and for the current video only copies of its
     previous frame, prediction and ground truth plus two per-pixel run-length maps.
 
-    mIoU and FWIoU pool all frames' pixels; mVC_n follows :func:`mvc` (videos of at least 17
-    frames, VSPW's rule; ignore pixels not treated specially); TC follows :func:`tc`, pooling the
-    frame pairs of all TC videos into one confusion matrix, so it equals
-    ``miou(sum of tc_confusion over those videos)``.
+    mIoU, FWIoU, aAcc and mAcc pool all frames' pixels (all four come from one confusion matrix);
+    mVC_n follows :func:`mvc` (videos of at least 17 frames, VSPW's rule; ignore pixels not treated
+    specially); TC follows :func:`tc`, pooling the frame pairs of all TC videos into one confusion
+    matrix, so it equals ``miou(sum of tc_confusion over those videos)``.
 
     A copy made by pickling (e.g. gathered from another process) leaves the flow function out: it
     can be merged and computed, not fed more frames for TC.
@@ -809,7 +847,7 @@ class VideoMetrics:
         """The metrics so far (the current video included; it stays open for more frames).
 
         Returns:
-            ``{"mIoU", "FWIoU", "mVC{n}" for each n, "TC" (only when tc=True), "per_class"}``:
+            ``{"mIoU", "FWIoU", "mVC{n}" for each n, "TC" (only when tc=True), "aAcc", "mAcc", "per_class"}``:
             floats in [0, 1] or ``nan``; ``"per_class"`` a list of K IoUs, ``nan`` for the
             classes the mIoU leaves out (absent from the ground truth for ``"vspw"``, empty union
             for ``"mmseg"``), so that mIoU is the mean of its non-nan entries.
@@ -823,6 +861,8 @@ class VideoMetrics:
             out[f"mVC{n}"] = ratio_sum / windows if windows else math.nan
         if self.tc:
             out["TC"] = miou(self.tc_conf, "vspw")
+        out["aAcc"] = pixel_accuracy(self.conf)
+        out["mAcc"] = mean_class_accuracy(self.conf)
         iou = per_class_iou(self.conf)
         if self.miou_mode == "vspw":
             iou[self.conf.sum(axis=1) == 0] = np.nan
@@ -838,11 +878,12 @@ def format_table(results: dict, class_names: Sequence[str] | None = None) -> str
     """A Markdown table of :meth:`VideoMetrics.compute`'s results, in percent with two decimals.
 
     The summary row holds mIoU, FWIoU (the paper's "WIoU"), TC and the mVC_n present, in the
-    paper's column order; ``nan`` prints as ``n/a``. With ``class_names`` (one per entry of
-    ``results["per_class"]``) a per-class IoU table follows.
+    paper's column order, then aAcc and mAcc when present; ``nan`` prints as ``n/a``. With
+    ``class_names`` (one per entry of ``results["per_class"]``) a per-class IoU table follows.
     """
     mvc_keys = sorted((k for k in results if k.startswith("mVC") and k[3:].isdigit()), key=lambda k: int(k[3:]))
-    keys = [k for k in ("mIoU", "FWIoU", "TC") if k in results] + mvc_keys
+    accuracies = [k for k in ("aAcc", "mAcc") if k in results]
+    keys = [k for k in ("mIoU", "FWIoU", "TC") if k in results] + mvc_keys + accuracies
     values = [_percent(results[k]) for k in keys]
     widths = [max(len(a), len(b)) for a, b in zip(keys, values, strict=True)]
     lines = [

@@ -133,7 +133,11 @@ def test_train_eval_through_cli(tmp_path, capsys):
     args = ["eval", config_file(tmp_path), "--set", *TINY, "--checkpoint", str(work / "latest.pt")]
     assert main([*args, "--out", str(out), "--save-predictions", str(preds)]) == 0
     metrics = json.loads(out.read_text())
-    assert set(metrics) == {"mIoU", "FWIoU", "mVC8", "mVC16", "TC", "per_class", "TC_protocol", "TC_flow", "TC_videos"}
+    assert set(metrics) == {
+        *("mIoU", "FWIoU", "mVC8", "mVC16", "TC", "aAcc", "mAcc", "per_class"),
+        *("TC_protocol", "TC_flow", "TC_videos"),
+    }
+    assert 0 <= metrics["aAcc"] <= 100 and 0 <= metrics["mAcc"] <= 100
     assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["TC"] <= 100 and 0 <= metrics["mVC8"] <= 100
     assert (metrics["TC_protocol"], metrics["TC_flow"], metrics["TC_videos"]) == ("vspw", "dis", 1)
     assert list(metrics["per_class"]) == [f"class_{k}" for k in range(6)]

@@ -21,9 +21,11 @@ from ssltm.metrics import (
     fwiou,
     load_raft,
     make_flow,
+    mean_class_accuracy,
     miou,
     mvc,
     per_class_iou,
+    pixel_accuracy,
     tc,
     tc_confusion,
 )
@@ -120,6 +122,44 @@ def test_fwiou_weights_by_ground_truth_frequency():
     iou0, iou1 = 5 / 7, 1 / 3
     assert fwiou(conf) == pytest.approx(6 / 8 * iou0 + 2 / 8 * iou1)
     assert miou(torch.from_numpy(conf)) == pytest.approx((iou0 + iou1) / 2)
+
+
+def test_pixel_and_mean_class_accuracy_by_hand():
+    # rows ground truth: class 0 has 4 px (3 right), class 1 has 2 px (0 right), class 2 none but is predicted
+    # once, class 3 appears nowhere. Ignored pixels (255) count in neither.
+    gt = np.array([0, 0, 0, 0, 1, 1, 255, 255])
+    pred = np.array([0, 0, 0, 2, 0, 0, 1, 3])
+    conf = confusion_matrix(pred, gt, 4)
+    np.testing.assert_array_equal(conf, [[3, 0, 1, 0], [2, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert pixel_accuracy(conf) == pytest.approx(3 / 6)
+    # mmsegmentation: nanmean of intersect / label area, over the classes in the ground truth (0 and 1)
+    assert mean_class_accuracy(conf) == pytest.approx((3 / 4 + 0 / 2) / 2)
+    # a class only predicted (2) changes neither
+    assert mean_class_accuracy(np.array([[3, 0, 0], [0, 1, 1], [0, 0, 0]])) == pytest.approx((1 + 0.5) / 2)
+    empty = np.zeros((3, 3), np.int64)
+    assert math.isnan(pixel_accuracy(empty)) and math.isnan(mean_class_accuracy(empty))
+    assert isinstance(pixel_accuracy(torch.from_numpy(conf)), float)
+    with pytest.raises(ValueError, match=r"conf must be a square.*\(2, 3\)"):
+        mean_class_accuracy(np.zeros((2, 3)))
+
+
+def test_video_metrics_accuracies_merge_like_one_pass():
+    rng = np.random.default_rng(7)
+    k = 5
+    videos = [(rng.integers(0, k, (3, 6, 7)), rng.integers(0, k, (3, 6, 7))) for _ in range(3)]
+    for _, gt in videos:
+        gt[gt == 4] = 255  # some ignored pixels; class 4 is predicted but never in the ground truth
+    whole, first, second = (VideoMetrics(k, tc=False) for _ in range(3))
+    for v, (pred, gt) in enumerate(videos):
+        whole.update(v, pred, gt)
+        (first if v < 2 else second).update(v, pred, gt)
+    first.merge(pickle.loads(pickle.dumps(second)))
+    conf = sum(confusion_matrix(p, g, k) for p, g in videos)
+    for metrics in (whole, first):
+        out = metrics.compute()
+        assert out["aAcc"] == pytest.approx(np.trace(conf) / conf.sum())
+        assert out["mAcc"] == pytest.approx(np.mean([conf[c, c] / conf[c].sum() for c in range(4)]))
+    assert 0 < whole.compute()["aAcc"] < 1
 
 
 def test_empty_confusion_is_nan():
@@ -506,7 +546,7 @@ def test_video_metrics_equals_one_shot_functions():
     assert out["TC"] == pytest.approx(miou(tc_conf))
     assert 0.0 < out["TC"] < 1.0 and 0.0 < out["mIoU"] < 1.0
     assert out["per_class"] == pytest.approx(list(per_class_iou(conf)))
-    assert set(out) == {"mIoU", "FWIoU", "mVC8", "mVC16", "TC", "per_class"}
+    assert set(out) == {"mIoU", "FWIoU", "mVC8", "mVC16", "TC", "aAcc", "mAcc", "per_class"}
     # compute() leaves the last video open: more frames of it can follow
     metrics.update("v2", videos[2][0][:1], videos[2][1][:1], videos[2][2][:1])
 
@@ -615,6 +655,10 @@ def test_format_table_percent_two_decimals():
     lines = table.splitlines()
     assert lines[0] == "| mIoU  | FWIoU | TC  | mVC8  | mVC16 |"
     assert lines[2] == "| 41.23 | 60.00 | n/a | 85.56 | 80.00 |"
+    # the accuracies follow the paper's columns
+    with_accuracy = format_table({"aAcc": 0.9, "mAcc": 0.755, **results}).splitlines()
+    assert with_accuracy[0] == "| mIoU  | FWIoU | TC  | mVC8  | mVC16 | aAcc  | mAcc  |"
+    assert with_accuracy[2] == "| 41.23 | 60.00 | n/a | 85.56 | 80.00 | 90.00 | 75.50 |"
     assert lines[-2:] == ["| sky   |  50.00 |", "| road  | 100.00 |"]
     assert "sky" not in format_table(results)
     with pytest.raises(ValueError, match="class_names must name every per_class entry"):
