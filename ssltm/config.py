@@ -92,6 +92,8 @@ class TrainConfig:
     sync_bn: bool = True  # SyncBatchNorm under DDP on GPUs
     seed: int = 0
     progress: bool = True  # progress bar on the first process
+    # losses, learning rate, speed, validation metrics and pictures to WORK_DIR/tb/ (pip install ssltm[tensorboard])
+    tensorboard: bool = False
 
 
 @dataclass

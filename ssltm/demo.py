@@ -4,10 +4,12 @@ it on held-out videos and compare its mIoU with always predicting the most frequ
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -41,23 +43,40 @@ def majority_baseline(cfg) -> tuple[int, float]:
     return majority, miou(conf)
 
 
-def prediction_picture(cfg, model, device: torch.device, classes: Sequence[str], palette) -> np.ndarray:
-    """Frames, ground truth and prediction of a few frames spread over the first validation video, above the
-    colour key of the classes."""
-    dataset, indices = build_dataset(cfg, "val", train=False)
+def prediction_picture(
+    model,
+    dataset,
+    indices: Sequence[int],
+    device: torch.device,
+    classes: Sequence[str],
+    palette,
+    max_height: int | None = None,
+) -> np.ndarray:
+    """Frames, ground truth and prediction of a few frames spread over the first video of ``dataset[indices]``
+    (each query predicted from its clip, as evaluation does), above the colour key of the classes: RGB uint8
+    ``(H, W, 3)``. The images are shown PICTURE_SCALE times as large as the frames, but no more than
+    ``max_height`` rows high (nearest neighbour). ``model`` is used in eval mode and left in the mode it was in."""
     video = dataset.queries[indices[0]][0]
     frames = [i for i in indices if dataset.queries[i][0] == video]
     picks = [frames[round(j * (len(frames) - 1) / (PICTURE_FRAMES - 1))] for j in range(PICTURE_FRAMES)]
     rows: dict[str, list[np.ndarray]] = {"frame": [], "ground truth": [], "prediction": []}
-    with torch.no_grad():
-        for i in picks:
-            sample = dataset[i]
-            pred = model.predict(sample["frames"][None].to(device), sample["reference"][None].to(device))[0]
-            rows["frame"].append(to_uint8_rgb(sample["frames"][0]))
-            rows["ground truth"].append(colorize(sample["label"].numpy(), palette))
-            rows["prediction"].append(colorize(pred.cpu().numpy(), palette))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in picks:
+                sample = dataset[i]
+                pred = model.predict(sample["frames"][None].to(device), sample["reference"][None].to(device))[0]
+                rows["frame"].append(to_uint8_rgb(sample["frames"][0]))
+                rows["ground truth"].append(colorize(sample["label"].numpy(), palette))
+                rows["prediction"].append(colorize(pred.cpu().numpy(), palette))
+    finally:
+        model.train(was_training)
+    h, w = rows["frame"][0].shape[:2]
+    scale = PICTURE_SCALE if max_height is None else min(PICTURE_SCALE, max_height / h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
     scaled = [
-        (title, [np.kron(image, np.ones((PICTURE_SCALE, PICTURE_SCALE, 1), np.uint8)) for image in images])
+        (title, [cv2.resize(image, size, interpolation=cv2.INTER_NEAREST) for image in images])
         for title, images in rows.items()
     ]
     grid = comparison_grid(scaled)
@@ -75,7 +94,10 @@ def demo(
     settings = [f"train.max_minutes={max_minutes}", f"work_dir={out / 'train'}", f"device={device}", *overrides]
     cfg = load_config(DEMO_CONFIG, settings)
     for path in run_files(Path(cfg.work_dir)):  # an earlier demo's: each demo trains afresh and rewrites ``out``
-        path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     start = time.perf_counter()
     result = train(cfg)
     info = dataset_info(cfg)
@@ -84,7 +106,8 @@ def demo(
     dev = resolve_device(device)
     model, _, _ = load_model(result.checkpoint, dev)
     picture = out / "predictions.png"
-    Image.fromarray(prediction_picture(cfg, model, dev, info.classes, info.palette)).save(picture)
+    val_set, val_indices = build_dataset(cfg, "val", train=False)
+    Image.fromarray(prediction_picture(model, val_set, val_indices, dev, info.classes, info.palette)).save(picture)
     metrics.update(
         baseline_mIoU=round(100 * baseline, 2),
         baseline_class=info.classes[majority],

@@ -5,6 +5,10 @@ Exact resume: the data order is a function of ``(train.seed, epoch)`` and each c
 of ``(seed, epoch, index)``, so a run restarted from the checkpoint of iteration N draws the same batches from
 N on; the model, optimizer, scheduler, gradient scaler and every process's random number generators come back
 from the checkpoint.
+
+The run's messages go to the console and to ``WORK_DIR/train.log`` (:mod:`ssltm.runlog`); with
+``train.tensorboard`` its losses, learning rate, speed, validation metrics and a validation picture also go
+to TensorBoard, in ``WORK_DIR/tb/``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -36,8 +41,11 @@ from . import distributed as dist
 from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
-from .evaluate import evaluate, results_json
+from .demo import prediction_picture
+from .evaluate import evaluate, results_json, results_table
+from .model.backbone import pretrained_source
 from .precision import amp_dtype, autocast
+from .runlog import FILE_ONLY, LOGGER, RunLog, check_tensorboard
 
 LOSS_TERMS = ("sup", "mse", "aux", "total")
 # A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
@@ -45,7 +53,9 @@ LOSS_TERMS = ("sup", "mse", "aux", "total")
 FIT_EVERY = 3
 FIT_WINDOW = 10
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pt")
-RUN_FILES = ("latest.pt", "best.pt", "log.jsonl", "config.yaml")  # besides the iter_<N>.pt checkpoints
+RUN_FILES = ("latest.pt", "best.pt", "log.jsonl", "train.log", "config.yaml")  # besides the iter_<N>.pt checkpoints
+TENSORBOARD_DIR = "tb"  # the run's TensorBoard event files (train.tensorboard)
+BOARD_PICTURE_HEIGHT = 240  # at most this many rows per frame in TensorBoard's validation picture
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,10 +169,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(
-            f"\n{signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "
-            "(Ctrl-C again to stop at once, without one)",
-            flush=True,
+        LOGGER.info(
+            f"{signal.Signals(signum).name}: stopping after this iteration and saving a checkpoint "
+            "(Ctrl-C again to stop at once, without one)"
         )
 
     def __exit__(self, *exc) -> None:
@@ -203,10 +212,19 @@ class _Clock:
 
 
 class Trainer:
-    """One training run of a config; :meth:`run` trains and returns how it ended."""
+    """One training run of a config; :meth:`run` trains and returns how it ended, :meth:`close` closes its
+    TensorBoard writer. Its messages go to ``run_log``, which :meth:`run` opens in the work dir."""
 
-    def __init__(self, cfg: DictConfig, env: dist.DistEnv, resume: str | Path | None = None, overwrite: bool = False):
-        self.cfg, self.env = cfg, env
+    def __init__(
+        self,
+        cfg: DictConfig,
+        env: dist.DistEnv,
+        resume: str | Path | None = None,
+        overwrite: bool = False,
+        *,
+        run_log: RunLog,
+    ):
+        self.cfg, self.env, self.run_log = cfg, env, run_log
         self.work_dir = Path(cfg.work_dir)
         t = cfg.train
         if t.max_iters is None and t.epochs is None and t.max_minutes is None:
@@ -216,6 +234,9 @@ class Trainer:
                 f"train.batch_size={t.batch_size} must be a multiple of train.grad_accum={t.grad_accum} "
                 f"times the {env.world_size} process(es)"
             )
+        if t.tensorboard:
+            check_tensorboard()
+        self.board = None  # the TensorBoard writer, on the first process from run() on
         if resume is None:
             _claim_work_dir(self.work_dir, overwrite, env)
         torch.manual_seed(t.seed + env.rank)
@@ -229,6 +250,12 @@ class Trainer:
         self.amp_dtype = amp_dtype(t.amp, env.device)
 
         model = build_model(cfg, self.info.num_classes).to(env.device)
+        source = pretrained_source(model)
+        self.pretrained = None if source is None else source.as_dict()  # for the checkpoint's meta
+        if source is not None and resume is None:
+            LOGGER.info(source.describe())
+            if source.mismatch() is not None:
+                LOGGER.warning(f"warning: {source.mismatch()}")
         if env.distributed:
             if env.device.type == "cuda" and t.sync_bn:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -269,19 +296,20 @@ class Trainer:
             elapsed=float(train_state.get("elapsed", 0.0)),
             best=train_state.get("best"),
         )
+        # the weights this run started from: those of the run that wrote the checkpoint
+        self.pretrained = ckpt["meta"].get("pretrained", self.pretrained)
         states = ckpt["rng"]
-        if len(states) != self.env.world_size and self.env.is_main:
-            print(f"note: {path} was written by {len(states)} process(es), this run has {self.env.world_size}")
+        if len(states) != self.env.world_size:
+            LOGGER.info(f"note: {path} was written by {len(states)} process(es), this run has {self.env.world_size}")
         self.rng_to_restore = states[self.env.rank % len(states)]
         differ = [
             key
             for key in config_differences(ckpt["config"], OmegaConf.to_container(self.cfg))
             if key not in ("work_dir", "train.progress")
         ]
-        if differ and self.env.is_main:
-            print(f"note: resuming {path} with a config that differs in: {', '.join(differ)}")
-        if self.env.is_main:
-            print(f"resumed from {path} at iteration {self.state.iteration}")
+        if differ:
+            LOGGER.info(f"note: resuming {path} with a config that differs in: {', '.join(differ)}")
+        LOGGER.info(f"resumed from {path} at iteration {self.state.iteration}")
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -292,7 +320,7 @@ class Trainer:
             "iteration": self.state.iteration,
             "rng": dist.all_gather_object(rng_state()),
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "meta": checkpoint_meta(self.info, self.env.world_size),
+            "meta": checkpoint_meta(self.info, self.env.world_size, self.pretrained),
             "train_state": {"elapsed": self.state.elapsed, "best": self.state.best},
         }
 
@@ -342,10 +370,33 @@ class Trainer:
         improved = summary["mIoU"] is not None and (best is None or summary["mIoU"] > best["mIoU"])
         if improved:  # best.pt: with this iteration's checkpoint (Trainer.save), which then records it
             self.state.best = {"mIoU": summary["mIoU"], "iteration": self.state.iteration}
-        if self.env.is_main:
-            mark = " (best)" if improved else ""
-            tqdm.write(f"iteration {self.state.iteration}: val mIoU {summary['mIoU']}{mark}")
+        LOGGER.info(f"iteration {self.state.iteration}: val mIoU {summary['mIoU']}{' (best)' if improved else ''}")
+        LOGGER.log(
+            FILE_ONLY, f"validation at iteration {self.state.iteration}:\n{results_table(results, self.info.classes)}"
+        )
+        if self.board is not None:
+            self._board_validation(summary)
         return summary
+
+    def _board_validation(self, summary: dict[str, Any]) -> None:
+        """The validation metrics (percent) and the picture of a few validation frames, to TensorBoard."""
+        step = self.state.iteration
+        for key, value in summary.items():
+            if isinstance(value, float):  # the metrics; not per_class, the TC settings or the iteration
+                self.board.add_scalar(f"val/{key}", value, step)
+        devices = [self.env.device.index] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), autocast(self.env.device, self.amp_dtype):
+            picture = prediction_picture(
+                self.module,
+                self.val_set,
+                self.val_indices,
+                self.env.device,
+                self.info.classes,
+                self.info.palette,
+                max_height=BOARD_PICTURE_HEIGHT,
+            )
+        self.board.add_image("val/predictions", picture, step, dataformats="HWC")
+        self.board.flush()
 
     # --- the loop ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
@@ -447,11 +498,10 @@ class Trainer:
         max_minutes = self.cfg.train.max_minutes
         clock = _Clock(None if max_minutes is None else 60 * max_minutes, state.elapsed)
         stopped, saved_at = "finished", None
-        if self.env.is_main:
-            print(
-                f"training {self.work_dir}: {len(self.train_indices)} clips, {self.env.world_size} process(es) on "
-                f"{self.env.device.type}, from iteration {state.iteration}"
-            )
+        LOGGER.info(
+            f"training {self.work_dir}: {len(self.train_indices)} clips, {self.env.world_size} process(es) on "
+            f"{self.env.device.type}, from iteration {state.iteration}"
+        )
         with StopRequest() as stop:
             while self.schedule.max_iters is None or state.iteration < self.schedule.max_iters:
                 tick = time.perf_counter()
@@ -473,21 +523,38 @@ class Trainer:
                     break
         bar.close()
         self.log({"iter": state.iteration, "end": stopped, "elapsed_s": round(state.elapsed, 2)})
+        ending = {"finished": "finished", "time": "train.max_minutes reached", "interrupted": "interrupted"}[stopped]
+        LOGGER.log(FILE_ONLY, f"{ending} at iteration {state.iteration}; checkpoint {saved_at}")
         return TrainResult(state.iteration, self.work_dir, stopped, saved_at, state.best, self.val_results)
 
     # --- the cadence of the loop -------------------------------------------------------------------
     def _open_work_dir(self) -> None:
-        """Write the run's ``config.yaml``; start ``log.jsonl`` afresh, or cut a resumed run's log back to its
-        checkpoint."""
+        """Write the run's ``config.yaml``; start ``log.jsonl``, ``train.log`` and the TensorBoard folder afresh,
+        or cut a resumed run's ``log.jsonl`` back to its checkpoint and append to the others."""
         if not self.env.is_main:
             return
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "config.yaml").write_text(to_yaml(self.cfg))
-        if self.resumed_from is None:
-            self.log_file.unlink(missing_ok=True)  # a log of a run that never wrote a checkpoint
-        else:
+        resumed = self.resumed_from is not None
+        board_dir = self.work_dir / TENSORBOARD_DIR
+        if resumed:
             _trim_log(self.log_file, self.state.iteration)
             self.log({"iter": self.state.iteration, "resumed_from": str(self.resumed_from)})
+        else:  # what a run that never wrote a checkpoint left
+            self.log_file.unlink(missing_ok=True)
+            shutil.rmtree(board_dir, ignore_errors=True)
+        self.run_log.open(self.work_dir / "train.log", append=resumed)
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run hides what a killed run wrote after its checkpoint: the events from its first
+            # iteration on (purge_step), so that no curve doubles back.
+            self.board = SummaryWriter(str(board_dir), purge_step=self.state.iteration + 1 if resumed else None)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (after :meth:`run`, however it ended)."""
+        if self.board is not None:
+            self.board.close()
 
     def _progress_bar(self) -> tqdm:
         return tqdm(
@@ -526,8 +593,8 @@ class Trainer:
         first = self.schedule.max_iters is None
         fitted = self.state.iteration + max(1, int(0.9 * remaining / per_step))
         self.schedule.max_iters = dist.broadcast_object(fitted)
-        if first and self.env.is_main:
-            tqdm.write(
+        if first:
+            LOGGER.info(
                 f"{per_step:.2f} s per iteration: about {self.schedule.max_iters} iterations fit train.max_minutes "
                 "(refitted as the speed changes)"
             )
@@ -548,13 +615,21 @@ class Trainer:
         if self.env.device.type == "cuda":
             record["max_mem_mb"] = round(torch.cuda.max_memory_allocated(self.env.device) / 2**20)
         self.log(record)
+        if self.board is not None:
+            it = self.state.iteration
+            for key, value in zip(LOSS_TERMS, step.values, strict=True):
+                self.board.add_scalar(f"loss/{key}", value, it)
+            self.board.add_scalar("train/lr", step.lr, it)
+            self.board.add_scalar("train/it_per_s", 1 / per_step, it)  # over the log interval
 
 
 def _postfix(values: Sequence[float], lr: float) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in zip(LOSS_TERMS, values, strict=True)) + f" lr {lr:.2e}"
 
 
-def checkpoint_meta(info: DatasetInfo, world_size: int) -> dict[str, Any]:
+def checkpoint_meta(info: DatasetInfo, world_size: int, pretrained: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint's ``meta``: the dataset's classes and palette, versions, the processes and the backbone's
+    ImageNet weights file (``pretrained``: path and SHA-256, ``None`` without)."""
     import torchvision
 
     return {
@@ -565,15 +640,20 @@ def checkpoint_meta(info: DatasetInfo, world_size: int) -> dict[str, Any]:
             "torchvision": str(torchvision.__version__),
         },
         "world_size": world_size,
+        "pretrained": pretrained,
     }
 
 
 def run_files(work_dir: Path) -> list[Path]:
-    """The files a training run leaves in ``work_dir``: its checkpoints, ``log.jsonl`` and ``config.yaml``."""
+    """What a training run leaves in ``work_dir``: its checkpoints, ``log.jsonl``, ``train.log`` and ``config.yaml``,
+    and the folder ``tb/`` of its TensorBoard events."""
     if not work_dir.is_dir():
         return []
     return sorted(
-        p for p in work_dir.iterdir() if p.is_file() and (p.name in RUN_FILES or CHECKPOINT_NAME.fullmatch(p.name))
+        p
+        for p in work_dir.iterdir()
+        if (p.is_file() and (p.name in RUN_FILES or CHECKPOINT_NAME.fullmatch(p.name)))
+        or (p.is_dir() and p.name == TENSORBOARD_DIR)
     )
 
 
@@ -598,7 +678,7 @@ def _claim_work_dir(work_dir: Path, overwrite: bool, env: dist.DistEnv) -> None:
         old.mkdir()
         for path in files:
             os.replace(path, old / path.name)
-        print(f"moved the earlier run's {len(files)} files in {work_dir} to {old}")
+        LOGGER.info(f"moved the earlier run's {len(files)} files in {work_dir} to {old}")
     dist.barrier()
 
 
@@ -628,6 +708,14 @@ def train(cfg: DictConfig, resume: str | Path | None = None, overwrite: bool = F
     """
     env = dist.setup(cfg.device)
     try:
-        return Trainer(cfg, env, resume, overwrite).run()
+        with RunLog(env.is_main) as run_log:
+            trainer = Trainer(cfg, env, resume, overwrite, run_log=run_log)
+            try:
+                return trainer.run()
+            except BaseException as err:  # the file keeps how the run ended; the caller reports it
+                LOGGER.log(FILE_ONLY, f"stopped by {type(err).__name__}" + (f": {err}" if str(err) else ""))
+                raise
+            finally:
+                trainer.close()
     finally:
         dist.teardown()
