@@ -254,8 +254,8 @@ class Trainer:
         self.pretrained = None if source is None else source.as_dict()  # for the checkpoint's meta
         if source is not None and resume is None:
             LOGGER.info(source.describe())
-            if source.mismatch() is not None:
-                LOGGER.warning(f"warning: {source.mismatch()}")
+            if (problem := source.mismatch()) is not None:
+                LOGGER.warning(f"warning: {problem}")
         if env.distributed:
             if env.device.type == "cuda" and t.sync_bn:
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto.event_pb2 import SessionLog
 from test_cli import _reference_backend, log_records, train_cli  # noqa: F401 (autouse fixture: reference kernels)
+from torch.utils.tensorboard import SummaryWriter
 from torchvision.models import resnet18
 
 from ssltm.checkpoint import load_checkpoint
@@ -138,9 +139,13 @@ def test_events_and_log_are_flushed_when_the_run_is_stopped_at_once(tmp_path, mo
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "_train_step", interrupted)
+    closed = []
+    close = SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(self.log_dir) or close(self))
     work = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_cli(tmp_path, work, "train.max_iters=4", "train.batch_size=2", "train.tensorboard=true")
+    assert closed == [str(work / "tb")]
     assert steps(board(work), "loss/total") == [1, 2]
     assert (work / "train.log").read_text().splitlines()[-1].endswith("stopped by KeyboardInterrupt")
 
