@@ -31,6 +31,7 @@ PALETTE = [[10, 20, 30], [200, 0, 0], [0, 200, 0]]
 MAPPING = {"0": 0, "10": 1, "20": 2}  # raw mask value -> class id; 255 ignored
 LABELLED = range(0, LENGTH, 2)  # the even frames have masks, the odd ones none
 SIZE = 32
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(autouse=True)
@@ -91,17 +92,10 @@ def test_train_eval_infer_predict_through_cli(tmp_path, capsys):
     cfg = config_file(tmp_path)
     settings = folder_settings(root)
     work = tmp_path / "run"
-    args = [
-        "train",
-        cfg,
-        "--set",
-        *settings,
-        "train.max_iters=2",
-        "train.batch_size=2",
-        "train.validate=false",
-        "--work-dir",
-        str(work),
-    ]
+    # the README's example config, with the tiny model and a short run
+    example = str(README.parent / "configs" / "folder_example.yaml")
+    args = ["train", example, "--set", *settings, "train.max_iters=2", "train.batch_size=2", "train.validate=false"]
+    args += ["--work-dir", str(work)]
     assert main(args) == 0
     ckpt = load_checkpoint(work / "latest.pt")
     assert ckpt["meta"]["classes"] == NAMES and ckpt["meta"]["palette"] == PALETTE
@@ -174,42 +168,16 @@ def test_label_mapping_and_ignore(tmp_path):
         VideoFolder(root, "val")[0]
 
 
-CUSTOM_MODULE = """
-import numpy as np
-from ssltm.data import ClipDataset
-
-
-class Stripes(ClipDataset):
-    METAINFO = {"classes": ("dark", "light"), "palette": ((0, 0, 0), (255, 255, 255))}
-
-    def __init__(self, root, split, offsets=(3, 6, 9), causal=False, reference="random", transform=None, seed=None):
-        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
-        self.root, self.split = root, split
-        self.queries = [(0, t) for t in range(10)]
-
-    def video_name(self, video):
-        return "stripes"
-
-    def video_length(self, video):
-        return 10
-
-    def frame_id(self, video, index):
-        return str(index)
-
-    def read_frame(self, video, index):
-        return np.full((16, 16, 3), 20 * index, np.uint8)
-
-    def read_label(self, video, index):
-        return (np.arange(16)[None, :].repeat(16, 0) >= 8).astype(np.uint8)
-
-
-class NotADataset:
-    pass
-"""
+def readme_dataset_class() -> str:
+    """The README's example of a dataset class of the user's (the Python block of "Train on your own videos"),
+    with a class that is not a dataset added."""
+    section = README.read_text().split("## Train on your own videos\n")[1].split("\n## ")[0]
+    (block,) = re.findall(r"^```python\n(.*?)^```", section, re.S | re.M)
+    return block + "\n\nclass NotADataset:\n    pass\n"
 
 
 def test_a_dataset_class_of_the_users(tmp_path, monkeypatch):
-    (tmp_path / "my_videos.py").write_text(CUSTOM_MODULE)
+    (tmp_path / "my_videos.py").write_text(readme_dataset_class())
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_videos", raising=False)
     cfg = load_config(overrides=["data.dataset=my_videos:Stripes", f"data.root={tmp_path}", "data.crop_size=16"])
@@ -220,7 +188,8 @@ def test_a_dataset_class_of_the_users(tmp_path, monkeypatch):
     dataset, indices = build_dataset(cfg, "train", train=True)
     assert isinstance(dataset, cls) and indices == list(range(10)) and dataset.root == tmp_path
     sample = dataset[3]
-    assert sample["frames"].shape == (4, 3, 16, 16) and sample["label"].shape == (16, 16)
+    assert sample["frames"].shape == (4, 3, 16, 16) and sample["frame"] == "003"
+    assert set(sample["label"].unique().tolist()) <= {0, 1}
     # it takes no labels=False: prediction says so in one line, naming data.dataset
     with pytest.raises(ValueError, match=r"data.dataset 'my_videos:Stripes': the constructor of Stripes does not"):
         build_dataset(cfg, "test", train=False, labels=False)
@@ -318,7 +287,7 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     (root / "classes.json").write_text(json.dumps({"names": NAMES}))
 
     # import strings: an unknown module, a missing attribute, not a ClipDataset
-    (tmp_path / "my_videos.py").write_text(CUSTOM_MODULE)
+    (tmp_path / "my_videos.py").write_text(readme_dataset_class())
     sys.path.insert(0, str(tmp_path))
     try:
         base = ["train", cfg, "--work-dir", str(tmp_path / "w"), "--set", f"data.root={root}", "train.max_iters=1"]
