@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from test_cli import TINY_MODEL, config_file, tiny_model_kwargs
 from test_data import GREY_STEP, frame_indices, make_vspw, write_palette_mask
+from torch.utils.data import DataLoader, Subset
 
 from ssltm import SSLTM
 from ssltm.build import build_dataset, dataset_info
@@ -22,6 +23,7 @@ from ssltm.checkpoint import load_checkpoint
 from ssltm.cli import EXIT_ERROR, main
 from ssltm.config import load_config
 from ssltm.data import DATASETS, VSPW, CamVid, ClipDataset, VideoFolder, dataset_class, eval_transform, natural_order
+from ssltm.data.folder import MaskValueError
 from ssltm.distributed import DistEnv
 from ssltm.evaluate import evaluate, predict
 
@@ -155,6 +157,11 @@ def test_label_mapping_and_ignore(tmp_path):
     ds[1]
     with pytest.raises(ValueError, match=re.escape(f"mask {root / 'c' / 'masks' / 'f_4.png'} has value(s) [7]")):
         ds[2]
+    # also from a loader process, in one line
+    with pytest.raises(MaskValueError) as raised:
+        list(DataLoader(Subset(ds, [2]), num_workers=1))
+    assert str(raised.value).startswith(f"mask {root / 'c' / 'masks' / 'f_4.png'} has value(s) [7] that ")
+    assert "\n" not in str(raised.value)
     # another ignore value and a mapping
     classes = {"names": NAMES, "ignore": 0, "mapping": {"10": 2, "20": 1, "255": 0}}
     (root / "classes.json").write_text(json.dumps(classes))

@@ -84,11 +84,21 @@ class VideoFolder(SplitClipDataset):
         unknown = ~self.known[raw]
         if unknown.any():
             values = np.unique(raw[unknown])
-            raise ValueError(
+            raise MaskValueError(
                 f"mask {path} has value(s) {values[:8].tolist()} that {self.root / CLASS_FILE} does not know: "
                 "neither in its mapping nor its ignore value"
             )
         return self.label_lut[raw]
+
+
+class MaskValueError(ValueError):
+    """A mask value that ``classes.json`` does not know. The message stays one line when a DataLoader worker's
+    error is raised again in the main process (torch passes the worker's whole traceback as the message)."""
+
+    def __init__(self, message: str):
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
