@@ -5,6 +5,7 @@ without labels (``ssltm eval --predict-only``), through the command line and uni
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cli import TINY_MODEL, config_file, tiny_model_kwargs
+from test_cli import TINY_MODEL, config_file, tiny_model_kwargs, torchrun
 from test_data import GREY_STEP, frame_indices, make_vspw, write_palette_mask
 from torch.utils.data import DataLoader, Subset
 
@@ -89,22 +90,33 @@ def pngs(folder: Path) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.png"))
 
 
-def test_train_eval_infer_predict_through_cli(tmp_path, capsys):
-    root = make_folder(tmp_path / "data")
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny folder dataset and the checkpoint of 2 training steps on it through the CLI, with the README's
+    example config (module scoped: two tests read it)."""
+    tmp = tmp_path_factory.mktemp("folder")
+    root = make_folder(tmp / "data")
+    example = str(README.parent / "configs" / "folder_example.yaml")
+    args = ["train", example, "--set", *folder_settings(root), "train.max_iters=2", "train.batch_size=2"]
+    args += ["train.validate=false", "--work-dir", str(tmp / "run")]
+    os.environ["SSLTM_BACKEND"] = "reference"
+    try:
+        assert main(args) == 0
+    finally:
+        os.environ.pop("SSLTM_BACKEND")
+    return root, tmp / "run" / "latest.pt"
+
+
+def test_train_eval_infer_predict_through_cli(tmp_path, folder_run, capsys):
+    root, checkpoint = folder_run
+    ckpt = load_checkpoint(checkpoint)
+    assert ckpt["meta"]["classes"] == NAMES and ckpt["meta"]["palette"] == PALETTE
     cfg = config_file(tmp_path)
     settings = folder_settings(root)
-    work = tmp_path / "run"
-    # the README's example config, with the tiny model and a short run
-    example = str(README.parent / "configs" / "folder_example.yaml")
-    args = ["train", example, "--set", *settings, "train.max_iters=2", "train.batch_size=2", "train.validate=false"]
-    args += ["--work-dir", str(work)]
-    assert main(args) == 0
-    ckpt = load_checkpoint(work / "latest.pt")
-    assert ckpt["meta"]["classes"] == NAMES and ckpt["meta"]["palette"] == PALETTE
 
     # evaluation scores the labelled frames of the validation video only
     metrics, preds = tmp_path / "metrics.json", tmp_path / "preds"
-    eval_args = ["eval", cfg, "--set", *settings, "--checkpoint", str(work / "latest.pt")]
+    eval_args = ["eval", cfg, "--set", *settings, "--checkpoint", str(checkpoint)]
     assert main([*eval_args, "--out", str(metrics), "--save-predictions", str(preds)]) == 0
     assert list(json.loads(metrics.read_text())["per_class"]) == NAMES
     assert pngs(preds / "c") == sorted(f"f_{t}" for t in LABELLED)
@@ -112,7 +124,7 @@ def test_train_eval_infer_predict_through_cli(tmp_path, capsys):
     # inference on one video's frames
     out = tmp_path / "infer"
     frames = root / "c" / "frames"
-    assert main(["infer", "--checkpoint", str(work / "latest.pt"), "--input", str(frames), "--out", str(out)]) == 0
+    assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(frames), "--out", str(out)]) == 0
     assert pngs(out / "labels") == sorted(f"f_{t}" for t in range(LENGTH))
 
     # prediction of the test split, which has no masks: every frame, VSPW's layout, class ids
@@ -125,10 +137,29 @@ def test_train_eval_infer_predict_through_cli(tmp_path, capsys):
     assert f"folder test: {LENGTH} frames predicted into {submission}" in capsys.readouterr().out
     # a split that lists no videos: one line, before any work
     (root / "empty.txt").write_text("\n")
+    capsys.readouterr()
     nowhere = tmp_path / "nowhere"
     assert main([*eval_args, "--split", "empty", "--predict-only", "--save-predictions", str(nowhere)]) == EXIT_ERROR
     assert f"split file {root / 'empty.txt'} lists no videos" in capsys.readouterr().err
     assert not nowhere.exists()
+
+
+def test_predict_under_torchrun_shares_the_videos(tmp_path, folder_run):
+    """Two processes predict a video each: the same label PNGs as one process predicting both."""
+    root, checkpoint = folder_run
+    (root / "pair.txt").write_text("c\nd\n")
+    args = ["eval", config_file(tmp_path), "--set", *folder_settings(root), "--checkpoint", str(checkpoint)]
+    args += ["--split", "pair", "--predict-only", "--save-predictions"]
+    torchrun(tmp_path, *args, str(tmp_path / "two"))
+    assert main([*args, str(tmp_path / "one")]) == 0
+    for video in ("c", "d"):
+        assert (
+            pngs(tmp_path / "two" / video) == pngs(tmp_path / "one" / video)
+            and len(pngs(tmp_path / "one" / video)) == LENGTH
+        )
+        for name in pngs(tmp_path / "one" / video):
+            a, b = (np.asarray(Image.open(tmp_path / run / video / f"{name}.png")) for run in ("one", "two"))
+            np.testing.assert_array_equal(a, b)
 
 
 def test_frames_in_natural_order_unlabelled_ones_as_context(tmp_path):
