@@ -48,7 +48,9 @@ def dataset_info(cfg: DictConfig) -> DatasetInfo:
     name = cfg.data.dataset
     meta = D.dataset_class(name).metainfo(cfg)
     classes = meta.get("classes") if isinstance(meta, dict) else None
-    if not (isinstance(classes, Sequence) and classes and all(isinstance(c, str) for c in classes)):
+    if isinstance(classes, str) or not (
+        isinstance(classes, Sequence) and classes and all(isinstance(c, str) for c in classes)
+    ):
         raise ValueError(
             f"data.dataset {name!r}: metainfo 'classes' must be a non-empty sequence of names, got {classes!r}"
         )

@@ -335,6 +335,8 @@ def test_bad_inputs_are_named(tmp_path, capsys):
         check("has no attribute 'Missing'", [*base, "data.dataset=my_videos:Missing"])
         check("is not a subclass of ssltm.data.ClipDataset", [*base, "data.dataset=my_videos:NotADataset"])
         check("data.dataset must be one of", [*base, "data.dataset=my videos"])
+        no_root = ["train", cfg, "--work-dir", str(tmp_path / "w"), "--set", "data.dataset=camvid", "train.max_iters=1"]
+        check("data.root must name the folder of the camvid data", no_root)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("my_videos", None)
