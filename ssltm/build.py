@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,25 +19,6 @@ from .model import SSLTM
 from .visualize import make_palette
 
 HOLDOUT = "holdout"  # split name of the frames data.holdout keeps out of training
-
-CAMVID_CLASSES = (
-    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
-)  # fmt: skip
-CAMVID_PALETTE = (
-    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
-    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
-)  # fmt: skip
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-CITYSCAPES_PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)  # fmt: skip
-# VSPW ships its class names as {"others": 0, "wall": 1, ...}: raw id k is class k - 1.
-VSPW_CLASS_FILE = "label_num_dic_final.json"
 
 
 @dataclass(frozen=True)
@@ -58,41 +38,44 @@ class DatasetInfo:
 
 
 def dataset_info(cfg: DictConfig) -> DatasetInfo:
-    """Class count, names and palette of ``cfg.data.dataset``."""
+    """Class count, names and palette of ``cfg.data.dataset``: its class's ``metainfo(cfg)``, the palette
+    :func:`~ssltm.visualize.make_palette`'s where it gives none.
+
+    Raises:
+        ValueError: ``data.dataset`` names no class (see :func:`ssltm.data.dataset_class`), or its metainfo is
+            not a non-empty list of class names and (optionally) one RGB triple per class.
+    """
     name = cfg.data.dataset
-    if name == "camvid":
-        return DatasetInfo(D.CamVid.num_classes, CAMVID_CLASSES, CAMVID_PALETTE)
-    if name == "cityscapes":
-        return DatasetInfo(D.CityscapesSequence.num_classes, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)
-    if name == "vspw":
-        k = D.VSPW.num_classes
-        return DatasetInfo(k, _vspw_class_names(Path(cfg.data.root), k), tuple(make_palette(k)))
-    k = cfg.data.synthetic.num_classes
-    return DatasetInfo(k, tuple(f"class_{i}" for i in range(k)), tuple(make_palette(k)))
+    meta = D.dataset_class(name).metainfo(cfg)
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if isinstance(classes, str) or not (
+        isinstance(classes, Sequence) and classes and all(isinstance(c, str) for c in classes)
+    ):
+        raise ValueError(
+            f"data.dataset {name!r}: metainfo 'classes' must be a non-empty sequence of names, got {classes!r}"
+        )
+    k = len(classes)
+    palette = meta.get("palette") or make_palette(k)
+    if len(palette) != k or any(len(c) != 3 or not all(0 <= int(v) <= 255 for v in c) for c in palette):
+        raise ValueError(f"data.dataset {name!r}: metainfo 'palette' must hold one (r, g, b) in 0..255 per class ({k})")
+    return DatasetInfo(k, tuple(classes), tuple(tuple(int(v) for v in c) for c in palette))
 
 
-def _vspw_class_names(root: Path, num_classes: int) -> tuple[str, ...]:
-    names = [f"class_{k}" for k in range(num_classes)]
-    for candidate in (root / "VSPW_480p" / VSPW_CLASS_FILE, root / VSPW_CLASS_FILE):
-        if candidate.is_file():
-            for name, raw in json.loads(candidate.read_text()).items():
-                if 1 <= int(raw) <= num_classes:
-                    names[int(raw) - 1] = name
-            break
-    return tuple(names)
-
-
-def build_dataset(cfg: DictConfig, split: str, train: bool) -> tuple[D.ClipDataset, list[int]]:
+def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True) -> tuple[D.ClipDataset, list[int]]:
     """The clips of ``split`` and the indices of the ones to use.
 
     ``train=True``: the training pipeline (random scale, crop and flip; a random reference frame);
     ``train=False``: evaluation (full frames, resized to ``data.eval_size`` if set; the farthest frame
     as the reference). Splits: a dataset's own split names; with ``data.holdout`` set, the training
     split loses its held-out frames and ``"holdout"`` names them; for ``"synthetic"``, ``"train"`` and
-    ``"val"`` (the last ``data.synthetic.val_videos`` videos).
+    ``"val"`` (the last ``data.synthetic.val_videos`` videos). ``labels=False``: every frame of the split is a
+    query and no label is read (prediction of a split without labels).
 
     Raises:
-        ConfigError: an unknown split; FileNotFoundError from the dataset for a missing folder.
+        ConfigError: split ``"holdout"`` without ``data.holdout``, or ``data.holdout`` on a dataset that is not
+            made of files. ValueError: ``data.dataset`` names no class, or one whose constructor does not take
+            the arguments (see :meth:`ssltm.data.ClipDataset.from_config`), or an unknown split.
+            FileNotFoundError from the dataset for a missing folder.
     """
     data = cfg.data
     if train:
@@ -103,49 +86,27 @@ def build_dataset(cfg: DictConfig, split: str, train: bool) -> tuple[D.ClipDatas
         "offsets": tuple(data.offsets),
         "reference": "random" if train else "farthest",
         "transform": transform,
+        "labels": labels,
     }
-    if data.dataset == "synthetic":
-        return _synthetic(cfg, split, common)
     if split == HOLDOUT:
         if data.holdout is None:
             raise ConfigError(f"split {HOLDOUT!r} needs data.holdout (the fraction of each video to hold out)")
-        dataset = _file_dataset(cfg, data.train_split, common)
-        D.hold_out(dataset, data.holdout, "holdout")
+        dataset = _held_out(_dataset(cfg, data.train_split, common), data.holdout, "holdout")
     else:
-        dataset = _file_dataset(cfg, split, common)
+        dataset = _dataset(cfg, split, common)
         if data.holdout is not None and split == data.train_split:
-            D.hold_out(dataset, data.holdout, "train")
+            _held_out(dataset, data.holdout, "train")
     return dataset, list(range(len(dataset)))
 
 
-def _file_dataset(cfg: DictConfig, split: str, common: dict) -> D.ClipDataset:
-    data = cfg.data
-    seed = cfg.train.seed
-    if data.dataset == "camvid":
-        return D.CamVid(data.root, split, seed=seed, **common)
-    if data.dataset == "cityscapes":
-        return D.CityscapesSequence(data.root, split, seed=seed, **common)
-    return D.VSPW(data.root, split, mode=data.mode, seed=seed, **common)
+def _dataset(cfg: DictConfig, split: str, common: dict) -> D.ClipDataset:
+    return D.dataset_class(cfg.data.dataset).from_config(cfg, split, **common)
 
 
-def _synthetic(cfg: DictConfig, split: str, common: dict) -> tuple[D.ClipDataset, list[int]]:
-    s = cfg.data.synthetic
-    if split not in ("train", "val"):
-        raise ConfigError(f"the synthetic dataset has splits 'train' and 'val', got {split!r}")
-    size = s.size if isinstance(s.size, int) else tuple(s.size)
-    dataset = D.SyntheticVideos(
-        num_videos=s.num_videos,
-        num_frames=s.num_frames,
-        size=size,
-        num_classes=s.num_classes,
-        seed=s.seed,
-        objects=tuple(s.objects),
-        **common,
-    )
-    # Held-out videos come from the same seed: the seed also fixes every class's appearance.
-    first_val = (s.num_videos - s.val_videos) * s.num_frames
-    indices = range(first_val) if split == "train" else range(first_val, len(dataset))
-    return dataset, list(indices)
+def _held_out(dataset: D.ClipDataset, fraction: float, part: str) -> D.ClipDataset:
+    if not isinstance(dataset, D.FileClipDataset):
+        raise ConfigError(f"data.holdout needs a dataset of files (a FileClipDataset), not {type(dataset).__name__}")
+    return D.hold_out(dataset, fraction, part)
 
 
 def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> nn.Module:

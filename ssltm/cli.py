@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="split to evaluate (default: the config's data.val_split)")
     p.add_argument("--out", help="write the metrics to this JSON file")
     p.add_argument("--save-predictions", metavar="DIR", help="write label PNGs as DIR/<video>/<frame>.png")
+    p.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="predict every frame of the split's videos, which need no labels (e.g. VSPW's test split), into "
+        "--save-predictions DIR; no metrics",
+    )
     _add_set(p)
 
     p = commands.add_parser("infer", help="segment a video file or a folder of frames, frame by frame")
@@ -172,15 +178,19 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from . import distributed as dist
     from .build import build_dataset, dataset_info, eval_options, model_from_checkpoint
-    from .evaluate import evaluate, results_json, results_table
+    from .evaluate import evaluate, predict, results_json, results_table
     from .precision import amp_dtype
 
+    if args.predict_only and args.save_predictions is None:
+        raise ConfigError("--predict-only needs --save-predictions DIR, the folder the label PNGs go to")
+    if args.predict_only and args.out is not None:
+        raise ConfigError("--predict-only computes no metrics for --out to write")
     out = None if args.out is None else check_output_file(args.out, "--out")
     if args.save_predictions is not None:
         check_output_folder(args.save_predictions, "--save-predictions")
     ckpt = load_checkpoint(args.checkpoint)
     cfg = load_config(args.config, args.overrides, base=ckpt["config"])
-    options = eval_options(cfg)
+    options = {} if args.predict_only else eval_options(cfg)
     info = dataset_info(cfg)
     if ckpt["meta"].get("num_classes") != info.num_classes:
         raise ConfigError(
@@ -188,11 +198,25 @@ def _eval(args: argparse.Namespace) -> int:
             f"the config's {cfg.data.dataset} data {info.num_classes}"
         )
     split = args.split or cfg.data.val_split
-    dataset, indices = build_dataset(cfg, split, train=False)
+    dataset, indices = build_dataset(cfg, split, train=False, labels=not args.predict_only)
+    if not indices:
+        raise ValueError(f"split {split!r} of the {cfg.data.dataset} data has no videos")
     _warn_if_slow(cfg.device)
     env = dist.setup(cfg.device)
     try:
         model = model_from_checkpoint(cfg, ckpt, args.checkpoint).to(env.device)
+        if args.predict_only:
+            written = predict(
+                model,
+                dataset,
+                env,
+                args.save_predictions,
+                palette=info.palette,
+                amp_dtype=amp_dtype(cfg.train.amp, env.device),
+            )
+            if env.is_main:
+                print(f"{cfg.data.dataset} {split}: {written} frames predicted into {args.save_predictions}")
+            return 0
         results = evaluate(
             model,
             dataset,

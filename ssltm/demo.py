@@ -29,16 +29,16 @@ PICTURE_SCALE = 2
 def majority_baseline(cfg) -> tuple[int, float]:
     """The most frequent class of the training videos, and the mIoU of predicting it everywhere in the
     validation videos (the score of a model that learned nothing but the class frequencies)."""
-    dataset, train_indices = build_dataset(cfg, "train", train=False)
-    _, val_indices = build_dataset(cfg, "val", train=False)
-    k = dataset.num_classes
+    train_set, train_indices = build_dataset(cfg, "train", train=False)
+    val_set, val_indices = build_dataset(cfg, "val", train=False)
+    k = train_set.num_classes
     counts = np.zeros(k, np.int64)
     for i in train_indices:
-        counts += np.bincount(dataset.read_label(*dataset.queries[i]).ravel(), minlength=k)
+        counts += np.bincount(train_set.read_label(*train_set.queries[i]).ravel(), minlength=k)
     majority = int(counts.argmax())
     conf = np.zeros((k, k), np.int64)
     for i in val_indices:
-        label = dataset.read_label(*dataset.queries[i])
+        label = val_set.read_label(*val_set.queries[i])
         conf += confusion_matrix(np.full_like(label, majority), label, k)
     return majority, miou(conf)
 

@@ -46,34 +46,41 @@ def videos_of(dataset: ClipDataset, indices: Sequence[int]) -> dict[int, list[in
 
 class _VideoFrames(Sequence):
     """The frames of one video, every one a query, loaded on demand for ``VideoPredictor.predict_video``
-    (which reads the last frame first, then walks forward): a few stay cached with their labels."""
+    (which reads the last frame first, then walks forward): a few stay cached with their labels (``labels=False``:
+    none read). ``sizes`` keeps each loaded frame's stored ``(H, W)``."""
 
-    def __init__(self, dataset: ClipDataset, video: int, length: int, keep: int):
-        self.dataset, self.video, self.length, self.keep = dataset, video, length, keep
-        self.cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+    def __init__(self, dataset: ClipDataset, video: int, length: int, keep: int, labels: bool = True):
+        self.dataset, self.video, self.length, self.keep, self.labels = dataset, video, length, keep, labels
+        self.cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.sizes: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return self.length
 
-    def load(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame ``t`` as the model's input ``(3, H, W)`` and its label ``(H, W)``, through the dataset's transform."""
+    def load(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Frame ``t`` as the model's input ``(3, H, W)`` and its label ``(H, W)`` (None without labels), through
+        the dataset's transform."""
         if t not in self.cache:
-            label = self.dataset.read_label(self.video, t)
+            label = self.dataset.read_label(self.video, t) if self.labels else None
             image = torch.from_numpy(self.dataset.read_frame(self.video, t)).permute(2, 0, 1).contiguous()
-            out = self.dataset.transform(
-                {
-                    "frames": tv_tensors.Video(image[None]),
-                    "reference": tv_tensors.Image(image),
-                    "label": tv_tensors.Mask(torch.from_numpy(label)),
-                }
-            )
-            self.cache[t] = (out["frames"][0].as_subclass(torch.Tensor), out["label"].as_subclass(torch.Tensor))
+            self.sizes[t] = tuple(image.shape[-2:])
+            clip = {"frames": tv_tensors.Video(image[None]), "reference": tv_tensors.Image(image)}
+            if label is not None:
+                clip["label"] = tv_tensors.Mask(torch.from_numpy(label))
+            out = self.dataset.transform(clip)
+            out_label = out["label"].as_subclass(torch.Tensor) if label is not None else None
+            self.cache[t] = (out["frames"][0].as_subclass(torch.Tensor), out_label)
             if len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
         return self.cache[t]
 
     def __getitem__(self, t: int) -> torch.Tensor:
         return self.load(t)[0]
+
+
+def _keep(dataset: ClipDataset) -> int:
+    """Frames :class:`_VideoFrames` keeps for the whole-video predictor: as far back as the farthest offset."""
+    return 2 * max(dataset.sampler.offsets, default=0) + 3
 
 
 def _video_predictions(
@@ -93,7 +100,7 @@ def _video_predictions(
     """
     length = dataset.video_length(video)
     if [dataset.queries[i][1] for i in indices] == list(range(length)):
-        frames = _VideoFrames(dataset, video, length, keep=2 * max(dataset.sampler.offsets, default=0) + 3)
+        frames = _VideoFrames(dataset, video, length, keep=_keep(dataset))
         predictor = VideoPredictor(model, dataset.sampler.offsets)
         with autocast(env.device, amp_dtype):
             for t, pred in enumerate(predictor.predict_video(frames)):
@@ -196,6 +203,66 @@ def evaluate(
     if tc:
         results.update(TC_protocol=tc_protocol, TC_flow=flow, TC_videos=len(tc_ids))
     return results
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: ClipDataset,
+    env: dist.DistEnv,
+    save_dir: str | Path,
+    *,
+    palette: Sequence[Sequence[int]] | None = None,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> int:
+    """Predict every frame of every video of ``dataset`` with the paper's inference (the whole-video predictor:
+    the video's farthest frame as the reference, every frame through the backbone once) and write each class map
+    to ``save_dir/<video>/<frame>.png`` (VSPW's submission layout: pixel values are class ids, ``palette`` the
+    colours), at the stored frame's size (nearest-neighbour where ``data.eval_size`` resized the input). No label
+    is read and no metric computed: for splits without labels, the dataset built with ``labels=False``.
+
+    Under ``torchrun`` each process takes every ``world_size``-th video. Returns the number of frames written,
+    over all processes.
+
+    Raises:
+        ValueError: ``dataset`` has no videos, or a video whose frames are not all queries.
+    """
+    all_videos = list(videos_of(dataset, range(len(dataset))).items())
+    if not all_videos:
+        raise ValueError("no videos to predict")
+    for video, indices in all_videos:
+        if [dataset.queries[i][1] for i in indices] != list(range(dataset.video_length(video))):
+            raise ValueError(
+                f"video {dataset.video_name(video)!r}: prediction needs every frame as a query "
+                "(a dataset built with labels=False)"
+            )
+    videos = all_videos[env.rank :: env.world_size]
+    bar = tqdm(
+        total=sum(len(v) for _, v in videos),
+        desc="predict",
+        unit="frame",
+        leave=False,
+        disable=not (progress and env.is_main),
+    )
+    written = 0
+    try:
+        for video, indices in videos:
+            name = dataset.video_name(video)
+            frames = _VideoFrames(dataset, video, len(indices), keep=_keep(dataset), labels=False)
+            predictor = VideoPredictor(model, dataset.sampler.offsets)
+            with autocast(env.device, amp_dtype):
+                for t, pred in enumerate(predictor.predict_video(frames)):
+                    size = frames.sizes[t]
+                    if tuple(pred.shape) != size:
+                        pred = nn.functional.interpolate(pred[None, None].float(), size, mode="nearest")[0, 0]
+                    path = Path(save_dir) / name / f"{dataset.frame_id(video, t)}.png"
+                    save_label_png(path, pred.cpu().numpy(), palette or [])
+                    written += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+    return sum(dist.all_gather_object(written))
 
 
 def _percent(value: float) -> float | None:

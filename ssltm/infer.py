@@ -3,7 +3,6 @@ colourised overlays, an overlay video and the frame rate."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .build import load_model
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD, natural_order
 from .model import VideoPredictor
 from .outputs import check_output_folder, staged_folder
 from .precision import amp_dtype, autocast
@@ -35,12 +34,6 @@ class FrameSource:
     frames: Iterator[tuple[str, np.ndarray]]
     fps: float | None
     count: int | None
-
-
-def natural_order(name: str) -> tuple:
-    """The sort key that puts ``f_2`` before ``f_10``: runs of digits compare as numbers, the text between them
-    case-insensitively."""
-    return tuple(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name))
 
 
 def open_frames(path: str | Path, max_frames: int | None = None) -> FrameSource:

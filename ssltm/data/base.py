@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -42,6 +44,11 @@ class ClipDataset(Dataset):
     - ``"label"``: int64 ``(H, W)``, class ids, 255 = ignore;
     - ``"video"``: str, the video's name; ``"frame"``: str, the query frame's id.
 
+    Class metadata (mmsegmentation's ``METAINFO``): ``METAINFO = {"classes": (names...), "palette": ((r, g, b),
+    ...)}`` on the class, the palette optional (default: :func:`ssltm.visualize.make_palette`); a dataset whose
+    names come from its files or the run's config overrides :meth:`metainfo` instead. :meth:`from_config` builds
+    the dataset of one split from a run's config.
+
     ``torch.utils.data.default_collate`` stacks a batch to ``frames (B, 1+n, 3, H, W)``,
     ``reference (B, 3, H, W)``, ``label (B, H, W)`` and lists of str (equal ``H, W`` needed: a crop
     in training, batch size 1 for full frames of varying size).
@@ -58,6 +65,34 @@ class ClipDataset(Dataset):
     """
 
     num_classes: int
+    METAINFO: ClassVar[dict[str, Sequence]] = {}
+
+    @classmethod
+    def metainfo(cls, cfg: Any) -> dict[str, Sequence]:
+        """``{"classes": names, "palette": RGB triples (optional)}`` of this dataset for the run config ``cfg``
+        (``ssltm.config``'s schema); by default :attr:`METAINFO`."""
+        return cls.METAINFO
+
+    @classmethod
+    def from_config(cls, cfg: Any, split: str, labels: bool = True, **common: Any) -> ClipDataset:
+        """The dataset of ``split`` for the run config ``cfg``: by default
+        ``cls(cfg.data.root, split, seed=cfg.train.seed, **common)``, the constructor of
+        :class:`SplitClipDataset` (``common``: ``offsets``, ``reference``, ``transform``), with ``labels=False``
+        added when asked for a split to predict without labels (every frame a query, none read as a label).
+
+        Raises:
+            ValueError: ``data.root`` is not set, or the constructor does not take these arguments.
+        """
+        args = (config_root(cfg), split)
+        kwargs = {"seed": cfg.train.seed, **common, **({} if labels else {"labels": False})}
+        try:
+            inspect.signature(cls).bind(*args, **kwargs)
+        except TypeError as err:
+            raise ValueError(
+                f"data.dataset {cfg.data.dataset!r}: the constructor of {cls.__name__} does not take "
+                f"({', '.join(['root', 'split', *kwargs])}): {err}"
+            ) from None
+        return cls(*args, **kwargs)
 
     def __init__(
         self,
@@ -191,6 +226,8 @@ class SplitClipDataset(FileClipDataset):
         split: the split's name.
         reference: as in :class:`ClipDataset`; by default :func:`default_reference` of ``split``.
         offsets, causal, transform, seed: see :class:`ClipDataset`.
+        labels: ``False`` lists every frame of every video as a query and reads no labels (a split to
+            predict, e.g. a test split shipped without them); ``_scan`` reads it as ``self.labels``.
     """
 
     def __init__(
@@ -202,6 +239,7 @@ class SplitClipDataset(FileClipDataset):
         reference: str | None = None,
         transform: Transform | None = None,
         seed: int | None = None,
+        labels: bool = True,
     ):
         super().__init__(
             offsets=offsets,
@@ -210,7 +248,7 @@ class SplitClipDataset(FileClipDataset):
             transform=transform,
             seed=seed,
         )
-        self.root, self.split = Path(root), split
+        self.root, self.split, self.labels = Path(root), split, labels
         self._scan()
 
     def _scan(self) -> None:
@@ -238,6 +276,42 @@ def read_label_png(path: Path) -> np.ndarray:
             return np.asarray(img, dtype=np.uint8)
     except OSError as e:
         raise OSError(f"cannot read label {path}: {e}") from e
+
+
+def natural_order(name: str) -> tuple:
+    """The sort key that puts ``f_2`` before ``f_10``: runs of digits compare as numbers, the text between them
+    case-insensitively."""
+    return tuple(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name))
+
+
+def config_root(cfg: Any) -> Path:
+    """``cfg.data.root`` as a ``Path``; a ValueError naming the key when it is not set."""
+    if not cfg.data.root:
+        raise ValueError(f"data.root must name the folder of the {cfg.data.dataset} data")
+    return Path(cfg.data.root)
+
+
+_VIDEO_NAME = re.compile(r"[^\s/\\]+")
+
+
+def read_split_file(path: Path, what: str) -> list[str]:
+    """The video names in a split file, one a line, blank lines skipped; errors call the file ``what``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: expected {path}")
+    names: list[str] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if not _VIDEO_NAME.fullmatch(name):
+            raise ValueError(f"{path}, line {number}: expected one video name (no spaces or slashes), got {line!r}")
+        names.append(name)
+    if not names:
+        raise ValueError(f"{what} {path} lists no videos")
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{what} {path} lists videos more than once: {repeated[:5]}")
+    return names
 
 
 def require_dir(path: Path, what: str) -> Path:

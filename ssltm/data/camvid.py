@@ -7,10 +7,18 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from itertools import pairwise
+from pathlib import Path
 
 from .base import SplitClipDataset, VideoFiles, index_lut, require_dir
 
-NUM_CLASSES = 11  # value 11 is "void"
+CLASSES = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+)  # fmt: skip
+PALETTE = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)  # fmt: skip
+NUM_CLASSES = len(CLASSES)  # value 11 is "void"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _STEM = re.compile(r"([A-Za-z0-9]+)_f?(\d+)")
 # A step between labelled frames this many times the sequence's median step is a gap (a cut in the
@@ -37,10 +45,12 @@ class CamVid(SplitClipDataset):
         reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
         offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        labels: ``False`` reads no ``<split>annot/`` folder and makes every image a query.
 
     Labels: 0..10 as they are; 11 (void) and anything else becomes 255.
     """
 
+    METAINFO = {"classes": CLASSES, "palette": PALETTE}
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
 
@@ -48,25 +58,10 @@ class CamVid(SplitClipDataset):
         split = self.split
         require_dir(self.root, "CamVid root")
         image_dir = require_dir(self.root / split, f"CamVid {split!r} images")
-        label_dir = require_dir(self.root / f"{split}annot", f"CamVid {split!r} labels")
         images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        labels = {p.stem: p for p in label_dir.glob("*.png")}
         if not images:
             raise FileNotFoundError(f"no CamVid images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
-        unmatched = sorted(labels.keys() - images.keys())
-        if unmatched:
-            stem = unmatched[0]
-            raise FileNotFoundError(
-                f"{len(unmatched)} CamVid labels have no image, e.g. {labels[stem]}: "
-                f"expected {image_dir / stem}.png or .jpg"
-            )
-        unlabelled = sorted(images.keys() - labels.keys())
-        if unlabelled:
-            stem = unlabelled[0]
-            raise FileNotFoundError(
-                f"{len(unlabelled)} CamVid images have no label, e.g. {images[stem]}: expected {label_dir / stem}.png"
-            )
-
+        labels = self._labels(images, image_dir) if self.labels else {}
         sequences: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for stem in images:
             match = _STEM.fullmatch(stem)
@@ -87,10 +82,29 @@ class CamVid(SplitClipDataset):
                         name=seq if len(parts) == 1 else f"{seq}-{k}",
                         frame_ids=tuple(stems),
                         images=tuple(images[s] for s in stems),
-                        labels={t: labels[s] for t, s in enumerate(stems)},
+                        labels={t: labels[s] for t, s in enumerate(stems) if s in labels},
                     )
                 )
                 self.queries.extend((v, t) for t in range(len(stems)))
+
+    def _labels(self, images: dict[str, Path], image_dir: Path) -> dict[str, Path]:
+        """The label of every image, by stem; an error naming the first image or label without its pair."""
+        label_dir = require_dir(self.root / f"{self.split}annot", f"CamVid {self.split!r} labels")
+        labels = {p.stem: p for p in label_dir.glob("*.png")}
+        unmatched = sorted(labels.keys() - images.keys())
+        if unmatched:
+            stem = unmatched[0]
+            raise FileNotFoundError(
+                f"{len(unmatched)} CamVid labels have no image, e.g. {labels[stem]}: "
+                f"expected {image_dir / stem}.png or .jpg"
+            )
+        unlabelled = sorted(images.keys() - labels.keys())
+        if unlabelled:
+            stem = unlabelled[0]
+            raise FileNotFoundError(
+                f"{len(unlabelled)} CamVid images have no label, e.g. {images[stem]}: expected {label_dir / stem}.png"
+            )
+        return labels
 
 
 def split_at_gaps(numbers: Sequence[int], factor: float = GAP_FACTOR) -> list[tuple[int, int]]:

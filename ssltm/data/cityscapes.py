@@ -7,7 +7,16 @@ from pathlib import Path
 
 from .base import SplitClipDataset, VideoFiles, index_lut, require_dir
 
-NUM_CLASSES = 19
+CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+NUM_CLASSES = len(CLASSES)
 # The labelled frame is the 20th of its snippet: 19 frames before it and 10 after.
 FRAMES_BEFORE, FRAMES_AFTER = 19, 10
 _LABEL = re.compile(r"(?P<city>.+)_(?P<seq>\d+)_(?P<frame>\d+)_gtFine_labelTrainIds\.png")
@@ -33,14 +42,20 @@ class CityscapesSequence(SplitClipDataset):
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
         offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
 
-    Labels: train ids 0..18 as they are, everything else (255) ignored.
+    Labels: train ids 0..18 as they are, everything else (255) ignored. The snippets are found through their
+    labels, so every split needs them (``labels=False`` is refused).
     """
 
+    METAINFO = {"classes": CLASSES, "palette": PALETTE}
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
 
     def _scan(self) -> None:
         split = self.split
+        if not self.labels:
+            raise ValueError(
+                "Cityscapes snippets are found through their fine labels: a split without labels cannot be read"
+            )
         require_dir(self.root, "Cityscapes root")
         frames_dir = require_dir(self.root / "leftImg8bit_sequence" / split, f"Cityscapes {split!r} sequence frames")
         labels_dir = require_dir(self.root / "gtFine" / split, f"Cityscapes {split!r} fine labels")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,8 @@ class SyntheticVideos(ClipDataset):
             augmentation: sample ``i`` is the same whatever the order or worker
             (:meth:`~ssltm.data.ClipDataset.set_epoch` varies the last two).
         objects: inclusive range of the number of moving objects per video.
+        query_videos: the videos whose frames are the samples (default: all); the others still exist (a
+            split of one seed's videos keeps every class's appearance).
         offsets, causal, reference, transform: see :class:`~ssltm.data.ClipDataset`.
 
     Samples as in :class:`~ssltm.data.ClipDataset`; labels are exact class ids in
@@ -63,6 +66,7 @@ class SyntheticVideos(ClipDataset):
         num_classes: int = 6,
         seed: int = 0,
         objects: tuple[int, int] = (2, 5),
+        query_videos: Sequence[int] | None = None,
         offsets: Sequence[int] = (3, 6, 9),
         causal: bool = False,
         reference: str = "random",
@@ -92,8 +96,34 @@ class SyntheticVideos(ClipDataset):
         self._texture = (colours + noise).reshape(-1, 3).astype(np.float32)
         self._videos = [self._make_video(np.random.default_rng([seed, 1, v]), objects) for v in range(num_videos)]
         self._grid_y, self._grid_x = np.mgrid[0:height, 0:width].astype(np.float32)
-        self.queries = [(v, t) for v in range(num_videos) for t in range(num_frames)]
+        videos = range(num_videos) if query_videos is None else query_videos
+        if any(not 0 <= v < num_videos for v in videos):
+            raise ValueError(f"query_videos must be in 0..{num_videos - 1}, got {list(videos)}")
+        self.queries = [(v, t) for v in videos for t in range(num_frames)]
         self._last: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def metainfo(cls, cfg: Any) -> dict[str, Sequence]:
+        return {"classes": tuple(f"class_{k}" for k in range(cfg.data.synthetic.num_classes))}
+
+    @classmethod
+    def from_config(cls, cfg: Any, split: str, labels: bool = True, **common: Any) -> SyntheticVideos:
+        """Split ``"train"``: the first videos of ``data.synthetic``; ``"val"``: its last ``val_videos`` (the same
+        seed: it also fixes every class's appearance). Every frame is labelled, so ``labels`` changes nothing."""
+        s = cfg.data.synthetic
+        if split not in ("train", "val"):
+            raise ValueError(f"the synthetic dataset has splits 'train' and 'val', got {split!r}")
+        first_val = s.num_videos - s.val_videos
+        return cls(
+            num_videos=s.num_videos,
+            num_frames=s.num_frames,
+            size=s.size if isinstance(s.size, int) else tuple(s.size),
+            num_classes=s.num_classes,
+            seed=s.seed,
+            objects=tuple(s.objects),
+            query_videos=range(first_val) if split == "train" else range(first_val, s.num_videos),
+            **common,
+        )
 
     def _make_video(self, rng: np.random.Generator, objects: tuple[int, int]) -> _Video:
         h, w, k = self.height, self.width, self.num_classes

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .base import SplitClipDataset, Transform, VideoFiles, index_lut, require_dir
+from .base import SplitClipDataset, Transform, VideoFiles, config_root, index_lut, read_split_file, require_dir
 
 SPLITS = ("train", "val", "test")
 MODES = ("full", "sf")
 NUM_CLASSES = 124
-_VIDEO_NAME = re.compile(r"[^\s/\\]+")
+# VSPW ships its class names as {"others": 0, "wall": 1, ...}: raw id k is class k - 1.
+CLASS_FILE = "label_num_dic_final.json"
 
 
 class VSPW(SplitClipDataset):
@@ -32,7 +34,9 @@ class VSPW(SplitClipDataset):
         reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
         offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        labels: ``False`` reads no masks and makes every frame a query (predicting the test split).
 
+    Class names: from ``label_num_dic_final.json`` of the release, ``class_<k>`` without it.
     Labels: raw 0 ("others") and 255 become 255 (ignore), raw ``k`` in 1..124 becomes ``k - 1``;
     other raw values are not VSPW classes and become 255 rather than crash the loss. Unlabelled
     frames still serve as adjacent and reference frames.
@@ -51,9 +55,26 @@ class VSPW(SplitClipDataset):
         reference: str | None = None,
         transform: Transform | None = None,
         seed: int | None = None,
+        labels: bool = True,
     ):
         self.mode = mode
-        super().__init__(root, split, offsets, causal, reference, transform, seed)
+        super().__init__(root, split, offsets, causal, reference, transform, seed, labels)
+
+    @classmethod
+    def metainfo(cls, cfg: Any) -> dict[str, Sequence]:
+        root = config_root(cfg)
+        names = [f"class_{k}" for k in range(NUM_CLASSES)]
+        for candidate in (root / "VSPW_480p" / CLASS_FILE, root / CLASS_FILE):
+            if candidate.is_file():
+                for name, raw in json.loads(candidate.read_text()).items():
+                    if 1 <= int(raw) <= NUM_CLASSES:
+                        names[int(raw) - 1] = name
+                break
+        return {"classes": tuple(names)}
+
+    @classmethod
+    def from_config(cls, cfg: Any, split: str, labels: bool = True, **common: Any) -> VSPW:
+        return cls(config_root(cfg), split, mode=cfg.data.mode, seed=cfg.train.seed, labels=labels, **common)
 
     def _scan(self) -> None:
         split, mode = self.split, self.mode
@@ -63,11 +84,13 @@ class VSPW(SplitClipDataset):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.root = _find_release(self.root, split)
         data = require_dir(self.root / "data", "VSPW data folder")
-        for name in read_split_file(self.root / f"{split}.txt"):
-            video = _scan_video(data / name, name)
+        for name in read_split_file(self.root / f"{split}.txt", "VSPW split file"):
+            video = _scan_video(data / name, name, self.labels)
             v = len(self.videos)
             self.videos.append(video)
-            if mode == "sf" and split == "train":
+            if not self.labels:
+                self.queries.extend((v, t) for t in range(len(video.images)))
+            elif mode == "sf" and split == "train":
                 if 0 not in video.labels:
                     raise FileNotFoundError(
                         f"VSPW-SF needs the first frame's label: no {data / name / 'mask' / video.frame_ids[0]}.png"
@@ -88,41 +111,24 @@ def _find_release(root: Path, split: str) -> Path:
     )
 
 
-def read_split_file(path: Path) -> list[str]:
-    """The video names in a VSPW split file: one a line, blank lines skipped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"VSPW split file not found: expected {path}")
-    names: list[str] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        name = line.strip()
-        if not name:
-            continue
-        if not _VIDEO_NAME.fullmatch(name):
-            raise ValueError(f"{path}, line {number}: expected one video name (no spaces or slashes), got {line!r}")
-        names.append(name)
-    if not names:
-        raise ValueError(f"VSPW split file {path} lists no videos")
-    if len(set(names)) != len(names):
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"VSPW split file {path} lists videos more than once: {repeated[:5]}")
-    return names
-
-
-def _scan_video(folder: Path, name: str) -> VideoFiles:
+def _scan_video(folder: Path, name: str, labels: bool) -> VideoFiles:
     origin = require_dir(folder / "origin", f"frames of VSPW video {name!r}")
     images = sorted(p for p in origin.iterdir() if p.suffix.lower() == ".jpg")
     if not images:
         raise FileNotFoundError(f"VSPW video {name!r} has no frames: no *.jpg in {origin}")
+    if not labels:
+        return VideoFiles(name, tuple(p.stem for p in images), tuple(images), {})
     index = {p.stem: t for t, p in enumerate(images)}
     mask_dir = folder / "mask"
     masks = sorted(mask_dir.glob("*.png")) if mask_dir.is_dir() else []
     if not masks:
         raise FileNotFoundError(
-            f"VSPW video {name!r} has no labels: no *.png in {mask_dir} (VSPW's test split ships without them)"
+            f"VSPW video {name!r} has no labels: no *.png in {mask_dir} "
+            "(VSPW's test split ships without them: predict it with ssltm eval --predict-only)"
         )
-    labels = {}
+    found = {}
     for mask in masks:
         if mask.stem not in index:
             raise FileNotFoundError(f"label {mask} has no frame: expected {origin / mask.stem}.jpg")
-        labels[index[mask.stem]] = mask
-    return VideoFiles(name, tuple(p.stem for p in images), tuple(images), labels)
+        found[index[mask.stem]] = mask
+    return VideoFiles(name, tuple(p.stem for p in images), tuple(images), found)
