@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from ssltm_kernels._ext import _C, BUILD_HINT, HAS_CUDA_EXT
 from .checkpoint import load_checkpoint
 from .config import ConfigError, load_config
 from .distributed import resolve_device
-from .outputs import check_output_file, check_output_folder
+from .outputs import check_output_file, check_replaceable_folder, staged_folder
 
 EXIT_ERROR = 2  # bad config, path or argument
 EXIT_FAILED = 1  # the run itself failed (a non-finite loss)
@@ -187,7 +188,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError("--predict-only computes no metrics for --out to write")
     out = None if args.out is None else check_output_file(args.out, "--out")
     if args.save_predictions is not None:
-        check_output_folder(args.save_predictions, "--save-predictions")
+        check_replaceable_folder(args.save_predictions, "--save-predictions", _is_prediction_folder)
     ckpt = load_checkpoint(args.checkpoint)
     cfg = load_config(args.config, args.overrides, base=ckpt["config"])
     options = {} if args.predict_only else eval_options(cfg)
@@ -205,32 +206,32 @@ def _eval(args: argparse.Namespace) -> int:
     env = dist.setup(cfg.device)
     try:
         model = model_from_checkpoint(cfg, ckpt, args.checkpoint).to(env.device)
-        if args.predict_only:
-            written = predict(
-                model,
-                dataset,
-                env,
-                args.save_predictions,
-                palette=info.palette,
-                amp_dtype=amp_dtype(cfg.train.amp, env.device),
-            )
-            if env.is_main:
-                print(f"{cfg.data.dataset} {split}: {written} frames predicted into {args.save_predictions}")
-            return 0
-        results = evaluate(
-            model,
-            dataset,
-            indices,
-            info.num_classes,
-            env,
-            amp_dtype=amp_dtype(cfg.train.amp, env.device),
-            num_workers=cfg.data.num_workers,
-            palette=info.palette,
-            save_dir=args.save_predictions,
-            **options,
-        )
+        # The label PNGs appear in --save-predictions whole, once every process has written its videos.
+        saving = staged_folder(args.save_predictions, shared=True) if args.save_predictions else nullcontext()
+        with saving as save_dir:
+            if args.predict_only:
+                written = predict(
+                    model, dataset, env, save_dir, palette=info.palette, amp_dtype=amp_dtype(cfg.train.amp, env.device)
+                )
+            else:
+                results = evaluate(
+                    model,
+                    dataset,
+                    indices,
+                    info.num_classes,
+                    env,
+                    amp_dtype=amp_dtype(cfg.train.amp, env.device),
+                    num_workers=cfg.data.num_workers,
+                    palette=info.palette,
+                    save_dir=save_dir,
+                    **options,
+                )
     finally:
         dist.teardown()
+    if args.predict_only:
+        if env.is_main:
+            print(f"{cfg.data.dataset} {split}: {written} frames predicted into {args.save_predictions}")
+        return 0
     if env.is_main:
         print(f"{cfg.data.dataset} {split}: {len(indices)} frames, checkpoint {args.checkpoint}")
         if "TC_protocol" in results:
@@ -242,6 +243,11 @@ def _eval(args: argparse.Namespace) -> int:
             out.write_text(json.dumps(results_json(results, info.classes), indent=2) + "\n")
             print(f"metrics written to {out}")
     return 0
+
+
+def _is_prediction_folder(path: Path) -> bool:
+    """An entry of an earlier ``--save-predictions`` folder: a video's folder of label PNGs."""
+    return path.is_dir() and all(p.suffix == ".png" for p in path.iterdir())
 
 
 def _infer(args: argparse.Namespace) -> int:

@@ -6,8 +6,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
+
+from . import distributed as dist
 
 
 def check_output_file(path: str | Path, arg: str) -> Path:
@@ -18,6 +22,21 @@ def check_output_file(path: str | Path, arg: str) -> Path:
 def check_output_folder(path: str | Path, arg: str) -> Path:
     """Raise a ValueError naming ``arg`` unless ``path`` is a folder, or one can be made there, to write in."""
     return _check_writable(Path(path), arg, folder=True)
+
+
+def check_replaceable_folder(path: str | Path, arg: str, is_output: Callable[[Path], bool]) -> Path:
+    """:func:`check_output_folder`, and a ValueError naming ``arg`` if the folder holds an entry that
+    ``is_output`` does not take for an earlier run's output: the folder is replaced whole (:func:`staged_folder`),
+    so anything else in it would be lost."""
+    path = check_output_folder(path, arg)
+    if path.is_dir():
+        others = sorted(p.name for p in path.iterdir() if not is_output(p))
+        if others:
+            raise ValueError(
+                f"{arg}: {path} holds other files than an earlier run's output ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
+            )
+    return path
 
 
 def _check_writable(path: Path, arg: str, folder: bool) -> Path:
@@ -39,20 +58,32 @@ def _check_writable(path: Path, arg: str, folder: bool) -> Path:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | Path) -> Iterator[Path]:
+def staged_folder(target: str | Path, shared: bool = False) -> Iterator[Path]:
     """A fresh folder beside ``target`` to write into; when the block succeeds it is renamed to ``target``
     (replacing what was there), when it fails (an error, Ctrl-C) it is removed: ``target`` is never half written.
+
+    ``shared=True``, under ``torchrun``: every process enters the block with the same folder (the first process
+    makes it), and the first process renames it once all have left the block.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    main = not shared or not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run of the same process id
-    staging.mkdir()
+    if main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run of the same process id
+        staging.mkdir()
+    if shared:
+        staging = dist.broadcast_object(staging)
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    if shared:
+        dist.barrier()
+    if not main:
+        return
     if target.exists():
         old = target.with_name(f".{target.name}.{os.getpid()}.old")
         shutil.rmtree(old, ignore_errors=True)

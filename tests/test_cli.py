@@ -641,6 +641,8 @@ def test_outputs_are_checked_before_the_work(tmp_path, trained, capsys, monkeypa
     assert f"--out: {tmp_path} is a folder, not a file" in err
     err = run_error(capsys, [*evaluation, "--save-predictions", str(a_file)])
     assert f"--save-predictions: {a_file} is a file, not a folder" in err
+    err = run_error(capsys, [*evaluation, "--save-predictions", str(tmp_path)])
+    assert f"{tmp_path} holds other files than an earlier run's output (config.yaml, file.txt)" in err
 
     frames = frame_folder(tmp_path, 3, broken=2)
     out = tmp_path / "seg"
@@ -665,6 +667,26 @@ def test_outputs_are_checked_before_the_work(tmp_path, trained, capsys, monkeypa
     shutil.rmtree(out)
     assert "--input: cannot read the image" in run_error(capsys, infer)
     assert not out.exists()
+
+
+def test_a_failed_evaluation_leaves_the_predictions_folder_as_it_was(tmp_path, trained, capsys, monkeypatch):
+    import ssltm.evaluate
+
+    preds = tmp_path / "preds"
+    (preds / "video").mkdir(parents=True)
+    (preds / "video" / "00000.png").write_bytes(b"earlier")
+
+    def fails_after_one_video(model, dataset, indices, num_classes, env, save_dir, **kwargs):
+        (Path(save_dir) / "synthetic_4").mkdir()
+        (Path(save_dir) / "synthetic_4" / "00000.png").write_bytes(b"new")
+        raise ValueError("stopped in the middle")
+
+    monkeypatch.setattr(ssltm.evaluate, "evaluate", fails_after_one_video)
+    evaluation = ["eval", config_file(tmp_path), "--set", *TINY, "--checkpoint", str(trained)]
+    assert "stopped in the middle" in run_error(capsys, [*evaluation, "--save-predictions", str(preds)])
+    assert [p.relative_to(preds).as_posix() for p in preds.rglob("*")] == ["video", "video/00000.png"]
+    assert (preds / "video" / "00000.png").read_bytes() == b"earlier"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_warns_once_when_the_kernels_cannot_run_at_full_speed(tmp_path, trained, capsys, monkeypatch):
