@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,9 +13,10 @@ from .backbone import ResNetTrunk
 from .heads import SegHead, cross_entropy, present_classes
 from .neck import FPNNeck, fuse_levels, resize
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
-from .stt import ShortTermTransformer
+from .short_term import ShortTermModule, build_short_term, resolve_short_term
 
 CONTEXTS = ("reference", "query")
+FlowProvider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (src, dst) (N, 3, H, W) -> (N, 2, H, W)
 MIN_SIZE = 32  # the smallest input side: the ResNet's total stride (the stride-32 level is then at least 1x1)
 
 
@@ -24,9 +26,12 @@ class SSLTM(nn.Module):
     ``model(frames, reference=None, labels=None)`` with ``frames (B, 1+n, 3, H, W)`` (the query frame first,
     then its ``n = num_adjacent`` adjacent frames, ImageNet-normalised), ``reference (B, 3, H, W)`` (a distant
     frame of the same video) and integer ``labels (B, H, W)`` of the query frame returns a dict:
-    ``"logits"`` ``(B, num_classes, H, W)`` at input resolution, and with labels ``"losses"`` =
-    ``{"sup", "mse", "aux", "total"}``, ``total = sup + alpha * mse + beta * aux`` (Eq. 10), every term
-    skipping ``ignore_index`` pixels. Any ``H, W >= 32``.
+    ``"logits"`` ``(B, num_classes, H, W)`` at input resolution, and with labels ``"losses"``, keyed by
+    ``model.loss_terms``: ``"sup"``, ``"mse"``, ``"aux"``, the short-term module's own terms (already weighted)
+    and ``"total" = sup + alpha * mse + beta * aux`` (Eq. 10) plus those terms, every term skipping
+    ``ignore_index`` pixels. Any ``H, W >= 32``. A module that reads optical flow (``needs_flow``) takes it as
+    ``flow (B, n, 2, H, W)`` float32 (query -> each adjacent frame), or computes it with the flow provider
+    attached by :meth:`set_flow_provider`.
 
     Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet + UperNet's
     PPM and FPN, one batch) and a per-stride projection to the STT dims; STT blocks over the stacked clip
@@ -57,10 +62,19 @@ class SSLTM(nn.Module):
         ignore_index: label value without a class (255).
         use_stt, use_rfce, use_gcc: the ablation switches of Table 4. Without STT the query frame's four FPN
             levels, upsampled and concatenated, take the place of ``F_q^st`` (all three off: UperNet). GCC
-            needs RFCE (its G is attended to there).
+            needs RFCE (its G is attended to there). ``use_stt`` (None: unset) is the older form of
+            ``short_term``: True is ``"stt"``, False ``"none"``.
         context: ``"reference"`` (RFCE) or ``"query"`` (QFCE, supplementary §2.6: the query frame's own
             categories replace the reference's; no reference frame needed).
         pretrained: local path to a torchvision ImageNet checkpoint of the ResNet (loaded as is).
+
+    The short-term module (keyword-only; README "Short-term modules"):
+        short_term: one of ``SHORT_TERM`` (:mod:`ssltm.model.short_term`): ``"stt"`` (the default unless
+            ``use_stt=False``), ``"none"`` (the query frame's fused feature), ``"netwarp"``, ``"st_ocr"``. The
+            module is the submodule of that name (``model.stt``, ...; ``model.short_term_module``), and the
+            heads take its ``out_channels``. Any module but ``"none"`` makes ``forward`` encode every clip frame.
+        short_term_args: further arguments of the module's constructor (``build_short_term``); STT's come
+            from the ``stt_*``, ``head_dim``, ``window_size``, ``mlp_ratio`` and ``shifted_windows`` arguments.
 
     UperNet's settings (VSPW's UPerNet, keyword-only):
         ppm_dim: width of each PPM branch (512).
@@ -98,12 +112,14 @@ class SSLTM(nn.Module):
         alpha: float = 1.0,
         beta: float = 0.5,
         ignore_index: int = 255,
-        use_stt: bool = True,
+        use_stt: bool | None = None,
         use_rfce: bool = True,
         use_gcc: bool = True,
         context: str = "reference",
         pretrained: str | os.PathLike | None = None,
         *,
+        short_term: str | None = None,
+        short_term_args: dict[str, Any] | None = None,
         ppm_dim: int = 512,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         head_channels: int = 256,
@@ -138,20 +154,30 @@ class SSLTM(nn.Module):
         for name, value in (("aux_kernel_size", aux_kernel_size), ("ocr_kernel_size", ocr_kernel_size)):
             if not isinstance(value, int) or value < 1 or value % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd integer (a size-preserving conv), got {value!r}")
+        self.short_term = resolve_short_term(short_term, use_stt)
         self.num_classes, self.num_adjacent, self.ignore_index = num_classes, num_adjacent, ignore_index
         self.alpha, self.beta = alpha, beta
-        self.use_stt, self.use_rfce, self.use_gcc = use_stt, use_rfce, use_gcc
+        self.use_stt, self.use_rfce, self.use_gcc = self.short_term == "stt", use_rfce, use_gcc
         self.context, self.reference_stt = context, reference_stt
+        self.flow_provider: FlowProvider | None = None  # a plain attribute: outside the state_dict
 
         self.backbone = ResNetTrunk(backbone, pretrained)
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
-        if use_stt:
-            self.stt = ShortTermTransformer(
-                fpn_dim, stt_dims, stt_depths, head_dim, window_size, mlp_ratio, shifted_windows
+        args = dict(short_term_args or {})
+        if self.short_term == "stt":
+            stt = dict(
+                dims=stt_dims,
+                depths=stt_depths,
+                head_dim=head_dim,
+                window_size=window_size,
+                mlp_ratio=mlp_ratio,
+                shifted_windows=shifted_windows,
             )
-            st_channels = self.stt.out_channels
-        else:
-            st_channels = len(self.backbone.channels) * fpn_dim
+            args = {**stt, **args}
+        self.add_module(self.short_term, build_short_term(self.short_term, fpn_dim, num_classes, **args))
+        module = self.short_term_module
+        st_channels = module.out_channels
+        self.loss_terms: tuple[str, ...] = ("sup", "mse", "aux", *module.loss_terms, "total")
         if use_rfce:
             self.ocr = ObjectContext(
                 st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size, ocr_kernel_size
@@ -162,22 +188,48 @@ class SSLTM(nn.Module):
         self.seg_head = SegHead(st_channels + (context_dim if use_rfce else 0), head_channels, num_classes, dropout)
 
     @property
+    def short_term_module(self) -> ShortTermModule:
+        """The short-term module (the submodule named ``self.short_term``)."""
+        return getattr(self, self.short_term)
+
+    def set_flow_provider(self, provider: FlowProvider | None) -> None:
+        """Attach the optical flow provider (e.g. ``ssltm.flow.make_flow_provider``) that computes the flow a
+        ``needs_flow`` module reads when ``forward`` is given none (and for :class:`VideoPredictor`): a plain
+        attribute, never part of the ``state_dict`` or the parameters, even if the provider is a module."""
+        if provider is not None and not callable(provider):
+            raise TypeError(f"provider must be callable (src, dst) -> flow, got {type(provider).__name__}")
+        object.__setattr__(self, "flow_provider", provider)
+
+    def optical_flow(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """The attached provider's flow from ``src`` to ``dst`` (normalised ``(N, 3, H, W)``): float32
+        ``(N, 2, H, W)``, without gradients."""
+        if self.flow_provider is None:
+            raise ValueError(
+                f"short_term {self.short_term!r} needs flow: pass flow (B, n, 2, H, W) or attach a flow "
+                "provider with set_flow_provider (config key model.flow)"
+            )
+        with torch.no_grad(), torch.autocast(src.device.type, enabled=False):  # float32 flow
+            flow = self.flow_provider(src, dst)
+        _check_flow(flow, (src.shape[0], 2, *src.shape[-2:]), src.device, "the flow provider's output", "(N, 2, H, W)")
+        return flow
+
+    @property
     def uses_reference(self) -> bool:
         """Whether the forward needs a reference frame (RFCE with ``context="reference"``)."""
         return self.use_rfce and self.context == "reference"
 
     # ------------------------------------------------------------------------------------ stages
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``f_FE`` and, with STT, the per-stride projection, per image: ``(N, 3, H, W)`` ->
-        ``[(N, h_i, w_i, d_i)]`` at strides 4, 8, 16, 32 (what a streaming predictor caches per frame)."""
-        levels = self.neck(self.backbone(images))
-        return self.stt.project(levels) if self.use_stt else [x.permute(0, 2, 3, 1) for x in levels]
+        """``f_FE`` and the short-term module's per-frame projection (STT's per-stride projection), per image:
+        ``(N, 3, H, W)`` -> ``[(N, h_i, w_i, d_i)]`` at strides 4, 8, 16, 32 (what a streaming predictor caches
+        per frame)."""
+        return self.short_term_module.project(self.neck(self.backbone(images)))
 
     def reference_context(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """A reference frame's encoded levels ``[(B, h_i, w_i, d_i)]`` -> its categories ``F_ref^c (B, K, D)``."""
         if not self.use_rfce:
             raise RuntimeError("reference_context needs use_rfce=True")
-        if self.reference_stt and self.use_stt:
+        if self.reference_stt and self.short_term == "stt":
             levels = self.stt([x[:, None] for x in levels])
         return self.ocr(fuse_levels(levels))[1]
 
@@ -186,15 +238,37 @@ class SSLTM(nn.Module):
         clip: Sequence[torch.Tensor],
         reference_categories: torch.Tensor | None = None,
         size: Sequence[int] | None = None,
+        images: torch.Tensor | None = None,
+        flow: torch.Tensor | None = None,
+        state: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        """Encoded clip levels ``[(B, 1+n, h_i, w_i, d_i)]`` (query first) and ``F_ref^c`` -> logits
-        ``(B, K, H, W)`` resized to ``size`` (stride 4 when None)."""
-        logits = self._heads(self._short_term(clip), reference_categories)[0]
+        """Encoded clip levels ``[(B, 1+n, h_i, w_i, d_i)]`` (query first; the query alone will do for a module
+        with ``uses_adjacent`` False) and ``F_ref^c`` -> logits ``(B, K, H, W)`` resized to ``size`` (stride 4
+        when None). ``images (B, 1+n, 3, H, W)``: the clip's frames, for a module that ``needs_images``;
+        ``flow (B, n, 2, H, W)`` float32: query -> adjacent, for one that ``needs_flow``; ``state``: the
+        per-video dict of a module with a memory (kept by :class:`VideoPredictor`)."""
+        logits = self._heads(self._short_term(clip, images, flow, state), reference_categories)[0]
         return logits if size is None else resize(logits, size)
 
-    def _short_term(self, clip: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``F_q^st (B, sum(stt_dims), H/4, W/4)``."""
-        return fuse_levels(self.stt(clip) if self.use_stt else [x[:, 0] for x in clip])
+    def _short_term(self, clip, images=None, flow=None, state=None) -> torch.Tensor:
+        """``F_q^st (B, out_channels, H/4, W/4)``, the module's inputs checked first."""
+        module = self.short_term_module
+        if module.needs_images or module.needs_flow:  # the flow is checked against the frames' size
+            b, t = clip[0].shape[:2]
+            expected = f"the clip's frames (B, T, 3, H, W) = ({b}, {t}, 3, H, W)"
+            if images is None:
+                raise ValueError(f"short_term {self.short_term!r} needs images: {expected}")
+            if (
+                not isinstance(images, torch.Tensor)
+                or images.dim() != 5
+                or tuple(images.shape[:3]) != (b, t, 3)
+                or not images.is_floating_point()
+            ):
+                got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else images
+                raise ValueError(f"images must be float, {expected}, got {got}")
+            if module.needs_flow:
+                _check_flow(flow, (b, t - 1, 2, *images.shape[-2:]), images.device)
+        return module.query_feature(clip, images, flow, state)
 
     def _heads(self, st: torch.Tensor, reference_categories: torch.Tensor | None):
         """``F_q^st`` -> (seg logits, aux logits | None, query categories | None), all at stride 4."""
@@ -212,10 +286,20 @@ class SSLTM(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
     def forward(
-        self, frames: torch.Tensor, reference: torch.Tensor | None = None, labels: torch.Tensor | None = None
+        self,
+        frames: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        flow: torch.Tensor | None = None,
     ) -> dict:
-        b, _, _, h, w = self._check_inputs(frames, reference, labels)
-        clip_frames = frames if self.use_stt else frames[:, :1]  # the baseline looks at the query only
+        b, t, _, h, w = self._check_inputs(frames, reference, labels)
+        module = self.short_term_module
+        if module.needs_flow and flow is not None:
+            _check_flow(flow, (b, t - 1, 2, h, w), frames.device)
+        clip_frames = frames if module.uses_adjacent else frames[:, :1]  # the baseline looks at the query only
+        if module.needs_flow and flow is None:
+            query = frames[:, :1].expand(-1, t - 1, -1, -1, -1)
+            flow = self.optical_flow(query.flatten(0, 1), frames[:, 1:].flatten(0, 1)).unflatten(0, (b, t - 1))
         images = clip_frames.flatten(0, 1)
         if self.uses_reference:
             images = torch.cat([images, reference], dim=0)
@@ -223,7 +307,8 @@ class SSLTM(nn.Module):
         n = clip_frames.shape[0] * clip_frames.shape[1]
         clip = [x[:n].unflatten(0, (b, -1)) for x in levels]
         reference_categories = self.reference_context([x[n:] for x in levels]) if self.uses_reference else None
-        seg_logits, aux_logits, categories = self._heads(self._short_term(clip), reference_categories)
+        st = self._short_term(clip, frames if module.needs_images or module.needs_flow else None, flow)
+        seg_logits, aux_logits, categories = self._heads(st, reference_categories)
         out = {"logits": resize(seg_logits, (h, w))}
         if labels is not None:
             out["losses"] = self._losses(out["logits"], aux_logits, categories, labels.long())
@@ -241,7 +326,16 @@ class SSLTM(nn.Module):
         zero = sup.new_zeros(())
         aux = zero if aux_logits is None else cross_entropy(resize(aux_logits, labels.shape[-2:]), labels, ignore)
         mse = self.gcc.loss(categories, present_classes(labels, self.num_classes, ignore)) if self.use_gcc else zero
-        return {"sup": sup, "mse": mse, "aux": aux, "total": sup + self.alpha * mse + self.beta * aux}
+        module = self.short_term_module.losses(labels)
+        if tuple(module) != self.short_term_module.loss_terms:
+            raise RuntimeError(
+                f"short_term {self.short_term!r} returned loss terms {tuple(module)}, "
+                f"not its loss_terms {self.short_term_module.loss_terms}"
+            )
+        total = sup + self.alpha * mse + self.beta * aux
+        for term in module.values():
+            total = total + term
+        return {"sup": sup, "mse": mse, "aux": aux, **module, "total": total}
 
     @torch.no_grad()
     def predict(self, frames: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -283,8 +377,10 @@ class SSLTM(nn.Module):
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter count per component (``"total"`` included)."""
         parts = {"backbone": self.backbone, "neck (PPM + FPN)": self.neck}
-        if self.use_stt:
+        if self.short_term == "stt":
             parts.update({"stt projections": self.stt.proj, "stt blocks": self.stt.blocks})
+        else:
+            parts[f"short-term module ({self.short_term})"] = self.short_term_module
         if self.use_rfce:
             parts.update(
                 {
@@ -299,6 +395,20 @@ class SSLTM(nn.Module):
         counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
+
+
+def _check_flow(
+    flow, shape: tuple[int, ...], device: torch.device, name: str = "flow", layout: str = "(B, n, 2, H, W)"
+) -> None:
+    """A ValueError naming ``name`` and the expected shape unless ``flow`` is float32 of ``shape`` on ``device``."""
+    if (
+        not isinstance(flow, torch.Tensor)
+        or tuple(flow.shape) != shape
+        or flow.dtype != torch.float32
+        or flow.device != device
+    ):
+        got = f"{tuple(flow.shape)} {flow.dtype} on {flow.device}" if isinstance(flow, torch.Tensor) else flow
+        raise ValueError(f"{name} must be float32 {layout} = {shape} on {device} (query -> adjacent frames), got {got}")
 
 
 def _check_tensor(name: str, x, shape: tuple[int, ...], like: torch.Tensor) -> None:

@@ -10,6 +10,9 @@ from torch import nn
 
 from ssltm_kernels import MixFFN, WindowAttention3D
 
+from .neck import fuse_levels
+from .short_term import ShortTermModule
+
 
 class STTUnit(nn.Module):
     """``x + W-MSA(LN(x))``, then ``x + MixFFN(LN(x))`` on a ``(B, T, H, W, C)`` volume.
@@ -58,8 +61,12 @@ class STTBlock(nn.Sequential):
         )
 
 
-class ShortTermTransformer(nn.Module):
+class ShortTermTransformer(ShortTermModule):
     """Per-stride projections and STT blocks; ``neck.fuse_levels`` of the query frame's outputs is ``F_q^st``.
+
+    The ``stt`` short-term module: it works on each frame's four FPN levels rather than on their fused
+    feature, so it overrides :meth:`project` and :meth:`query_feature` (not ``ShortTermModule.forward``:
+    its own ``forward`` maps the clip's projected levels to the query frame's STT outputs).
 
     ``project`` maps each FPN level ``(N, in_dim, h, w)`` to channels-last ``(N, h, w, dims[i])`` (a
     linear layer, i.e. a 1x1 conv: the paper gives FPN 256 channels and the STT blocks 32..256 but not
@@ -92,6 +99,10 @@ class ShortTermTransformer(nn.Module):
     def project(self, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[(N, in_dim, h_i, w_i)]`` -> ``[(N, h_i, w_i, dims[i])]``."""
         return [proj(x.permute(0, 2, 3, 1)) for proj, x in zip(self.proj, levels, strict=True)]
+
+    def query_feature(self, clip, images=None, flow=None, state=None) -> torch.Tensor:
+        """``F_q^st (B, sum(dims), h_0, w_0)``: the query frame's STT outputs, fused."""
+        return fuse_levels(self(clip))
 
     def forward(self, clip: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[(B, T, h_i, w_i, dims[i])]`` (query frame first) -> the query frame's ``[(B, h_i, w_i, dims[i])]``."""
