@@ -13,7 +13,7 @@ from torch import nn
 
 from . import data as D
 from .checkpoint import load_checkpoint, load_weights
-from .config import ConfigError, crop_size, load_config
+from .config import ConfigError, crop_size, load_config, short_term
 from .metrics import load_raft
 from .model import SSLTM
 from .visualize import make_palette
@@ -110,7 +110,8 @@ def _held_out(dataset: D.ClipDataset, fraction: float, part: str) -> D.ClipDatas
 
 
 def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The SSLTM of ``cfg.model`` for ``num_classes`` classes.
+    """The SSLTM of ``cfg.model`` for ``num_classes`` classes, its short-term module ``model.short_term`` (with
+    ``model.netwarp`` / ``model.st_ocr`` as its arguments).
 
     ``pretrained=False`` skips ``model.pretrained`` (the weights will come from a checkpoint).
     """
@@ -119,12 +120,15 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"model.pretrained: no checkpoint file at {weights}")
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
+    name = short_term(cfg)
+    module_args = OmegaConf.to_container(m[name], resolve=True) if name in ("netwarp", "st_ocr") else {}
     try:
         return SSLTM(
             num_classes,
             backbone=m.backbone,
             pretrained=weights,
-            use_stt=m.use_stt,
+            short_term=name,
+            short_term_args=module_args,
             use_rfce=m.use_rfce,
             use_gcc=m.use_gcc,
             context=m.context,

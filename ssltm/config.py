@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DATASETS, IMPORT_STRING
 from .metrics import FLOWS, TC_PROTOCOLS
+from .model.short_term import SHORT_TERM, resolve_short_term
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -59,13 +60,37 @@ class DataConfig:
 
 
 @dataclass
+class NetWarpConfig:
+    """``model.short_term: netwarp`` settings."""
+
+    flowcnn: bool = True  # refine the flow with FlowCNN; false: warp with the provider's flow as is
+
+
+ST_OCR_MEMORY = ("none", "first_clip")
+
+
+@dataclass
+class STOCRConfig:
+    """``model.short_term: st_ocr`` settings (Spatial-Temporal OCR)."""
+
+    channels: int = 512
+    key_channels: int = 256
+    aux_weight: float = 0.4  # weight of the auxiliary head's cross-entropy
+    memory: str = "none"  # one of ST_OCR_MEMORY (inference only): "first_clip" reuses the video's first clip
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "resnet101"
     pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
-    use_stt: bool = True
+    # The short-term module, one of SHORT_TERM; null: "stt" unless use_stt is false ("none").
+    short_term: str | None = None
+    use_stt: bool | None = None  # the older switch: true is short_term "stt", false "none"
     use_rfce: bool = True
     use_gcc: bool = True
     context: str = "reference"  # "reference" (RFCE) or "query" (QFCE)
+    netwarp: NetWarpConfig = field(default_factory=NetWarpConfig)
+    st_ocr: STOCRConfig = field(default_factory=STOCRConfig)
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -226,6 +251,14 @@ def validate(cfg: DictConfig) -> None:
         )
     if model.context not in ("reference", "query"):
         raise ConfigError(f"model.context must be 'reference' or 'query', got {model.context!r}")
+    name = short_term(cfg)
+    if name == "netwarp" and len(data.offsets) != 1:
+        raise ConfigError(
+            f"model.short_term 'netwarp' warps one adjacent frame: data.offsets must hold one offset, "
+            f"got {list(data.offsets)}"
+        )
+    if model.st_ocr.memory not in ST_OCR_MEMORY:
+        raise ConfigError(f"model.st_ocr.memory must be one of {ST_OCR_MEMORY}, got {model.st_ocr.memory!r}")
     for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if train[key] < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
@@ -253,6 +286,24 @@ def validate(cfg: DictConfig) -> None:
         )
     if ev.tc_videos is not None and ev.tc_videos < 1:
         raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
+
+
+def short_term(cfg: DictConfig) -> str:
+    """The short-term module of ``model.short_term`` and ``model.use_stt`` (see :func:`resolve_short_term`).
+
+    Raises:
+        ConfigError: an unknown name (listing :data:`SHORT_TERM`), or both keys set and contradicting.
+    """
+    model = cfg.model
+    if model.short_term is not None and model.short_term not in SHORT_TERM:
+        raise ConfigError(f"model.short_term must be one of {SHORT_TERM} or null, got {model.short_term!r}")
+    try:
+        return resolve_short_term(model.short_term, model.use_stt)
+    except ValueError:
+        raise ConfigError(
+            f"model.use_stt={str(model.use_stt).lower()} contradicts model.short_term={model.short_term!r}: "
+            "use_stt true means short_term 'stt' (set one of the two)"
+        ) from None
 
 
 def to_yaml(cfg: DictConfig) -> str:

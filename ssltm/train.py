@@ -47,7 +47,6 @@ from .model.backbone import pretrained_source
 from .precision import amp_dtype, autocast
 from .runlog import FILE_ONLY, LOGGER, RunLog, check_tensorboard
 
-LOSS_TERMS = ("sup", "mse", "aux", "total")
 # A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
 # first pays one-off costs) and refits it every FIT_EVERY iterations, at the mean speed of the last FIT_WINDOW.
 FIT_EVERY = 3
@@ -190,7 +189,7 @@ class _State:
 class _Step:
     """What one training iteration reports to the loop."""
 
-    values: list[float]  # the loss terms (LOSS_TERMS), averaged over micro-batches and processes
+    values: list[float]  # the loss terms (the model's loss_terms), averaged over micro-batches and processes
     lr: float  # the learning rate the step used
     stop: str | None  # "interrupted" (a process was asked to stop), "time" (train.max_minutes) or None
 
@@ -264,6 +263,7 @@ class Trainer:
         else:
             self.model = model
         self.module = model  # the bare model (its state_dict, predict)
+        self.loss_terms: tuple[str, ...] = model.loss_terms  # logged, checked and reduced, in this order
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.schedule = PolySchedule(None, t.poly_power, t.min_lr / t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -417,7 +417,7 @@ class Trainer:
         """One optimizer step's forward and backward passes; returns the loss terms averaged over its
         micro-batches and the seconds spent waiting for data."""
         accum = self.cfg.train.grad_accum
-        terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.env.device)
+        terms = torch.zeros(len(self.loss_terms), dtype=torch.float64, device=self.env.device)
         waited = 0.0
         for a in range(accum):
             tick = time.perf_counter()
@@ -426,12 +426,14 @@ class Trainer:
             frames = batch["frames"].to(self.env.device, non_blocking=True)
             reference = batch["reference"].to(self.env.device, non_blocking=True)
             labels = batch["label"].to(self.env.device, non_blocking=True)
+            flow = batch.get("flow")  # data.flow_in_loader: query -> adjacent flow, else the model's provider
+            flow = None if flow is None else flow.to(self.env.device, non_blocking=True)
             sync = a == accum - 1 or not isinstance(self.model, DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(self.env.device, self.amp_dtype):
-                    losses = self.model(frames, reference, labels)["losses"]
+                    losses = self.model(frames, reference, labels, flow)["losses"]
                 self.scaler.scale(losses["total"] / accum).backward()
-            terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in LOSS_TERMS]) / accum
+            terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in self.loss_terms]) / accum
         return terms, waited
 
     def _train_step(self, batches: Iterator[dict[str, Any]], stop_requested: bool, clock: _Clock) -> _Step:
@@ -451,7 +453,7 @@ class Trainer:
         out_of_time = clock.budget is not None and state.elapsed >= clock.budget
         flags = torch.cat([terms, terms.new_tensor([stop_requested, out_of_time])])
         dist.all_reduce_sum(flags)
-        values = (flags[: len(LOSS_TERMS)] / self.env.world_size).tolist()
+        values = (flags[: len(self.loss_terms)] / self.env.world_size).tolist()
         self._check_finite(values)
         lr = self.optimizer.param_groups[0]["lr"]  # this step's
         self.scaler.step(self.optimizer)
@@ -467,11 +469,12 @@ class Trainer:
         return _Step(values, lr, stop)
 
     def _check_finite(self, values: list[float]) -> None:
-        bad = [name for name, v in zip(LOSS_TERMS, values, strict=True) if not math.isfinite(v)]
+        named = dict(zip(self.loss_terms, values, strict=True))
+        bad = [name for name, v in named.items() if not math.isfinite(v)]
         if not bad:
             return
         iteration = self.state.iteration + 1
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, values, strict=True))
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in named.items())
         latest = self.work_dir / "latest.pt"
         where = f"the last checkpoint is {latest}" if latest.exists() else "no checkpoint was written"
         self.log(
@@ -479,11 +482,11 @@ class Trainer:
                 "iter": iteration,
                 "error": f"non-finite loss term {bad[0]!r}",
                 # JSON has no NaN or infinity: those are written as strings
-                **{k: v if math.isfinite(v) else str(v) for k, v in zip(LOSS_TERMS, values, strict=True)},
+                **{k: v if math.isfinite(v) else str(v) for k, v in named.items()},
             }
         )
         raise NonFiniteLossError(
-            f"non-finite loss at iteration {iteration}: loss term {bad[0]!r} is {values[LOSS_TERMS.index(bad[0])]} "
+            f"non-finite loss at iteration {iteration}: loss term {bad[0]!r} is {named[bad[0]]} "
             f"({terms}); stopped before applying this step, {where}"
         )
 
@@ -508,7 +511,7 @@ class Trainer:
                 step = self._train_step(batches, stop.requested, clock)
                 clock.step_times.append(time.perf_counter() - tick)
                 self._maybe_fit_to_budget(clock, bar)
-                bar.set_postfix_str(_postfix(step.values, step.lr), refresh=False)
+                bar.set_postfix_str(_postfix(self.loss_terms, step.values, step.lr), refresh=False)
                 bar.update(1)
                 if self._log_due():
                     self._log_step(step, clock)
@@ -606,7 +609,7 @@ class Trainer:
         record = {
             "iter": self.state.iteration,
             "lr": step.lr,
-            **{k: round(v, 6) for k, v in zip(LOSS_TERMS, step.values, strict=True)},
+            **{k: round(v, 6) for k, v in zip(self.loss_terms, step.values, strict=True)},
             "s_per_iter": round(per_step, 4),
             "data_s_per_iter": round(sum(clock.data_times[-n:]) / n, 4),
             "eta_s": None if remaining is None else round(remaining * per_step, 1),
@@ -617,14 +620,14 @@ class Trainer:
         self.log(record)
         if self.board is not None:
             it = self.state.iteration
-            for key, value in zip(LOSS_TERMS, step.values, strict=True):
+            for key, value in zip(self.loss_terms, step.values, strict=True):
                 self.board.add_scalar(f"loss/{key}", value, it)
             self.board.add_scalar("train/lr", step.lr, it)
             self.board.add_scalar("train/it_per_s", 1 / per_step, it)  # over the log interval
 
 
-def _postfix(values: Sequence[float], lr: float) -> str:
-    return " ".join(f"{k} {v:.3f}" for k, v in zip(LOSS_TERMS, values, strict=True)) + f" lr {lr:.2e}"
+def _postfix(terms: Sequence[str], values: Sequence[float], lr: float) -> str:
+    return " ".join(f"{k} {v:.3f}" for k, v in zip(terms, values, strict=True)) + f" lr {lr:.2e}"
 
 
 def checkpoint_meta(info: DatasetInfo, world_size: int, pretrained: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,9 +21,10 @@ from torchvision.models import resnet18
 from ssltm.checkpoint import load_checkpoint
 from ssltm.cli import EXIT_ERROR
 from ssltm.model import ResNetTrunk
-from ssltm.train import LOSS_TERMS, Trainer
+from ssltm.train import Trainer
 
 # 4 validation frames of 32 px shown twice as large in rows of frames / ground truth / prediction
+LOSS_TERMS = ("sup", "mse", "aux", "total")  # the loss_terms of SSLTM with STT
 PICTURE_WIDTH = 4 * (2 * 32 + 4) - 4
 GRID_HEIGHT = 3 * (14 + 2 * 32 + 4)
 TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "  # each train.log record starts with its time

@@ -27,6 +27,12 @@ class VideoPredictor:
     - ``predict_video(frames)`` is the paper's offline inference on a whole video: adjacent frames before
       the start are taken after the query, and the reference is the frame farthest from the query.
 
+    The short-term module's inputs: the frames a module that ``needs_images`` (or ``needs_flow``) reads are kept
+    with their features; the flow from each query to each of its adjacent frames is computed once per pair
+    with the model's flow provider (:meth:`SSLTM.set_flow_provider`) and cached; a module with a memory over
+    a video keeps it in the predictor's per-video ``state`` dict, passed to ``model.decode`` explicitly
+    and cleared by ``reset()``. A module that reads the query alone (``none``) gets no adjacent frames.
+
     Frames are ImageNet-normalised float tensors ``(3, H, W)`` or ``(B, 3, H, W)`` (``B`` videos in lockstep);
     they are moved to the model's device. The model runs in eval mode (its mode is restored after each
     call) without gradients; wrap the calls in ``torch.autocast`` for mixed precision.
@@ -45,8 +51,12 @@ class VideoPredictor:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the current video: cached features, reference categories, frame count and frame shape."""
+        """Forget the current video: cached features, frames, flows, reference categories, the short-term
+        module's state, frame count and frame shape."""
         self._levels: dict[int, list[torch.Tensor]] = {}
+        self._frames: dict[int, torch.Tensor] = {}
+        self._flows: dict[tuple[int, int], torch.Tensor] = {}
+        self.state: dict = {}
         self._references: dict[int, torch.Tensor] = {}
         self._frames_seen = 0
         self._shape: tuple[int, ...] | None = None
@@ -78,23 +88,45 @@ class VideoPredictor:
 
     def _logits(self, index: int, length: int, sampler: ClipSampler, frame_at: FrameAt) -> torch.Tensor:
         """Logits ``(B, K, H, W)`` of frame ``index`` of a video of ``length`` frames."""
-        model = self.model
+        model, module = self.model, self.model.short_term_module
         with _eval(model):
-            clip = [self._encoded(i, frame_at) for i in (index, *sampler.adjacent(index, length))]
+            indices = (index, *sampler.adjacent(index, length)) if module.uses_adjacent else (index,)
+            clip = [self._encoded(i, frame_at) for i in indices]
             clip = [torch.stack(level, dim=1) for level in zip(*clip, strict=True)]  # [(B, 1+n, h, w, d)]
+            images = flow = None
+            if self._keeps_frames:
+                images = torch.stack([self._frames[i] for i in indices], dim=1)
+            if module.needs_flow:
+                flow = torch.stack([self._flow(index, i) for i in indices[1:]], dim=1)
             reference = None
             if model.uses_reference:
                 reference = self._reference(sampler.reference_index(index, length), frame_at)
-            logits = model.decode(clip, reference, self._shape[-2:])
+            logits = model.decode(clip, reference, self._shape[-2:], images, flow, self.state)
         # every later clip's frames are at most max(offsets) before its query (or after it)
         oldest_needed = index + 1 - max(sampler.offsets, default=0)
-        for i in [i for i in self._levels if i < oldest_needed]:
-            del self._levels[i]
+        for cache in (self._levels, self._frames):
+            for i in [i for i in cache if i < oldest_needed]:
+                del cache[i]
+        for pair in [pair for pair in self._flows if pair[0] <= index]:  # each query is predicted once
+            del self._flows[pair]
         return logits
+
+    @property
+    def _keeps_frames(self) -> bool:
+        module = self.model.short_term_module
+        return module.needs_images or module.needs_flow
+
+    def _flow(self, query: int, adjacent: int) -> torch.Tensor:
+        if (query, adjacent) not in self._flows:
+            self._flows[query, adjacent] = self.model.optical_flow(self._frames[query], self._frames[adjacent])
+        return self._flows[query, adjacent]
 
     def _encoded(self, index: int, frame_at: FrameAt) -> list[torch.Tensor]:
         if index not in self._levels:
-            self._levels[index] = self.model.encode(frame_at(index))
+            frame = frame_at(index)
+            self._levels[index] = self.model.encode(frame)
+            if self._keeps_frames:
+                self._frames[index] = frame
         return self._levels[index]
 
     def _reference(self, index: int, frame_at: FrameAt) -> torch.Tensor:
