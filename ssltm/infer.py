@@ -26,6 +26,7 @@ from . import distributed as dist
 from .build import load_model
 from .data import IMAGENET_MEAN, IMAGENET_STD, natural_order
 from .model import VideoPredictor
+from .model.predictor import MIN_SIZE
 from .outputs import check_output_folder, staged_folder
 from .precision import amp_dtype, autocast
 from .visualize import overlay, save_label_png
@@ -197,10 +198,16 @@ class Predictor:
         """The class map of the video's next ``frame``: int64 ``(H, W)`` for RGB uint8 ``(H, W, 3)``.
 
         Raises:
-            ValueError: ``frame`` is not a uint8 array of shape ``(H, W, 3)``.
+            ValueError: ``frame`` is not a uint8 array of shape ``(H, W, 3)``, or smaller than the model's smallest
+                input (32 pixels high and wide) once resized.
         """
         height, width = _check_frame(frame).shape[:2]
         rgb = np.require(self.resize(frame), requirements=("C", "W"))  # torch wants writable memory
+        if min(rgb.shape[:2]) < MIN_SIZE:
+            resized = f" after resizing to size {self.size}" if rgb.shape[:2] != (height, width) else ""
+            raise ValueError(
+                f"frame must be at least {MIN_SIZE} pixels high and wide, got {rgb.shape[0]}x{rgb.shape[1]}{resized}"
+            )
         with torch.no_grad(), autocast(self.device, self._dtype):
             pred = self._predictor.step(to_input(rgb, self.device))
         if pred.shape != (height, width):
@@ -315,7 +322,10 @@ def infer(
                     if overlays:
                         Image.fromarray(blended).save(staging / "overlays" / f"{name}.jpg", quality=90)
                     if video and frames == 0:
-                        writer = open_video_writer(staging / "overlay.mp4", fps or source.fps or DEFAULT_FPS, rgb.shape)
+                        try:
+                            writer = VideoWriter(staging / "overlay.mp4", fps or source.fps or DEFAULT_FPS, rgb.shape)
+                        except OSError as err:
+                            print(f"note: no overlay video: {err}")
                     if writer is not None:
                         writer.write(blended)
                     frames += 1
@@ -359,26 +369,17 @@ def _ctrl_c_ends_input(live: bool) -> Iterator[Callable[[], bool]]:
 
 
 class _H264Writer:
-    """An H.264 MP4 (yuv420p, which browsers play) through PyAV; an odd width or height gets one more column or
-    row, a copy of the last."""
+    """An H.264 MP4 (yuv420p, which browsers play) through PyAV."""
 
-    def __init__(self, av, path: Path, fps: float, shape: tuple[int, ...]) -> None:
-        height, width = shape[:2]
-        self.pad = ((0, height % 2), (0, width % 2), (0, 0))
+    def __init__(self, av, path: Path, fps: float, size: tuple[int, int]) -> None:
         self.av = av
         self.container = av.open(str(path), mode="w")
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        self.stream.height, self.stream.width = height + height % 2, width + width % 2
+        self.stream.width, self.stream.height = size
         self.stream.pix_fmt = "yuv420p"
-        if height % 2 or width % 2:
-            print(
-                f"note: {path.name} is {self.stream.width}x{self.stream.height}, the frames {width}x{height}: "
-                "H.264 (yuv420p) needs an even width and height, so the last column or row is repeated"
-            )
 
     def write(self, rgb: np.ndarray) -> None:
-        frame = self.av.VideoFrame.from_ndarray(np.pad(rgb, self.pad, mode="edge"), format="rgb24")
-        self.container.mux(self.stream.encode(frame))
+        self.container.mux(self.stream.encode(self.av.VideoFrame.from_ndarray(rgb, format="rgb24")))
 
     def close(self) -> None:
         self.container.mux(self.stream.encode())  # what the encoder still holds
@@ -398,21 +399,42 @@ class _Mp4vWriter:
         self.writer.release()
 
 
-def open_video_writer(path: Path, fps: float, shape: tuple[int, ...]) -> _H264Writer | _Mp4vWriter | None:
-    """A writer of RGB uint8 frames of ``shape`` into the MP4 file ``path``: H.264 through PyAV (the ``video``
-    extra) when it is installed with libx264, else OpenCV's mp4v; None (and a note) when neither can write."""
-    try:
-        import av
-    except ImportError:
-        av = None
-    if av is not None and "libx264" in av.codecs_available:
-        return _H264Writer(av, path, fps, shape)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (shape[1], shape[0]))
-    if not writer.isOpened():
-        print(f"note: OpenCV cannot write {path.name} here (no mp4v encoder): no overlay video")
-        return None
-    print(
-        f"note: {path.name} is mp4v (MPEG-4 Part 2), which web browsers do not play; "
-        "pip install 'ssltm[video]' (PyAV) makes it H.264"
-    )
-    return _Mp4vWriter(writer)
+class VideoWriter:
+    """RGB uint8 frames of one ``(H, W)`` into the MP4 file ``path``: H.264 through PyAV (the ``video`` extra)
+    when it is installed with libx264, else OpenCV's mp4v. Both code yuv420p, which needs an even width and
+    height: an odd one gets one more column or row, a copy of the last (a note says so).
+
+    Raises:
+        OSError: neither PyAV nor OpenCV can write the file.
+    """
+
+    def __init__(self, path: Path, fps: float, shape: tuple[int, ...]) -> None:
+        height, width = shape[:2]
+        self.pad = ((0, height % 2), (0, width % 2), (0, 0))  # rows, columns, channels
+        size = (width + width % 2, height + height % 2)
+        try:
+            import av
+        except ImportError:
+            av = None
+        if av is not None and "libx264" in av.codecs_available:
+            self.writer = _H264Writer(av, path, fps, size)
+        else:
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+            if not writer.isOpened():
+                raise OSError(f"OpenCV cannot write {path} (no mp4v encoder), and PyAV is not installed")
+            print(
+                f"note: {path.name} is mp4v (MPEG-4 Part 2), which web browsers do not play; "
+                "pip install 'ssltm[video]' (PyAV) makes it H.264"
+            )
+            self.writer = _Mp4vWriter(writer)
+        if size != (width, height):
+            print(
+                f"note: {path.name} is {size[0]}x{size[1]}, the frames {width}x{height}: its coding needs an even "
+                "width and height, so the last column or row is repeated"
+            )
+
+    def write(self, rgb: np.ndarray) -> None:
+        self.writer.write(np.pad(rgb, self.pad, mode="edge"))
+
+    def close(self) -> None:
+        self.writer.close()
