@@ -95,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "a camera index (0, 1, ...; a folder named 0 is ./0) or a URL OpenCV opens (rtsp://, http://, ...). "
         "A camera or stream runs until --max-frames, its end, or Ctrl-C, which ends it and keeps the output",
     )
-    p.add_argument("--out", required=True, help="output folder (labels/, overlays/, overlay.mp4)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (labels/, overlays/, overlay.mp4: H.264 with PyAV installed, else mp4v, which web "
+        "browsers don't play)",
+    )
     p.add_argument(
         "--size",
         type=int,
