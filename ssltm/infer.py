@@ -129,7 +129,11 @@ def _capture_frames(
 def _quiet_native_stderr() -> Iterator[None]:
     """Silence what C libraries write to the process's stderr (file descriptor 2) inside the block."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)

@@ -154,7 +154,7 @@ def test_camera_and_url_inputs_run_to_max_frames(tmp_path, trained, camera, caps
 
 def test_ctrl_c_ends_a_live_input_and_keeps_the_output(tmp_path, trained, camera, capsys):
     """The first Ctrl-C ends a camera or stream after the frame at hand: every frame so far is written. A second
-    one interrupts: nothing is written, and the exit status says so."""
+    one interrupts: nothing is written, and the exit status says so; so does the first one on a video file."""
     before = signal.getsignal(signal.SIGINT)
     camera.interrupt_at = (3,)  # during the third frame's read
     out = tmp_path / "out"
@@ -174,6 +174,12 @@ def test_ctrl_c_ends_a_live_input_and_keeps_the_output(tmp_path, trained, camera
     assert capsys.readouterr().err.splitlines()[-1] == f"ssltm infer: interrupted; {out} is left as it was"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing of the second run, not even staging
     assert signal.getsignal(signal.SIGINT) is before
+
+    video = tmp_path / "clip.mp4"  # a video file (read by the fake capture): Ctrl-C interrupts at once
+    video.write_bytes(b"")
+    camera.interrupt_at = (2,)
+    assert main(infer_args(trained, video, tmp_path / "from_file")) == EXIT_INTERRUPTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "out"]
 
 
 # --- outputs ------------------------------------------------------------------------------------------------
