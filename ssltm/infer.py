@@ -149,6 +149,8 @@ def _resize(rgb: np.ndarray, size: int | None) -> np.ndarray:
     h, w = rgb.shape[:2]
     scale = size / min(h, w)
     shape = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if shape == (w, h):  # already that size (a frame resized before)
+        return rgb
     return cv2.resize(rgb, shape, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
