@@ -18,7 +18,7 @@ from ssltm_kernels._ext import _C, BUILD_HINT, HAS_CUDA_EXT
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError, load_config
-from .distributed import resolve_device
+from .distributed import resolve_device, slurm_environment
 from .outputs import check_output_file, check_replaceable_folder, staged_folder
 
 EXIT_ERROR = 2  # bad config, path or argument
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # A task srun started gets torchrun's variables now: the first process alone prints, and a launch
+        # SLURM cannot place is refused before any work.
+        os.environ.update(slurm_environment(os.environ))
         return COMMANDS[args.command](args)
     except (ConfigError, OSError, ValueError) as err:  # bad configs, paths, files and arguments
         print(f"ssltm {args.command}: error: {err}", file=sys.stderr)
@@ -183,10 +186,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"ssltm train: {err}", file=sys.stderr)
         return EXIT_FAILED
     if result.stopped == "interrupted":
-        torchrun = " (under torchrun, as this run)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        launcher = " (launched as this run was: torchrun or srun)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(
             f"interrupted at iteration {result.iteration}; checkpoint {result.checkpoint}. "
-            f"Continue with: ssltm train --work-dir {shlex.quote(str(result.work_dir))} --resume{torchrun}",
+            f"Continue with: ssltm train --work-dir {shlex.quote(str(result.work_dir))} --resume{launcher}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
