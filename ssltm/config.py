@@ -55,6 +55,8 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     eval_size: int | None = None  # shorter side frames are resized to for evaluation; None: as stored
     offsets: list[int] = field(default_factory=lambda: [3, 6, 9])
+    # Samples carry "flow": OpenCV DIS from the query to each adjacent frame, on the augmented frames (ssltm.flow).
+    flow_in_loader: bool = False
     num_workers: int = 2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -273,6 +273,8 @@ class FlowProvider:
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         _check_frames(src, dst)
+        if len(src) == 0:
+            return torch.zeros(0, 2, *src.shape[-2:], dtype=torch.float32, device=src.device)
         with torch.no_grad():
             return self._flow(src.detach(), dst.detach())
 

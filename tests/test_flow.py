@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import default_collate
 from torchvision.models.optical_flow import raft_small
 
-from ssltm.build import build_flow_provider
+from ssltm.build import build_dataset, build_flow_provider
 from ssltm.config import ConfigError, load_config
 from ssltm.data import IMAGENET_MEAN, IMAGENET_STD, SyntheticVideos
 from ssltm.flow import (
@@ -161,12 +162,27 @@ def test_dis_provider_flip_mirrors_the_flow_and_negates_x(synthetic_frames):
     assert median_gap(flipped, flow * NEGATE_X)[0] > 1  # not mirrored
 
 
+def test_loader_flow_is_the_provider_flow_of_the_augmented_frames():
+    overrides = ["data.synthetic.size=[48,64]", "data.crop_size=[40,56]", "data.offsets=[1,3]", "train.seed=5"]
+    dataset, indices = build_dataset(load_config(None, [*overrides, "data.flow_in_loader=true"]), "train", train=True)
+    samples = [dataset[i] for i in indices[:2]]
+    for sample in samples:
+        frames = sample["frames"]  # the augmented frames: random scale, crop and flip
+        expected = make_flow_provider("dis")(frames[:1].expand(2, -1, -1, -1), frames[1:])
+        assert sample["flow"].shape == (2, 2, 40, 56) and sample["flow"].dtype == torch.float32
+        assert torch.equal(sample["flow"], expected)
+    assert default_collate(samples)["flow"].shape == (2, 2, 2, 40, 56)
+    plain, _ = build_dataset(load_config(None, overrides), "train", train=True)
+    assert "flow" not in plain[0] and torch.equal(plain[0]["frames"], samples[0]["frames"])
+
+
 def test_zero_provider_shape_dtype_and_device():
     provider = make_flow_provider("zero")
     src = torch.empty(3, 3, 7, 9, dtype=torch.bfloat16, device="meta")  # the flow follows src's device
     out = provider(src, src)
     assert out.shape == (3, 2, 7, 9) and out.dtype == torch.float32 and out.device == src.device
     assert torch.equal(provider(torch.rand(1, 3, 4, 5), torch.rand(1, 3, 4, 5)), torch.zeros(1, 2, 4, 5))
+    assert make_flow_provider("dis")(torch.zeros(0, 3, 4, 5), torch.zeros(0, 3, 4, 5)).shape == (0, 2, 4, 5)
 
 
 class FakeRaft(nn.Module):
