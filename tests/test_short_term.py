@@ -252,7 +252,7 @@ def test_training_step_returns_exactly_the_loss_terms(name, request, monkeypatch
     losses["total"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not no_grad, no_grad
-    assert "flow_provider" not in dict(model.named_children()) and not any("flow" in k for k in model.state_dict())
+    assert "flow_provider" not in dict(model.named_children()) and not any(k.startswith("flow_provider") for k in model.state_dict())
 
 
 def test_probe_gets_the_clip_frames_and_the_flow(probe):
@@ -409,3 +409,19 @@ def test_missing_images_and_bad_flow_name_the_argument(probe):
         torch.testing.assert_close(
             model.decode(levels, size=SIZE, images=frames, flow=flow), model(frames, flow=flow)["logits"]
         )
+
+
+def test_rfce_reference_of_a_module_that_needs_images_and_changes_the_width(monkeypatch):
+    """RFCE passes the reference frame alone through a module whose output is not the fused levels' width
+    (ST-OCR); one that reads images or flow cannot take it: refused when the model is built."""
+
+    def narrow(name, fpn_dim, num_classes, **args):
+        module = Probe(st.NUM_LEVELS * fpn_dim)
+        module.out_channels = 8
+        return module
+
+    monkeypatch.setattr("ssltm.model.ssltm.build_short_term", narrow)
+    with torch.device("meta"):
+        tiny_model("netwarp", num_adjacent=1)  # without RFCE
+        with pytest.raises(ValueError, match=r"use_rfce=True would pass the reference frame alone through short_term"):
+            tiny_model("netwarp", num_adjacent=1, use_rfce=True, use_gcc=False)

@@ -13,7 +13,7 @@ from .backbone import ResNetTrunk
 from .heads import SegHead, cross_entropy, present_classes
 from .neck import FPNNeck, fuse_levels, resize
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
-from .short_term import ShortTermModule, build_short_term, resolve_short_term
+from .short_term import NUM_LEVELS, ShortTermModule, build_short_term, resolve_short_term
 
 CONTEXTS = ("reference", "query")
 FlowProvider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (src, dst) (N, 3, H, W) -> (N, 2, H, W)
@@ -177,6 +177,15 @@ class SSLTM(nn.Module):
         self.add_module(self.short_term, build_short_term(self.short_term, fpn_dim, num_classes, **args))
         module = self.short_term_module
         st_channels = module.out_channels
+        # RFCE's reference frame: its fused (STT: projected) levels where they have the module's width (Eq. 3),
+        # else the module's feature of the reference alone, a one-frame clip
+        fused_width = st_channels if self.short_term == "stt" else NUM_LEVELS * fpn_dim
+        self._reference_through_module = use_rfce and fused_width != st_channels
+        if self._reference_through_module and (module.needs_images or module.needs_flow):
+            raise ValueError(
+                f"use_rfce=True would pass the reference frame alone through short_term {self.short_term!r} "
+                f"({st_channels} channels, the fused levels {fused_width}), which reads images or flow"
+            )
         self.loss_terms: tuple[str, ...] = ("sup", "mse", "aux", *module.loss_terms, "total")
         if use_rfce:
             self.ocr = ObjectContext(
@@ -231,6 +240,8 @@ class SSLTM(nn.Module):
             raise RuntimeError("reference_context needs use_rfce=True")
         if self.reference_stt and self.short_term == "stt":
             levels = self.stt([x[:, None] for x in levels])
+        if self._reference_through_module:
+            return self.ocr(self.short_term_module.query_feature([x[:, None] for x in levels]))[1]
         return self.ocr(fuse_levels(levels))[1]
 
     def decode(
