@@ -14,7 +14,7 @@ from torch import nn
 from . import data as D
 from .checkpoint import load_checkpoint, load_weights
 from .config import ConfigError, crop_size, load_config
-from .metrics import load_raft
+from .flow import DisFlowProvider, FlowProvider, load_raft, make_flow_provider
 from .model import SSLTM
 from .visualize import make_palette
 
@@ -69,7 +69,8 @@ def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True)
     as the reference). Splits: a dataset's own split names; with ``data.holdout`` set, the training
     split loses its held-out frames and ``"holdout"`` names them; for ``"synthetic"``, ``"train"`` and
     ``"val"`` (the last ``data.synthetic.val_videos`` videos). ``labels=False``: every frame of the split is a
-    query and no label is read (prediction of a split without labels).
+    query and no label is read (prediction of a split without labels). ``data.flow_in_loader``: samples carry
+    ``"flow"`` (OpenCV DIS, :class:`~ssltm.flow.DisFlowProvider`).
 
     Raises:
         ConfigError: split ``"holdout"`` without ``data.holdout``, or ``data.holdout`` on a dataset that is not
@@ -96,6 +97,8 @@ def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True)
         dataset = _dataset(cfg, split, common)
         if data.holdout is not None and split == data.train_split:
             _held_out(dataset, data.holdout, "train")
+    if data.flow_in_loader:
+        dataset.flow_provider = DisFlowProvider()
     return dataset, list(range(len(dataset)))
 
 
@@ -160,6 +163,22 @@ def model_from_checkpoint(cfg: DictConfig, ckpt: dict, path: str | Path) -> nn.M
     model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
     load_weights(model, ckpt, path, OmegaConf.to_container(cfg))
     return model
+
+
+def build_flow_provider(cfg: DictConfig, needs_flow: bool = True) -> FlowProvider | None:
+    """The optical flow provider of ``model.flow`` (:func:`~ssltm.flow.make_flow_provider`), or None when the
+    model needs no flow (``needs_flow=False``).
+
+    Raises:
+        ConfigError: ``model.flow_weights`` names no file, or not a state dict of torchvision's raft_large.
+    """
+    if not needs_flow:
+        return None
+    m = cfg.model
+    try:
+        return make_flow_provider(m.flow, m.flow_weights, m.flow_iters)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.flow_weights = {m.flow_weights}: {err}") from None
 
 
 def eval_options(cfg: DictConfig) -> dict:

@@ -18,7 +18,7 @@ from ssltm_kernels._ext import _C, BUILD_HINT, HAS_CUDA_EXT
 
 from .checkpoint import load_checkpoint
 from .config import ConfigError, load_config
-from .distributed import resolve_device
+from .distributed import resolve_device, slurm_environment
 from .outputs import check_output_file, check_replaceable_folder, staged_folder
 
 EXIT_ERROR = 2  # bad config, path or argument
@@ -85,10 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_set(p)
 
-    p = commands.add_parser("infer", help="segment a video file or a folder of frames, frame by frame")
+    p = commands.add_parser(
+        "infer", help="segment a video file, a folder of frames, a camera or a stream, frame by frame"
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
-    p.add_argument("--input", required=True, help="a video file (anything OpenCV reads) or a folder of frames")
-    p.add_argument("--out", required=True, help="output folder (labels/, overlays/, overlay.mp4)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a video file (anything OpenCV reads), a folder of frames (in the natural order of their names), "
+        "a camera index (0, 1, ...; a folder named 0 is ./0) or a URL OpenCV opens (rtsp://, http://, ...). "
+        "A camera or stream runs until --max-frames, its end, or Ctrl-C, which ends it and keeps the output",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (labels/, overlays/, overlay.mp4: H.264 with PyAV installed, else mp4v, which web "
+        "browsers don't play)",
+    )
     p.add_argument(
         "--size",
         type=int,
@@ -96,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-frames", type=int, help="stop after this many frames (at least 1)")
     p.add_argument("--fps", type=float, help="frame rate of overlay.mp4 (default: the input video's, else 10)")
+    p.add_argument(
+        "--no-overlays",
+        action="store_true",
+        help="don't write overlays/ (a JPEG per frame); overlay.mp4 is still written",
+    )
+    p.add_argument("--labels-only", action="store_true", help="write labels/ only: neither overlays/ nor overlay.mp4")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--config", help="config file (YAML) whose keys override the checkpoint's config")
     _add_set(p)
@@ -111,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        # A task srun started gets torchrun's variables now: the first process alone prints, and a launch
+        # SLURM cannot place is refused before any work.
+        os.environ.update(slurm_environment(os.environ))
         return COMMANDS[args.command](args)
     except (ConfigError, OSError, ValueError) as err:  # bad configs, paths, files and arguments
         print(f"ssltm {args.command}: error: {err}", file=sys.stderr)
@@ -164,10 +186,10 @@ def _train(args: argparse.Namespace) -> int:
         print(f"ssltm train: {err}", file=sys.stderr)
         return EXIT_FAILED
     if result.stopped == "interrupted":
-        torchrun = " (under torchrun, as this run)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        launcher = " (launched as this run was: torchrun or srun)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(
             f"interrupted at iteration {result.iteration}; checkpoint {result.checkpoint}. "
-            f"Continue with: ssltm train --work-dir {shlex.quote(str(result.work_dir))} --resume{torchrun}",
+            f"Continue with: ssltm train --work-dir {shlex.quote(str(result.work_dir))} --resume{launcher}",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -254,17 +276,23 @@ def _infer(args: argparse.Namespace) -> int:
     from .infer import infer
 
     _warn_if_slow(args.device)
-    infer(
-        args.checkpoint,
-        args.input,
-        args.out,
-        size=args.size,
-        max_frames=args.max_frames,
-        fps=args.fps,
-        device=args.device,
-        config=args.config,
-        overrides=args.overrides,
-    )
+    try:
+        infer(
+            args.checkpoint,
+            args.input,
+            args.out,
+            size=args.size,
+            max_frames=args.max_frames,
+            fps=args.fps,
+            device=args.device,
+            config=args.config,
+            overrides=args.overrides,
+            overlays=not (args.no_overlays or args.labels_only),
+            video=not args.labels_only,
+        )
+    except KeyboardInterrupt:
+        print(f"ssltm infer: interrupted; {args.out} is left as it was", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DATASETS, IMPORT_STRING
-from .metrics import FLOWS, TC_PROTOCOLS
+from .flow import FLOW_PROVIDERS, FLOWS
+from .metrics import TC_PROTOCOLS
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -54,6 +55,8 @@ class DataConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     eval_size: int | None = None  # shorter side frames are resized to for evaluation; None: as stored
     offsets: list[int] = field(default_factory=lambda: [3, 6, 9])
+    # Samples carry "flow": OpenCV DIS from the query to each adjacent frame, on the augmented frames (ssltm.flow).
+    flow_in_loader: bool = False
     num_workers: int = 2
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -66,6 +69,11 @@ class ModelConfig:
     use_rfce: bool = True
     use_gcc: bool = True
     context: str = "reference"  # "reference" (RFCE) or "query" (QFCE)
+    # Optical flow from the query to each adjacent frame for the short-term modules that read one (ssltm.flow):
+    # one of FLOW_PROVIDERS, "raft" with the local raft_large state dict file flow_weights (nothing is downloaded).
+    flow: str = "dis"
+    flow_weights: str | None = None
+    flow_iters: int = 20  # RAFT's refinement iterations
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -226,6 +234,15 @@ def validate(cfg: DictConfig) -> None:
         )
     if model.context not in ("reference", "query"):
         raise ConfigError(f"model.context must be 'reference' or 'query', got {model.context!r}")
+    if model.flow not in FLOW_PROVIDERS:
+        raise ConfigError(f"model.flow must be one of {FLOW_PROVIDERS}, got {model.flow!r}")
+    if model.flow_iters < 1:
+        raise ConfigError(f"model.flow_iters must be at least 1, got {model.flow_iters}")
+    if model.flow == "raft" and not (model.flow_weights and Path(model.flow_weights).is_file()):
+        raise ConfigError(
+            f"model.flow 'raft' needs model.flow_weights: a local state dict file of torchvision's raft_large "
+            f"(nothing is downloaded), got {'no file at ' + model.flow_weights if model.flow_weights else 'null'}"
+        )
     for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if train[key] < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")

@@ -17,7 +17,8 @@ from PIL import Image
 from .build import build_dataset, dataset_info, load_model
 from .config import load_config
 from .distributed import resolve_device
-from .evaluate import results_json, results_table, to_uint8_rgb
+from .evaluate import results_json, results_table
+from .flow import to_uint8_rgb
 from .metrics import confusion_matrix, miou
 from .visualize import class_legend, colorize, comparison_grid
 

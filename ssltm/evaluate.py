@@ -13,7 +13,6 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -21,19 +20,12 @@ from torchvision import tv_tensors
 from tqdm import tqdm
 
 from . import distributed as dist
-from .data import IMAGENET_MEAN, IMAGENET_STD, ClipDataset
-from .metrics import VideoMetrics, format_table, make_flow
+from .data import ClipDataset
+from .flow import make_flow, to_uint8_rgb
+from .metrics import VideoMetrics, format_table
 from .model import VideoPredictor
 from .precision import autocast
 from .visualize import save_label_png
-
-
-def to_uint8_rgb(frame: torch.Tensor) -> np.ndarray:
-    """An ImageNet-normalised ``(3, H, W)`` frame back to RGB uint8 ``(H, W, 3)`` (the optical flow's input)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = (frame.float().cpu() * std + mean).mul(255).round().clamp(0, 255)
-    return rgb.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def videos_of(dataset: ClipDataset, indices: Sequence[int]) -> dict[int, list[int]]:

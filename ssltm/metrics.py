@@ -33,15 +33,14 @@ state.
 from __future__ import annotations
 
 import math
-import pickle
-from collections.abc import Callable, Collection, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Collection, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .flow import FLOWS, RAFT_FLOW_UPDATES, FlowFn, RaftFlow, _to_numpy, dis_flow, load_raft, make_flow
 
 __all__ = [
     "FLOWS",
@@ -64,8 +63,6 @@ __all__ = [
     "tc_confusion",
 ]
 
-FlowFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
 # VSPW's mVC scripts skip every video of at most 16 frames (`if len(images) <= 16: continue`, for
 # mVC8 as well as mVC16), so the default keeps only videos of 17 frames or more.
 VSPW_MVC_MIN_FRAMES = 17
@@ -76,21 +73,6 @@ _MAX_TC_CLASSES = 2**24
 # How TC samples the warped prediction: "vspw" is TC_cal.py's arithmetic (the paper's numbers), "exact" the
 # nearest pixel of p + f(p) with the points that left the frame not counted. See tc().
 TC_PROTOCOLS = ("vspw", "exact")
-# The optical flows TC can use: OpenCV DIS (dis_flow) or torchvision's RAFT (RaftFlow, VSPW's choice).
-FLOWS = ("dis", "raft")
-# TC_cal.py runs RAFT with iters=20.
-RAFT_FLOW_UPDATES = 20
-# torchvision's RAFT refuses frames under 128 px a side (its correlation pyramid needs 16 px at 1/8 scale).
-_RAFT_MIN_SIZE = 128
-
-
-def _to_numpy(x, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}") from err
 
 
 def _labels(x, name: str) -> np.ndarray:
@@ -356,153 +338,6 @@ def mvc(
         ratio_sum += tracker.ratio_sum[n]
         windows += tracker.windows[n]
     return ratio_sum / windows if windows else math.nan
-
-
-def _gray_uint8(frame: np.ndarray, name: str) -> np.ndarray:
-    if frame.dtype != np.uint8:
-        raise TypeError(f"{name} must be uint8 images for the default DIS flow, got dtype {frame.dtype}")
-    if frame.ndim == 3 and frame.shape[2] == 1:
-        frame = frame[..., 0]
-    if frame.ndim == 3 and frame.shape[2] == 3:
-        return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
-    if frame.ndim != 2:
-        raise ValueError(f"{name} must be (H, W) gray or (H, W, 3) RGB images, got shape {frame.shape}")
-    return np.ascontiguousarray(frame)
-
-
-def dis_flow(frame_t, frame_t1) -> np.ndarray:
-    """Optical flow from ``frame_t`` to ``frame_t1`` with OpenCV DIS (medium preset).
-
-    Args:
-        frame_t, frame_t1: uint8 ``(H, W)`` gray or ``(H, W, 3)`` RGB images (torch or numpy).
-
-    Returns:
-        float32 ``(H, W, 2)`` flow ``f`` (x then y, in pixels) such that the content at pixel
-        ``p`` of ``frame_t`` is at ``p + f(p)`` in ``frame_t1``.
-    """
-    a = _gray_uint8(_to_numpy(frame_t, "frame_t"), "frame_t")
-    b = _gray_uint8(_to_numpy(frame_t1, "frame_t1"), "frame_t1")
-    if a.shape != b.shape:
-        raise ValueError(f"frame_t and frame_t1 must have the same size, got {a.shape} and {b.shape}")
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    return dis.calc(a, b, None)
-
-
-def load_raft(path: str | Path) -> nn.Module:
-    """torchvision's ``raft_large`` with the weights of the local file ``path`` (nothing is downloaded).
-
-    ``path`` holds a state dict of ``torchvision.models.optical_flow.raft_large``, as torchvision's
-    weight files do: ``Raft_Large_Weights.C_T_V1`` (``raft_large_C_T_V1-22a6c225.pth``) is the
-    original RAFT-things checkpoint that VSPW's ``TC_cal.py`` uses, ported.
-
-    Returns:
-        The model on the CPU, in eval mode.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a ``raft_large`` state dict (not a torch file, missing or unexpected
-            keys, other shapes); the message names the path and the first offending key.
-    """
-    from torchvision.models.optical_flow import raft_large
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"RAFT weights not found: no file at {path} (expected a state dict of torchvision's raft_large, "
-            "e.g. raft_large_C_T_V1-22a6c225.pth)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"RAFT weights {path} are not a torch state dict: {str(err).splitlines()[0]}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"RAFT weights {path} are not a state dict (a mapping of names to tensors)")
-    model = raft_large(weights=None, progress=False)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} keys missing, e.g. {missing[0]!r}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}")
-    if reshaped:
-        k = reshaped[0]
-        problems.append(f"{k!r} has shape {tuple(state[k].shape)}, raft_large's {tuple(expected[k].shape)}")
-    if problems:
-        raise ValueError(f"RAFT weights {path} are not a state dict of torchvision's raft_large: {'; '.join(problems)}")
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def _rgb_float(frame: np.ndarray, name: str) -> torch.Tensor:
-    """A uint8 gray or RGB image as float32 ``(3, H, W)`` in [-1, 1], as ``Raft_Large_Weights.transforms()``."""
-    if frame.dtype != np.uint8:
-        raise TypeError(f"{name} must be uint8 images for the RAFT flow, got dtype {frame.dtype}")
-    if frame.ndim == 2:
-        frame = frame[..., None]
-    if frame.ndim != 3 or frame.shape[2] not in (1, 3):
-        raise ValueError(f"{name} must be (H, W) gray or (H, W, 3) RGB images, got shape {frame.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).expand(3, -1, -1)
-    return (x.float() / 255 - 0.5) / 0.5
-
-
-class RaftFlow:
-    """Optical flow with torchvision's RAFT (``raft_large``), the flow of VSPW's ``TC_cal.py``.
-
-    A flow function for :func:`tc` and :class:`VideoMetrics`. Frames are scaled to [-1, 1] (what
-    ``Raft_Large_Weights.transforms()`` does) and padded to a multiple of 8 in height and width by
-    repeating the edge pixels, split evenly between both sides, as the input padder of VSPW's RAFT
-    does (frames under 128 px a side, which torchvision's RAFT refuses, are padded up to 128 the same
-    way); the flow of the padded frames is cropped back, so it needs no rescaling. RAFT runs in
-    float32 (autocast off) under ``no_grad``.
-
-    Args:
-        weights: a local ``raft_large`` state dict file (see :func:`load_raft`) or the loaded model.
-        device: where RAFT runs (a GPU makes it fast; on a CPU a 480x854 pair takes seconds).
-        num_flow_updates: RAFT's refinement iterations (``TC_cal.py``: 20).
-    """
-
-    def __init__(
-        self,
-        weights: str | Path | nn.Module,
-        device: str | torch.device = "cpu",
-        num_flow_updates: int = RAFT_FLOW_UPDATES,
-    ):
-        if isinstance(num_flow_updates, bool) or not isinstance(num_flow_updates, int) or num_flow_updates < 1:
-            raise ValueError(f"num_flow_updates must be a positive int, got {num_flow_updates!r}")
-        self.device = torch.device(device)
-        model = weights if isinstance(weights, nn.Module) else load_raft(weights)
-        self.model = model.eval().to(self.device)
-        self.num_flow_updates = num_flow_updates
-
-    @torch.no_grad()
-    def __call__(self, frame_t, frame_t1) -> np.ndarray:
-        """float32 ``(H, W, 2)`` flow from ``frame_t`` to ``frame_t1`` (uint8 ``(H, W)`` or ``(H, W, 3)`` RGB)."""
-        a = _rgb_float(_to_numpy(frame_t, "frame_t"), "frame_t")
-        b = _rgb_float(_to_numpy(frame_t1, "frame_t1"), "frame_t1")
-        if a.shape != b.shape:
-            raise ValueError(f"frame_t and frame_t1 must have the same size, got {a.shape[1:]} and {b.shape[1:]}")
-        h, w = a.shape[1:]
-        pad_h, pad_w = max(-h % 8, _RAFT_MIN_SIZE - h), max(-w % 8, _RAFT_MIN_SIZE - w)
-        top, left = pad_h // 2, pad_w // 2
-        pair = F.pad(torch.stack([a, b]).to(self.device), (left, pad_w - left, top, pad_h - top), mode="replicate")
-        with torch.autocast(self.device.type, enabled=False):
-            flow = self.model(pair[:1], pair[1:], num_flow_updates=self.num_flow_updates)[-1]
-        return flow[0, :, top : top + h, left : left + w].permute(1, 2, 0).float().cpu().numpy()
-
-
-def make_flow(name: str = "dis", raft_weights: str | Path | None = None, device: str | torch.device = "cpu") -> FlowFn:
-    """The flow function called ``name``: ``"dis"`` (:func:`dis_flow`) or ``"raft"`` (:class:`RaftFlow`
-    with the weights file ``raft_weights``, run on ``device``)."""
-    if name not in FLOWS:
-        raise ValueError(f"flow must be one of {FLOWS}, got {name!r}")
-    if name == "dis":
-        return dis_flow
-    if raft_weights is None:
-        raise ValueError("flow 'raft' needs raft_weights: a local state dict file of torchvision's raft_large")
-    return RaftFlow(raft_weights, device)
 
 
 def _check_protocol(protocol) -> str:

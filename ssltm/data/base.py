@@ -42,7 +42,9 @@ class ClipDataset(Dataset):
       adjacent frames nearest first (``n = len(offsets)``);
     - ``"reference"``: float32 ``(3, H, W)``;
     - ``"label"``: int64 ``(H, W)``, class ids, 255 = ignore;
-    - ``"video"``: str, the video's name; ``"frame"``: str, the query frame's id.
+    - ``"video"``: str, the video's name; ``"frame"``: str, the query frame's id;
+    - ``"flow"``, with :attr:`flow_provider` set: float32 ``(n, 2, H, W)``, the optical flow from the query
+      to each adjacent frame, computed on the transformed frames (pixels, x then y; see :mod:`ssltm.flow`).
 
     Class metadata (mmsegmentation's ``METAINFO``): ``METAINFO = {"classes": (names...), "palette": ((r, g, b),
     ...)}`` on the class, the palette optional (default: :func:`ssltm.visualize.make_palette`); a dataset whose
@@ -66,6 +68,8 @@ class ClipDataset(Dataset):
 
     num_classes: int
     METAINFO: ClassVar[dict[str, Sequence]] = {}
+    # A model-side flow provider of ssltm.flow (e.g. DisFlowProvider()): set, samples carry "flow".
+    flow_provider: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     @classmethod
     def metainfo(cls, cfg: Any) -> dict[str, Sequence]:
@@ -170,13 +174,17 @@ class ClipDataset(Dataset):
             "label": tv_tensors.Mask(torch.from_numpy(label)),
         }
         out = self.transform(clip)
-        return {
+        sample = {
             "frames": out["frames"].as_subclass(torch.Tensor),
             "reference": out["reference"].as_subclass(torch.Tensor),
             "label": out["label"].as_subclass(torch.Tensor),
             "video": self.video_name(video),
             "frame": self.frame_id(video, query),
         }
+        if self.flow_provider is not None:
+            frames = sample["frames"]
+            sample["flow"] = self.flow_provider(frames[:1].expand(len(frames) - 1, -1, -1, -1), frames[1:])
+        return sample
 
 
 @dataclass(frozen=True)
