@@ -1,8 +1,9 @@
 """ONNX export (``ssltm export``): the graphs run in onnxruntime and give PyTorch's logits at two frame sizes, the
 deployment predictor streams a video to the class maps of ``VideoPredictor``, and bad input fails in one line.
 
-One export of a tiny SSLTM (ResNet-18, narrow heads, one STT unit per stride, the default 7x7 windows) serves
-the module; tracing it takes most of the time.
+One export of a tiny SSLTM (ResNet-18, narrow heads, one STT unit per stride, 3x3 windows so that small frames
+have every level larger than a window; offsets 1, 2, 3 so that a short video reuses and drops cached frames)
+serves the module; tracing it takes most of the time.
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ TINY_MODEL = [
     "model.kwargs.context_dim=16",
     "model.kwargs.head_channels=16",
     "model.kwargs.aux_channels=16",
+    "model.kwargs.window_size=[4,3,3]",
+    "data.offsets=[1,2,3]",
 ]
-MIN_SIDE = 32 * 7 + 1  # the stride-32 level larger than a 7x7 window
+MIN_SIDE = 32 * 3 + 1  # the stride-32 level larger than a 3x3 window
+VIDEO = SyntheticVideos(num_videos=2, num_frames=6, size=(MIN_SIDE + 6, 121), num_classes=6, seed=3)
 
 
 @pytest.fixture(autouse=True)
@@ -46,14 +50,17 @@ def _reference_backend(monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A tiny model with random weights and batch-norm statistics (so that every layer matters)."""
+    """A tiny model with random weights whose batch-norm statistics are those of a synthetic clip (so that its
+    logits are of a trained model's size and its class maps are not constant)."""
     torch.manual_seed(0)
     cfg = load_config(None, TINY_MODEL)
     model = build_model(cfg, 6, pretrained=False)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
+            module.momentum = None  # the running statistics become those of the next forward
+    clip = [to_input(VIDEO.read_frame(1, t), torch.device("cpu")) for t in (3, 2, 1, 0)]
+    with torch.no_grad():
+        model.train()(torch.stack(clip)[None], clip[-1][None])
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     meta = dataset_info(cfg).as_dict()
     save_checkpoint(path, {"model": model.state_dict(), "config": OmegaConf.to_container(cfg), "meta": meta})
@@ -73,7 +80,7 @@ def exported(checkpoint, tmp_path_factory):
 def test_export_files_and_manifest(exported):
     assert sorted(p.name for p in exported.iterdir()) == sorted(OUTPUTS)
     manifest = OnnxPredictor(exported).manifest
-    assert manifest["offsets"] == [3, 6, 9] and manifest["min_size"] == [MIN_SIDE, MIN_SIDE]
+    assert manifest["offsets"] == [1, 2, 3] and manifest["min_size"] == [MIN_SIDE, MIN_SIDE]
     assert manifest["classes"] == [f"class_{k}" for k in range(6)] and len(manifest["palette"]) == 6
     assert manifest["clip"]["frames"] == 4 and manifest["reference"]["frame"] == 0
     decoder = manifest["graphs"]["decoder"]
@@ -89,14 +96,15 @@ def test_export_files_and_manifest(exported):
         assert not any("ssltm" in n.op_type for n in nodes)
 
 
-@pytest.mark.parametrize("size", [(MIN_SIDE + 4, 263), (256, 288)])
+@pytest.mark.parametrize("size", [(MIN_SIDE + 4, 131), (128, 160)])
 def test_graphs_give_the_models_logits(checkpoint, exported, size):
     """The clip (query + 3 adjacent frames) and a reference frame through encoder, reference and decoder in
     onnxruntime: the logits of ``SSLTM.forward``, at a size other than the traced one (odd, not a multiple of any
     stride or window) and at a multiple of 32."""
     model = checkpoint[1]
-    torch.manual_seed(1)
-    frames, reference = torch.randn(1, 4, 3, *size), torch.randn(1, 3, *size)
+    video = SyntheticVideos(num_videos=1, num_frames=5, size=size, num_classes=6, seed=5)
+    frame = [to_input(video.read_frame(0, t), torch.device("cpu")) for t in range(5)]
+    frames, reference = torch.stack(frame[4:0:-1])[None], frame[0][None]
     with torch.no_grad():
         expected = model(frames, reference)["logits"]
     sessions = {name: ort.InferenceSession(str(exported / f"{name}.onnx")) for name in ("encoder", "reference")}
@@ -112,21 +120,21 @@ def test_graphs_give_the_models_logits(checkpoint, exported, size):
 
 
 def test_onnx_predictor_streams_the_class_maps_of_video_predictor(checkpoint, exported):
-    model = checkpoint[1]
-    video = SyntheticVideos(num_videos=1, num_frames=8, size=(MIN_SIDE + 6, 241), num_classes=6, seed=3)
-    torch_predictor, onnx_predictor = VideoPredictor(model, (3, 6, 9)), OnnxPredictor(exported)
-    for t in range(8):
-        rgb = video.read_frame(0, t)
+    """Six frames (the cache of the first ones dropped on the way) give VideoPredictor's class maps, up to pixels
+    whose two best classes are within rounding of each other."""
+    torch_predictor, onnx_predictor = VideoPredictor(checkpoint[1], (1, 2, 3)), OnnxPredictor(exported)
+    for t in range(VIDEO.num_frames):
+        rgb = VIDEO.read_frame(0, t)
         expected = torch_predictor.step(to_input(rgb, torch.device("cpu"))).numpy()
         got = onnx_predictor.step(rgb)
         assert got.shape == rgb.shape[:2] and got.dtype == np.int64
-        np.testing.assert_array_equal(got, expected, err_msg=f"frame {t}")
-    assert len(np.unique(got)) > 1  # the maps tell classes apart: a constant map would match trivially
+        assert (got != expected).mean() <= 1e-3, f"frame {t}: {(got != expected).sum()} pixels differ"
+        assert len(np.unique(got)) > 2  # a constant map would match trivially
     with pytest.raises(ValueError, match="this video's frames are"):
         onnx_predictor.step(np.zeros((MIN_SIDE, MIN_SIDE, 3), np.uint8))
     onnx_predictor.reset()
     with pytest.raises(ValueError, match="at least"):
-        onnx_predictor.step(np.zeros((64, 300, 3), np.uint8))
+        onnx_predictor.step(np.zeros((64, 200, 3), np.uint8))
 
 
 # --- bad input: one line naming the problem, nothing written ---------------------------------------------------
