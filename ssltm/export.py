@@ -116,15 +116,19 @@ def exportable(model: SSLTM) -> SSLTM:
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.AdaptiveAvgPool2d):
-                bins = child.output_size
-                if not isinstance(bins, int):
-                    if len(set(bins)) != 1:
-                        raise ValueError(f"export: adaptive pooling to {bins} is not supported (square bins only)")
-                    bins = bins[0]
-                setattr(parent, name, ExportAdaptiveAvgPool2d(bins))
+                setattr(parent, name, ExportAdaptiveAvgPool2d(_pool_bins(child)))
             elif isinstance(child, WindowAttention3D):
                 setattr(parent, name, ExportWindowAttention(child))
     return model.eval()
+
+
+def _pool_bins(pool: nn.AdaptiveAvgPool2d) -> int:
+    bins = pool.output_size
+    if isinstance(bins, int):
+        return bins
+    if len(set(bins)) != 1 or bins[0] is None:
+        raise ValueError(f"export: adaptive pooling to {bins} is not supported (square bins only)")
+    return bins[0]
 
 
 def min_frame_size(model: SSLTM) -> tuple[int, int]:
@@ -261,9 +265,12 @@ def _export_graphs(model: SSLTM, folder: Path) -> dict:
     """Trace the encoder, reference (if the model has one) and decoder graphs into ``folder``; their descriptions."""
     from torch.export import Dim
 
-    ex = exportable(copy.deepcopy(model))
     height, width = min_frame_size(model)
-    frame = torch.zeros(1, 3, height + 2, width + 6)  # not a multiple of any stride or window
+    # Traced on a frame whose coarsest level has more cells than any PPM bin count (a size that equals one would
+    # skip its resize, which is the identity, and fix the trace to that size), not a multiple of a stride or window
+    bins = max(_pool_bins(m) for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d))
+    frame = torch.zeros(1, 3, max(height, 32 * bins + 1) + 2, max(width, 32 * bins + 1) + 6)
+    ex = exportable(copy.deepcopy(model))
     levels_in = [f"level{i}" for i in range(len(STRIDES))]
     clip_in = [f"clip{i}" for i in range(len(STRIDES))]
     sides = [(Dim(f"h{i}", min=-(-height // s)), Dim(f"w{i}", min=-(-width // s))) for i, s in enumerate(STRIDES)]
