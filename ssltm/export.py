@@ -111,8 +111,8 @@ class ExportWindowAttention(nn.Module):
 
 
 def exportable(model: SSLTM) -> SSLTM:
-    """``model`` (in eval mode) with its adaptive poolings and window attentions in their export forms; the
-    parameters are shared. Raises a ValueError for what the export does not support."""
+    """Put ``model`` in eval mode and replace its adaptive poolings and window attentions, in place, by their export
+    forms (which share the parameters); returns ``model``. Raises a ValueError for what they do not support."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.AdaptiveAvgPool2d):
@@ -268,7 +268,7 @@ def _export_graphs(model: SSLTM, folder: Path) -> dict:
     height, width = min_frame_size(model)
     # Traced on a frame whose coarsest level has more cells than any PPM bin count (a size that equals one would
     # skip its resize, which is the identity, and fix the trace to that size), not a multiple of a stride or window
-    bins = max(_pool_bins(m) for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d))
+    bins = max((_pool_bins(m) for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)), default=0)
     frame = torch.zeros(1, 3, max(height, 32 * bins + 1) + 2, max(width, 32 * bins + 1) + 6)
     ex = exportable(copy.deepcopy(model))
     levels_in = [f"level{i}" for i in range(len(STRIDES))]
