@@ -1,4 +1,4 @@
-"""The ``ssltm`` command (also ``python -m ssltm``): train, eval, infer and demo."""
+"""The ``ssltm`` command (also ``python -m ssltm``): train, eval, infer, export and demo."""
 
 from __future__ import annotations
 
@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--config", help="config file (YAML) whose keys override the checkpoint's config")
     _add_set(p)
+
+    p = commands.add_parser("export", help="write the streaming predictor as ONNX graphs (encoder, decoder)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt)")
+    p.add_argument("--out", required=True, help="output folder (encoder.onnx, decoder.onnx, export.json)")
 
     p = commands.add_parser("demo", help="train and evaluate a small model on synthetic videos (no data needed)")
     p.add_argument("--max-minutes", type=float, default=1.5, help="training time (default 1.5)")
@@ -296,6 +300,18 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import check_export_out, export_onnx, require_onnx
+
+    check_export_out(args.out)
+    try:
+        require_onnx()
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    export_onnx(args.checkpoint, args.out)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -304,4 +320,4 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "infer": _infer, "demo": _demo}
+COMMANDS = {"train": _train, "eval": _eval, "infer": _infer, "export": _export, "demo": _demo}
