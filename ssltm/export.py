@@ -45,6 +45,7 @@ from .model import SSLTM
 from .model.ssltm import MIN_SIZE
 from .outputs import check_output_folder, staged_folder
 
+EXPORTED_SHORT_TERM = ("none", "stt")  # the modules that read neither frames, flow nor a per-video state
 ENCODER, REFERENCE, DECODER, MANIFEST = "encoder.onnx", "reference.onnx", "decoder.onnx", "export.json"
 OUTPUTS = (ENCODER, REFERENCE, DECODER, MANIFEST)
 OPSET = 18  # run by onnxruntime 1.18 and later
@@ -113,6 +114,11 @@ class ExportWindowAttention(nn.Module):
 def exportable(model: SSLTM) -> SSLTM:
     """Put ``model`` in eval mode and replace its adaptive poolings and window attentions, in place, by their export
     forms (which share the parameters); returns ``model``. Raises a ValueError for what they do not support."""
+    if model.short_term not in EXPORTED_SHORT_TERM:
+        raise ValueError(
+            f"export: short_term {model.short_term!r} is not supported (the decoder graph takes encoded levels only; "
+            f"supported: {', '.join(EXPORTED_SHORT_TERM)})"
+        )
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, nn.AdaptiveAvgPool2d):

@@ -426,3 +426,12 @@ def test_rfce_reference_of_a_module_that_needs_images_and_changes_the_width(monk
         tiny_model("netwarp", num_adjacent=1)  # without RFCE
         with pytest.raises(ValueError, match=r"use_rfce=True would pass the reference frame alone through short_term"):
             tiny_model("netwarp", num_adjacent=1, use_rfce=True, use_gcc=False)
+
+
+def test_export_refuses_the_modules_it_cannot_trace():
+    from ssltm.export import exportable
+
+    with torch.device("meta"):
+        model = tiny_model("st_ocr", num_adjacent=2, short_term_args=dict(channels=16, key_channels=8))
+    with pytest.raises(ValueError, match=r"export: short_term 'st_ocr' is not supported .*supported: none, stt"):
+        exportable(model)
