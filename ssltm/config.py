@@ -66,6 +66,8 @@ class ModelConfig:
     use_rfce: bool = True
     use_gcc: bool = True
     context: str = "reference"  # "reference" (RFCE) or "query" (QFCE)
+    # Recompute the backbone stages' and STT blocks' activations in the backward (less memory, a slower step).
+    checkpointing: bool = False
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
 
