@@ -3,7 +3,7 @@ for bit (losses, every parameter's gradient, the batch norms' running statistics
 happens (the backbone's stages and the STT blocks run twice), dropout replays its masks, batch norm's running
 statistics are updated once, the fused ops recompute on the dispatched kernels too (the Triton interpreter),
 evaluation is unchanged, and the config key reaches the model through the command line while configs without
-it still load.
+it still load. Also the memory benchmark (benchmarks/train_memory.py) on the CPU and its failure rows.
 
 The comparisons run under ``torch.use_deterministic_algorithms``: without it the CPU's accumulating index
 backward (the relative position bias's gradient) may sum in another order from one run to the next, with or
@@ -12,8 +12,11 @@ without checkpointing (a difference of about 1e-11).
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
+from benchmark_runs import run_cpu_benchmark
 from test_cli import TINY, config_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -183,3 +186,52 @@ def test_config_key_through_the_command_line_and_old_configs(tmp_path):
     assert all(torch.equal(v, old["model"][k]) for k, v in model.state_dict().items())
     # and a checkpoint trained without it loads into a model with it
     assert model_from_checkpoint(checkpointing, runs[False], "plain.pt").backbone.checkpointing
+
+
+# ------------------------------------------------------------------------------- the memory benchmark
+def test_train_memory_benchmark_runs_each_setting_in_a_fresh_process(tmp_path):
+    proc, rows = run_cpu_benchmark(
+        "train_memory",
+        *("--backbone", "resnet18", "--crop", "32", "--batch", "1", "--classes", "5", "--checkpointing", "on"),
+        results_dir=tmp_path,
+        timeout=300,
+    )
+    assert "peak memory as peak RSS less the peak before the model" in proc.stdout
+    assert "batch 1, checkpointing on: " in proc.stdout and "resnet18  32x32" in proc.stdout
+    (row,) = rows
+    assert row["benchmark"] == "train_memory" and row["device"] == "cpu" and row["error"] is None
+    assert (row["backbone"], row["crop"], row["batch"], row["checkpointing"], row["amp"]) == (
+        "resnet18",
+        32,
+        1,
+        True,
+        "off",
+    )
+    assert row["peak_mib"] > 0 and row["step_s"] > 0
+    with torch.device("meta"):
+        assert row["params"] == sum(p.numel() for p in SSLTM(5, backbone="resnet18").parameters())
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "error"),
+    [
+        (-9, "", "killed by signal 9 (out of memory?)"),
+        (1, "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "out of memory"),
+        (1, "Traceback ...\nValueError: bad thing", "ValueError: bad thing"),
+    ],
+)
+def test_train_memory_benchmark_reports_a_failed_setting(monkeypatch, returncode, stderr, error):
+    from benchmarks import train_memory as bench
+
+    done = subprocess.CompletedProcess([], returncode, stdout="", stderr=stderr)
+    monkeypatch.setattr(bench.subprocess, "run", lambda *args, **kwargs: done)
+    row = bench.run_setting({"device": "cpu", "batch": 2})
+    assert row["error"] == error and row["peak_mib"] is None and row["batch"] == 2
+
+
+@pytest.mark.parametrize("args", [["--crop", "16"], ["--batch", "0"], ["--checkpointing", "maybe"], ["--amp", "fp8"]])
+def test_train_memory_benchmark_refuses_bad_options(args):
+    from benchmarks import train_memory as bench
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(args)
