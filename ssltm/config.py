@@ -74,6 +74,8 @@ class ModelConfig:
     flow: str = "dis"
     flow_weights: str | None = None
     flow_iters: int = 20  # RAFT's refinement iterations
+    # Recompute the backbone stages' and STT blocks' activations in the backward (less memory, a slower step).
+    checkpointing: bool = False
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -84,6 +84,12 @@ class SSLTM(nn.Module):
         reference_stt: how the reference frame's features reach the shared OCR. Off (default, Eq. 3:
             ``F_ref = f_FE(I_ref)``): its projected FPN levels are fused exactly as the query's STT outputs
             are, without STT units. On: it also passes the STT blocks as a one-frame clip.
+
+    Memory (keyword-only):
+        checkpointing: in training, the backbone's stem and stages and the STT blocks recompute their
+            activations in the backward instead of keeping them (``torch.utils.checkpoint``, non-reentrant):
+            less memory for about one more forward of those parts; the same losses, gradients and batch-norm
+            statistics. Evaluation and inference are unchanged.
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class SSLTM(nn.Module):
         ocr_kernel_size: int = 1,
         dropout: float = 0.1,
         reference_stt: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -143,11 +150,11 @@ class SSLTM(nn.Module):
         self.use_stt, self.use_rfce, self.use_gcc = use_stt, use_rfce, use_gcc
         self.context, self.reference_stt = context, reference_stt
 
-        self.backbone = ResNetTrunk(backbone, pretrained)
+        self.backbone = ResNetTrunk(backbone, pretrained, checkpointing)
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
         if use_stt:
             self.stt = ShortTermTransformer(
-                fpn_dim, stt_dims, stt_depths, head_dim, window_size, mlp_ratio, shifted_windows
+                fpn_dim, stt_dims, stt_depths, head_dim, window_size, mlp_ratio, shifted_windows, checkpointing
             )
             st_channels = self.stt.out_channels
         else:

@@ -10,6 +10,8 @@ from torch import nn
 
 from ssltm_kernels import MixFFN, WindowAttention3D
 
+from .checkpointing import checkpointing_now, recomputed
+
 
 class STTUnit(nn.Module):
     """``x + W-MSA(LN(x))``, then ``x + MixFFN(LN(x))`` on a ``(B, T, H, W, C)`` volume.
@@ -66,7 +68,9 @@ class ShortTermTransformer(nn.Module):
     the map between them; a bias-carrying linear map is the cheapest that fits, and every unit starts
     with a LayerNorm, so no norm is added here). It runs once per frame, which is what a streaming
     predictor caches. ``forward`` runs the STT blocks over the stacked query + adjacent frames and keeps
-    the query frame (index 0). ``depths[i] = 0`` leaves a stride without STT units.
+    the query frame (index 0). ``depths[i] = 0`` leaves a stride without STT units. ``checkpointing``: in
+    training, each block recomputes its activations in the backward instead of keeping them
+    (:mod:`ssltm.model.checkpointing`).
     """
 
     def __init__(
@@ -78,11 +82,13 @@ class ShortTermTransformer(nn.Module):
         window_size: Sequence[int] = (4, 7, 7),
         mlp_ratio: float = 4.0,
         shifted_windows: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"stt_dims {tuple(dims)} and stt_depths {tuple(depths)} must have one entry per stride")
         self.dims = tuple(dims)
+        self.checkpointing = checkpointing
         self.out_channels = sum(self.dims)
         self.proj = nn.ModuleList(nn.Linear(in_dim, d) for d in dims)
         self.blocks = nn.ModuleList(
@@ -95,4 +101,8 @@ class ShortTermTransformer(nn.Module):
 
     def forward(self, clip: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[(B, T, h_i, w_i, dims[i])]`` (query frame first) -> the query frame's ``[(B, h_i, w_i, dims[i])]``."""
-        return [block(x)[:, 0] for block, x in zip(self.blocks, clip, strict=True)]
+        checkpointed = self.checkpointing and checkpointing_now(self)
+        return [
+            (recomputed(block, x) if checkpointed else block(x))[:, 0]
+            for block, x in zip(self.blocks, clip, strict=True)
+        ]
