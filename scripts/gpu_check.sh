@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should prove, in one time-boxed run of at most 7 minutes on an H100/H200
+# Everything a lent GPU machine should prove, in one time-boxed run of at most 8 minutes on an H100/H200
 # (offline install and compiles included):
 #
 #   scripts/gpu_check.sh              on the GPU machine (python3 there holds torch; nothing is downloaded)
@@ -14,7 +14,8 @@
 #   c        every op's benchmark, quick: SSLTM's shapes and the large one, fwd and fwd+bwd, every peer
 #   d        benchmarks/wmsa_decide.py, quick
 #   e        the model: one ResNet-101 training step (bf16, 479x479, 2 clips) on the kernels and on the
-#            reference backend, and streaming frames/s at 480p
+#            reference backend, and streaming frames/s at 480p; the training step's peak memory with
+#            activation checkpointing off and on (benchmarks/train_memory.py)
 #   f        the CUDA extension, built in the background from the start (MAX_JOBS=16, into a separate build
 #            folder): the `gpu_quick` tests of the CUDA backends, then its timings
 # Results go to $OUT when it is set, else benchmarks/results/: gpu_check.jsonl (every JSON line of the run),
@@ -50,9 +51,9 @@ WORKERS=${GPU_CHECK_WORKERS:-$((REHEARSE ? 2 : 12))}
 for number in "$SCALE" "$WORKERS"; do
   [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: GPU_CHECK_TIMEOUT_SCALE and GPU_CHECK_WORKERS must be positive integers" >&2; exit 2; }
 done
-# seconds for all stages (the summary follows): the steps' limits before f sum to 375 s, so that f has 40 s at
+# seconds for all stages (the summary follows): the steps' limits before f sum to 435 s, so that f has 40 s at
 # least, and more when the stages before it end early
-BUDGET=$((415 * SCALE))
+BUDGET=$((475 * SCALE))
 
 RESULTS=${OUT:-$ROOT/benchmarks/results}
 mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd) || exit 2
@@ -238,11 +239,16 @@ unset TRITON_INTERPRET
 # (on the CPU both providers run the PyTorch references: Triton runs there only in the interpreter)
 if [ "$REHEARSE" = 1 ]; then
   MODEL_ARGS="--size 48"
+  MEMORY_ARGS="--backbone resnet18 --crop 48 --batch 1 --classes 5"
 else
   MODEL_ARGS="--backbone resnet101 --size 479"
+  MEMORY_ARGS="--backbone resnet101 --crop 479 --batch 2 --amp bf16"
 fi
 # shellcheck disable=SC2086
 step e "ssltm_model" "$(limit 60)" "$PY" benchmarks/ssltm_model.py --quick --cases train,stream $MODEL_ARGS \
+  --results-dir "$BENCH_RESULTS"
+# shellcheck disable=SC2086
+step e "train_memory" "$(limit 60)" "$PY" benchmarks/train_memory.py --checkpointing off,on $MEMORY_ARGS \
   --results-dir "$BENCH_RESULTS"
 
 # ------------------------------------------------------------------------------ f: the CUDA extension

@@ -1,7 +1,8 @@
 """summary.md of a ``scripts/gpu_check.sh`` run: the device and versions, each stage with its status and
 duration, the tests that failed, every performance target of every benchmark with PASS / FAIL / n/a / not
 run and its figure (judged again here, by each benchmark's own ``evaluate_targets``, on the run's JSON
-lines), the fwd+bwd times of every provider, and what ``wmsa_decide.py`` found.
+lines), the fwd+bwd times of every provider, what ``wmsa_decide.py`` found, and the training step's peak
+memory per setting (``train_memory.py``).
 
     python scripts/gpu_check_summary.py --stages STAGES.tsv --log gpu_check.log --results gpu_check.jsonl
         --env env.txt --commit SHA --mode gpu|rehearsal --seconds N --budget N --out summary.md
@@ -29,7 +30,7 @@ STAGES = {
     "b": "correctness: gpu_quick tests, Triton backends",
     "c": "op benchmarks, quick",
     "d": "wmsa_decide.py, quick",
-    "e": "model: ResNet-101 training step, streaming",
+    "e": "model: ResNet-101 training step, streaming, training memory",
     "f": "CUDA extension: build, gpu_quick tests, timings",
 }
 TIMEOUT_CODES = {"124", "137"}
@@ -212,6 +213,21 @@ def decide_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def memory_lines(records: list[dict]) -> list[str]:
+    """What train_memory.py measured: one line per setting."""
+    lines = []
+    for r in (r for r in records if r.get("benchmark") == "train_memory" and "crop" in r):
+        setting = (
+            f"- {r.get('backbone')} {r['crop']}x{r['crop']}, batch {r.get('batch')}, checkpointing "
+            f"{'on' if r.get('checkpointing') else 'off'}, amp {r.get('amp')} on {r.get('gpu') or r.get('device')}"
+        )
+        if r.get("peak_mib") is None:
+            lines.append(f"{setting}: FAILED {(r.get('error') or '')[:120]}".rstrip())
+        else:
+            lines.append(f"{setting}: {r['peak_mib']:.0f} MiB peak ({r.get('measure')}), {r['step_s']:.2f} s a step")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- summary
 def summarize(args: argparse.Namespace) -> str:
     steps = read_steps(args.stages, args.log)
@@ -275,6 +291,9 @@ def summarize(args: argparse.Namespace) -> str:
     decided = decide_lines(records)
     if decided:
         out += ["", "## wmsa_decide", "", *decided]
+    memory = memory_lines(records)
+    if memory:
+        out += ["", "## Training-step memory", "", *memory]
     text = "\n".join(out) + "\n"
     timings = timing_lines(records)
     if timings:

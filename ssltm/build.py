@@ -136,6 +136,7 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
             use_rfce=m.use_rfce,
             use_gcc=m.use_gcc,
             context=m.context,
+            checkpointing=m.checkpointing,
             num_adjacent=len(cfg.data.offsets),
             **kwargs,
         )

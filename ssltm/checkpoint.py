@@ -23,7 +23,7 @@ TRAINING_KEYS = ("optimizer", "scheduler", "scaler", "iteration", "rng")
 MISMATCHES_SHOWN = 3  # mismatched keys a "does not fit" error names
 # Config keys that decide a model's parameter shapes: the classes (through the dataset) and the model settings.
 MODEL_SHAPING_KEYS = ("data.dataset", "data.synthetic.num_classes", "model.")
-NOT_MODEL_SHAPING = ("model.pretrained",)
+NOT_MODEL_SHAPING = ("model.pretrained", "model.checkpointing")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

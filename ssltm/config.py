@@ -97,6 +97,8 @@ class ModelConfig:
     flow: str = "dis"
     flow_weights: str | None = None
     flow_iters: int = 20  # RAFT's refinement iterations
+    # Recompute the backbone stages' and STT blocks' activations in the backward (less memory, a slower step).
+    checkpointing: bool = False
     netwarp: NetWarpConfig = field(default_factory=NetWarpConfig)
     st_ocr: STOCRConfig = field(default_factory=STOCRConfig)
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).

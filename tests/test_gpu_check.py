@@ -165,6 +165,16 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         "dtype": "bfloat16",
         "mode": "fwd+bwd",
     }
+    memory = {
+        "benchmark": "train_memory",
+        "device": "cuda",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "backbone": "resnet101",
+        "crop": 479,
+        "batch": 2,
+        "amp": "bf16",
+        "measure": "torch.cuda.max_memory_allocated",
+    }
     records = [
         {**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
         {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "correct": True},
@@ -172,6 +182,8 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "eager", "ms": 2.0},
         {**env, "benchmark": "ocr_region_pool", "case": "k19-60", "provider": "triton", "ms": 0.5},
         {"benchmark": "wmsa_decide", "section": "gate", "case": "stride16", "backend": "triton", "ok": False},
+        {**memory, "checkpointing": False, "peak_mib": 30500.4, "step_s": 0.61, "error": None},
+        {**memory, "checkpointing": True, "peak_mib": None, "step_s": None, "error": "out of memory"},
     ]
     summary = _summarise(tmp_path, stages, records, log)
     rows = _stage_rows(summary)
@@ -188,6 +200,9 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     assert "| ocr_region_pool | k19-60 | fwd+bwd >= 2x eager | triton | 4.00x | PASS |" in summary
     assert "- gate stride16 triton: FAIL" in summary
     assert "- gcc_assign ssltm fwd+bwd ms: eager 1 10 MiB, triton 0.1, cuda 0.4" in summary
+    setting = "- resnet101 479x479, batch 2, checkpointing {}, amp bf16 on NVIDIA H100 80GB HBM3: "
+    assert setting.format("off") + "30500 MiB peak (torch.cuda.max_memory_allocated), 0.61 s a step" in summary
+    assert setting.format("on") + "FAILED out of memory" in summary
 
 
 @pytest.mark.parametrize(
@@ -260,7 +275,14 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
         "gcc_assign",
         "wmsa_decide",
         "ssltm_model",
+        "train_memory",
     }
+    memory = [r for r in records if r["benchmark"] == "train_memory"]
+    assert [(r["checkpointing"], r["device"], r["error"]) for r in memory] == [
+        (False, "cpu", None),
+        (True, "cpu", None),
+    ]
+    assert all(r["peak_mib"] > 0 for r in memory) and "## Training-step memory" in summary
     triton = [r for r in records if r.get("provider") == "triton"]
     assert triton and all(r["ms"] > 0 and r["correct"] is True for r in triton)  # ran in the interpreter
     assert any(r.get("section") == "gate" and r["backend"] == "triton" and r["ok"] is True for r in records)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from .checkpointing import checkpointing_now, recomputed
+
 # name -> (torchvision builder, channels of C2..C5)
 RESNETS: dict[str, tuple[Callable[..., models.ResNet], tuple[int, int, int, int]]] = {
     "resnet18": (models.resnet18, (64, 128, 256, 512)),
@@ -63,9 +65,15 @@ class ResNetTrunk(nn.Module):
     torchvision's weights download, e.g. ``resnet101-63fe2227.pth``); it is loaded as it is, strictly,
     into the full torchvision model before the classifier is dropped. Nothing is downloaded.
     ``pretrained_source`` records that file and its SHA-256 (:class:`PretrainedSource`; ``None`` without one).
+
+    ``checkpointing``: in training, the stem and each of ``layer1..layer4`` recompute their activations in the
+    backward instead of keeping them (:mod:`ssltm.model.checkpointing`); the outputs and gradients are those
+    without it.
     """
 
-    def __init__(self, name: str = "resnet101", pretrained: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, name: str = "resnet101", pretrained: str | os.PathLike | None = None, checkpointing: bool = False
+    ) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {tuple(RESNETS)}, got {name!r}")
@@ -75,15 +83,22 @@ class ResNetTrunk(nn.Module):
         self.pretrained_source = None if pretrained is None else load_torchvision_checkpoint(resnet, pretrained)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4
+        self.checkpointing = checkpointing
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, H, W)`` -> ``[(N, C_i, ceil(H / s), ceil(W / s)) for s in (4, 8, 16, 32)]`` (sizes rounded as
         the strided convolutions round)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        return [c2, c3, c4, self.layer4(c4)]
+        checkpointed = self.checkpointing and checkpointing_now(self)
+        x = recomputed(self.stem, x, norms=self.bn1) if checkpointed else self.stem(x)
+        levels = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = recomputed(layer, x) if checkpointed else layer(x)
+            levels.append(x)
+        return levels
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1 -> bn1 -> ReLU -> max pool: ``(N, 3, H, W)`` -> ``(N, 64, ceil(H / 4), ceil(W / 4))``."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
 
 def load_torchvision_checkpoint(resnet: models.ResNet, path: str | os.PathLike) -> PretrainedSource:

@@ -124,7 +124,7 @@ def build_short_term(name: str, fpn_dim: int, num_classes: int, **args: Any) -> 
 
     - ``none``: :class:`QueryOnly` (no arguments);
     - ``stt``: :class:`~ssltm.model.stt.ShortTermTransformer` (``dims``, ``depths``, ``head_dim``,
-      ``window_size``, ``mlp_ratio``, ``shifted_windows``) on the levels themselves;
+      ``window_size``, ``mlp_ratio``, ``shifted_windows``, ``checkpointing``) on the levels themselves;
     - ``netwarp``: :class:`~ssltm.model.netwarp.NetWarp` (``stride``, ``flowcnn``) on the fused feature;
     - ``st_ocr``: :class:`~ssltm.model.st_ocr.SpatialTemporalOCR` (``channels``, ``key_channels``,
       ``dropout``, ``aux_weight``, ``memory``) on the fused feature.

@@ -98,6 +98,12 @@ class SSLTM(nn.Module):
         reference_stt: how the reference frame's features reach the shared OCR. Off (default, Eq. 3:
             ``F_ref = f_FE(I_ref)``): its projected FPN levels are fused exactly as the query's STT outputs
             are, without STT units. On: it also passes the STT blocks as a one-frame clip.
+
+    Memory (keyword-only):
+        checkpointing: in training, the backbone's stem and stages and the STT blocks recompute their
+            activations in the backward instead of keeping them (``torch.utils.checkpoint``, non-reentrant):
+            less memory for about one more forward of those parts; the same losses, gradients and batch-norm
+            statistics. Evaluation and inference are unchanged.
     """
 
     def __init__(
@@ -133,6 +139,7 @@ class SSLTM(nn.Module):
         ocr_kernel_size: int = 1,
         dropout: float = 0.1,
         reference_stt: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -161,7 +168,7 @@ class SSLTM(nn.Module):
         self.context, self.reference_stt = context, reference_stt
         self.flow_provider: FlowProvider | None = None  # a plain attribute: outside the state_dict
 
-        self.backbone = ResNetTrunk(backbone, pretrained)
+        self.backbone = ResNetTrunk(backbone, pretrained, checkpointing)
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
         args = dict(short_term_args or {})
         if self.short_term == "stt":
@@ -172,6 +179,7 @@ class SSLTM(nn.Module):
                 window_size=window_size,
                 mlp_ratio=mlp_ratio,
                 shifted_windows=shifted_windows,
+                checkpointing=checkpointing,
             )
             args = {**stt, **args}
         self.add_module(self.short_term, build_short_term(self.short_term, fpn_dim, num_classes, **args))

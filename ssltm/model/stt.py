@@ -10,6 +10,7 @@ from torch import nn
 
 from ssltm_kernels import MixFFN, WindowAttention3D
 
+from .checkpointing import checkpointing_now, recomputed
 from .neck import fuse_levels
 from .short_term import ShortTermModule
 
@@ -73,7 +74,9 @@ class ShortTermTransformer(ShortTermModule):
     the map between them; a bias-carrying linear map is the cheapest that fits, and every unit starts
     with a LayerNorm, so no norm is added here). It runs once per frame, which is what a streaming
     predictor caches. ``forward`` runs the STT blocks over the stacked query + adjacent frames and keeps
-    the query frame (index 0). ``depths[i] = 0`` leaves a stride without STT units.
+    the query frame (index 0). ``depths[i] = 0`` leaves a stride without STT units. ``checkpointing``: in
+    training, each block recomputes its activations in the backward instead of keeping them
+    (:mod:`ssltm.model.checkpointing`).
     """
 
     def __init__(
@@ -85,11 +88,13 @@ class ShortTermTransformer(ShortTermModule):
         window_size: Sequence[int] = (4, 7, 7),
         mlp_ratio: float = 4.0,
         shifted_windows: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"stt_dims {tuple(dims)} and stt_depths {tuple(depths)} must have one entry per stride")
         self.dims = tuple(dims)
+        self.checkpointing = checkpointing
         self.out_channels = sum(self.dims)
         self.proj = nn.ModuleList(nn.Linear(in_dim, d) for d in dims)
         self.blocks = nn.ModuleList(
@@ -106,4 +111,8 @@ class ShortTermTransformer(ShortTermModule):
 
     def forward(self, clip: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[(B, T, h_i, w_i, dims[i])]`` (query frame first) -> the query frame's ``[(B, h_i, w_i, dims[i])]``."""
-        return [block(x)[:, 0] for block, x in zip(self.blocks, clip, strict=True)]
+        checkpointed = self.checkpointing and checkpointing_now(self)
+        return [
+            (recomputed(block, x) if checkpointed else block(x))[:, 0]
+            for block, x in zip(self.blocks, clip, strict=True)
+        ]

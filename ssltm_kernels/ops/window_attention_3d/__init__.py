@@ -407,9 +407,12 @@ def _(
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dtable, dpad, dpad.clone()
 
 
-def _backward_grads(ctx, grad_out, q, k, v, packed: bool):
-    """The backward op on the saved tensors; table and pad gradients in their parameters' dtypes."""
-    out, lse, table, pad_k, pad_v, attn_mask = ctx.saved_tensors[-6:]
+def _backward_grads(ctx, grad_out, saved: tuple[torch.Tensor, ...], packed: bool):
+    """The backward op on the saved tensors ``saved`` (``ctx.saved_tensors``, read once by the caller: under
+    non-reentrant activation checkpointing each saved tensor can be unpacked only once); table and pad
+    gradients in their parameters' dtypes."""
+    q, k, v = saved[0].unbind(-3) if packed else saved[:3]
+    out, lse, table, pad_k, pad_v, attn_mask = saved[-6:]
     window, shift, bias_window, table_window, scale, backend = ctx.params
     need_table, need_pad_k, need_pad_v = ctx.needs_input_grad[-10:-7]  # both ops end with these
     dq, dk, dv, dtable, dpad_k, dpad_v = _window_attention_3d_bwd(
@@ -451,13 +454,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v = ctx.saved_tensors[:3]
-    dq, dk, dv, *rest = _backward_grads(ctx, grad_out, q, k, v, packed=False)
+    dq, dk, dv, *rest = _backward_grads(ctx, grad_out, ctx.saved_tensors, packed=False)
     return dq, dk, dv, *rest, *[None] * 7  # attn_mask and the non-tensor arguments
 
 
 def _backward_qkvpacked(ctx, grad_out, _grad_lse):
-    dqkv, _, _, *rest = _backward_grads(ctx, grad_out, *ctx.saved_tensors[0].unbind(-3), packed=True)
+    dqkv, _, _, *rest = _backward_grads(ctx, grad_out, ctx.saved_tensors, packed=True)
     return dqkv, *rest, *[None] * 7  # attn_mask and the non-tensor arguments
 
 
