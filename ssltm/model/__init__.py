@@ -2,18 +2,21 @@
 
 Modules, one file per part: ``backbone`` (torchvision ResNet trunk), ``neck`` (FPN + PPM), ``stt``
 (Spatial-Temporal Transformer), ``rfce`` (shared OCR, category attention, GCC), ``heads`` (segmentation
-heads, losses), ``ssltm`` (the model), ``predictor`` (streaming and whole-video inference).
+heads, losses), ``short_term`` (the short-term module interface and builder; ``netwarp``, ``st_ocr``: two
+modules), ``ssltm`` (the model), ``predictor`` (streaming and whole-video inference).
 """
 
 from .backbone import RESNETS, ResNetTrunk
 from .neck import FPNNeck, PyramidPooling
 from .predictor import VideoPredictor
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
+from .short_term import SHORT_TERM, ShortTermModule, build_short_term
 from .ssltm import SSLTM
 from .stt import ShortTermTransformer, STTBlock, STTUnit
 
 __all__ = [
     "RESNETS",
+    "SHORT_TERM",
     "SSLTM",
     "CategoryAttention",
     "FPNNeck",
@@ -23,6 +26,8 @@ __all__ = [
     "ResNetTrunk",
     "STTBlock",
     "STTUnit",
+    "ShortTermModule",
     "ShortTermTransformer",
     "VideoPredictor",
+    "build_short_term",
 ]
