@@ -9,22 +9,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from .build import build_dataset, dataset_info, load_model
 from .config import load_config
 from .distributed import resolve_device
 from .evaluate import results_json, results_table
-from .flow import to_uint8_rgb
 from .metrics import confusion_matrix, miou
-from .visualize import class_legend, colorize, comparison_grid
+from .visualize import prediction_picture
 
 DEMO_CONFIG = "demo"  # configs/demo.yaml
-PICTURE_FRAMES = 4
-PICTURE_SCALE = 2
 
 
 def majority_baseline(cfg) -> tuple[int, float]:
@@ -42,46 +37,6 @@ def majority_baseline(cfg) -> tuple[int, float]:
         label = val_set.read_label(*val_set.queries[i])
         conf += confusion_matrix(np.full_like(label, majority), label, k)
     return majority, miou(conf)
-
-
-def prediction_picture(
-    model,
-    dataset,
-    indices: Sequence[int],
-    device: torch.device,
-    classes: Sequence[str],
-    palette,
-    max_height: int | None = None,
-) -> np.ndarray:
-    """Frames, ground truth and prediction of a few frames spread over the first video of ``dataset[indices]``
-    (each query predicted from its clip, as evaluation does), above the colour key of the classes: RGB uint8
-    ``(H, W, 3)``. The images are shown PICTURE_SCALE times as large as the frames, but no more than
-    ``max_height`` rows high (nearest neighbour). ``model`` is used in eval mode and left in the mode it was in."""
-    video = dataset.queries[indices[0]][0]
-    frames = [i for i in indices if dataset.queries[i][0] == video]
-    picks = [frames[round(j * (len(frames) - 1) / (PICTURE_FRAMES - 1))] for j in range(PICTURE_FRAMES)]
-    rows: dict[str, list[np.ndarray]] = {"frame": [], "ground truth": [], "prediction": []}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i in picks:
-                sample = dataset[i]
-                pred = model.predict(sample["frames"][None].to(device), sample["reference"][None].to(device))[0]
-                rows["frame"].append(to_uint8_rgb(sample["frames"][0]))
-                rows["ground truth"].append(colorize(sample["label"].numpy(), palette))
-                rows["prediction"].append(colorize(pred.cpu().numpy(), palette))
-    finally:
-        model.train(was_training)
-    h, w = rows["frame"][0].shape[:2]
-    scale = PICTURE_SCALE if max_height is None else min(PICTURE_SCALE, max_height / h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    scaled = [
-        (title, [cv2.resize(image, size, interpolation=cv2.INTER_NEAREST) for image in images])
-        for title, images in rows.items()
-    ]
-    grid = comparison_grid(scaled)
-    return np.concatenate([grid, class_legend(classes, palette, grid.shape[1])])
 
 
 def demo(

@@ -41,11 +41,11 @@ from . import distributed as dist
 from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
-from .demo import prediction_picture
 from .evaluate import evaluate, results_json, results_table
 from .model.backbone import pretrained_source
 from .precision import amp_dtype, autocast
 from .runlog import FILE_ONLY, LOGGER, RunLog, check_tensorboard
+from .visualize import prediction_picture
 
 # A run sized by train.max_minutes alone fixes its length after the first FIT_EVERY + 1 iterations (the
 # first pays one-off costs) and refits it every FIT_EVERY iterations, at the mean speed of the last FIT_WINDOW.

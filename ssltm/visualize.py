@@ -6,10 +6,16 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from .data import IGNORE_INDEX
+from .flow import to_uint8_rgb
+
+PICTURE_FRAMES = 4  # frames prediction_picture shows
+PICTURE_SCALE = 2  # how much larger than the frames it shows them
 
 
 def make_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int]]:
@@ -113,3 +119,43 @@ def class_legend(
         draw.rectangle((x, top, x + swatch - 1, top + swatch - 1), fill=colour)
         draw.text((x + swatch + gap, y + 2), name, fill=(0, 0, 0))
     return np.asarray(canvas)
+
+
+def prediction_picture(
+    model,
+    dataset,
+    indices: Sequence[int],
+    device: torch.device,
+    classes: Sequence[str],
+    palette,
+    max_height: int | None = None,
+) -> np.ndarray:
+    """Frames, ground truth and prediction of a few frames spread over the first video of ``dataset[indices]``
+    (each query predicted from its clip, as evaluation does), above the colour key of the classes: RGB uint8
+    ``(H, W, 3)``. The images are shown PICTURE_SCALE times as large as the frames, but no more than
+    ``max_height`` rows high (nearest neighbour). ``model`` is used in eval mode and left in the mode it was in."""
+    video = dataset.queries[indices[0]][0]
+    frames = [i for i in indices if dataset.queries[i][0] == video]
+    picks = [frames[round(j * (len(frames) - 1) / (PICTURE_FRAMES - 1))] for j in range(PICTURE_FRAMES)]
+    rows: dict[str, list[np.ndarray]] = {"frame": [], "ground truth": [], "prediction": []}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in picks:
+                sample = dataset[i]
+                pred = model.predict(sample["frames"][None].to(device), sample["reference"][None].to(device))[0]
+                rows["frame"].append(to_uint8_rgb(sample["frames"][0]))
+                rows["ground truth"].append(colorize(sample["label"].numpy(), palette))
+                rows["prediction"].append(colorize(pred.cpu().numpy(), palette))
+    finally:
+        model.train(was_training)
+    h, w = rows["frame"][0].shape[:2]
+    scale = PICTURE_SCALE if max_height is None else min(PICTURE_SCALE, max_height / h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    scaled = [
+        (title, [cv2.resize(image, size, interpolation=cv2.INTER_NEAREST) for image in images])
+        for title, images in rows.items()
+    ]
+    grid = comparison_grid(scaled)
+    return np.concatenate([grid, class_legend(classes, palette, grid.shape[1])])
