@@ -7,6 +7,8 @@ module against the op's reference, the SDPA kernel record, its targets, and a CP
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -648,3 +650,48 @@ def test_stt_window_attn_cpu_quick(tmp_path):
     assert by[(case, "triton", "fwd")]["error"].startswith("unavailable: triton on CPU")
     assert by[(module, "module-triton", "fwd")]["error"].startswith("unavailable: triton on CPU")
     assert all(r["graph_ms"] is None and r["graph_error"] is None for r in rows)  # no CUDA graphs on the CPU
+
+
+# --------------------------------------------------------------------------- short-term modules (tiny CPU case)
+def test_short_term_tiny_cpu_case(tmp_path):
+    """Every Table 5 case runs on the tiny CPU setup and is labelled as such; RAFT without weights is skipped with
+    its reason recorded; no GPU figure (peak memory) is written on the CPU."""
+    from benchmarks import short_term
+
+    proc, records = run_cpu_benchmark("short_term", results_dir=tmp_path, timeout=300)
+    assert "tiny CPU case: no GPU figures" in proc.stdout
+    assert [r["case"] for r in records] == list(short_term.CASES)
+    assert all(key in r for r in records for key in PROVENANCE[:-1])
+    assert all(r["benchmark"] == "short_term" and r["device"] == "cpu" and r["gpu"] is None for r in records)
+    assert all(r["tiny"] is True and r["backbone"] == "resnet18" and r["dtype"] == "fp32" for r in records)
+    assert all(r["peak_mib"] is None and r["memory_measure"] is None for r in records)
+    by = {r["case"]: r for r in records}
+    assert {name: (r["short_term"], r["flow"], r["frames"]) for name, r in by.items()} == {
+        "baseline": ("none", None, 1),
+        "stt": ("stt", None, 4),
+        "netwarp_dis": ("netwarp", "dis", 2),
+        "netwarp_raft": ("netwarp", "raft", 2),
+        "st_ocr": ("st_ocr", None, 4),
+    }
+    raft = by.pop("netwarp_raft")
+    assert raft["status"] == "skipped" and "--raft-weights" in raft["reason"] and "never downloaded" in raft["reason"]
+    assert raft["step_ms"] is None and raft["flow_ms_per_pair"] is None and raft["params"] is None
+    for name, r in by.items():
+        assert r["status"] == "ok" and r["reason"] is None, r
+        assert 0 < r["step_ms"] < 60_000 and r["steps"] == 1 and r["warmup"] == 1, r
+        assert (r["flow_ms_per_pair"] is not None) == (name == "netwarp_dis"), r
+    assert 0 < by["netwarp_dis"]["flow_ms_per_pair"] < 10_000
+    assert all(r["params"] > 11_000_000 for r in by.values())  # the ResNet-18 backbone at least
+    assert len({r["params"] for r in by.values()}) == len(by)  # each case its own module
+
+
+def test_short_term_refuses_a_missing_raft_weights_file(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "short_term.py"), "--cpu", "--raft-weights", str(tmp_path / "raft.pth")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and f"--raft-weights: no file at {tmp_path / 'raft.pth'}" in proc.stderr
+    assert not (tmp_path / "short_term.jsonl").exists()
