@@ -15,7 +15,10 @@
 #   d        benchmarks/wmsa_decide.py, quick
 #   e        the model: one ResNet-101 training step (bf16, 479x479, 2 clips) on the kernels and on the
 #            reference backend, and streaming frames/s at 480p; the training step's peak memory with
-#            activation checkpointing off and on (benchmarks/train_memory.py)
+#            activation checkpointing off and on (benchmarks/train_memory.py); Table 5's short-term modules
+#            (benchmarks/short_term.py --quick: baseline, STT, NetWarp with DIS and RAFT flow, ST-OCR; the
+#            RAFT case only with GPU_CHECK_RAFT_WEIGHTS, else skipped). The full run is a second call:
+#            python benchmarks/short_term.py --results-dir "$OUT" [--raft-weights PATH]
 #   f        the CUDA extension, built in the background from the start (MAX_JOBS=16, into a separate build
 #            folder): the `gpu_quick` tests of the CUDA backends, then its timings
 # Results go to $OUT when it is set, else benchmarks/results/: gpu_check.jsonl (every JSON line of the run),
@@ -25,7 +28,9 @@
 # Environment: PYTHON (default python3; the rehearsal builds its environment from it), GPU_CHECK_COMMIT (the
 # commit to report where the tree is no git checkout), GPU_CHECK_FAIL_STAGE (a stage id: its steps fail
 # without running, to test that the later stages still run), GPU_CHECK_TIMEOUT_SCALE (multiplies every time
-# limit; default 1, 3 when rehearsing), GPU_CHECK_WORKERS (pytest-xdist workers; default 12, 2 rehearsing).
+# limit; default 1, 3 when rehearsing), GPU_CHECK_WORKERS (pytest-xdist workers; default 12, 2 rehearsing),
+# GPU_CHECK_RAFT_WEIGHTS (a local raft_large state dict file for stage e's NetWarp-RAFT case; nothing is
+# downloaded).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -51,7 +56,7 @@ WORKERS=${GPU_CHECK_WORKERS:-$((REHEARSE ? 2 : 12))}
 for number in "$SCALE" "$WORKERS"; do
   [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: GPU_CHECK_TIMEOUT_SCALE and GPU_CHECK_WORKERS must be positive integers" >&2; exit 2; }
 done
-# seconds for all stages (the summary follows): the steps' limits before f sum to 435 s, so that f has 40 s at
+# seconds for all stages (the summary follows): the steps' limits before f sum to 465 s, so that f has 10 s at
 # least, and more when the stages before it end early
 BUDGET=$((475 * SCALE))
 
@@ -240,9 +245,18 @@ unset TRITON_INTERPRET
 if [ "$REHEARSE" = 1 ]; then
   MODEL_ARGS="--size 48"
   MEMORY_ARGS="--backbone resnet18 --crop 48 --batch 1 --classes 5"
+  SHORT_TERM_ARGS=(--cases baseline,netwarp_dis,netwarp_raft)  # the tiny CPU case: flow, skip and summary paths
 else
   MODEL_ARGS="--backbone resnet101 --size 479"
   MEMORY_ARGS="--backbone resnet101 --crop 479 --batch 2 --amp bf16"
+  SHORT_TERM_ARGS=(--quick)
+fi
+if [ -n "${GPU_CHECK_RAFT_WEIGHTS:-}" ]; then
+  if [ -f "$GPU_CHECK_RAFT_WEIGHTS" ]; then
+    SHORT_TERM_ARGS+=(--raft-weights "$GPU_CHECK_RAFT_WEIGHTS")
+  else
+    say "GPU_CHECK_RAFT_WEIGHTS: no file at $GPU_CHECK_RAFT_WEIGHTS: the NetWarp-RAFT case is skipped"
+  fi
 fi
 # shellcheck disable=SC2086
 step e "ssltm_model" "$(limit 60)" "$PY" benchmarks/ssltm_model.py --quick --cases train,stream $MODEL_ARGS \
@@ -250,6 +264,7 @@ step e "ssltm_model" "$(limit 60)" "$PY" benchmarks/ssltm_model.py --quick --cas
 # shellcheck disable=SC2086
 step e "train_memory" "$(limit 60)" "$PY" benchmarks/train_memory.py --checkpointing off,on $MEMORY_ARGS \
   --results-dir "$BENCH_RESULTS"
+step e "short_term" "$(limit 30)" "$PY" benchmarks/short_term.py "${SHORT_TERM_ARGS[@]}" --results-dir "$BENCH_RESULTS"
 
 # ------------------------------------------------------------------------------ f: the CUDA extension
 if [ "$REHEARSE" = 1 ]; then

@@ -1,8 +1,8 @@
 """summary.md of a ``scripts/gpu_check.sh`` run: the device and versions, each stage with its status and
 duration, the tests that failed, every performance target of every benchmark with PASS / FAIL / n/a / not
 run and its figure (judged again here, by each benchmark's own ``evaluate_targets``, on the run's JSON
-lines), the fwd+bwd times of every provider, what ``wmsa_decide.py`` found, and the training step's peak
-memory per setting (``train_memory.py``).
+lines), the fwd+bwd times of every provider, what ``wmsa_decide.py`` found, the training step's peak
+memory per setting (``train_memory.py``) and each short-term module's training step (``short_term.py``).
 
     python scripts/gpu_check_summary.py --stages STAGES.tsv --log gpu_check.log --results gpu_check.jsonl
         --env env.txt --commit SHA --mode gpu|rehearsal --seconds N --budget N --out summary.md
@@ -30,7 +30,7 @@ STAGES = {
     "b": "correctness: gpu_quick tests, Triton backends",
     "c": "op benchmarks, quick",
     "d": "wmsa_decide.py, quick",
-    "e": "model: ResNet-101 training step, streaming, training memory",
+    "e": "model: ResNet-101 training step, streaming, training memory, short-term modules",
     "f": "CUDA extension: build, gpu_quick tests, timings",
 }
 TIMEOUT_CODES = {"124", "137"}
@@ -228,6 +228,28 @@ def memory_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def short_term_lines(records: list[dict]) -> list[str]:
+    """What short_term.py measured: one line per case (fwd+bwd, peak memory, flow per pair, or why none)."""
+    lines = []
+    for r in (r for r in records if r.get("benchmark") == "short_term" and "case" in r):
+        where = r.get("gpu") or r.get("device")
+        setting = (
+            f"- {r['case']} ({r.get('short_term')}, {r.get('frames')} frames"
+            f"{', flow ' + r['flow'] if r.get('flow') else ''}): {r.get('backbone')} {r.get('size')}x{r.get('size')}, "
+            f"B={r.get('batch')}, {r.get('dtype')} on {where}{' (tiny)' if r.get('tiny') else ''}"
+        )
+        if r.get("status") != "ok":
+            lines.append(f"{setting}: {str(r.get('status')).upper()} {(r.get('reason') or '')[:120]}".rstrip())
+            continue
+        figures = [f"{r['step_ms']:.1f} ms fwd+bwd (median of {r.get('steps')})"]
+        if r.get("peak_mib") is not None:
+            figures.append(f"{r['peak_mib']:.0f} MiB peak")
+        if r.get("flow_ms_per_pair") is not None:
+            figures.append(f"flow {r['flow_ms_per_pair']:.1f} ms/pair")
+        lines.append(f"{setting}: {', '.join(figures)}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- summary
 def summarize(args: argparse.Namespace) -> str:
     steps = read_steps(args.stages, args.log)
@@ -294,6 +316,9 @@ def summarize(args: argparse.Namespace) -> str:
     memory = memory_lines(records)
     if memory:
         out += ["", "## Training-step memory", "", *memory]
+    modules = short_term_lines(records)
+    if modules:
+        out += ["", "## Short-term modules (training step)", "", *modules]
     text = "\n".join(out) + "\n"
     timings = timing_lines(records)
     if timings:

@@ -175,6 +175,16 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         "amp": "bf16",
         "measure": "torch.cuda.max_memory_allocated",
     }
+    short_term = {
+        "benchmark": "short_term",
+        "device": "cuda",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "tiny": False,
+        "backbone": "resnet101",
+        "size": 479,
+        "batch": 2,
+        "dtype": "bf16",
+    }
     records = [
         {**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
         {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "correct": True},
@@ -184,7 +194,11 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         {"benchmark": "wmsa_decide", "section": "gate", "case": "stride16", "backend": "triton", "ok": False},
         {**memory, "checkpointing": False, "peak_mib": 30500.4, "step_s": 0.61, "error": None},
         {**memory, "checkpointing": True, "peak_mib": None, "step_s": None, "error": "out of memory"},
+        {**short_term, "case": "netwarp_dis", "short_term": "netwarp", "flow": "dis", "frames": 2, "status": "ok"},
+        {**short_term, "case": "netwarp_raft", "short_term": "netwarp", "flow": "raft", "frames": 2},
     ]
+    records[-2].update(step_ms=212.34, peak_mib=20480.4, flow_ms_per_pair=31.26, steps=3)
+    records[-1].update(status="skipped", reason="no --raft-weights file (RAFT weights are never downloaded)")
     summary = _summarise(tmp_path, stages, records, log)
     rows = _stage_rows(summary)
     assert list(rows) == list(STAGES)
@@ -203,6 +217,10 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     setting = "- resnet101 479x479, batch 2, checkpointing {}, amp bf16 on NVIDIA H100 80GB HBM3: "
     assert setting.format("off") + "30500 MiB peak (torch.cuda.max_memory_allocated), 0.61 s a step" in summary
     assert setting.format("on") + "FAILED out of memory" in summary
+    module = "- netwarp_{} (netwarp, 2 frames, flow {}): resnet101 479x479, B=2, bf16 on NVIDIA H100 80GB HBM3: "
+    assert "## Short-term modules (training step)" in summary
+    assert module.format("dis", "dis") + "212.3 ms fwd+bwd (median of 3), 20480 MiB peak, flow 31.3 ms/pair" in summary
+    assert module.format("raft", "raft") + "SKIPPED no --raft-weights file" in summary
 
 
 @pytest.mark.parametrize(
@@ -276,6 +294,7 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
         "wmsa_decide",
         "ssltm_model",
         "train_memory",
+        "short_term",
     }
     memory = [r for r in records if r["benchmark"] == "train_memory"]
     assert [(r["checkpointing"], r["device"], r["error"]) for r in memory] == [
@@ -283,6 +302,11 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
         (True, "cpu", None),
     ]
     assert all(r["peak_mib"] > 0 for r in memory) and "## Training-step memory" in summary
+    modules = {r["case"]: r for r in records if r["benchmark"] == "short_term"}
+    assert list(modules) == ["baseline", "netwarp_dis", "netwarp_raft"]
+    assert all(r["device"] == "cpu" and r["tiny"] is True and r["peak_mib"] is None for r in modules.values())
+    assert modules["baseline"]["step_ms"] > 0 and modules["netwarp_dis"]["flow_ms_per_pair"] > 0
+    assert modules["netwarp_raft"]["status"] == "skipped" and "## Short-term modules (training step)" in summary
     triton = [r for r in records if r.get("provider") == "triton"]
     assert triton and all(r["ms"] > 0 and r["correct"] is True for r in triton)  # ran in the interpreter
     assert any(r.get("section") == "gate" and r["backend"] == "triton" and r["ok"] is True for r in records)
