@@ -126,6 +126,8 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     name = short_term(cfg)
     module_args = OmegaConf.to_container(m[name], resolve=True) if name in ("netwarp", "st_ocr") else {}
+    if name == "sparse_tt":  # model.sparse_tt, and data.offsets: its key windows grow with the offsets' values
+        module_args = {**OmegaConf.to_container(m.sparse_tt, resolve=True), "offsets": list(cfg.data.offsets)}
     try:
         model = SSLTM(
             num_classes,

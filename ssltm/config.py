@@ -83,6 +83,19 @@ class STOCRConfig:
 
 
 @dataclass
+class SparseTTConfig:
+    """``model.short_term: sparse_tt`` settings (Sparse Temporal Transformer; the slides' best setting)."""
+
+    r: int = 5  # neighbourhood radius of the query selection's similarity
+    tr: float = 0.5  # fraction of each image's pixels selected as queries, in [0, 1]
+    s: int = 1  # key window radius of the query frame: l_d = min(s + d * eps, e) at temporal distance d
+    e: int = 5  # largest key window radius
+    eps: int = 1  # growth of the radius per frame of temporal distance
+    heads: int = 8
+    stride: int = 8  # the attention's feature stride (a multiple of 4; the fused features are stride 4)
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "resnet101"
     pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
@@ -101,6 +114,7 @@ class ModelConfig:
     checkpointing: bool = False
     netwarp: NetWarpConfig = field(default_factory=NetWarpConfig)
     st_ocr: STOCRConfig = field(default_factory=STOCRConfig)
+    sparse_tt: SparseTTConfig = field(default_factory=SparseTTConfig)
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -278,6 +292,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if model.st_ocr.memory not in ST_OCR_MEMORY:
         raise ConfigError(f"model.st_ocr.memory must be one of {ST_OCR_MEMORY}, got {model.st_ocr.memory!r}")
+    _check_sparse_tt(model.sparse_tt)
     for key in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
         if train[key] < 1:
             raise ConfigError(f"train.{key} must be at least 1, got {train[key]}")
@@ -305,6 +320,18 @@ def validate(cfg: DictConfig) -> None:
         )
     if ev.tc_videos is not None and ev.tc_videos < 1:
         raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
+
+
+def _check_sparse_tt(section: DictConfig) -> None:
+    if not 0 <= section.tr <= 1:
+        raise ConfigError(f"model.sparse_tt.tr must be a fraction in [0, 1], got {section.tr}")
+    for key, low in (("r", 1), ("s", 0), ("eps", 0), ("heads", 1)):
+        if section[key] < low:
+            raise ConfigError(f"model.sparse_tt.{key} must be at least {low}, got {section[key]}")
+    if section.s > section.e:
+        raise ConfigError(f"model.sparse_tt.s must be at most model.sparse_tt.e, got s={section.s}, e={section.e}")
+    if section.stride < 4 or section.stride % 4:
+        raise ConfigError(f"model.sparse_tt.stride must be a positive multiple of 4, got {section.stride}")
 
 
 def short_term(cfg: DictConfig) -> str:

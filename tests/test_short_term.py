@@ -3,7 +3,7 @@ errors, the Table 5 configs (built at ResNet-101 size on the meta device), the l
 training step per module, the frames, flow and per-video state a module gets in training and from
 :class:`VideoPredictor` (streaming and whole videos against clip prediction), and the errors of missing
 images or a bad flow. A probe module stands in for a module that reads images and flow and adds a loss term;
-NetWarp and Spatial-Temporal OCR run where they are installed."""
+NetWarp, Spatial-Temporal OCR and Sparse-TT run where they are installed."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ TINY = dict(
     use_gcc=False,
 )
 SIZE = (32, 40)
+SPARSE_TT = dict(offsets=(1, 2), r=1, heads=2)  # 4x5 pixels at stride 8, half of them queries
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +128,7 @@ def cfg_of(*overrides: str):
         (("model.short_term=st_ocr",), "st_ocr"),
         (("model.short_term=netwarp", "data.offsets=[1]"), "netwarp"),
         (("model.short_term=netwarp", "data.offsets=[2]", "model.use_stt=false"), "netwarp"),
+        (("model.short_term=sparse_tt", "data.offsets=[1,2]"), "sparse_tt"),
     ],
 )
 def test_short_term_resolution(overrides, expected):
@@ -145,7 +147,8 @@ def test_short_term_resolution(overrides, expected):
         (("model.short_term=stt", "model.use_stt=false"), r"model.use_stt=false contradicts model.short_term='stt'"),
         (
             ("model.short_term=convlstm",),
-            r"model.short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr'\) or null, got 'convlstm'",
+            r"model.short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr', 'sparse_tt'\) or null, "
+            r"got 'convlstm'",
         ),
         (("model.short_term=netwarp",), r"data.offsets must hold one offset, got \[3, 6, 9\]"),
         (("model.short_term=netwarp", "data.offsets=[]"), r"data.offsets must hold one offset, got \[\]"),
@@ -180,9 +183,11 @@ def test_model_arguments_resolve_as_the_config():
         assert set(SSLTM(K, **TINY, short_term="stt").state_dict()) == set(SSLTM(K, **TINY).state_dict())
         with pytest.raises(ValueError, match=r"use_stt=True contradicts short_term='none'"):
             SSLTM(K, **TINY, use_stt=True, short_term="none")
-        with pytest.raises(ValueError, match=r"short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr'\)"):
+        with pytest.raises(
+            ValueError, match=r"short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr', 'sparse_tt'\)"
+        ):
             SSLTM(K, **TINY, short_term="cffm")
-    assert SHORT_TERM == ("none", "stt", "netwarp", "st_ocr")
+    assert SHORT_TERM == ("none", "stt", "netwarp", "st_ocr", "sparse_tt")
 
 
 # ---------------------------------------------------------------------------------------- Table 5 configs
@@ -226,16 +231,16 @@ def test_table5_configs_build_their_model(name):
 
 
 # ------------------------------------------------------------------------------ training: the loss terms
-@pytest.mark.parametrize("name", ["none", "stt", "probe", "netwarp", "st_ocr"])
+@pytest.mark.parametrize("name", ["none", "stt", "probe", "netwarp", "st_ocr", "sparse_tt"])
 def test_training_step_returns_exactly_the_loss_terms(name, request, monkeypatch):
     """A CPU training step per module: the losses are ``model.loss_terms`` in order, ``total`` adds the
     module's terms to Eq. 10, and every parameter gets a gradient."""
     if name == "probe":
         request.getfixturevalue("probe")
-    elif name in ("netwarp", "st_ocr") and not installed(name):
+    elif name in ("netwarp", "st_ocr", "sparse_tt") and not installed(name):
         pytest.skip(f"ssltm.model.{name} is not installed")
     module = "netwarp" if name == "probe" else name
-    args = dict(channels=16, key_channels=8) if name == "st_ocr" else None
+    args = {"st_ocr": dict(channels=16, key_channels=8), "sparse_tt": SPARSE_TT}.get(name)
     model = tiny_model(
         module, num_adjacent=1 if module == "netwarp" else 2, use_rfce=True, use_gcc=True, short_term_args=args
     )
@@ -351,6 +356,12 @@ def test_netwarp_streams_like_clips_with_zero_flow():
     model = tiny_model("netwarp", num_adjacent=1)
     model.set_flow_provider(make_flow_provider("zero"))
     _streaming_and_offline_match(model, (1,))
+
+
+@needs("sparse_tt")
+def test_sparse_tt_streams_like_clips():
+    model = tiny_model("sparse_tt", num_adjacent=2, short_term_args=SPARSE_TT)
+    _streaming_and_offline_match(model, (1, 2))
 
 
 @needs("st_ocr")

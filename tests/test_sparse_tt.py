@@ -4,9 +4,13 @@ offset values, and the module's bad inputs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from ssltm.build import build_model
+from ssltm.config import ConfigError, load_config
 from ssltm.model.sparse_tt import (
     SparseTemporalBlock,
     SparseTemporalTransformer,
@@ -15,6 +19,7 @@ from ssltm.model.sparse_tt import (
     sparse_tt_reference,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 OFFSETS = (1, 2, 3, 4, 5, 6)
 
 
@@ -167,3 +172,39 @@ def test_bad_inputs_name_the_argument():
         module(torch.randn(1, 3, 16, 3, 10))
     with pytest.raises(ValueError, match=r"feats must be \(B, 3, 16, h, w\)"):
         module(torch.randn(1, 2, 16, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("tr=1.5", r"model.sparse_tt.tr must be a fraction in \[0, 1\], got 1.5"),
+        ("tr=-0.5", r"model.sparse_tt.tr must be a fraction in \[0, 1\], got -0.5"),
+        ("r=0", r"model.sparse_tt.r must be at least 1, got 0"),
+        ("s=6", r"model.sparse_tt.s must be at most model.sparse_tt.e, got s=6, e=5"),
+        ("eps=-1", r"model.sparse_tt.eps must be at least 0, got -1"),
+        ("heads=0", r"model.sparse_tt.heads must be at least 1, got 0"),
+        ("stride=6", r"model.sparse_tt.stride must be a positive multiple of 4, got 6"),
+        ("eps=0.5", r"model.sparse_tt.eps"),
+    ],
+)
+def test_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.short_term=sparse_tt", f"model.sparse_tt.{override}"])
+
+
+@pytest.mark.parametrize("name", ["vspw_r101", "cityscapes_r101"])
+def test_configs_build_the_slides_setting(name):
+    """Each config builds the module at ResNet-101 size (meta device) with 527 keys per query and says it has
+    no published number."""
+    path = ROOT / "configs" / "sparse_tt" / f"{name}.yaml"
+    assert "no published number on this host" in path.read_text().splitlines()[0]
+    cfg = load_config(path)
+    assert list(cfg.data.offsets) == [1, 2, 3, 4, 5, 6] and cfg.model.backbone == "resnet101"
+    with torch.device("meta"):
+        model = build_model(cfg, 19, pretrained=False)
+    module = model.short_term_module
+    assert model.short_term == "sparse_tt" and isinstance(module, SparseTemporalTransformer)
+    assert module.offsets == (1, 2, 3, 4, 5, 6) and module.block.num_keys == 527
+    assert (module.block.r, module.block.tr, module.block.heads, module.stride) == (5, 0.5, 8, 8)
+    assert module.out_channels == 4 * 256  # the fused stride-4 feature at the default fpn_dim
+    assert model.parameter_breakdown()["short-term module (sparse_tt)"] > 0
