@@ -164,7 +164,7 @@ class SparseTemporalBlock(nn.Module):
         own = flat.gather(2, selected[:, None].expand(-1, c, -1)).transpose(1, 2)  # (B, k, C)
         mid = own + self.proj(attended)
         out = mid + self.ffn(self.ffn_norm(mid))
-        return flat.scatter(2, selected[:, None].expand(-1, c, -1), out.transpose(1, 2)).view(b, c, h, w)
+        return flat.scatter(2, selected[:, None].expand(-1, c, -1), out.transpose(1, 2).to(flat.dtype)).view(b, c, h, w)
 
 
 class SparseTemporalTransformer(ShortTermModule):
