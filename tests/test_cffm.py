@@ -1,0 +1,82 @@
+"""CFFM on the CPU: the rolled/unfolded key assembly against the coordinate loops of ``cffm_keys_reference``
+(289 keys per window, the masks on the unfold positions outside the pooled maps, t-9's segment), the pooling
+layers at initialisation, the block (reference frames untouched, the target reading them, gradcheck) and the
+module's frame order, output and loss term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssltm.model.cffm import MASKED, NUM_KEYS, CFFMBlock, cffm_keys, cffm_keys_reference
+from ssltm.model.neck import resize
+
+DIM, HEADS = 16, 2
+
+
+def pooled_maps(nwh: int, nww: int, c: int, gen: torch.Generator, dtype=torch.float64) -> list[torch.Tensor]:
+    """Random pooled maps of the four segments for an ``nWh x nWw`` window grid."""
+    return [torch.randn(2, nwh * s, nww * s, c, generator=gen, dtype=dtype) for s in (1, 1, 2, 3)]
+
+
+def block(seed: int = 0, dim: int = DIM, heads: int = HEADS) -> CFFMBlock:
+    torch.manual_seed(seed)
+    return CFFMBlock(dim, heads).double()
+
+
+# ------------------------------------------------------------------------------------------ key assembly
+@pytest.mark.parametrize(("h", "w"), [(19, 23), (7, 7)])
+def test_keys_equal_the_coordinate_reference(h, w):
+    """Stride-8 maps of 19x23 (padded to 21x28, 3x4 windows) and 7x7 (one window): every window's 289 keys and
+    its mask equal the reference's; the masked positions hold zeros."""
+    gen = torch.Generator().manual_seed(0)
+    hp, wp = -(-h // 7) * 7, -(-w // 7) * 7
+    x = torch.randn(2, hp, wp, 5, generator=gen, dtype=torch.float64)
+    maps = pooled_maps(hp // 7, wp // 7, 5, gen)
+    keys, mask = cffm_keys(x, maps)
+    ref_keys, ref_mask = cffm_keys_reference(x, maps)
+    assert keys.shape == (2, (hp // 7) * (wp // 7), NUM_KEYS, 5) and NUM_KEYS == 289
+    assert torch.equal(keys, ref_keys) and torch.equal(mask, ref_mask)
+    assert set(mask.unique().tolist()) <= {0.0, MASKED}
+    assert not keys[:, mask == MASKED].any()
+    assert not mask[:, :181].any()  # the window's own tokens and its rolled neighbours are never masked
+    if (h, w) == (7, 7):
+        # one window: the query's 5x5 and t-9's 7x7 unfold keep their centre alone, t-6's 5x5 (stride 2) and
+        # t-3's 3x3 (stride 3) their 2x2 in range
+        assert (mask == MASKED).sum() == 24 + 48 + 21 + 5
+
+
+def test_far_frame_feeds_keys_206_to_254():
+    """With t-9 constant, exactly keys 206-254 of every window (where not masked) take its value."""
+    gen = torch.Generator().manual_seed(1)
+    blk = block()
+    frames = torch.randn(1, 4, 21, 28, DIM, generator=gen, dtype=torch.float64)
+    value = torch.randn(DIM, generator=gen, dtype=torch.float64)
+    frames[:, 0] = value
+    maps = blk.pooled(frames)
+    keys, mask = cffm_keys(frames[:, -1], maps)
+    # (the pooling weights 1/49 were initialised in float32)
+    is_value = torch.isclose(keys, value.expand_as(keys), rtol=0, atol=1e-6).all(-1)[0]  # (nW, 289)
+    expected = torch.zeros_like(is_value)
+    expected[:, 206:255] = mask[:, 206:255] == 0
+    # 3x4 windows: each window's 7x7 unfold covers the whole 3x4 pooled map of t-9
+    assert torch.equal(is_value, expected) and expected.sum() == 12 * 12
+
+
+def test_pooling_starts_as_the_mean_of_each_sub_window():
+    """Each Linear(s^2 -> 1) pooling equals avg_pool2d at initialisation: the query and t-9 7x7 on the padded
+    map, t-6 3x3 and t-3 2x2 after the bilinear resize to 6 * (H / 7) per side."""
+    blk = block()
+    frames = torch.randn(2, 4, 14, 21, DIM, dtype=torch.float64)
+    maps = blk.pooled(frames)
+    chw = lambda x: x.permute(0, 3, 1, 2)  # noqa: E731
+    expected = [
+        F.avg_pool2d(chw(frames[:, -1]), 7),
+        F.avg_pool2d(chw(frames[:, 0]), 7),
+        F.avg_pool2d(resize(chw(frames[:, 1]), (12, 18)), 3),
+        F.avg_pool2d(resize(chw(frames[:, 2]), (12, 18)), 2),
+    ]
+    for got, want in zip(maps, expected, strict=True):
+        torch.testing.assert_close(chw(got), want)
+    assert [tuple(m.shape[1:3]) for m in maps] == [(2, 3), (2, 3), (4, 6), (6, 9)]
