@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssltm.model.cffm import MASKED, NUM_KEYS, CFFMBlock, cffm_keys, cffm_keys_reference
+from ssltm.model.cffm import CFFM, MASKED, NUM_KEYS, CFFMBlock, cffm_keys, cffm_keys_reference
 from ssltm.model.neck import resize
 
 DIM, HEADS = 16, 2
@@ -80,3 +80,87 @@ def test_pooling_starts_as_the_mean_of_each_sub_window():
     for got, want in zip(maps, expected, strict=True):
         torch.testing.assert_close(chw(got), want)
     assert [tuple(m.shape[1:3]) for m in maps] == [(2, 3), (2, 3), (4, 6), (6, 9)]
+
+
+# ------------------------------------------------------------------------------------------------ block
+def test_block_returns_the_reference_frames_and_reads_each_of_them():
+    """The reference frames come back bit-identical; changing any one of them alone changes the target."""
+    blk = block()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 9, 10, DIM, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        out = blk(x)
+        assert torch.equal(out[:, :3], x[:, :3]) and not torch.allclose(out[:, 3], x[:, 3])
+        for frame in range(3):
+            changed = x.clone()
+            changed[:, frame] += torch.randn(9, 10, DIM, generator=gen, dtype=torch.float64)
+            other = blk(changed)
+            assert torch.equal(other[:, :3], changed[:, :3])
+            assert (other[:, 3] - out[:, 3]).abs().max() > 1e-4, frame
+
+
+def test_block_gradcheck():
+    torch.manual_seed(0)
+    blk = CFFMBlock(4, 2).double()
+    x = torch.randn(1, 4, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(blk, (x,), fast_mode=True)
+
+
+def test_block_refuses_other_frame_counts():
+    with pytest.raises(ValueError, match=r"CFFMBlock takes 4 frames \(B, 4, H, W, C\), got shape \(1, 3, 7, 7, 16\)"):
+        block()(torch.zeros(1, 3, 7, 7, DIM, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"dim \(16\) must be divisible by heads \(3\)"):
+        CFFMBlock(DIM, 3)
+
+
+# ----------------------------------------------------------------------------------------------- module
+def module(**kwargs) -> CFFM:
+    torch.manual_seed(0)
+    return CFFM(12, 5, **{"dim": DIM, "depth": 1, "heads": HEADS, **kwargs})
+
+
+def test_module_orders_the_frames_farthest_first_and_returns_both_query_features():
+    """Frames are embedded, resized to (int(h/2), int(w/2)) and reversed (t-9 first, the query last); the
+    output is cat(x_q, enhanced x_q) at the input size, and the farthest frame changes it."""
+    cffm = module().eval()
+    feats = torch.randn(2, 4, 12, 15, 18)
+    with torch.no_grad():
+        frames = cffm.frames(feats)
+        assert frames.shape == (2, 4, DIM, 7, 9)
+        for i in range(4):
+            torch.testing.assert_close(frames[:, i], resize(cffm.embed(feats[:, 3 - i]), (7, 9)))
+        out = cffm(feats)
+        assert out.shape == (2, 2 * DIM, 15, 18) and cffm.out_channels == 2 * DIM
+        torch.testing.assert_close(out[:, :DIM], resize(frames[:, -1], (15, 18)))
+        far = feats.clone()
+        far[:, 3] = torch.randn(2, 12, 15, 18)
+        assert torch.equal(cffm(far)[:, :DIM], out[:, :DIM]) and not torch.allclose(cffm(far)[:, DIM:], out[:, DIM:])
+
+
+def test_frame_loss_is_half_the_query_cross_entropy():
+    cffm = module(dropout=0.0).train()
+    feats = torch.randn(2, 4, 12, 14, 18)
+    labels = torch.randint(0, 5, (2, 56, 72))
+    labels[:, :5] = 255
+    cffm(feats)
+    (loss,) = cffm.losses(labels).values()
+    with torch.no_grad():
+        logits = resize(cffm.frame_head(cffm.frames(feats)[:, -1]), (56, 72))
+    torch.testing.assert_close(loss, 0.5 * F.cross_entropy(logits, labels, ignore_index=255))
+    assert tuple(cffm.losses(labels)) == cffm.loss_terms == ("cffm_frame",)
+    cffm.zero_grad()
+    cffm(feats)
+    ignored = cffm.losses(torch.full_like(labels, 255))["cffm_frame"]
+    ignored.backward()
+    assert ignored.item() == 0 and all(not p.grad.any() for p in cffm.frame_head.parameters())
+
+
+def test_module_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match=r"dim \(16\) must be divisible by heads \(3\)"):
+        module(heads=3)
+    with pytest.raises(ValueError, match=r"depth must be a positive int, got 0"):
+        module(depth=0)
+    with pytest.raises(ValueError, match=r"feats must be \(B, 4, 12, h, w\) .* got shape \(1, 3, 12, 8, 8\)"):
+        module()(torch.zeros(1, 3, 12, 8, 8))
+    with pytest.raises(RuntimeError, match="CFFM.losses needs a training forward first"):
+        module().losses(torch.zeros(1, 8, 8, dtype=torch.long))
