@@ -42,14 +42,12 @@ NUM_NEIGHBOURS = 4 * WINDOW**2 - 4 * (WINDOW - EXPAND) ** 2
 NUM_KEYS = WINDOW**2 + NUM_NEIGHBOURS + sum(k * k for _, k, _ in SEGMENTS)
 
 
-def _rolled_positions() -> torch.Tensor:
-    """Indices into the four rolled windows (concatenated, 196 positions) that lie outside the window itself."""
-    keep = []
-    for sy, sx in ROLLS:
-        i, j = torch.meshgrid(torch.arange(WINDOW), torch.arange(WINDOW), indexing="ij")
-        inside = (i - sy >= 0) & (i - sy < WINDOW) & (j - sx >= 0) & (j - sx < WINDOW)
-        keep.append(~inside.flatten())
-    return torch.cat(keep).nonzero().flatten()
+def _rolled_positions() -> list[int]:
+    """Indices into the four rolled windows (concatenated, 196 positions) that lie outside the window itself
+    (plain ints: the module may first be imported under a meta-device context)."""
+    inside = lambda i, s: 0 <= i - s < WINDOW  # noqa: E731
+    positions = [(sy, sx, i, j) for sy, sx in ROLLS for i in range(WINDOW) for j in range(WINDOW)]
+    return [n for n, (sy, sx, i, j) in enumerate(positions) if not (inside(i, sy) and inside(j, sx))]
 
 
 _ROLLED = _rolled_positions()
@@ -77,7 +75,7 @@ def cffm_keys(x: torch.Tensor, pooled: list[torch.Tensor]) -> tuple[torch.Tensor
     b, h, w, c = x.shape
     own = windows(x)
     rolled = torch.cat([windows(torch.roll(x, shifts, dims=(1, 2))) for shifts in ROLLS], dim=2)
-    keys = [own, rolled[:, :, _ROLLED.to(x.device)]]
+    keys = [own, rolled[:, :, torch.tensor(_ROLLED, device=x.device)]]
     masks = [x.new_zeros(own.shape[1], own.shape[2] + NUM_NEIGHBOURS)]
     for p, (_, kernel, stride) in zip(pooled, SEGMENTS, strict=True):
         args = dict(kernel_size=kernel, padding=kernel // 2, stride=stride)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .neck import fuse_levels
 
-SHORT_TERM = ("none", "stt", "netwarp", "st_ocr")
+SHORT_TERM = ("none", "stt", "netwarp", "st_ocr", "cffm")
 NUM_LEVELS = 4  # FPN levels per frame, strides 4, 8, 16, 32: the fused feature is NUM_LEVELS * fpn_dim wide
 
 
@@ -127,7 +127,9 @@ def build_short_term(name: str, fpn_dim: int, num_classes: int, **args: Any) -> 
       ``window_size``, ``mlp_ratio``, ``shifted_windows``, ``checkpointing``) on the levels themselves;
     - ``netwarp``: :class:`~ssltm.model.netwarp.NetWarp` (``stride``, ``flowcnn``) on the fused feature;
     - ``st_ocr``: :class:`~ssltm.model.st_ocr.SpatialTemporalOCR` (``channels``, ``key_channels``,
-      ``dropout``, ``aux_weight``, ``memory``) on the fused feature.
+      ``dropout``, ``aux_weight``, ``memory``) on the fused feature;
+    - ``cffm``: :class:`~ssltm.model.cffm.CFFM` (``dim``, ``depth``, ``heads``, ``dropout``, ``frame_weight``) on
+      the fused feature of the query and exactly three adjacent frames.
 
     Raises:
         ValueError: an unknown name (listing the choices). TypeError: an argument the module does not take.
@@ -147,4 +149,8 @@ def build_short_term(name: str, fpn_dim: int, num_classes: int, **args: Any) -> 
         from .st_ocr import SpatialTemporalOCR
 
         return SpatialTemporalOCR(fused, num_classes, **args)
+    if name == "cffm":
+        from .cffm import CFFM
+
+        return CFFM(fused, num_classes, **args)
     raise ValueError(f"short_term must be one of {SHORT_TERM}, got {name!r}")
