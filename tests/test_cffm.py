@@ -99,6 +99,51 @@ def test_block_returns_the_reference_frames_and_reads_each_of_them():
             assert (other[:, 3] - out[:, 3]).abs().max() > 1e-4, frame
 
 
+def position_bias_reference(blk: CFFMBlock) -> torch.Tensor:
+    """``(heads, 49, 289)`` from the tables by explicit offsets: query ``(qi, qj)`` to a window token or to a
+    ``k x k`` unfold position ``(di, dj)`` reads ``table[(qi - di + k - 1) * (7 + k - 1) + qj - dj + k - 1]``."""
+    bias = torch.zeros(blk.heads, 49, NUM_KEYS, dtype=torch.float64)
+    segments = [(blk.window_table, 7, 0)]
+    offset = 49 + 132
+    for table, kernel in zip(blk.segment_tables, (5, 7, 5, 3), strict=True):
+        segments.append((table, kernel, offset))
+        offset += kernel * kernel
+    for qi in range(7):
+        for qj in range(7):
+            for table, kernel, start in segments:
+                for di in range(kernel):
+                    for dj in range(kernel):
+                        index = (qi - di + kernel - 1) * (7 + kernel - 1) + qj - dj + kernel - 1
+                        bias[:, qi * 7 + qj, start + di * kernel + dj] = table[:, index]
+    bias[:, :, 49:181] = blk.neighbour_bias[0]
+    return bias
+
+
+def test_block_equals_attention_over_the_reference_keys():
+    """The block's target equals a per-window, per-head float64 attention over the keys and values of
+    ``cffm_keys_reference``, with the position bias built from explicit offsets."""
+    blk = block(seed=3)
+    x = torch.randn(1, 4, 9, 10, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        frames = F.pad(blk.norm1(x), (0, 0, 0, 4, 0, 5))  # to 14 x 14: 2 x 2 windows
+        q, k, v = blk.qkv(frames[:, -1]).chunk(3, dim=-1)
+        pooled = [blk.qkv(p).chunk(3, dim=-1) for p in blk.pooled(frames)]
+        keys, mask = cffm_keys_reference(k, [p[1] for p in pooled])
+        values, _ = cffm_keys_reference(v, [p[2] for p in pooled])
+        bias, d = position_bias_reference(blk), DIM // HEADS
+        out = torch.zeros(14, 14, DIM, dtype=torch.float64)
+        for n in range(4):
+            y0, x0 = 7 * (n // 2), 7 * (n % 2)
+            queries = q[0, y0 : y0 + 7, x0 : x0 + 7].reshape(49, DIM)
+            for h in range(HEADS):
+                part = slice(h * d, (h + 1) * d)
+                logits = queries[:, part] @ keys[0, n, :, part].T * d**-0.5 + bias[h] + mask[n]
+                out[y0 : y0 + 7, x0 : x0 + 7, part] = (logits.softmax(-1) @ values[0, n, :, part]).view(7, 7, d)
+        target = x[0, 3] + blk.proj(out[:9, :10])
+        target = target + blk.mlp(blk.norm2(target))
+        torch.testing.assert_close(blk(x)[0, 3], target)
+
+
 def test_block_gradcheck():
     torch.manual_seed(0)
     blk = CFFMBlock(4, 2).double()
