@@ -468,10 +468,11 @@ def test_export_refuses_the_modules_it_cannot_trace():
     [
         ("st_ocr", ["model.st_ocr.channels=16", "model.st_ocr.key_channels=8"]),
         ("netwarp", ["data.offsets=[1]", "data.flow_in_loader=true"]),
+        ("cffm", ["model.cffm.dim=16", "model.cffm.heads=2", "model.cffm.depth=1"]),
     ],
 )
 def test_training_run_logs_the_module_loss_terms(tmp_path, module, overrides, monkeypatch):
-    """``ssltm train`` with a module: each logged step holds exactly ``model.loss_terms`` (ST-OCR's own term
+    """``ssltm train`` with a module: each logged step holds exactly ``model.loss_terms`` (ST-OCR's and CFFM's terms
     included, in ``total``); NetWarp trains on the loader's flow (the model's provider is never asked)."""
     from test_cli import log_records, train_cli
 
@@ -483,7 +484,7 @@ def test_training_run_logs_the_module_loss_terms(tmp_path, module, overrides, mo
     common = ["train.max_iters=1", "train.batch_size=2", "train.validate=false", "model.use_rfce=false"]
     assert train_cli(tmp_path, work, f"model.short_term={module}", "model.use_gcc=false", *common, *overrides) == 0
     (step,) = [r for r in log_records(work) if "total" in r]
-    extra = ("st_ocr_aux",) if module == "st_ocr" else ()
+    extra = {"st_ocr": ("st_ocr_aux",), "cffm": ("cffm_frame",)}.get(module, ())
     terms = ("sup", "mse", "aux", *extra, "total")
     assert [k for k in step if k in terms or k.endswith("_aux")] == list(terms)
     assert step["total"] == pytest.approx(step["sup"] + sum(step[k] for k in extra), rel=1e-4)
