@@ -114,8 +114,8 @@ def _held_out(dataset: D.ClipDataset, fraction: float, part: str) -> D.ClipDatas
 
 def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
     """The SSLTM of ``cfg.model`` for ``num_classes`` classes, its short-term module ``model.short_term`` (with
-    ``model.netwarp`` / ``model.st_ocr`` as its arguments) and, when that module reads optical flow, the flow
-    provider of ``model.flow`` (:func:`build_flow_provider`) attached.
+    ``model.netwarp`` / ``model.st_ocr`` / ``model.cffm`` as its arguments) and, when that module reads optical
+    flow, the flow provider of ``model.flow`` (:func:`build_flow_provider`) attached.
 
     ``pretrained=False`` skips ``model.pretrained`` (the weights will come from a checkpoint).
     """
@@ -125,7 +125,7 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
         raise ConfigError(f"model.pretrained: no checkpoint file at {weights}")
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     name = short_term(cfg)
-    module_args = OmegaConf.to_container(m[name], resolve=True) if name in ("netwarp", "st_ocr") else {}
+    module_args = OmegaConf.to_container(m[name], resolve=True) if name in ("netwarp", "st_ocr", "cffm") else {}
     if name == "sparse_tt":  # model.sparse_tt, and data.offsets: its key windows grow with the offsets' values
         module_args = {**OmegaConf.to_container(m.sparse_tt, resolve=True), "offsets": list(cfg.data.offsets)}
     try:

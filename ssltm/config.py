@@ -96,6 +96,15 @@ class SparseTTConfig:
 
 
 @dataclass
+class CFFMConfig:
+    """``model.short_term: cffm`` settings (CFFM's transformer on the fused features at stride 8)."""
+
+    dim: int = 256  # the embedding width (a 1x1 conv from the fused features)
+    depth: int = 2  # blocks (2: CFFM's MiT-B0..B2 setting; B5 uses 4)
+    heads: int = 8
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "resnet101"
     pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
@@ -115,6 +124,7 @@ class ModelConfig:
     netwarp: NetWarpConfig = field(default_factory=NetWarpConfig)
     st_ocr: STOCRConfig = field(default_factory=STOCRConfig)
     sparse_tt: SparseTTConfig = field(default_factory=SparseTTConfig)
+    cffm: CFFMConfig = field(default_factory=CFFMConfig)
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -289,6 +299,23 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.short_term 'netwarp' warps one adjacent frame: data.offsets must hold one offset, "
             f"got {list(data.offsets)}"
+        )
+    if name == "cffm" and len(data.offsets) != 3:
+        raise ConfigError(
+            f"model.short_term 'cffm' reads the query and three adjacent frames: data.offsets must hold three "
+            f"offsets (CFFM's [3, 6, 9]), got {list(data.offsets)}"
+        )
+    if name == "cffm" and model.use_rfce:
+        raise ConfigError(
+            "model.short_term 'cffm' reads exactly four frames: set model.use_rfce=false (RFCE would pass the "
+            "reference frame alone through it)"
+        )
+    for key in ("dim", "depth", "heads"):
+        if model.cffm[key] < 1:
+            raise ConfigError(f"model.cffm.{key} must be at least 1, got {model.cffm[key]}")
+    if model.cffm.dim % model.cffm.heads:
+        raise ConfigError(
+            f"model.cffm.dim ({model.cffm.dim}) must be divisible by model.cffm.heads ({model.cffm.heads})"
         )
     if model.st_ocr.memory not in ST_OCR_MEMORY:
         raise ConfigError(f"model.st_ocr.memory must be one of {ST_OCR_MEMORY}, got {model.st_ocr.memory!r}")

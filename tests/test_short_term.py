@@ -3,7 +3,7 @@ errors, the Table 5 configs (built at ResNet-101 size on the meta device), the l
 training step per module, the frames, flow and per-video state a module gets in training and from
 :class:`VideoPredictor` (streaming and whole videos against clip prediction), and the errors of missing
 images or a bad flow. A probe module stands in for a module that reads images and flow and adds a loss term;
-NetWarp, Spatial-Temporal OCR and Sparse-TT run where they are installed."""
+NetWarp, Spatial-Temporal OCR, Sparse-TT and CFFM run where they are installed."""
 
 from __future__ import annotations
 
@@ -129,6 +129,7 @@ def cfg_of(*overrides: str):
         (("model.short_term=netwarp", "data.offsets=[1]"), "netwarp"),
         (("model.short_term=netwarp", "data.offsets=[2]", "model.use_stt=false"), "netwarp"),
         (("model.short_term=sparse_tt", "data.offsets=[1,2]"), "sparse_tt"),
+        (("model.short_term=cffm", "model.use_rfce=false", "model.use_gcc=false"), "cffm"),
     ],
 )
 def test_short_term_resolution(overrides, expected):
@@ -147,13 +148,20 @@ def test_short_term_resolution(overrides, expected):
         (("model.short_term=stt", "model.use_stt=false"), r"model.use_stt=false contradicts model.short_term='stt'"),
         (
             ("model.short_term=convlstm",),
-            r"model.short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr', 'sparse_tt'\) or null, "
-            r"got 'convlstm'",
+            r"model.short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr', 'sparse_tt', 'cffm'\) "
+            r"or null, got 'convlstm'",
         ),
         (("model.short_term=netwarp",), r"data.offsets must hold one offset, got \[3, 6, 9\]"),
         (("model.short_term=netwarp", "data.offsets=[]"), r"data.offsets must hold one offset, got \[\]"),
         (("model.st_ocr.memory=fifo",), r"model.st_ocr.memory must be one of \('none', 'first_clip'\), got 'fifo'"),
         (("model.netwarp.flowcnn=maybe",), r"model.netwarp.flowcnn"),
+        (
+            ("model.short_term=cffm", "model.use_rfce=false", "model.use_gcc=false", "data.offsets=[3,6]"),
+            r"model.short_term 'cffm' .*: data.offsets must hold three offsets .*got \[3, 6\]",
+        ),
+        (("model.short_term=cffm",), r"model.short_term 'cffm' reads exactly four frames: set model.use_rfce=false"),
+        (("model.cffm.heads=3",), r"model.cffm.dim \(256\) must be divisible by model.cffm.heads \(3\)"),
+        (("model.cffm.depth=0",), r"model.cffm.depth must be at least 1, got 0"),
     ],
 )
 def test_short_term_config_errors(overrides, match):
@@ -167,7 +175,7 @@ def test_old_checkpoint_configs_and_empty_offsets_load():
     from ssltm.config import short_term
 
     old = OmegaConf.to_container(load_config())
-    del old["model"]["short_term"], old["model"]["netwarp"], old["model"]["st_ocr"]
+    del old["model"]["short_term"], old["model"]["netwarp"], old["model"]["st_ocr"], old["model"]["cffm"]
     for use_stt, expected in ((True, "stt"), (False, "none")):
         old["model"]["use_stt"] = use_stt
         assert short_term(from_container(old)) == expected
@@ -183,11 +191,10 @@ def test_model_arguments_resolve_as_the_config():
         assert set(SSLTM(K, **TINY, short_term="stt").state_dict()) == set(SSLTM(K, **TINY).state_dict())
         with pytest.raises(ValueError, match=r"use_stt=True contradicts short_term='none'"):
             SSLTM(K, **TINY, use_stt=True, short_term="none")
-        with pytest.raises(
-            ValueError, match=r"short_term must be one of \('none', 'stt', 'netwarp', 'st_ocr', 'sparse_tt'\)"
-        ):
-            SSLTM(K, **TINY, short_term="cffm")
-    assert SHORT_TERM == ("none", "stt", "netwarp", "st_ocr", "sparse_tt")
+        choices = r"\('none', 'stt', 'netwarp', 'st_ocr', 'sparse_tt', 'cffm'\)"
+        with pytest.raises(ValueError, match=rf"short_term must be one of {choices}"):
+            SSLTM(K, **TINY, short_term="convlstm")
+    assert SHORT_TERM == ("none", "stt", "netwarp", "st_ocr", "sparse_tt", "cffm")
 
 
 # ---------------------------------------------------------------------------------------- Table 5 configs
@@ -196,6 +203,7 @@ TABLE5 = {
     "stt": ("stt", [3, 6, 9]),
     "netwarp": ("netwarp", [1]),
     "st_ocr": ("st_ocr", [3, 6, 9]),
+    "cffm": ("cffm", [3, 6, 9]),
 }
 
 
@@ -203,7 +211,7 @@ TABLE5 = {
 def test_table5_configs_build_their_model(name):
     """Each row of Table 5 builds on the image baseline with its module; the baseline is VSPW's UperNet
     (60,759,228 parameters, the paper-count test's) and +STT adds the full model's STT."""
-    if name in ("netwarp", "st_ocr") and not installed(name):
+    if name in ("netwarp", "st_ocr", "cffm") and not installed(name):
         pytest.skip(f"ssltm.model.{name} is not installed")
     path = ROOT / "configs" / "table5" / f"{name}.yaml"
     header = path.read_text().splitlines()[0]
@@ -217,7 +225,12 @@ def test_table5_configs_build_their_model(name):
     assert model.short_term == module and model.num_adjacent == len(offsets)
     counts = model.parameter_breakdown()
     assert sum(v for k, v in counts.items() if k != "total") == counts["total"]
-    published = {"upernet": "33.92 / 82.09", "stt": "36.72 / 87.06", "netwarp": "36.15 / 83.33"}
+    published = {
+        "upernet": "33.92 / 82.09",
+        "stt": "36.72 / 87.06",
+        "netwarp": "36.15 / 83.33",
+        "cffm": "SSLTM Table 5 +CFFM: 36.42 mIoU / 83.17 mVC8",
+    }
     assert published.get(name, "36.31 / 86.90") in header and "Table 5" in header
     if name == "upernet":
         assert counts["total"] == 60_759_228
@@ -228,22 +241,31 @@ def test_table5_configs_build_their_model(name):
         assert counts["backbone"] == trunk
     else:
         assert counts[f"short-term module ({name})"] > 0
+    if name == "cffm":
+        cffm = model.short_term_module
+        # the fused levels (4 x fpn_dim) embedded to 256; cat(x_q, enhanced x_q) out
+        assert cffm.embed.weight.shape == (256, 4 * 256, 1, 1) and cffm.out_channels == 512
+        assert len(cffm.blocks) == 2 and cffm.blocks[0].heads == 8
 
 
 # ------------------------------------------------------------------------------ training: the loss terms
-@pytest.mark.parametrize("name", ["none", "stt", "probe", "netwarp", "st_ocr", "sparse_tt"])
+@pytest.mark.parametrize("name", ["none", "stt", "probe", "netwarp", "st_ocr", "sparse_tt", "cffm"])
 def test_training_step_returns_exactly_the_loss_terms(name, request, monkeypatch):
     """A CPU training step per module: the losses are ``model.loss_terms`` in order, ``total`` adds the
     module's terms to Eq. 10, and every parameter gets a gradient."""
     if name == "probe":
         request.getfixturevalue("probe")
-    elif name in ("netwarp", "st_ocr", "sparse_tt") and not installed(name):
+    elif name in ("netwarp", "st_ocr", "sparse_tt", "cffm") and not installed(name):
         pytest.skip(f"ssltm.model.{name} is not installed")
     module = "netwarp" if name == "probe" else name
-    args = {"st_ocr": dict(channels=16, key_channels=8), "sparse_tt": SPARSE_TT}.get(name)
-    model = tiny_model(
-        module, num_adjacent=1 if module == "netwarp" else 2, use_rfce=True, use_gcc=True, short_term_args=args
-    )
+    args = {
+        "st_ocr": dict(channels=16, key_channels=8),
+        "sparse_tt": SPARSE_TT,
+        "cffm": dict(dim=16, depth=1, heads=2),
+    }.get(name)
+    adjacent = {"netwarp": 1, "cffm": 3}.get(module, 2)
+    rfce = name != "cffm"  # CFFM reads exactly four frames: RFCE's reference alone cannot pass it
+    model = tiny_model(module, num_adjacent=adjacent, use_rfce=rfce, use_gcc=rfce, short_term_args=args)
     model.set_flow_provider(shift_flow)
     frames, labels = clip(2, model.num_adjacent)
     reference = torch.randn(2, 3, *SIZE)
@@ -370,6 +392,12 @@ def test_st_ocr_streams_like_clips():
     _streaming_and_offline_match(model, (1, 2))
 
 
+@needs("cffm")
+def test_cffm_streams_like_clips():
+    model = tiny_model("cffm", num_adjacent=3, short_term_args=dict(dim=16, depth=1, heads=2))
+    _streaming_and_offline_match(model, (1, 2, 3))
+
+
 def test_predictor_keeps_module_state_per_video():
     """The per-video dict reaches decode, lives in the predictor and is emptied by reset()."""
     model = tiny_model("none", num_adjacent=1)
@@ -453,10 +481,11 @@ def test_export_refuses_the_modules_it_cannot_trace():
     [
         ("st_ocr", ["model.st_ocr.channels=16", "model.st_ocr.key_channels=8"]),
         ("netwarp", ["data.offsets=[1]", "data.flow_in_loader=true"]),
+        ("cffm", ["model.cffm.dim=16", "model.cffm.heads=2", "model.cffm.depth=1"]),
     ],
 )
 def test_training_run_logs_the_module_loss_terms(tmp_path, module, overrides, monkeypatch):
-    """``ssltm train`` with a module: each logged step holds exactly ``model.loss_terms`` (ST-OCR's own term
+    """``ssltm train`` with a module: each logged step holds exactly ``model.loss_terms`` (ST-OCR's and CFFM's terms
     included, in ``total``); NetWarp trains on the loader's flow (the model's provider is never asked)."""
     from test_cli import log_records, train_cli
 
@@ -468,7 +497,7 @@ def test_training_run_logs_the_module_loss_terms(tmp_path, module, overrides, mo
     common = ["train.max_iters=1", "train.batch_size=2", "train.validate=false", "model.use_rfce=false"]
     assert train_cli(tmp_path, work, f"model.short_term={module}", "model.use_gcc=false", *common, *overrides) == 0
     (step,) = [r for r in log_records(work) if "total" in r]
-    extra = ("st_ocr_aux",) if module == "st_ocr" else ()
+    extra = {"st_ocr": ("st_ocr_aux",), "cffm": ("cffm_frame",)}.get(module, ())
     terms = ("sup", "mse", "aux", *extra, "total")
     assert [k for k in step if k in terms or k.endswith("_aux")] == list(terms)
     assert step["total"] == pytest.approx(step["sup"] + sum(step[k] for k in extra), rel=1e-4)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .neck import fuse_levels
 
-SHORT_TERM = ("none", "stt", "netwarp", "st_ocr", "sparse_tt")
+SHORT_TERM = ("none", "stt", "netwarp", "st_ocr", "sparse_tt", "cffm")
 NUM_LEVELS = 4  # FPN levels per frame, strides 4, 8, 16, 32: the fused feature is NUM_LEVELS * fpn_dim wide
 
 
@@ -130,6 +130,8 @@ def build_short_term(name: str, fpn_dim: int, num_classes: int, **args: Any) -> 
       ``dropout``, ``aux_weight``, ``memory``) on the fused feature;
     - ``sparse_tt``: :class:`~ssltm.model.sparse_tt.SparseTemporalTransformer` (``offsets``, ``r``, ``tr``,
       ``s``, ``e``, ``eps``, ``heads``, ``stride``) on the fused feature.
+    - ``cffm``: :class:`~ssltm.model.cffm.CFFM` (``dim``, ``depth``, ``heads``, ``dropout``, ``frame_weight``) on
+      the fused feature of the query and exactly three adjacent frames.
 
     Raises:
         ValueError: an unknown name (listing the choices). TypeError: an argument the module does not take.
@@ -153,4 +155,8 @@ def build_short_term(name: str, fpn_dim: int, num_classes: int, **args: Any) -> 
         from .sparse_tt import SparseTemporalTransformer
 
         return SparseTemporalTransformer(fused, **args)
+    if name == "cffm":
+        from .cffm import CFFM
+
+        return CFFM(fused, num_classes, **args)
     raise ValueError(f"short_term must be one of {SHORT_TERM}, got {name!r}")
