@@ -3,11 +3,10 @@ errors, the Table 5 configs (built at ResNet-101 size on the meta device), the l
 training step per module, the frames, flow and per-video state a module gets in training and from
 :class:`VideoPredictor` (streaming and whole videos against clip prediction), and the errors of missing
 images or a bad flow. A probe module stands in for a module that reads images and flow and adds a loss term;
-NetWarp, Spatial-Temporal OCR, Sparse-TT and CFFM run where they are installed."""
+NetWarp, Spatial-Temporal OCR, Sparse-TT and CFFM run as they are."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -45,14 +44,6 @@ SPARSE_TT = dict(offsets=(1, 2), r=1, heads=2)  # 4x5 pixels at stride 8, half o
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     monkeypatch.setenv("SSLTM_BACKEND", "reference")
-
-
-def installed(name: str) -> bool:
-    return importlib.util.find_spec(f"ssltm.model.{name}") is not None
-
-
-def needs(name: str):
-    return pytest.mark.skipif(not installed(name), reason=f"ssltm.model.{name} is not installed")
 
 
 # ------------------------------------------------------------------------------------------ probe module
@@ -211,8 +202,6 @@ TABLE5 = {
 def test_table5_configs_build_their_model(name):
     """Each row of Table 5 builds on the image baseline with its module; the baseline is VSPW's UperNet
     (60,759,228 parameters, the paper-count test's) and +STT adds the full model's STT."""
-    if name in ("netwarp", "st_ocr", "cffm") and not installed(name):
-        pytest.skip(f"ssltm.model.{name} is not installed")
     path = ROOT / "configs" / "table5" / f"{name}.yaml"
     header = path.read_text().splitlines()[0]
     cfg = load_config(path)
@@ -255,8 +244,6 @@ def test_training_step_returns_exactly_the_loss_terms(name, request, monkeypatch
     module's terms to Eq. 10, and every parameter gets a gradient."""
     if name == "probe":
         request.getfixturevalue("probe")
-    elif name in ("netwarp", "st_ocr", "sparse_tt", "cffm") and not installed(name):
-        pytest.skip(f"ssltm.model.{name} is not installed")
     module = "netwarp" if name == "probe" else name
     args = {
         "st_ocr": dict(channels=16, key_channels=8),
@@ -371,7 +358,6 @@ def test_probe_streams_like_clips_with_cached_flow(probe):
         predictor.step(video[0])
 
 
-@needs("netwarp")
 def test_netwarp_streams_like_clips_with_zero_flow():
     from ssltm.flow import make_flow_provider
 
@@ -380,19 +366,16 @@ def test_netwarp_streams_like_clips_with_zero_flow():
     _streaming_and_offline_match(model, (1,))
 
 
-@needs("sparse_tt")
 def test_sparse_tt_streams_like_clips():
     model = tiny_model("sparse_tt", num_adjacent=2, short_term_args=SPARSE_TT)
     _streaming_and_offline_match(model, (1, 2))
 
 
-@needs("st_ocr")
 def test_st_ocr_streams_like_clips():
     model = tiny_model("st_ocr", num_adjacent=2, short_term_args=dict(channels=16, key_channels=8))
     _streaming_and_offline_match(model, (1, 2))
 
 
-@needs("cffm")
 def test_cffm_streams_like_clips():
     model = tiny_model("cffm", num_adjacent=3, short_term_args=dict(dim=16, depth=1, heads=2))
     _streaming_and_offline_match(model, (1, 2, 3))
