@@ -1,15 +1,18 @@
 """Benchmark: the short-term modules of Table 5 (paper §4.4.2) in one training step each, and their optical flow.
 
-    python benchmarks/short_term.py [--quick] [--cases baseline,stt,netwarp_dis,netwarp_raft,st_ocr]
+    python benchmarks/short_term.py [--quick] [--cases baseline,stt,netwarp_dis,netwarp_raft,st_ocr,cffm,sparse_tt,
+                                                       cffm_keys,sparse_tt_gather]
                                     [--raft-weights PATH] [--steps N] [--warmup N] [--cpu] [--threads N]
                                     [--no-save] [--results-dir DIR]
 
-Cases: the image baseline (``short_term: none``, the query alone), STT (query + 3 adjacent frames), NetWarp
-with OpenCV DIS flow and with torchvision RAFT flow (query + 1 adjacent frame) and Spatial-Temporal OCR
-(query + 3 adjacent frames), each on the model of configs/table5 (RFCE and GCC off). On a GPU: ResNet-101,
-124 classes (VSPW), B = 2 clips at 479x479, bf16 autocast, the kernels as dispatched in training. The RAFT case
-needs a local ``raft_large`` state dict (``--raft-weights``, e.g. raft_large_C_T_V1-22a6c225.pth): without one
-it is skipped with the reason recorded; nothing is ever downloaded.
+Cases: the image baseline (``short_term: none``, the query alone), STT (query + 3 adjacent frames), NetWarp with
+OpenCV DIS flow and with torchvision RAFT flow (query + 1 adjacent frame) and Spatial-Temporal OCR (query + 3
+adjacent frames), CFFM (query + 3 adjacent frames, configs/table5/cffm.yaml's offsets 3, 6, 9) and the Sparse
+Temporal Transformer (query + 6 adjacent frames at offsets 1..6, as configs/sparse_tt/vspw_r101.yaml), each on the
+model of configs/table5 (RFCE and GCC off). On a GPU: ResNet-101, 124 classes (VSPW), B = 2 clips at 479x479, bf16
+autocast, the kernels as dispatched in training. The RAFT case needs a local ``raft_large`` state dict
+(``--raft-weights``, e.g. raft_large_C_T_V1-22a6c225.pth): without one it is skipped with the reason recorded;
+nothing is ever downloaded.
 
 Per case:
 
@@ -21,20 +24,31 @@ Per case:
     flow_ms_per_pair  NetWarp: the flow provider alone (query -> adjacent, B pairs per call, the model's
                       ``optical_flow``), median over ``--steps`` calls after one warm-up, divided by B
 
-One JSON line per case (device, GPU, torch/triton versions, the settings and the figures; a skipped or failed
-case says why) is appended to benchmarks/results/short_term.jsonl as soon as the case ends. ``--quick``
-(scripts/gpu_check.sh, stage e) takes 1 warm-up and 3 timed steps; the default 3 and 10.
+Two micro-benchmarks time one block's key/value gathering alone on stride-8 maps, B = 2, inputs in bf16 on a GPU:
+``cffm_keys`` (``ssltm.model.cffm.cffm_keys`` for the keys and for the values: four rolls and four unfolds, 289
+keys per 7x7 window) on a 60x60 map of 256 channels (zero-padded to 63x63) with 4 frames' pooled maps, and
+``sparse_tt_gather`` (``SparseTemporalBlock.gather``: 527 keys per query, offsets 1..6, s = 1, e = 5, eps = 1)
+of the 1,800 queries (TR = 0.5) of a 60x60 map of 1024 channels (the fused feature) over 7 frames. Each: the
+median of ``--steps`` forward calls (``fwd_ms``) and of as many forward+backward ones (``fwd_bwd_ms``, all-ones
+output gradients) after ``--warmup`` untimed ones, and the peak memory over both (``peak_mib``).
 
-Without a GPU (or with ``--cpu``): a tiny case, labelled ``"tiny": true`` with ``"device": "cpu"``: ResNet-18
-with configs/demo.yaml's narrow widths (ST-OCR 64 channels, keys 32), 6 classes, B = 2 at 48x48 (the
-baseline's pooling branch needs 2 values per channel in training), fp32, 1 warm-up and 1 timed step. Its
-times show that every case runs, not the modules' cost on a GPU.
+One JSON line per case and per micro-benchmark (``"micro"`` instead of ``"case"``; device, GPU, torch/triton
+versions, the settings and the figures; a skipped or failed case says why) is appended to
+benchmarks/results/short_term.jsonl as soon as the case ends. ``--quick`` (scripts/gpu_check.sh, stage e, 30 s)
+takes 1 warm-up and 3 timed steps and leaves the cffm and sparse_tt training steps out (the micro-benchmarks stay):
+the full run, every case, 3 warm-up and 10 timed steps, is a second call.
+
+Without a GPU (or with ``--cpu``): a tiny case, labelled ``"tiny": true`` with ``"device": "cpu"``: ResNet-18 with
+configs/demo.yaml's narrow widths (ST-OCR 64 channels, keys 32; CFFM 32 wide), 6 classes, B = 2 at 48x48 (the
+baseline's pooling branch needs 2 values per channel in training), fp32, 1 warm-up and 1 timed step; the
+micro-benchmarks on 12x12 maps of 32 channels. Its times show that every case runs, not the modules' cost on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -47,6 +61,8 @@ from benchmarks import harness
 from benchmarks.ssltm_model import positive_int
 from ssltm import SSLTM
 from ssltm.flow import make_flow_provider
+from ssltm.model.cffm import NUM_FRAMES, NUM_KEYS, SEGMENTS, WINDOW, cffm_keys
+from ssltm.model.sparse_tt import SparseTemporalBlock
 from ssltm.precision import autocast
 
 BENCHMARK = "short_term"
@@ -59,6 +75,7 @@ class Case:
     short_term: str
     flow: str | None
     adjacent: int
+    offsets: tuple[int, ...] | None = None  # the adjacent frames' offsets, where the module reads them
 
 
 CASES = {
@@ -67,7 +84,13 @@ CASES = {
     "netwarp_dis": Case("netwarp", "dis", 1),
     "netwarp_raft": Case("netwarp", "raft", 1),
     "st_ocr": Case("st_ocr", None, 3),
+    "cffm": Case("cffm", None, 3),  # configs/table5/cffm.yaml: offsets [3, 6, 9] (the module reads only their order)
+    "sparse_tt": Case("sparse_tt", None, 6, offsets=(1, 2, 3, 4, 5, 6)),  # configs/sparse_tt/vspw_r101.yaml
 }
+# The token assembly of one block alone: CFFM's key/value gathering (``cffm_keys``, for keys and values) and
+# Sparse-TT's (``SparseTemporalBlock.gather``, 527 keys per query with offsets 1..6, s = 1, e = 5, eps = 1).
+MICRO = ("cffm_keys", "sparse_tt_gather")
+QUICK = ("baseline", "stt", "netwarp_dis", "netwarp_raft", "st_ocr", *MICRO)  # stage e's 30 s
 
 
 @dataclass(frozen=True)
@@ -82,6 +105,8 @@ class Setup:
     tiny: bool
     model: dict = field(default_factory=dict)
     short_term_args: dict = field(default_factory=dict)  # per module (``SSLTM(short_term_args=...)``)
+    micro_size: int = 60  # the micro-benchmarks' stride-8 map side
+    micro_channels: dict = field(default_factory=lambda: {"cffm_keys": 256, "sparse_tt_gather": 1024})
 
 
 GPU = Setup(backbone="resnet101", classes=124, size=479, batch=2, dtype="bf16", tiny=False)
@@ -101,8 +126,11 @@ TINY = Setup(
         head_channels=64,
         aux_channels=64,
     ),
-    short_term_args={"st_ocr": dict(channels=64, key_channels=32)},
+    short_term_args={"st_ocr": dict(channels=64, key_channels=32), "cffm": dict(dim=32)},
+    micro_size=12,
+    micro_channels={"cffm_keys": 32, "sparse_tt_gather": 32},
 )
+SETUP_ONLY = ("tiny", "model", "short_term_args", "micro_size", "micro_channels")  # not in a case's record
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype; None: full precision
 
 
@@ -125,6 +153,14 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, steps
     return statistics.median(times)
 
 
+def module_args(setup: Setup, case: Case) -> dict | None:
+    """The case's ``short_term_args``: the setup's for its module, and its offsets where the module reads them."""
+    args = setup.short_term_args.get(case.short_term)
+    if case.offsets is not None:
+        args = {**(args or {}), "offsets": case.offsets}
+    return args
+
+
 def build_model(setup: Setup, case: Case, raft_weights: Path | None, device: torch.device) -> SSLTM:
     torch.manual_seed(0)
     model = SSLTM(
@@ -134,7 +170,7 @@ def build_model(setup: Setup, case: Case, raft_weights: Path | None, device: tor
         use_rfce=False,
         use_gcc=False,
         short_term=case.short_term,
-        short_term_args=setup.short_term_args.get(case.short_term),
+        short_term_args=module_args(setup, case),
         **setup.model,
     )
     if case.flow is not None:
@@ -176,11 +212,11 @@ def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.de
     record = {
         "case": name,
         "tiny": setup.tiny,
-        **{k: v for k, v in asdict(setup).items() if k not in ("tiny", "model", "short_term_args")},
+        **{k: v for k, v in asdict(setup).items() if k not in SETUP_ONLY},
         **asdict(case),
         "frames": 1 + case.adjacent,
         "model_kwargs": setup.model,
-        "short_term_args": setup.short_term_args.get(case.short_term),
+        "short_term_args": module_args(setup, case),
         "warmup": args.warmup,
         "steps": args.steps,
         "memory_measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else None,
@@ -193,8 +229,18 @@ def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.de
     }
     if case.flow == "raft" and args.raft_weights is None:
         return {**record, "status": "skipped", "reason": "no --raft-weights file (RAFT weights are never downloaded)"}
-    try:
+
+    def figures() -> dict:
         step_ms, peak, flow_ms, params = measure(setup, case, args.raft_weights, device, args.warmup, args.steps)
+        return {"step_ms": step_ms, "peak_mib": peak, "flow_ms_per_pair": flow_ms, "params": params}
+
+    return guarded(record, figures, device)
+
+
+def guarded(record: dict, figures: Callable[[], dict], device: torch.device) -> dict:
+    """``record`` with the ``figures()`` it measured, or marked failed with why (out of memory, an error)."""
+    try:
+        return {**record, **figures()}
     except torch.cuda.OutOfMemoryError:
         return {**record, "status": "failed", "reason": "out of memory"}
     except (RuntimeError, ValueError) as err:
@@ -203,7 +249,88 @@ def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.de
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {**record, "step_ms": step_ms, "peak_mib": peak, "flow_ms_per_pair": flow_ms, "params": params}
+
+
+def micro_work(name: str, setup: Setup, device: torch.device) -> tuple[dict, Callable[[], tuple[torch.Tensor, ...]]]:
+    """The settings and the tensors-returning call of micro-benchmark ``name`` on ``setup.micro_size`` stride-8
+    maps of ``setup.micro_channels[name]`` channels, B = ``setup.batch``, inputs in the setup's dtype (as the
+    blocks' linear layers give them under autocast) and needing gradients."""
+    torch.manual_seed(0)
+    b, side, c = setup.batch, setup.micro_size, setup.micro_channels[name]
+    dtype = DTYPES[setup.dtype] or torch.float32
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+    if name == "cffm_keys":
+        n = -(-side // WINDOW)  # windows per side of the zero-padded map
+        pooled = [[rand(b, n * per, n * per, c) for _, _, per in SEGMENTS] for _ in range(2)]
+        k, v = rand(b, n * WINDOW, n * WINDOW, c), rand(b, n * WINDOW, n * WINDOW, c)
+        settings = {"frames": NUM_FRAMES, "windows": n * n, "keys": NUM_KEYS, "queries": n * n * WINDOW**2}
+        return settings, lambda: (cffm_keys(k, pooled[0])[0], cffm_keys(v, pooled[1])[0])
+    offsets = CASES["sparse_tt"].offsets
+    block = SparseTemporalBlock(c, (0, *offsets)).to(device)  # s = 1, e = 5, eps = 1, tr = 0.5
+    keys, values = (rand(b, 1 + len(offsets), side, side, c) for _ in range(2))
+    k = math.floor(block.tr * side * side)
+    selected = torch.rand(b, side * side, device=device).topk(k, dim=1).indices  # as block.select gives them
+    settings = {"frames": 1 + len(offsets), "offsets": offsets, "keys": block.num_keys, "queries": k}
+    return settings, lambda: block.gather(keys, values, selected)[:2]
+
+
+def run_micro(name: str, setup: Setup, args: argparse.Namespace, device: torch.device) -> dict:
+    """The JSON record of micro-benchmark ``name``: the median of ``args.steps`` forward calls and of as many
+    forward+backward ones (the backward of all-ones gradients) after ``args.warmup`` each, peak memory over both."""
+    record = {
+        "micro": name,
+        "tiny": setup.tiny,
+        "batch": setup.batch,
+        "size": setup.micro_size,
+        "channels": setup.micro_channels[name],
+        "dtype": setup.dtype,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "memory_measure": "torch.cuda.max_memory_allocated" if device.type == "cuda" else None,
+        "status": "ok",
+        "reason": None,
+        "fwd_ms": None,
+        "fwd_bwd_ms": None,
+        "peak_mib": None,
+    }
+
+    def figures() -> dict:
+        settings, work = micro_work(name, setup, device)
+        grads = tuple(torch.ones_like(t) for t in work())
+
+        def fwd_bwd() -> None:
+            torch.autograd.backward(work(), grads)
+
+        on_gpu = device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            fwd_ms = median_ms(work, device, args.warmup, args.steps)
+        fwd_bwd_ms = median_ms(fwd_bwd, device, args.warmup, args.steps)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None
+        return {**settings, "fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_mib": peak}
+
+    return guarded(record, figures, device)
+
+
+def micro_table(records: list[dict]) -> str:
+    f = lambda value, spec: "-" if value is None else format(value, spec)
+    body = [
+        (
+            r["micro"],
+            f"{r['size']}x{r['size']}",
+            r["channels"],
+            f(r.get("keys"), "d"),
+            f(r.get("queries"), "d"),
+            f(r["fwd_ms"], ".2f"),
+            f(r["fwd_bwd_ms"], ".2f"),
+            f(r["peak_mib"], ".0f"),
+            r["reason"] if r["status"] != "ok" else "",
+        )
+        for r in records
+    ]
+    header = ("micro", "map", "channels", "keys", "queries", "fwd ms", "fwd+bwd ms", "peak MiB", "note")
+    return harness.text_table(header, body, left=1)
 
 
 def table(records: list[dict]) -> str:
@@ -230,9 +357,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 warm-up and 3 timed steps (scripts/gpu_check.sh)")
     p.add_argument(
         "--cases",
-        type=harness.csv_choices(tuple(CASES), "case"),
-        default=list(CASES),
-        help=f"comma-separated subset of {','.join(CASES)}",
+        type=harness.csv_choices((*CASES, *MICRO), "case"),
+        help=f"comma-separated subset of {','.join((*CASES, *MICRO))} (default: all; --quick: {','.join(QUICK)})",
     )
     p.add_argument("--raft-weights", type=Path, help="local raft_large state dict file for the netwarp_raft case")
     p.add_argument("--steps", type=positive_int, help="timed steps per case (default 10, --quick 3, CPU 1)")
@@ -254,6 +380,8 @@ def main(argv=None) -> list[dict]:
         args.steps = 10 if on_gpu and not args.quick else 3 if on_gpu else 1
     if args.warmup is None:
         args.warmup = 3 if on_gpu and not args.quick else 1
+    if args.cases is None:
+        args.cases = list(QUICK if args.quick else (*CASES, *MICRO))
     if not on_gpu:
         torch.set_num_threads(args.threads)
     env = harness.environment(device)
@@ -266,12 +394,16 @@ def main(argv=None) -> list[dict]:
     path = args.results_dir / f"{BENCHMARK}.jsonl"
     records = []
     for name in args.cases:
-        records.append(run_case(name, setup, args, device))
+        records.append((run_micro if name in MICRO else run_case)(name, setup, args, device))
         r = records[-1]
         print(f"{name}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else ""), flush=True)
         if not args.no_save:  # at once: a run cut short keeps the cases it finished
             harness.append_records(path, [r], env, BENCHMARK)
-    print(table(records))
+    cases, micro = [r for r in records if "case" in r], [r for r in records if "micro" in r]
+    if cases:
+        print(table(cases))
+    if micro:
+        print(micro_table(micro))
     if not args.no_save:
         print(f"records appended to {path}")
     return records

@@ -16,8 +16,9 @@
 #   e        the model: one ResNet-101 training step (bf16, 479x479, 2 clips) on the kernels and on the
 #            reference backend, and streaming frames/s at 480p; the training step's peak memory with
 #            activation checkpointing off and on (benchmarks/train_memory.py); Table 5's short-term modules
-#            (benchmarks/short_term.py --quick: baseline, STT, NetWarp with DIS and RAFT flow, ST-OCR; the
-#            RAFT case only with GPU_CHECK_RAFT_WEIGHTS, else skipped). The full run is a second call:
+#            (benchmarks/short_term.py --quick: baseline, STT, NetWarp with DIS and RAFT flow, ST-OCR, and
+#            the CFFM and Sparse-TT token assembly alone; the RAFT case only with GPU_CHECK_RAFT_WEIGHTS, else
+#            skipped). The full run, with the CFFM and Sparse-TT training steps, is a second call:
 #            python benchmarks/short_term.py --results-dir "$OUT" [--raft-weights PATH]
 #   f        the CUDA extension, built in the background from the start (MAX_JOBS=16, into a separate build
 #            folder): the `gpu_quick` tests of the CUDA backends, then its timings

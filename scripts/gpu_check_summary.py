@@ -2,7 +2,8 @@
 duration, the tests that failed, every performance target of every benchmark with PASS / FAIL / n/a / not
 run and its figure (judged again here, by each benchmark's own ``evaluate_targets``, on the run's JSON
 lines), the fwd+bwd times of every provider, what ``wmsa_decide.py`` found, the training step's peak
-memory per setting (``train_memory.py``) and each short-term module's training step (``short_term.py``).
+memory per setting (``train_memory.py``) and each short-term module's training step and token assembly
+(``short_term.py``).
 
     python scripts/gpu_check_summary.py --stages STAGES.tsv --log gpu_check.log --results gpu_check.jsonl
         --env env.txt --commit SHA --mode gpu|rehearsal --seconds N --budget N --out summary.md
@@ -229,7 +230,8 @@ def memory_lines(records: list[dict]) -> list[str]:
 
 
 def short_term_lines(records: list[dict]) -> list[str]:
-    """What short_term.py measured: one line per case (fwd+bwd, peak memory, flow per pair, or why none)."""
+    """What short_term.py measured: one line per case (fwd+bwd, peak memory, flow per pair, or why none), then
+    one per micro-benchmark (fwd, fwd+bwd, peak memory, or why none)."""
     lines = []
     for r in (r for r in records if r.get("benchmark") == "short_term" and "case" in r):
         where = r.get("gpu") or r.get("device")
@@ -246,6 +248,19 @@ def short_term_lines(records: list[dict]) -> list[str]:
             figures.append(f"{r['peak_mib']:.0f} MiB peak")
         if r.get("flow_ms_per_pair") is not None:
             figures.append(f"flow {r['flow_ms_per_pair']:.1f} ms/pair")
+        lines.append(f"{setting}: {', '.join(figures)}")
+    for r in (r for r in records if r.get("benchmark") == "short_term" and "micro" in r):
+        setting = (
+            f"- {r['micro']} (key/value gathering alone, {r.get('keys')} keys, {r.get('queries')} queries): "
+            f"{r.get('size')}x{r.get('size')} map, {r.get('channels')} channels, B={r.get('batch')}, {r.get('dtype')} "
+            f"on {r.get('gpu') or r.get('device')}{' (tiny)' if r.get('tiny') else ''}"
+        )
+        if r.get("status") != "ok":
+            lines.append(f"{setting}: {str(r.get('status')).upper()} {(r.get('reason') or '')[:120]}".rstrip())
+            continue
+        figures = [f"{r['fwd_ms']:.2f} ms fwd, {r['fwd_bwd_ms']:.2f} ms fwd+bwd (median of {r.get('steps')})"]
+        if r.get("peak_mib") is not None:
+            figures.append(f"{r['peak_mib']:.0f} MiB peak")
         lines.append(f"{setting}: {', '.join(figures)}")
     return lines
 
@@ -318,7 +333,7 @@ def summarize(args: argparse.Namespace) -> str:
         out += ["", "## Training-step memory", "", *memory]
     modules = short_term_lines(records)
     if modules:
-        out += ["", "## Short-term modules (training step)", "", *modules]
+        out += ["", "## Short-term modules (training step, token assembly)", "", *modules]
     text = "\n".join(out) + "\n"
     timings = timing_lines(records)
     if timings:

@@ -654,13 +654,25 @@ def test_stt_window_attn_cpu_quick(tmp_path):
 
 # --------------------------------------------------------------------------- short-term modules (tiny CPU case)
 def test_short_term_tiny_cpu_case(tmp_path):
-    """Every Table 5 case runs on the tiny CPU setup and is labelled as such; RAFT without weights is skipped with
-    its reason recorded; no GPU figure (peak memory) is written on the CPU."""
+    """Every case and micro-benchmark runs on the tiny CPU setup and is labelled as such; RAFT without weights is
+    skipped with its reason recorded; no GPU figure (peak memory) is written on the CPU."""
     from benchmarks import short_term
 
     proc, records = run_cpu_benchmark("short_term", results_dir=tmp_path, timeout=300)
     assert "tiny CPU case: no GPU figures" in proc.stdout
+    micro = {r.pop("micro"): r for r in records if "micro" in r}
+    records = [r for r in records if "case" in r]
     assert [r["case"] for r in records] == list(short_term.CASES)
+    assert list(micro) == ["cffm_keys", "sparse_tt_gather"]
+    for r in micro.values():
+        assert r["status"] == "ok" and r["reason"] is None and r["benchmark"] == "short_term", r
+        assert r["device"] == "cpu" and r["tiny"] is True and r["peak_mib"] is None and r["memory_measure"] is None
+        assert 0 < r["fwd_ms"] < 10_000 and 0 < r["fwd_bwd_ms"] < 10_000 and r["steps"] == 1, r
+        assert (r["size"], r["channels"], r["batch"], r["dtype"]) == (12, 32, 2, "fp32"), r
+    # 12x12 pads to 2x2 windows of 49 queries, 289 keys each; 72 of 144 queries, 527 keys over 7 frames
+    assert (micro["cffm_keys"]["frames"], micro["cffm_keys"]["keys"], micro["cffm_keys"]["queries"]) == (4, 289, 196)
+    gather = micro["sparse_tt_gather"]
+    assert (gather["frames"], gather["offsets"], gather["keys"], gather["queries"]) == (7, [1, 2, 3, 4, 5, 6], 527, 72)
     assert all(key in r for r in records for key in PROVENANCE[:-1])
     assert all(r["benchmark"] == "short_term" and r["device"] == "cpu" and r["gpu"] is None for r in records)
     assert all(r["tiny"] is True and r["backbone"] == "resnet18" and r["dtype"] == "fp32" for r in records)
@@ -672,7 +684,11 @@ def test_short_term_tiny_cpu_case(tmp_path):
         "netwarp_dis": ("netwarp", "dis", 2),
         "netwarp_raft": ("netwarp", "raft", 2),
         "st_ocr": ("st_ocr", None, 4),
+        "cffm": ("cffm", None, 4),
+        "sparse_tt": ("sparse_tt", None, 7),
     }
+    assert by["sparse_tt"]["short_term_args"] == {"offsets": [1, 2, 3, 4, 5, 6]}
+    assert by["cffm"]["short_term_args"] == {"dim": 32}
     raft = by.pop("netwarp_raft")
     assert raft["status"] == "skipped" and "--raft-weights" in raft["reason"] and "never downloaded" in raft["reason"]
     assert raft["step_ms"] is None and raft["flow_ms_per_pair"] is None and raft["params"] is None

@@ -196,9 +196,13 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         {**memory, "checkpointing": True, "peak_mib": None, "step_s": None, "error": "out of memory"},
         {**short_term, "case": "netwarp_dis", "short_term": "netwarp", "flow": "dis", "frames": 2, "status": "ok"},
         {**short_term, "case": "netwarp_raft", "short_term": "netwarp", "flow": "raft", "frames": 2},
+        {**short_term, "micro": "cffm_keys", "channels": 256, "keys": 289, "queries": 3969, "status": "ok"},
+        {**short_term, "micro": "sparse_tt_gather", "channels": 1024, "keys": 527, "queries": 1800},
     ]
-    records[-2].update(step_ms=212.34, peak_mib=20480.4, flow_ms_per_pair=31.26, steps=3)
-    records[-1].update(status="skipped", reason="no --raft-weights file (RAFT weights are never downloaded)")
+    records[-4].update(step_ms=212.34, peak_mib=20480.4, flow_ms_per_pair=31.26, steps=3)
+    records[-3].update(status="skipped", reason="no --raft-weights file (RAFT weights are never downloaded)")
+    records[-2].update(size=60, fwd_ms=0.456, fwd_bwd_ms=1.234, peak_mib=812.6, steps=3)
+    records[-1].update(size=60, status="failed", reason="out of memory")
     summary = _summarise(tmp_path, stages, records, log)
     rows = _stage_rows(summary)
     assert list(rows) == list(STAGES)
@@ -218,9 +222,16 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     assert setting.format("off") + "30500 MiB peak (torch.cuda.max_memory_allocated), 0.61 s a step" in summary
     assert setting.format("on") + "FAILED out of memory" in summary
     module = "- netwarp_{} (netwarp, 2 frames, flow {}): resnet101 479x479, B=2, bf16 on NVIDIA H100 80GB HBM3: "
-    assert "## Short-term modules (training step)" in summary
+    assert "## Short-term modules (training step, token assembly)" in summary
     assert module.format("dis", "dis") + "212.3 ms fwd+bwd (median of 3), 20480 MiB peak, flow 31.3 ms/pair" in summary
     assert module.format("raft", "raft") + "SKIPPED no --raft-weights file" in summary
+    micro = "- {} (key/value gathering alone, {} keys, {} queries): 60x60 map, {} channels, B=2, bf16 on NVIDIA H100"
+    assert (
+        micro.format("cffm_keys", 289, 3969, 256)
+        + " 80GB HBM3: 0.46 ms fwd, 1.23 ms fwd+bwd (median of 3), 813 MiB peak"
+        in summary
+    )
+    assert micro.format("sparse_tt_gather", 527, 1800, 1024) + " 80GB HBM3: FAILED out of memory" in summary
 
 
 @pytest.mark.parametrize(
@@ -306,7 +317,10 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
     assert list(modules) == ["baseline", "netwarp_dis", "netwarp_raft"]
     assert all(r["device"] == "cpu" and r["tiny"] is True and r["peak_mib"] is None for r in modules.values())
     assert modules["baseline"]["step_ms"] > 0 and modules["netwarp_dis"]["flow_ms_per_pair"] > 0
-    assert modules["netwarp_raft"]["status"] == "skipped" and "## Short-term modules (training step)" in summary
+    assert (
+        modules["netwarp_raft"]["status"] == "skipped"
+        and "## Short-term modules (training step, token assembly)" in summary
+    )
     triton = [r for r in records if r.get("provider") == "triton"]
     assert triton and all(r["ms"] > 0 and r["correct"] is True for r in triton)  # ran in the interpreter
     assert any(r.get("section") == "gate" and r["backend"] == "triton" and r["ok"] is True for r in records)

@@ -129,6 +129,25 @@ class SparseTemporalBlock(nn.Module):
             dxs.append(dx.flatten())
         return torch.cat(frames), torch.cat(dys), torch.cat(dxs)
 
+    def gather(
+        self, keys: torch.Tensor, values: torch.Tensor, selected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each selected query's keys and values: ``keys``, ``values`` ``(B, T, h, w, C)`` and the flat query
+        indices ``selected (B, k)`` -> ``(B, k, n_keys, C)`` each (:meth:`key_offsets` order) and the
+        ``(B, k, n_keys)`` mask of keys inside the image (those outside read zero padding)."""
+        b, _, h, w, c = keys.shape
+        pad = max(self.radii)
+        hp, wp = h + 2 * pad, w + 2 * pad
+        keys = F.pad(keys, (0, 0, pad, pad, pad, pad)).flatten(1, 3)  # (B, T * hp * wp, C)
+        values = F.pad(values, (0, 0, pad, pad, pad, pad)).flatten(1, 3)
+        frame, dy, dx = self.key_offsets(keys.device)
+        y, xs = selected // w, selected % w  # (B, k)
+        ky, kx = y[..., None] + dy, xs[..., None] + dx  # (B, k, n_keys)
+        valid = (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
+        index = ((frame * hp + ky + pad) * wp + kx + pad).flatten(1)[..., None].expand(-1, -1, c)
+        shape = (b, selected.shape[1], -1, c)
+        return keys.gather(1, index).view(shape), values.gather(1, index).view(shape), valid
+
     def forward(self, x: torch.Tensor, selected: torch.Tensor | None = None) -> torch.Tensor:
         """``x (B, T, C, h, w)`` -> the query frame's ``(B, C, h, w)``; ``selected (B, k)`` flat indices
         replaces the selection by ``D`` (tests)."""
@@ -143,19 +162,10 @@ class SparseTemporalBlock(nn.Module):
         if selected.shape[1] == 0:
             return query
         keys, values = self.kv(self.norm(x.permute(0, 1, 3, 4, 2))).chunk(2, dim=-1)  # (B, T, h, w, C) each
-        pad = max(self.radii)
-        hp, wp = h + 2 * pad, w + 2 * pad
-        keys = F.pad(keys, (0, 0, pad, pad, pad, pad)).flatten(1, 3)  # (B, T * hp * wp, C)
-        values = F.pad(values, (0, 0, pad, pad, pad, pad)).flatten(1, 3)
-        frame, dy, dx = self.key_offsets(x.device)
-        y, xs = selected // w, selected % w  # (B, k)
-        ky, kx = y[..., None] + dy, xs[..., None] + dx  # (B, k, n_keys)
-        valid = (ky >= 0) & (ky < h) & (kx >= 0) & (kx < w)
-        index = (frame * hp + ky + pad) * wp + kx + pad
+        keys, values, valid = self.gather(keys, values, selected)
         k = selected.shape[1]
-        gathered = index.flatten(1)[..., None].expand(-1, -1, c)
-        keys = keys.gather(1, gathered).view(b, k, -1, self.heads, c // self.heads)
-        values = values.gather(1, gathered).view(b, k, -1, self.heads, c // self.heads)
+        keys = keys.view(b, k, -1, self.heads, c // self.heads)
+        values = values.view(b, k, -1, self.heads, c // self.heads)
         q = q_all.flatten(2).gather(2, selected[:, None].expand(-1, c, -1)).transpose(1, 2)
         q = q.view(b, k, self.heads, c // self.heads)
         scores = torch.einsum("bqhd,bqnhd->bqhn", q, keys) * (c // self.heads) ** -0.5
