@@ -171,9 +171,19 @@ def load_histogram(loads: list[GlobalLoad]) -> str:
     )
 
 
+def _source_key(file: str) -> str:
+    """A source file as line info is compared: its path inside the ``ssltm_kernels`` package. Triton's cache is
+    keyed by the source's content, so a kernel first compiled from another checkout of the same code carries
+    that checkout's path in its line info."""
+    parts = os.path.realpath(file).split(os.sep)
+    if "ssltm_kernels" not in parts:
+        return os.path.realpath(file)
+    return "/".join(parts[len(parts) - 1 - parts[::-1].index("ssltm_kernels") :])
+
+
 def _function_lines(fn) -> tuple[str, range]:
     lines, first = inspect.getsourcelines(fn)
-    return os.path.realpath(inspect.getsourcefile(fn)), range(first, first + len(lines))
+    return _source_key(inspect.getsourcefile(fn)), range(first, first + len(lines))
 
 
 def is_row_load(load: GlobalLoad) -> bool:
@@ -183,7 +193,7 @@ def is_row_load(load: GlobalLoad) -> bool:
     from ssltm_kernels.ops.window_attention_3d import triton_kernels
 
     path, body = _function_lines(triton_kernels._load_rows.fn)
-    source = [(os.path.realpath(file), line) for file, line in load.source]
+    source = [(_source_key(file), line) for file, line in load.source]
     if len(source) > 1:
         return source[1] in _row_load_calls()
     return bool(source) and source[0][0] == path and source[0][1] in body
@@ -194,10 +204,10 @@ def _row_load_calls() -> frozenset[tuple[str, int]]:
     """(file, line) of every call of ``_load_rows`` in the window attention's kernels."""
     from ssltm_kernels.ops.window_attention_3d import triton_kernels
 
-    path = os.path.realpath(inspect.getsourcefile(triton_kernels))
+    path = inspect.getsourcefile(triton_kernels)
     with open(path) as source:
         return frozenset(
-            (path, number)
+            (_source_key(path), number)
             for number, text in enumerate(source, start=1)
             if re.search(r"(?<![\w.])_load_rows\(", text) and "def _load_rows" not in text
         )
