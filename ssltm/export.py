@@ -43,7 +43,7 @@ from ssltm_kernels.ops.window_attention_3d.reference import WindowAttentionCall,
 
 from .model import SSLTM
 from .model.ssltm import MIN_SIZE
-from .outputs import check_output_folder, staged_folder
+from .outputs import check_replaceable_folder, staged_folder
 
 EXPORTED_SHORT_TERM = ("none", "stt")  # the modules that read neither frames, flow nor a per-video state
 ENCODER, REFERENCE, DECODER, MANIFEST = "encoder.onnx", "reference.onnx", "decoder.onnx", "export.json"
@@ -203,15 +203,7 @@ def reference_backend() -> Iterator[None]:
 def check_export_out(out: str | Path) -> Path:
     """Raise a ValueError naming ``--out`` unless ``out`` can take the export (a new folder, or an earlier
     export's, which it replaces)."""
-    out = check_output_folder(out, "--out")
-    if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
-        if others:
-            raise ValueError(
-                f"--out: {out} holds other files than an earlier export's ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
-            )
-    return out
+    return check_replaceable_folder(out, "--out", lambda p: p.name in OUTPUTS, "an earlier export's")
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path) -> dict:

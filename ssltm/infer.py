@@ -27,7 +27,7 @@ from .build import load_model
 from .data import IMAGENET_MEAN, IMAGENET_STD, natural_order
 from .model import VideoPredictor
 from .model.predictor import MIN_SIZE
-from .outputs import check_output_folder, staged_folder
+from .outputs import check_replaceable_folder, staged_folder
 from .precision import amp_dtype, autocast
 from .visualize import overlay, save_label_png
 
@@ -267,14 +267,7 @@ def check_infer_args(
             raise ValueError(f"{name} must be at least 1, got {value}")
     if fps is not None and not fps > 0:
         raise ValueError(f"--fps must be positive, got {fps}")
-    out = check_output_folder(out, "--out")
-    if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in OUTPUTS)
-        if others:
-            raise ValueError(
-                f"--out: {out} holds other files than an earlier inference's ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
-            )
+    check_replaceable_folder(out, "--out", lambda p: p.name in OUTPUTS, "an earlier inference's")
 
 
 def infer(

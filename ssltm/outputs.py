@@ -24,16 +24,18 @@ def check_output_folder(path: str | Path, arg: str) -> Path:
     return _check_writable(Path(path), arg, folder=True)
 
 
-def check_replaceable_folder(path: str | Path, arg: str, is_output: Callable[[Path], bool]) -> Path:
+def check_replaceable_folder(
+    path: str | Path, arg: str, is_output: Callable[[Path], bool], earlier: str = "an earlier run's output"
+) -> Path:
     """:func:`check_output_folder`, and a ValueError naming ``arg`` if the folder holds an entry that
-    ``is_output`` does not take for an earlier run's output: the folder is replaced whole (:func:`staged_folder`),
-    so anything else in it would be lost."""
+    ``is_output`` does not take for ``earlier`` output (the error's words): the folder is replaced whole
+    (:func:`staged_folder`), so anything else in it would be lost."""
     path = check_output_folder(path, arg)
     if path.is_dir():
         others = sorted(p.name for p in path.iterdir() if not is_output(p))
         if others:
             raise ValueError(
-                f"{arg}: {path} holds other files than an earlier run's output ({', '.join(others[:3])}"
+                f"{arg}: {path} holds other files than {earlier} ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
             )
     return path

@@ -18,6 +18,7 @@ import pytest
 import torch
 from benchmark_runs import run_cpu_benchmark
 from test_cli import TINY, config_file
+from test_model import TINY as TINY_MODEL
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,16 +30,6 @@ from ssltm.config import from_container, load_config
 from ssltm.model.checkpointing import recomputed
 
 K = 5
-TINY_MODEL = dict(
-    backbone="resnet18",
-    fpn_dim=32,
-    ppm_dim=32,
-    stt_dims=(32, 32, 32, 32),
-    stt_depths=(2, 1, 1, 1),
-    context_dim=32,
-    head_channels=16,
-    aux_channels=16,
-)
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "stt0", "stt1", "stt2", "stt3")
 
 

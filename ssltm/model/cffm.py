@@ -17,7 +17,7 @@ from torch import nn
 
 from .heads import cross_entropy
 from .neck import resize
-from .short_term import ShortTermModule
+from .short_term import ShortTermModule, check_positive_ints
 
 WINDOW = 7
 EXPAND = 3
@@ -235,15 +235,7 @@ class CFFM(ShortTermModule):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("dim", dim),
-            ("depth", depth),
-            ("heads", heads),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(in_channels=in_channels, num_classes=num_classes, dim=dim, depth=depth, heads=heads)
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         if not 0 <= dropout < 1:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ssltm.flow import resize_flow, warp
 
-from .short_term import ShortTermModule
+from .short_term import ShortTermModule, check_positive_ints
 
 
 class NetWarp(ShortTermModule):
@@ -36,9 +36,7 @@ class NetWarp(ShortTermModule):
 
     def __init__(self, channels: int, stride: int = 4, flowcnn: bool = True) -> None:
         super().__init__()
-        for name, value in (("channels", channels), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(channels=channels, stride=stride)
         if not isinstance(flowcnn, bool):
             raise ValueError(f"flowcnn must be a bool, got {flowcnn!r}")
         self.out_channels = channels

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from .short_term import check_positive_ints
+
 
 def _conv1x1_bn_relu(in_channels: int, out_channels: int) -> Conv2dNormActivation:
     return Conv2dNormActivation(in_channels, out_channels, 1)
@@ -24,9 +26,7 @@ class ObjectAttention(nn.Module):
 
     def __init__(self, in_channels: int = 512, key_channels: int = 256) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("key_channels", key_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(in_channels=in_channels, key_channels=key_channels)
         self.in_channels = in_channels
         self.key_channels = key_channels
         self.f_pixel = nn.Sequential(

@@ -21,6 +21,13 @@ SHORT_TERM = ("none", "stt", "netwarp", "st_ocr", "sparse_tt", "cffm")
 NUM_LEVELS = 4  # FPN levels per frame, strides 4, 8, 16, 32: the fused feature is NUM_LEVELS * fpn_dim wide
 
 
+def check_positive_ints(**values: Any) -> None:
+    """Raise a ValueError naming the first argument that is not a positive int (a bool is not one)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class ShortTermModule(nn.Module):
     """The interface of a short-term module.
 

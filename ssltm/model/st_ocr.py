@@ -14,7 +14,7 @@ from ssltm_kernels import soft_region_pool
 from .heads import SegHead, cross_entropy
 from .neck import resize
 from .ocr import ObjectAttention
-from .short_term import ShortTermModule
+from .short_term import ShortTermModule, check_positive_ints
 
 MEMORIES = ("none", "first_clip")
 
@@ -51,14 +51,9 @@ class SpatialTemporalOCR(ShortTermModule):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("channels", channels),
-            ("key_channels", key_channels),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(
+            in_channels=in_channels, num_classes=num_classes, channels=channels, key_channels=key_channels
+        )
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not aux_weight >= 0:
