@@ -166,8 +166,9 @@ def _scaled_gradient(y: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def test_correctness_gate_marks_wrong_outputs_and_gradients_and_they_are_not_ranked(capsys):
-    x = torch.randn(6, 16, requires_grad=True)
-    w = torch.randn(16, 8, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)  # the float32 rounding error below depends on the values
+    x = torch.randn(6, 16, generator=gen).requires_grad_()
+    w = torch.randn(16, 8, generator=gen).requires_grad_()
     exact = Exact(lambda x, w: torch.tanh(x @ w))  # float64 copies of the leaves for a float32 case
     providers = {
         "ref": lambda: torch.tanh(x @ w),
@@ -196,7 +197,8 @@ def test_correctness_gate_marks_wrong_outputs_and_gradients_and_they_are_not_ran
         assert all(err <= bound for err, bound in row.errors.values())
         # the bound: twice the float32 reference's own error + 1e-4 of the exact output's magnitude
         assert row.errors["out"][1] == pytest.approx(2 * ref.errors["out"][0] + 1e-4 * exact_out.abs().max().item())
-    assert ref.max_err == ref.errors["out"][0] < 1e-6 and scaled.max_err > 1e-3
+    # float32 rounding of outputs within [-1, 1]: a few ulps; the 1% error is three orders above it
+    assert ref.max_err == ref.errors["out"][0] < 1e-5 and scaled.max_err > 1e-3
     assert scaled.errors["grad x"][0] > scaled.errors["grad x"][1]
     assert bad_grad.errors["out"][0] <= bad_grad.errors["out"][1]
     assert bad_grad.errors["grad w"][0] > bad_grad.errors["grad w"][1]
