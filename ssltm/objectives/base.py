@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-NEEDS = ("flow", "unlabeled", "strong")  # what an objective can ask of the data
+NEEDS = ("flow", "unlabeled", "strong", "strong_frames")  # what an objective can ask of the data
 
 
 class Objective:
@@ -18,8 +18,10 @@ class Objective:
     Subclasses set ``name`` (the key of ``train.objectives`` and of its config section ``train.<name>``),
     ``terms`` (the names of the weighted terms :meth:`forward` returns, in order), ``needs`` (a subset of
     :data:`NEEDS`: query -> adjacent optical ``"flow"``, ``"unlabeled"`` clips in ``batch["unlabeled"]``, the
-    photometric copy ``"reference_strong"`` of the reference frame) and ``model_outputs`` (the keyword
-    arguments of the labelled pass, ``SSLTM.forward``'s ``all_frames`` / ``return_features``).
+    photometric copy ``"reference_strong"`` of the reference frame, ``"strong_frames"``: the unlabelled clips carry
+    ``"frames_strong"`` and ``"reference_strong"``, one distortion of all their frames and their reference) and
+    ``model_outputs`` (the keyword arguments of the labelled pass, ``SSLTM.forward``'s ``all_frames`` /
+    ``return_features``).
 
     An objective is not an ``nn.Module``: what it holds (a teacher model, a flow estimator) is in neither the
     optimizer nor DDP. It is built after the model is on its device (and converted to SyncBatchNorm).
