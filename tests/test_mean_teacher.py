@@ -9,15 +9,17 @@ Tiny SSLTM (tests/test_cli.py's TINY settings) on 32 px hand-built batches, with
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_cli import TINY
 from torch.nn.parallel import DistributedDataParallel
 
 from ssltm.build import build_model, model_from_checkpoint
 from ssltm.checkpoint import load_weights
-from ssltm.config import ConfigError, load_config
+from ssltm.config import ConfigError, config_differences, load_config
 from ssltm.objectives import MeanTeacher, TrainStep, build_objectives
 from ssltm.objectives.mean_teacher import consistency_loss, consistency_rampup, ema_update
 
@@ -246,3 +248,21 @@ def test_checkpoint_state_restore_and_evaluated_weights(tmp_path):
 def test_bad_settings_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         mt_config(f"train.mean_teacher.{override}")
+
+
+def test_table7_config():
+    """configs/table7/ssltm_mt.yaml is configs/vspw_r101.yaml (VSPW-SF) with mean_teacher; its header names the row."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    path = root / "table7" / "ssltm_mt.yaml"
+    header = path.read_text().splitlines()[:3]
+    assert "SSLTM Table 7" in header[0] and "+Mean Teacher" in header[0]
+    assert "40.49 mIoU, 61.20 FWIoU, 74.69 TC, 87.40 mVC8, 83.72 mVC16" in header[0]
+    assert "SSLTM alone: 39.79 / 60.75 / 72.14 / 87.25 / 83.10" in header[1]
+    cfg, base = OmegaConf.to_container(load_config(path)), OmegaConf.to_container(load_config(root / "vspw_r101.yaml"))
+    assert cfg["train"]["objectives"] == ["mean_teacher"] and cfg["data"]["mode"] == "sf"
+    assert cfg["train"]["mean_teacher"] == {
+        **base["train"]["mean_teacher"],
+        **{"weight": 100.0, "rampup_iters": 4000, "alpha_rampup": 0.99, "alpha": 0.999, "eval_model": "teacher"},
+    }
+    differ = config_differences(base, cfg)
+    assert differ == ["train.objectives", "work_dir"]
