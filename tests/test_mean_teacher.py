@@ -138,6 +138,33 @@ def test_the_teacher_is_not_trained(tmp_path):
     assert state_ids and not state_ids & teacher_ids
 
 
+def _update_on_two_processes(rank: int, store: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        mt = MeanTeacher(mt_config("train.mean_teacher.alpha_rampup=0.5"), student)
+        with torch.no_grad():
+            student[1].running_mean.fill_(rank + 1.0)  # each process's own statistics, as under DDP without SyncBN
+            student[0].weight.add_(1.0)
+        student[1].num_batches_tracked.fill_(5 + rank)
+        mt.after_step(student, 0)
+        torch.save(mt.teacher.state_dict(), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_process_holds_the_first_processs_teacher(tmp_path):
+    """Two gloo processes whose students differ in their batch norm statistics: after the update both teachers are
+    the first process's (parameters, float and integer buffers)."""
+    out = tmp_path / "teacher"
+    torch.multiprocessing.spawn(_update_on_two_processes, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    first, second = (torch.load(f"{out}.{rank}") for rank in (0, 1))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(first["1.running_mean"], torch.full((4,), 0.5 * 0 + 0.5 * 1.0))
+    assert first["1.num_batches_tracked"] == 5
+
+
 # ------------------------------------------------------------------------------------ the consistency term
 def test_consistency_is_zero_for_teacher_equal_to_student_without_noise():
     step, _ = tiny_run("train.mean_teacher.rampup_iters=0")

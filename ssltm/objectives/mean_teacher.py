@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from .. import distributed as dist
 from ..checkpoint import load_weights
 from ..config import MEAN_TEACHER_CONSISTENCY, MEAN_TEACHER_EVAL_MODELS, ConfigError
 from ..data.transforms import IGNORE_INDEX
@@ -165,6 +166,10 @@ class MeanTeacher(Objective):
 
     def after_step(self, model: nn.Module, step: int) -> None:
         ema_update(self.teacher, model, self.decay(step))
+        # Under DDP without SyncBatchNorm each process's running statistics are its own until the next forward
+        # broadcasts the first's: the teacher takes the first process's buffers, so that every process (and a run
+        # resumed from the first's checkpoint) holds the same teacher.
+        dist.broadcast_tensors([buffer for _, buffer in self.teacher.named_buffers()])
         self.updates += 1
 
     def checkpoint_state(self) -> dict[str, Any]:
