@@ -51,7 +51,9 @@ class DataConfig:
     # Fraction of every video's frames, from its end, kept out of training and used as the validation
     # split instead of val_split (for datasets shipped without one, e.g. CamVid's train split alone).
     holdout: float | None = None
-    mode: str = "full"  # VSPW: "full" or "sf" (only the first frame of each training video is a query)
+    # vspw, synthetic: "full" or "sf" (only the first frame of each training video is a query, the others are
+    # unlabelled); the other built-in datasets: "full"
+    mode: str = "full"
     crop_size: Any = field(default_factory=lambda: [479, 479])  # int or [H, W]
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     eval_size: int | None = None  # shorter side frames are resized to for evaluation; None: as stored
@@ -269,6 +271,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.dataset must be one of {tuple(DATASETS)} or 'package.module:ClassName', got {data.dataset!r}"
         )
+    if data.dataset in DATASETS and data.mode not in DATASETS[data.dataset].MODES:
+        raise ConfigError(
+            f"data.mode must be one of {DATASETS[data.dataset].MODES} for data.dataset {data.dataset!r}, "
+            f"got {data.mode!r}"
+        )
     crop_size(cfg)
     _pair(data.synthetic.size, "data.synthetic.size")
     if len(data.scale_range) != 2 or not 0 < data.scale_range[0] <= data.scale_range[1]:
@@ -347,6 +354,21 @@ def validate(cfg: DictConfig) -> None:
         )
     if ev.tc_videos is not None and ev.tc_videos < 1:
         raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
+
+
+def require_unlabeled_frames(cfg: DictConfig, needed_by: str) -> None:
+    """A ConfigError naming ``data.dataset`` and ``data.mode`` when the config rules out unlabelled training frames
+    (:meth:`ssltm.data.ClipDataset.unlabeled_frames` is False), for ``needed_by`` (e.g. ``"train.objectives
+    'mean_teacher'"``): CamVid, VSPW or synthetic in ``"full"``. Datasets whose files alone can tell are checked when
+    their unlabelled clips are built (:func:`ssltm.build.build_unlabeled_dataset`)."""
+    data = cfg.data
+    if data.dataset in DATASETS and DATASETS[data.dataset].unlabeled_frames(cfg) is False:
+        modes = DATASETS[data.dataset].MODES
+        hint = "data.mode 'sf'" if "sf" in modes else "a dataset with unlabelled frames"
+        raise ConfigError(
+            f"{needed_by} needs unlabelled training frames, which data.dataset {data.dataset!r} with data.mode "
+            f"{data.mode!r} has none of (every frame is a labelled query): use {hint}"
+        )
 
 
 def _check_sparse_tt(section: DictConfig) -> None:

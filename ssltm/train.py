@@ -3,8 +3,8 @@ DDP under ``torchrun``, checkpoints with exact resume, periodic validation keepi
 
 Exact resume: the data order is a function of ``(train.seed, epoch)`` and each clip's augmentation a function
 of ``(seed, epoch, index)``, so a run restarted from the checkpoint of iteration N draws the same batches from
-N on; the model, optimizer, scheduler, gradient scaler and every process's random number generators come back
-from the checkpoint.
+N on (the unlabelled clips of the objectives that read them too: a second order in lockstep); the model,
+optimizer, scheduler, gradient scaler and every process's random number generators come back from the checkpoint.
 
 The run's messages go to the console and to ``WORK_DIR/train.log`` (:mod:`ssltm.runlog`); with
 ``train.tensorboard`` its losses, learning rate, speed, validation metrics and a validation picture also go
@@ -53,6 +53,8 @@ FIT_EVERY = 3
 FIT_WINDOW = 10
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pt")
 RUN_FILES = ("latest.pt", "best.pt", "log.jsonl", "train.log", "config.yaml")  # besides the iter_<N>.pt checkpoints
+# The unlabelled clips' order is a ClipOrder of its own, seeded train.seed + this.
+UNLABELED_SEED_OFFSET = 7919
 TENSORBOARD_DIR = "tb"  # the run's TensorBoard event files (train.tensorboard)
 BOARD_PICTURE_HEIGHT = 240  # at most this many rows per frame in TensorBoard's validation picture
 
@@ -95,7 +97,7 @@ class ClipOrder(Sampler[list[tuple[int, int]]]):
     global batch at position ``it % iters_per_epoch`` of epoch ``it // iters_per_epoch`` (the clips that do
     not fill a batch are left out of that epoch). The global batch is cut into ``grad_accum * world_size``
     micro-batches; micro-batch ``a * world_size + rank`` is this process's accumulation step ``a``. Items are
-    ``(epoch, index)`` for :class:`EpochIndexed`.
+    ``(epoch, index)`` for :class:`EpochIndexed`. ``what`` names the clips in the error for too few of them.
     """
 
     def __init__(
@@ -107,9 +109,10 @@ class ClipOrder(Sampler[list[tuple[int, int]]]):
         rank: int,
         seed: int,
         start: int,
+        what: str = "training clips",
     ):
         if len(indices) < batch_size:
-            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} training clips")
+            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} {what}")
         self.indices = torch.as_tensor(list(indices))
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank, self.seed, self.start = world_size, rank, seed, start
@@ -271,6 +274,8 @@ class Trainer:
         self.state = _State()
         self.rng_to_restore = None
         self.val_results = None
+        # The training split's UnlabeledClips (build.build_unlabeled_dataset) when an objective reads them.
+        self.unlabeled_set: Dataset | None = None
         self.resumed_from = None if resume is None else Path(resume)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
@@ -400,14 +405,38 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
+        return self._clip_loader(self.train_set, self.order, self.cfg.train.seed)
+
+    def _unlabeled_loader(self) -> Iterator[dict[str, Any]] | None:
+        """The unlabelled micro-batches, one per labelled micro-batch (None without :attr:`unlabeled_set`): a
+        :class:`ClipOrder` over the unlabelled clips with the labelled one's batch size, accumulation, processes
+        and start iteration, seeded ``train.seed + UNLABELED_SEED_OFFSET``, so that iteration N's unlabelled
+        micro-batches are a function of N and a resumed run draws the uninterrupted run's."""
+        if self.unlabeled_set is None:
+            return None
+        t, env = self.cfg.train, self.env
+        seed = t.seed + UNLABELED_SEED_OFFSET
+        order = ClipOrder(
+            range(len(self.unlabeled_set)),
+            t.batch_size,
+            t.grad_accum,
+            env.world_size,
+            env.rank,
+            seed,
+            self.state.iteration,
+            what="unlabelled training clips",
+        )
+        return self._clip_loader(self.unlabeled_set, order, seed)
+
+    def _clip_loader(self, dataset: Dataset, order: ClipOrder, seed: int) -> Iterator[dict[str, Any]]:
         workers = self.cfg.data.num_workers
         loader = DataLoader(
-            EpochIndexed(self.train_set),
-            batch_sampler=self.order,
+            EpochIndexed(dataset),
+            batch_sampler=order,
             num_workers=workers,
             pin_memory=self.env.device.type == "cuda",
             # Its own generator: creating the loader must not draw from the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(self.cfg.train.seed + self.env.rank),
+            generator=torch.Generator().manual_seed(seed + self.env.rank),
             worker_init_fn=_ignore_sigint if workers else None,
             persistent_workers=workers > 0,
         )
