@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DATASETS, IMPORT_STRING
+from .data.base import MODES as DATA_MODES
 from .flow import FLOW_PROVIDERS, FLOWS
 from .metrics import TC_PROTOCOLS
 from .model.short_term import SHORT_TERM, resolve_short_term
@@ -51,8 +52,8 @@ class DataConfig:
     # Fraction of every video's frames, from its end, kept out of training and used as the validation
     # split instead of val_split (for datasets shipped without one, e.g. CamVid's train split alone).
     holdout: float | None = None
-    # vspw, synthetic: "full" or "sf" (only the first frame of each training video is a query, the others are
-    # unlabelled); the other built-in datasets: "full"
+    # "full" or "sf": only the first frame of each training video is a query, the others are unlabelled (read by
+    # vspw and synthetic; the other datasets have their own labelled frames)
     mode: str = "full"
     crop_size: Any = field(default_factory=lambda: [479, 479])  # int or [H, W]
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
@@ -271,11 +272,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.dataset must be one of {tuple(DATASETS)} or 'package.module:ClassName', got {data.dataset!r}"
         )
-    if data.dataset in DATASETS and data.mode not in DATASETS[data.dataset].MODES:
-        raise ConfigError(
-            f"data.mode must be one of {DATASETS[data.dataset].MODES} for data.dataset {data.dataset!r}, "
-            f"got {data.mode!r}"
-        )
+    if data.mode not in DATA_MODES:
+        raise ConfigError(f"data.mode must be one of {DATA_MODES}, got {data.mode!r}")
     crop_size(cfg)
     _pair(data.synthetic.size, "data.synthetic.size")
     if len(data.scale_range) != 2 or not 0 < data.scale_range[0] <= data.scale_range[1]:
@@ -363,11 +361,10 @@ def require_unlabeled_frames(cfg: DictConfig, needed_by: str) -> None:
     their unlabelled clips are built (:func:`ssltm.build.build_unlabeled_dataset`)."""
     data = cfg.data
     if data.dataset in DATASETS and DATASETS[data.dataset].unlabeled_frames(cfg) is False:
-        modes = DATASETS[data.dataset].MODES
-        hint = "data.mode 'sf'" if "sf" in modes else "a dataset with unlabelled frames"
         raise ConfigError(
             f"{needed_by} needs unlabelled training frames, which data.dataset {data.dataset!r} with data.mode "
-            f"{data.mode!r} has none of (every frame is a labelled query): use {hint}"
+            f"{data.mode!r} has none of (every frame is a labelled query): use data.mode 'sf' (vspw, synthetic) "
+            "or a dataset with unlabelled frames (cityscapes, folder)"
         )
 
 

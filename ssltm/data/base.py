@@ -21,6 +21,9 @@ from .transforms import IGNORE_INDEX, eval_transform, photometric_distortion
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
+# data.mode: every labelled frame of a training video is a query, or only its first ("sf", VSPW-SF; the datasets
+# that read the mode: VSPW and the synthetic videos).
+MODES = ("full", "sf")
 # Splits scored with the paper's inference: their clips default to the farthest frame as the reference.
 EVAL_SPLITS = ("val", "test")
 
@@ -77,8 +80,6 @@ class ClipDataset(Dataset):
     METAINFO: ClassVar[dict[str, Sequence]] = {}
     # A model-side flow provider of ssltm.flow (e.g. DisFlowProvider()): set, samples carry "flow".
     flow_provider: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # data.mode values the class reads (config validation refuses the others for the built-in datasets).
-    MODES: ClassVar[tuple[str, ...]] = ("full",)
     # The colour distortion of "reference_strong": uint8 RGB (H, W, 3) and a torch.Generator in, uint8 out.
     photometric: Callable[[np.ndarray, torch.Generator], np.ndarray] = staticmethod(photometric_distortion)
 

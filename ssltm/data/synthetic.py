@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import ClipDataset, Transform
+from .base import MODES, ClipDataset, Transform
 
-MODES = ("full", "sf")
 _TILE = 32  # side of each class's repeating noise texture (a power of two: wrapping is a bit mask)
 _ELLIPSE, _RECTANGLE, _DIAMOND = 0, 1, 2
 
@@ -61,8 +60,6 @@ class SyntheticVideos(ClipDataset):
     are ``"synthetic_<v>"``, frame ids ``"<t>"`` (zero-padded to 5 digits).
     """
 
-    MODES = MODES
-
     def __init__(
         self,
         num_videos: int = 8,
@@ -87,8 +84,8 @@ class SyntheticVideos(ClipDataset):
             seed=seed,
             strong_reference=strong_reference,
         )
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         if min(num_videos, num_frames, height, width) < 1:
             raise ValueError(

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import SplitClipDataset, Transform, VideoFiles, config_root, index_lut, read_split_file, require_dir
+from .base import MODES, SplitClipDataset, Transform, VideoFiles, config_root, index_lut, read_split_file, require_dir
 
 SPLITS = ("train", "val", "test")
-MODES = ("full", "sf")
 NUM_CLASSES = 124
 # VSPW ships its class names as {"others": 0, "wall": 1, ...}: raw id k is class k - 1.
 CLASS_FILE = "label_num_dic_final.json"
@@ -43,7 +42,6 @@ class VSPW(SplitClipDataset):
     one (:class:`~ssltm.data.UnlabeledClips`), masks or not.
     """
 
-    MODES = MODES
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k - 1 for k in range(1, NUM_CLASSES + 1)})
 
