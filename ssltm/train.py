@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
+from .build import DatasetInfo, build_dataset, build_model, build_unlabeled_dataset, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
 from .evaluate import evaluate, results_json, results_table
@@ -264,6 +264,13 @@ class Trainer:
         self.module = model  # the bare model (its state_dict, predict)
         # the model and its objectives (train.objectives), built on the device after the SyncBatchNorm conversion
         self.train_step = TrainStep(model, build_objectives(cfg, model))
+        needs = self.train_step.needs
+        # "reference_strong" on the labelled clips and the unlabelled ones (drawn from each sample's own seed).
+        self.train_set.strong_reference = "strong" in needs
+        # The training split's unlabelled clips, when an objective reads them (batch["unlabeled"]).
+        self.unlabeled_set: Dataset | None = (
+            build_unlabeled_dataset(cfg, strong_reference="strong" in needs) if "unlabeled" in needs else None
+        )
         if env.distributed:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(self.train_step, device_ids=device_ids)
@@ -277,8 +284,6 @@ class Trainer:
         self.state = _State()
         self.rng_to_restore = None
         self.val_results = None
-        # The training split's UnlabeledClips (build.build_unlabeled_dataset) when an objective reads them.
-        self.unlabeled_set: Dataset | None = None
         self.resumed_from = None if resume is None else Path(resume)
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
@@ -410,7 +415,11 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
-        return self._clip_loader(self.train_set, self.order, self.cfg.train.seed)
+        """The training micro-batches; with :attr:`unlabeled_set`, each carries the unlabelled micro-batch drawn
+        with it as ``"unlabeled"`` (:meth:`_unlabeled_loader`)."""
+        batches = self._clip_loader(self.train_set, self.order, self.cfg.train.seed)
+        unlabeled = self._unlabeled_loader()
+        return batches if unlabeled is None else _with_unlabeled(batches, unlabeled)
 
     def _unlabeled_loader(self) -> Iterator[dict[str, Any]] | None:
         """The unlabelled micro-batches, one per labelled micro-batch (None without :attr:`unlabeled_set`): a
@@ -654,6 +663,12 @@ class Trainer:
                 self.board.add_scalar(f"loss/{key}", value, it)
             self.board.add_scalar("train/lr", step.lr, it)
             self.board.add_scalar("train/it_per_s", 1 / per_step, it)  # over the log interval
+
+
+def _with_unlabeled(batches: Iterator[dict[str, Any]], unlabeled: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        batch["unlabeled"] = next(unlabeled)
+        yield batch
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -25,10 +25,16 @@ from ssltm.data import (
     train_transform,
 )
 from ssltm.distributed import DistEnv
+from ssltm.objectives import OBJECTIVES, Objective
 from ssltm.runlog import RunLog
 from ssltm.train import UNLABELED_SEED_OFFSET, ClipOrder, Trainer
 
 FRAMES = 6
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("SSLTM_BACKEND", "reference")
 
 
 def synthetic(mode: str = "sf", **kwargs) -> SyntheticVideos:
@@ -283,6 +289,44 @@ def test_unlabeled_micro_batches_in_lockstep_and_on_resume(tmp_path):
     trainer.cfg.train.batch_size = n + 1
     with pytest.raises(ConfigError, match=f"is more than the {n} unlabelled training clips"):
         trainer._unlabeled_loader()
+
+
+class Probe(Objective):
+    """Reads unlabelled clips and strong references; records the micro-batches it sees, adds nothing."""
+
+    name = "probe"
+    terms = ("probe",)
+    needs = frozenset({"unlabeled", "strong"})
+    seen: list[dict] = []
+
+    def forward(self, model, batch, out, step):
+        Probe.seen.append(batch)
+        return {"probe": out["losses"]["total"].detach() * 0}
+
+
+def test_objectives_needing_unlabelled_clips_get_them_in_each_micro_batch(tmp_path, monkeypatch):
+    monkeypatch.setitem(OBJECTIVES, "probe", Probe)
+    monkeypatch.setattr(Probe, "seen", [])
+    settings = [*TINY, "data.mode=sf", "train.batch_size=2", "train.grad_accum=2", "train.max_iters=1"]
+    settings += ["train.objectives=[probe]", "train.validate=false", f"work_dir={tmp_path / 'run'}"]
+    cfg = load_config(config_file(tmp_path), settings)
+    with RunLog(True) as run_log:
+        trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")), run_log=run_log)
+        trainer.run()
+    assert len(Probe.seen) == 2  # 1 iteration of 2 micro-batches
+    trainer.state.iteration = 0
+    expected = trainer._unlabeled_loader()
+    for batch in Probe.seen:
+        assert batch["labeled"].all() and batch["reference_strong"].shape == batch["reference"].shape
+        unlabeled = batch["unlabeled"]
+        assert not unlabeled["labeled"].any() and "reference_strong" in unlabeled
+        assert _same(unlabeled, next(expected))  # the unlabelled stream, in lockstep
+    cfg = load_config(config_file(tmp_path), [*settings[:-1], f"work_dir={tmp_path / 'full'}", "data.mode=full"])
+    with (
+        pytest.raises(ConfigError, match="needs unlabelled training frames.*data.dataset 'synthetic'"),
+        RunLog(True) as log,
+    ):
+        Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")), run_log=log)
 
 
 def _same(a: dict, b: dict) -> bool:
