@@ -62,7 +62,12 @@ def dataset_info(cfg: DictConfig) -> DatasetInfo:
 
 
 def build_dataset(
-    cfg: DictConfig, split: str, train: bool, labels: bool = True, strong_reference: bool = False
+    cfg: DictConfig,
+    split: str,
+    train: bool,
+    labels: bool = True,
+    strong_reference: bool = False,
+    strong_frames: bool = False,
 ) -> tuple[D.ClipDataset, list[int]]:
     """The clips of ``split`` and the indices of the ones to use.
 
@@ -73,7 +78,8 @@ def build_dataset(
     ``"val"`` (the last ``data.synthetic.val_videos`` videos). ``labels=False``: every frame of the split is a
     query and no label is read (prediction of a split without labels). ``data.flow_in_loader``: samples carry
     ``"flow"`` (OpenCV DIS, :class:`~ssltm.flow.DisFlowProvider`). ``strong_reference``: samples carry
-    ``"reference_strong"`` (see :class:`~ssltm.data.ClipDataset`).
+    ``"reference_strong"``; ``strong_frames``: ``"frames_strong"`` and ``"reference_strong"``, one distortion of the
+    whole clip (see :class:`~ssltm.data.ClipDataset`).
 
     Raises:
         ConfigError: split ``"holdout"`` without ``data.holdout``, or ``data.holdout`` on a dataset that is not
@@ -92,6 +98,7 @@ def build_dataset(
         "transform": transform,
         "labels": labels,
         **({"strong_reference": True} if strong_reference else {}),
+        **({"strong_frames": True} if strong_frames else {}),
     }
     if split == HOLDOUT:
         if data.holdout is None:
@@ -106,15 +113,19 @@ def build_dataset(
     return dataset, list(range(len(dataset)))
 
 
-def build_unlabeled_dataset(cfg: DictConfig, strong_reference: bool = False) -> D.UnlabeledClips:
+def build_unlabeled_dataset(
+    cfg: DictConfig, strong_reference: bool = False, strong_frames: bool = False
+) -> D.UnlabeledClips:
     """The unlabelled clips of the training split (:class:`~ssltm.data.UnlabeledClips` of :func:`build_dataset`'s
-    training set: the same augmentation, held-out frames left out), with ``"reference_strong"`` when asked.
+    training set: the same augmentation, held-out frames left out), with the strong views asked for.
 
     Raises:
         ConfigError: naming ``data.dataset`` and ``data.mode``, the training split has no unlabelled frames.
     """
     require_unlabeled_frames(cfg, "unlabelled clips")
-    dataset, _ = build_dataset(cfg, cfg.data.train_split, train=True, strong_reference=strong_reference)
+    dataset, _ = build_dataset(
+        cfg, cfg.data.train_split, train=True, strong_reference=strong_reference, strong_frames=strong_frames
+    )
     try:
         return D.UnlabeledClips(dataset)
     except ValueError as err:

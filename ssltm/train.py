@@ -265,12 +265,15 @@ class Trainer:
         # the model and its objectives (train.objectives), built on the device after the SyncBatchNorm conversion
         self.train_step = TrainStep(model, build_objectives(cfg, model))
         needs = self.train_step.needs
-        # "reference_strong" on the labelled clips and the unlabelled ones (drawn from each sample's own seed).
+        # "strong": "reference_strong" on the labelled clips and the unlabelled ones; "strong_frames": "frames_strong"
+        # and "reference_strong" on the unlabelled ones (each drawn from its sample's own seed).
         self.train_set.strong_reference = "strong" in needs
         # The training split's unlabelled clips, when an objective reads them (batch["unlabeled"]).
-        self.unlabeled_set: Dataset | None = (
-            build_unlabeled_dataset(cfg, strong_reference="strong" in needs) if "unlabeled" in needs else None
-        )
+        self.unlabeled_set: Dataset | None = None
+        if "unlabeled" in needs:
+            self.unlabeled_set = build_unlabeled_dataset(
+                cfg, strong_reference="strong" in needs, strong_frames="strong_frames" in needs
+            )
         if env.distributed:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(self.train_step, device_ids=device_ids)

@@ -173,12 +173,36 @@ def test_strong_reference_has_the_references_geometry():
     assert "reference_strong" in UnlabeledClips(strong_dataset(mode="sf"))[0]
 
 
+def test_strong_frames_are_one_distortion_of_the_whole_clip():
+    calls = []
+
+    def invert(images, generator):
+        calls.append(images.shape)
+        return 255 - images
+
+    dataset = synthetic("sf", strong_frames=True)  # no resize: the pixels stay the decoded ones
+    dataset.photometric = invert
+    sample = UnlabeledClips(dataset)[2]
+    assert calls == [(4, 32, 32, 3)]  # the query, 2 adjacent frames and the reference: one call
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    for key in ("frames", "reference"):
+        plain, strong = sample[key] * std + mean, sample[f"{key}_strong"] * std + mean
+        torch.testing.assert_close(strong, 1 - plain, atol=1e-5, rtol=0)
+    augmented = synthetic("sf", transform=train_transform(24, (0.75, 1.5)), strong_frames=True)
+    augmented.photometric = functools.partial(photometric_distortion, p=0.0)
+    for i in (0, 5):
+        sample = UnlabeledClips(augmented)[i]
+        assert torch.equal(sample["frames_strong"], sample["frames"])
+        assert torch.equal(sample["reference_strong"], sample["reference"])
+
+
 def test_build_dataset_strong_reference(tmp_path):
     cfg = load_config(config_file(tmp_path), [*TINY, "data.mode=sf"])
     dataset, _ = build_dataset(cfg, "train", train=True, strong_reference=True)
     assert dataset.strong_reference and "reference_strong" in dataset[0]
     assert "reference_strong" not in build_dataset(cfg, "train", train=True)[0][0]
     assert "reference_strong" in build_unlabeled_dataset(cfg, strong_reference=True)[0]
+    assert {"frames_strong", "reference_strong"} <= build_unlabeled_dataset(cfg, strong_frames=True)[0].keys()
 
 
 def small_image() -> np.ndarray:
@@ -296,7 +320,7 @@ class Probe(Objective):
 
     name = "probe"
     terms = ("probe",)
-    needs = frozenset({"unlabeled", "strong"})
+    needs = frozenset({"unlabeled", "strong", "strong_frames"})
     seen: list[dict] = []
 
     def forward(self, model, batch, out, step):
@@ -319,7 +343,8 @@ def test_objectives_needing_unlabelled_clips_get_them_in_each_micro_batch(tmp_pa
     for batch in Probe.seen:
         assert batch["labeled"].all() and batch["reference_strong"].shape == batch["reference"].shape
         unlabeled = batch["unlabeled"]
-        assert not unlabeled["labeled"].any() and "reference_strong" in unlabeled
+        assert not unlabeled["labeled"].any() and "frames_strong" not in batch
+        assert unlabeled["frames_strong"].shape == unlabeled["frames"].shape and "reference_strong" in unlabeled
         assert _same(unlabeled, next(expected))  # the unlabelled stream, in lockstep
     cfg = load_config(config_file(tmp_path), [*settings[:-1], f"work_dir={tmp_path / 'full'}", "data.mode=full"])
     with (

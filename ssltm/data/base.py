@@ -49,6 +49,8 @@ class ClipDataset(Dataset):
     - ``"labeled"``: bool, True (False for the unlabelled clips of :class:`~ssltm.data.UnlabeledClips`);
     - ``"reference_strong"``, with ``strong_reference=True``: float32 ``(3, H, W)``, the reference with
       :func:`~ssltm.data.transforms.photometric_distortion` (colour only: the geometry of ``"reference"``);
+    - ``"frames_strong"``, with ``strong_frames=True``: float32 ``(1+n, 3, H, W)``, the frames with the distortion
+      of ``"reference_strong"`` (one draw for the whole clip, reference included);
     - ``"flow"``, with :attr:`flow_provider` set: float32 ``(n, 2, H, W)``, the optical flow from the query
       to each adjacent frame, computed on the transformed frames (pixels, x then y; see :mod:`ssltm.flow`).
 
@@ -74,13 +76,15 @@ class ClipDataset(Dataset):
             of the sample's own (seeded from ``(seed, epoch, i)`` like the rest), applied to the decoded uint8
             reference before ``transform``, which then gives it the reference's scale, crop and flip (the colour
             steps are per pixel: they commute with crop and flip, and nearly with the scaling's interpolation).
+        strong_frames: samples also carry ``"frames_strong"`` and ``"reference_strong"``: one such distortion of
+            all the frames and the reference (Mean Teacher's student input).
     """
 
     num_classes: int
     METAINFO: ClassVar[dict[str, Sequence]] = {}
     # A model-side flow provider of ssltm.flow (e.g. DisFlowProvider()): set, samples carry "flow".
     flow_provider: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # The colour distortion of "reference_strong": uint8 RGB (H, W, 3) and a torch.Generator in, uint8 out.
+    # The colour distortion of the strong views: uint8 RGB (..., H, W, 3) and a torch.Generator in, uint8 out.
     photometric: Callable[[np.ndarray, torch.Generator], np.ndarray] = staticmethod(photometric_distortion)
 
     @classmethod
@@ -102,7 +106,7 @@ class ClipDataset(Dataset):
         """The dataset of ``split`` for the run config ``cfg``: by default
         ``cls(cfg.data.root, split, seed=cfg.train.seed, **common)``, the constructor of
         :class:`SplitClipDataset` (``common``: ``offsets``, ``reference``, ``transform``, and
-        ``strong_reference`` when asked for), with ``labels=False``
+        ``strong_reference`` / ``strong_frames`` when asked for), with ``labels=False``
         added when asked for a split to predict without labels (every frame a query, none read as a label).
 
         Raises:
@@ -127,9 +131,10 @@ class ClipDataset(Dataset):
         transform: Transform | None = None,
         seed: int | None = None,
         strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         self.sampler = ClipSampler(tuple(offsets), causal, reference)
-        self.strong_reference = bool(strong_reference)
+        self.strong_reference, self.strong_frames = bool(strong_reference), bool(strong_frames)
         self.transform = eval_transform() if transform is None else transform
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -219,10 +224,14 @@ class ClipDataset(Dataset):
             "reference": tv_tensors.Image(torch.from_numpy(ref).permute(2, 0, 1).contiguous()),
             "label": tv_tensors.Mask(torch.from_numpy(label)),
         }
-        if self.strong_reference:
+        if self.strong_reference or self.strong_frames:
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(2**62, ())) if strong_seed is None else strong_seed)
-            strong = self.photometric(ref, generator)
+            # One draw: the frames (strong_frames) and the reference, stacked, get the same distortion.
+            strong = self.photometric(np.stack([*frames, ref]) if self.strong_frames else ref, generator)
+            if self.strong_frames:
+                clip["frames_strong"] = tv_tensors.Video(torch.from_numpy(strong[:-1]).permute(0, 3, 1, 2).contiguous())
+                strong = strong[-1]
             clip["reference_strong"] = tv_tensors.Image(torch.from_numpy(strong).permute(2, 0, 1).contiguous())
         out = self.transform(clip)
         sample = {
@@ -233,10 +242,11 @@ class ClipDataset(Dataset):
             "frame": self.frame_id(video, query),
             "labeled": labeled,
         }
-        if self.strong_reference:
-            if "reference_strong" not in out:
-                raise KeyError("strong_reference: the transform dropped 'reference_strong' (it must keep every key)")
-            sample["reference_strong"] = out["reference_strong"].as_subclass(torch.Tensor)
+        for key in ("frames_strong", "reference_strong"):
+            if key in clip:
+                if key not in out:
+                    raise KeyError(f"the transform dropped {key!r} (it must return every key it is given)")
+                sample[key] = out[key].as_subclass(torch.Tensor)
         if self.flow_provider is not None:
             frames = sample["frames"]
             sample["flow"] = self.flow_provider(frames[:1].expand(len(frames) - 1, -1, -1, -1), frames[1:])
@@ -292,7 +302,7 @@ class SplitClipDataset(FileClipDataset):
         root: the release's folder.
         split: the split's name.
         reference: as in :class:`ClipDataset`; by default :func:`default_reference` of ``split``.
-        offsets, causal, transform, seed, strong_reference: see :class:`ClipDataset`.
+        offsets, causal, transform, seed, strong_reference, strong_frames: see :class:`ClipDataset`.
         labels: ``False`` lists every frame of every video as a query and reads no labels (a split to
             predict, e.g. a test split shipped without them); ``_scan`` reads it as ``self.labels``.
     """
@@ -308,6 +318,7 @@ class SplitClipDataset(FileClipDataset):
         seed: int | None = None,
         labels: bool = True,
         strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         super().__init__(
             offsets=offsets,
@@ -316,6 +327,7 @@ class SplitClipDataset(FileClipDataset):
             transform=transform,
             seed=seed,
             strong_reference=strong_reference,
+            strong_frames=strong_frames,
         )
         self.root, self.split, self.labels = Path(root), split, labels
         self._scan()

@@ -53,7 +53,7 @@ class SyntheticVideos(ClipDataset):
         query_videos: the videos whose frames are the samples (default: all); the others still exist (a
             split of one seed's videos keeps every class's appearance).
         mode: ``"full"`` or ``"sf"`` (see above).
-        offsets, causal, reference, transform, strong_reference: see :class:`~ssltm.data.ClipDataset`.
+        offsets, causal, reference, transform, strong_reference, strong_frames: see :class:`~ssltm.data.ClipDataset`.
 
     Samples as in :class:`~ssltm.data.ClipDataset`; labels are exact class ids in
     ``0..num_classes-1`` (no ignored pixels, except padding added by a transform). Video names
@@ -75,6 +75,7 @@ class SyntheticVideos(ClipDataset):
         transform: Transform | None = None,
         mode: str = "full",
         strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         super().__init__(
             offsets=offsets,
@@ -83,6 +84,7 @@ class SyntheticVideos(ClipDataset):
             transform=transform,
             seed=seed,
             strong_reference=strong_reference,
+            strong_frames=strong_frames,
         )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -19,7 +19,7 @@ class UnlabeledClips(Dataset):
 
     The queries are :meth:`ClipDataset.unlabeled_queries` (video by video, in temporal order); adjacent and
     reference frames are chosen by the dataset's sampler as for its labelled clips, and its transform (so its
-    crop, flip and, with ``strong_reference``, ``"reference_strong"``) applies to them the same way. The label
+    crop, flip and strong views) applies to them the same way. The label
     is all 255 (ignore), made before the transform (padding and crop keep it 255), and ``"labeled"`` is False;
     the other keys are those of a labelled sample. With an int ``seed`` on ``dataset``, sample ``i`` is a
     function of ``(seed, epoch, i)`` alone (a stream of its own: not the labelled sample ``i``'s draws);

@@ -32,7 +32,7 @@ class VSPW(SplitClipDataset):
             in both versions, so ``mode`` changes only the train split.
         reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
-        offsets, causal, transform, seed, strong_reference: see :class:`~ssltm.data.ClipDataset`.
+        offsets, causal, transform, seed, strong_reference, strong_frames: see :class:`~ssltm.data.ClipDataset`.
         labels: ``False`` reads no masks and makes every frame a query (predicting the test split).
 
     Class names: from ``label_num_dic_final.json`` of the release, ``class_<k>`` without it.
@@ -57,9 +57,12 @@ class VSPW(SplitClipDataset):
         seed: int | None = None,
         labels: bool = True,
         strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         self.mode = mode
-        super().__init__(root, split, offsets, causal, reference, transform, seed, labels, strong_reference)
+        super().__init__(
+            root, split, offsets, causal, reference, transform, seed, labels, strong_reference, strong_frames
+        )
 
     @classmethod
     def unlabeled_frames(cls, cfg: Any) -> bool:
