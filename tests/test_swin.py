@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +19,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from ssltm import SSLTM
+from ssltm.checkpoint import state_dict_mismatches
 from ssltm.config import ConfigError, load_config
-from ssltm.model.backbone import BACKBONES, ResNetTrunk, SwinTrunk, build_trunk, pretrained_source
+from ssltm.model.backbone import (
+    BACKBONES,
+    ResNetTrunk,
+    SwinTrunk,
+    build_trunk,
+    pretrained_source,
+    swin_from_microsoft,
+)
 
+ROOT = Path(__file__).resolve().parent.parent
 K = 5
 SIZE = (97, 131)  # odd sides: the padding and every rounding matter
 # swin_s's classifier (768 -> 1000) and final LayerNorm(768), which the trunk drops, and its four out-norms
@@ -263,3 +274,73 @@ def test_config_accepts_swin_s_and_names_a_bad_backbone():
     assert load_config(None, ["model.backbone=swin_s"]).model.backbone == "swin_s"
     with pytest.raises(ConfigError, match=r"model\.backbone must be one of .*'swin_s'\), got 'swin_b'"):
         load_config(None, ["model.backbone=swin_b"])
+
+
+# ------------------------------------------------------------------------------- Microsoft's checkpoint
+def microsoft_swin_s(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A state dict in the layout of Microsoft's ``swin_small_patch4_window7_224.pth`` (its SwinTransformer at
+    224 x 224: patch_embed, layers.i.blocks.j with mlp.fc1/fc2 and (49, 49) position indices, the shifted blocks'
+    attention masks where the stage is larger than a window, layers.i.downsample, norm, head), random values."""
+    coords = torch.stack(torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + 6
+    index = relative[..., 0] * 13 + relative[..., 1]  # Microsoft's relative_position_index, (49, 49)
+    shapes: dict[str, tuple[int, ...]] = {"patch_embed.proj.weight": (96, 3, 4, 4), "patch_embed.proj.bias": (96,)}
+    shapes |= {"patch_embed.norm.weight": (96,), "patch_embed.norm.bias": (96,)}
+    state = {}
+    for i, (depth, heads) in enumerate(zip((2, 2, 18, 2), (3, 6, 12, 24), strict=True)):
+        dim, side = 96 * 2**i, 56 // 2**i
+        for j in range(depth):
+            block = f"layers.{i}.blocks.{j}."
+            shapes |= {block + k: (dim,) for k in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")}
+            shapes |= {block + "attn.relative_position_bias_table": (169, heads)}
+            shapes |= {block + "attn.qkv.weight": (3 * dim, dim), block + "attn.qkv.bias": (3 * dim,)}
+            shapes |= {block + "attn.proj.weight": (dim, dim), block + "attn.proj.bias": (dim,)}
+            shapes |= {block + "mlp.fc1.weight": (4 * dim, dim), block + "mlp.fc1.bias": (4 * dim,)}
+            shapes |= {block + "mlp.fc2.weight": (dim, 4 * dim), block + "mlp.fc2.bias": (dim,)}
+            state[block + "attn.relative_position_index"] = index
+            if j % 2 and side > 7:
+                state[block + "attn_mask"] = torch.zeros((side // 7) ** 2, 49, 49)
+        if i < 3:
+            shapes |= {f"layers.{i}.downsample.reduction.weight": (2 * dim, 4 * dim)}
+            shapes |= {f"layers.{i}.downsample.norm.weight": (4 * dim,), f"layers.{i}.downsample.norm.bias": (4 * dim,)}
+    shapes |= {"norm.weight": (768,), "norm.bias": (768,), "head.weight": (1000, 768), "head.bias": (1000,)}
+    return state | {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
+
+
+def test_microsoft_checkpoint_converts_to_torchvisions_swin_s(swin_file, tmp_path):
+    ms = microsoft_swin_s(torch.Generator().manual_seed(0))
+    converted = swin_from_microsoft({"model": ms})
+    theirs = swin_file[0].state_dict()
+    assert state_dict_mismatches(theirs, converted) == []
+    # the same position index (torchvision's own buffer), every tensor where it belongs
+    for key in (k for k in theirs if k.endswith("relative_position_index")):
+        assert torch.equal(converted[key], theirs[key]), key
+    pairs = {
+        "features.0.0.weight": "patch_embed.proj.weight",
+        "features.0.2.bias": "patch_embed.norm.bias",
+        "features.1.1.attn.qkv.weight": "layers.0.blocks.1.attn.qkv.weight",
+        "features.5.17.mlp.0.weight": "layers.2.blocks.17.mlp.fc1.weight",
+        "features.7.1.mlp.3.bias": "layers.3.blocks.1.mlp.fc2.bias",
+        "features.6.reduction.weight": "layers.2.downsample.reduction.weight",
+        "features.2.norm.weight": "layers.0.downsample.norm.weight",
+        "features.3.0.attn.relative_position_bias_table": "layers.1.blocks.0.attn.relative_position_bias_table",
+        "head.weight": "head.weight",
+    }
+    assert all(converted[ours] is ms[theirs] for ours, theirs in pairs.items())
+    # each of Microsoft's parameters once (its 11 attention masks dropped, its 24 position indices flattened)
+    kept = [id(v) for k, v in converted.items() if not k.endswith("index")]
+    assert sorted(kept) == sorted(id(v) for k, v in ms.items() if not k.endswith(("index", "attn_mask")))
+    assert sum(k.endswith("attn_mask") for k in ms) == 11 and sum(k.endswith("index") for k in converted) == 24
+
+    # the script writes a file the trunk's loader accepts; a file of another layout is refused, naming the key
+    convert = runpy.run_path(str(ROOT / "scripts" / "convert_swin_weights.py"))["main"]
+    source, out = tmp_path / "swin_small_patch4_window7_224.pth", tmp_path / "swin_s-microsoft.pth"
+    torch.save({"model": ms}, source)
+    assert convert([str(source), str(out)]) == 0
+    assert state_dict_mismatches(theirs, torch.load(out, weights_only=True)) == []
+    mmseg = "backbone.stages.0.blocks.0.attn.w_msa.qkv.weight"  # mmsegmentation's layout
+    with pytest.raises(ValueError, match=rf"'{re.escape(mmseg)}' is not a key of Microsoft's Swin"):
+        swin_from_microsoft({mmseg: torch.zeros(1)})
+    torch.save({k: v for k, v in ms.items() if not k.startswith("head.")}, source)
+    with pytest.raises(SystemExit):
+        convert([str(source), str(out)])

@@ -223,6 +223,43 @@ def load_torchvision_model(
     return model, PretrainedSource(os.fspath(path), digest.hexdigest(), named[1] if named else None)
 
 
+def swin_from_microsoft(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Microsoft's Swin checkpoint (``swin_small_patch4_window7_224.pth``, ``{"model": state dict}``, or the
+    state dict itself) with torchvision's key names, a state dict ``SwinTrunk(pretrained=...)`` loads
+    (``scripts/convert_swin_weights.py`` writes it to a file).
+
+    The layers are the same (the qkv layout, the relative position table and index, the order of the four
+    neighbours a patch merging concatenates); only names and two buffers differ: ``patch_embed.proj/norm`` ->
+    ``features.0.0/0.2``, ``layers.i.blocks.j`` -> ``features.{2i+1}.j`` (``mlp.fc1/fc2`` -> ``mlp.0/mlp.3``),
+    ``layers.i.downsample`` -> ``features.{2i+2}``, ``norm`` and ``head`` as they are; ``relative_position_index``
+    (49, 49) is flattened to torchvision's (2401,), and the shifted blocks' ``attn_mask`` buffers (for 224 x 224
+    inputs; torchvision builds the mask for each input size) are dropped. A key of another layout is a
+    ValueError naming it.
+    """
+    state = state.get("model", state)
+    converted = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"Microsoft's Swin state dict holds tensors only, got {type(value).__name__} at {key!r}")
+        if key.endswith(".attn_mask"):
+            continue
+        block = re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.(.+)", key)
+        merging = re.fullmatch(r"layers\.(\d+)\.downsample\.(.+)", key)
+        if block:
+            rest = block[3].replace("mlp.fc1.", "mlp.0.").replace("mlp.fc2.", "mlp.3.")
+            name = f"features.{2 * int(block[1]) + 1}.{block[2]}.{rest}"
+        elif merging:
+            name = f"features.{2 * int(merging[1]) + 2}.{merging[2]}"
+        elif key.startswith(("patch_embed.proj.", "patch_embed.norm.")):
+            name = key.replace("patch_embed.proj.", "features.0.0.").replace("patch_embed.norm.", "features.0.2.")
+        elif key.startswith(("norm.", "head.")):
+            name = key
+        else:
+            raise ValueError(f"{key!r} is not a key of Microsoft's Swin (patch_embed, layers, norm, head)")
+        converted[name] = value.flatten() if key.endswith(".relative_position_index") else value
+    return converted
+
+
 def pretrained_source(model: nn.Module) -> PretrainedSource | None:
     """Where the ImageNet weights of ``model``'s trunk came from (``None``: none loaded)."""
     return next((m.pretrained_source for m in model.modules() if isinstance(m, (ResNetTrunk, SwinTrunk))), None)
