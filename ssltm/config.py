@@ -20,6 +20,7 @@ from .data import DATASETS, IMPORT_STRING
 from .data.base import MODES as DATA_MODES
 from .flow import FLOW_PROVIDERS, FLOWS
 from .metrics import TC_PROTOCOLS
+from .model.backbone import BACKBONES
 from .model.short_term import SHORT_TERM, resolve_short_term
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -109,8 +110,8 @@ class CFFMConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet101"
-    pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
+    backbone: str = "resnet101"  # one of BACKBONES: resnet18|resnet50|resnet101|swin_s
+    pretrained: str | None = None  # local torchvision ImageNet checkpoint (state dict) of the backbone
     # The short-term module, one of SHORT_TERM; null: "stt" unless use_stt is false ("none").
     short_term: str | None = None
     use_stt: bool | None = None  # the older switch: true is short_term "stt", false "none"
@@ -298,6 +299,8 @@ def validate(cfg: DictConfig) -> None:
             f"data.synthetic.val_videos must be in 1..num_videos-1 = 1..{synthetic.num_videos - 1}, "
             f"got {synthetic.val_videos}"
         )
+    if model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {model.backbone!r}")
     if model.context not in ("reference", "query"):
         raise ConfigError(f"model.context must be 'reference' or 'query', got {model.context!r}")
     if model.flow not in FLOW_PROVIDERS:
