@@ -14,14 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_cli import TINY
+from test_cli import TINY, config_file, log_records, train_cli
 from torch.nn.parallel import DistributedDataParallel
 
+from ssltm import build
 from ssltm.build import build_model, model_from_checkpoint
-from ssltm.checkpoint import load_weights
+from ssltm.checkpoint import load_checkpoint, load_weights
+from ssltm.cli import main
 from ssltm.config import ConfigError, config_differences, load_config
+from ssltm.infer import load_predictor
 from ssltm.objectives import MeanTeacher, TrainStep, build_objectives
 from ssltm.objectives.mean_teacher import consistency_loss, consistency_rampup, ema_update
+from ssltm.train import train
 
 K = 6  # the synthetic videos' classes
 SIZE = 32
@@ -293,3 +297,45 @@ def test_table7_config():
     }
     differ = config_differences(base, cfg)
     assert differ == ["train.objectives", "work_dir"]
+
+
+# ---------------------------------------------------------------------------------- data and the whole run
+def test_mean_teacher_needs_unlabelled_frames(tmp_path):
+    for overrides in (["data.mode=full"], ["data.dataset=camvid"], ["data.dataset=vspw", "data.mode=full"]):
+        with pytest.raises(ConfigError, match=r"train.objectives 'mean_teacher' needs unlabelled training frames"):
+            mt_config(*overrides)
+    with pytest.raises(ConfigError, match=r"data.dataset 'vspw' with data.mode 'full'"):
+        mt_config("data.dataset=vspw", "data.mode=full")
+
+
+def test_training_run_checkpoints_and_evaluates_the_teacher(tmp_path, monkeypatch):
+    """ssltm train with mean_teacher logs the consistency term and checkpoints the teacher; ssltm eval and
+    load_predictor load the teacher's weights (not the student's; the student with eval_model student); resuming a
+    mean_teacher run from a checkpoint without a teacher names the file."""
+    work = tmp_path / "run"
+    common = [*MT, "train.batch_size=2", "train.validate=false"]
+    assert train_cli(tmp_path, work, *common, "train.max_iters=2", "train.mean_teacher.rampup_iters=0") == 0
+    ckpt = load_checkpoint(work / "latest.pt")
+    assert ckpt["teacher_updates"] == 2 and ckpt["teacher"].keys() == ckpt["model"].keys()
+    for r in (r for r in log_records(work) if "total" in r):
+        assert r["consistency"] > 0
+        assert r["total"] == pytest.approx(r["sup"] + r["mse"] + 0.5 * r["aux"] + r["consistency"], rel=1e-4)
+    loaded = []
+    real = build.model_from_checkpoint
+    monkeypatch.setattr(build, "model_from_checkpoint", lambda *a: loaded.append(real(*a)) or loaded[-1])
+    args = ["eval", config_file(tmp_path), "--set", *TINY, "eval.tc=false", "eval.mvc=[]"]
+    assert main([*args, "--checkpoint", str(work / "latest.pt")]) == 0
+    # ssltm infer / export / load_predictor: load_model, the same place; the student on request
+    student = load_predictor(work / "latest.pt", "cpu", overrides=["train.mean_teacher.eval_model=student"]).model
+    inferred = load_predictor(work / "latest.pt", "cpu").model
+    for state in (loaded[0].state_dict(), inferred.state_dict()):
+        assert all(torch.equal(state[k], v) for k, v in ckpt["teacher"].items())
+        assert not all(torch.equal(state[k], v) for k, v in ckpt["model"].items())
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in ckpt["model"].items())
+    # a plain run's checkpoint: resuming it with mean_teacher is an error naming the file
+    plain = tmp_path / "plain"
+    assert train_cli(tmp_path, plain, "train.batch_size=2", "train.validate=false", "train.max_iters=1") == 0
+    with pytest.raises(ValueError, match=rf"checkpoint {plain / 'latest.pt'} has no Mean Teacher state"):
+        train(
+            load_config(None, [*TINY, *common, "train.max_iters=2", f"work_dir={tmp_path / 'r'}"]), plain / "latest.pt"
+        )

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..checkpoint import load_weights
-from ..config import MEAN_TEACHER_CONSISTENCY, MEAN_TEACHER_EVAL_MODELS, ConfigError
+from ..config import MEAN_TEACHER_CONSISTENCY, MEAN_TEACHER_EVAL_MODELS, ConfigError, require_unlabeled_frames
 from ..data.transforms import IGNORE_INDEX
 from ..model.heads import cross_entropy
 from .base import Objective
@@ -149,6 +149,7 @@ class MeanTeacher(Objective):
             raise ConfigError(
                 f"train.mean_teacher.eval_model must be one of {MEAN_TEACHER_EVAL_MODELS}, got {mt.eval_model!r}"
             )
+        require_unlabeled_frames(cfg, "train.objectives 'mean_teacher'")
 
     def forward(self, model: nn.Module, batch: dict[str, Any], out: dict[str, Any], step: int) -> dict[str, Any]:
         clip = batch["unlabeled"]
