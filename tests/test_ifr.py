@@ -6,6 +6,7 @@ prototypes, the per-image path of the per-frame model, the unlabelled terms and 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from ssltm.model.neck import resize
 from ssltm.objectives import IFR, TrainStep, build_objectives, check_objectives
 from ssltm.objectives.ifr import prototypes, rampup, reconstruct
 
+ROOT = Path(__file__).resolve().parent.parent
 K = 5
 SIZE = (32, 48)
 
@@ -222,3 +224,16 @@ def test_config_errors(overrides, match):
 def test_configs_without_unlabelled_terms_pass():
     cfg = cfg_of("train.objectives=[ifr]", "data.mode=full", "train.ifr.unlabeled=false")
     assert check_objectives(cfg) == [IFR]
+
+
+def test_table5_config_is_the_image_baseline_with_ifr():
+    path = ROOT / "configs" / "table5" / "ifr.yaml"
+    header = path.read_text().splitlines()[:5]
+    assert "SSLTM Table 5, IFR 36.26 mIoU / 83.05 mVC8" in header[0]
+    assert any("PSPNet stride-8 features are replaced by the baseline's stride-4 phi_seg" in line for line in header)
+    cfg, baseline = load_config(path), load_config(ROOT / "configs" / "table5" / "upernet.yaml")
+    assert cfg.data == baseline.data and cfg.model == baseline.model
+    assert list(cfg.train.objectives) == ["ifr"] and check_objectives(cfg) == [IFR]
+    assert cfg.train.ifr == load_config(None).train.ifr  # the defaults, spelled out
+    cfg.train.objectives, cfg.work_dir = baseline.train.objectives, baseline.work_dir
+    assert cfg.train == baseline.train and cfg == baseline
