@@ -127,8 +127,10 @@ def test_segment_images_is_the_all_frames_path():
     torch.testing.assert_close(resize(logits, SIZE), out["frame_logits"].flatten(0, 1))
     with pytest.raises(ValueError, match=r"images must be a float tensor \(N, 3, H, W\)"):
         model.segment_images(frames)
-    with pytest.raises(ValueError, match="segment_images segments each image on its own: short_term 'stt'"):
+    with pytest.raises(ValueError, match="on its own, but short_term 'stt' reads adjacent frames"):
         SSLTM(K, **{**TINY, "use_rfce": False, "use_gcc": False}).segment_images(images(1, 0))
+    with pytest.raises(ValueError, match="on its own, but use_rfce=True with context='reference' reads a reference"):
+        SSLTM(K, **{**TINY, "short_term": "none", "use_gcc": False}).segment_images(images(1, 0))
 
 
 def expected_views(model: SSLTM, query_features, batch, target, strong_classes: bool = False):

@@ -375,10 +375,12 @@ class SSLTM(nn.Module):
         pre-classifier map ``(N, head_channels, H/4, W/4)``, every image a one-frame clip of its own in one
         batched pass (the path of :meth:`forward`'s ``all_frames``)."""
         if self.short_term_module.uses_adjacent or self.uses_reference:
-            raise ValueError(
-                f"segment_images segments each image on its own: short_term {self.short_term!r} reads adjacent "
-                "frames or use_rfce=True with context='reference' reads a reference frame (use a per-frame model)"
+            reads = (
+                f"short_term {self.short_term!r} reads adjacent frames"
+                if self.short_term_module.uses_adjacent
+                else "use_rfce=True with context='reference' reads a reference frame"
             )
+            raise ValueError(f"segment_images segments each image on its own, but {reads} (use a per-frame model)")
         if (
             not isinstance(images, torch.Tensor)
             or images.dim() != 4
