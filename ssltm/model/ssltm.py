@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import ResNetTrunk
+from .backbone import build_trunk
 from .heads import SegHead, cross_entropy, present_classes
 from .neck import FPNNeck, fuse_levels, resize
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
@@ -17,7 +17,7 @@ from .short_term import NUM_LEVELS, ShortTermModule, build_short_term, resolve_s
 
 CONTEXTS = ("reference", "query")
 FlowProvider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (src, dst) (N, 3, H, W) -> (N, 2, H, W)
-MIN_SIZE = 32  # the smallest input side: the ResNet's total stride (the stride-32 level is then at least 1x1)
+MIN_SIZE = 32  # the smallest input side: the trunk's total stride (the stride-32 level is then at least 1x1)
 
 
 class SSLTM(nn.Module):
@@ -33,7 +33,7 @@ class SSLTM(nn.Module):
     ``flow (B, n, 2, H, W)`` float32 (query -> each adjacent frame), or computes it with the flow provider
     attached by :meth:`set_flow_provider`.
 
-    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet + UperNet's
+    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet or Swin-S + UperNet's
     PPM and FPN, one batch) and a per-stride projection to the STT dims; STT blocks over the stacked clip
     give the query frame's ``F_q^st`` at stride 4 (its four levels upsampled and concatenated); the shared
     OCR module turns ``F_q^st`` and the reference's features into category representations; multi-head
@@ -52,7 +52,8 @@ class SSLTM(nn.Module):
 
     Args (the paper's settings, or UperNet's where SSLTM builds on it):
         num_classes: K (VSPW 124, Cityscapes 19).
-        backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"`` (torchvision's classes).
+        backbone: ``"resnet18"``, ``"resnet50"``, ``"resnet101"`` or ``"swin_s"`` (torchvision's classes;
+            :func:`~ssltm.model.backbone.build_trunk`).
         fpn_dim: FPN channels (256, the paper's).
         stt_dims: channels of the four STT blocks, strides 4, 8, 16, 32 (32, 64, 128, 256).
         window_size: 3D W-MSA window ``(t, h, w)`` (4, 7, 7).
@@ -66,7 +67,7 @@ class SSLTM(nn.Module):
             ``short_term``: True is ``"stt"``, False ``"none"``.
         context: ``"reference"`` (RFCE) or ``"query"`` (QFCE, supplementary §2.6: the query frame's own
             categories replace the reference's; no reference frame needed).
-        pretrained: local path to a torchvision ImageNet checkpoint of the ResNet (loaded as is).
+        pretrained: local path to a torchvision ImageNet checkpoint of the backbone (loaded as is).
 
     The short-term module (keyword-only; README "Short-term modules"):
         short_term: one of ``SHORT_TERM`` (:mod:`ssltm.model.short_term`): ``"stt"`` (the default unless
@@ -168,7 +169,7 @@ class SSLTM(nn.Module):
         self.context, self.reference_stt = context, reference_stt
         self.flow_provider: FlowProvider | None = None  # a plain attribute: outside the state_dict
 
-        self.backbone = ResNetTrunk(backbone, pretrained, checkpointing)
+        self.backbone = build_trunk(backbone, pretrained, checkpointing)
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
         args = dict(short_term_args or {})
         if self.short_term == "stt":
