@@ -239,3 +239,20 @@ def test_table5_config_is_the_image_baseline_with_ifr():
     assert cfg.train.ifr == load_config(None).train.ifr  # the defaults, spelled out
     cfg.train.objectives, cfg.work_dir = baseline.train.objectives, baseline.work_dir
     assert cfg.train == baseline.train and cfg == baseline
+
+
+def test_training_run_with_ifr_on_synthetic_sf(tmp_path):
+    """``ssltm train`` with ``train.objectives=[ifr]`` on VSPW-SF-like synthetic videos: every logged step holds
+    the four IFR terms (the unlabelled ones from the trainer's unlabelled clips), positive and finite, in ``total``."""
+    from test_cli import log_records, train_cli
+
+    work = tmp_path / "run"
+    per_frame = ["data.mode=sf", "data.offsets=[]", "model.short_term=none", "model.use_rfce=false"]
+    run = ["train.objectives=[ifr]", "train.ifr.rampup_iters=0", "train.max_iters=2", "train.batch_size=2"]
+    assert train_cli(tmp_path, work, *per_frame, "model.use_gcc=false", *run, "train.validate=false") == 0
+    steps = [r for r in log_records(work) if "total" in r]
+    assert len(steps) == 2
+    for step in steps:
+        terms = [step[k] for k in ("ifr_l", "ifr_l_strong", "ifr_u", "ifr_u_strong")]
+        assert all(0 < t < math.inf for t in terms)
+        assert step["total"] == pytest.approx(step["sup"] + sum(terms), rel=1e-4)

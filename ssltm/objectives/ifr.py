@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from ..config import ConfigError, short_term
+from ..config import ConfigError, require_unlabeled_frames, short_term
 from ..model.heads import cross_entropy
 from ..model.neck import resize
 from .base import Objective
@@ -129,7 +129,7 @@ class IFR(Objective):
         if section.rampup_iters < 0:
             raise ConfigError(f"train.ifr.rampup_iters must be >= 0, got {section.rampup_iters}")
         if section.unlabeled:
-            _require_unlabeled_frames(cfg)
+            require_unlabeled_frames(cfg, "train.ifr.unlabeled: true")
 
     def forward(self, model: nn.Module, batch: dict[str, Any], out: dict[str, Any], step: int) -> dict[str, Any]:
         ramp = rampup(step, self.rampup_iters)
@@ -176,13 +176,3 @@ def _get(batch: dict[str, Any], key: str, where: str) -> Any:
     if key not in batch:
         raise ValueError(f"train.objectives 'ifr' reads {key!r}, which {where} lacks (keys: {sorted(batch)})")
     return batch[key]
-
-
-def _require_unlabeled_frames(cfg: DictConfig) -> None:
-    data = cfg.data
-    if data.dataset == "camvid" or (data.dataset in ("vspw", "synthetic") and data.mode == "full"):
-        raise ConfigError(
-            f"train.ifr.unlabeled needs unlabelled training frames, which data.dataset {data.dataset!r} with "
-            f"data.mode {data.mode!r} has none of: use data.mode 'sf' (vspw, synthetic), a dataset with unlabelled "
-            "frames, or train.ifr.unlabeled false"
-        )
