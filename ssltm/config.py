@@ -159,6 +159,22 @@ class MeanTeacherConfig:
 
 
 @dataclass
+class IFRConfig:
+    """``train.ifr`` (:class:`~ssltm.objectives.IFR`, Zhuang et al., CVPR 2022)."""
+
+    # "batch": class c's prototype is the mean of the reference features predicted c over the whole micro-batch
+    # (the public code's mask), "image": over the image's own reference only
+    prototype_scope: str = "batch"
+    unlabeled: bool = True  # the terms on unlabelled clips (needs unlabelled training frames)
+    temperature: float = 0.5  # of the softmax over the cosine similarities to the prototypes
+    logit_scale: float = 0.01  # the reconstructed features' logits are divided by it
+    labeled_weight: float = 0.01
+    unlabeled_weight: float = 0.001
+    strong_weight: float = 0.1  # of the strong view's terms, relative to the weak view's
+    rampup_iters: int = 4000  # r(t) = exp(-5 (1 - min(t, R) / R)^2); 0: r = 1
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 8  # clips per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step and process
@@ -185,6 +201,7 @@ class TrainConfig:
     # training objectives beyond the model's losses (ssltm.objectives.OBJECTIVES), each with its section below
     objectives: list[str] = field(default_factory=list)
     temporal_loss: TemporalLossConfig = field(default_factory=TemporalLossConfig)
+    ifr: IFRConfig = field(default_factory=IFRConfig)
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
 
 

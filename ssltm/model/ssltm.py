@@ -345,14 +345,16 @@ class SSLTM(nn.Module):
         reference_categories = self.reference_context([x[n:] for x in levels]) if self.uses_reference else None
         if all_frames:  # every frame a one-frame clip of its own, with its video's reference
             per_frame = clip_frames.shape[1]
-            clip = [x[:n, None] for x in levels]
             if reference_categories is not None:
                 reference_categories = reference_categories.repeat_interleave(per_frame, dim=0)
+            seg_logits, aux_logits, categories, features = self._segment_levels(
+                [x[:n] for x in levels], reference_categories
+            )
         else:
             per_frame = 1
             clip = [x[:n].unflatten(0, (b, -1)) for x in levels]
-        st = self._short_term(clip, frames if module.needs_images or module.needs_flow else None, flow)
-        seg_logits, aux_logits, categories, features = self._heads(st, reference_categories)
+            st = self._short_term(clip, frames if module.needs_images or module.needs_flow else None, flow)
+            seg_logits, aux_logits, categories, features = self._heads(st, reference_categories)
         frame_logits = resize(seg_logits, (h, w)).unflatten(0, (b, per_frame))
         out = {"logits": frame_logits[:, 0]}
         if all_frames:
@@ -367,6 +369,36 @@ class SSLTM(nn.Module):
                 categories = None if categories is None else categories[::per_frame]
             out["losses"] = self._losses(out["logits"], aux_logits, categories, labels.long())
         return out
+
+    def segment_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-frame model (short-term module that reads the query only, no reference frame) on single images:
+        ``(N, 3, H, W)`` -> logits ``(N, K, H/4, W/4)`` (before the resize to the input size) and ``phi_seg``'s
+        pre-classifier map ``(N, head_channels, H/4, W/4)``, every image a one-frame clip of its own in one
+        batched pass (the path of :meth:`forward`'s ``all_frames``)."""
+        if self.short_term_module.uses_adjacent or self.uses_reference:
+            reads = (
+                f"short_term {self.short_term!r} reads adjacent frames"
+                if self.short_term_module.uses_adjacent
+                else "use_rfce=True with context='reference' reads a reference frame"
+            )
+            raise ValueError(f"segment_images segments each image on its own, but {reads} (use a per-frame model)")
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.dim() != 4
+            or images.shape[1] != 3
+            or images.shape[0] == 0
+            or not images.is_floating_point()
+        ):
+            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else images
+            raise ValueError(f"images must be a float tensor (N, 3, H, W), got {got}")
+        if min(images.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got shape {tuple(images.shape)}")
+        logits, _, _, features = self._segment_levels(self.encode(images))
+        return logits, features
+
+    def _segment_levels(self, levels: Sequence[torch.Tensor], reference_categories: torch.Tensor | None = None):
+        """Encoded images ``[(N, h_i, w_i, d_i)]``, each a one-frame clip -> :meth:`_heads`' outputs."""
+        return self._heads(self._short_term([x[:, None] for x in levels]), reference_categories)
 
     def _losses(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -10,6 +11,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 NEEDS = ("flow", "unlabeled", "strong", "strong_frames")  # what an objective can ask of the data
+
+
+def rampup(step: int, length: int) -> float:
+    """``r(t) = exp(-5 (1 - min(t, R) / R)^2)`` for ``R = length`` (1 when ``length`` is 0): the sigmoid-shaped
+    ramp-up of Laine & Aila / Mean Teacher, from ``exp(-5)`` at ``t = 0`` to 1 from ``t = R`` on."""
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(step, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
 
 
 class Objective:

@@ -4,7 +4,6 @@ clips: the ``mean_teacher`` objective of SSLTM's Table 7 (SSLTM + Mean Teacher).
 from __future__ import annotations
 
 import copy
-import math
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -18,19 +17,10 @@ from ..checkpoint import load_weights
 from ..config import MEAN_TEACHER_CONSISTENCY, MEAN_TEACHER_EVAL_MODELS, ConfigError, require_unlabeled_frames
 from ..data.transforms import IGNORE_INDEX
 from ..model.heads import cross_entropy
-from .base import Objective
+from .base import Objective, rampup
 
 TEACHER_KEY = "teacher"  # the training checkpoint's entry of the teacher's state_dict
 UPDATES_KEY = "teacher_updates"  # ... and of the number of EMA updates it has had
-
-
-def consistency_rampup(step: int, length: int) -> float:
-    """Mean Teacher's ramp-up of the consistency weight, ``exp(-5 (1 - min(t, R) / R)^2)`` at iteration ``t``
-    (0-based) for ``R = length``: ``exp(-5)`` at ``t = 0``, 1 from ``t = R`` on (1 throughout for ``R = 0``)."""
-    if length <= 0:
-        return 1.0
-    x = 1.0 - min(step, length) / length
-    return math.exp(-5.0 * x * x)
 
 
 def consistency_loss(
@@ -100,7 +90,7 @@ class MeanTeacher(Objective):
     - Student: the same clip with one photometric distortion on all its frames and its reference
       (``"frames_strong"``, ``"reference_strong"``: :func:`~ssltm.data.transforms.photometric_distortion`). Its
       losses on the clip (all-ignore labels: 0 with a zero gradient) are not added.
-    - ``J = weight * r(t) * consistency``, :func:`consistency_rampup` ``r`` over ``rampup_iters`` and
+    - ``J = weight * r(t) * consistency``, :func:`~ssltm.objectives.base.rampup` ``r`` over ``rampup_iters`` and
       :func:`consistency_loss` of ``consistency`` (``mse`` or ``ce`` with ``confidence``), on the final logits.
     - EMA (:func:`ema_update`) after the optimizer applied 0-based iteration ``t``: decay ``alpha_rampup`` for
       ``t < rampup_iters``, then ``alpha`` (so the teacher after ``n`` iterations has had updates ``t = 0..n-1``).
@@ -159,7 +149,7 @@ class MeanTeacher(Objective):
             target = self.teacher(clip["frames"], clip["reference"], None, flow)["logits"]
         student = model(clip["frames_strong"], clip["reference_strong"], clip["label"], flow)["logits"]
         loss = consistency_loss(student, target, self.consistency, self.confidence)
-        return {"consistency": self.weight * consistency_rampup(step, self.rampup_iters) * loss}
+        return {"consistency": self.weight * rampup(step, self.rampup_iters) * loss}
 
     def decay(self, step: int) -> float:
         """The EMA decay of the update after iteration ``step`` (0-based)."""
