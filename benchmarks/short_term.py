@@ -47,10 +47,7 @@ micro-benchmarks on 12x12 maps of 32 channels. Its times show that every case ru
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +56,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.ssltm_model import positive_int
+from benchmarks.train_steps import DTYPES, guarded, median_ms
 from ssltm import SSLTM
 from ssltm.flow import make_flow_provider
 from ssltm.model.cffm import NUM_FRAMES, NUM_KEYS, SEGMENTS, WINDOW, cffm_keys
@@ -131,26 +129,6 @@ TINY = Setup(
     micro_channels={"cffm_keys": 32, "sparse_tt_gather": 32},
 )
 SETUP_ONLY = ("tiny", "model", "short_term_args", "micro_size", "micro_channels")  # not in a case's record
-DTYPES = {"bf16": torch.bfloat16, "fp32": None}  # autocast dtype; None: full precision
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
-    """Median milliseconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones, each synchronized."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def module_args(setup: Setup, case: Case) -> dict | None:
@@ -235,20 +213,6 @@ def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.de
         return {"step_ms": step_ms, "peak_mib": peak, "flow_ms_per_pair": flow_ms, "params": params}
 
     return guarded(record, figures, device)
-
-
-def guarded(record: dict, figures: Callable[[], dict], device: torch.device) -> dict:
-    """``record`` with the ``figures()`` it measured, or marked failed with why (out of memory, an error)."""
-    try:
-        return {**record, **figures()}
-    except torch.cuda.OutOfMemoryError:
-        return {**record, "status": "failed", "reason": "out of memory"}
-    except (RuntimeError, ValueError) as err:
-        return {**record, "status": "failed", "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-    finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def micro_work(name: str, setup: Setup, device: torch.device) -> tuple[dict, Callable[[], tuple[torch.Tensor, ...]]]:

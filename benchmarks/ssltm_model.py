@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -151,26 +151,40 @@ def fp32_reference(model: SSLTM, inputs, train: bool) -> harness.Exact:
     return harness.Exact(run, grads=False)
 
 
+def streaming_step(
+    model: SSLTM,
+    offsets: Sequence[int],
+    size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], torch.Tensor]:
+    """``VideoPredictor(model, offsets).step`` on one random ``(3, *size)`` frame under ``context()`` and autocast to
+    ``dtype`` (None or float32: none), its cache filled first (steady state: one new frame, one backbone pass
+    per call)."""
+    frame = torch.randn(3, *size, generator=torch.Generator(device=device).manual_seed(1), device=device)
+    predictor = VideoPredictor(model, offsets)
+
+    def step() -> torch.Tensor:
+        with context(), autocast(device, dtype or torch.float32):
+            return predictor.step(frame)
+
+    for _ in range(max(offsets, default=0) + 1):
+        step()
+    return step
+
+
 def stream_providers(names: Sequence[str], model: SSLTM, setup: Setup, device, dtype) -> dict[str, harness.Impl]:
-    """``VideoPredictor.step`` per provider, its cache filled first (steady state: one new frame per call)."""
-    frame = torch.randn(3, *setup.stream_size, generator=torch.Generator(device=device).manual_seed(1), device=device)
-    providers = {}
-    for name in names:
-        predictor = VideoPredictor(model, OFFSETS)
-
-        def step(predictor=predictor, name=name) -> torch.Tensor:
-            with backend(name), autocast(device, dtype):
-                return predictor.step(frame)
-
-        for _ in range(max(OFFSETS) + 1):
-            step()
-        providers[name] = harness.Impl(
-            step,
+    """``VideoPredictor.step`` per provider (:func:`streaming_step`)."""
+    return {
+        name: harness.Impl(
+            streaming_step(model, OFFSETS, setup.stream_size, device, dtype, lambda name=name: backend(name)),
             modes=("fwd",),
             reason="inference has no backward",
             note="items/s = frames/s; max|err| = fraction of pixels with another class",
         )
-    return providers
+        for name in names
+    }
 
 
 def class_agreement(name: str, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
