@@ -11,7 +11,7 @@ test:
 test-gpu:
 	python -m pytest -m gpu
 
-# everything a lent GPU machine should prove, in one run of at most 8 minutes: offline install, environment,
+# everything a lent GPU machine should prove, in one run of at most 9.5 minutes: offline install, environment,
 # the gpu_quick tests, every benchmark quick, wmsa_decide quick, the model, the CUDA extension built in the
 # background (scripts/gpu_check.sh; results and summary.md under $OUT, else benchmarks/results/)
 gpu-check:

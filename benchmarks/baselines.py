@@ -243,7 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-trunks", action="store_true", help="leave the Swin-S / ResNet-101 trunk comparison out")
     p.add_argument("--steps", type=positive_int, help="timed steps per config (default 10, --quick 2, CPU 1)")
     p.add_argument("--warmup", type=positive_int, help="untimed steps first (default 3, --quick and CPU 1)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU runs: torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU runs: torch threads (default 1)")
     harness.output_arguments(p, BENCHMARK, cpu_help="run the tiny CPU case even when a GPU is present")
     return p.parse_args(argv)
 

@@ -170,7 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raft-weights", type=Path, help="local raft_large state dict file for the temporal_loss_raft case")
     p.add_argument("--steps", type=positive_int, help="timed steps per case (default 10, --quick 2, CPU 1)")
     p.add_argument("--warmup", type=positive_int, help="untimed steps first (default 3, --quick and CPU 1)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU runs: torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU runs: torch threads (default 1)")
     harness.output_arguments(p, BENCHMARK, cpu_help="run the tiny CPU case even when a GPU is present")
     args = p.parse_args(argv)
     if args.raft_weights is not None and not args.raft_weights.is_file():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should prove, in one time-boxed run of at most 8 minutes on an H100/H200
+# Everything a lent GPU machine should prove, in one time-boxed run of at most 9.5 minutes on an H100/H200
 # (offline install and compiles included):
 #
 #   scripts/gpu_check.sh              on the GPU machine (python3 there holds torch; nothing is downloaded)
@@ -18,8 +18,15 @@
 #            activation checkpointing off and on (benchmarks/train_memory.py); Table 5's short-term modules
 #            (benchmarks/short_term.py --quick: baseline, STT, NetWarp with DIS and RAFT flow, ST-OCR, and
 #            the CFFM and Sparse-TT token assembly alone; the RAFT case only with GPU_CHECK_RAFT_WEIGHTS, else
-#            skipped). The full run, with the CFFM and Sparse-TT training steps, is a second call:
+#            skipped); the compared systems' training objectives (benchmarks/objectives.py --quick: step time,
+#            peak memory and Mean Teacher's EMA update of the baseline, Temporal Loss with DIS and RAFT flow, IFR,
+#            SSLTM, SSLTM + Mean Teacher) and configs (benchmarks/baselines.py --quick: a few compared configs'
+#            step, memory and streaming frames/s; the Swin-S and ResNet-101 trunks alone). The full runs (the
+#            CFFM and Sparse-TT training steps; 10 timed steps per objective; every compared config) are second
+#            calls, each under its own limit (5 and 8 minutes for the last two):
 #            python benchmarks/short_term.py --results-dir "$OUT" [--raft-weights PATH]
+#            python benchmarks/objectives.py --results-dir "$OUT" [--raft-weights PATH]
+#            python benchmarks/baselines.py --results-dir "$OUT"
 #   f        the CUDA extension, built in the background from the start (MAX_JOBS=16, into a separate build
 #            folder): the `gpu_quick` tests of the CUDA backends, then its timings
 # Results go to $OUT when it is set, else benchmarks/results/: gpu_check.jsonl (every JSON line of the run),
@@ -30,8 +37,8 @@
 # commit to report where the tree is no git checkout), GPU_CHECK_FAIL_STAGE (a stage id: its steps fail
 # without running, to test that the later stages still run), GPU_CHECK_TIMEOUT_SCALE (multiplies every time
 # limit; default 1, 3 when rehearsing), GPU_CHECK_WORKERS (pytest-xdist workers; default 12, 2 rehearsing),
-# GPU_CHECK_RAFT_WEIGHTS (a local raft_large state dict file for stage e's NetWarp-RAFT case; nothing is
-# downloaded).
+# GPU_CHECK_RAFT_WEIGHTS (a local raft_large state dict file for stage e's NetWarp-RAFT and Temporal Loss-RAFT
+# cases; nothing is downloaded).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,9 +64,9 @@ WORKERS=${GPU_CHECK_WORKERS:-$((REHEARSE ? 2 : 12))}
 for number in "$SCALE" "$WORKERS"; do
   [[ $number =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check.sh: GPU_CHECK_TIMEOUT_SCALE and GPU_CHECK_WORKERS must be positive integers" >&2; exit 2; }
 done
-# seconds for all stages (the summary follows): the steps' limits before f sum to 465 s, so that f has 10 s at
+# seconds for all stages (the summary follows): the steps' limits before f sum to 535 s, so that f has 10 s at
 # least, and more when the stages before it end early
-BUDGET=$((475 * SCALE))
+BUDGET=$((545 * SCALE))
 
 RESULTS=${OUT:-$ROOT/benchmarks/results}
 mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd) || exit 2
@@ -247,16 +254,21 @@ if [ "$REHEARSE" = 1 ]; then
   MODEL_ARGS="--size 48"
   MEMORY_ARGS="--backbone resnet18 --crop 48 --batch 1 --classes 5"
   SHORT_TERM_ARGS=(--cases baseline,netwarp_dis,netwarp_raft)  # the tiny CPU case: flow, skip and summary paths
+  OBJECTIVES_ARGS=(--cases baseline,temporal_loss_raft,mean_teacher)  # a step, a skip, the EMA update
+  BASELINES_ARGS=(--configs table5/upernet,table7/ssltm_mt --no-trunks)  # a plain config, one with an objective
 else
   MODEL_ARGS="--backbone resnet101 --size 479"
   MEMORY_ARGS="--backbone resnet101 --crop 479 --batch 2 --amp bf16"
   SHORT_TERM_ARGS=(--quick)
+  OBJECTIVES_ARGS=(--quick)
+  BASELINES_ARGS=(--quick)
 fi
 if [ -n "${GPU_CHECK_RAFT_WEIGHTS:-}" ]; then
   if [ -f "$GPU_CHECK_RAFT_WEIGHTS" ]; then
     SHORT_TERM_ARGS+=(--raft-weights "$GPU_CHECK_RAFT_WEIGHTS")
+    OBJECTIVES_ARGS+=(--raft-weights "$GPU_CHECK_RAFT_WEIGHTS")
   else
-    say "GPU_CHECK_RAFT_WEIGHTS: no file at $GPU_CHECK_RAFT_WEIGHTS: the NetWarp-RAFT case is skipped"
+    say "GPU_CHECK_RAFT_WEIGHTS: no file at $GPU_CHECK_RAFT_WEIGHTS: the RAFT cases are skipped"
   fi
 fi
 # shellcheck disable=SC2086
@@ -266,6 +278,8 @@ step e "ssltm_model" "$(limit 60)" "$PY" benchmarks/ssltm_model.py --quick --cas
 step e "train_memory" "$(limit 60)" "$PY" benchmarks/train_memory.py --checkpointing off,on $MEMORY_ARGS \
   --results-dir "$BENCH_RESULTS"
 step e "short_term" "$(limit 30)" "$PY" benchmarks/short_term.py "${SHORT_TERM_ARGS[@]}" --results-dir "$BENCH_RESULTS"
+step e "objectives" "$(limit 30)" "$PY" benchmarks/objectives.py "${OBJECTIVES_ARGS[@]}" --results-dir "$BENCH_RESULTS"
+step e "baselines" "$(limit 40)" "$PY" benchmarks/baselines.py "${BASELINES_ARGS[@]}" --results-dir "$BENCH_RESULTS"
 
 # ------------------------------------------------------------------------------ f: the CUDA extension
 if [ "$REHEARSE" = 1 ]; then

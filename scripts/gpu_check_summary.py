@@ -2,8 +2,9 @@
 duration, the tests that failed, every performance target of every benchmark with PASS / FAIL / n/a / not
 run and its figure (judged again here, by each benchmark's own ``evaluate_targets``, on the run's JSON
 lines), the fwd+bwd times of every provider, what ``wmsa_decide.py`` found, the training step's peak
-memory per setting (``train_memory.py``) and each short-term module's training step and token assembly
-(``short_term.py``).
+memory per setting (``train_memory.py``), each short-term module's training step and token assembly
+(``short_term.py``), each training objective's step and EMA update (``objectives.py``) and each compared config's
+step and streaming frames/s with the trunks alone (``baselines.py``).
 
     python scripts/gpu_check_summary.py --stages STAGES.tsv --log gpu_check.log --results gpu_check.jsonl
         --env env.txt --commit SHA --mode gpu|rehearsal --seconds N --budget N --out summary.md
@@ -31,7 +32,7 @@ STAGES = {
     "b": "correctness: gpu_quick tests, Triton backends",
     "c": "op benchmarks, quick",
     "d": "wmsa_decide.py, quick",
-    "e": "model: ResNet-101 training step, streaming, training memory, short-term modules",
+    "e": "model: ResNet-101 training step, streaming, training memory, short-term modules, objectives, baselines",
     "f": "CUDA extension: build, gpu_quick tests, timings",
 }
 TIMEOUT_CODES = {"124", "137"}
@@ -265,6 +266,61 @@ def short_term_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def _figures(r: dict, *extra: tuple[str, str]) -> str:
+    """A step record's figures: its fwd+bwd median, peak memory and each ``(key, text)`` of ``extra`` it holds
+    (``text`` formats the value)."""
+    figures = [f"{r['step_ms']:.1f} ms fwd+bwd (median of {r.get('steps')})"]
+    if r.get("peak_mib") is not None:
+        figures.append(f"{r['peak_mib']:.0f} MiB peak")
+    figures += [text.format(r[key]) for key, text in extra if r.get(key) is not None]
+    return ", ".join(figures)
+
+
+def _where(r: dict) -> str:
+    return f"{r.get('gpu') or r.get('device')}{' (tiny)' if r.get('tiny') else ''}"
+
+
+def _not_ok(r: dict) -> str | None:
+    """``STATUS reason`` of a record without figures, else None."""
+    if r.get("status") == "ok":
+        return None
+    return f"{str(r.get('status')).upper()} {(r.get('reason') or '')[:120]}".rstrip()
+
+
+def objectives_lines(records: list[dict]) -> list[str]:
+    """What objectives.py measured: one line per case (fwd+bwd, peak memory, the EMA update, or why none)."""
+    lines = []
+    for r in (r for r in records if r.get("benchmark") == "objectives" and "case" in r):
+        flow = f", flow {r['flow']}" if r.get("flow") else ""
+        setting = (
+            f"- {r['case']} ({', '.join(r.get('objectives') or []) or 'no objective'}{flow}): {r.get('backbone')} "
+            f"{r.get('size')}x{r.get('size')}, B={r.get('batch')}, {r.get('dtype')} on {_where(r)}"
+        )
+        lines.append(f"{setting}: {_not_ok(r) or _figures(r, ('ema_ms', 'EMA update {:.2f} ms'))}")
+    return lines
+
+
+def baselines_lines(records: list[dict]) -> list[str]:
+    """What baselines.py measured: one line per config (fwd+bwd, peak memory, streaming frames/s, or why none),
+    then one per trunk."""
+    lines = []
+    for r in (r for r in records if r.get("benchmark") == "baselines" and "config" in r):
+        if r.get("backbone") is None:  # the config did not load
+            lines.append(f"- {r['config']}: {_not_ok(r)}")
+            continue
+        objectives = f" + {', '.join(r['objectives'])}" if r.get("objectives") else ""
+        setting = (
+            f"- {r['config']} ({r.get('backbone')} {r.get('decoder')} {r.get('short_term')}{objectives}): "
+            f"{r.get('size')}x{r.get('size')}, B={r.get('batch')}, {r.get('dtype')} on {_where(r)}"
+        )
+        stream = "{:.1f} frames/s streaming " + "x".join(map(str, r.get("stream_size") or []))
+        lines.append(f"{setting}: {_not_ok(r) or _figures(r, ('stream_fps', stream))}")
+    for r in (r for r in records if r.get("benchmark") == "baselines" and "trunk" in r):
+        setting = f"- trunk {r['trunk']} alone: {r.get('size')}x{r.get('size')}, B={r.get('batch')}, {r.get('dtype')}"
+        lines.append(f"{setting} on {_where(r)}: {_not_ok(r) or _figures(r, ('params', '{:,} parameters'))}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- summary
 def summarize(args: argparse.Namespace) -> str:
     steps = read_steps(args.stages, args.log)
@@ -334,6 +390,12 @@ def summarize(args: argparse.Namespace) -> str:
     modules = short_term_lines(records)
     if modules:
         out += ["", "## Short-term modules (training step, token assembly)", "", *modules]
+    objectives = objectives_lines(records)
+    if objectives:
+        out += ["", "## Training objectives (training step, EMA update)", "", *objectives]
+    baselines = baselines_lines(records)
+    if baselines:
+        out += ["", "## Compared configs (training step, streaming) and trunks", "", *baselines]
     text = "\n".join(out) + "\n"
     timings = timing_lines(records)
     if timings:

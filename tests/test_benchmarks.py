@@ -713,3 +713,72 @@ def test_short_term_refuses_a_missing_raft_weights_file(tmp_path):
     )
     assert proc.returncode == 2 and f"--raft-weights: no file at {tmp_path / 'raft.pth'}" in proc.stderr
     assert not (tmp_path / "short_term.jsonl").exists()
+
+
+# ------------------------------------------------------------------ training objectives, compared configs (tiny)
+def test_objectives_tiny_cpu_case(tmp_path):
+    """Every objective's case builds from its run config and takes its training step on the tiny CPU setup; RAFT
+    without weights is skipped with its reason; Mean Teacher's EMA update is timed; the objectives add no
+    parameters to the trained model."""
+    from benchmarks import objectives
+
+    proc, records = run_cpu_benchmark("objectives", results_dir=tmp_path, timeout=300)
+    assert "tiny CPU case: no GPU figures" in proc.stdout
+    assert [r["case"] for r in records] == list(objectives.CASES)
+    assert all(key in r for r in records for key in PROVENANCE[:-1])
+    assert all(r["benchmark"] == "objectives" and r["device"] == "cpu" and r["gpu"] is None for r in records)
+    assert all(
+        (r["tiny"], r["classes"], r["size"], r["batch"], r["dtype"]) == (True, 6, 48, 2, "fp32") for r in records
+    )
+    assert all(r["peak_mib"] is None and r["memory_measure"] is None for r in records)
+    by = {r["case"]: r for r in records}
+    raft = by.pop("temporal_loss_raft")
+    assert raft["status"] == "skipped" and "--raft-weights" in raft["reason"] and "never downloaded" in raft["reason"]
+    assert raft["step_ms"] is None and raft["ema_ms"] is None and raft["params"] is None
+    for name, r in by.items():
+        assert r["status"] == "ok" and r["reason"] is None, r
+        assert 0 < r["step_ms"] < 60_000 and (r["warmup"], r["steps"]) == (1, 1) and r["backbone"] == "resnet18", r
+        assert (r["ema_ms"] is not None) == (name == "mean_teacher"), r
+    assert 0 < by["mean_teacher"]["ema_ms"] < 10_000
+    assert {name: (r["objectives"], r["short_term"], r["frames"], r["flow"]) for name, r in by.items()} == {
+        "baseline": ([], "none", 1, None),
+        "temporal_loss_dis": (["temporal_loss"], "none", 2, "dis"),
+        "ifr": (["ifr"], "none", 1, None),
+        "ssltm": ([], "stt", 4, None),
+        "mean_teacher": (["mean_teacher"], "stt", 4, None),
+    }
+    assert by["ifr"]["backbone_passes"] == 6
+    params = {name: r["params"] for name, r in by.items()}
+    assert params["baseline"] == params["temporal_loss_dis"] == params["ifr"] > 11_000_000  # ResNet-18 at least
+    assert params["ssltm"] == params["mean_teacher"] > params["baseline"]  # the teacher is not trained
+
+
+def test_baselines_tiny_cpu_case(tmp_path):
+    """Compared configs load as a run loads them and take their training step and streaming steps on the tiny CPU
+    setup (Mean Teacher's passes included); a config that does not load is skipped with the reason; the Swin-S and
+    ResNet-101 trunks are timed alone."""
+    from benchmarks import baselines
+
+    chosen = ["table5/upernet", "table7/ssltm_mt", "table2/ocrnet"]
+    assert set(chosen) <= set(baselines.config_names())
+    proc, records = run_cpu_benchmark("baselines", "--configs", ",".join(chosen), results_dir=tmp_path, timeout=300)
+    assert "tiny CPU case: no GPU figures" in proc.stdout
+    assert [r.get("config") or r["trunk"] for r in records] == [*chosen, "swin_s", "resnet101"]
+    assert all(key in r for r in records for key in PROVENANCE[:-1])
+    assert all(r["benchmark"] == "baselines" and r["device"] == "cpu" and r["tiny"] is True for r in records)
+    assert all(r["peak_mib"] is None and (r["warmup"], r["steps"]) == (1, 1) for r in records)
+    by = {r.get("config") or r["trunk"]: r for r in records}
+    if not (ROOT / "configs" / "table2" / "ocrnet.yaml").is_file():
+        missing = by.pop("table2/ocrnet")
+        assert missing["status"] == "skipped" and "no config file configs/table2/ocrnet.yaml" in missing["reason"]
+        assert missing["step_ms"] is None and missing["stream_fps"] is None
+    for r in by.values():
+        assert r["status"] == "ok" and r["reason"] is None and 0 < r["step_ms"] < 60_000, r
+        assert r["params"] > 11_000_000, r
+    for name in set(by) & set(chosen):
+        assert by[name]["stream_size"] == [48, 64] and 0 < by[name]["stream_fps"] < 1e5, by[name]
+    assert (by["table5/upernet"]["backbone"], by["table5/upernet"]["short_term"]) == ("resnet18", "none")
+    assert by["table5/upernet"]["frames"] == 1 and by["table5/upernet"]["objectives"] == []
+    mt = by["table7/ssltm_mt"]
+    assert (mt["short_term"], mt["frames"], mt["objectives"]) == ("stt", 4, ["mean_teacher"])
+    assert by["swin_s"]["params"] != by["resnet101"]["params"]

@@ -185,7 +185,24 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         "batch": 2,
         "dtype": "bf16",
     }
+    step = {**short_term, "memory_measure": "torch.cuda.max_memory_allocated", "classes": 124, "steps": 2}
+    step.pop("backbone")
+    objectives = {**step, "benchmark": "objectives", "backbone": "resnet101", "status": "ok", "reason": None}
+    baselines = {**step, "benchmark": "baselines", "status": "ok", "reason": None, "stream_size": [480, 854]}
     records = [
+        {**objectives, "case": "temporal_loss_dis", "objectives": ["temporal_loss"], "flow": "dis", "frames": 2},
+        {**objectives, "case": "temporal_loss_raft", "objectives": None, "status": "skipped", "reason": "no --raft"},
+        {**objectives, "case": "mean_teacher", "objectives": ["mean_teacher"], "flow": None, "frames": 4},
+        {**baselines, "config": "table2/ocrnet", "status": "skipped", "reason": "does not load: no config file"},
+        {**baselines, "config": "table7/ssltm_mt", "backbone": "resnet101", "decoder": "upernet", "short_term": "stt"},
+        {**baselines, "config": "swin_s/upernet", "backbone": "swin_s", "decoder": "upernet", "short_term": "none"},
+        {**baselines, "trunk": "swin_s", "step_ms": 80.04, "peak_mib": 3000.2, "params": 48_838_000},
+    ]
+    records[0].update(step_ms=150.04, peak_mib=9000.4, ema_ms=None)
+    records[2].update(step_ms=900.44, peak_mib=30000.6, ema_ms=4.321)
+    records[4].update(objectives=["mean_teacher"], step_ms=901.0, peak_mib=30001.0, stream_fps=21.34)
+    records[5].update(objectives=[], status="failed", reason="out of memory")
+    records += [
         {**env, "provider": "eager", "ms": 1.0, "ms_p20": 1.0, "ms_p80": 1.0, "peak_mib": 10.0},
         {**env, "provider": "triton", "ms": 0.1, "ms_p20": 0.1, "ms_p80": 0.1, "correct": True},
         {**env, "provider": "cuda", "ms": 0.4, "ms_p20": 0.4, "ms_p80": 0.4, "correct": True},
@@ -232,6 +249,28 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         in summary
     )
     assert micro.format("sparse_tt_gather", 527, 1800, 1024) + " 80GB HBM3: FAILED out of memory" in summary
+    h100 = "B=2, bf16 on NVIDIA H100 80GB HBM3"
+    assert "## Training objectives (training step, EMA update)" in summary
+    assert (
+        f"- temporal_loss_dis (temporal_loss, flow dis): resnet101 479x479, {h100}: 150.0 ms fwd+bwd (median of 2), "
+        "9000 MiB peak\n" in summary
+    )
+    assert f"- temporal_loss_raft (no objective): resnet101 479x479, {h100}: SKIPPED no --raft\n" in summary
+    assert (
+        f"- mean_teacher (mean_teacher): resnet101 479x479, {h100}: 900.4 ms fwd+bwd (median of 2), 30001 MiB peak, "
+        "EMA update 4.32 ms\n" in summary
+    )
+    assert "## Compared configs (training step, streaming) and trunks" in summary
+    assert "- table2/ocrnet: SKIPPED does not load: no config file\n" in summary
+    assert (
+        f"- table7/ssltm_mt (resnet101 upernet stt + mean_teacher): 479x479, {h100}: 901.0 ms fwd+bwd (median of 2), "
+        "30001 MiB peak, 21.3 frames/s streaming 480x854\n" in summary
+    )
+    assert f"- swin_s/upernet (swin_s upernet none): 479x479, {h100}: FAILED out of memory\n" in summary
+    assert (
+        "- trunk swin_s alone: 479x479, B=2, bf16 on NVIDIA H100 80GB HBM3: 80.0 ms fwd+bwd (median of 2), 3000 MiB "
+        "peak, 48,838,000 parameters\n" in summary
+    )
 
 
 @pytest.mark.parametrize(
@@ -306,6 +345,8 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
         "ssltm_model",
         "train_memory",
         "short_term",
+        "objectives",
+        "baselines",
     }
     memory = [r for r in records if r["benchmark"] == "train_memory"]
     assert [(r["checkpointing"], r["device"], r["error"]) for r in memory] == [
@@ -321,6 +362,16 @@ def test_rehearsal_records_an_injected_failure_and_runs_every_later_stage(tmp_pa
         modules["netwarp_raft"]["status"] == "skipped"
         and "## Short-term modules (training step, token assembly)" in summary
     )
+    objectives = {r["case"]: r for r in records if r["benchmark"] == "objectives"}
+    assert list(objectives) == ["baseline", "temporal_loss_raft", "mean_teacher"]
+    assert all(r["device"] == "cpu" and r["tiny"] is True for r in objectives.values())
+    assert objectives["baseline"]["step_ms"] > 0 and objectives["mean_teacher"]["ema_ms"] > 0
+    assert objectives["temporal_loss_raft"]["status"] == "skipped"
+    configs = {r["config"]: r for r in records if r["benchmark"] == "baselines"}
+    assert list(configs) == ["table5/upernet", "table7/ssltm_mt"]
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 and r["stream_fps"] > 0 for r in configs.values()), configs
+    assert "## Training objectives (training step, EMA update)" in summary
+    assert "## Compared configs (training step, streaming) and trunks" in summary
     triton = [r for r in records if r.get("provider") == "triton"]
     assert triton and all(r["ms"] > 0 and r["correct"] is True for r in triton)  # ran in the interpreter
     assert any(r.get("section") == "gate" and r["backend"] == "triton" and r["ok"] is True for r in records)
