@@ -61,6 +61,7 @@ from benchmarks.train_steps import (
 )
 from ssltm.config import CONFIG_DIR, ConfigError, load_config
 from ssltm.model.backbone import build_trunk
+from ssltm.precision import autocast
 
 BENCHMARK = "baselines"
 # The compared rows (README "Compared systems"), then any other file of these folders.
@@ -196,10 +197,9 @@ def run_trunk(name: str, setup: Setup, args: argparse.Namespace, device: torch.d
         trunk = build_trunk(name).to(device).train()
         gen = torch.Generator(device=device).manual_seed(0)
         images = torch.randn(setup.batch, 3, setup.size, setup.size, generator=gen, device=device)
-        dtype = DTYPES[setup.dtype]
 
         def step() -> None:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(device, DTYPES[setup.dtype]):
                 loss = sum(level.float().mean() for level in trunk(images))
             loss.backward()
             trunk.zero_grad(set_to_none=True)
