@@ -69,16 +69,28 @@ class ResNetTrunk(nn.Module):
     ``checkpointing``: in training, the stem and each of ``layer1..layer4`` recompute their activations in the
     backward instead of keeping them (:mod:`ssltm.model.checkpointing`); the outputs and gradients are those
     without it.
+
+    ``dilated``: ``layer3`` and ``layer4`` dilate their convolutions instead of striding (torchvision's
+    ``replace_stride_with_dilation=[False, True, True]``, the dilated FCN/OCRNet trunk): C2..C5 at strides
+    4, 8, 8, 8 (``strides``), the same parameters, so the same checkpoint loads. Bottleneck ResNets only
+    (torchvision's ResNet-18 blocks have no dilation).
     """
 
     def __init__(
-        self, name: str = "resnet101", pretrained: str | os.PathLike | None = None, checkpointing: bool = False
+        self,
+        name: str = "resnet101",
+        pretrained: str | os.PathLike | None = None,
+        checkpointing: bool = False,
+        dilated: bool = False,
     ) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {tuple(RESNETS)}, got {name!r}")
         build, self.channels = RESNETS[name]
-        resnet = build(weights=None)
+        if dilated and name == "resnet18":
+            raise ValueError("dilated=True needs a bottleneck ResNet (resnet50, resnet101), not resnet18")
+        self.strides = (4, 8, 8, 8) if dilated else (4, 8, 16, 32)
+        resnet = build(weights=None, replace_stride_with_dilation=[False, dilated, dilated])
         # where the weights came from, for the training log and the checkpoint (the model prints nothing)
         self.pretrained_source = None if pretrained is None else load_torchvision_checkpoint(resnet, pretrained)
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
@@ -86,7 +98,7 @@ class ResNetTrunk(nn.Module):
         self.checkpointing = checkpointing
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(N, 3, H, W)`` -> ``[(N, C_i, ceil(H / s), ceil(W / s)) for s in (4, 8, 16, 32)]`` (sizes rounded as
+        """``(N, 3, H, W)`` -> ``[(N, C_i, ceil(H / s), ceil(W / s)) for s in self.strides]`` (sizes rounded as
         the strided convolutions round)."""
         checkpointed = self.checkpointing and checkpointing_now(self)
         x = recomputed(self.stem, x, norms=self.bn1) if checkpointed else self.stem(x)
