@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from .data import DATASETS, IMPORT_STRING
 from .flow import FLOW_PROVIDERS, FLOWS
 from .metrics import TC_PROTOCOLS
+from .model.ocrnet import DECODERS, OCR_SHORT_TERM
 from .model.short_term import SHORT_TERM, resolve_short_term
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -67,6 +68,7 @@ class NetWarpConfig:
     """``model.short_term: netwarp`` settings."""
 
     flowcnn: bool = True  # refine the flow with FlowCNN; false: warp with the provider's flow as is
+    c5: bool = False  # model.decoder ocrnet only: also warp the adjacent frame's C5 onto the query's (NetWarp-OCR)
 
 
 ST_OCR_MEMORY = ("none", "first_clip")
@@ -74,7 +76,8 @@ ST_OCR_MEMORY = ("none", "first_clip")
 
 @dataclass
 class STOCRConfig:
-    """``model.short_term: st_ocr`` settings (Spatial-Temporal OCR)."""
+    """``model.short_term: st_ocr`` settings (Spatial-Temporal OCR; with ``model.decoder: ocrnet``, TCB: only
+    ``memory`` applies, the layers are OCRNet's)."""
 
     channels: int = 512
     key_channels: int = 256
@@ -108,6 +111,9 @@ class CFFMConfig:
 class ModelConfig:
     backbone: str = "resnet101"
     pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
+    # One of DECODERS: "upernet" (PPM + FPN and the SSLTM heads) or "ocrnet" (OCRNet on a stride-8 trunk; needs
+    # use_rfce and use_gcc false and short_term none (OCRNet), st_ocr (TCB) or netwarp (NetWarp-OCR)).
+    decoder: str = "upernet"
     # The short-term module, one of SHORT_TERM; null: "stt" unless use_stt is false ("none").
     short_term: str | None = None
     use_stt: bool | None = None  # the older switch: true is short_term "stt", false "none"
@@ -295,6 +301,7 @@ def validate(cfg: DictConfig) -> None:
             f"(nothing is downloaded), got {'no file at ' + model.flow_weights if model.flow_weights else 'null'}"
         )
     name = short_term(cfg)
+    _check_decoder(model, name)
     if name == "netwarp" and len(data.offsets) != 1:
         raise ConfigError(
             f"model.short_term 'netwarp' warps one adjacent frame: data.offsets must hold one offset, "
@@ -347,6 +354,29 @@ def validate(cfg: DictConfig) -> None:
         )
     if ev.tc_videos is not None and ev.tc_videos < 1:
         raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
+
+
+def _check_decoder(model: DictConfig, name: str) -> None:
+    """The decoder and what it takes: ocrnet has no RFCE/GCC, takes OCR_SHORT_TERM and a dilated ResNet."""
+    if model.decoder not in DECODERS:
+        raise ConfigError(f"model.decoder must be one of {DECODERS}, got {model.decoder!r}")
+    if model.decoder != "ocrnet":
+        if model.netwarp.c5:
+            raise ConfigError(f"model.netwarp.c5=true needs model.decoder 'ocrnet', got {model.decoder!r}")
+        return
+    for key in ("use_rfce", "use_gcc"):
+        if model[key]:
+            raise ConfigError(f"model.decoder 'ocrnet' has no RFCE or GCC: set model.{key}=false")
+    if name not in OCR_SHORT_TERM:
+        raise ConfigError(
+            f"model.decoder 'ocrnet' takes model.short_term one of {OCR_SHORT_TERM}, got {name!r}"
+            + ("" if model.short_term else " (null resolves to 'stt')")
+        )
+    if model.backbone == "resnet18":
+        raise ConfigError(
+            "model.decoder 'ocrnet' dilates the ResNet (stride 8): model.backbone must be a bottleneck ResNet "
+            "(resnet50, resnet101), not 'resnet18'"
+        )
 
 
 def _check_sparse_tt(section: DictConfig) -> None:
