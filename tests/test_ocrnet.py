@@ -190,3 +190,7 @@ def test_decoder_key_errors():
         SSLTM(K, decoder="fcn")
     with pytest.raises(ValueError, match="memory must be one of none, first_clip"):
         tiny_model("st_ocr", short_term_args={"memory": "all"})
+    from ssltm.export import exportable
+
+    with pytest.raises(ValueError, match=r"export: decoder 'ocrnet' is not supported \(supported: upernet\)"):
+        exportable(tiny_model("none"))
