@@ -136,6 +136,13 @@ class ModelConfig:
 
 
 @dataclass
+class TemporalLossConfig:
+    """``train.temporal_loss`` (:class:`~ssltm.objectives.TemporalLoss`)."""
+
+    weight: float = 0.1  # lambda, ETC's
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 8  # clips per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step and process
@@ -159,6 +166,9 @@ class TrainConfig:
     progress: bool = True  # progress bar on the first process
     # losses, learning rate, speed, validation metrics and pictures to WORK_DIR/tb/ (pip install ssltm[tensorboard])
     tensorboard: bool = False
+    # training objectives beyond the model's losses (ssltm.objectives.OBJECTIVES), each with its section below
+    objectives: list[str] = field(default_factory=list)
+    temporal_loss: TemporalLossConfig = field(default_factory=TemporalLossConfig)
 
 
 @dataclass
@@ -341,6 +351,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr must be positive, got {train.lr}")
     if train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {train.amp!r}")
+    from .objectives import check_objectives  # the objectives import this module
+
+    check_objectives(cfg)
     ev = cfg.eval
     if any(n < 2 for n in ev.mvc):
         raise ConfigError(f"eval.mvc lengths must be at least 2, got {list(ev.mvc)}")

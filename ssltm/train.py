@@ -43,6 +43,7 @@ from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_stat
 from .config import ConfigError, config_differences, to_yaml
 from .evaluate import evaluate, results_json, results_table
 from .model.backbone import pretrained_source
+from .objectives import TrainStep, build_objectives
 from .precision import amp_dtype, autocast
 from .runlog import FILE_ONLY, LOGGER, RunLog, check_tensorboard
 from .visualize import prediction_picture
@@ -255,15 +256,17 @@ class Trainer:
             LOGGER.info(source.describe())
             if (problem := source.mismatch()) is not None:
                 LOGGER.warning(f"warning: {problem}")
-        if env.distributed:
-            if env.device.type == "cuda" and t.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            device_ids = [env.device.index] if env.device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(model, device_ids=device_ids)
-        else:
-            self.model = model
+        if env.distributed and env.device.type == "cuda" and t.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model  # the bare model (its state_dict, predict)
-        self.loss_terms: tuple[str, ...] = model.loss_terms  # logged, checked and reduced, in this order
+        # the model and its objectives (train.objectives), built on the device after the SyncBatchNorm conversion
+        self.train_step = TrainStep(model, build_objectives(cfg, model))
+        if env.distributed:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.model: nn.Module = DistributedDataParallel(self.train_step, device_ids=device_ids)
+        else:
+            self.model = self.train_step
+        self.loss_terms: tuple[str, ...] = self.train_step.loss_terms  # logged, checked and reduced, in this order
         self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.schedule = PolySchedule(None, t.poly_power, t.min_lr / t.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -290,6 +293,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        self.train_step.restore(ckpt, path)
         train_state = ckpt.get("train_state", {})
         self.state = _State(
             iteration=int(ckpt["iteration"]),
@@ -322,6 +326,7 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "meta": checkpoint_meta(self.info, self.env.world_size, self.pretrained),
             "train_state": {"elapsed": self.state.elapsed, "best": self.state.best},
+            **self.train_step.checkpoint_state(),
         }
 
     def save(self) -> Path:
@@ -352,7 +357,7 @@ class Trainer:
         devices = [self.env.device.index] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             results = evaluate(
-                self.module,
+                self.train_step.eval_model(),
                 self.val_set,
                 self.val_indices,
                 self.info.num_classes,
@@ -387,7 +392,7 @@ class Trainer:
         devices = [self.env.device.index] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.env.device, self.amp_dtype):
             picture = prediction_picture(
-                self.module,
+                self.train_step.eval_model(),
                 self.val_set,
                 self.val_indices,
                 self.env.device,
@@ -421,17 +426,12 @@ class Trainer:
         waited = 0.0
         for a in range(accum):
             tick = time.perf_counter()
-            batch = next(batches)
+            batch = _to_device(next(batches), self.env.device)
             waited += time.perf_counter() - tick
-            frames = batch["frames"].to(self.env.device, non_blocking=True)
-            reference = batch["reference"].to(self.env.device, non_blocking=True)
-            labels = batch["label"].to(self.env.device, non_blocking=True)
-            flow = batch.get("flow")  # data.flow_in_loader: query -> adjacent flow, else the model's provider
-            flow = None if flow is None else flow.to(self.env.device, non_blocking=True)
             sync = a == accum - 1 or not isinstance(self.model, DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(self.env.device, self.amp_dtype):
-                    losses = self.model(frames, reference, labels, flow)["losses"]
+                    losses = self.model(batch, self.state.iteration)
                 self.scaler.scale(losses["total"] / accum).backward()
             terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in self.loss_terms]) / accum
         return terms, waited
@@ -464,6 +464,7 @@ class Trainer:
             # at its current scale) still advances it, which torch's order check would flag.
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             self.scheduler.step()
+        self.train_step.after_step(state.iteration)
         state.iteration += 1
         stop = "interrupted" if flags[-2] > 0 else "time" if flags[-1] > 0 else None
         return _Step(values, lr, stop)
@@ -624,6 +625,18 @@ class Trainer:
                 self.board.add_scalar(f"loss/{key}", value, it)
             self.board.add_scalar("train/lr", step.lr, it)
             self.board.add_scalar("train/it_per_s", 1 / per_step, it)  # over the log interval
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The micro-batch with its tensors (those of nested dicts too: ``batch["unlabeled"]``) on ``device``."""
+    return {
+        key: value.to(device, non_blocking=True)
+        if isinstance(value, torch.Tensor)
+        else _to_device(value, device)
+        if isinstance(value, dict)
+        else value
+        for key, value in batch.items()
+    }
 
 
 def _postfix(terms: Sequence[str], values: Sequence[float], lr: float) -> str:

@@ -76,6 +76,20 @@ def test_training_step_losses_are_sup_plus_weighted_aux(short_term, args):
         )
 
 
+def test_all_frames_segments_every_frame_with_ocrnet():
+    model = tiny_model("none", num_adjacent=1).eval()
+    frames, _ = inputs(1)
+    with torch.no_grad():
+        out = model(frames, all_frames=True, return_features=True)
+        second = model(frames[:, [1, 0]], return_features=True)
+    assert out["frame_logits"].shape == (1, 2, K, 64, 64) and out["frame_features"].shape == (1, 2, 16, 8, 8)
+    torch.testing.assert_close(out["frame_logits"][:, 1], second["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["features"], out["frame_features"][:, 0])
+    assert not torch.allclose(out["frame_logits"][:, 0], second["logits"], atol=1e-3)
+    with pytest.raises(ValueError, match="all_frames=True segments each frame on its own: short_term 'st_ocr'"):
+        tiny_model("st_ocr")(inputs(2)[0], all_frames=True)
+
+
 def test_tcb_on_identical_frames_is_ocrnet_with_the_same_weights():
     ocrnet, tcb = tiny_model("none").eval(), tiny_model("st_ocr", seed=1).eval()
     assert isinstance(tcb.st_ocr, TemporalContextBlock) and isinstance(ocrnet.none, OCRQueryOnly)

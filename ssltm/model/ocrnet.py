@@ -40,8 +40,8 @@ class OCRNetHead(nn.Module):
     - ``R = soft_region_pool(A, X)`` ``(N, K, channels)``: per class, the softmax-over-positions-weighted mean
       of the pixels;
     - ``attention``: :class:`~ssltm.model.ocr.ObjectAttention` (``key_channels``) of ``X`` over ``R``;
-    - ``fuse``: ``cat(context, X)`` -> 1x1 ``channels`` + BN + ReLU, Dropout2d: the OCR output;
-    - ``classifier``: 1x1 -> ``num_classes``.
+    - ``fuse``: ``cat(context, X)`` -> 1x1 ``channels`` + BN + ReLU: the OCR output (the model's ``features``);
+    - :meth:`classify`: Dropout2d, then ``classifier``, 1x1 -> ``num_classes``.
 
     The steps are separate methods (:meth:`regions`, :meth:`context`) so that the video variants can pool the
     regions of several frames (TCB) or combine the OCR outputs of two (NetWarp-OCR) in between.
@@ -70,7 +70,8 @@ class OCRNetHead(nn.Module):
         self.aux_head = SegHead(c4_channels, channels, num_classes, dropout, kernel_size=3)
         self.pixels = Conv2dNormActivation(c5_channels, channels, 3)
         self.attention = ObjectAttention(channels, key_channels)
-        self.fuse = nn.Sequential(Conv2dNormActivation(2 * channels, channels, 1), nn.Dropout2d(dropout))
+        self.fuse = Conv2dNormActivation(2 * channels, channels, 1)
+        self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def regions(self, c4: torch.Tensor, c5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,17 +85,22 @@ class OCRNetHead(nn.Module):
         channels, h, w)``."""
         return self.fuse(torch.cat([self.attention(pixels, regions), pixels], dim=1))
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """OCR outputs ``(N, channels, h, w)`` -> class scores ``(N, K, h, w)``: Dropout2d, the 1x1 classifier."""
+        return self.classifier(self.dropout(features))
+
     def forward(self, c4: torch.Tensor, c5: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """OCRNet on each image: ``(N, C4, h, w)``, ``(N, C5, h, w)`` -> logits and aux logits ``(N, K, h, w)``."""
         aux_logits, pixels, regions = self.regions(c4, c5)
-        return self.classifier(self.context(pixels, regions)), aux_logits
+        return self.classify(self.context(pixels, regions)), aux_logits
 
 
 class OCRShortTerm(ShortTermModule):
     """A short-term module of the ocrnet decoder: ``forward(head, clip, images, flow, state)`` with the
     :class:`OCRNetHead` ``head`` and the clip's stride-8 ``[C4, C5]``, each ``(B, T, C_i, h, w)`` (the query
     first), returns the query's OCR output ``(B, channels, h, w)`` (the classifier's input) and its aux logits
-    ``(B, K, h, w)``. ``images`` and ``flow`` as :class:`ShortTermModule`'s."""
+    ``(B, K, h, w)``. ``images`` and ``flow`` as :class:`ShortTermModule`'s. A module that reads the query alone
+    (``uses_adjacent`` False) serves ``SSLTM.forward(all_frames=True)``: every frame a one-frame clip."""
 
     def forward(
         self,

@@ -336,22 +336,25 @@ class SSLTM(nn.Module):
         return module.query_feature(clip, images, flow, state)
 
     def _heads(self, st, reference_categories: torch.Tensor | None):
-        """``F_q^st`` -> (seg logits, aux logits | None, query categories | None), all at stride 4 (ocrnet: the
-        OCR output and aux logits -> the classifier's logits and those aux logits, at stride 8)."""
+        """``F_q^st`` -> (seg logits, aux logits | None, query categories | None, ``phi_seg``'s pre-classifier
+        map), all at stride 4 (ocrnet: the OCR output and aux logits -> the classifier's logits, those aux logits,
+        None and the OCR output, at stride 8)."""
         if self.decoder == "ocrnet":
-            feature, aux_logits = st
-            return self.decode_head.classifier(feature), aux_logits, None
-        if not self.use_rfce:
-            return self.seg_head(st), None, None
-        aux_logits, categories = self.ocr(st)
-        context = categories if self.context == "query" else reference_categories
-        if context is None:
-            raise ValueError("RFCE with context='reference' needs the reference frame's categories")
-        if self.use_gcc:
-            g = self.gcc.context().to(context.dtype)
-            context = torch.cat([context, g.expand(context.shape[0], *g.shape)], dim=1)
-        long_term = self.attention(st, context)  # F_q^lt
-        return self.seg_head(torch.cat([st, long_term.to(st.dtype)], dim=1)), aux_logits, categories
+            features, aux_logits = st
+            return self.decode_head.classify(features), aux_logits, None, features
+        aux_logits = categories = None
+        if self.use_rfce:
+            aux_logits, categories = self.ocr(st)
+            context = categories if self.context == "query" else reference_categories
+            if context is None:
+                raise ValueError("RFCE with context='reference' needs the reference frame's categories")
+            if self.use_gcc:
+                g = self.gcc.context().to(context.dtype)
+                context = torch.cat([context, g.expand(context.shape[0], *g.shape)], dim=1)
+            long_term = self.attention(st, context)  # F_q^lt
+            st = torch.cat([st, long_term.to(st.dtype)], dim=1)
+        features = self.seg_head.features(st)
+        return self.seg_head.classify(features), aux_logits, categories, features
 
     # ----------------------------------------------------------------------------------- forward
     def forward(
@@ -360,12 +363,28 @@ class SSLTM(nn.Module):
         reference: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         flow: torch.Tensor | None = None,
+        *,
+        all_frames: bool = False,
+        return_features: bool = False,
     ) -> dict:
+        """See the class docstring. ``all_frames`` (a per-frame model: a short-term module that reads the query
+        frame only) segments every frame of the clip as a query in one batched pass and adds ``"frame_logits"``
+        ``(B, T, K, H, W)`` (frame 0 is ``"logits"``; the losses are the query's). ``return_features`` adds
+        ``"features"``, ``phi_seg``'s map before its classifier ``(B, head_channels, H/4, W/4)`` (the conv + BN +
+        ReLU), and with ``all_frames`` also ``"frame_features"`` ``(B, T, head_channels, H/4, W/4)``. With
+        ``decoder="ocrnet"`` the features are the OCR output before the classifier's dropout, ``(B, ocr_channels,
+        H/8, W/8)``, and ``all_frames`` takes ``short_term="none"`` (OCRNet per frame; ETC-OCR)."""
         b, t, _, h, w = self._check_inputs(frames, reference, labels)
         module = self.short_term_module
+        if all_frames and module.uses_adjacent:
+            raise ValueError(
+                f"all_frames=True segments each frame on its own: short_term {self.short_term!r} reads the "
+                "adjacent frames (use a per-frame model, short_term 'none')"
+            )
         if module.needs_flow and flow is not None:
             _check_flow(flow, (b, t - 1, 2, h, w), frames.device)
-        clip_frames = frames if module.uses_adjacent else frames[:, :1]  # the baseline looks at the query only
+        # the baseline looks at the query only, or at each frame on its own (all_frames)
+        clip_frames = frames if module.uses_adjacent or all_frames else frames[:, :1]
         if module.needs_flow and flow is None:
             query = frames[:, :1].expand(-1, t - 1, -1, -1, -1)
             flow = self.optical_flow(query.flatten(0, 1), frames[:, 1:].flatten(0, 1)).unflatten(0, (b, t - 1))
@@ -374,12 +393,29 @@ class SSLTM(nn.Module):
             images = torch.cat([images, reference], dim=0)
         levels = self.encode(images)
         n = clip_frames.shape[0] * clip_frames.shape[1]
-        clip = [x[:n].unflatten(0, (b, -1)) for x in levels]
         reference_categories = self.reference_context([x[n:] for x in levels]) if self.uses_reference else None
+        if all_frames:  # every frame a one-frame clip of its own, with its video's reference
+            per_frame = clip_frames.shape[1]
+            clip = [x[:n, None] for x in levels]
+            if reference_categories is not None:
+                reference_categories = reference_categories.repeat_interleave(per_frame, dim=0)
+        else:
+            per_frame = 1
+            clip = [x[:n].unflatten(0, (b, -1)) for x in levels]
         st = self._short_term(clip, frames if module.needs_images or module.needs_flow else None, flow)
-        seg_logits, aux_logits, categories = self._heads(st, reference_categories)
-        out = {"logits": resize(seg_logits, (h, w))}
+        seg_logits, aux_logits, categories, features = self._heads(st, reference_categories)
+        frame_logits = resize(seg_logits, (h, w)).unflatten(0, (b, per_frame))
+        out = {"logits": frame_logits[:, 0]}
+        if all_frames:
+            out["frame_logits"] = frame_logits
+        if return_features:
+            out["features"] = features.unflatten(0, (b, per_frame))[:, 0]
+            if all_frames:
+                out["frame_features"] = features.unflatten(0, (b, per_frame))
         if labels is not None:
+            if all_frames:  # the query's
+                aux_logits = None if aux_logits is None else aux_logits[::per_frame]
+                categories = None if categories is None else categories[::per_frame]
             out["losses"] = self._losses(out["logits"], aux_logits, categories, labels.long())
         return out
 
