@@ -16,7 +16,7 @@ from ssltm.config import ConfigError, load_config
 from ssltm.model.backbone import ResNetTrunk
 from ssltm.model.heads import cross_entropy
 from ssltm.model.neck import resize
-from ssltm.model.ocrnet import NetWarpOCR, OCRQueryOnly, TemporalContextBlock
+from ssltm.model.ocrnet import NetWarpOCR, OCRQueryOnly, TemporalContextBlock, stride8_levels
 from ssltm.model.st_ocr import STATE_KEY
 
 K = 5
@@ -141,6 +141,17 @@ def test_dilated_trunk_puts_c5_at_stride_8_and_loads_the_same_checkpoint(tmp_pat
     assert dilated.layer4[0].conv2.dilation == (2, 2) and dilated.layer4[1].conv2.dilation == (4, 4)
     with pytest.raises(ValueError, match="dilated=True needs a bottleneck ResNet"):
         ResNetTrunk("resnet18", dilated=True)
+
+
+def test_a_trunk_striding_to_32_has_c4_and_c5_resized_to_stride_8():
+    """The path a Swin trunk takes (C5 at stride 32): bilinear resizes to C3's size, no parameters."""
+    levels = [torch.randn(1, c, 17 // s + 1, 25 // s + 1) for c, s in ((4, 1), (5, 2), (6, 4), (7, 8))]
+    c4, c5 = stride8_levels(levels)
+    assert c4.shape == (1, 6, 9, 13) and c5.shape == (1, 7, 9, 13)
+    expected = torch.nn.functional.interpolate(levels[3], size=(9, 13), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(c5, expected)
+    same = [torch.randn(1, 2, 9, 13) for _ in range(2)]
+    assert all(a is b for a, b in zip(stride8_levels([levels[0], levels[1], *same]), same, strict=True))
 
 
 def test_ocrnet_r101_parameter_count_matches_the_paper():
