@@ -170,6 +170,28 @@ def test_ocrnet_r101_parameter_count_matches_the_paper():
     assert netwarp["total"] - counts["total"] == flowcnn + 2 * (512 + 2048) and netwarp["total"] / 58.1e6 < 1.01
 
 
+def test_ocrnet_swin_s_parameter_count_matches_the_paper():
+    with torch.device("meta"):
+        model = SSLTM(124, backbone="swin_s", decoder="ocrnet", use_rfce=False, use_gcc=False, short_term="none")
+    counts = model.parameter_breakdown()
+    assert counts["backbone"] == 48_838_602  # the resizes to stride 8 add none
+    assert counts["ocr pixel conv (C5)"] == 768 * 512 * 9 + 2 * 512
+    assert counts["ocr aux head (C4)"] == 384 * 512 * 9 + 2 * 512 + 512 * 124 + 124
+    assert counts["total"] == 55_460_546 and abs(counts["total"] / 55.5e6 - 1) < 0.01
+
+
+def test_swin_s_ocrnet_training_step_at_stride_8():
+    torch.manual_seed(0)
+    model = SSLTM(K, **{**TINY, "backbone": "swin_s", "short_term": "none", "num_adjacent": 0})
+    frames, labels = inputs(0)
+    seen = []
+    model.decode_head.pixels.register_forward_hook(lambda m, a, out: seen.append(a[0].shape))
+    out = model(frames, labels=labels)
+    assert seen == [(1, 768, 8, 8)] and out["logits"].shape == (1, K, 64, 64)
+    out["losses"]["total"].backward()
+    assert torch.isfinite(out["losses"]["total"]) and model.backbone.norms[3].weight.grad.abs().sum() > 0
+
+
 def test_config_builds_each_variant():
     base = ["model.decoder=ocrnet", "model.use_rfce=false", "model.use_gcc=false", "model.backbone=resnet50"]
     with torch.device("meta"):
