@@ -81,7 +81,7 @@ class SSLTM(nn.Module):
             ``flowcnn``, ``c5``) (:mod:`ssltm.model.ocrnet`). ``encode`` then gives each frame's ``[C4, C5]``
             ``(N, C_i, h, w)`` at stride 8, the logits are at stride 8 before the resize, the loss terms are
             ``"sup"``, ``"aux"`` (the aux head on C4) and ``"total" = sup + beta * aux`` (0.4) plus the module's.
-            Parameters: 57,969,464 at ResNet-101 and 124 classes (paper 58.1M).
+            Parameters at 124 classes: 57,969,464 with ResNet-101 (paper 58.1M), 55,460,546 with Swin-S (55.5M).
         ocr_channels, ocr_key_channels, ocr_dropout: OCRNet's widths and Dropout2d (512, 256, 0.05).
 
     The short-term module (keyword-only; README "Short-term modules"):
