@@ -4,9 +4,9 @@ a linear warm-up, then poly.
 Parameter groups: each ``train.param_groups`` entry takes the parameters whose names (``named_parameters()`` of
 the bare model) its ``pattern`` matches (``re.search``) and that no earlier entry took; they train at
 ``train.lr * lr_mult`` with weight decay ``train.weight_decay * decay_mult``. The parameters no entry takes form
-the default group, the optimizer's first (the learning rate a run logs is that group's). Each group's learning
-rate and weight decay live in the optimizer's ``param_groups``, so a checkpoint saves them and resume restores
-them.
+the default group, the optimizer's first: the learning rate a run logs is that group's (the first entry's when
+the entries take every parameter). Each group's learning rate and weight decay live in the optimizer's
+``param_groups``, so a checkpoint saves them and resume restores them.
 
 Schedule (:class:`PolySchedule`, as mmcv's ``poly`` policy with ``linear`` warm-up, by iteration): at iteration
 ``it`` (counted from 0) a group with base learning rate ``lr_g = train.lr * lr_mult`` runs at ``lr_g * f(it)``,
