@@ -4,8 +4,8 @@ exact resume, periodic validation keeping the best checkpoint.
 
 Exact resume: the data order is a function of ``(train.seed, epoch)`` and each clip's augmentation a function
 of ``(seed, epoch, index)``, so a run restarted from the checkpoint of iteration N draws the same batches from
-N on; the model, optimizer, scheduler, gradient scaler and every process's random number generators come back
-from the checkpoint.
+N on (the unlabelled clips of the objectives that read them too: a second order in lockstep); the model,
+optimizer, scheduler, gradient scaler and every process's random number generators come back from the checkpoint.
 
 The run's messages go to the console and to ``WORK_DIR/train.log`` (:mod:`ssltm.runlog`); with
 ``train.tensorboard`` its losses, learning rate, speed, validation metrics and a validation picture also go
@@ -39,11 +39,12 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
+from .build import DatasetInfo, build_dataset, build_model, build_unlabeled_dataset, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
 from .evaluate import evaluate, results_json, results_table
 from .model.backbone import pretrained_source
+from .objectives import TrainStep, build_objectives
 from .optim import build_optimizer, build_schedule, load_optimizer_state
 from .precision import amp_dtype, autocast
 from .runlog import FILE_ONLY, LOGGER, RunLog, check_tensorboard
@@ -55,6 +56,8 @@ FIT_EVERY = 3
 FIT_WINDOW = 10
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pt")
 RUN_FILES = ("latest.pt", "best.pt", "log.jsonl", "train.log", "config.yaml")  # besides the iter_<N>.pt checkpoints
+# The unlabelled clips' order is a ClipOrder of its own, seeded train.seed + this.
+UNLABELED_SEED_OFFSET = 7919
 TENSORBOARD_DIR = "tb"  # the run's TensorBoard event files (train.tensorboard)
 BOARD_PICTURE_HEIGHT = 240  # at most this many rows per frame in TensorBoard's validation picture
 
@@ -80,7 +83,7 @@ class ClipOrder(Sampler[list[tuple[int, int]]]):
     global batch at position ``it % iters_per_epoch`` of epoch ``it // iters_per_epoch`` (the clips that do
     not fill a batch are left out of that epoch). The global batch is cut into ``grad_accum * world_size``
     micro-batches; micro-batch ``a * world_size + rank`` is this process's accumulation step ``a``. Items are
-    ``(epoch, index)`` for :class:`EpochIndexed`.
+    ``(epoch, index)`` for :class:`EpochIndexed`. ``what`` names the clips in the error for too few of them.
     """
 
     def __init__(
@@ -92,9 +95,10 @@ class ClipOrder(Sampler[list[tuple[int, int]]]):
         rank: int,
         seed: int,
         start: int,
+        what: str = "training clips",
     ):
         if len(indices) < batch_size:
-            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} training clips")
+            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} {what}")
         self.indices = torch.as_tensor(list(indices))
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank, self.seed, self.start = world_size, rank, seed, start
@@ -240,15 +244,27 @@ class Trainer:
             LOGGER.info(source.describe())
             if (problem := source.mismatch()) is not None:
                 LOGGER.warning(f"warning: {problem}")
-        if env.distributed:
-            if env.device.type == "cuda" and t.sync_bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            device_ids = [env.device.index] if env.device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(model, device_ids=device_ids)
-        else:
-            self.model = model
+        if env.distributed and env.device.type == "cuda" and t.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model  # the bare model (its state_dict, predict)
-        self.loss_terms: tuple[str, ...] = model.loss_terms  # logged, checked and reduced, in this order
+        # the model and its objectives (train.objectives), built on the device after the SyncBatchNorm conversion
+        self.train_step = TrainStep(model, build_objectives(cfg, model))
+        needs = self.train_step.needs
+        # "strong": "reference_strong" on the labelled clips and the unlabelled ones; "strong_frames": "frames_strong"
+        # and "reference_strong" on the unlabelled ones (each drawn from its sample's own seed).
+        self.train_set.strong_reference = "strong" in needs
+        # The training split's unlabelled clips, when an objective reads them (batch["unlabeled"]).
+        self.unlabeled_set: Dataset | None = None
+        if "unlabeled" in needs:
+            self.unlabeled_set = build_unlabeled_dataset(
+                cfg, strong_reference="strong" in needs, strong_frames="strong_frames" in needs
+            )
+        if env.distributed:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            self.model: nn.Module = DistributedDataParallel(self.train_step, device_ids=device_ids)
+        else:
+            self.model = self.train_step
+        self.loss_terms: tuple[str, ...] = self.train_step.loss_terms  # logged, checked and reduced, in this order
         self.optimizer = build_optimizer(t, model)
         self.schedule, self.scheduler = build_schedule(t, self.optimizer)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
@@ -274,6 +290,7 @@ class Trainer:
         load_optimizer_state(self.optimizer, ckpt, self.cfg.train, path)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        self.train_step.restore(ckpt, path)
         train_state = ckpt.get("train_state", {})
         self.state = _State(
             iteration=int(ckpt["iteration"]),
@@ -306,6 +323,7 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "meta": checkpoint_meta(self.info, self.env.world_size, self.pretrained),
             "train_state": {"elapsed": self.state.elapsed, "best": self.state.best},
+            **self.train_step.checkpoint_state(),
         }
 
     def save(self) -> Path:
@@ -336,7 +354,7 @@ class Trainer:
         devices = [self.env.device.index] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             results = evaluate(
-                self.module,
+                self.train_step.eval_model(),
                 self.val_set,
                 self.val_indices,
                 self.info.num_classes,
@@ -371,7 +389,7 @@ class Trainer:
         devices = [self.env.device.index] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.env.device, self.amp_dtype):
             picture = prediction_picture(
-                self.module,
+                self.train_step.eval_model(),
                 self.val_set,
                 self.val_indices,
                 self.env.device,
@@ -384,14 +402,42 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
+        """The training micro-batches; with :attr:`unlabeled_set`, each carries the unlabelled micro-batch drawn
+        with it as ``"unlabeled"`` (:meth:`_unlabeled_loader`)."""
+        batches = self._clip_loader(self.train_set, self.order, self.cfg.train.seed)
+        unlabeled = self._unlabeled_loader()
+        return batches if unlabeled is None else _with_unlabeled(batches, unlabeled)
+
+    def _unlabeled_loader(self) -> Iterator[dict[str, Any]] | None:
+        """The unlabelled micro-batches, one per labelled micro-batch (None without :attr:`unlabeled_set`): a
+        :class:`ClipOrder` over the unlabelled clips with the labelled one's batch size, accumulation, processes
+        and start iteration, seeded ``train.seed + UNLABELED_SEED_OFFSET``, so that iteration N's unlabelled
+        micro-batches are a function of N and a resumed run draws the uninterrupted run's."""
+        if self.unlabeled_set is None:
+            return None
+        t, env = self.cfg.train, self.env
+        seed = t.seed + UNLABELED_SEED_OFFSET
+        order = ClipOrder(
+            range(len(self.unlabeled_set)),
+            t.batch_size,
+            t.grad_accum,
+            env.world_size,
+            env.rank,
+            seed,
+            self.state.iteration,
+            what="unlabelled training clips",
+        )
+        return self._clip_loader(self.unlabeled_set, order, seed)
+
+    def _clip_loader(self, dataset: Dataset, order: ClipOrder, seed: int) -> Iterator[dict[str, Any]]:
         workers = self.cfg.data.num_workers
         loader = DataLoader(
-            EpochIndexed(self.train_set),
-            batch_sampler=self.order,
+            EpochIndexed(dataset),
+            batch_sampler=order,
             num_workers=workers,
             pin_memory=self.env.device.type == "cuda",
             # Its own generator: creating the loader must not draw from the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(self.cfg.train.seed + self.env.rank),
+            generator=torch.Generator().manual_seed(seed + self.env.rank),
             worker_init_fn=_ignore_sigint if workers else None,
             persistent_workers=workers > 0,
         )
@@ -405,17 +451,12 @@ class Trainer:
         waited = 0.0
         for a in range(accum):
             tick = time.perf_counter()
-            batch = next(batches)
+            batch = _to_device(next(batches), self.env.device)
             waited += time.perf_counter() - tick
-            frames = batch["frames"].to(self.env.device, non_blocking=True)
-            reference = batch["reference"].to(self.env.device, non_blocking=True)
-            labels = batch["label"].to(self.env.device, non_blocking=True)
-            flow = batch.get("flow")  # data.flow_in_loader: query -> adjacent flow, else the model's provider
-            flow = None if flow is None else flow.to(self.env.device, non_blocking=True)
             sync = a == accum - 1 or not isinstance(self.model, DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with autocast(self.env.device, self.amp_dtype):
-                    losses = self.model(frames, reference, labels, flow)["losses"]
+                    losses = self.model(batch, self.state.iteration)
                 self.scaler.scale(losses["total"] / accum).backward()
             terms += torch.stack([torch.as_tensor(losses[k]).detach().double() for k in self.loss_terms]) / accum
         return terms, waited
@@ -448,6 +489,7 @@ class Trainer:
             # at its current scale) still advances it, which torch's order check would flag.
             warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
             self.scheduler.step()
+        self.train_step.after_step(state.iteration)
         state.iteration += 1
         stop = "interrupted" if flags[-2] > 0 else "time" if flags[-1] > 0 else None
         return _Step(values, lr, stop)
@@ -608,6 +650,24 @@ class Trainer:
                 self.board.add_scalar(f"loss/{key}", value, it)
             self.board.add_scalar("train/lr", step.lr, it)
             self.board.add_scalar("train/it_per_s", 1 / per_step, it)  # over the log interval
+
+
+def _with_unlabeled(batches: Iterator[dict[str, Any]], unlabeled: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        batch["unlabeled"] = next(unlabeled)
+        yield batch
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The micro-batch with its tensors (those of nested dicts too: ``batch["unlabeled"]``) on ``device``."""
+    return {
+        key: value.to(device, non_blocking=True)
+        if isinstance(value, torch.Tensor)
+        else _to_device(value, device)
+        if isinstance(value, dict)
+        else value
+        for key, value in batch.items()
+    }
 
 
 def _postfix(terms: Sequence[str], values: Sequence[float], lr: float) -> str:

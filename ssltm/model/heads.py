@@ -21,6 +21,14 @@ class SegHead(nn.Sequential):
             nn.Conv2d(channels, num_classes, 1),
         )
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The map before the classifier: ``(B, channels, h, w)`` after the conv + BN + ReLU."""
+        return self[0](x)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`features`' map -> class scores: dropout, then the 1x1 classifier."""
+        return self[2](self[1](features))
+
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Mean pixel cross entropy over the pixels not equal to ``ignore_index``; 0 (with a zero gradient) when
