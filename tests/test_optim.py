@@ -152,7 +152,14 @@ def test_adamw_run_with_groups_resumes_exactly(tmp_path):
     """Resumed at 2 of 4 iterations (inside the warm-up), an AdamW run with parameter groups equals the
     uninterrupted one bit for bit: weights, moments, every group's learning rate and weight decay."""
     cfg = config_file(tmp_path, ADAMW_RUN)
-    common = [*TINY, "train.max_iters=4", "train.batch_size=2", "train.checkpoint_every=2", "train.validate=false"]
+    common = [
+        *TINY,
+        "train.lr=1e-4",
+        "train.max_iters=4",
+        "train.batch_size=2",
+        "train.checkpoint_every=2",
+        "train.validate=false",
+    ]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert main(["train", cfg, "--set", *common, "--work-dir", str(whole)]) == 0
     args = ["train", cfg, "--set", *common, "--work-dir", str(resumed), "--resume", str(whole / "iter_2.pt")]
@@ -164,13 +171,13 @@ def test_adamw_run_with_groups_resumes_exactly(tmp_path):
             assert torch.equal(state_a[key], state_b[key]), key
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     base = [(g["initial_lr"], g["weight_decay"]) for g in b["optimizer"]["param_groups"]]
-    assert base == [(0.01, 0.01), (pytest.approx(0.001), 0.01), (0.01, 0.0)]  # TINY's lr 0.01
+    assert base == [(1e-4, 0.01), (pytest.approx(1e-5), 0.01), (1e-4, 0.0)]
     steps = lambda work: [(r["iter"], r["total"], r["lr"]) for r in log_records(work) if "total" in r]
     assert steps(resumed) == steps(whole)[2:]
     # the logged lr (the default group's) at steps 0..3: linear warm-up over 3 iterations, then poly 0.9 over 4
     warm = [1 - (1 - i / 3) * 0.9 for i in range(3)] + [1.0]
     assert [lr for _, _, lr in steps(whole)] == pytest.approx(
-        [0.01 * w * (1 - i / 4) ** 0.9 for i, w in enumerate(warm)]
+        [1e-4 * w * (1 - i / 4) ** 0.9 for i, w in enumerate(warm)]
     )
 
 
