@@ -152,6 +152,24 @@ class TemporalLossConfig:
     weight: float = 0.1  # lambda, ETC's
 
 
+MEAN_TEACHER_CONSISTENCY = ("mse", "ce")
+MEAN_TEACHER_EVAL_MODELS = ("teacher", "student")
+
+
+@dataclass
+class MeanTeacherConfig:
+    """``train.mean_teacher`` (:class:`~ssltm.objectives.MeanTeacher`); every value is this project's choice (SSLTM
+    publishes none)."""
+
+    weight: float = 100.0  # lambda of the consistency term
+    rampup_iters: int = 4000  # the consistency's ramp-up exp(-5 (1 - t/R)^2) and alpha_rampup's iterations
+    alpha_rampup: float = 0.99  # the teacher's EMA decay for the updates of iterations t < rampup_iters
+    alpha: float = 0.999  # the EMA decay after them
+    consistency: str = "mse"  # mse: of the two softmaxes; ce: cross entropy with the teacher's confident argmax
+    confidence: float = 0.95  # ce: the teacher's pixels with a top probability at least this are pseudo-labels
+    eval_model: str = "teacher"  # validation, best.pt, eval, infer and export use the teacher or the student
+
+
 @dataclass
 class IFRConfig:
     """``train.ifr`` (:class:`~ssltm.objectives.IFR`, Zhuang et al., CVPR 2022)."""
@@ -204,6 +222,7 @@ class TrainConfig:
     objectives: list[str] = field(default_factory=list)
     temporal_loss: TemporalLossConfig = field(default_factory=TemporalLossConfig)
     ifr: IFRConfig = field(default_factory=IFRConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
 
 
 @dataclass
