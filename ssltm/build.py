@@ -203,13 +203,18 @@ def load_model(
 
 
 def model_from_checkpoint(cfg: DictConfig, ckpt: dict, path: str | Path) -> nn.Module:
-    """The model of ``cfg`` with the weights of ``ckpt``, the checkpoint read from ``path`` (which errors name).
+    """The model of ``cfg`` with the weights of ``ckpt``, the checkpoint read from ``path`` (which errors name):
+    ``ckpt["model"]``, or a Mean Teacher run's teacher (:func:`~ssltm.objectives.mean_teacher.evaluated_weights`).
+    ``ssltm eval``, ``infer`` and ``export`` load their model here.
 
     Raises:
-        ValueError: the weights do not fit the model (naming the config keys that differ from the checkpoint's).
+        ValueError: the weights do not fit the model (naming the config keys that differ from the checkpoint's);
+            the config evaluates a teacher the checkpoint does not hold.
     """
+    from .objectives.mean_teacher import evaluated_weights  # the objectives import this module
+
     model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
-    load_weights(model, ckpt, path, OmegaConf.to_container(cfg))
+    load_weights(model, {**ckpt, "model": evaluated_weights(cfg, ckpt, path)}, path, OmegaConf.to_container(cfg))
     return model
 
 

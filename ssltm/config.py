@@ -8,12 +8,13 @@ types. :func:`load_config` returns the merged, validated ``DictConfig``.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DATASETS, IMPORT_STRING
@@ -25,6 +26,7 @@ from .model.ocrnet import DECODERS, OCR_SHORT_TERM
 from .model.short_term import SHORT_TERM, resolve_short_term
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("sgd", "adamw")  # train.optimizer (ssltm.optim builds them)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -140,10 +142,38 @@ class ModelConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """One ``train.param_groups`` entry: the parameters whose names ``pattern`` matches (``re.search``; the first
+    matching entry takes a parameter) train at ``lr * lr_mult`` with weight decay ``weight_decay * decay_mult``."""
+
+    pattern: str = MISSING
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
+
+
+@dataclass
 class TemporalLossConfig:
     """``train.temporal_loss`` (:class:`~ssltm.objectives.TemporalLoss`)."""
 
     weight: float = 0.1  # lambda, ETC's
+
+
+MEAN_TEACHER_CONSISTENCY = ("mse", "ce")
+MEAN_TEACHER_EVAL_MODELS = ("teacher", "student")
+
+
+@dataclass
+class MeanTeacherConfig:
+    """``train.mean_teacher`` (:class:`~ssltm.objectives.MeanTeacher`); every value is this project's choice (SSLTM
+    publishes none)."""
+
+    weight: float = 100.0  # lambda of the consistency term
+    rampup_iters: int = 4000  # the consistency's ramp-up exp(-5 (1 - t/R)^2) and alpha_rampup's iterations
+    alpha_rampup: float = 0.99  # the teacher's EMA decay for the updates of iterations t < rampup_iters
+    alpha: float = 0.999  # the EMA decay after them
+    consistency: str = "mse"  # mse: of the two softmaxes; ce: cross entropy with the teacher's confident argmax
+    confidence: float = 0.95  # ce: the teacher's pixels with a top probability at least this are pseudo-labels
+    eval_model: str = "teacher"  # validation, best.pt, eval, infer and export use the teacher or the student
 
 
 @dataclass
@@ -166,11 +196,19 @@ class IFRConfig:
 class TrainConfig:
     batch_size: int = 8  # clips per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step and process
+    optimizer: str = "sgd"  # one of OPTIMIZERS
     lr: float = 0.002
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     weight_decay: float = 0.0001
     poly_power: float = 0.9
     min_lr: float = 0.0
+    # Linear warm-up (mmcv's "linear"): the schedule's factor times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    # for it < warmup_iters, from warmup_ratio at iteration 0; 0 iterations: no warm-up.
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    # Parameter groups by name, the first matching pattern wins; the other parameters form the default group.
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
     # Length of the run: max_iters if set, else epochs over the training clips, else as many iterations
     # as fit in max_minutes at the measured speed (refitted as it changes). max_minutes also stops any run.
     max_iters: int | None = None
@@ -190,6 +228,7 @@ class TrainConfig:
     objectives: list[str] = field(default_factory=list)
     temporal_loss: TemporalLossConfig = field(default_factory=TemporalLossConfig)
     ifr: IFRConfig = field(default_factory=IFRConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
 
 
 @dataclass
@@ -258,7 +297,12 @@ def load_config(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"--set {item}")
+        try:
+            other = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:  # e.g. a backslash in a double-quoted regex: single quotes keep it as is
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
+        cfg = _merge(cfg, other, f"--set {item}")
     if cfg.work_dir is None:
         cfg.work_dir = str(Path("work_dirs") / (name or "run"))
     validate(cfg)
@@ -269,11 +313,18 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as err:
+        if err.object_type is ParamGroupConfig:  # a list entry's key, which OmegaConf names without its path
+            keys = ", ".join(f.name for f in fields(ParamGroupConfig))
+            raise ConfigError(
+                f"{source}: unknown key {err.key!r} in a train.param_groups entry (keys: {keys})"
+            ) from None
         key = err.full_key or err.key
         raise ConfigError(f"{source}: unknown config key {key!r}{_suggestion(cfg, str(key))}") from None
     except OmegaConfBaseException as err:
         key = err.full_key or err.key
         raise ConfigError(f"{source}: bad value for {key!r}: {err.msg.splitlines()[0]}") from None
+    except TypeError as err:  # e.g. train.param_groups.0.lr_mult=... while the list is empty
+        raise ConfigError(f"{source}: {err}; set a list key as a whole, e.g. train.param_groups=[...]") from None
 
 
 def _suggestion(cfg: DictConfig, key: str) -> str:
@@ -374,6 +425,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.val_every must be >= 0 or null, got {train.val_every}")
     if train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {train.lr}")
+    _check_optimizer(train)
     if train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {train.amp!r}")
     from .objectives import check_objectives  # the objectives import this module
@@ -429,6 +481,31 @@ def require_unlabeled_frames(cfg: DictConfig, needed_by: str) -> None:
             f"{data.mode!r} has none of (every frame is a labelled query): use data.mode 'sf' (vspw, synthetic) "
             "or a dataset with unlabelled frames (cityscapes, folder)"
         )
+
+
+def _check_optimizer(train: DictConfig) -> None:
+    if train.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
+    if len(train.betas) != 2 or not all(0 <= b < 1 for b in train.betas):
+        raise ConfigError(f"train.betas must be [beta1, beta2] with each in [0, 1), got {list(train.betas)}")
+    for key in ("momentum", "weight_decay", "min_lr"):
+        if train[key] < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {train[key]}")
+    if train.warmup_iters < 0:
+        raise ConfigError(f"train.warmup_iters must be >= 0 (0: no warm-up), got {train.warmup_iters}")
+    if not 0 < train.warmup_ratio <= 1:
+        raise ConfigError(f"train.warmup_ratio must be in (0, 1], got {train.warmup_ratio}")
+    for i, group in enumerate(train.param_groups):
+        key = f"train.param_groups[{i}]"
+        if OmegaConf.is_missing(group, "pattern"):
+            raise ConfigError(f"{key}.pattern is missing: each group needs a regular expression on parameter names")
+        try:
+            re.compile(group.pattern)
+        except re.error as err:
+            raise ConfigError(f"{key}.pattern {group.pattern!r} is not a regular expression: {err}") from None
+        for mult in ("lr_mult", "decay_mult"):
+            if group[mult] < 0:
+                raise ConfigError(f"{key}.{mult} must be >= 0, got {group[mult]}")
 
 
 def _check_sparse_tt(section: DictConfig) -> None:

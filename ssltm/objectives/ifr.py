@@ -8,7 +8,6 @@ are ``phi_seg``'s pre-classifier map (stride 4) of the per-frame model, in place
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from ..config import ConfigError, require_unlabeled_frames, short_term
 from ..model.heads import cross_entropy
 from ..model.neck import resize
-from .base import Objective
+from .base import Objective, rampup
 
 PROTOTYPE_SCOPES = ("batch", "image")
 WEIGHTS = ("labeled_weight", "unlabeled_weight", "strong_weight")
@@ -58,14 +57,6 @@ def reconstruct(
     similarity = query @ F.normalize(prototypes, dim=-1).transpose(1, 2) / temperature  # (B, hw, K)
     attention = similarity.masked_fill(~present[:, None], float("-inf")).softmax(-1)
     return (attention @ prototypes).transpose(1, 2).unflatten(2, features.shape[-2:])
-
-
-def rampup(step: int, length: int) -> float:
-    """``r(t) = exp(-5 (1 - min(t, R) / R)^2)`` for ``R = length`` (1 when ``length`` is 0)."""
-    if length == 0:
-        return 1.0
-    phase = 1.0 - min(max(step, 0), length) / length
-    return math.exp(-5.0 * phase * phase)
 
 
 class IFR(Objective):
