@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -87,8 +88,10 @@ def guarded(record: dict, figures: Callable[[], dict], device: torch.device) -> 
         return {**record, **figures()}
     except torch.cuda.OutOfMemoryError:
         return {**record, "status": "failed", "reason": "out of memory"}
-    except (RuntimeError, ValueError, TypeError, KeyError) as err:
-        return {**record, "status": "failed", "reason": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+    except Exception as err:  # a broken case must not stop the run; the whole story goes to stderr
+        traceback.print_exception(err)
+        lines = str(err).splitlines() or [""]
+        return {**record, "status": "failed", "reason": f"{type(err).__name__}: {lines[0][:300]}"}
     finally:
         gc.collect()
         if device.type == "cuda":
