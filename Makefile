@@ -2,8 +2,8 @@
 
 PYTHON ?= python3
 
-# every op's and the model's benchmark (benchmarks/harness.py is their shared harness)
-BENCHMARKS := $(filter-out benchmarks/__init__.py benchmarks/harness.py,$(sort $(wildcard benchmarks/*.py)))
+# every op's and the model's benchmark (benchmarks/harness.py and benchmarks/train_steps.py are shared helpers)
+BENCHMARKS := $(filter-out benchmarks/__init__.py benchmarks/harness.py benchmarks/train_steps.py,$(sort $(wildcard benchmarks/*.py)))
 
 test:
 	python -m pytest
