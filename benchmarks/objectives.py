@@ -82,7 +82,7 @@ CASES = {
     "ssltm": [],
     "mean_teacher": ["train.objectives=[mean_teacher]"],
 }
-BACKBONE_PASSES = {"ifr": 6, "mean_teacher": 3}  # per step; the others: one per clip frame, in one batched pass
+BACKBONE_PASSES = {"ifr": 6}  # separate backbone passes per step (the other cases batch their frames into one)
 NO_RAFT = "no --raft-weights file (RAFT weights are never downloaded)"
 
 
