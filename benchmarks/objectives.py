@@ -82,7 +82,7 @@ CASES = {
     "ssltm": [],
     "mean_teacher": ["train.objectives=[mean_teacher]"],
 }
-BACKBONE_PASSES = {"ifr": 6}  # separate backbone passes per step (the other cases batch their frames into one)
+BACKBONE_PASSES = {"ifr": 6}  # IFR: query, reference and its strong copy, labelled and unlabelled, one pass each
 NO_RAFT = "no --raft-weights file (RAFT weights are never downloaded)"
 
 
