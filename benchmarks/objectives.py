@@ -65,10 +65,10 @@ from benchmarks.train_steps import (
     guarded,
     median_ms,
     parameter_count,
-    run_config,
     step_figures,
     synthetic_batch,
 )
+from ssltm.config import ConfigError, load_config
 
 BENCHMARK = "objectives"
 DATA = ["data.dataset=synthetic", "data.mode=sf"]  # unlabelled training frames, as VSPW-SF has
@@ -86,12 +86,10 @@ BACKBONE_PASSES = {"ifr": 6}  # IFR: query, reference and its strong copy, label
 NO_RAFT = "no --raft-weights file (RAFT weights are never downloaded)"
 
 
-def case_config(name: str, setup: Setup, raft_weights: Path | None):
-    """The run config of case ``name`` on ``setup``."""
-    overrides = [*DATA, *CASES[name]]
-    if raft_weights is not None and name == "temporal_loss_raft":
-        overrides.append(f"model.flow_weights={raft_weights}")
-    return run_config(None, overrides, setup)
+def case_overrides(name: str, setup: Setup, raft_weights: Path | None) -> list[str]:
+    """The ``--set`` items of case ``name``'s run config on ``setup`` (the tiny model's narrowing included)."""
+    raft = raft_weights is not None and name == "temporal_loss_raft"
+    return [*DATA, *CASES[name], *([f"model.flow_weights={raft_weights}"] if raft else []), *setup.overrides]
 
 
 def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.device) -> dict:
@@ -105,7 +103,7 @@ def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.de
         "frames": None,
         "flow": None,
         "backbone_passes": BACKBONE_PASSES.get(name),
-        "overrides": [*DATA, *CASES[name], *setup.overrides],
+        "overrides": case_overrides(name, setup, args.raft_weights),
         "warmup": args.warmup,
         "steps": args.steps,
         "memory_measure": GPU_MEMORY if device.type == "cuda" else None,
@@ -116,23 +114,27 @@ def run_case(name: str, setup: Setup, args: argparse.Namespace, device: torch.de
         "ema_ms": None,
         "params": None,
     }
-    if name == "temporal_loss_raft" and args.raft_weights is None:
-        return {**record, "status": "skipped", "reason": NO_RAFT}
+    # without weights RAFT's config does not load (model.flow_weights): the settings are those of the DIS case's
+    skip = name == "temporal_loss_raft" and args.raft_weights is None
+    try:
+        cfg = load_config(None, case_overrides("temporal_loss_dis" if skip else name, setup, args.raft_weights))
+    except ConfigError as err:
+        return {**record, "status": "failed", "reason": f"ConfigError: {str(err).splitlines()[0][:300]}"}
+    model = cfg.model
+    record.update(
+        backbone=model.backbone,
+        objectives=list(cfg.train.objectives),
+        short_term=model.short_term or "stt",
+        frames=1 + len(cfg.data.offsets),
+        flow=model.flow if "temporal_loss" in cfg.train.objectives else None,
+    )
+    if skip:
+        return {**record, "flow": "raft", "status": "skipped", "reason": NO_RAFT}
 
     def figures() -> dict:
-        cfg = case_config(name, setup, args.raft_weights)
-        model = cfg.model
-        reads_flow = "temporal_loss" in cfg.train.objectives
-        settings = {
-            "backbone": model.backbone,
-            "objectives": list(cfg.train.objectives),
-            "short_term": model.short_term or "stt",
-            "frames": 1 + len(cfg.data.offsets),
-            "flow": model.flow if reads_flow else None,
-        }
         train_step = build_train_step(cfg, setup.classes, device)
         batch = synthetic_batch(train_step, cfg, setup, device)
-        out = {**settings, **step_figures(train_step, batch, setup, device, args.warmup, args.steps)}
+        out = step_figures(train_step, batch, setup, device, args.warmup, args.steps)
         if "mean_teacher" in cfg.train.objectives:
             out["ema_ms"] = median_ms(lambda: train_step.after_step(0), device, args.warmup, args.steps)
         return {**out, "params": parameter_count(train_step.model)}

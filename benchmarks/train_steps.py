@@ -11,14 +11,13 @@ import gc
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 
 from ssltm.build import build_model
-from ssltm.config import load_config
 from ssltm.objectives import TrainStep, build_objectives
 from ssltm.precision import autocast
 
@@ -104,12 +103,6 @@ def peak_tracking(device: torch.device) -> Callable[[], float | None]:
         return lambda: None
     torch.cuda.reset_peak_memory_stats(device)
     return lambda: torch.cuda.max_memory_allocated(device) / 2**20
-
-
-def run_config(path: str | None, overrides: Sequence[str], setup: Setup) -> DictConfig:
-    """The run config of file ``path`` (None: the defaults) with ``overrides``, then the setup's, validated as a run's
-    (``load_config``: a ConfigError names the key)."""
-    return load_config(path, [*overrides, *setup.overrides])
 
 
 def build_train_step(cfg: DictConfig, classes: int, device: torch.device) -> TrainStep:

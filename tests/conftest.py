@@ -29,3 +29,14 @@ def pytest_collection_modifyitems(config, items):
 def _gpu_tests_run_compiled_kernels(request):
     if "gpu" in request.keywords and triton_interpreting():
         pytest.fail("a GPU test must run the compiled Triton kernels, but TRITON_INTERPRET=1: unset it")
+
+
+@pytest.fixture(scope="session")
+def raft_file(tmp_path_factory):
+    """A randomly initialised raft_large saved as a state dict, as torchvision's weight files are."""
+    from torchvision.models.optical_flow import raft_large
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("raft") / "raft_large.pth"
+    torch.save(raft_large(weights=None, progress=False).state_dict(), path)
+    return path

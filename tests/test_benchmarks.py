@@ -735,6 +735,7 @@ def test_objectives_tiny_cpu_case(tmp_path):
     raft = by.pop("temporal_loss_raft")
     assert raft["status"] == "skipped" and "--raft-weights" in raft["reason"] and "never downloaded" in raft["reason"]
     assert raft["step_ms"] is None and raft["ema_ms"] is None and raft["params"] is None
+    assert (raft["objectives"], raft["flow"], raft["frames"]) == (["temporal_loss"], "raft", 2)
     for name, r in by.items():
         assert r["status"] == "ok" and r["reason"] is None, r
         assert 0 < r["step_ms"] < 60_000 and (r["warmup"], r["steps"]) == (1, 1) and r["backbone"] == "resnet18", r
@@ -751,6 +752,29 @@ def test_objectives_tiny_cpu_case(tmp_path):
     params = {name: r["params"] for name, r in by.items()}
     assert params["baseline"] == params["temporal_loss_dis"] == params["ifr"] > 11_000_000  # ResNet-18 at least
     assert params["ssltm"] == params["mean_teacher"] > params["baseline"]  # the teacher is not trained
+
+
+def test_objectives_temporal_loss_with_raft_weights(tmp_path, raft_file):
+    """With a raft_large file the RAFT case loads it through model.flow_weights and takes its step."""
+    _, records = run_cpu_benchmark(
+        "objectives", "--cases", "temporal_loss_raft", "--raft-weights", str(raft_file), results_dir=tmp_path
+    )
+    (r,) = records
+    assert r["case"] == "temporal_loss_raft" and r["status"] == "ok" and r["reason"] is None, r
+    assert (r["objectives"], r["flow"], r["frames"]) == (["temporal_loss"], "raft", 2) and 0 < r["step_ms"] < 60_000
+    assert f"model.flow_weights={raft_file}" in r["overrides"] and "model.flow=raft" in r["overrides"]
+
+
+def test_objectives_refuses_a_missing_raft_weights_file(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "objectives.py"), "--cpu", "--raft-weights", str(tmp_path / "raft.pth")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and f"--raft-weights: no file at {tmp_path / 'raft.pth'}" in proc.stderr
+    assert not (tmp_path / "objectives.jsonl").exists()
 
 
 def test_baselines_tiny_cpu_case(tmp_path):

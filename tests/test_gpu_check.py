@@ -191,7 +191,13 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
     baselines = {**step, "benchmark": "baselines", "status": "ok", "reason": None, "stream_size": [480, 854]}
     records = [
         {**objectives, "case": "temporal_loss_dis", "objectives": ["temporal_loss"], "flow": "dis", "frames": 2},
-        {**objectives, "case": "temporal_loss_raft", "objectives": None, "status": "skipped", "reason": "no --raft"},
+        {
+            **objectives,
+            "case": "temporal_loss_raft",
+            "objectives": ["temporal_loss"],
+            "flow": "raft",
+            "status": "skipped",
+        },
         {**objectives, "case": "mean_teacher", "objectives": ["mean_teacher"], "flow": None, "frames": 4},
         {**baselines, "config": "table2/ocrnet", "status": "skipped", "reason": "does not load: no config file"},
         {**baselines, "config": "table7/ssltm_mt", "backbone": "resnet101", "decoder": "upernet", "short_term": "stt"},
@@ -199,6 +205,7 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         {**baselines, "trunk": "swin_s", "step_ms": 80.04, "peak_mib": 3000.2, "params": 48_838_000},
     ]
     records[0].update(step_ms=150.04, peak_mib=9000.4, ema_ms=None)
+    records[1].update(reason="no --raft")
     records[2].update(step_ms=900.44, peak_mib=30000.6, ema_ms=4.321)
     records[4].update(objectives=["mean_teacher"], step_ms=901.0, peak_mib=30001.0, stream_fps=21.34)
     records[5].update(objectives=[], status="failed", reason="out of memory")
@@ -255,7 +262,7 @@ def test_summary_statuses_tests_and_targets_from_gpu_records(tmp_path):
         f"- temporal_loss_dis (temporal_loss, flow dis): resnet101 479x479, {h100}: 150.0 ms fwd+bwd (median of 2), "
         "9000 MiB peak\n" in summary
     )
-    assert f"- temporal_loss_raft (no objective): resnet101 479x479, {h100}: SKIPPED no --raft\n" in summary
+    assert f"- temporal_loss_raft (temporal_loss, flow raft): resnet101 479x479, {h100}: SKIPPED no --raft\n" in summary
     assert (
         f"- mean_teacher (mean_teacher): resnet101 479x479, {h100}: 900.4 ms fwd+bwd (median of 2), 30001 MiB peak, "
         "EMA update 4.32 ms\n" in summary

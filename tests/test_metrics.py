@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torchvision.models.optical_flow import raft_large, raft_small
+from torchvision.models.optical_flow import raft_small
 
 from ssltm.metrics import (
     RAFT_FLOW_UPDATES,
@@ -427,15 +427,6 @@ def test_raft_flow_scales_pads_and_crops():
     assert torch.equal(image1[0, :, 0], image1[0, :, 1]) and torch.equal(image1[0, :, -1], image1[0, :, -3])
     assert torch.equal(image1[0, :, :, 0], image1[0, :, :, 1]) and torch.equal(image1[0, :, :, -1], image1[0, :, :, -3])
     assert RaftFlow(fake).num_flow_updates == RAFT_FLOW_UPDATES == 20
-
-
-@pytest.fixture(scope="module")
-def raft_file(tmp_path_factory):
-    """A randomly initialised raft_large saved as a state dict, as torchvision's weight files are."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("raft") / "raft_large.pth"
-    torch.save(raft_large(weights=None, progress=False).state_dict(), path)
-    return path
 
 
 def test_raft_from_a_local_file(raft_file):
