@@ -123,10 +123,18 @@ class SmokeResult:
     log: Path  # everything the run printed
 
 
-def smoke_config(path: Path, iters: int, out: Path, reduced: bool = False, root: Path = CONFIG_DIR) -> SmokeResult:
+def smoke_config(
+    path: Path,
+    iters: int,
+    out: Path,
+    reduced: bool = False,
+    root: Path = CONFIG_DIR,
+    keep_checkpoints: bool = False,
+) -> SmokeResult:
     """Train the config file ``path`` for ``iters`` iterations with :func:`smoke_overrides` in ``out/<name>/``
     (an earlier smoke run's files there are replaced), then ``ssltm eval --out out/<name>/metrics.json`` on its
-    checkpoint. What both print goes to ``out/<name>/smoke.log``; an error is reported, not raised."""
+    checkpoint, which is deleted after (a full-width model's is hundreds of MB) unless ``keep_checkpoints``.
+    What both print goes to ``out/<name>/smoke.log``; an error is reported, not raised."""
     from .cli import main as ssltm_main  # the entry points load torch and the model with the run
 
     name = config_name(path, root)
@@ -150,6 +158,9 @@ def smoke_config(path: Path, iters: int, out: Path, reduced: bool = False, root:
         except Exception as err:  # noqa: BLE001 - every failure is one config's result, reported with the others
             message = f"{type(err).__name__}: {err}"
     log.write_text(captured.getvalue() + (f"\n{message}\n" if message else ""))
+    if not keep_checkpoints:
+        for checkpoint in work_dir.glob("*.pt"):
+            checkpoint.unlink()
     seconds = time.perf_counter() - start
     if not message:
         metrics = json.loads(metrics_file.read_text())
@@ -172,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="narrow ResNet models to the test's widths (ResNet-18/50 trunk, narrow heads) instead of the configs' own",
     )
     parser.add_argument("--out", default="work_dirs/smoke", help="output folder (default work_dirs/smoke)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints")
     parser.add_argument("--root", default=str(CONFIG_DIR), help="folder of the configs (default: configs/)")
     return parser
 
@@ -188,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     failed = 0
     for path in files:
-        result = smoke_config(path, args.iters, Path(args.out), args.reduced, root)
+        result = smoke_config(path, args.iters, Path(args.out), args.reduced, root, args.keep_checkpoints)
         failed += not result.ok
         status = "ok   " if result.ok else "ERROR"
         print(f"{status} {result.name:<28} {result.seconds:6.1f} s  {result.message}", flush=True)

@@ -61,7 +61,7 @@ def test_config_loads_and_its_header_names_a_paper_row(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=IDS)
 def test_config_trains_and_evaluates_at_reduced_width(path, tmp_path):
     cfg = load_config(path)
-    result = smoke_config(path, 2, tmp_path, reduced=True)
+    result = smoke_config(path, 2, tmp_path, reduced=True, keep_checkpoints=True)
     assert result.ok, f"{result.name}: {result.message} (log {result.log}):\n{result.log.read_text()[-3000:]}"
     metrics = result.metrics
     assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["aAcc"] <= 100
@@ -95,6 +95,8 @@ def test_smoke_reports_one_line_per_config_and_fails_on_any_error(tmp_path, caps
     assert re.match(r"ERROR bad +[\d.]+ s  .*model\.short_term must be one of", lines[0]), lines[0]
     assert re.match(r"ok +good +[\d.]+ s  mIoU \d+\.\d\d", lines[1]), lines[1]
     assert lines[2] == "1 of 2 configs ok; logs under " + str(tmp_path / "out")
-    assert (tmp_path / "out" / "good" / "metrics.json").is_file()
+    good = tmp_path / "out" / "good"
+    assert (good / "metrics.json").is_file() and (good / "smoke.log").is_file()
+    assert not list(good.glob("*.pt"))  # checkpoints deleted after the evaluation
     assert main(["--configs", "nothing/*.yaml", "--root", str(root)]) == 2
     assert main(["--iters", "0", "--root", str(root)]) == 2
