@@ -82,11 +82,17 @@ def config_name(path: Path, root: Path = CONFIG_DIR) -> str:
     return path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
 
 
+def has_reduced_width(backbone: str) -> bool:
+    """Whether ``--reduced`` narrows a model on ``backbone``: the ResNets; Swin-S has no width setting and stays
+    at full width (its smoke run is the full-width one)."""
+    return backbone.startswith("resnet")
+
+
 def reduced_overrides(cfg: DictConfig) -> list[str]:
     """The narrowing of ``cfg``'s model for ``--reduced``: a ResNet becomes ResNet-18 (ResNet-50 under the
     OCRNet decoder, which dilates it) with :data:`REDUCED_UPERNET`'s widths (and :data:`REDUCED_OCRNET`'s under
-    the OCRNet decoder). Any other backbone keeps its full width: it has no width setting."""
-    if not cfg.model.backbone.startswith("resnet"):
+    the OCRNet decoder). Any other backbone keeps its full width (:func:`has_reduced_width`)."""
+    if not has_reduced_width(cfg.model.backbone):
         return []
     if cfg.model.get("decoder", "upernet") == "ocrnet":
         return ["model.backbone=resnet50", *REDUCED_OCRNET]
