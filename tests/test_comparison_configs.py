@@ -1,7 +1,7 @@
 """Every shipped config: it loads, its header names the paper row it reproduces (or says there is none), and its
 model, objectives and optimizer train 2 iterations on synthetic videos at the reduced widths of ``python -m
 ssltm.smoke --reduced`` and evaluate into the metrics JSON (``ssltm.smoke``). A Swin-S config has no reduced
-width: a full-width run writes a checkpoint of about 1 GB (weights and AdamW state), too slow for the suite, so
+width: a full-width run writes a checkpoint of 0.74 GB (weights and AdamW state), too slow for the suite, so
 here its model is built on the meta device and its optimizer groups checked; ``python -m ssltm.smoke`` trains
 it."""
 
