@@ -13,7 +13,7 @@ from torch import nn
 
 from . import data as D
 from .checkpoint import load_checkpoint, load_weights
-from .config import ConfigError, crop_size, load_config, short_term
+from .config import ConfigError, crop_size, load_config, require_unlabeled_frames, short_term
 from .flow import DisFlowProvider, FlowProvider, load_raft, make_flow_provider
 from .model import SSLTM
 from .visualize import make_palette
@@ -61,7 +61,14 @@ def dataset_info(cfg: DictConfig) -> DatasetInfo:
     return DatasetInfo(k, tuple(classes), tuple(tuple(int(v) for v in c) for c in palette))
 
 
-def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True) -> tuple[D.ClipDataset, list[int]]:
+def build_dataset(
+    cfg: DictConfig,
+    split: str,
+    train: bool,
+    labels: bool = True,
+    strong_reference: bool = False,
+    strong_frames: bool = False,
+) -> tuple[D.ClipDataset, list[int]]:
     """The clips of ``split`` and the indices of the ones to use.
 
     ``train=True``: the training pipeline (random scale, crop and flip; a random reference frame);
@@ -70,7 +77,9 @@ def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True)
     split loses its held-out frames and ``"holdout"`` names them; for ``"synthetic"``, ``"train"`` and
     ``"val"`` (the last ``data.synthetic.val_videos`` videos). ``labels=False``: every frame of the split is a
     query and no label is read (prediction of a split without labels). ``data.flow_in_loader``: samples carry
-    ``"flow"`` (OpenCV DIS, :class:`~ssltm.flow.DisFlowProvider`).
+    ``"flow"`` (OpenCV DIS, :class:`~ssltm.flow.DisFlowProvider`). ``strong_reference``: samples carry
+    ``"reference_strong"``; ``strong_frames``: ``"frames_strong"`` and ``"reference_strong"``, one distortion of the
+    whole clip (see :class:`~ssltm.data.ClipDataset`).
 
     Raises:
         ConfigError: split ``"holdout"`` without ``data.holdout``, or ``data.holdout`` on a dataset that is not
@@ -88,6 +97,8 @@ def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True)
         "reference": "random" if train else "farthest",
         "transform": transform,
         "labels": labels,
+        **({"strong_reference": True} if strong_reference else {}),
+        **({"strong_frames": True} if strong_frames else {}),
     }
     if split == HOLDOUT:
         if data.holdout is None:
@@ -100,6 +111,27 @@ def build_dataset(cfg: DictConfig, split: str, train: bool, labels: bool = True)
     if data.flow_in_loader:
         dataset.flow_provider = DisFlowProvider()
     return dataset, list(range(len(dataset)))
+
+
+def build_unlabeled_dataset(
+    cfg: DictConfig, strong_reference: bool = False, strong_frames: bool = False
+) -> D.UnlabeledClips:
+    """The unlabelled clips of the training split (:class:`~ssltm.data.UnlabeledClips` of :func:`build_dataset`'s
+    training set: the same augmentation, held-out frames left out), with the strong views asked for.
+
+    Raises:
+        ConfigError: naming ``data.dataset`` and ``data.mode``, the training split has no unlabelled frames.
+    """
+    require_unlabeled_frames(cfg, "unlabelled clips")
+    dataset, _ = build_dataset(
+        cfg, cfg.data.train_split, train=True, strong_reference=strong_reference, strong_frames=strong_frames
+    )
+    try:
+        return D.UnlabeledClips(dataset)
+    except ValueError as err:
+        raise ConfigError(
+            f"data.dataset {cfg.data.dataset!r} (data.mode {cfg.data.mode!r}), split {cfg.data.train_split!r}: {err}"
+        ) from None
 
 
 def _dataset(cfg: DictConfig, split: str, common: dict) -> D.ClipDataset:
@@ -165,13 +197,18 @@ def load_model(
 
 
 def model_from_checkpoint(cfg: DictConfig, ckpt: dict, path: str | Path) -> nn.Module:
-    """The model of ``cfg`` with the weights of ``ckpt``, the checkpoint read from ``path`` (which errors name).
+    """The model of ``cfg`` with the weights of ``ckpt``, the checkpoint read from ``path`` (which errors name):
+    ``ckpt["model"]``, or a Mean Teacher run's teacher (:func:`~ssltm.objectives.mean_teacher.evaluated_weights`).
+    ``ssltm eval``, ``infer`` and ``export`` load their model here.
 
     Raises:
-        ValueError: the weights do not fit the model (naming the config keys that differ from the checkpoint's).
+        ValueError: the weights do not fit the model (naming the config keys that differ from the checkpoint's);
+            the config evaluates a teacher the checkpoint does not hold.
     """
+    from .objectives.mean_teacher import evaluated_weights  # the objectives import this module
+
     model = build_model(cfg, ckpt["meta"]["num_classes"], pretrained=False)
-    load_weights(model, ckpt, path, OmegaConf.to_container(cfg))
+    load_weights(model, {**ckpt, "model": evaluated_weights(cfg, ckpt, path)}, path, OmegaConf.to_container(cfg))
     return model
 
 

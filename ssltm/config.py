@@ -17,8 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DATASETS, IMPORT_STRING
+from .data.base import MODES as DATA_MODES
 from .flow import FLOW_PROVIDERS, FLOWS
 from .metrics import TC_PROTOCOLS
+from .model.backbone import BACKBONES
 from .model.short_term import SHORT_TERM, resolve_short_term
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -51,7 +53,9 @@ class DataConfig:
     # Fraction of every video's frames, from its end, kept out of training and used as the validation
     # split instead of val_split (for datasets shipped without one, e.g. CamVid's train split alone).
     holdout: float | None = None
-    mode: str = "full"  # VSPW: "full" or "sf" (only the first frame of each training video is a query)
+    # "full" or "sf": only the first frame of each training video is a query, the others are unlabelled (read by
+    # vspw and synthetic; the other datasets have their own labelled frames)
+    mode: str = "full"
     crop_size: Any = field(default_factory=lambda: [479, 479])  # int or [H, W]
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     eval_size: int | None = None  # shorter side frames are resized to for evaluation; None: as stored
@@ -106,8 +110,8 @@ class CFFMConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet101"
-    pretrained: str | None = None  # local torchvision ImageNet checkpoint of the backbone
+    backbone: str = "resnet101"  # one of BACKBONES: resnet18|resnet50|resnet101|swin_s
+    pretrained: str | None = None  # local torchvision ImageNet checkpoint (state dict) of the backbone
     # The short-term module, one of SHORT_TERM; null: "stt" unless use_stt is false ("none").
     short_term: str | None = None
     use_stt: bool | None = None  # the older switch: true is short_term "stt", false "none"
@@ -134,6 +138,40 @@ class TemporalLossConfig:
     """``train.temporal_loss`` (:class:`~ssltm.objectives.TemporalLoss`)."""
 
     weight: float = 0.1  # lambda, ETC's
+
+
+MEAN_TEACHER_CONSISTENCY = ("mse", "ce")
+MEAN_TEACHER_EVAL_MODELS = ("teacher", "student")
+
+
+@dataclass
+class MeanTeacherConfig:
+    """``train.mean_teacher`` (:class:`~ssltm.objectives.MeanTeacher`); every value is this project's choice (SSLTM
+    publishes none)."""
+
+    weight: float = 100.0  # lambda of the consistency term
+    rampup_iters: int = 4000  # the consistency's ramp-up exp(-5 (1 - t/R)^2) and alpha_rampup's iterations
+    alpha_rampup: float = 0.99  # the teacher's EMA decay for the updates of iterations t < rampup_iters
+    alpha: float = 0.999  # the EMA decay after them
+    consistency: str = "mse"  # mse: of the two softmaxes; ce: cross entropy with the teacher's confident argmax
+    confidence: float = 0.95  # ce: the teacher's pixels with a top probability at least this are pseudo-labels
+    eval_model: str = "teacher"  # validation, best.pt, eval, infer and export use the teacher or the student
+
+
+@dataclass
+class IFRConfig:
+    """``train.ifr`` (:class:`~ssltm.objectives.IFR`, Zhuang et al., CVPR 2022)."""
+
+    # "batch": class c's prototype is the mean of the reference features predicted c over the whole micro-batch
+    # (the public code's mask), "image": over the image's own reference only
+    prototype_scope: str = "batch"
+    unlabeled: bool = True  # the terms on unlabelled clips (needs unlabelled training frames)
+    temperature: float = 0.5  # of the softmax over the cosine similarities to the prototypes
+    logit_scale: float = 0.01  # the reconstructed features' logits are divided by it
+    labeled_weight: float = 0.01
+    unlabeled_weight: float = 0.001
+    strong_weight: float = 0.1  # of the strong view's terms, relative to the weak view's
+    rampup_iters: int = 4000  # r(t) = exp(-5 (1 - min(t, R) / R)^2); 0: r = 1
 
 
 @dataclass
@@ -163,6 +201,8 @@ class TrainConfig:
     # training objectives beyond the model's losses (ssltm.objectives.OBJECTIVES), each with its section below
     objectives: list[str] = field(default_factory=list)
     temporal_loss: TemporalLossConfig = field(default_factory=TemporalLossConfig)
+    ifr: IFRConfig = field(default_factory=IFRConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
 
 
 @dataclass
@@ -279,6 +319,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.dataset must be one of {tuple(DATASETS)} or 'package.module:ClassName', got {data.dataset!r}"
         )
+    if data.mode not in DATA_MODES:
+        raise ConfigError(f"data.mode must be one of {DATA_MODES}, got {data.mode!r}")
     crop_size(cfg)
     _pair(data.synthetic.size, "data.synthetic.size")
     if len(data.scale_range) != 2 or not 0 < data.scale_range[0] <= data.scale_range[1]:
@@ -293,6 +335,8 @@ def validate(cfg: DictConfig) -> None:
             f"data.synthetic.val_videos must be in 1..num_videos-1 = 1..{synthetic.num_videos - 1}, "
             f"got {synthetic.val_videos}"
         )
+    if model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {model.backbone!r}")
     if model.context not in ("reference", "query"):
         raise ConfigError(f"model.context must be 'reference' or 'query', got {model.context!r}")
     if model.flow not in FLOW_PROVIDERS:
@@ -360,6 +404,20 @@ def validate(cfg: DictConfig) -> None:
         )
     if ev.tc_videos is not None and ev.tc_videos < 1:
         raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
+
+
+def require_unlabeled_frames(cfg: DictConfig, needed_by: str) -> None:
+    """A ConfigError naming ``data.dataset`` and ``data.mode`` when the config rules out unlabelled training frames
+    (:meth:`ssltm.data.ClipDataset.unlabeled_frames` is False), for ``needed_by`` (e.g. ``"train.objectives
+    'mean_teacher'"``): CamVid, VSPW or synthetic in ``"full"``. Datasets whose files alone can tell are checked when
+    their unlabelled clips are built (:func:`ssltm.build.build_unlabeled_dataset`)."""
+    data = cfg.data
+    if data.dataset in DATASETS and DATASETS[data.dataset].unlabeled_frames(cfg) is False:
+        raise ConfigError(
+            f"{needed_by} needs unlabelled training frames, which data.dataset {data.dataset!r} with data.mode "
+            f"{data.mode!r} has none of (every frame is a labelled query): use data.mode 'sf' (vspw, synthetic) "
+            "or a dataset with unlabelled frames (cityscapes, folder)"
+        )
 
 
 def _check_sparse_tt(section: DictConfig) -> None:

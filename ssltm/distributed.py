@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Give ``tensors`` ``src``'s values on every process, in place: one broadcast per dtype (a no-op in a single
+    process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src)
+        for tensor, value in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            tensor.copy_(value.view_as(tensor))
 
 
 def barrier() -> None:

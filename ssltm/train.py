@@ -3,8 +3,8 @@ DDP under ``torchrun``, checkpoints with exact resume, periodic validation keepi
 
 Exact resume: the data order is a function of ``(train.seed, epoch)`` and each clip's augmentation a function
 of ``(seed, epoch, index)``, so a run restarted from the checkpoint of iteration N draws the same batches from
-N on; the model, optimizer, scheduler, gradient scaler and every process's random number generators come back
-from the checkpoint.
+N on (the unlabelled clips of the objectives that read them too: a second order in lockstep); the model,
+optimizer, scheduler, gradient scaler and every process's random number generators come back from the checkpoint.
 
 The run's messages go to the console and to ``WORK_DIR/train.log`` (:mod:`ssltm.runlog`); with
 ``train.tensorboard`` its losses, learning rate, speed, validation metrics and a validation picture also go
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from . import __version__
 from . import distributed as dist
-from .build import DatasetInfo, build_dataset, build_model, dataset_info, eval_options
+from .build import DatasetInfo, build_dataset, build_model, build_unlabeled_dataset, dataset_info, eval_options
 from .checkpoint import link_checkpoint, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, config_differences, to_yaml
 from .evaluate import evaluate, results_json, results_table
@@ -54,6 +54,8 @@ FIT_EVERY = 3
 FIT_WINDOW = 10
 CHECKPOINT_NAME = re.compile(r"iter_(\d+)\.pt")
 RUN_FILES = ("latest.pt", "best.pt", "log.jsonl", "train.log", "config.yaml")  # besides the iter_<N>.pt checkpoints
+# The unlabelled clips' order is a ClipOrder of its own, seeded train.seed + this.
+UNLABELED_SEED_OFFSET = 7919
 TENSORBOARD_DIR = "tb"  # the run's TensorBoard event files (train.tensorboard)
 BOARD_PICTURE_HEIGHT = 240  # at most this many rows per frame in TensorBoard's validation picture
 
@@ -96,7 +98,7 @@ class ClipOrder(Sampler[list[tuple[int, int]]]):
     global batch at position ``it % iters_per_epoch`` of epoch ``it // iters_per_epoch`` (the clips that do
     not fill a batch are left out of that epoch). The global batch is cut into ``grad_accum * world_size``
     micro-batches; micro-batch ``a * world_size + rank`` is this process's accumulation step ``a``. Items are
-    ``(epoch, index)`` for :class:`EpochIndexed`.
+    ``(epoch, index)`` for :class:`EpochIndexed`. ``what`` names the clips in the error for too few of them.
     """
 
     def __init__(
@@ -108,9 +110,10 @@ class ClipOrder(Sampler[list[tuple[int, int]]]):
         rank: int,
         seed: int,
         start: int,
+        what: str = "training clips",
     ):
         if len(indices) < batch_size:
-            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} training clips")
+            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(indices)} {what}")
         self.indices = torch.as_tensor(list(indices))
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.world_size, self.rank, self.seed, self.start = world_size, rank, seed, start
@@ -261,6 +264,16 @@ class Trainer:
         self.module = model  # the bare model (its state_dict, predict)
         # the model and its objectives (train.objectives), built on the device after the SyncBatchNorm conversion
         self.train_step = TrainStep(model, build_objectives(cfg, model))
+        needs = self.train_step.needs
+        # "strong": "reference_strong" on the labelled clips and the unlabelled ones; "strong_frames": "frames_strong"
+        # and "reference_strong" on the unlabelled ones (each drawn from its sample's own seed).
+        self.train_set.strong_reference = "strong" in needs
+        # The training split's unlabelled clips, when an objective reads them (batch["unlabeled"]).
+        self.unlabeled_set: Dataset | None = None
+        if "unlabeled" in needs:
+            self.unlabeled_set = build_unlabeled_dataset(
+                cfg, strong_reference="strong" in needs, strong_frames="strong_frames" in needs
+            )
         if env.distributed:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             self.model: nn.Module = DistributedDataParallel(self.train_step, device_ids=device_ids)
@@ -405,14 +418,42 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def _loader(self) -> Iterator[dict[str, Any]]:
+        """The training micro-batches; with :attr:`unlabeled_set`, each carries the unlabelled micro-batch drawn
+        with it as ``"unlabeled"`` (:meth:`_unlabeled_loader`)."""
+        batches = self._clip_loader(self.train_set, self.order, self.cfg.train.seed)
+        unlabeled = self._unlabeled_loader()
+        return batches if unlabeled is None else _with_unlabeled(batches, unlabeled)
+
+    def _unlabeled_loader(self) -> Iterator[dict[str, Any]] | None:
+        """The unlabelled micro-batches, one per labelled micro-batch (None without :attr:`unlabeled_set`): a
+        :class:`ClipOrder` over the unlabelled clips with the labelled one's batch size, accumulation, processes
+        and start iteration, seeded ``train.seed + UNLABELED_SEED_OFFSET``, so that iteration N's unlabelled
+        micro-batches are a function of N and a resumed run draws the uninterrupted run's."""
+        if self.unlabeled_set is None:
+            return None
+        t, env = self.cfg.train, self.env
+        seed = t.seed + UNLABELED_SEED_OFFSET
+        order = ClipOrder(
+            range(len(self.unlabeled_set)),
+            t.batch_size,
+            t.grad_accum,
+            env.world_size,
+            env.rank,
+            seed,
+            self.state.iteration,
+            what="unlabelled training clips",
+        )
+        return self._clip_loader(self.unlabeled_set, order, seed)
+
+    def _clip_loader(self, dataset: Dataset, order: ClipOrder, seed: int) -> Iterator[dict[str, Any]]:
         workers = self.cfg.data.num_workers
         loader = DataLoader(
-            EpochIndexed(self.train_set),
-            batch_sampler=self.order,
+            EpochIndexed(dataset),
+            batch_sampler=order,
             num_workers=workers,
             pin_memory=self.env.device.type == "cuda",
             # Its own generator: creating the loader must not draw from the global RNG (exact resume).
-            generator=torch.Generator().manual_seed(self.cfg.train.seed + self.env.rank),
+            generator=torch.Generator().manual_seed(seed + self.env.rank),
             worker_init_fn=_ignore_sigint if workers else None,
             persistent_workers=workers > 0,
         )
@@ -625,6 +666,12 @@ class Trainer:
                 self.board.add_scalar(f"loss/{key}", value, it)
             self.board.add_scalar("train/lr", step.lr, it)
             self.board.add_scalar("train/it_per_s", 1 / per_step, it)  # over the log interval
+
+
+def _with_unlabeled(batches: Iterator[dict[str, Any]], unlabeled: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        batch["unlabeled"] = next(unlabeled)
+        yield batch
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

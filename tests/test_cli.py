@@ -159,9 +159,16 @@ def tiny_model_kwargs() -> dict:
     return kwargs
 
 
-def test_resume_equals_uninterrupted_training(tmp_path):
+# Mean Teacher on the synthetic videos' unlabelled frames (data.mode sf); its decay switches at iteration 3.
+MEAN_TEACHER = ["data.mode=sf", "train.objectives=[mean_teacher]", "train.mean_teacher.rampup_iters=3"]
+
+
+@pytest.mark.parametrize("objectives", [[], MEAN_TEACHER], ids=["plain", "mean_teacher"])
+def test_resume_equals_uninterrupted_training(tmp_path, objectives):
+    """Resumed at iteration 2, a run ends with the uninterrupted run's weights, momentum and losses, bit for bit;
+    with Mean Teacher also its teacher and consistency term (the unlabelled clips drawn in the same order)."""
     common = ["train.max_iters=4", "train.batch_size=4", "train.grad_accum=2", "train.checkpoint_every=2"]
-    common += ["train.validate=false"]
+    common += ["train.validate=false", *objectives]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert train_cli(tmp_path, whole, *common) == 0
     assert train_cli(tmp_path, resumed, *common, resume=str(whole / "iter_2.pt")) == 0
@@ -171,8 +178,14 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
-    steps = lambda work: [(r["iter"], r["total"], r["lr"]) for r in log_records(work) if "total" in r]
+    terms = ("total", "consistency") if objectives else ("total",)
+    steps = lambda work: [(r["iter"], r["lr"], *(r[k] for k in terms)) for r in log_records(work) if "total" in r]
     assert steps(resumed) == steps(whole)[2:]
+    if objectives:
+        assert a["teacher_updates"] == b["teacher_updates"] == 4
+        assert_same_weights(a["teacher"], b["teacher"])
+        assert not all(torch.equal(a["teacher"][k], a["model"][k]) for k in a["model"])
+        assert all(r["consistency"] > 0 for r in log_records(whole) if "total" in r)
 
 
 def test_a_work_dir_with_checkpoints_is_not_started_again_by_accident(tmp_path, capsys):

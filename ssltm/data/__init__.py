@@ -3,7 +3,8 @@
 Every dataset is a ``torch.utils.data.Dataset`` of clips sampled by one :class:`ClipSampler`; a
 sample is a dict with ``"frames"`` float32 ``(1+n, 3, H, W)`` (query first, then the adjacent
 frames nearest first), ``"reference"`` float32 ``(3, H, W)``, ``"label"`` int64 ``(H, W)``
-(255 = ignore), ``"video"`` and ``"frame"`` (str). See :class:`ClipDataset`.
+(255 = ignore), ``"video"`` and ``"frame"`` (str), ``"labeled"`` (bool). See :class:`ClipDataset`;
+:class:`UnlabeledClips` gives the clips of a dataset's unlabelled frames.
 
 :data:`DATASETS` names the datasets a config's ``data.dataset`` can choose; :func:`dataset_class` also
 imports a ``"package.module:ClassName"`` of the user's.
@@ -21,7 +22,17 @@ from .folder import VideoFolder
 from .holdout import hold_out
 from .sampling import ClipSampler
 from .synthetic import SyntheticVideos
-from .transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, RandomScale, eval_transform, train_transform
+from .transforms import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Photometric,
+    RandomScale,
+    eval_transform,
+    photometric_distortion,
+    train_transform,
+)
+from .unlabeled import UnlabeledClips
 from .vspw import VSPW
 
 # data.dataset's names: adding a dataset is a ClipDataset subclass and a line here.
@@ -77,14 +88,17 @@ __all__ = [
     "ClipDataset",
     "ClipSampler",
     "FileClipDataset",
+    "Photometric",
     "RandomScale",
     "SplitClipDataset",
     "SyntheticVideos",
+    "UnlabeledClips",
     "VideoFiles",
     "VideoFolder",
     "dataset_class",
     "eval_transform",
     "hold_out",
     "natural_order",
+    "photometric_distortion",
     "train_transform",
 ]

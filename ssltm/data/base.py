@@ -17,10 +17,13 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .sampling import ClipSampler
-from .transforms import eval_transform
+from .transforms import IGNORE_INDEX, eval_transform, photometric_distortion
 
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
+# data.mode: every labelled frame of a training video is a query, or only its first ("sf", VSPW-SF; the datasets
+# that read the mode: VSPW and the synthetic videos).
+MODES = ("full", "sf")
 # Splits scored with the paper's inference: their clips default to the farthest frame as the reference.
 EVAL_SPLITS = ("val", "test")
 
@@ -43,6 +46,11 @@ class ClipDataset(Dataset):
     - ``"reference"``: float32 ``(3, H, W)``;
     - ``"label"``: int64 ``(H, W)``, class ids, 255 = ignore;
     - ``"video"``: str, the video's name; ``"frame"``: str, the query frame's id;
+    - ``"labeled"``: bool, True (False for the unlabelled clips of :class:`~ssltm.data.UnlabeledClips`);
+    - ``"reference_strong"``, with ``strong_reference=True``: float32 ``(3, H, W)``, the reference with
+      :func:`~ssltm.data.transforms.photometric_distortion` (colour only: the geometry of ``"reference"``);
+    - ``"frames_strong"``, with ``strong_frames=True``: float32 ``(1+n, 3, H, W)``, the frames with the distortion
+      of ``"reference_strong"`` (one draw for the whole clip, reference included);
     - ``"flow"``, with :attr:`flow_provider` set: float32 ``(n, 2, H, W)``, the optical flow from the query
       to each adjacent frame, computed on the transformed frames (pixels, x then y; see :mod:`ssltm.flow`).
 
@@ -64,12 +72,28 @@ class ClipDataset(Dataset):
             DataLoader seeds each worker from it, so ``torch.manual_seed`` makes a run
             repeatable for a fixed ``num_workers``). An int makes sample ``i`` a function of
             ``(seed, epoch, i)`` alone, whatever the order or worker; :meth:`set_epoch` varies it.
+        strong_reference: samples also carry ``"reference_strong"``. Its distortion is drawn from a generator
+            of the sample's own (seeded from ``(seed, epoch, i)`` like the rest), applied to the decoded uint8
+            reference before ``transform``, which then gives it the reference's scale, crop and flip (the colour
+            steps are per pixel: they commute with crop and flip, and nearly with the scaling's interpolation).
+        strong_frames: samples also carry ``"frames_strong"`` and ``"reference_strong"``: one such distortion of
+            all the frames and the reference (Mean Teacher's student input).
     """
 
     num_classes: int
     METAINFO: ClassVar[dict[str, Sequence]] = {}
     # A model-side flow provider of ssltm.flow (e.g. DisFlowProvider()): set, samples carry "flow".
     flow_provider: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # The colour distortion of the strong views: uint8 RGB (..., H, W, 3) and a torch.Generator in, uint8 out.
+    photometric: Callable[[np.ndarray, torch.Generator], np.ndarray] = staticmethod(photometric_distortion)
+
+    @classmethod
+    def unlabeled_frames(cls, cfg: Any) -> bool | None:
+        """Whether the training split of the run config ``cfg`` has frames that are no labelled query (the
+        queries of :class:`~ssltm.data.UnlabeledClips`), told from the config alone: None when only the files
+        can tell (the default). Config checks refuse False; :attr:`has_unlabeled_frames` tells for a built
+        dataset."""
+        return None
 
     @classmethod
     def metainfo(cls, cfg: Any) -> dict[str, Sequence]:
@@ -81,7 +105,8 @@ class ClipDataset(Dataset):
     def from_config(cls, cfg: Any, split: str, labels: bool = True, **common: Any) -> ClipDataset:
         """The dataset of ``split`` for the run config ``cfg``: by default
         ``cls(cfg.data.root, split, seed=cfg.train.seed, **common)``, the constructor of
-        :class:`SplitClipDataset` (``common``: ``offsets``, ``reference``, ``transform``), with ``labels=False``
+        :class:`SplitClipDataset` (``common``: ``offsets``, ``reference``, ``transform``, and
+        ``strong_reference`` / ``strong_frames`` when asked for), with ``labels=False``
         added when asked for a split to predict without labels (every frame a query, none read as a label).
 
         Raises:
@@ -105,8 +130,11 @@ class ClipDataset(Dataset):
         reference: str = "random",
         transform: Transform | None = None,
         seed: int | None = None,
+        strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         self.sampler = ClipSampler(tuple(offsets), causal, reference)
+        self.strong_reference, self.strong_frames = bool(strong_reference), bool(strong_frames)
         self.transform = eval_transform() if transform is None else transform
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -144,22 +172,45 @@ class ClipDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} is outside a dataset of {len(self)} clips")
         video, query = self.queries[i]
+        return self.clip(video, query, self.epoch, (i % len(self),))
+
+    def clip(self, video: int, query: int, epoch: int, key: tuple[int, ...], labeled: bool = True) -> dict[str, Any]:
+        """The sample of frame ``query`` of ``video``; with an int ``seed``, its random draws are a function of
+        ``(seed, epoch, *key)`` alone. ``labeled=False`` reads no label: it is all 255 (ignore)."""
         if self.seed is None:
-            return self._load(video, query)
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, i % len(self)]).generate_state(1)[0])
+            return self._load(video, query, labeled, None)
+        # Word 0 seeds the transforms (as it always has), word 1 the strong view's distortion.
+        words = np.random.SeedSequence([self.seed, epoch, *key]).generate_state(2)
         # Only the CPU generator: v2 transforms draw from it, and the caller's CUDA RNG stays untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self._load(video, query)
+            torch.default_generator.manual_seed(int(words[0]))
+            return self._load(video, query, labeled, int(words[1]))
 
-    def _load(self, video: int, query: int) -> dict[str, Any]:
+    @property
+    def has_unlabeled_frames(self) -> bool:
+        """Whether some frame of the videos with samples (every video, for a dataset of files) is no query."""
+        return bool(self.unlabeled_queries())
+
+    def unlabeled_queries(self) -> list[tuple[int, int]]:
+        """``(video, frame)`` of every frame that is not a (labelled) query, video by video, in temporal order:
+        the frames of the videos :meth:`split_videos` names."""
+        queried = set(self.queries)
+        return [(v, t) for v in self.split_videos() for t in range(self.video_length(v)) if (v, t) not in queried]
+
+    def split_videos(self) -> list[int]:
+        """The videos of this split: by default those with a query (a dataset of files: every video it lists)."""
+        return sorted({v for v, _ in self.queries})
+
+    def _load(self, video: int, query: int, labeled: bool, strong_seed: int | None) -> dict[str, Any]:
         length = self.video_length(video)
         indices = (query, *self.sampler.adjacent(query, length))
         reference = self.sampler.reference_index(query, length)
         # The label first, then the query's frame: a generated dataset renders both in one pass.
-        label = self.read_label(video, query)
+        label = self.read_label(video, query) if labeled else None
         frames = [self.read_frame(video, t) for t in indices]
         ref = self.read_frame(video, reference)
+        if label is None:
+            label = np.full(frames[0].shape[:2], IGNORE_INDEX, dtype=np.uint8)
         shapes = {a.shape[:2] for a in (*frames, ref, label)}
         if len(shapes) != 1:
             raise ValueError(
@@ -173,6 +224,15 @@ class ClipDataset(Dataset):
             "reference": tv_tensors.Image(torch.from_numpy(ref).permute(2, 0, 1).contiguous()),
             "label": tv_tensors.Mask(torch.from_numpy(label)),
         }
+        if self.strong_reference or self.strong_frames:
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.randint(2**62, ())) if strong_seed is None else strong_seed)
+            # One draw: the frames (strong_frames) and the reference, stacked, get the same distortion.
+            strong = self.photometric(np.stack([*frames, ref]) if self.strong_frames else ref, generator)
+            if self.strong_frames:
+                clip["frames_strong"] = tv_tensors.Video(torch.from_numpy(strong[:-1]).permute(0, 3, 1, 2).contiguous())
+                strong = strong[-1]
+            clip["reference_strong"] = tv_tensors.Image(torch.from_numpy(strong).permute(2, 0, 1).contiguous())
         out = self.transform(clip)
         sample = {
             "frames": out["frames"].as_subclass(torch.Tensor),
@@ -180,7 +240,13 @@ class ClipDataset(Dataset):
             "label": out["label"].as_subclass(torch.Tensor),
             "video": self.video_name(video),
             "frame": self.frame_id(video, query),
+            "labeled": labeled,
         }
+        for key in ("frames_strong", "reference_strong"):
+            if key in clip:
+                if key not in out:
+                    raise KeyError(f"the transform dropped {key!r} (it must return every key it is given)")
+                sample[key] = out[key].as_subclass(torch.Tensor)
         if self.flow_provider is not None:
             frames = sample["frames"]
             sample["flow"] = self.flow_provider(frames[:1].expand(len(frames) - 1, -1, -1, -1), frames[1:])
@@ -210,6 +276,9 @@ class FileClipDataset(ClipDataset):
     def video_name(self, video: int) -> str:
         return self.videos[video].name
 
+    def split_videos(self) -> list[int]:
+        return list(range(len(self.videos)))
+
     def video_length(self, video: int) -> int:
         return len(self.videos[video].images)
 
@@ -233,7 +302,7 @@ class SplitClipDataset(FileClipDataset):
         root: the release's folder.
         split: the split's name.
         reference: as in :class:`ClipDataset`; by default :func:`default_reference` of ``split``.
-        offsets, causal, transform, seed: see :class:`ClipDataset`.
+        offsets, causal, transform, seed, strong_reference, strong_frames: see :class:`ClipDataset`.
         labels: ``False`` lists every frame of every video as a query and reads no labels (a split to
             predict, e.g. a test split shipped without them); ``_scan`` reads it as ``self.labels``.
     """
@@ -248,6 +317,8 @@ class SplitClipDataset(FileClipDataset):
         transform: Transform | None = None,
         seed: int | None = None,
         labels: bool = True,
+        strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         super().__init__(
             offsets=offsets,
@@ -255,6 +326,8 @@ class SplitClipDataset(FileClipDataset):
             reference=default_reference(split, reference),
             transform=transform,
             seed=seed,
+            strong_reference=strong_reference,
+            strong_frames=strong_frames,
         )
         self.root, self.split, self.labels = Path(root), split, labels
         self._scan()

@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from .base import SplitClipDataset, VideoFiles, index_lut, require_dir
 
@@ -44,7 +45,7 @@ class CamVid(SplitClipDataset):
         split: ``"train"``, ``"val"`` or ``"test"`` (any folder name present).
         reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
-        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        offsets, causal, transform, seed, strong_reference: see :class:`~ssltm.data.ClipDataset`.
         labels: ``False`` reads no ``<split>annot/`` folder and makes every image a query.
 
     Labels: 0..10 as they are; 11 (void) and anything else becomes 255.
@@ -53,6 +54,11 @@ class CamVid(SplitClipDataset):
     METAINFO = {"classes": CLASSES, "palette": PALETTE}
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
+
+    @classmethod
+    def unlabeled_frames(cls, cfg: Any) -> bool:
+        """False: only labelled stills exist."""
+        return False
 
     def _scan(self) -> None:
         split = self.split

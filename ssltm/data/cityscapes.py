@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from .base import SplitClipDataset, VideoFiles, index_lut, require_dir
 
@@ -40,7 +41,7 @@ class CityscapesSequence(SplitClipDataset):
         split: a split folder name, e.g. ``"train"`` or ``"val"``.
         reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
-        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        offsets, causal, transform, seed, strong_reference: see :class:`~ssltm.data.ClipDataset`.
 
     Labels: train ids 0..18 as they are, everything else (255) ignored. The snippets are found through their
     labels, so every split needs them (``labels=False`` is refused).
@@ -49,6 +50,11 @@ class CityscapesSequence(SplitClipDataset):
     METAINFO = {"classes": CLASSES, "palette": PALETTE}
     num_classes = NUM_CLASSES
     label_lut = index_lut({k: k for k in range(NUM_CLASSES)})
+
+    @classmethod
+    def unlabeled_frames(cls, cfg: Any) -> bool:
+        """The 29 other frames of every snippet."""
+        return True
 
     def _scan(self) -> None:
         split = self.split

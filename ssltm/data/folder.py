@@ -44,14 +44,15 @@ class VideoFolder(SplitClipDataset):
     (checked as each mask is read).
 
     Frames without a mask are no samples but still serve as adjacent and reference frames of the
-    labelled ones. Errors name the path: a missing ``classes.json`` or split file, a listed video
+    labelled ones, and are the queries of :class:`~ssltm.data.UnlabeledClips` (a video without any mask too).
+    Errors name the path: a missing ``classes.json`` or split file, a listed video
     without ``frames/`` or with no frames, a mask whose name matches no frame.
 
     Args:
         root: the dataset's folder ``ROOT``.
         split: a split name, read from ``ROOT/<split>.txt``.
         reference: as in :class:`~ssltm.data.SplitClipDataset` (``"farthest"`` on ``"val"`` and ``"test"``).
-        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        offsets, causal, transform, seed, strong_reference: see :class:`~ssltm.data.ClipDataset`.
         labels: ``False`` reads no masks and makes every frame a query (a split to predict).
     """
 

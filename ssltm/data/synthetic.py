@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import ClipDataset, Transform
+from .base import MODES, ClipDataset, Transform
 
 _TILE = 32  # side of each class's repeating noise texture (a power of two: wrapping is a bit mask)
 _ELLIPSE, _RECTANGLE, _DIAMOND = 0, 1, 2
@@ -38,7 +38,8 @@ class _Video:
 
 
 class SyntheticVideos(ClipDataset):
-    """Procedural videos; every frame of every video is a query.
+    """Procedural videos; every frame of every video is a query (``mode="full"``), or only the first frame of
+    each (``mode="sf"``, as VSPW-SF: the other frames are unlabelled, see :class:`~ssltm.data.UnlabeledClips`).
 
     Args:
         num_videos: number of videos.
@@ -51,7 +52,8 @@ class SyntheticVideos(ClipDataset):
         objects: inclusive range of the number of moving objects per video.
         query_videos: the videos whose frames are the samples (default: all); the others still exist (a
             split of one seed's videos keeps every class's appearance).
-        offsets, causal, reference, transform: see :class:`~ssltm.data.ClipDataset`.
+        mode: ``"full"`` or ``"sf"`` (see above).
+        offsets, causal, reference, transform, strong_reference, strong_frames: see :class:`~ssltm.data.ClipDataset`.
 
     Samples as in :class:`~ssltm.data.ClipDataset`; labels are exact class ids in
     ``0..num_classes-1`` (no ignored pixels, except padding added by a transform). Video names
@@ -71,8 +73,21 @@ class SyntheticVideos(ClipDataset):
         causal: bool = False,
         reference: str = "random",
         transform: Transform | None = None,
+        mode: str = "full",
+        strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
-        super().__init__(offsets=offsets, causal=causal, reference=reference, transform=transform, seed=seed)
+        super().__init__(
+            offsets=offsets,
+            causal=causal,
+            reference=reference,
+            transform=transform,
+            seed=seed,
+            strong_reference=strong_reference,
+            strong_frames=strong_frames,
+        )
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         if min(num_videos, num_frames, height, width) < 1:
             raise ValueError(
@@ -99,7 +114,8 @@ class SyntheticVideos(ClipDataset):
         videos = range(num_videos) if query_videos is None else query_videos
         if any(not 0 <= v < num_videos for v in videos):
             raise ValueError(f"query_videos must be in 0..{num_videos - 1}, got {list(videos)}")
-        self.queries = [(v, t) for v in videos for t in range(num_frames)]
+        self.mode = mode
+        self.queries = [(v, t) for v in videos for t in (range(num_frames) if mode == "full" else [0])]
         self._last: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
     @classmethod
@@ -107,9 +123,15 @@ class SyntheticVideos(ClipDataset):
         return {"classes": tuple(f"class_{k}" for k in range(cfg.data.synthetic.num_classes))}
 
     @classmethod
+    def unlabeled_frames(cls, cfg: Any) -> bool:
+        """Only ``data.mode: sf`` leaves frames of the training videos unlabelled."""
+        return cfg.data.mode == "sf"
+
+    @classmethod
     def from_config(cls, cfg: Any, split: str, labels: bool = True, **common: Any) -> SyntheticVideos:
-        """Split ``"train"``: the first videos of ``data.synthetic``; ``"val"``: its last ``val_videos`` (the same
-        seed: it also fixes every class's appearance). Every frame is labelled, so ``labels`` changes nothing."""
+        """Split ``"train"``: the first videos of ``data.synthetic``, in ``data.mode``; ``"val"``: its last
+        ``val_videos`` (the same seed: it also fixes every class's appearance), every frame a query. ``labels=False``
+        makes every frame a query (all frames have labels: they are not read)."""
         s = cfg.data.synthetic
         if split not in ("train", "val"):
             raise ValueError(f"the synthetic dataset has splits 'train' and 'val', got {split!r}")
@@ -122,6 +144,7 @@ class SyntheticVideos(ClipDataset):
             seed=s.seed,
             objects=tuple(s.objects),
             query_videos=range(first_val) if split == "train" else range(first_val, s.num_videos),
+            mode=cfg.data.mode if split == "train" and labels else "full",
             **common,
         )
 

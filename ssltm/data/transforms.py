@@ -5,13 +5,19 @@ A clip reaches the transform as one dict ``{"frames": tv_tensors.Video (1+n, 3, 
 torchvision's v2 transforms draw their random parameters once per call and apply them to every
 tv_tensor in it (masks resized with nearest neighbour), which is what keeps frames and label aligned.
 Random draws use torch's global RNG (see ``ClipDataset`` for per-sample seeding).
+
+:func:`photometric_distortion` is the colour noise of the strong views (``"reference_strong"``): it works on
+uint8 RGB pixels and draws from a ``torch.Generator`` of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -93,3 +99,93 @@ def eval_transform(size: int | Sequence[int] | None = None) -> v2.Compose:
     the shorter side; the label is resized too, by nearest neighbour). Output as :func:`train_transform`."""
     resize = [] if size is None else [v2.Resize(size, antialias=True)]
     return v2.Compose([*resize, *_to_float_normalized()])
+
+
+# mmsegmentation's PhotoMetricDistortion defaults (the strong view of IFR and Mean Teacher's noise).
+BRIGHTNESS_DELTA = 32
+CONTRAST_RANGE = (0.5, 1.5)
+SATURATION_RANGE = (0.5, 1.5)
+HUE_DELTA = 18  # OpenCV's 8-bit hue scale, 0..179
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """One draw of :func:`photometric_distortion`: each step's value, None for a step not taken."""
+
+    brightness: float | None = None  # added
+    contrast: float | None = None  # multiplied
+    contrast_first: bool = True  # contrast right after brightness, else last
+    saturation: float | None = None  # HSV S multiplied
+    hue: int | None = None  # added to HSV H (0..179), modulo 180
+
+    @classmethod
+    def draw(
+        cls,
+        generator: torch.Generator | None = None,
+        p: float = 0.5,
+        brightness_delta: float = BRIGHTNESS_DELTA,
+        contrast_range: tuple[float, float] = CONTRAST_RANGE,
+        saturation_range: tuple[float, float] = SATURATION_RANGE,
+        hue_delta: int = HUE_DELTA,
+    ) -> Photometric:
+        """mmseg's random choices: each step with probability ``p``, brightness ``U(-delta, delta)``, contrast and
+        saturation ``U(*range)``, hue an integer in ``[-hue_delta, hue_delta)`` (numpy's ``randint(-18, 18)``, as
+        mmseg draws it), contrast first or last with probability 1/2. A fixed number of draws from ``generator``
+        (torch's global RNG if None)."""
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        if isinstance(hue_delta, bool) or not isinstance(hue_delta, int) or not 0 <= hue_delta <= 90:
+            raise ValueError(f"hue_delta must be an int in 0..90, got {hue_delta!r}")
+        take = (torch.rand(4, generator=generator) < p).tolist()
+        contrast_first = bool(torch.rand((), generator=generator) < 0.5)
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        hue = min(int(u[3] * 2 * hue_delta), max(2 * hue_delta - 1, 0)) - hue_delta
+        return cls(
+            brightness=(2 * u[0] - 1) * brightness_delta if take[0] else None,
+            contrast=contrast_range[0] + (contrast_range[1] - contrast_range[0]) * u[1] if take[1] else None,
+            contrast_first=contrast_first,
+            saturation=saturation_range[0] + (saturation_range[1] - saturation_range[0]) * u[2] if take[2] else None,
+            hue=hue if take[3] else None,
+        )
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """These steps on uint8 RGB ``images`` ``(H, W, 3)`` or a stack ``(..., H, W, 3)`` (the same on every
+        image); returns a new array of the same shape."""
+        if images.dtype != np.uint8 or images.ndim < 3 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 RGB (..., H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        shape = images.shape
+        # One 2-D image for OpenCV: the conversions are per pixel, so stacked frames can share a call.
+        img = np.ascontiguousarray(images).reshape(-1, shape[-2], 3)
+        if self.brightness is not None:
+            img = _affine_uint8(img, 1.0, self.brightness)
+        if self.contrast is not None and self.contrast_first:
+            img = _affine_uint8(img, self.contrast, 0.0)
+        if self.saturation is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 1] = _affine_uint8(hsv[..., 1], self.saturation, 0.0)
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if self.hue is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = (hsv[..., 0].astype(np.int16) + self.hue) % 180
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if self.contrast is not None and not self.contrast_first:
+            img = _affine_uint8(img, self.contrast, 0.0)
+        return (img.copy() if np.shares_memory(img, images) else img).reshape(shape)
+
+
+def photometric_distortion(images: np.ndarray, generator: torch.Generator | None = None, **kwargs: Any) -> np.ndarray:
+    """mmsegmentation's ``PhotoMetricDistortion`` (as IFR trains with it) on uint8 RGB ``images``, before
+    normalisation: brightness, contrast (here or last), saturation, hue, each with probability 1/2
+    (:meth:`Photometric.draw`, whose settings ``kwargs`` are). Every step clips to 0..255 and truncates to uint8,
+    as mmseg's does; the HSV conversions are OpenCV's 8-bit ones (mmseg converts BGR, these RGB: the same hue and
+    saturation).
+
+    ``images``: ``(H, W, 3)``, or a stack ``(..., H, W, 3)`` such as all frames of a clip: one draw serves the
+    whole stack, so every frame gets the same distortion (Mean Teacher's student noise: one call per clip).
+    """
+    return Photometric.draw(generator, **kwargs)(images)
+
+
+def _affine_uint8(values: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """``values * alpha + beta`` in float32, clipped to 0..255 and truncated to uint8 (mmseg's ``convert``)."""
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import SplitClipDataset, Transform, VideoFiles, config_root, index_lut, read_split_file, require_dir
+from .base import MODES, SplitClipDataset, Transform, VideoFiles, config_root, index_lut, read_split_file, require_dir
 
 SPLITS = ("train", "val", "test")
-MODES = ("full", "sf")
 NUM_CLASSES = 124
 # VSPW ships its class names as {"others": 0, "wall": 1, ...}: raw id k is class k - 1.
 CLASS_FILE = "label_num_dic_final.json"
@@ -33,13 +32,14 @@ class VSPW(SplitClipDataset):
             in both versions, so ``mode`` changes only the train split.
         reference: ``"random"`` or ``"farthest"`` (see :class:`~ssltm.data.ClipSampler`); by default the
             paper's protocol: ``"farthest"`` on ``"val"`` and ``"test"``, ``"random"`` on other splits.
-        offsets, causal, transform, seed: see :class:`~ssltm.data.ClipDataset`.
+        offsets, causal, transform, seed, strong_reference, strong_frames: see :class:`~ssltm.data.ClipDataset`.
         labels: ``False`` reads no masks and makes every frame a query (predicting the test split).
 
     Class names: from ``label_num_dic_final.json`` of the release, ``class_<k>`` without it.
     Labels: raw 0 ("others") and 255 become 255 (ignore), raw ``k`` in 1..124 becomes ``k - 1``;
     other raw values are not VSPW classes and become 255 rather than crash the loss. Unlabelled
-    frames still serve as adjacent and reference frames.
+    frames still serve as adjacent and reference frames; in ``"sf"``, every training frame after the first is
+    one (:class:`~ssltm.data.UnlabeledClips`), masks or not.
     """
 
     num_classes = NUM_CLASSES
@@ -56,9 +56,18 @@ class VSPW(SplitClipDataset):
         transform: Transform | None = None,
         seed: int | None = None,
         labels: bool = True,
+        strong_reference: bool = False,
+        strong_frames: bool = False,
     ):
         self.mode = mode
-        super().__init__(root, split, offsets, causal, reference, transform, seed, labels)
+        super().__init__(
+            root, split, offsets, causal, reference, transform, seed, labels, strong_reference, strong_frames
+        )
+
+    @classmethod
+    def unlabeled_frames(cls, cfg: Any) -> bool:
+        """VSPW-SF's training videos have frames beyond their first; in ``"full"`` every frame is a query."""
+        return cfg.data.mode == "sf"
 
     @classmethod
     def metainfo(cls, cfg: Any) -> dict[str, Sequence]:

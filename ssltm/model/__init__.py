@@ -1,12 +1,12 @@
 """The SSLTM model (the paper's §3; README "The SSLTM model") and its video predictor.
 
-Modules, one file per part: ``backbone`` (torchvision ResNet trunk), ``neck`` (FPN + PPM), ``stt``
+Modules, one file per part: ``backbone`` (torchvision ResNet and Swin-S trunks), ``neck`` (FPN + PPM), ``stt``
 (Spatial-Temporal Transformer), ``rfce`` (shared OCR, category attention, GCC), ``heads`` (segmentation
 heads, losses), ``short_term`` (the short-term module interface and builder; ``netwarp``, ``st_ocr``: two
 modules), ``ssltm`` (the model), ``predictor`` (streaming and whole-video inference).
 """
 
-from .backbone import RESNETS, ResNetTrunk
+from .backbone import BACKBONES, RESNETS, ResNetTrunk, SwinTrunk, build_trunk
 from .neck import FPNNeck, PyramidPooling
 from .predictor import VideoPredictor
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
@@ -15,6 +15,7 @@ from .ssltm import SSLTM
 from .stt import ShortTermTransformer, STTBlock, STTUnit
 
 __all__ = [
+    "BACKBONES",
     "RESNETS",
     "SHORT_TERM",
     "SSLTM",
@@ -26,8 +27,10 @@ __all__ = [
     "ResNetTrunk",
     "STTBlock",
     "STTUnit",
+    "SwinTrunk",
     "ShortTermModule",
     "ShortTermTransformer",
     "VideoPredictor",
     "build_short_term",
+    "build_trunk",
 ]

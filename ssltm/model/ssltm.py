@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import ResNetTrunk
+from .backbone import build_trunk
 from .heads import SegHead, cross_entropy, present_classes
 from .neck import FPNNeck, fuse_levels, resize
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
@@ -17,7 +17,7 @@ from .short_term import NUM_LEVELS, ShortTermModule, build_short_term, resolve_s
 
 CONTEXTS = ("reference", "query")
 FlowProvider = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (src, dst) (N, 3, H, W) -> (N, 2, H, W)
-MIN_SIZE = 32  # the smallest input side: the ResNet's total stride (the stride-32 level is then at least 1x1)
+MIN_SIZE = 32  # the smallest input side: the trunk's total stride (the stride-32 level is then at least 1x1)
 
 
 class SSLTM(nn.Module):
@@ -33,7 +33,7 @@ class SSLTM(nn.Module):
     ``flow (B, n, 2, H, W)`` float32 (query -> each adjacent frame), or computes it with the flow provider
     attached by :meth:`set_flow_provider`.
 
-    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet + UperNet's
+    Pipeline: all frames of the clip and the reference go through ``f_FE`` (torchvision ResNet or Swin-S + UperNet's
     PPM and FPN, one batch) and a per-stride projection to the STT dims; STT blocks over the stacked clip
     give the query frame's ``F_q^st`` at stride 4 (its four levels upsampled and concatenated); the shared
     OCR module turns ``F_q^st`` and the reference's features into category representations; multi-head
@@ -52,7 +52,8 @@ class SSLTM(nn.Module):
 
     Args (the paper's settings, or UperNet's where SSLTM builds on it):
         num_classes: K (VSPW 124, Cityscapes 19).
-        backbone: ``"resnet18"``, ``"resnet50"`` or ``"resnet101"`` (torchvision's classes).
+        backbone: ``"resnet18"``, ``"resnet50"``, ``"resnet101"`` or ``"swin_s"`` (torchvision's classes;
+            :func:`~ssltm.model.backbone.build_trunk`).
         fpn_dim: FPN channels (256, the paper's).
         stt_dims: channels of the four STT blocks, strides 4, 8, 16, 32 (32, 64, 128, 256).
         window_size: 3D W-MSA window ``(t, h, w)`` (4, 7, 7).
@@ -66,7 +67,7 @@ class SSLTM(nn.Module):
             ``short_term``: True is ``"stt"``, False ``"none"``.
         context: ``"reference"`` (RFCE) or ``"query"`` (QFCE, supplementary §2.6: the query frame's own
             categories replace the reference's; no reference frame needed).
-        pretrained: local path to a torchvision ImageNet checkpoint of the ResNet (loaded as is).
+        pretrained: local path to a torchvision ImageNet checkpoint of the backbone (loaded as is).
 
     The short-term module (keyword-only; README "Short-term modules"):
         short_term: one of ``SHORT_TERM`` (:mod:`ssltm.model.short_term`): ``"stt"`` (the default unless
@@ -168,7 +169,7 @@ class SSLTM(nn.Module):
         self.context, self.reference_stt = context, reference_stt
         self.flow_provider: FlowProvider | None = None  # a plain attribute: outside the state_dict
 
-        self.backbone = ResNetTrunk(backbone, pretrained, checkpointing)
+        self.backbone = build_trunk(backbone, pretrained, checkpointing)
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
         args = dict(short_term_args or {})
         if self.short_term == "stt":
@@ -344,14 +345,16 @@ class SSLTM(nn.Module):
         reference_categories = self.reference_context([x[n:] for x in levels]) if self.uses_reference else None
         if all_frames:  # every frame a one-frame clip of its own, with its video's reference
             per_frame = clip_frames.shape[1]
-            clip = [x[:n, None] for x in levels]
             if reference_categories is not None:
                 reference_categories = reference_categories.repeat_interleave(per_frame, dim=0)
+            seg_logits, aux_logits, categories, features = self._segment_levels(
+                [x[:n] for x in levels], reference_categories
+            )
         else:
             per_frame = 1
             clip = [x[:n].unflatten(0, (b, -1)) for x in levels]
-        st = self._short_term(clip, frames if module.needs_images or module.needs_flow else None, flow)
-        seg_logits, aux_logits, categories, features = self._heads(st, reference_categories)
+            st = self._short_term(clip, frames if module.needs_images or module.needs_flow else None, flow)
+            seg_logits, aux_logits, categories, features = self._heads(st, reference_categories)
         frame_logits = resize(seg_logits, (h, w)).unflatten(0, (b, per_frame))
         out = {"logits": frame_logits[:, 0]}
         if all_frames:
@@ -366,6 +369,36 @@ class SSLTM(nn.Module):
                 categories = None if categories is None else categories[::per_frame]
             out["losses"] = self._losses(out["logits"], aux_logits, categories, labels.long())
         return out
+
+    def segment_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-frame model (short-term module that reads the query only, no reference frame) on single images:
+        ``(N, 3, H, W)`` -> logits ``(N, K, H/4, W/4)`` (before the resize to the input size) and ``phi_seg``'s
+        pre-classifier map ``(N, head_channels, H/4, W/4)``, every image a one-frame clip of its own in one
+        batched pass (the path of :meth:`forward`'s ``all_frames``)."""
+        if self.short_term_module.uses_adjacent or self.uses_reference:
+            reads = (
+                f"short_term {self.short_term!r} reads adjacent frames"
+                if self.short_term_module.uses_adjacent
+                else "use_rfce=True with context='reference' reads a reference frame"
+            )
+            raise ValueError(f"segment_images segments each image on its own, but {reads} (use a per-frame model)")
+        if (
+            not isinstance(images, torch.Tensor)
+            or images.dim() != 4
+            or images.shape[1] != 3
+            or images.shape[0] == 0
+            or not images.is_floating_point()
+        ):
+            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else images
+            raise ValueError(f"images must be a float tensor (N, 3, H, W), got {got}")
+        if min(images.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got shape {tuple(images.shape)}")
+        logits, _, _, features = self._segment_levels(self.encode(images))
+        return logits, features
+
+    def _segment_levels(self, levels: Sequence[torch.Tensor], reference_categories: torch.Tensor | None = None):
+        """Encoded images ``[(N, h_i, w_i, d_i)]``, each a one-frame clip -> :meth:`_heads`' outputs."""
+        return self._heads(self._short_term([x[:, None] for x in levels]), reference_categories)
 
     def _losses(
         self,

@@ -12,9 +12,11 @@ from torch import nn
 
 from ..config import ConfigError
 from .base import NEEDS, Objective, TrainStep
+from .ifr import IFR
+from .mean_teacher import MeanTeacher
 from .temporal_loss import TemporalLoss, occlusion_mask, temporal_loss
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (TemporalLoss,)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (TemporalLoss, IFR, MeanTeacher)}
 
 
 def check_objectives(cfg: DictConfig) -> list[type[Objective]]:
@@ -42,7 +44,9 @@ def build_objectives(cfg: DictConfig, model: nn.Module) -> list[Objective]:
 
 
 __all__ = [
+    "IFR",
     "NEEDS",
+    "MeanTeacher",
     "OBJECTIVES",
     "Objective",
     "TemporalLoss",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -9,7 +10,16 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-NEEDS = ("flow", "unlabeled", "strong")  # what an objective can ask of the data
+NEEDS = ("flow", "unlabeled", "strong", "strong_frames")  # what an objective can ask of the data
+
+
+def rampup(step: int, length: int) -> float:
+    """``r(t) = exp(-5 (1 - min(t, R) / R)^2)`` for ``R = length`` (1 when ``length`` is 0): the sigmoid-shaped
+    ramp-up of Laine & Aila / Mean Teacher, from ``exp(-5)`` at ``t = 0`` to 1 from ``t = R`` on."""
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(step, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
 
 
 class Objective:
@@ -18,8 +28,10 @@ class Objective:
     Subclasses set ``name`` (the key of ``train.objectives`` and of its config section ``train.<name>``),
     ``terms`` (the names of the weighted terms :meth:`forward` returns, in order), ``needs`` (a subset of
     :data:`NEEDS`: query -> adjacent optical ``"flow"``, ``"unlabeled"`` clips in ``batch["unlabeled"]``, the
-    photometric copy ``"reference_strong"`` of the reference frame) and ``model_outputs`` (the keyword
-    arguments of the labelled pass, ``SSLTM.forward``'s ``all_frames`` / ``return_features``).
+    photometric copy ``"reference_strong"`` of the reference frame, ``"strong_frames"``: the unlabelled clips carry
+    ``"frames_strong"`` and ``"reference_strong"``, one distortion of all their frames and their reference) and
+    ``model_outputs`` (the keyword arguments of the labelled pass, ``SSLTM.forward``'s ``all_frames`` /
+    ``return_features``).
 
     An objective is not an ``nn.Module``: what it holds (a teacher model, a flow estimator) is in neither the
     optimizer nor DDP. It is built after the model is on its device (and converted to SyncBatchNorm).
