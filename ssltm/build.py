@@ -145,8 +145,9 @@ def _held_out(dataset: D.ClipDataset, fraction: float, part: str) -> D.ClipDatas
 
 
 def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The SSLTM of ``cfg.model`` for ``num_classes`` classes, its short-term module ``model.short_term`` (with
-    ``model.netwarp`` / ``model.st_ocr`` / ``model.cffm`` as its arguments) and, when that module reads optical
+    """The SSLTM of ``cfg.model`` for ``num_classes`` classes, its decoder ``model.decoder``, its short-term module
+    ``model.short_term`` (with ``model.netwarp`` / ``model.st_ocr`` / ``model.cffm`` as its arguments; with the
+    ocrnet decoder ``model.st_ocr.memory`` alone) and, when that module reads optical
     flow, the flow provider of ``model.flow`` (:func:`build_flow_provider`) attached.
 
     ``pretrained=False`` skips ``model.pretrained`` (the weights will come from a checkpoint).
@@ -158,6 +159,10 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True)
     name = short_term(cfg)
     module_args = OmegaConf.to_container(m[name], resolve=True) if name in ("netwarp", "st_ocr", "cffm") else {}
+    if m.decoder == "ocrnet" and name == "st_ocr":  # TCB: the gather's memory; the layers are OCRNet's
+        module_args = {"memory": m.st_ocr.memory}
+    elif m.decoder != "ocrnet" and name == "netwarp":  # model.netwarp.c5 is the ocrnet decoder's (validated false)
+        del module_args["c5"]
     if name == "sparse_tt":  # model.sparse_tt, and data.offsets: its key windows grow with the offsets' values
         module_args = {**OmegaConf.to_container(m.sparse_tt, resolve=True), "offsets": list(cfg.data.offsets)}
     try:
@@ -165,6 +170,7 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> n
             num_classes,
             backbone=m.backbone,
             pretrained=weights,
+            decoder=m.decoder,
             short_term=name,
             short_term_args=module_args,
             use_rfce=m.use_rfce,

@@ -8,12 +8,13 @@ types. :func:`load_config` returns the merged, validated ``DictConfig``.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .data import DATASETS, IMPORT_STRING
@@ -21,9 +22,11 @@ from .data.base import MODES as DATA_MODES
 from .flow import FLOW_PROVIDERS, FLOWS
 from .metrics import TC_PROTOCOLS
 from .model.backbone import BACKBONES
+from .model.ocrnet import DECODERS, OCR_SHORT_TERM
 from .model.short_term import SHORT_TERM, resolve_short_term
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("sgd", "adamw")  # train.optimizer (ssltm.optim builds them)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -71,6 +74,7 @@ class NetWarpConfig:
     """``model.short_term: netwarp`` settings."""
 
     flowcnn: bool = True  # refine the flow with FlowCNN; false: warp with the provider's flow as is
+    c5: bool = False  # model.decoder ocrnet only: also warp the adjacent frame's C5 onto the query's (NetWarp-OCR)
 
 
 ST_OCR_MEMORY = ("none", "first_clip")
@@ -78,7 +82,8 @@ ST_OCR_MEMORY = ("none", "first_clip")
 
 @dataclass
 class STOCRConfig:
-    """``model.short_term: st_ocr`` settings (Spatial-Temporal OCR)."""
+    """``model.short_term: st_ocr`` settings (Spatial-Temporal OCR; with ``model.decoder: ocrnet``, TCB: only
+    ``memory`` applies, the layers are OCRNet's)."""
 
     channels: int = 512
     key_channels: int = 256
@@ -112,6 +117,9 @@ class CFFMConfig:
 class ModelConfig:
     backbone: str = "resnet101"  # one of BACKBONES: resnet18|resnet50|resnet101|swin_s
     pretrained: str | None = None  # local torchvision ImageNet checkpoint (state dict) of the backbone
+    # One of DECODERS: "upernet" (PPM + FPN and the SSLTM heads) or "ocrnet" (OCRNet on a stride-8 trunk; needs
+    # use_rfce and use_gcc false and short_term none (OCRNet), st_ocr (TCB) or netwarp (NetWarp-OCR)).
+    decoder: str = "upernet"
     # The short-term module, one of SHORT_TERM; null: "stt" unless use_stt is false ("none").
     short_term: str | None = None
     use_stt: bool | None = None  # the older switch: true is short_term "stt", false "none"
@@ -131,6 +139,16 @@ class ModelConfig:
     cffm: CFFMConfig = field(default_factory=CFFMConfig)
     # Further SSLTM constructor arguments, passed as they are (e.g. fpn_dim, stt_dims, num_clusters).
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParamGroupConfig:
+    """One ``train.param_groups`` entry: the parameters whose names ``pattern`` matches (``re.search``; the first
+    matching entry takes a parameter) train at ``lr * lr_mult`` with weight decay ``weight_decay * decay_mult``."""
+
+    pattern: str = MISSING
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
 
 
 @dataclass
@@ -178,11 +196,19 @@ class IFRConfig:
 class TrainConfig:
     batch_size: int = 8  # clips per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step and process
+    optimizer: str = "sgd"  # one of OPTIMIZERS
     lr: float = 0.002
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
     weight_decay: float = 0.0001
     poly_power: float = 0.9
     min_lr: float = 0.0
+    # Linear warm-up (mmcv's "linear"): the schedule's factor times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    # for it < warmup_iters, from warmup_ratio at iteration 0; 0 iterations: no warm-up.
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    # Parameter groups by name, the first matching pattern wins; the other parameters form the default group.
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
     # Length of the run: max_iters if set, else epochs over the training clips, else as many iterations
     # as fit in max_minutes at the measured speed (refitted as it changes). max_minutes also stops any run.
     max_iters: int | None = None
@@ -271,7 +297,12 @@ def load_config(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"--set {item}")
+        try:
+            other = OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:  # e.g. a backslash in a double-quoted regex: single quotes keep it as is
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
+        cfg = _merge(cfg, other, f"--set {item}")
     if cfg.work_dir is None:
         cfg.work_dir = str(Path("work_dirs") / (name or "run"))
     validate(cfg)
@@ -282,11 +313,18 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as err:
+        if err.object_type is ParamGroupConfig:  # a list entry's key, which OmegaConf names without its path
+            keys = ", ".join(f.name for f in fields(ParamGroupConfig))
+            raise ConfigError(
+                f"{source}: unknown key {err.key!r} in a train.param_groups entry (keys: {keys})"
+            ) from None
         key = err.full_key or err.key
         raise ConfigError(f"{source}: unknown config key {key!r}{_suggestion(cfg, str(key))}") from None
     except OmegaConfBaseException as err:
         key = err.full_key or err.key
         raise ConfigError(f"{source}: bad value for {key!r}: {err.msg.splitlines()[0]}") from None
+    except TypeError as err:  # e.g. train.param_groups.0.lr_mult=... while the list is empty
+        raise ConfigError(f"{source}: {err}; set a list key as a whole, e.g. train.param_groups=[...]") from None
 
 
 def _suggestion(cfg: DictConfig, key: str) -> str:
@@ -349,6 +387,7 @@ def validate(cfg: DictConfig) -> None:
             f"(nothing is downloaded), got {'no file at ' + model.flow_weights if model.flow_weights else 'null'}"
         )
     name = short_term(cfg)
+    _check_decoder(model, name)
     if name == "netwarp" and len(data.offsets) != 1:
         raise ConfigError(
             f"model.short_term 'netwarp' warps one adjacent frame: data.offsets must hold one offset, "
@@ -386,6 +425,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.val_every must be >= 0 or null, got {train.val_every}")
     if train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {train.lr}")
+    _check_optimizer(train)
     if train.amp not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of {AMP_MODES}, got {train.amp!r}")
     from .objectives import check_objectives  # the objectives import this module
@@ -406,6 +446,29 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.tc_videos must be at least 1 or null, got {ev.tc_videos}")
 
 
+def _check_decoder(model: DictConfig, name: str) -> None:
+    """The decoder and what it takes: ocrnet has no RFCE/GCC, takes OCR_SHORT_TERM and a dilated ResNet."""
+    if model.decoder not in DECODERS:
+        raise ConfigError(f"model.decoder must be one of {DECODERS}, got {model.decoder!r}")
+    if model.decoder != "ocrnet":
+        if model.netwarp.c5:
+            raise ConfigError(f"model.netwarp.c5=true needs model.decoder 'ocrnet', got {model.decoder!r}")
+        return
+    for key in ("use_rfce", "use_gcc"):
+        if model[key]:
+            raise ConfigError(f"model.decoder 'ocrnet' has no RFCE or GCC: set model.{key}=false")
+    if name not in OCR_SHORT_TERM:
+        raise ConfigError(
+            f"model.decoder 'ocrnet' takes model.short_term one of {OCR_SHORT_TERM}, got {name!r}"
+            + ("" if model.short_term else " (null resolves to 'stt')")
+        )
+    if model.backbone == "resnet18":
+        raise ConfigError(
+            "model.decoder 'ocrnet' dilates the ResNet (stride 8): model.backbone must be a bottleneck ResNet "
+            "(resnet50, resnet101) or swin_s, not 'resnet18'"
+        )
+
+
 def require_unlabeled_frames(cfg: DictConfig, needed_by: str) -> None:
     """A ConfigError naming ``data.dataset`` and ``data.mode`` when the config rules out unlabelled training frames
     (:meth:`ssltm.data.ClipDataset.unlabeled_frames` is False), for ``needed_by`` (e.g. ``"train.objectives
@@ -418,6 +481,31 @@ def require_unlabeled_frames(cfg: DictConfig, needed_by: str) -> None:
             f"{data.mode!r} has none of (every frame is a labelled query): use data.mode 'sf' (vspw, synthetic) "
             "or a dataset with unlabelled frames (cityscapes, folder)"
         )
+
+
+def _check_optimizer(train: DictConfig) -> None:
+    if train.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}")
+    if len(train.betas) != 2 or not all(0 <= b < 1 for b in train.betas):
+        raise ConfigError(f"train.betas must be [beta1, beta2] with each in [0, 1), got {list(train.betas)}")
+    for key in ("momentum", "weight_decay", "min_lr"):
+        if train[key] < 0:
+            raise ConfigError(f"train.{key} must be >= 0, got {train[key]}")
+    if train.warmup_iters < 0:
+        raise ConfigError(f"train.warmup_iters must be >= 0 (0: no warm-up), got {train.warmup_iters}")
+    if not 0 < train.warmup_ratio <= 1:
+        raise ConfigError(f"train.warmup_ratio must be in (0, 1], got {train.warmup_ratio}")
+    for i, group in enumerate(train.param_groups):
+        key = f"train.param_groups[{i}]"
+        if OmegaConf.is_missing(group, "pattern"):
+            raise ConfigError(f"{key}.pattern is missing: each group needs a regular expression on parameter names")
+        try:
+            re.compile(group.pattern)
+        except re.error as err:
+            raise ConfigError(f"{key}.pattern {group.pattern!r} is not a regular expression: {err}") from None
+        for mult in ("lr_mult", "decay_mult"):
+            if group[mult] < 0:
+                raise ConfigError(f"{key}.{mult} must be >= 0, got {group[mult]}")
 
 
 def _check_sparse_tt(section: DictConfig) -> None:

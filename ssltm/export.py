@@ -114,6 +114,8 @@ class ExportWindowAttention(nn.Module):
 def exportable(model: SSLTM) -> SSLTM:
     """Put ``model`` in eval mode and replace its adaptive poolings and window attentions, in place, by their export
     forms (which share the parameters); returns ``model``. Raises a ValueError for what they do not support."""
+    if model.decoder != "upernet":
+        raise ValueError(f"export: decoder {model.decoder!r} is not supported (supported: upernet)")
     if model.short_term not in EXPORTED_SHORT_TERM:
         raise ValueError(
             f"export: short_term {model.short_term!r} is not supported (the decoder graph takes encoded levels only; "

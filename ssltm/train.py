@@ -1,5 +1,6 @@
-"""Training (paper §4.1.2): SGD with momentum, poly learning rate, mixed precision, gradient accumulation,
-DDP under ``torchrun``, checkpoints with exact resume, periodic validation keeping the best checkpoint.
+"""Training (paper §4.1.2): SGD with momentum or AdamW, poly learning rate after an optional warm-up, parameter
+groups (:mod:`ssltm.optim`), mixed precision, gradient accumulation, DDP under ``torchrun``, checkpoints with
+exact resume, periodic validation keeping the best checkpoint.
 
 Exact resume: the data order is a function of ``(train.seed, epoch)`` and each clip's augmentation a function
 of ``(seed, epoch, index)``, so a run restarted from the checkpoint of iteration N draws the same batches from
@@ -44,6 +45,7 @@ from .config import ConfigError, config_differences, to_yaml
 from .evaluate import evaluate, results_json, results_table
 from .model.backbone import pretrained_source
 from .objectives import TrainStep, build_objectives
+from .optim import build_optimizer, build_schedule, load_optimizer_state
 from .precision import amp_dtype, autocast
 from .runlog import FILE_ONLY, LOGGER, RunLog, check_tensorboard
 from .visualize import prediction_picture
@@ -72,23 +74,6 @@ class TrainResult:
     checkpoint: Path | None
     best: dict[str, Any] | None = None
     val_results: dict[str, Any] | None = None  # the last validation's metrics (fractions, as VideoMetrics gives)
-
-
-class PolySchedule:
-    """Poly learning-rate factor ``(1 - min_ratio) * (1 - it / max_iters) ** power + min_ratio``.
-
-    A callable object rather than a function so that ``LambdaLR`` saves its state (``max_iters`` may be
-    fitted to a time budget during the run).
-    """
-
-    def __init__(self, max_iters: int | None, power: float, min_ratio: float):
-        self.max_iters, self.power, self.min_ratio = max_iters, power, min_ratio
-
-    def __call__(self, iteration: int) -> float:
-        if self.max_iters is None:
-            return 1.0
-        progress = min(iteration / self.max_iters, 1.0)
-        return (1 - self.min_ratio) * (1 - progress) ** self.power + self.min_ratio
 
 
 class ClipOrder(Sampler[list[tuple[int, int]]]):
@@ -280,9 +265,8 @@ class Trainer:
         else:
             self.model = self.train_step
         self.loss_terms: tuple[str, ...] = self.train_step.loss_terms  # logged, checked and reduced, in this order
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.schedule = PolySchedule(None, t.poly_power, t.min_lr / t.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.optimizer = build_optimizer(t, model)
+        self.schedule, self.scheduler = build_schedule(t, self.optimizer)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = _State()
         self.rng_to_restore = None
@@ -303,7 +287,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path, training=True)
         load_weights(self.module, ckpt, path, OmegaConf.to_container(self.cfg))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt, self.cfg.train, path)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.train_step.restore(ckpt, path)

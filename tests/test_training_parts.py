@@ -1,4 +1,4 @@
-"""The parts under the command line: data order, learning-rate schedule, held-out frames, merged metrics, config,
+"""The parts under the command line: data order, held-out frames, merged metrics, config,
 mixed precision and which modules the trainer's users load."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ssltm.data import CamVid, hold_out
 from ssltm.metrics import VideoMetrics
 from ssltm.outputs import check_output_file, check_output_folder, staged_folder
 from ssltm.precision import amp_dtype, autocast
-from ssltm.train import ClipOrder, PolySchedule, _trim_log
+from ssltm.train import ClipOrder, _trim_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,14 +65,6 @@ def test_clip_order_shards_each_global_batch(world_size, grad_accum):
 def test_clip_order_needs_a_full_batch():
     with pytest.raises(ConfigError, match="train.batch_size=8 is more than the 5 training clips"):
         ClipOrder(range(5), 8, 1, 1, 0, seed=0, start=0)
-
-
-def test_poly_schedule():
-    schedule = PolySchedule(max_iters=10, power=0.9, min_ratio=0.1)
-    assert schedule(0) == 1.0
-    assert schedule(5) == pytest.approx(0.9 * 0.5**0.9 + 0.1)
-    assert schedule(10) == pytest.approx(0.1) and schedule(12) == pytest.approx(0.1)
-    assert PolySchedule(None, 0.9, 0.0)(7) == 1.0  # not fitted yet
 
 
 def write_camvid(root: Path, stems: list[str]) -> None:

@@ -3,7 +3,8 @@
 Modules, one file per part: ``backbone`` (torchvision ResNet and Swin-S trunks), ``neck`` (FPN + PPM), ``stt``
 (Spatial-Temporal Transformer), ``rfce`` (shared OCR, category attention, GCC), ``heads`` (segmentation
 heads, losses), ``short_term`` (the short-term module interface and builder; ``netwarp``, ``st_ocr``: two
-modules), ``ssltm`` (the model), ``predictor`` (streaming and whole-video inference).
+modules), ``ocrnet`` (the OCRNet decoder and its video variants TCB and NetWarp-OCR), ``ssltm`` (the model),
+``predictor`` (streaming and whole-video inference).
 """
 
 from .backbone import BACKBONES, RESNETS, ResNetTrunk, SwinTrunk, build_trunk

@@ -17,8 +17,10 @@ FrameAt = Callable[[int], torch.Tensor]  # frame index -> (B, 3, H, W)
 class VideoPredictor:
     """Predicts the frames of a video with an :class:`SSLTM`, each frame through the backbone once.
 
-    Every frame's ``model.encode`` output (backbone + FPN + projection) is cached while a later clip can
-    still need it, and a reference frame's category representations are computed once.
+    Every frame's ``model.encode`` output (backbone + FPN + projection; with the ocrnet decoder the trunk's
+    stride-8 C4 and C5) is cached while a later clip can still need it, and a reference frame's category
+    representations are computed once. With the ocrnet decoder the OCR head runs on each clip frame the module
+    reads (TCB: every frame's regions; NetWarp-OCR: the adjacent frame's OCR output), from the cached C4/C5.
     Clips follow :class:`ssltm.data.ClipSampler` with ``offsets`` (one distance per adjacent frame):
 
     - ``step(frame)`` streams a video frame by frame (causal: adjacent frames before the start are clamped

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import build_trunk
+from .backbone import SWIN_S, build_trunk
 from .heads import SegHead, cross_entropy, present_classes
 from .neck import FPNNeck, fuse_levels, resize
+from .ocrnet import DECODERS, OCR_SHORT_TERM, OCRNetHead, build_ocr_short_term, stride8_levels
 from .rfce import CategoryAttention, GlobalCategoryContext, ObjectContext
 from .short_term import NUM_LEVELS, ShortTermModule, build_short_term, resolve_short_term
 
@@ -59,7 +60,8 @@ class SSLTM(nn.Module):
         window_size: 3D W-MSA window ``(t, h, w)`` (4, 7, 7).
         num_adjacent: n, adjacent frames per clip (3).
         num_clusters: T, centres per class in G (3).
-        alpha, beta: weights of the MSE and auxiliary terms in Eq. 10 (1.0, 0.5).
+        alpha, beta: weights of the MSE and auxiliary terms in Eq. 10 (1.0; beta None: 0.5, or OCRNet's 0.4
+            with ``decoder="ocrnet"``).
         ignore_index: label value without a class (255).
         use_stt, use_rfce, use_gcc: the ablation switches of Table 4. Without STT the query frame's four FPN
             levels, upsampled and concatenated, take the place of ``F_q^st`` (all three off: UperNet). GCC
@@ -68,6 +70,19 @@ class SSLTM(nn.Module):
         context: ``"reference"`` (RFCE) or ``"query"`` (QFCE, supplementary §2.6: the query frame's own
             categories replace the reference's; no reference frame needed).
         pretrained: local path to a torchvision ImageNet checkpoint of the backbone (loaded as is).
+
+    The decoder (keyword-only; README "OCRNet decoder"):
+        decoder: ``"upernet"`` (UperNet's PPM + FPN, then the SSLTM heads above; the default) or ``"ocrnet"``
+            (:class:`~ssltm.model.ocrnet.OCRNetHead`, openseg's SpatialOCRNet, on C4/C5 at stride 8: the ResNet
+            dilated, ``replace_stride_with_dilation=[False, True, True]``; a trunk striding to 32 has C4/C5
+            resized bilinearly). It needs ``use_rfce=False`` and ``use_gcc=False``, and ``short_term`` one of
+            ``"none"`` (OCRNet), ``"st_ocr"`` (TCB: the regions of all clip frames averaged; ``short_term_args``
+            ``memory``) or ``"netwarp"`` (NetWarp-OCR: the adjacent frame's OCR output warped and combined;
+            ``flowcnn``, ``c5``) (:mod:`ssltm.model.ocrnet`). ``encode`` then gives each frame's ``[C4, C5]``
+            ``(N, C_i, h, w)`` at stride 8, the logits are at stride 8 before the resize, the loss terms are
+            ``"sup"``, ``"aux"`` (the aux head on C4) and ``"total" = sup + beta * aux`` (0.4) plus the module's.
+            Parameters at 124 classes: 57,969,464 with ResNet-101 (paper 58.1M), 55,460,546 with Swin-S (55.5M).
+        ocr_channels, ocr_key_channels, ocr_dropout: OCRNet's widths and Dropout2d (512, 256, 0.05).
 
     The short-term module (keyword-only; README "Short-term modules"):
         short_term: one of ``SHORT_TERM`` (:mod:`ssltm.model.short_term`): ``"stt"`` (the default unless
@@ -117,7 +132,7 @@ class SSLTM(nn.Module):
         num_adjacent: int = 3,
         num_clusters: int = 3,
         alpha: float = 1.0,
-        beta: float = 0.5,
+        beta: float | None = None,
         ignore_index: int = 255,
         use_stt: bool | None = None,
         use_rfce: bool = True,
@@ -125,6 +140,10 @@ class SSLTM(nn.Module):
         context: str = "reference",
         pretrained: str | os.PathLike | None = None,
         *,
+        decoder: str = "upernet",
+        ocr_channels: int = 512,
+        ocr_key_channels: int = 256,
+        ocr_dropout: float = 0.05,
         short_term: str | None = None,
         short_term_args: dict[str, Any] | None = None,
         ppm_dim: int = 512,
@@ -163,13 +182,35 @@ class SSLTM(nn.Module):
             if not isinstance(value, int) or value < 1 or value % 2 == 0:
                 raise ValueError(f"{name} must be a positive odd integer (a size-preserving conv), got {value!r}")
         self.short_term = resolve_short_term(short_term, use_stt)
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        ocrnet = decoder == "ocrnet"
+        if ocrnet and (use_rfce or use_gcc):
+            raise ValueError(
+                f"decoder='ocrnet' has no RFCE or GCC: it needs use_rfce=False and use_gcc=False, got "
+                f"use_rfce={use_rfce}, use_gcc={use_gcc}"
+            )
+        if ocrnet and self.short_term not in OCR_SHORT_TERM:
+            raise ValueError(f"decoder='ocrnet' takes short_term one of {OCR_SHORT_TERM}, got {self.short_term!r}")
+        self.decoder = decoder
         self.num_classes, self.num_adjacent, self.ignore_index = num_classes, num_adjacent, ignore_index
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta = alpha, (0.4 if ocrnet else 0.5) if beta is None else beta
         self.use_stt, self.use_rfce, self.use_gcc = self.short_term == "stt", use_rfce, use_gcc
         self.context, self.reference_stt = context, reference_stt
         self.flow_provider: FlowProvider | None = None  # a plain attribute: outside the state_dict
 
-        self.backbone = build_trunk(backbone, pretrained, checkpointing)
+        # ocrnet: a ResNet dilated to stride 8 (Swin's C4/C5 are resized to stride 8 by stride8_levels)
+        self.backbone = build_trunk(backbone, pretrained, checkpointing, dilated=ocrnet and backbone != SWIN_S)
+        if ocrnet:
+            c4_channels, c5_channels = self.backbone.channels[2:]
+            self.decode_head = OCRNetHead(
+                c4_channels, c5_channels, num_classes, ocr_channels, ocr_key_channels, ocr_dropout
+            )
+            module = build_ocr_short_term(self.short_term, ocr_channels, c5_channels, **(short_term_args or {}))
+            self.add_module(self.short_term, module)
+            self.loss_terms: tuple[str, ...] = ("sup", "aux", *module.loss_terms, "total")
+            self._reference_through_module = False
+            return
         self.neck = FPNNeck(self.backbone.channels, fpn_dim, pool_scales, ppm_dim)
         args = dict(short_term_args or {})
         if self.short_term == "stt":
@@ -195,7 +236,7 @@ class SSLTM(nn.Module):
                 f"use_rfce=True would pass the reference frame alone through short_term {self.short_term!r} "
                 f"({st_channels} channels, the fused levels {fused_width}), which reads images or flow"
             )
-        self.loss_terms: tuple[str, ...] = ("sup", "mse", "aux", *module.loss_terms, "total")
+        self.loss_terms = ("sup", "mse", "aux", *module.loss_terms, "total")
         if use_rfce:
             self.ocr = ObjectContext(
                 st_channels, num_classes, context_dim, aux_channels, dropout, aux_kernel_size, ocr_kernel_size
@@ -240,7 +281,9 @@ class SSLTM(nn.Module):
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``f_FE`` and the short-term module's per-frame projection (STT's per-stride projection), per image:
         ``(N, 3, H, W)`` -> ``[(N, h_i, w_i, d_i)]`` at strides 4, 8, 16, 32 (what a streaming predictor caches
-        per frame)."""
+        per frame). With ``decoder="ocrnet"``: the trunk's ``[C4, C5]``, ``(N, C_i, h, w)`` at stride 8."""
+        if self.decoder == "ocrnet":
+            return stride8_levels(self.backbone(images))
         return self.short_term_module.project(self.neck(self.backbone(images)))
 
     def reference_context(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -263,15 +306,17 @@ class SSLTM(nn.Module):
         state: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Encoded clip levels ``[(B, 1+n, h_i, w_i, d_i)]`` (query first; the query alone will do for a module
-        with ``uses_adjacent`` False) and ``F_ref^c`` -> logits ``(B, K, H, W)`` resized to ``size`` (stride 4
-        when None). ``images (B, 1+n, 3, H, W)``: the clip's frames, for a module that ``needs_images``;
+        with ``uses_adjacent`` False; with ``decoder="ocrnet"`` ``[C4, C5]`` as ``(B, 1+n, C_i, h, w)``) and
+        ``F_ref^c`` -> logits ``(B, K, H, W)`` resized to ``size`` (the decoder's stride, 4 or 8, when None).
+        ``images (B, 1+n, 3, H, W)``: the clip's frames, for a module that ``needs_images``;
         ``flow (B, n, 2, H, W)`` float32: query -> adjacent, for one that ``needs_flow``; ``state``: the
         per-video dict of a module with a memory (kept by :class:`VideoPredictor`)."""
         logits = self._heads(self._short_term(clip, images, flow, state), reference_categories)[0]
         return logits if size is None else resize(logits, size)
 
-    def _short_term(self, clip, images=None, flow=None, state=None) -> torch.Tensor:
-        """``F_q^st (B, out_channels, H/4, W/4)``, the module's inputs checked first."""
+    def _short_term(self, clip, images=None, flow=None, state=None):
+        """``F_q^st (B, out_channels, H/4, W/4)``, the module's inputs checked first; with ``decoder="ocrnet"``
+        the query's OCR output ``(B, ocr_channels, H/8, W/8)`` and its aux logits (:class:`OCRShortTerm`)."""
         module = self.short_term_module
         if module.needs_images or module.needs_flow:  # the flow is checked against the frames' size
             b, t = clip[0].shape[:2]
@@ -288,11 +333,17 @@ class SSLTM(nn.Module):
                 raise ValueError(f"images must be float, {expected}, got {got}")
             if module.needs_flow:
                 _check_flow(flow, (b, t - 1, 2, *images.shape[-2:]), images.device)
+        if self.decoder == "ocrnet":
+            return module(self.decode_head, clip, images, flow, state)
         return module.query_feature(clip, images, flow, state)
 
-    def _heads(self, st: torch.Tensor, reference_categories: torch.Tensor | None):
+    def _heads(self, st, reference_categories: torch.Tensor | None):
         """``F_q^st`` -> (seg logits, aux logits | None, query categories | None, ``phi_seg``'s pre-classifier
-        map), all at stride 4."""
+        map), all at stride 4 (ocrnet: the OCR output and aux logits -> the classifier's logits, those aux logits,
+        None and the OCR output, at stride 8)."""
+        if self.decoder == "ocrnet":
+            features, aux_logits = st
+            return self.decode_head.classify(features), aux_logits, None, features
         aux_logits = categories = None
         if self.use_rfce:
             aux_logits, categories = self.ocr(st)
@@ -322,7 +373,9 @@ class SSLTM(nn.Module):
         frame only) segments every frame of the clip as a query in one batched pass and adds ``"frame_logits"``
         ``(B, T, K, H, W)`` (frame 0 is ``"logits"``; the losses are the query's). ``return_features`` adds
         ``"features"``, ``phi_seg``'s map before its classifier ``(B, head_channels, H/4, W/4)`` (the conv + BN +
-        ReLU), and with ``all_frames`` also ``"frame_features"`` ``(B, T, head_channels, H/4, W/4)``."""
+        ReLU), and with ``all_frames`` also ``"frame_features"`` ``(B, T, head_channels, H/4, W/4)``. With
+        ``decoder="ocrnet"`` the features are the OCR output before the classifier's dropout, ``(B, ocr_channels,
+        H/8, W/8)``, and ``all_frames`` takes ``short_term="none"`` (OCRNet per frame; ETC-OCR)."""
         b, t, _, h, w = self._check_inputs(frames, reference, labels)
         module = self.short_term_module
         if all_frames and module.uses_adjacent:
@@ -421,7 +474,8 @@ class SSLTM(nn.Module):
         total = sup + self.alpha * mse + self.beta * aux
         for term in module.values():
             total = total + term
-        return {"sup": sup, "mse": mse, "aux": aux, **module, "total": total}
+        terms = {"sup": sup, "mse": mse, "aux": aux, **module, "total": total}
+        return {name: terms[name] for name in self.loss_terms}  # ocrnet: no "mse"
 
     @torch.no_grad()
     def predict(self, frames: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -462,7 +516,21 @@ class SSLTM(nn.Module):
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter count per component (``"total"`` included)."""
-        parts = {"backbone": self.backbone, "neck (PPM + FPN)": self.neck}
+        parts = {"backbone": self.backbone}
+        if self.decoder == "ocrnet":
+            head = self.decode_head
+            parts.update(
+                {
+                    "ocr aux head (C4)": head.aux_head,
+                    "ocr pixel conv (C5)": head.pixels,
+                    "object attention": head.attention,
+                    "ocr fuse": head.fuse,
+                    "classifier": head.classifier,
+                    f"short-term module ({self.short_term})": self.short_term_module,
+                }
+            )
+            return _counts(parts, self)
+        parts["neck (PPM + FPN)"] = self.neck
         if self.short_term == "stt":
             parts.update({"stt projections": self.stt.proj, "stt blocks": self.stt.blocks})
         else:
@@ -478,9 +546,13 @@ class SSLTM(nn.Module):
             if self.use_gcc:
                 parts["gcc (G)"] = self.gcc
         parts["seg head (phi_seg)"] = self.seg_head
-        counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
-        counts["total"] = sum(p.numel() for p in self.parameters())
-        return counts
+        return _counts(parts, self)
+
+
+def _counts(parts: dict[str, nn.Module], model: nn.Module) -> dict[str, int]:
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
 
 
 def _check_flow(

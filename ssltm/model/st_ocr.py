@@ -17,6 +17,30 @@ from .ocr import ObjectAttention
 from .short_term import ShortTermModule, check_positive_ints
 
 MEMORIES = ("none", "first_clip")
+STATE_KEY = "st_ocr_first_clip_regions"  # the per-video state entry of memory "first_clip"
+
+
+def clip_regions(
+    regions: torch.Tensor, memory: str = "none", state: dict[str, Any] | None = None, training: bool = False
+) -> torch.Tensor:
+    """The clip's object region representations: ``R_f (B, T, K, C)``, one per frame, -> their mean ``(B, K, C)``.
+
+    ``memory="first_clip"`` (inference with a ``state`` only): the first call of a video stores its ``R_f`` in
+    ``state``; every later call averages them with its own (the mean over the first clip's frames and the
+    current clip's). ``"none"``, in training, or without a ``state``: the clip's own mean.
+    """
+    if memory == "first_clip" and state is not None and not training:
+        stored = state.get(STATE_KEY)
+        if stored is None:
+            state[STATE_KEY] = regions.detach()
+        elif stored.shape[0] != regions.shape[0] or stored.shape[2:] != regions.shape[2:]:
+            raise ValueError(
+                f"state holds region representations of shape {tuple(stored.shape)}, which do not fit this "
+                f"clip's {tuple(regions.shape)} (B, T, K, C): clear the state between videos"
+            )
+        else:
+            regions = torch.cat([stored.to(regions.dtype), regions], dim=1)
+    return regions.mean(dim=1)
 
 
 class SpatialTemporalOCR(ShortTermModule):
@@ -37,7 +61,6 @@ class SpatialTemporalOCR(ShortTermModule):
     """
 
     loss_terms = ("st_ocr_aux",)
-    _STATE_KEY = "st_ocr_first_clip_regions"
 
     def __init__(
         self,
@@ -94,18 +117,7 @@ class SpatialTemporalOCR(ShortTermModule):
         aux_logits, pixels, regions = self.regions(feats)
         if self.training:
             self._aux_logits = aux_logits[:, 0]
-        elif self.memory == "first_clip" and state is not None:
-            stored = state.get(self._STATE_KEY)
-            if stored is None:
-                state[self._STATE_KEY] = regions.detach()
-            elif stored.shape[0] != regions.shape[0] or stored.shape[2:] != regions.shape[2:]:
-                raise ValueError(
-                    f"state holds region representations of shape {tuple(stored.shape)}, which do not fit this "
-                    f"clip's {tuple(regions.shape)} (B, T, K, C): clear the state between videos"
-                )
-            else:
-                regions = torch.cat([stored.to(regions.dtype), regions], dim=1)
-        context = self.attention(pixels[:, 0], regions.mean(dim=1))
+        context = self.attention(pixels[:, 0], clip_regions(regions, self.memory, state, self.training))
         return self.fuse(torch.cat([context, pixels[:, 0]], dim=1))
 
     def losses(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
