@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from test_optim import swin_recipe
 
 from ssltm.build import build_model
 from ssltm.checkpoint import load_checkpoint
@@ -115,6 +116,16 @@ def test_full_width_config_builds_with_its_optimizer_groups(path):
         elif param.ndim > 1:
             assert decay[id(param)] == cfg.train.weight_decay, name
     assert optimizer.param_groups[0]["lr"] == cfg.train.lr
+
+
+@pytest.mark.parametrize("path", FULL_WIDTH)
+def test_swin_configs_train_with_the_readme_recipe(path, tmp_path):
+    (tmp_path / "recipe.yaml").write_text(swin_recipe())
+    keys = yaml.safe_load(swin_recipe())["train"]
+    recipe = OmegaConf.to_container(load_config(tmp_path / "recipe.yaml").train)
+    train = OmegaConf.to_container(load_config(path).train)
+    assert {key: train[key] for key in keys} == {key: recipe[key] for key in keys}
+    assert train["optimizer"] == "adamw" and len(train["param_groups"]) == 3
 
 
 def _plain(value):
