@@ -116,6 +116,10 @@ def test_full_width_config_builds_with_its_optimizer_groups(path):
         elif param.ndim > 1:
             assert decay[id(param)] == cfg.train.weight_decay, name
     assert optimizer.param_groups[0]["lr"] == cfg.train.lr
+    # supplementary Table 1's parameter counts (124 classes): OCRNet-Swin-S 55.5M (TCB, NetWarp-OCR and ETC-OCR
+    # the same up to NetWarp's FlowCNN), UperNet 58.1M, SSLTM 59.3M
+    paper = {"upernet": 58.1e6, "ssltm": 59.3e6, "ssltm_mt": 59.3e6}.get(Path(path).stem, 55.5e6)
+    assert sum(p.numel() for p in names.values()) == pytest.approx(paper, rel=0.005)
 
 
 @pytest.mark.parametrize("path", FULL_WIDTH)
