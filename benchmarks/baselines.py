@@ -31,9 +31,10 @@ configs table5/upernet, vspw_r101, table2/ocrnet and swin_s/upernet and the trun
 full run, every config, 3 warm-up and 10 timed steps, is a second call (under 8 minutes).
 
 Without a GPU (or with ``--cpu``): a tiny case, labelled ``"tiny": true`` with ``"device": "cpu"``: each config's
-modules at narrow widths (a ResNet becomes ResNet-18 with configs/demo.yaml's widths, or ResNet-50 with a narrow OCR
-head under the OCRNet decoder; Swin-S keeps its width), 6 classes, B = 2 at 48x48, streaming at 48x64, fp32, 1
-warm-up and 1 timed step. Its times show that every config runs, not what it costs on a GPU.
+modules narrowed as the configs' smoke test narrows them (``ssltm.smoke.reduced_overrides``: a ResNet becomes
+ResNet-18 at narrow widths, or ResNet-50 with a narrow OCR head under the OCRNet decoder; Swin-S keeps its width),
+6 classes, B = 2 at 48x48, streaming at 48x64, fp32, 1 warm-up and 1 timed step. Its times show that every config
+runs, not what it costs on a GPU.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from benchmarks.train_steps import (
 from ssltm.config import CONFIG_DIR, ConfigError, load_config
 from ssltm.model.backbone import build_trunk
 from ssltm.precision import autocast
+from ssltm.smoke import reduced_overrides
 
 BENCHMARK = "baselines"
 # The compared rows (README "Compared systems"), then any other file of these folders.
@@ -92,9 +94,6 @@ QUICK = ("table5/upernet", "vspw_r101", "table2/ocrnet", "swin_s/upernet")  # st
 TRUNKS = ("swin_s", "resnet101")
 FILES = ["model.pretrained=null"]  # no checkpoint is read (the weights' values do not change the cost)
 STREAM_SIZE = {False: (480, 854), True: (48, 64)}  # by Setup.tiny
-# the tiny case's narrowing under the OCRNet decoder, which dilates a bottleneck ResNet (ResNet-18's basic blocks
-# cannot be dilated)
-TINY_OCRNET = ("model.backbone=resnet50", "model.kwargs.ocr_channels=32", "model.kwargs.ocr_key_channels=16")
 
 
 def config_names() -> list[str]:
@@ -103,12 +102,10 @@ def config_names() -> list[str]:
     return [*COMPARED, *(name for name in found if name not in COMPARED)]
 
 
-def tiny_overrides(cfg: DictConfig, setup: Setup) -> tuple[str, ...]:
-    """What narrows ``cfg``'s model on the tiny setup: none on the GPU setup, nor for Swin-S (no width setting); a
-    ResNet under the OCRNet decoder :data:`TINY_OCRNET`, else the setup's."""
-    if not setup.tiny or not cfg.model.backbone.startswith("resnet"):
-        return ()
-    return TINY_OCRNET if cfg.model.get("decoder", "upernet") == "ocrnet" else setup.overrides
+def tiny_overrides(cfg: DictConfig, setup: Setup) -> list[str]:
+    """What narrows ``cfg``'s model on the tiny setup, as the configs' smoke test narrows it
+    (:func:`ssltm.smoke.reduced_overrides`); nothing on the GPU setup."""
+    return reduced_overrides(cfg) if setup.tiny else []
 
 
 def load(name: str, setup: Setup) -> DictConfig:
