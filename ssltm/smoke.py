@@ -9,7 +9,7 @@ objectives, optimizer and schedule, and its evaluation metrics; :func:`smoke_ove
 data or files: synthetic videos in VSPW-SF form (``data.mode=sf``: one labelled frame per training video, the
 others unlabelled), 64-pixel crops, batches of 2, no ``pretrained`` checkpoint, DIS flow. ``--reduced`` also
 narrows the model (:func:`reduced_overrides`; the CPU test of every config): the same modules and losses at
-small widths on a shallower trunk.
+small widths on a shallower trunk (ResNet-18/50 for the ResNets, one block per stage for Swin-S).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .config import CONFIG_DIR, load_config
+from .model.backbone import SWIN_S
 
 # Synthetic videos standing in for every dataset: 4 videos of 17 frames (mVC16 needs clips of 16 and more),
 # the last held out for evaluation, 64x64, read in the main process.
@@ -82,21 +83,17 @@ def config_name(path: Path, root: Path = CONFIG_DIR) -> str:
     return path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
 
 
-def has_reduced_width(backbone: str) -> bool:
-    """Whether ``--reduced`` narrows a model on ``backbone``: the ResNets; Swin-S has no width setting and stays
-    at full width (its smoke run is the full-width one)."""
-    return backbone.startswith("resnet")
-
-
 def reduced_overrides(cfg: DictConfig) -> list[str]:
     """The narrowing of ``cfg``'s model for ``--reduced``: a ResNet becomes ResNet-18 (ResNet-50 under the
-    OCRNet decoder, which dilates it) with :data:`REDUCED_UPERNET`'s widths (and :data:`REDUCED_OCRNET`'s under
-    the OCRNet decoder). Any other backbone keeps its full width (:func:`has_reduced_width`)."""
-    if not has_reduced_width(cfg.model.backbone):
-        return []
-    if cfg.model.get("decoder", "upernet") == "ocrnet":
-        return ["model.backbone=resnet50", *REDUCED_OCRNET]
-    return ["model.backbone=resnet18", *REDUCED_UPERNET]
+    OCRNet decoder, which dilates it), Swin-S keeps its widths with one block per stage
+    (``model.kwargs.backbone_depths``), and the heads take :data:`REDUCED_UPERNET`'s widths (:data:`REDUCED_OCRNET`'s
+    under the OCRNet decoder)."""
+    ocrnet = cfg.model.get("decoder", "upernet") == "ocrnet"
+    if cfg.model.backbone == SWIN_S:
+        trunk = ["model.kwargs.backbone_depths=[1,1,1,1]"]
+    else:
+        trunk = ["model.backbone=resnet50" if ocrnet else "model.backbone=resnet18"]
+    return [*trunk, *(REDUCED_OCRNET if ocrnet else REDUCED_UPERNET)]
 
 
 def smoke_overrides(cfg: DictConfig, iters: int, work_dir: Path, reduced: bool = False) -> list[str]:

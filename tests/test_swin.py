@@ -262,11 +262,30 @@ def test_dilated_resnet_puts_c5_at_stride_8_and_loads_the_same_checkpoint(tmp_pa
         (("swin_t",), r"backbone must be one of \('resnet18', 'resnet50', 'resnet101', 'swin_s'\), got 'swin_t'"),
         (("swin_s", None, False, True), "dilated=True applies to the ResNets only, not backbone 'swin_s'"),
         (("resnet18", None, False, True), "dilated=True needs a bottleneck ResNet"),
+        (("resnet50", None, False, False, (1, 1, 1, 1)), "backbone_depths applies to 'swin_s' only"),
+        (("swin_s", None, False, False, (1, 1, 1)), r"depths must be 4 positive ints .*got \(1, 1, 1\)"),
     ],
 )
 def test_build_trunk_errors(args, match):
     with pytest.raises(ValueError, match=match), torch.device("meta"):
         build_trunk(*args)
+
+
+def test_reduced_swin_has_swin_s_modules_and_widths_with_fewer_blocks(swin_file):
+    """``depths`` (the smoke test's reduced Swin-S): the same stages, widths, heads and window, one block per stage;
+    Swin-S's checkpoint does not fit it (the first missing block is named)."""
+    reduced = SwinTrunk(depths=(1, 1, 1, 1)).eval()
+    full = SwinTrunk().eval()
+    blocks = lambda trunk: [len(trunk.features[i]) for i in (1, 3, 5, 7)]
+    assert blocks(reduced) == [1, 1, 1, 1] and blocks(full) == [2, 2, 18, 2]
+    heads = lambda trunk: [trunk.features[i][0].attn.num_heads for i in (1, 3, 5, 7)]
+    assert heads(reduced) == heads(full) == [3, 6, 12, 24]
+    assert reduced.features[1][0].attn.window_size == full.features[1][0].attn.window_size == [7, 7]
+    with torch.no_grad():
+        levels = reduced(torch.randn(1, 3, *SIZE))
+    assert [tuple(x.shape[1:]) for x in levels] == [(96, 25, 33), (192, 13, 17), (384, 7, 9), (768, 4, 5)]
+    with pytest.raises(ValueError, match=r"does not fit .*features\.1\.1\."):
+        SwinTrunk(swin_file[1], depths=(1, 1, 1, 1))
 
 
 def test_config_accepts_swin_s_and_names_a_bad_backbone():

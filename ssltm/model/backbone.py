@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ RESNETS: dict[str, tuple[Callable[..., models.ResNet], tuple[int, int, int, int]
 }
 SWIN_S = "swin_s"
 SWIN_CHANNELS = (96, 192, 384, 768)  # Swin-S's widths at strides 4, 8, 16, 32 (dim 96, doubled per stage)
+SWIN_S_DEPTHS = (2, 2, 18, 2)  # Swin-S's blocks per stage
 BACKBONES = (*RESNETS, SWIN_S)  # the names model.backbone / SSLTM(backbone=...) take
 # torchvision's weight files carry the start of their SHA-256 in their names: resnet101-63fe2227.pth
 NAME_HASH = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")
@@ -141,15 +142,39 @@ class SwinTrunk(nn.Module):
     ``checkpointing``: in training, each of the four stages (with the patch embedding or merging before it)
     recomputes its activations in the backward instead of keeping them (the stochastic-depth draws are
     replayed); outputs and gradients are those without it.
+
+    ``depths``: blocks per stage (Swin-S's 2-2-18-2). Fewer give the same modules at Swin-S's widths, heads and
+    window, at a fraction of the cost (the reduced models of ``python -m ssltm.smoke --reduced``); Swin-S's
+    checkpoint fits only its own depths.
     """
 
     channels = SWIN_CHANNELS
     strides = (4, 8, 16, 32)
 
-    def __init__(self, pretrained: str | os.PathLike | None = None, checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        pretrained: str | os.PathLike | None = None,
+        checkpointing: bool = False,
+        depths: Sequence[int] = SWIN_S_DEPTHS,
+    ) -> None:
         super().__init__()
-        # torchvision's swin_s fixes Swin-S's stochastic depth, 0.3
-        swin, self.pretrained_source = load_torchvision_model(lambda: models.swin_s(weights=None), SWIN_S, pretrained)
+        depths = tuple(depths)
+        if len(depths) != 4 or not all(isinstance(d, int) and d >= 1 for d in depths):
+            raise ValueError(f"depths must be 4 positive ints (blocks per stage), got {depths}")
+
+        def build() -> models.SwinTransformer:
+            if depths == SWIN_S_DEPTHS:
+                return models.swin_s(weights=None)  # torchvision's swin_s fixes Swin-S's stochastic depth, 0.3
+            return models.SwinTransformer(
+                patch_size=[4, 4],
+                embed_dim=SWIN_CHANNELS[0],
+                depths=list(depths),
+                num_heads=[3, 6, 12, 24],
+                window_size=[7, 7],
+                stochastic_depth_prob=0.3,
+            )
+
+        swin, self.pretrained_source = load_torchvision_model(build, SWIN_S, pretrained)
         self.features = swin.features
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels)
         self.checkpointing = checkpointing
@@ -172,16 +197,20 @@ def build_trunk(
     pretrained: str | os.PathLike | None = None,
     checkpointing: bool = False,
     dilated: bool = False,
+    depths: Sequence[int] | None = None,
 ) -> ResNetTrunk | SwinTrunk:
     """The trunk of backbone ``name`` (one of ``BACKBONES``): :class:`ResNetTrunk` or :class:`SwinTrunk`; both
     give ``channels`` and ``strides`` of their four levels. ``dilated`` (C5 at stride 8) is a ResNet's only:
-    a ValueError for Swin-S, whose levels a decoder resizes itself."""
+    a ValueError for Swin-S, whose levels a decoder resizes itself. ``depths`` (None: the backbone's own) are
+    Swin-S's blocks per stage (:class:`SwinTrunk`); a ValueError for a ResNet."""
     if name == SWIN_S:
         if dilated:
             raise ValueError(f"dilated=True applies to the ResNets only, not backbone {SWIN_S!r}")
-        return SwinTrunk(pretrained, checkpointing)
+        return SwinTrunk(pretrained, checkpointing, SWIN_S_DEPTHS if depths is None else depths)
     if name not in RESNETS:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {name!r}")
+    if depths is not None:
+        raise ValueError(f"backbone_depths applies to {SWIN_S!r} only, not backbone {name!r}")
     return ResNetTrunk(name, pretrained, checkpointing, dilated)
 
 

@@ -114,6 +114,8 @@ class SSLTM(nn.Module):
         reference_stt: how the reference frame's features reach the shared OCR. Off (default, Eq. 3:
             ``F_ref = f_FE(I_ref)``): its projected FPN levels are fused exactly as the query's STT outputs
             are, without STT units. On: it also passes the STT blocks as a one-frame clip.
+        backbone_depths: Swin-S's blocks per stage (None: its 2-2-18-2); fewer make a reduced Swin-S with the
+            same modules and widths (the smoke test's; :class:`~ssltm.model.backbone.SwinTrunk`).
 
     Memory (keyword-only):
         checkpointing: in training, the backbone's stem and stages and the STT blocks recompute their
@@ -159,6 +161,7 @@ class SSLTM(nn.Module):
         ocr_kernel_size: int = 1,
         dropout: float = 0.1,
         reference_stt: bool = False,
+        backbone_depths: Sequence[int] | None = None,
         checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -200,7 +203,9 @@ class SSLTM(nn.Module):
         self.flow_provider: FlowProvider | None = None  # a plain attribute: outside the state_dict
 
         # ocrnet: a ResNet dilated to stride 8 (Swin's C4/C5 are resized to stride 8 by stride8_levels)
-        self.backbone = build_trunk(backbone, pretrained, checkpointing, dilated=ocrnet and backbone != SWIN_S)
+        self.backbone = build_trunk(
+            backbone, pretrained, checkpointing, dilated=ocrnet and backbone != SWIN_S, depths=backbone_depths
+        )
         if ocrnet:
             c4_channels, c5_channels = self.backbone.channels[2:]
             self.decode_head = OCRNetHead(
