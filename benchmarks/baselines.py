@@ -32,9 +32,9 @@ full run, every config, 3 warm-up and 10 timed steps, is a second call (under 8 
 
 Without a GPU (or with ``--cpu``): a tiny case, labelled ``"tiny": true`` with ``"device": "cpu"``: each config's
 modules narrowed as the configs' smoke test narrows them (``ssltm.smoke.reduced_overrides``: a ResNet becomes
-ResNet-18 at narrow widths, or ResNet-50 with a narrow OCR head under the OCRNet decoder; Swin-S keeps its width),
-6 classes, B = 2 at 48x48, streaming at 48x64, fp32, 1 warm-up and 1 timed step. Its times show that every config
-runs, not what it costs on a GPU.
+ResNet-18, or ResNet-50 under the OCRNet decoder; Swin-S keeps its widths with one block per stage; narrow heads),
+the trunks whole; 6 classes, B = 2 at 48x48, streaming at 48x64, fp32, 1 warm-up and 1 timed step. Its times show
+that every config runs, not what it costs on a GPU.
 """
 
 from __future__ import annotations
